@@ -1,0 +1,101 @@
+"""The ``mm15`` command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
+from mm15.image import ImageError, load_image
+
+app = typer.Typer(
+    help="mm15: an open implementation of the MM1.5 multimodal LLM recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+
+
+def plan_table(plan: TilePlan, title: str) -> Table:
+    table = Table(title=title, show_header=True)
+    for column in ("#", "kind", "row", "col", "top", "left", "marker", "tokens"):
+        table.add_column(column)
+    for order, tile in enumerate(plan.tiles):
+        kind = "overview" if tile.is_overview else "tile"
+        table.add_row(
+            str(order), kind, str(tile.row), str(tile.col), str(tile.top), str(tile.left),
+            repr(tile.marker), str(plan.tokens_per_tile),
+        )
+    return table
+
+
+def print_plan(plan: TilePlan, name: str) -> None:
+    console.print(f"[bold]{name}[/bold]: {plan.height}x{plan.width} (height x width)")
+    console.print(
+        f"  grid {plan.grid[0]}x{plan.grid[1]} (rows x cols), split={plan.split}, "
+        f"resized to {plan.resized[0]}x{plan.resized[1]} on a {plan.canvas[0]}x{plan.canvas[1]} canvas, "
+        f"padding bottom={plan.padding[0]} right={plan.padding[1]}"
+    )
+    if plan.overview_resized:
+        console.print(f"  overview resized to {plan.overview_resized[0]}x{plan.overview_resized[1]}")
+    console.print(f"  {plan.num_tiles} encoder inputs, {plan.num_image_tokens} image tokens")
+    console.print(plan_table(plan, title="tiles in prompt order"))
+
+
+@app.command()
+def plan(
+    image: Annotated[Path, typer.Argument(help="Image file to plan.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+    draw: Annotated[Path | None, typer.Option(help="Write a PNG of the tiles over the image.")] = None,
+    tile: Annotated[int, typer.Option(help="Tile (sub-image) size in pixels.")] = 672,
+    nmin: Annotated[int, typer.Option(help="Fewest tiles in a grid.")] = 4,
+    nmax: Annotated[int, typer.Option(help="Most tiles in a grid.")] = 9,
+    overview: Annotated[str, typer.Option(help="Overview image: after, before or none.")] = "after",
+    indicator: Annotated[str, typer.Option(help="Tile markers: index, separators or none.")] = "index",
+    tokens_per_tile: Annotated[int, typer.Option(help="Image tokens per tile.")] = 144,
+    images_in_sample: Annotated[
+        int, typer.Option(help="Images in the sample (MM1.5 splits only when there are fewer than 3).")
+    ] = 1,
+) -> None:
+    """Print an image's tile plan (grid, resize, padding, tiles, markers, tokens)."""
+    try:
+        cfg = ImagePlanConfig(
+            tile_size=tile, n_min=nmin, n_max=nmax, overview=overview,  # type: ignore[arg-type]
+            indicator=indicator, tokens_per_tile=tokens_per_tile,  # type: ignore[arg-type]
+        )
+        picture = load_image(image)
+        result = plan_image(picture.height, picture.width, cfg, images_in_sample=images_in_sample)
+    except (ImageError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        print_plan(result, str(image))
+    if draw is not None:
+        from mm15.viz import draw_plan
+
+        draw.parent.mkdir(parents=True, exist_ok=True)
+        draw_plan(picture, result).save(draw)
+        if not json_out:
+            console.print(f"drew the plan to {draw}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Where the demo writes its outputs.")] = Path("runs/demo"),
+    image: Annotated[list[Path] | None, typer.Option(help="Extra real images to include.")] = None,
+) -> None:
+    """Run the main job at toy scale (so far: plan, process and draw real and synthetic images)."""
+    from mm15.demo import run_demo
+
+    run_demo(out, console, image)
+
+
+if __name__ == "__main__":
+    app()

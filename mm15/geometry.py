@@ -1,0 +1,285 @@
+"""The image plan: MM1.5's dynamic image splitting as one pure function.
+
+``plan_image(height, width, cfg)`` decides, from the image size alone, how an image becomes encoder
+inputs and image tokens: the tile grid, the size the image is resized to, the padding, every tile's
+place on the padded canvas, the overview image, the text marker before each tile and the number of
+image tokens. The processor, the model's feature placement, the packer's length estimate and the
+server all read this plan, so they cannot disagree about geometry. Sizes are always (height, width).
+
+Grid selection follows MM1.5's Eq. 1 (mm15-spec.md section 2.1). The candidates are the grids
+(rows, cols) with ``n_min <= rows * cols <= n_max``. For each grid the image is resized, keeping its
+aspect ratio, so that it just fits the canvas of ``rows * tile`` by ``cols * tile`` pixels.
+
+* Case A: if some grids hold the image without downscaling it (scale >= 1), pick the one with the
+  least padding (canvas area minus resized image area).
+* Case B: otherwise pick the grid with the least resolution loss, i.e. the largest resized area.
+
+The paper leaves ties open; ours are broken in this order, each rule applied only when all the
+earlier ones tie: (1) least padding (case B only), (2) fewer tiles, (3) the grid whose aspect ratio is
+closest to the image's, (4) fewer rows. Rule (2) is the spec's suggestion: a square image fits 2x2
+and 3x3 with no padding, and MM1.5 reports only +7.8% tiles over static 2x2 splitting.
+
+Pixel sizes are integers: the resized side along which the canvas binds is exactly the canvas side,
+and the other is ``round(side * scale)``, at least 1 and at most the canvas side. Padding and area
+are measured on these integers, i.e. on the pixels that are actually produced.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+OverviewPosition = Literal["after", "before", "none"]
+Indicator = Literal["none", "index", "separators"]
+OverviewFit = Literal["pad", "squash"]
+
+# Text placed before a tile in "separators" mode (MM1.5's alternative to index markers): a colon
+# before the overview, a comma between columns and a newline between rows.
+OVERVIEW_SEPARATOR = ":"
+COLUMN_SEPARATOR = ","
+ROW_SEPARATOR = "\n"
+
+
+@dataclass(frozen=True)
+class ImagePlanConfig:
+    """Settings of dynamic image splitting; the defaults are MM1.5's final recipe."""
+
+    tile_size: int = 672
+    n_min: int = 4
+    n_max: int = 9
+    overview: OverviewPosition = "after"
+    overview_fit: OverviewFit = "pad"
+    indicator: Indicator = "index"
+    tokens_per_tile: int = 144
+    split: bool = True
+    # MM1.5 splits only samples with fewer than 3 images; larger samples get one tile per image.
+    max_images_to_split: int = 2
+
+    def __post_init__(self) -> None:
+        if self.tile_size < 1:
+            raise ValueError(f"ImagePlanConfig.tile_size must be >= 1, got {self.tile_size}")
+        if self.n_min < 1:
+            raise ValueError(f"ImagePlanConfig.n_min must be >= 1, got {self.n_min}")
+        if self.n_max < self.n_min:
+            raise ValueError(
+                f"ImagePlanConfig.n_max ({self.n_max}) must be >= n_min ({self.n_min})"
+            )
+        if self.tokens_per_tile < 1:
+            raise ValueError(
+                f"ImagePlanConfig.tokens_per_tile must be >= 1, got {self.tokens_per_tile}"
+            )
+        if self.max_images_to_split < 0:
+            raise ValueError(
+                f"ImagePlanConfig.max_images_to_split must be >= 0, got {self.max_images_to_split}"
+            )
+        for name, value, allowed in (
+            ("overview", self.overview, ("after", "before", "none")),
+            ("overview_fit", self.overview_fit, ("pad", "squash")),
+            ("indicator", self.indicator, ("none", "index", "separators")),
+        ):
+            if value not in allowed:
+                raise ValueError(f"ImagePlanConfig.{name} must be one of {allowed}, got {value!r}")
+
+    def max_tokens_per_image(self) -> int:
+        """Upper bound of image tokens one image can cost (1440 for MM1.5's defaults)."""
+        tiles = self.n_max if self.split else 1
+        overview = 1 if self.split and self.overview != "none" else 0
+        return (tiles + overview) * self.tokens_per_tile
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One encoder input of an image: a grid cell of the padded canvas, or the overview image.
+
+    ``row`` and ``col`` are 1-based grid positions; the overview is (0, 0). ``top`` and ``left`` are
+    the cell's offset on the padded canvas in pixels (0 for the overview). ``marker`` is the text that
+    precedes the tile's image tokens in the prompt.
+    """
+
+    row: int
+    col: int
+    top: int
+    left: int
+    marker: str
+
+    @property
+    def is_overview(self) -> bool:
+        return self.row == 0
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one image becomes encoder inputs and image tokens.
+
+    ``tiles`` lists the encoder inputs in prompt order (the overview before or after the grid cells,
+    as configured); the processor's output rows and the image-token spans follow the same order.
+    ``resized`` is the image's size on the padded canvas of the grid cells and ``overview_resized``
+    its size inside the overview tile (None when there is no overview). An unsplit image is a plan
+    whose only tile is the overview, on a 1x1 grid with ``resized == overview_resized``.
+    """
+
+    height: int
+    width: int
+    tile_size: int
+    grid: tuple[int, int]
+    resized: tuple[int, int]
+    overview_resized: tuple[int, int] | None
+    tokens_per_tile: int
+    split: bool
+    tiles: tuple[Tile, ...] = field(default_factory=tuple)
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """(height, width) of the padded canvas the grid cells are cut from."""
+        return self.grid[0] * self.tile_size, self.grid[1] * self.tile_size
+
+    @property
+    def padding(self) -> tuple[int, int]:
+        """(bottom, right) padding in pixels; the image sits at the canvas's top-left corner."""
+        return self.canvas[0] - self.resized[0], self.canvas[1] - self.resized[1]
+
+    @property
+    def scale(self) -> float:
+        """Resize factor from the original image to the canvas (exact along the binding side)."""
+        return min(self.resized[0] / self.height, self.resized[1] / self.width)
+
+    @property
+    def num_tiles(self) -> int:
+        """Encoder inputs for this image, overview included."""
+        return len(self.tiles)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.num_tiles * self.tokens_per_tile
+
+    def to_dict(self) -> dict:
+        """A JSON-ready description (derived fields included) for ``mm15 plan --json``."""
+        out = asdict(self)
+        out["grid"] = list(self.grid)
+        out["resized"] = list(self.resized)
+        out["overview_resized"] = list(self.overview_resized) if self.overview_resized else None
+        out["canvas"] = list(self.canvas)
+        out["padding"] = list(self.padding)
+        out["num_tiles"] = self.num_tiles
+        out["num_image_tokens"] = self.num_image_tokens
+        return out
+
+
+def candidate_grids(n_min: int, n_max: int) -> list[tuple[int, int]]:
+    """All (rows, cols) with ``n_min <= rows * cols <= n_max``, in row-major order."""
+    return [
+        (rows, cols)
+        for rows in range(1, n_max + 1)
+        for cols in range(1, n_max + 1)
+        if n_min <= rows * cols <= n_max
+    ]
+
+
+def fit_size(height: int, width: int, box_h: int, box_w: int) -> tuple[int, int]:
+    """Integer (height, width) of an image resized, aspect kept, to just fit a box_h x box_w box."""
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got height={height}, width={width}")
+    if box_h * width <= box_w * height:  # the height binds: exact comparison, no float ties
+        return box_h, min(box_w, max(1, round(width * box_h / height)))
+    return min(box_h, max(1, round(height * box_w / width))), box_w
+
+
+def _aspect_distance(grid: tuple[int, int], height: int, width: int) -> float:
+    return abs(math.log(grid[0] / grid[1]) - math.log(height / width))
+
+
+def select_grid(height: int, width: int, cfg: ImagePlanConfig) -> tuple[int, int]:
+    """MM1.5's Eq. 1 grid choice with the tie-breaks documented in the module docstring."""
+    r = cfg.tile_size
+    covering, downscaling = [], []
+    for grid in candidate_grids(cfg.n_min, cfg.n_max):
+        rows, cols = grid
+        hg, wg = fit_size(height, width, rows * r, cols * r)
+        padding = rows * cols * r * r - hg * wg
+        tail = (rows * cols, _aspect_distance(grid, height, width), rows)
+        # The grid covers the image without downscaling when neither resized side shrank.
+        if hg >= height and wg >= width:
+            covering.append(((padding, *tail), grid))
+        else:
+            downscaling.append(((-(hg * wg), padding, *tail), grid))
+    if covering:
+        return min(covering)[1]
+    return min(downscaling)[1]
+
+
+def _marker(cfg: ImagePlanConfig, image_index: int, row: int, col: int) -> str:
+    if cfg.indicator == "index":
+        return f"({image_index}, {row}, {col})"
+    if cfg.indicator == "separators":
+        if row == 0:
+            return OVERVIEW_SEPARATOR
+        if col > 1:
+            return COLUMN_SEPARATOR
+        return ROW_SEPARATOR if row > 1 else ""
+    return ""
+
+
+def plan_image(
+    height: int,
+    width: int,
+    cfg: ImagePlanConfig | None = None,
+    *,
+    image_index: int = 0,
+    images_in_sample: int = 1,
+) -> TilePlan:
+    """Plan how an image of ``height`` x ``width`` pixels is split, resized, padded and tokenised.
+
+    ``image_index`` is the image's 0-based position in its sample (the k of the "(k, i, j)" markers)
+    and ``images_in_sample`` decides whether splitting applies at all: a sample with more than
+    ``cfg.max_images_to_split`` images gets one overview-like tile per image, as does every image
+    when ``cfg.split`` is off. An unsplit image is resized like the overview and marked (k, 0, 0).
+    """
+    cfg = cfg or ImagePlanConfig()
+    if not (isinstance(height, int) and isinstance(width, int)) or height < 1 or width < 1:
+        raise ValueError(f"image size must be positive integers, got height={height!r}, width={width!r}")
+    if image_index < 0 or images_in_sample < 1 or image_index >= images_in_sample:
+        raise ValueError(
+            f"image_index must be in [0, images_in_sample), got image_index={image_index}, "
+            f"images_in_sample={images_in_sample}"
+        )
+    r = cfg.tile_size
+    overview_resized = (r, r) if cfg.overview_fit == "squash" else fit_size(height, width, r, r)
+    overview = Tile(0, 0, 0, 0, _marker(cfg, image_index, 0, 0))
+
+    if not cfg.split or images_in_sample > cfg.max_images_to_split:
+        return TilePlan(
+            height=height,
+            width=width,
+            tile_size=r,
+            grid=(1, 1),
+            resized=overview_resized,
+            overview_resized=overview_resized,
+            tokens_per_tile=cfg.tokens_per_tile,
+            split=False,
+            tiles=(overview,),
+        )
+
+    rows, cols = select_grid(height, width, cfg)
+    cells = tuple(
+        Tile(i, j, (i - 1) * r, (j - 1) * r, _marker(cfg, image_index, i, j))
+        for i in range(1, rows + 1)
+        for j in range(1, cols + 1)
+    )
+    if cfg.overview == "after":
+        tiles = (*cells, overview)
+    elif cfg.overview == "before":
+        tiles = (overview, *cells)
+    else:
+        tiles = cells
+    return TilePlan(
+        height=height,
+        width=width,
+        tile_size=r,
+        grid=(rows, cols),
+        resized=fit_size(height, width, rows * r, cols * r),
+        overview_resized=None if cfg.overview == "none" else overview_resized,
+        tokens_per_tile=cfg.tokens_per_tile,
+        split=True,
+        tiles=tiles,
+    )

@@ -1,0 +1,62 @@
+"""Pictures for people: a tile plan drawn over its image."""
+
+from __future__ import annotations
+
+from PIL import Image, ImageDraw, ImageFont
+
+from mm15.geometry import TilePlan
+
+PAD_SHADE = (200, 200, 200)
+TILE_COLOR = (230, 40, 40)
+OVERVIEW_COLOR = (30, 110, 230)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+def draw_plan(image: Image.Image, plan: TilePlan, max_side: int = 1600) -> Image.Image:
+    """The padded canvas with every tile outlined and labelled, and the overview tile beside it.
+
+    Shows exactly what the encoder sees: the resized image at the canvas's top-left, the padding
+    shaded, the grid cells in prompt order with their markers, and the overview (if any) to the right.
+    """
+    if (image.height, image.width) != (plan.height, plan.width):
+        raise ValueError(f"plan is for {plan.height}x{plan.width}, image is {image.height}x{image.width}")
+    r = plan.tile_size
+    canvas_h, canvas_w = plan.canvas
+    has_cells = any(not t.is_overview for t in plan.tiles)
+    has_overview = any(t.is_overview for t in plan.tiles)
+    full_w = (canvas_w if has_cells else 0) + (r if has_overview else 0)
+    full_h = max(canvas_h if has_cells else 0, r if has_overview else 0)
+    s = min(1.0, max_side / max(full_h, full_w))
+    header = 40
+    sheet = Image.new("RGB", (max(1, round(full_w * s)), round(full_h * s) + header), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = _font(max(10, round(min(r * s, 400) / 12)))
+    title = (
+        f"{plan.height}x{plan.width} -> grid {plan.grid[0]}x{plan.grid[1]}, resized {plan.resized[0]}x"
+        f"{plan.resized[1]}, {plan.num_tiles} tiles, {plan.num_image_tokens} image tokens"
+    )
+    draw.text((6, 10), title, fill=(0, 0, 0), font=_font(16))
+
+    def paste(size: tuple[int, int], area: tuple[int, int], x0: int) -> None:
+        ah, aw = round(area[0] * s), round(area[1] * s)
+        draw.rectangle((x0, header, x0 + aw - 1, header + ah - 1), fill=PAD_SHADE)
+        h, w = max(1, round(size[0] * s)), max(1, round(size[1] * s))
+        sheet.paste(image.resize((w, h), Image.Resampling.BILINEAR), (x0, header))
+
+    if has_cells:
+        paste(plan.resized, plan.canvas, 0)
+    if has_overview:
+        paste(plan.overview_resized or plan.resized, (r, r), round(canvas_w * s) if has_cells else 0)
+    for order, tile in enumerate(plan.tiles):
+        if tile.is_overview:
+            x0, y0, color = (round(canvas_w * s) if has_cells else 0), header, OVERVIEW_COLOR
+        else:
+            x0, y0, color = round(tile.left * s), header + round(tile.top * s), TILE_COLOR
+        size = round(r * s)
+        draw.rectangle((x0, y0, x0 + size - 1, y0 + size - 1), outline=color, width=max(2, size // 100))
+        label = f"#{order} {tile.marker!r}" if tile.marker else f"#{order}"
+        draw.text((x0 + 6, y0 + 4), label, fill=color, font=font, stroke_width=2, stroke_fill=(255, 255, 255))
+    return sheet
