@@ -20,14 +20,14 @@ closest to the image's, (4) fewer rows. Rule (2) is the spec's suggestion: a squ
 and 3x3 with no padding, and MM1.5 reports only +7.8% tiles over static 2x2 splitting.
 
 Pixel sizes are integers: the resized side along which the canvas binds is exactly the canvas side,
-and the other is ``round(side * scale)``, at least 1 and at most the canvas side. Padding and area
+and the other is ``side * scale`` rounded half up, at least 1 and at most the canvas side. Padding and area
 are measured on these integers, i.e. on the pixels that are actually produced.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
+from fractions import Fraction
 from typing import Literal
 
 OverviewPosition = Literal["after", "before", "none"]
@@ -180,13 +180,20 @@ def fit_size(height: int, width: int, box_h: int, box_w: int) -> tuple[int, int]
     """Integer (height, width) of an image resized, aspect kept, to just fit a box_h x box_w box."""
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got height={height}, width={width}")
-    if box_h * width <= box_w * height:  # the height binds: exact comparison, no float ties
-        return box_h, min(box_w, max(1, round(width * box_h / height)))
-    return min(box_h, max(1, round(height * box_w / width))), box_w
+    if box_h * width <= box_w * height:  # the height binds
+        return box_h, min(box_w, max(1, _round_ratio(width * box_h, height)))
+    return min(box_h, max(1, _round_ratio(height * box_w, width))), box_w
 
 
-def _aspect_distance(grid: tuple[int, int], height: int, width: int) -> float:
-    return abs(math.log(grid[0] / grid[1]) - math.log(height / width))
+def _round_ratio(numerator: int, denominator: int) -> int:
+    """numerator / denominator rounded half up, in exact integer arithmetic (no float ties)."""
+    return (2 * numerator + denominator) // (2 * denominator)
+
+
+def _aspect_distance(grid: tuple[int, int], height: int, width: int) -> Fraction:
+    """How far the grid's aspect is from the image's, as a ratio >= 1 (exact, so ties are ties)."""
+    ratio = Fraction(grid[0] * width, grid[1] * height)
+    return max(ratio, 1 / ratio)
 
 
 def select_grid(height: int, width: int, cfg: ImagePlanConfig) -> tuple[int, int]:
@@ -283,3 +290,13 @@ def plan_image(
         split=True,
         tiles=tiles,
     )
+
+
+def expand_image_text(plan: TilePlan, image_token: str) -> str:
+    """The text an image placeholder becomes: each tile's marker, then its run of image tokens.
+
+    This is the one definition of an image's span in a prompt; the tokenizer-level expansion in the
+    model and the packer's length estimate follow it, so ``plan.num_image_tokens`` image tokens appear.
+    """
+    run = image_token * plan.tokens_per_tile
+    return "".join(tile.marker + run for tile in plan.tiles)
