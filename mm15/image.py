@@ -255,7 +255,9 @@ class ImageProcessor:
                 # PIL's arrays are read-only and torch warns about that; this tensor is only read.
                 warnings.simplefilter("ignore", UserWarning)
                 hwc = torch.from_numpy(np.asarray(to_rgb(image)))
-            pixels = hwc.permute(2, 0, 1).unsqueeze(0)  # NCHW view in channels-last memory: no copy
+            # An NCHW view in channels-last memory, no copy. Unsqueezing before permuting gives the batch
+            # dimension a real stride, which torch's fast uint8 antialiased kernels require (3x faster).
+            pixels = hwc.unsqueeze(0).permute(0, 3, 1, 2)
             cells = [i for i, tile in enumerate(plan.tiles) if not tile.is_overview]
             if cells:
                 # Grid cells are contiguous in the plan's order (the overview is first or last).

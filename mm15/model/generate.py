@@ -1,0 +1,157 @@
+"""Generation for ``MM15Model``: KV cache, greedy and sampling, stop strings, left-padded batches, streaming.
+
+The prompt (with its image features) is prefilled once; every later step feeds only the new token
+and reuses the cache. Left padding keeps every row's last prompt token in the last column, and the
+position ids count only real tokens, so a padded row decodes exactly as it would alone. A row stops at
+the tokenizer's end-of-sequence token or when its text reaches a stop string (cut before the stop).
+``stream`` yields each row's new text as it is produced; ``generate`` collects it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mm15.boxes import Box, Point, parse_boxes, parse_points
+from mm15.model.mm15 import MM15Model
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """``temperature == 0`` is greedy; otherwise softmax sampling with optional top-k / top-p."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"GenerationConfig.temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"GenerationConfig.top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise ValueError("GenerationConfig.stop must not contain empty strings")
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from (rows, vocab) logits."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_k:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cuts = [text.index(s) for s in stops if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _visible(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """The part of ``text`` safe to show, and whether a stop string ended it.
+
+    Held back: an incomplete UTF-8 character at the end, and an ending that could be the start of a
+    stop string (it is shown once the next tokens prove it is not).
+    """
+    text, stopped = _cut_at_stop(text, stops)
+    if stopped:
+        return text, True
+    text = text.rstrip("\ufffd")
+    held = max((k for stop in stops for k in range(1, len(stop)) if text.endswith(stop[:k])), default=0)
+    return text[: len(text) - held], False
+
+
+@torch.no_grad()
+def stream(
+    model: MM15Model, batch: dict[str, Any], cfg: GenerationConfig | None = None
+) -> Iterator[list[str]]:
+    """Yield, after every decoding step, the text each row added (an empty string once a row is done).
+
+    ``batch`` comes from ``MM15Processor`` with ``padding_side="left"``.
+    """
+    cfg = cfg or GenerationConfig()
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("generation needs left-padded prompts (MM15Processor(..., padding_side='left'))")
+    tokenizer = model.tokenizer
+    eos = tokenizer.eos_token_id
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    rows = input_ids.shape[0]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids, attention_mask, batch.get("pixel_values"), position_ids=position_ids, use_cache=True
+    )
+    cache, logits = out.past_key_values, out.logits[:, -1]
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    shown = [""] * rows
+    done = [False] * rows
+
+    def final_text(row: int) -> str:
+        return _cut_at_stop(tokenizer.decode(generated[row], skip_special_tokens=True), cfg.stop)[0]
+
+    for _ in range(cfg.max_new_tokens):
+        token = _pick(logits, cfg, generator)
+        deltas = []
+        for row in range(rows):
+            if done[row]:
+                deltas.append("")
+                continue
+            if int(token[row]) == eos:
+                done[row] = True
+                deltas.append(final_text(row)[len(shown[row]) :])  # release anything held back
+                continue
+            generated[row].append(int(token[row]))
+            visible, done[row] = _visible(
+                tokenizer.decode(generated[row], skip_special_tokens=True), cfg.stop
+            )
+            delta = visible[len(shown[row]) :] if visible.startswith(shown[row]) else ""
+            shown[row] += delta
+            deltas.append(delta)
+        yield deltas
+        if all(done):
+            return
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
+        position_ids = position_ids[:, -1:] + 1
+        out = model.llm(
+            input_ids=token.unsqueeze(-1),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, logits = out.past_key_values, out.logits[:, -1]
+    # Rows cut by max_new_tokens: release what was held back for a stop string that never came.
+    tail = ["" if done[row] else final_text(row)[len(shown[row]) :] for row in range(rows)]
+    if any(tail):
+        yield tail
+
+
+def generate(model: MM15Model, batch: dict[str, Any], cfg: GenerationConfig | None = None) -> list[str]:
+    """The full generated text of every row."""
+    texts = [""] * batch["input_ids"].shape[0]
+    for deltas in stream(model, batch, cfg):
+        texts = [text + delta for text, delta in zip(texts, deltas, strict=True)]
+    return texts
+
+
+def parse_grounding(text: str, height: int, width: int) -> dict[str, list[Box] | list[Point]]:
+    """Boxes and points in generated text, in the original image's pixels (``mm15.boxes`` format)."""
+    return {"boxes": parse_boxes(text, height, width), "points": parse_points(text, height, width)}

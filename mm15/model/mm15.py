@@ -1,0 +1,321 @@
+"""The assembled MM1.5 model: vision encoder -> C-Abstractor -> decoder LLM, with image-token placement.
+
+A prompt holds one ``<image>`` placeholder per image. ``MM15Processor`` plans every image
+(``mm15.geometry.plan_image``, splitting off when a sample has too many images), replaces each
+placeholder with the plan's span (``expand_image_text``: tile markers as text, ``tokens_per_tile``
+image tokens per tile) and tokenises. ``MM15Model`` encodes all tiles of a batch in one batched pass,
+maps them to LLM-width tokens with the connector and writes them over the image-token embeddings, in
+order; a count mismatch is an error naming both counts, never a silent truncation.
+
+``save_pretrained`` writes one directory: ``config.json`` (the mm15 config plus the LLM's and the
+encoder's architecture), ``model.safetensors`` and the tokenizer files. ``from_pretrained`` rebuilds
+the architecture from those configs and loads the weights; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from mm15.geometry import ImagePlanConfig, TilePlan, expand_image_text, plan_image
+from mm15.image import ImageProcessor
+from mm15.model.connector import ConnectorConfig, build_connector
+from mm15.model.llm import LLMConfig, load_llm
+from mm15.model.moe import MoEConfig, moe_aux_loss, moe_layers, upcycle_llm
+from mm15.model.vision import VisionConfig, VisionEncoder
+
+IMAGE_PLACEHOLDER = "<image>"
+IMAGE_TOKEN = "<|image_patch|>"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class MM15Config:
+    """The whole model: encoder, connector, LLM, optional MoE, and the image plan settings.
+
+    The connector's ``vision_dim``/``num_patches`` must match the encoder, its ``llm_dim`` the LLM, its
+    ``num_queries`` the plan's ``tokens_per_tile``, and the plan's ``tile_size`` the encoder's input
+    size; ``MM15Model`` checks all four when it is built and names the mismatch.
+    """
+
+    vision: VisionConfig
+    connector: ConnectorConfig
+    llm: LLMConfig
+    image: ImagePlanConfig = field(default_factory=ImagePlanConfig)
+    moe: MoEConfig | None = None
+    name: str = "custom"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MM15Config:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"MM15Config: unknown fields {sorted(unknown)}")
+        moe = data.get("moe")
+        return cls(
+            vision=VisionConfig(**data["vision"]),
+            connector=ConnectorConfig(**data["connector"]),
+            llm=LLMConfig(**data["llm"]),
+            image=ImagePlanConfig(**data.get("image", {})),
+            moe=MoEConfig(**moe) if moe is not None else None,
+            name=data.get("name", "custom"),
+        )
+
+
+@dataclass
+class MM15Output:
+    """Loss (LM loss plus weighted MoE aux losses when labels are given), logits and reported parts."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    past_key_values: Any = None
+
+
+def add_image_token(tokenizer: Any, llm: nn.Module) -> int:
+    """Register the image token as a special token, grow the embeddings if needed, return its id."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if token_id >= llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return int(token_id)
+
+
+class MM15Model(nn.Module):
+    """Encoder, connector and LLM; ``forward`` places image features at the image-token positions."""
+
+    def __init__(
+        self, cfg: MM15Config, vision: VisionEncoder, connector: nn.Module, llm: nn.Module, tokenizer: Any
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        self.connector = connector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.image_token_id = add_image_token(tokenizer, llm)
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        c, v, image = self.cfg.connector, self.vision, self.cfg.image
+        llm_dim = self.llm.get_input_embeddings().embedding_dim
+        checks = [
+            ("connector.vision_dim", c.vision_dim, "the encoder's hidden size", v.hidden_size),
+            ("connector.num_patches", c.num_patches, "the encoder's patches per tile", v.num_patches),
+            ("connector.llm_dim", c.llm_dim, "the LLM's hidden size", llm_dim),
+            ("image.tokens_per_tile", image.tokens_per_tile, "connector.num_queries", c.num_queries),
+            ("image.tile_size", image.tile_size, "the encoder's input size", v.input_size),
+        ]
+        for name, value, other, expected in checks:
+            if value != expected:
+                raise ValueError(f"MM15Config.{name} is {value} but {other} is {expected}")
+
+    @classmethod
+    def build(cls, cfg: MM15Config) -> MM15Model:
+        """Build from a config: encoder and LLM loaded or randomly initialised, MoE upcycled if set."""
+        vision = VisionEncoder(cfg.vision)
+        llm, tokenizer = load_llm(cfg.llm)
+        if cfg.moe is not None:
+            upcycle_llm(llm, cfg.moe)
+        return cls(cfg, vision, build_connector(cfg.connector), llm, tokenizer)
+
+    # --- forward -------------------------------------------------------------------------------------
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(tiles, 3, r, r) -> (tiles, tokens_per_tile, llm_dim), all tiles in one batched pass."""
+        return self.connector(self.vision(pixel_values))
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image features written over the image-token positions, in order."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        is_image = input_ids == self.image_token_id
+        positions = int(is_image.sum())
+        tiles = 0 if pixel_values is None else pixel_values.shape[0]
+        features = tiles * self.cfg.image.tokens_per_tile
+        if positions != features:
+            raise ValueError(
+                f"the batch has {positions} image-token positions but its images give {features} image "
+                f"features ({tiles} tiles x {self.cfg.image.tokens_per_tile} tokens)"
+            )
+        if tiles == 0:
+            return embeds
+        image_embeds = self.encode_images(pixel_values).reshape(-1, embeds.shape[-1])
+        return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+    ) -> MM15Output:
+        embeds = self.embed(input_ids, pixel_values)
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            labels=labels,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+        )
+        result = MM15Output(logits=out.logits, past_key_values=out.past_key_values)
+        has_moe = next(moe_layers(self.llm), None) is not None
+        if has_moe:
+            result.aux = moe_aux_loss(self.llm)
+        if labels is not None:
+            result.lm_loss = out.loss
+            result.loss = out.loss + result.aux["total"] if has_moe else out.loss
+        return result
+
+    # --- save and load -------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """One directory: config.json, model.safetensors, tokenizer files. Loading never unpickles."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        hf_vision = self.vision.model.config
+        vision_arch = VisionConfig(
+            kind=self.cfg.vision.kind,
+            image_size=self.vision.input_size,  # the position table is already at the input size
+            patch_size=self.vision.patch_size,
+            hidden_size=self.vision.hidden_size,
+            intermediate_size=int(hf_vision.intermediate_size),
+            num_layers=self.vision.num_layers,
+            num_heads=int(hf_vision.num_attention_heads),
+            hidden_act=str(hf_vision.hidden_act),
+            layer_norm_eps=float(hf_vision.layer_norm_eps),
+            feature_layer=self.cfg.vision.feature_layer,
+        )
+        saved_cfg = dataclasses.replace(self.cfg, vision=vision_arch)
+        document = {
+            "mm15_format": FORMAT_VERSION,
+            "config": saved_cfg.to_dict(),
+            "llm_config": self.llm.config.to_dict(),
+            "image_mean": list(self.vision.image_mean),
+            "image_std": list(self.vision.image_std),
+        }
+        (path / CONFIG_NAME).write_text(json.dumps(document, indent=2, default=str))
+        save_model(self, str(path / WEIGHTS_NAME))
+        self.tokenizer.save_pretrained(path)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> MM15Model:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(path)
+        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{path} is not an mm15 model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
+        document = json.loads((path / CONFIG_NAME).read_text())
+        if document.get("mm15_format") != FORMAT_VERSION:
+            raise ValueError(f"{path}/{CONFIG_NAME}: unsupported mm15_format {document.get('mm15_format')!r}")
+        cfg = MM15Config.from_dict(document["config"])
+        llm_config = dict(document["llm_config"])
+        hf_config = AutoConfig.for_model(llm_config.pop("model_type"), **llm_config)
+        llm = AutoModelForCausalLM.from_config(hf_config)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if cfg.moe is not None:
+            upcycle_llm(llm, dataclasses.replace(cfg.moe, upcycle=False))
+        model = cls(cfg, VisionEncoder(cfg.vision), build_connector(cfg.connector), llm, tokenizer)
+        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        if missing or unexpected:
+            raise ValueError(
+                f"{path}/{WEIGHTS_NAME} does not match the architecture: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(unexpected)[:5]}"
+            )
+        return model.eval()
+
+    def num_parameters(self) -> dict[str, int]:
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {
+            "vision": count(self.vision),
+            "connector": count(self.connector),
+            "llm": count(self.llm),
+            "total": count(self),
+        }
+
+
+class MM15Processor:
+    """Prompts with ``<image>`` placeholders + images -> input ids, attention mask and tile tensors."""
+
+    def __init__(
+        self, tokenizer: Any, plan_cfg: ImagePlanConfig, mean: Sequence[float], std: Sequence[float]
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.plan_cfg = plan_cfg
+        self.images = ImageProcessor(plan_cfg, mean=mean, std=std)
+
+    @classmethod
+    def for_model(cls, model: MM15Model) -> MM15Processor:
+        return cls(model.tokenizer, model.cfg.image, model.vision.image_mean, model.vision.image_std)
+
+    def expand(self, prompt: str, images: Sequence[Image.Image]) -> tuple[str, list[TilePlan]]:
+        """Replace each placeholder with its image's span; plans follow the images' order."""
+        count = prompt.count(IMAGE_PLACEHOLDER)
+        if count != len(images):
+            raise ValueError(
+                f"the prompt has {count} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images"
+            )
+        plans = [
+            plan_image(image.height, image.width, self.plan_cfg, image_index=k, images_in_sample=len(images))
+            for k, image in enumerate(images)
+        ]
+        pieces = prompt.split(IMAGE_PLACEHOLDER)
+        text = pieces[0]
+        for plan, piece in zip(plans, pieces[1:], strict=True):
+            text += expand_image_text(plan, IMAGE_TOKEN) + piece
+        return text, plans
+
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        images: Sequence[Sequence[Image.Image]] | None = None,
+        padding_side: str = "left",
+    ) -> dict[str, Any]:
+        """A padded batch. ``images[i]`` are prompt i's images in placeholder order (may be empty)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        images = images if images is not None else [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
+        texts, plans, flat = [], [], []
+        for prompt, sample in zip(prompts, images, strict=True):
+            text, sample_plans = self.expand(prompt, sample)
+            texts.append(text)
+            plans.extend(sample_plans)
+            flat.extend(sample)
+        ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        width = max(len(x) for x in ids)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            span = slice(width - len(seq), width) if padding_side == "left" else slice(0, len(seq))
+            input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
+            attention_mask[row, span] = 1
+        pixel_values = self.images(flat, plans).pixel_values if flat else None
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": pixel_values,
+            "plans": plans,
+        }

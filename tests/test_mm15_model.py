@@ -1,0 +1,231 @@
+"""The assembled model: image-token placement, batches, KV-cache generation, save/load, presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mm15.model.generate import GenerationConfig, generate, parse_grounding, stream
+from mm15.model.mm15 import IMAGE_TOKEN, MM15Config, MM15Model, MM15Processor
+from mm15.model.presets import PRESETS, preset
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def model() -> MM15Model:
+    torch.manual_seed(0)
+    return MM15Model.build(preset("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(model: MM15Model) -> MM15Processor:
+    return MM15Processor.for_model(model)
+
+
+def picture(h: int, w: int, seed: int) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+def test_prompt_expansion_counts_match_the_plans(model: MM15Model, processor: MM15Processor) -> None:
+    images = [picture(200, 300, 1), picture(500, 50, 2), picture(40, 40, 3), picture(90, 60, 4)]
+    batch = processor(
+        ["one <image> image", "text only", "two <image><image>", "four <image><image><image><image>"],
+        [[images[0]], [], images[:2], images],
+        padding_side="right",
+    )
+    plans = batch["plans"]
+    assert [p.split for p in plans] == [True, True, True, False, False, False, False]  # no split at >= 3
+    image_id = model.image_token_id
+    per_row = (batch["input_ids"] == image_id).sum(-1).tolist()
+    assert per_row == [
+        plans[0].num_image_tokens,
+        0,
+        plans[1].num_image_tokens + plans[2].num_image_tokens,
+        4 * model.cfg.image.tokens_per_tile,
+    ]
+    assert batch["pixel_values"].shape[0] == sum(p.num_tiles for p in plans)
+    # Markers are text: image 1 of the two-image sample is marked (1, i, j).
+    text = model.tokenizer.decode(batch["input_ids"][2], skip_special_tokens=False)
+    assert "(1, 1, 1)" in text and "(1, 0, 0)" in text and IMAGE_TOKEN in text
+
+
+def test_features_land_on_image_positions_in_one_encoder_pass(
+    model: MM15Model, processor: MM15Processor
+) -> None:
+    batch = processor(
+        ["a <image> b", "c <image> <image> d"], [[picture(64, 64, 5)], [picture(30, 200, 6)] * 2]
+    )
+    calls = []
+    hook = model.vision.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # every tile of the batch in one pass
+    features = model.encode_images(batch["pixel_values"]).reshape(-1, embeds.shape[-1])
+    is_image = batch["input_ids"] == model.image_token_id
+    torch.testing.assert_close(embeds[is_image], features)
+    text_embeds = model.llm.get_input_embeddings()(batch["input_ids"])
+    torch.testing.assert_close(embeds[~is_image], text_embeds[~is_image])
+
+
+def test_count_mismatch_names_both_counts(model: MM15Model, processor: MM15Processor) -> None:
+    batch = processor(["x <image>"], [[picture(64, 64, 7)]])
+    with pytest.raises(ValueError, match=r"\d+ image-token positions but its images give \d+ image features"):
+        model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"][:-1])
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        processor(["<image><image>"], [[picture(64, 64, 7)]])
+
+
+def test_kv_cache_decoding_matches_full_forward(model: MM15Model, processor: MM15Processor) -> None:
+    batch = processor(["look <image> here", "hi"], [[picture(100, 150, 8)], []], padding_side="left")
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(ids, mask, batch["pixel_values"], position_ids=position_ids, use_cache=True)
+        cache, steps = out.past_key_values, []
+        new_tokens = torch.tensor([[5, 9, 17], [33, 4, 100]])
+        for k in range(3):
+            mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            step = model.llm(
+                input_ids=new_tokens[:, k : k + 1],
+                attention_mask=mask,
+                position_ids=position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            cache = step.past_key_values
+            steps.append(step.logits[:, -1])
+        full_ids = torch.cat([ids, new_tokens], dim=1)
+        full_pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        full = model(full_ids, mask, batch["pixel_values"], position_ids=full_pos).logits
+    for k in range(3):
+        # float32 throughout; the cached path sums attention in another order: 1e-5 relative.
+        torch.testing.assert_close(steps[k], full[:, ids.shape[1] + k], rtol=1e-5, atol=1e-5)
+
+
+def test_left_padded_batch_generates_as_rows_alone(model: MM15Model, processor: MM15Processor) -> None:
+    prompts, images = ["see <image>", "a longer text-only prompt"], [[picture(80, 60, 9)], []]
+    cfg = GenerationConfig(max_new_tokens=6)
+    together = generate(model, processor(prompts, images), cfg)
+    alone = [generate(model, processor([p], [i]), cfg)[0] for p, i in zip(prompts, images, strict=True)]
+    assert together == alone
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model, processor(prompts, images, padding_side="right"), cfg)
+
+
+def test_streaming_sampling_and_stop_strings(model: MM15Model, processor: MM15Processor) -> None:
+    batch = processor(["tell me"], [[]])
+    sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=3)
+    pieces = list(stream(model, batch, sampled))
+    assert "".join(p[0] for p in pieces) == generate(model, batch, sampled)[0]  # same seed, same text
+    assert generate(model, batch, sampled) != generate(model, batch, GenerationConfig(max_new_tokens=12))
+    full = generate(model, batch, GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3))[0]
+    clean = [i for i, ch in enumerate(full) if ch != "\ufffd" and i > 0]
+    assert clean, f"the seeded sample should hold a printable character: {full!r}"
+    stop = full[clean[0]]
+    stopped = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3, stop=(stop,))
+    cut = generate(model, batch, stopped)[0]
+    assert cut == full[: full.index(stop)]
+
+
+def test_stream_holds_back_partial_stop_strings() -> None:
+    from mm15.model.generate import _visible
+
+    assert _visible("answer: 42 EN", ("END",)) == ("answer: 42 ", False)
+    assert _visible("answer: 42 END more", ("END",)) == ("answer: 42 ", True)
+    assert _visible("caf\ufffd", ()) == ("caf", False)
+
+
+def test_grounding_parse_returns_original_pixels() -> None:
+    parsed = parse_grounding("the button [100, 250, 300, 500] and [10, 20]", 1640, 2360)
+    assert parsed["boxes"] == [(236.0 + 1.18, 410.0 + 0.82, 708.0 + 1.18, 820.0 + 0.82)]
+    assert parsed["points"] == [(23.6 + 1.18, 32.8 + 0.82)]
+
+
+def test_save_and_load_give_identical_outputs(
+    model: MM15Model, processor: MM15Processor, tmp_path: Path
+) -> None:
+    batch = processor(["x <image> y"], [[picture(120, 90, 10)]])
+    model.save_pretrained(tmp_path)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in tmp_path.iterdir()}
+    assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in tmp_path.iterdir())
+    loaded = MM15Model.from_pretrained(tmp_path)
+    with torch.no_grad():
+        a = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        b = loaded(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+    assert torch.equal(a, b)
+    assert loaded.image_token_id == model.image_token_id
+
+
+def test_moe_model_saves_loads_and_reports_aux(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from mm15.model.moe import MoEConfig
+
+    torch.manual_seed(1)
+    cfg = replace(preset("tiny"), moe=MoEConfig(num_experts=4, top_k=2, every=2))
+    moe = MM15Model.build(cfg).eval()
+    proc = MM15Processor.for_model(moe)
+    batch = proc(["q <image>"], [[picture(64, 64, 11)]], padding_side="right")
+    out = moe(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], labels=batch["input_ids"])
+    assert set(out.aux) >= {"load_balance", "router_z", "total"}
+    torch.testing.assert_close(out.loss, out.lm_loss + out.aux["total"])
+    moe.save_pretrained(tmp_path)
+    again = MM15Model.from_pretrained(tmp_path)
+    assert torch.equal(
+        again(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits, out.logits
+    )
+
+
+def test_config_mismatches_are_named() -> None:
+    from dataclasses import replace
+
+    cfg = preset("tiny")
+    with pytest.raises(ValueError, match=r"connector\.llm_dim is 99"):
+        MM15Model.build(replace(cfg, connector=replace(cfg.connector, llm_dim=99)))
+    with pytest.raises(ValueError, match=r"image\.tokens_per_tile"):
+        MM15Model.build(replace(cfg, image=replace(cfg.image, tokens_per_tile=9)))
+    with pytest.raises(ValueError, match="unknown fields"):
+        MM15Config.from_dict({**cfg.to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("mm15-2b")
+
+
+@pytest.mark.parametrize(
+    ("name", "llm_millions"),
+    [("mm15-1b", 1235.8), ("mm15-3b", 3212.7), ("mm15-7b", 6738.4), ("mm15-3b-moe", 69804.3)],
+)
+def test_full_size_presets_on_the_meta_device(name: str, llm_millions: float) -> None:
+    with torch.device("meta"):
+        big = MM15Model.build(preset(name))
+    counts = big.num_parameters()
+    print(name, {k: f"{v / 1e6:.1f}M" for k, v in counts.items()})
+    # ViT-H/14 at 378 px has ~632M parameters (FastVLM lists 632M); 672 px adds 1575 x 1280 positions.
+    assert abs(counts["vision"] - 1575 * 1280 - 632e6) / 632e6 < 0.01
+    assert abs(counts["llm"] / 1e6 - llm_millions) < 0.1
+    assert big.vision.num_patches == 2304 and big.cfg.image.tokens_per_tile == 144
+    plan = MM15Processor(big.tokenizer, big.cfg.image, big.vision.image_mean, big.vision.image_std)
+    _, plans = plan.expand("<image>", [Image.new("RGB", (2016, 2016))])
+    assert plans[0].grid == (3, 3) and plans[0].num_image_tokens == 1440
+
+
+def test_every_preset_is_registered() -> None:
+    assert set(PRESETS) == {"tiny", "smol", "mm15-1b", "mm15-3b", "mm15-7b", "mm15-3b-moe"}
+
+
+def test_smol_preset_answers_a_text_question_offline() -> None:
+    smol = MM15Model.build(preset("smol")).eval()
+    assert smol.llm.config.num_hidden_layers == 30 and smol.vision.num_patches == 196
+    messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
+    prompt = smol.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    batch = MM15Processor.for_model(smol)([prompt], [[]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        answer = generate(smol, batch, GenerationConfig(max_new_tokens=10))[0]
+    assert "Paris" in answer
