@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 
@@ -133,6 +133,7 @@ def load_image(
             raise ImageTooLargeError(source, str(err)) from None
         except (OSError, SyntaxError, ValueError) as err:
             raise ImageDecodeError(source, f"cannot read image header ({err})") from None
+    result: Image.Image | None = None
     try:
         width, height = image.size
         if width < 1 or height < 1:
@@ -143,8 +144,13 @@ def load_image(
             )
         image.seek(0)  # the first frame of an animation
         image.load()
-        # exif_transpose returns a new image, so a file we opened can be closed below.
-        return to_rgb(ImageOps.exif_transpose(image))
+        upright = image
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            upright = ImageOps.exif_transpose(image)
+        result = to_rgb(upright)
+        if result is image and getattr(image, "n_frames", 1) > 1:
+            result = image.copy()  # an animation keeps its file open for the other frames: detach
+        return result
     except ImageError:
         raise
     except Image.DecompressionBombError as err:
@@ -152,7 +158,8 @@ def load_image(
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise ImageDecodeError(source, f"corrupt or truncated image data ({err})") from None
     finally:
-        if image is not src:
+        # Close what we opened unless it is the image we return (then PIL already closed its file).
+        if image is not src and (result is None or result is not image):
             image.close()
 
 

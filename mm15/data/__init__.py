@@ -1,0 +1,1 @@
+"""Data: the sample schema, readers, mixtures, packing and the synthetic data engine."""
