@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from mm15.model.connector import (
     CAbstractor,
     ConnectorConfig,
-    LayerNorm2d,
     MLPConnector,
     RegBottleneck,
     build_connector,
@@ -128,27 +127,30 @@ def test_tokens_are_row_major() -> None:
 
 
 def test_bottleneck_matches_functional_reference() -> None:
-    # The block's dataflow written out with functional ops: conv1, depthwise conv2, SE, conv3, shortcut, SiLU.
+    # The block's dataflow written out with NCHW functional ops as timm computes it: 1x1 conv1, depthwise
+    # conv2, SE, 1x1 conv3, projecting shortcut, SiLU; the module runs channels-last with Linear layers.
     torch.manual_seed(0)
     block = RegBottleneck(6, 8)
     x = torch.randn(2, 6, 5, 5)
 
-    def ln(t: torch.Tensor, norm: LayerNorm2d) -> torch.Tensor:
+    def ln(t: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
         mean = t.mean(1, keepdim=True)
         var = t.var(1, unbiased=False, keepdim=True)
         return (t - mean) / torch.sqrt(var + 1e-6) * norm.weight[:, None, None] + norm.bias[:, None, None]
 
-    h = F.silu(ln(F.conv2d(x, block.conv1[0].weight), block.conv1[1]))
-    h = F.silu(ln(F.conv2d(h, block.conv2[0].weight, padding=1, groups=8), block.conv2[1]))
-    s = F.conv2d(
-        F.silu(F.conv2d(h.mean((2, 3), keepdim=True), block.se.fc1.weight, block.se.fc1.bias)),
-        block.se.fc2.weight,
-        block.se.fc2.bias,
-    )
-    assert block.se.fc1.out_channels == 2  # round(0.25 * in_chs=6) = round(1.5) = 2
-    h = ln(F.conv2d(h * torch.sigmoid(s), block.conv3[0].weight), block.conv3[1])
-    shortcut = ln(F.conv2d(x, block.shortcut[0].weight), block.shortcut[1])
-    torch.testing.assert_close(block(x), F.silu(h + shortcut), atol=1e-5, rtol=1e-5)
+    def pointwise(t: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
+        return ln(F.conv2d(t, layer.linear.weight[:, :, None, None]), layer.norm)
+
+    h = F.silu(pointwise(x, block.conv1))
+    h = F.silu(ln(F.conv2d(h, block.conv2.conv.weight, padding=1, groups=8), block.conv2.norm))
+    pooled = h.mean((2, 3), keepdim=True)
+    s = F.conv2d(pooled, block.se.fc1.weight[:, :, None, None], block.se.fc1.bias)
+    s = F.conv2d(F.silu(s), block.se.fc2.weight[:, :, None, None], block.se.fc2.bias)
+    assert block.se.fc1.out_features == 2  # round(0.25 * in_chs=6) = round(1.5) = 2
+    h = pointwise(h * torch.sigmoid(s), block.conv3)
+    expected = F.silu(h + pointwise(x, block.shortcut))
+    out = block(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("cfg", "num_tokens"), [(TINY, 16), (TINY, 36), (tiny(kind="mlp"), 16)])

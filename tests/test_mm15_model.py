@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mm15.hardware import autocast
 from mm15.model.generate import GenerationConfig, generate, parse_grounding, stream
 from mm15.model.mm15 import IMAGE_TOKEN, MM15Config, MM15Model, MM15Processor
 from mm15.model.presets import PRESETS, preset
@@ -179,9 +180,29 @@ def test_moe_model_saves_loads_and_reports_aux(tmp_path: Path) -> None:
     torch.testing.assert_close(out.loss, out.lm_loss + out.aux["total"])
     moe.save_pretrained(tmp_path)
     again = MM15Model.from_pretrained(tmp_path)
-    assert torch.equal(
-        again(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits, out.logits
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    assert torch.equal(again(*args).logits, moe(*args).logits)
+
+
+def test_loss_on_supervised_positions_equals_the_full_head_loss(
+    model: MM15Model, processor: MM15Processor
+) -> None:
+    batch = processor(
+        ["see <image> now answer", "text only question"], [[picture(70, 90, 12)], []], padding_side="right"
     )
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    labels = ids.clone()
+    labels[ids == model.image_token_id] = -100  # no loss on image tokens
+    labels[mask == 0] = -100
+    labels[:, :3] = -100  # nor on the start of each prompt
+    out = model(ids, mask, batch["pixel_values"], labels=labels)
+    with torch.no_grad():
+        embeds = model.embed(ids, batch["pixel_values"])
+        reference = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+    supervised = int((labels[:, 1:] != -100).sum())
+    assert out.logits.shape == (supervised, reference.logits.shape[-1])
+    torch.testing.assert_close(out.loss, reference.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.logits, reference.logits[:, :-1][labels[:, 1:] != -100])
 
 
 def test_config_mismatches_are_named() -> None:
@@ -226,6 +247,6 @@ def test_smol_preset_answers_a_text_question_offline() -> None:
     messages = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
     prompt = smol.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     batch = MM15Processor.for_model(smol)([prompt], [[]])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with autocast():
         answer = generate(smol, batch, GenerationConfig(max_new_tokens=10))[0]
     assert "Paris" in answer

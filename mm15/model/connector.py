@@ -115,40 +115,50 @@ class ConnectorConfig:
         return self.num_queries
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of an NCHW tensor (timm's ``LayerNorm2d``, same eps of 1e-6)."""
+class PointwiseNorm(nn.Module):
+    """A 1x1 convolution + LayerNorm over channels + optional SiLU, on channels-last (B, H, W, C) maps.
 
-    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
-        super().__init__(num_channels, eps=eps)
+    Written as ``nn.Linear`` on the last dimension: the same function and parameter count as timm's
+    bias-free 1x1 conv + ``LayerNorm2d`` (the norm's bias makes a conv bias redundant), but it runs as
+    one GEMM with no layout changes, several times faster on CPU than a 1x1 conv on NCHW.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, act: bool = True) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_chs, out_chs, bias=False)
+        self.norm = nn.LayerNorm(out_chs, eps=1e-6)  # timm LayerNorm2d's eps
+        self.act = nn.SiLU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 2, 3, 1)  # channels last, where F.layer_norm normalises
-        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        return self.act(self.norm(self.linear(x)))
 
 
-def conv_norm(in_chs: int, out_chs: int, kernel_size: int, groups: int = 1, act: bool = True) -> nn.Module:
-    """Bias-free conv (the norm's bias makes one redundant) + LayerNorm2d + optional SiLU, 'same' padding."""
-    layers: list[nn.Module] = [
-        nn.Conv2d(in_chs, out_chs, kernel_size, padding=kernel_size // 2, groups=groups, bias=False),
-        LayerNorm2d(out_chs),
-    ]
-    if act:
-        layers.append(nn.SiLU())
-    return nn.Sequential(*layers)
+class DepthwiseNorm(nn.Module):
+    """Depthwise 3x3 conv ('same' padding, no bias) + LayerNorm over channels + SiLU, channels-last."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.act = nn.SiLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (B, H, W, C) viewed as NCHW is channels-last memory, which the conv keeps: no copies.
+        y = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.act(self.norm(y))
 
 
 class SqueezeExcite(nn.Module):
-    """Channel gate from globally pooled features: x * sigmoid(fc2(silu(fc1(mean_hw(x)))))."""
+    """Channel gate from globally pooled features: x * sigmoid(fc2(silu(fc1(mean_hw(x))))), channels-last."""
 
     def __init__(self, channels: int, rd_channels: int) -> None:
         super().__init__()
-        self.fc1 = nn.Conv2d(channels, rd_channels, 1)
+        self.fc1 = nn.Linear(channels, rd_channels)
         self.act = nn.SiLU()
-        self.fc2 = nn.Conv2d(rd_channels, channels, 1)
+        self.fc2 = nn.Linear(rd_channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = x.mean(dim=(2, 3), keepdim=True)
+        gate = x.mean(dim=(1, 2), keepdim=True)
         gate = self.fc2(self.act(self.fc1(gate)))
         return x * gate.sigmoid()
 
@@ -156,17 +166,18 @@ class SqueezeExcite(nn.Module):
 class RegBottleneck(nn.Module):
     """timm RegNet ``Bottleneck`` as Honeybee configures it: bottle_ratio=1, depthwise 3x3, SE 0.25, SiLU.
 
-    Stride is always 1: in the C-Abstractor only the adaptive pooling between the stages downsamples.
+    Works on channels-last (B, H, W, C) maps. Stride is always 1: in the C-Abstractor only the adaptive
+    pooling between the stages downsamples.
     """
 
     def __init__(self, in_chs: int, out_chs: int) -> None:
         super().__init__()
-        self.conv1 = conv_norm(in_chs, out_chs, 1)
-        self.conv2 = conv_norm(out_chs, out_chs, 3, groups=out_chs)
+        self.conv1 = PointwiseNorm(in_chs, out_chs)
+        self.conv2 = DepthwiseNorm(out_chs)
         # timm sizes the SE bottleneck from the block's input channels, not its width.
         self.se = SqueezeExcite(out_chs, _se_channels(in_chs))
-        self.conv3 = conv_norm(out_chs, out_chs, 1, act=False)  # linear before the residual sum
-        self.shortcut = nn.Identity() if in_chs == out_chs else conv_norm(in_chs, out_chs, 1, act=False)
+        self.conv3 = PointwiseNorm(out_chs, out_chs, act=False)  # linear before the residual sum
+        self.shortcut = nn.Identity() if in_chs == out_chs else PointwiseNorm(in_chs, out_chs, act=False)
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -249,9 +260,11 @@ class CAbstractor(nn.Module):
         side = _token_grid_side(x, self.cfg.vision_dim)
         if self.pos_emb is not None:
             x = x + self.pos_emb_for(x.shape[1]).to(x.dtype)
-        x = _tokens_to_grid(x, side)
-        x = self.stage2(self.pool(self.stage1(x)))
-        return self.readout(_grid_to_tokens(x))
+        # Row-major patch tokens (B, h*w, C) are already a channels-last (B, h, w, C) map: a view.
+        x = self.stage1(x.reshape(x.shape[0], side, side, x.shape[-1]))
+        x = self.pool(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        x = self.stage2(x)
+        return self.readout(x.reshape(x.shape[0], -1, x.shape[-1]))
 
 
 class MLPConnector(nn.Module):

@@ -97,7 +97,12 @@ def stream(
     rows = input_ids.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     out = model(
-        input_ids, attention_mask, batch.get("pixel_values"), position_ids=position_ids, use_cache=True
+        input_ids,
+        attention_mask,
+        batch.get("pixel_values"),
+        position_ids=position_ids,
+        use_cache=True,
+        logits_to_keep=1,
     )
     cache, logits = out.past_key_values, out.logits[:, -1]
     generated: list[list[int]] = [[] for _ in range(rows)]

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -79,7 +80,7 @@ class MM15Config:
 class MM15Output:
     """Loss (LM loss plus weighted MoE aux losses when labels are given), logits and reported parts."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -166,23 +167,39 @@ class MM15Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         past_key_values: Any = None,
         use_cache: bool = False,
+        logits_to_keep: int = 0,
     ) -> MM15Output:
+        """Logits, and with ``labels`` (-100 = not supervised) the next-token loss.
+
+        Without labels, ``logits`` are (batch, positions, vocab), or only the last ``logits_to_keep``
+        positions (generation's prefill needs one). With labels, the LM head runs only on the positions
+        whose next token is supervised, and ``logits`` are those rows, (supervised tokens, vocab): image
+        tokens and prompts carry no loss, and over a long image span the head is a large share of a
+        training step. The loss is the mean over supervised tokens, as Hugging Face computes it.
+        """
         embeds = self.embed(input_ids, pixel_values)
-        out = self.llm(
+        decoder_out = self.llm.get_decoder()(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            labels=labels,
             past_key_values=past_key_values,
             use_cache=use_cache,
         )
-        result = MM15Output(logits=out.logits, past_key_values=out.past_key_values)
-        has_moe = next(moe_layers(self.llm), None) is not None
-        if has_moe:
+        hidden = decoder_out.last_hidden_state
+        head = self.llm.get_output_embeddings()
+        result = MM15Output(logits=None, past_key_values=decoder_out.past_key_values)
+        if labels is None:
+            result.logits = head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        else:
+            targets = labels[:, 1:]
+            supervised = targets != -100
+            result.logits = head(hidden[:, :-1][supervised])
+            result.lm_loss = F.cross_entropy(result.logits.float(), targets[supervised])
+            result.loss = result.lm_loss
+        if next(moe_layers(self.llm), None) is not None:
             result.aux = moe_aux_loss(self.llm)
-        if labels is not None:
-            result.lm_loss = out.loss
-            result.loss = out.loss + result.aux["total"] if has_moe else out.loss
+            if result.loss is not None:
+                result.loss = result.loss + result.aux["total"]
         return result
 
     # --- save and load -------------------------------------------------------------------------------

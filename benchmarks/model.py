@@ -1,0 +1,289 @@
+"""Model speed: mm15's training step and generation against an equivalent LLaVA-NeXT from transformers.
+
+Both models are built in the same run, randomly initialised, with the same vision encoder (CLIP ViT,
+224-pixel tiles, patch 16, last layer, CLS dropped) and the same decoder (SmolLM2-135M's shape, or the
+tiny preset's), on the same 448 x 448 image plus the same text:
+
+* mm15: dynamic splitting with 224-pixel tiles (2x2 + overview = 5 tiles), the C-Abstractor with 196
+  queries per tile, so the LLM sees about as many image tokens as LLaVA-NeXT's;
+* reference: ``LlavaNextForConditionalGeneration`` with grid pinpoints for 4..9 tiles of 224 pixels
+  (the same 2x2 + base image = 5 tiles), its MLP projector, unpadding and row-newline tokens.
+
+Figures, in the compute dtype ``mm15.hardware.fast_dtype()`` picks for this machine (bf16 autocast
+where bf16 matmuls are fast, else float32) for both models, with 2 threads: a forward+backward step
+(tokens/s over each model's whole sequence, and MFU against this machine's matmul rate in that dtype,
+measured in the same run), time to first token of greedy generation, and decode tokens/s with the KV
+cache.
+
+Usage: ``python benchmarks/model.py [--llm smol|tiny] [--steps 5] [--new-tokens 32]``; see
+docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from PIL import Image
+
+from mm15.geometry import ImagePlanConfig, candidate_grids
+from mm15.hardware import autocast, bf16_matmul_is_fast, fast_dtype
+from mm15.model.connector import ConnectorConfig
+from mm15.model.generate import GenerationConfig, stream
+from mm15.model.llm import LLMConfig
+from mm15.model.mm15 import MM15Config, MM15Model, MM15Processor
+from mm15.model.vision import VisionConfig
+
+TILE = 224
+TEXT = "Describe the picture in detail, please, and name every object you can see in it."
+
+LLM_SHAPES = {
+    # SmolLM2-135M-Instruct's decoder (random weights; the speed does not depend on them).
+    "smol": LLMConfig(
+        source="tiny",
+        vocab_size=49_152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        max_position_embeddings=8192,
+    ),
+    "tiny": LLMConfig(
+        source="tiny",
+        vocab_size=320,
+        hidden_size=128,
+        intermediate_size=352,
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        max_position_embeddings=4096,
+    ),
+}
+VISION = VisionConfig(
+    kind="clip",
+    image_size=TILE,
+    patch_size=16,
+    hidden_size=384,
+    intermediate_size=1536,
+    num_layers=6,
+    num_heads=6,
+)
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured GEMM rate of this machine in ``dtype``, in FLOP/s (the MFU denominator)."""
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def timed(fn: Callable[[], object], repeats: int) -> float:
+    """Median seconds of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def train_flops(llm: torch.nn.Module, vision: torch.nn.Module, tokens: int, patches: int) -> float:
+    """6 x parameters x tokens for the LLM (head included) and the encoder, the same for both models.
+
+    The connector (C-Abstractor or MLP projector) is left out of both counts, and so is any saving from
+    skipping work: MFU here is this common useful work over the step time.
+    """
+    llm_params = sum(p.numel() for p in llm.parameters())
+    vision_params = sum(p.numel() for p in vision.parameters())
+    return 6.0 * llm_params * tokens + 6.0 * vision_params * patches
+
+
+def labels_for(input_ids: torch.Tensor, image_token: int) -> torch.Tensor:
+    """Next-token labels as in SFT: every text token supervised, no loss on image tokens."""
+    return input_ids.masked_fill(input_ids == image_token, -100)
+
+
+def build_mm15(llm: LLMConfig) -> tuple[MM15Model, dict]:
+    cfg = MM15Config(
+        name="bench",
+        vision=VISION,
+        connector=ConnectorConfig(
+            vision_dim=384, llm_dim=llm.hidden_size, hidden_dim=384, num_queries=196, depth=2, num_patches=196
+        ),
+        llm=llm,
+        image=ImagePlanConfig(tile_size=TILE, tokens_per_tile=196),
+    )
+    model = MM15Model.build(cfg)
+    image = Image.new("RGB", (448, 448), (120, 80, 200))
+    batch = MM15Processor.for_model(model)([f"<image>\n{TEXT}"], [[image]])
+    return model, batch
+
+
+def build_llava_next(llm: LLMConfig, image_token: int) -> tuple[torch.nn.Module, dict]:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    grids = [[a * TILE, b * TILE] for a, b in candidate_grids(4, 9)]
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=TILE,
+            patch_size=16,
+            hidden_size=384,
+            intermediate_size=1536,
+            num_hidden_layers=6,
+            num_attention_heads=6,
+            hidden_act="quick_gelu",
+        ),
+        text_config=LlamaConfig(
+            vocab_size=llm.vocab_size,
+            hidden_size=llm.hidden_size,
+            intermediate_size=llm.intermediate_size,
+            num_hidden_layers=llm.num_layers,
+            num_attention_heads=llm.num_heads,
+            num_key_value_heads=llm.num_kv_heads,
+            max_position_embeddings=llm.max_position_embeddings,
+            tie_word_embeddings=True,
+            eos_token_id=2,
+            pad_token_id=2,
+            bos_token_id=1,
+        ),
+        image_token_index=image_token,
+        image_grid_pinpoints=grids,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=grids
+    )
+    pixels = processor(Image.new("RGB", (448, 448), (120, 80, 200)), return_tensors="pt")
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"]).pooler_output
+    n_image = features[0].shape[0]
+    text_ids = torch.randint(3, min(llm.vocab_size, 250), (len(TEXT.encode()) + 1,))
+    input_ids = torch.cat([torch.full((n_image,), image_token), text_ids]).unsqueeze(0)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "pixel_values": pixels["pixel_values"],
+        "image_sizes": pixels["image_sizes"],
+    }
+    return model, batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--llm", choices=sorted(LLM_SHAPES), default="smol")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.manual_seed(0)
+    llm = LLM_SHAPES[args.llm]
+    dtype = fast_dtype()
+    peak = matmul_rate(dtype)
+    print(
+        f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"compute dtype {dtype} (bf16 matmuls fast here: {bf16_matmul_is_fast()}), measured {dtype} "
+        f"matmul {peak / 1e9:.0f} GFLOP/s; LLM shape: {args.llm}"
+    )
+
+    ours, our_batch = build_mm15(llm)
+    ref, ref_batch = build_llava_next(replace(llm), image_token=ours.image_token_id)
+    ours.train()
+    ref.train()
+
+    def our_step() -> None:
+        with autocast(dtype):
+            out = ours(
+                our_batch["input_ids"],
+                our_batch["attention_mask"],
+                our_batch["pixel_values"],
+                labels=labels_for(our_batch["input_ids"], ours.image_token_id),
+            )
+        out.loss.backward()
+        ours.zero_grad(set_to_none=True)
+
+    def ref_step() -> None:
+        with autocast(dtype):
+            out = ref(**ref_batch, labels=labels_for(ref_batch["input_ids"], ours.image_token_id))
+        out.loss.backward()
+        ref.zero_grad(set_to_none=True)
+
+    rows = []
+    tiles = our_batch["pixel_values"].shape[0]
+    for name, step, batch, llm_module, vision in (
+        ("mm15", our_step, our_batch, ours.llm, ours.vision),
+        ("LlavaNext", ref_step, ref_batch, ref.model.language_model, ref.model.vision_tower),
+    ):
+        seconds = timed(step, args.steps)
+        tokens = batch["input_ids"].shape[1]
+        flops = train_flops(llm_module, vision, tokens, tiles * 196)
+        rows.append(
+            {
+                "name": name,
+                "tokens": tokens,
+                "step": seconds,
+                "tok_s": tokens / seconds,
+                "mfu": flops / seconds / peak,
+            }
+        )
+
+    ours.eval()
+    ref.eval()
+    gen = GenerationConfig(max_new_tokens=args.new_tokens)
+
+    def our_generate(n: int) -> int:
+        with autocast(dtype):
+            return sum(1 for _ in stream(ours, our_batch, replace(gen, max_new_tokens=n)))
+
+    def ref_generate(n: int) -> int:
+        with autocast(dtype), torch.no_grad():
+            out = ref.generate(**ref_batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return out.shape[1] - ref_batch["input_ids"].shape[1]
+
+    for row, fn in zip(rows, (our_generate, ref_generate), strict=True):
+        ttft = timed(lambda fn=fn: fn(1), args.steps)
+        made = fn(args.new_tokens)
+        total = timed(lambda fn=fn: fn(args.new_tokens), max(1, args.steps // 2))
+        row["ttft"] = ttft
+        row["decode"] = (made - 1) / max(total - ttft, 1e-9)
+        row["made"] = made
+
+    print()
+    print(
+        "| model | sequence tokens | train step (s) | train tokens/s | MFU | time to first token (s) "
+        "| decode tokens/s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {row['name']} | {row['tokens']} | {row['step']:.3f} | {row['tok_s']:.0f} | {row['mfu']:.1%} "
+            f"| {row['ttft']:.3f} | {row['decode']:.1f} |"
+        )
+    ours_row, ref_row = rows
+    print()
+    print(
+        f"mm15 / LlavaNext: train tokens/s {ours_row['tok_s'] / ref_row['tok_s']:.2f}x, "
+        f"time to first token {ref_row['ttft'] / ours_row['ttft']:.2f}x faster, "
+        f"decode {ours_row['decode'] / ref_row['decode']:.2f}x "
+        f"(decoded {ours_row['made']} and {ref_row['made']} tokens)"
+    )
+
+
+if __name__ == "__main__":
+    main()
