@@ -22,6 +22,7 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import time
@@ -247,22 +248,44 @@ def main() -> None:
     ref.eval()
     gen = GenerationConfig(max_new_tokens=args.new_tokens)
 
-    def our_generate(n: int) -> int:
+    def our_generate() -> list[float]:
+        """Seconds from the call to each new token (the stream yields once per decoding step)."""
+        start, stamps = time.perf_counter(), []
         with autocast(dtype):
-            return sum(1 for _ in stream(ours, our_batch, replace(gen, max_new_tokens=n)))
+            for _ in stream(ours, our_batch, gen):
+                stamps.append(time.perf_counter() - start)
+        return stamps
 
-    def ref_generate(n: int) -> int:
+    def ref_generate() -> list[float]:
+        """The same for transformers' generate, through its streamer hook (called once per token)."""
+        stamps: list[float] = []
+
+        class Clock:
+            def put(self, value: torch.Tensor) -> None:
+                stamps.append(time.perf_counter() - start)
+
+            def end(self) -> None:
+                pass
+
         with autocast(dtype), torch.no_grad():
-            out = ref.generate(**ref_batch, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        return out.shape[1] - ref_batch["input_ids"].shape[1]
+            start = time.perf_counter()
+            ref.generate(
+                **ref_batch,
+                max_new_tokens=args.new_tokens,
+                min_new_tokens=args.new_tokens,
+                do_sample=False,
+                streamer=Clock(),
+            )
+        return stamps[1:]  # the first put is the prompt
 
     for row, fn in zip(rows, (our_generate, ref_generate), strict=True):
-        ttft = timed(lambda fn=fn: fn(1), args.steps)
-        made = fn(args.new_tokens)
-        total = timed(lambda fn=fn: fn(args.new_tokens), max(1, args.steps // 2))
-        row["ttft"] = ttft
-        row["decode"] = (made - 1) / max(total - ttft, 1e-9)
-        row["made"] = made
+        fn()  # warm-up
+        runs = [fn() for _ in range(max(2, args.steps))]
+        row["ttft"] = statistics.median(run[0] for run in runs)
+        # Median time between consecutive tokens over every run: robust to a stray slow step.
+        steps = [later - earlier for run in runs for earlier, later in itertools.pairwise(run)]
+        row["decode"] = 1.0 / statistics.median(steps)
+        row["made"] = len(runs[0])
 
     print()
     print(
