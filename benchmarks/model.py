@@ -5,7 +5,8 @@ Both models are built in the same run, randomly initialised, with the same visio
 tiny preset's), on the same 448 x 448 image plus the same text:
 
 * mm15: dynamic splitting with 224-pixel tiles (2x2 + overview = 5 tiles), the C-Abstractor with 196
-  queries per tile, so the LLM sees about as many image tokens as LLaVA-NeXT's;
+  queries per tile, so the LLM sees about as many image tokens as LLaVA-NeXT's (``--connector mlp``:
+  mm15's MLP baseline instead, the same connector type as the reference's projector);
 * reference: ``LlavaNextForConditionalGeneration`` with grid pinpoints for 4..9 tiles of 224 pixels
   (the same 2x2 + base image = 5 tiles), its MLP projector, unpadding and row-newline tokens.
 
@@ -116,12 +117,18 @@ def labels_for(input_ids: torch.Tensor, image_token: int) -> torch.Tensor:
     return input_ids.masked_fill(input_ids == image_token, -100)
 
 
-def build_mm15(llm: LLMConfig) -> tuple[MM15Model, dict]:
+def build_mm15(llm: LLMConfig, connector: str) -> tuple[MM15Model, dict]:
     cfg = MM15Config(
         name="bench",
         vision=VISION,
         connector=ConnectorConfig(
-            vision_dim=384, llm_dim=llm.hidden_size, hidden_dim=384, num_queries=196, depth=2, num_patches=196
+            kind=connector,  # type: ignore[arg-type]
+            vision_dim=384,
+            llm_dim=llm.hidden_size,
+            hidden_dim=384,
+            num_queries=196,
+            depth=2,
+            num_patches=196,
         ),
         llm=llm,
         image=ImagePlanConfig(tile_size=TILE, tokens_per_tile=196),
@@ -191,6 +198,12 @@ def main() -> None:
     parser.add_argument("--llm", choices=sorted(LLM_SHAPES), default="smol")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--connector",
+        choices=("c-abstractor", "mlp"),
+        default="c-abstractor",
+        help="mm15's connector: MM1.5's C-Abstractor, or the MLP baseline (LLaVA-NeXT's projector type)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
@@ -200,10 +213,10 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"compute dtype {dtype} (bf16 matmuls fast here: {bf16_matmul_is_fast()}), measured {dtype} "
-        f"matmul {peak / 1e9:.0f} GFLOP/s; LLM shape: {args.llm}"
+        f"matmul {peak / 1e9:.0f} GFLOP/s; LLM shape: {args.llm}; mm15 connector: {args.connector}"
     )
 
-    ours, our_batch = build_mm15(llm)
+    ours, our_batch = build_mm15(llm, args.connector)
     ref, ref_batch = build_llava_next(replace(llm), image_token=ours.image_token_id)
     ours.train()
     ref.train()
