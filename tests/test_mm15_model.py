@@ -55,6 +55,21 @@ def test_prompt_expansion_counts_match_the_plans(model: MM15Model, processor: MM
     assert "(1, 1, 1)" in text and "(1, 0, 0)" in text and IMAGE_TOKEN in text
 
 
+def test_image_spans_are_the_geometry_expansion(model: MM15Model) -> None:
+    from mm15.geometry import expand_image_text, plan_image
+    from mm15.model.mm15 import image_span_ids
+
+    for plan in (
+        plan_image(300, 200, model.cfg.image),
+        plan_image(50, 60, model.cfg.image, images_in_sample=3),
+    ):
+        ids = image_span_ids(plan, model.tokenizer, model.image_token_id)
+        expected = model.tokenizer(expand_image_text(plan, IMAGE_TOKEN), add_special_tokens=False)[
+            "input_ids"
+        ]
+        assert ids == expected
+
+
 def test_features_land_on_image_positions_in_one_encoder_pass(
     model: MM15Model, processor: MM15Processor
 ) -> None:
@@ -233,7 +248,7 @@ def test_full_size_presets_on_the_meta_device(name: str, llm_millions: float) ->
     assert abs(counts["llm"] / 1e6 - llm_millions) < 0.1
     assert big.vision.num_patches == 2304 and big.cfg.image.tokens_per_tile == 144
     plan = MM15Processor(big.tokenizer, big.cfg.image, big.vision.image_mean, big.vision.image_std)
-    _, plans = plan.expand("<image>", [Image.new("RGB", (2016, 2016))])
+    plans = plan.plan("<image>", [Image.new("RGB", (2016, 2016))])
     assert plans[0].grid == (3, 3) and plans[0].num_image_tokens == 1440
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from mm15.geometry import ImagePlanConfig, TilePlan, expand_image_text, plan_image
+from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageProcessor
 from mm15.model.connector import ConnectorConfig, build_connector
 from mm15.model.llm import LLMConfig, load_llm
@@ -271,6 +271,39 @@ class MM15Model(nn.Module):
         }
 
 
+def image_span_ids(plan: TilePlan, tokenizer: Any, image_token_id: int) -> list[int]:
+    """Token ids of one image's span, ``expand_image_text(plan, IMAGE_TOKEN)`` built id by id.
+
+    Markers are tokenised on their own and image tokens appended as ids, so a span never merges with
+    the text around it and thousands of special tokens are never parsed from a string. Training
+    (``mm15.chat``) and inference (``MM15Processor``) both build spans here.
+    """
+    ids: list[int] = []
+    for tile in plan.tiles:
+        if tile.marker:
+            ids += tokenizer(tile.marker, add_special_tokens=False)["input_ids"]
+        ids += [image_token_id] * plan.tokens_per_tile
+    return ids
+
+
+def tokenize_with_images(
+    text: str, plans: Sequence[TilePlan], tokenizer: Any, image_token_id: int
+) -> list[int]:
+    """Token ids of ``text`` with each ``<image>`` replaced, in order, by its plan's span."""
+    parts = text.split(IMAGE_PLACEHOLDER)
+    if len(parts) - 1 != len(plans):
+        raise ValueError(
+            f"the text has {len(parts) - 1} {IMAGE_PLACEHOLDER} placeholders but {len(plans)} plans"
+        )
+    ids: list[int] = []
+    for index, part in enumerate(parts):
+        if index > 0:
+            ids += image_span_ids(plans[index - 1], tokenizer, image_token_id)
+        if part:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 class MM15Processor:
     """Prompts with ``<image>`` placeholders + images -> input ids, attention mask and tile tensors."""
 
@@ -285,22 +318,17 @@ class MM15Processor:
     def for_model(cls, model: MM15Model) -> MM15Processor:
         return cls(model.tokenizer, model.cfg.image, model.vision.image_mean, model.vision.image_std)
 
-    def expand(self, prompt: str, images: Sequence[Image.Image]) -> tuple[str, list[TilePlan]]:
-        """Replace each placeholder with its image's span; plans follow the images' order."""
+    def plan(self, prompt: str, images: Sequence[Image.Image]) -> list[TilePlan]:
+        """Each image's plan, in placeholder order; the placeholder count must equal the image count."""
         count = prompt.count(IMAGE_PLACEHOLDER)
         if count != len(images):
             raise ValueError(
                 f"the prompt has {count} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images"
             )
-        plans = [
+        return [
             plan_image(image.height, image.width, self.plan_cfg, image_index=k, images_in_sample=len(images))
             for k, image in enumerate(images)
         ]
-        pieces = prompt.split(IMAGE_PLACEHOLDER)
-        text = pieces[0]
-        for plan, piece in zip(plans, pieces[1:], strict=True):
-            text += expand_image_text(plan, IMAGE_TOKEN) + piece
-        return text, plans
 
     def __call__(
         self,
@@ -314,13 +342,13 @@ class MM15Processor:
         images = images if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} image lists")
-        texts, plans, flat = [], [], []
+        ids, plans, flat = [], [], []
+        image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         for prompt, sample in zip(prompts, images, strict=True):
-            text, sample_plans = self.expand(prompt, sample)
-            texts.append(text)
+            sample_plans = self.plan(prompt, sample)
+            ids.append(tokenize_with_images(prompt, sample_plans, self.tokenizer, image_token_id))
             plans.extend(sample_plans)
             flat.extend(sample)
-        ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
         width = max(len(x) for x in ids)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)

@@ -1,0 +1,172 @@
+"""Samples -> token ids and labels: the chat template, image spans, regions as text, and the length budget.
+
+``ChatEncoder.encode(sample, image_sizes)`` turns a ``Sample`` into ``input_ids`` and ``labels``:
+
+* **Template.** SFT categories are rendered with the LLM's own chat template (SmolLM2's ChatML), or
+  ``FALLBACK_CHAT_TEMPLATE`` when the tokenizer has none. Pre-training categories (caption,
+  interleaved, text, ocr) are a plain stream: the turns' contents joined by newlines, then the
+  end-of-sequence token.
+* **Labels.** Only assistant text is learned: in the template, the assistant's content and its
+  end-of-turn marker, not the role header; in the plain stream, the assistant turns and the final
+  end-of-sequence token. Everything else, and every image span, is -100.
+* **Images.** Each ``<image>`` becomes its plan's span, built by ``mm15.model.mm15.image_span_ids`` as
+  inference builds it (tile markers as text, ``tokens_per_tile`` image tokens per tile); text pieces
+  are tokenised separately, so no merge crosses a span.
+* **Regions.** ``<regionK>`` is written with ``mm15.boxes`` from the region's pixels and its image's
+  size: ``[x1, y1, x2, y2]`` or ``[x, y]``.
+* **Budget.** Image tokens are counted first, from the plans alone; a sample longer than
+  ``max_length`` raises ``SampleTooLong`` (the data pipeline drops and counts it). Nothing is ever
+  truncated, so no image span is ever cut.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from mm15.boxes import format_box, format_point
+from mm15.data.sample import IMAGE_PLACEHOLDER, REGION_PATTERN, Sample
+from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
+from mm15.model.mm15 import IMAGE_TOKEN, image_span_ids
+
+IGNORE = -100
+# Categories trained as a plain stream (MM1.5's pre-training and OCR continual pre-training data).
+PLAIN_CATEGORIES = frozenset({"caption", "interleaved", "text", "ocr"})
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+class SampleTooLong(ValueError):
+    """The sample needs ``needed`` tokens but the budget is ``budget``; it is dropped, never cut."""
+
+    def __init__(self, sample_id: str, needed: int, budget: int, what: str) -> None:
+        super().__init__(f"sample {sample_id}: {what} need {needed} tokens, over the budget of {budget}")
+        self.needed = needed
+        self.budget = budget
+
+
+@dataclass
+class EncodedSample:
+    input_ids: list[int]
+    labels: list[int]
+    plans: list[TilePlan]
+    sample_id: str
+    source: str
+    category: str
+
+    @property
+    def num_image_tokens(self) -> int:
+        return sum(plan.num_image_tokens for plan in self.plans)
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE for label in self.labels)
+
+
+def render_regions(text: str, sample: Sample, image_sizes: Sequence[tuple[int, int]]) -> str:
+    """Replace every ``<regionK>`` with its box or point in the text format of ``mm15.boxes``."""
+
+    def write(match: Any) -> str:
+        region = sample.regions[int(match.group(1))]
+        height, width = image_sizes[region.image]
+        if region.box is not None:
+            return format_box(region.box, height, width)
+        return format_point(region.point, height, width)  # type: ignore[arg-type]
+
+    return REGION_PATTERN.sub(write, text)
+
+
+class ChatEncoder:
+    """Encodes samples for one tokenizer, image plan and length budget (module docstring)."""
+
+    def __init__(self, tokenizer: Any, plan_cfg: ImagePlanConfig, max_length: int) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.tokenizer = tokenizer
+        self.plan_cfg = plan_cfg
+        self.max_length = max_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
+            raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: build the model (MM15Model) first")
+        self.template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+
+    def plans(self, sample: Sample, image_sizes: Sequence[tuple[int, int]]) -> list[TilePlan]:
+        if len(image_sizes) != len(sample.images):
+            raise ValueError(f"sample {sample.id}: {len(sample.images)} images but {len(image_sizes)} sizes")
+        # Video frames are never split (MM1.5-Video): each frame is one tile.
+        cfg = (
+            ImagePlanConfig(**{**self.plan_cfg.__dict__, "split": False})
+            if sample.is_video
+            else self.plan_cfg
+        )
+        return [
+            plan_image(h, w, cfg, image_index=k, images_in_sample=len(image_sizes))
+            for k, (h, w) in enumerate(image_sizes)
+        ]
+
+    def _segments(self, sample: Sample, image_sizes: Sequence[tuple[int, int]]) -> list[tuple[str, bool]]:
+        """The sample as (text, supervised) pieces, before image expansion and tokenisation."""
+        turns = [(t.role, render_regions(t.content, sample, image_sizes)) for t in sample.turns]
+        if sample.category in PLAIN_CATEGORIES:
+            pieces: list[tuple[str, bool]] = []
+            for i, (role, content) in enumerate(turns):
+                pieces.append((content, role == "assistant"))
+                if i < len(turns) - 1:
+                    pieces.append(("\n", False))
+            pieces.append((self.tokenizer.eos_token or "", True))
+            return pieces
+        messages = [{"role": role, "content": content} for role, content in turns]
+
+        def render(upto: int, generation_prompt: bool = False) -> str:
+            if upto == 0:
+                return ""
+            return self.tokenizer.apply_chat_template(
+                messages[:upto],
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+            )
+
+        pieces, done = [], ""
+        for i, (role, _) in enumerate(turns):
+            head = render(i, generation_prompt=role == "assistant") if role == "assistant" else done
+            full = render(i + 1)
+            if not (head.startswith(done) and full.startswith(head)):
+                raise ValueError(
+                    f"sample {sample.id}: the chat template does not render conversations prefix by prefix, "
+                    "so assistant spans cannot be located"
+                )
+            pieces.append((head[len(done) :], False))
+            pieces.append((full[len(head) :], role == "assistant"))
+            done = full
+        return [(text, supervised) for text, supervised in pieces if text]
+
+    def encode(self, sample: Sample, image_sizes: Sequence[tuple[int, int]]) -> EncodedSample:
+        """Token ids and labels of ``sample`` whose images have these (height, width) sizes."""
+        sample.validate()
+        plans = self.plans(sample, image_sizes)
+        image_tokens = sum(plan.num_image_tokens for plan in plans)
+        if image_tokens > self.max_length:
+            raise SampleTooLong(sample.id, image_tokens, self.max_length, f"its {len(plans)} images alone")
+        ids: list[int] = []
+        labels: list[int] = []
+        next_plan = iter(plans)
+        for text, supervised in self._segments(sample, image_sizes):
+            parts = text.split(IMAGE_PLACEHOLDER)
+            for index, part in enumerate(parts):
+                if index > 0:
+                    span = image_span_ids(next(next_plan), self.tokenizer, self.image_token_id)
+                    ids += span
+                    labels += [IGNORE] * len(span)
+                if part:
+                    tokens = self.tokenizer(part, add_special_tokens=False)["input_ids"]
+                    ids += tokens
+                    labels += tokens if supervised else [IGNORE] * len(tokens)
+        if len(ids) > self.max_length:
+            raise SampleTooLong(sample.id, len(ids), self.max_length, "its text and images")
+        return EncodedSample(ids, labels, plans, sample.id, sample.source, sample.category)

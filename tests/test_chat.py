@@ -1,0 +1,136 @@
+"""Chat rendering and labels: assistant-only loss, image spans, regions as text, the length budget."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mm15.chat import IGNORE, ChatEncoder, SampleTooLong
+from mm15.data.sample import Region, Sample, Turn
+from mm15.model.mm15 import IMAGE_TOKEN, MM15Model
+from mm15.model.presets import preset
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    torch.manual_seed(0)
+    return MM15Model.build(preset("tiny")).tokenizer
+
+
+@pytest.fixture(scope="module")
+def smol_tokenizer():
+    from transformers import AutoTokenizer
+
+    from mm15.model.llm import ensure_smollm2_cache
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_smollm2_cache(), local_files_only=True)
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tokenizer
+
+
+def conversation(category: str = "general") -> Sample:
+    return Sample(
+        id="s1",
+        category=category,
+        source="test",
+        turns=[
+            Turn("user", "<image>\nWhere is the red circle?"),
+            Turn("assistant", "It is at <region0>."),
+            Turn("user", "And the point <region1>?"),
+            Turn("assistant", "A blue square."),
+        ],
+        images=["unused.png"],
+        regions=[Region(0, box=(10.0, 20.0, 110.0, 220.0)), Region(0, point=(50.0, 100.0))],
+    )
+
+
+def supervised_text(encoded, tokenizer) -> str:
+    return tokenizer.decode(
+        [t for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if label != IGNORE]
+    )
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+def test_labels_cover_exactly_the_assistant_turns(which: str, request: pytest.FixtureRequest) -> None:
+    tokenizer = request.getfixturevalue(f"{which}_tokenizer")
+    cfg = preset("tiny").image
+    encoder = ChatEncoder(tokenizer, cfg, max_length=4096)
+    encoded = encoder.encode(conversation(), [(400, 200)])
+    # Boxes are written in the full image's text units: x * 1000 / 200, y * 1000 / 400.
+    assert (
+        supervised_text(encoded, tokenizer)
+        == "It is at [50, 50, 550, 550].<|im_end|>\nA blue square.<|im_end|>\n"
+    )
+    assert encoded.labels[: len(encoded.labels) // 4].count(IGNORE) == len(encoded.labels) // 4
+    # Every image token is unsupervised and the count matches the plan.
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    assert encoded.input_ids.count(image_id) == encoded.num_image_tokens == encoded.plans[0].num_image_tokens
+    assert all(
+        label == IGNORE for t, label in zip(encoded.input_ids, encoded.labels, strict=True) if t == image_id
+    )
+    # The whole sequence is the chat template's rendering (with the point written in the user turn).
+    text = tokenizer.decode(encoded.input_ids)
+    assert "And the point [250, 250]?" in text and text.count("<|im_start|>assistant") == 2
+
+
+def test_plain_stream_for_pretraining_categories(tiny_tokenizer) -> None:
+    sample = Sample(
+        id="doc",
+        category="interleaved",
+        source="test",
+        turns=[Turn("assistant", "First <image> then text <image> end.")],
+        images=["a.png", "b.png"],
+    )
+    encoder = ChatEncoder(tiny_tokenizer, preset("tiny").image, max_length=4096)
+    encoded = encoder.encode(sample, [(64, 64), (64, 128)])
+    assert supervised_text(encoded, tiny_tokenizer) == "First  then text  end.<|im_end|>"
+    assert "<|im_start|>" not in tiny_tokenizer.decode(encoded.input_ids)  # no chat template
+    markers = tiny_tokenizer.decode(encoded.input_ids, skip_special_tokens=True)
+    assert "(1, 0, 0)" in markers  # image 1's overview marker, unsupervised
+
+
+def test_over_budget_is_dropped_with_counts_never_cut(tiny_tokenizer) -> None:
+    encoder = ChatEncoder(tiny_tokenizer, preset("tiny").image, max_length=100)
+    with pytest.raises(SampleTooLong, match="images alone") as error:
+        encoder.encode(conversation(), [(400, 200)])  # a split image is far over 100 tokens
+    assert error.value.needed > 100 and error.value.budget == 100
+    text_only = Sample(
+        id="t", category="text-only", source="x", turns=[Turn("user", "word " * 60), Turn("assistant", "ok")]
+    )
+    with pytest.raises(SampleTooLong, match="text and images"):
+        encoder.encode(text_only, [])
+    fits = ChatEncoder(tiny_tokenizer, preset("tiny").image, max_length=4096).encode(text_only, [])
+    assert len(fits.input_ids) > 100
+
+
+def test_video_frames_are_never_split(tiny_tokenizer) -> None:
+    frames = ["f.png"] * 2
+    sample = Sample(
+        id="v",
+        category="video",
+        source="x",
+        is_video=True,
+        images=frames,
+        turns=[Turn("user", "<image><image>Which way?"), Turn("assistant", "left")],
+    )
+    encoded = ChatEncoder(tiny_tokenizer, preset("tiny").image, max_length=4096).encode(
+        sample, [(200, 300)] * 2
+    )
+    assert [p.split for p in encoded.plans] == [False, False]
+    assert encoded.num_image_tokens == 2 * preset("tiny").image.tokens_per_tile
+
+
+def test_bad_samples_get_clear_errors(tiny_tokenizer) -> None:
+    encoder = ChatEncoder(tiny_tokenizer, preset("tiny").image, max_length=4096)
+    broken = conversation()
+    broken.images = []
+    with pytest.raises(ValueError, match="1 <image> placeholders but 0 images"):
+        encoder.encode(broken, [])
+    missing_region = conversation()
+    missing_region.regions = missing_region.regions[:1]
+    with pytest.raises(ValueError, match="<region1> but only 1 regions"):
+        encoder.encode(missing_region, [(10, 10)])
+    with pytest.raises(ValueError, match="role"):
+        Turn("narrator", "hi")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="exactly one of box or point"):
+        Region(0)
