@@ -1,0 +1,103 @@
+"""Sequence packing: several encoded samples per row, each attending only to itself.
+
+``pack_bins`` assigns samples to rows of at most ``max_length`` tokens (first-fit decreasing, so long
+samples are placed first and short ones fill the gaps); ``collate`` builds the batch. A packed row
+gets a block-diagonal causal attention mask (a sample never sees its neighbours) and position ids that
+restart at 0 for each sample, so each sample computes exactly what it would alone: the packed loss
+equals the unpacked loss (tested on the tiny model). ``collate(..., packed=False)`` is the plain
+right-padded batch with one sample per row.
+
+Images: the model writes image features at the image-token positions in row-major order, so
+``Batch.sample_order`` lists the samples in that order; the caller concatenates their tiles likewise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mm15.chat import IGNORE, EncodedSample
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (rows, length)
+    labels: torch.Tensor  # (rows, length), IGNORE on padding, prompts and images
+    position_ids: torch.Tensor  # (rows, length), restarting per sample
+    attention_mask: torch.Tensor  # (rows, length) for padded batches; (rows, 1, length, length) if packed
+    sample_order: list[int]  # indices into the samples, in the order their tokens appear
+    real_tokens: int
+
+    @property
+    def efficiency(self) -> float:
+        """Fraction of the batch's token slots holding real tokens (not padding)."""
+        return self.real_tokens / self.input_ids.numel()
+
+
+def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
+    """Sample indices per row, first-fit decreasing; a sample longer than ``max_length`` is an error."""
+    too_long = [i for i, n in enumerate(lengths) if n > max_length]
+    if too_long:
+        raise ValueError(
+            f"samples {too_long} are longer than max_length={max_length}: drop them before packing "
+            "(ChatEncoder raises SampleTooLong for them)"
+        )
+    bins: list[list[int]] = []
+    space: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for row, free in enumerate(space):
+            if lengths[index] <= free:
+                bins[row].append(index)
+                space[row] -= lengths[index]
+                break
+        else:
+            bins.append([index])
+            space.append(max_length - lengths[index])
+    return [sorted(row) for row in bins]
+
+
+def collate(
+    samples: Sequence[EncodedSample], pad_id: int, max_length: int | None = None, packed: bool = True
+) -> Batch:
+    """A batch of ``samples``: packed into rows of ``max_length`` tokens, or one padded sample per row."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    lengths = [len(s.input_ids) for s in samples]
+    if packed:
+        if max_length is None:
+            raise ValueError("packing needs max_length")
+        rows = pack_bins(lengths, max_length)
+        width = max(sum(lengths[i] for i in row) for row in rows)
+    else:
+        rows = [[i] for i in range(len(samples))]
+        width = max(lengths)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # which sample owns each slot
+    order: list[int] = []
+    for r, row in enumerate(rows):
+        start = 0
+        for index in row:
+            n = lengths[index]
+            span = slice(start, start + n)
+            input_ids[r, span] = torch.tensor(samples[index].input_ids)
+            labels[r, span] = torch.tensor(samples[index].labels)
+            # A sample's first token has no predecessor inside the sample: in a packed row the token
+            # before it belongs to another sample, so it must not be a target (alone it never is).
+            labels[r, start] = IGNORE
+            position_ids[r, span] = torch.arange(n)
+            segment[r, span] = index
+            order.append(index)
+            start += n
+    if packed:
+        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
+        same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
+        # Padding rows attend to themselves only, so no softmax row is empty.
+        pad_self = torch.eye(width, dtype=torch.bool) & (segment < 0)[:, :, None]
+        attention_mask = ((same & causal) | pad_self).unsqueeze(1)
+    else:
+        attention_mask = (segment >= 0).long()
+    return Batch(input_ids, labels, position_ids, attention_mask, order, sum(lengths))
