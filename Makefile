@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mm15-installed
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench docs-data clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,14 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/preprocess.py
+
+# The contact sheets in docs/data.md: 4 held-out samples of every synthetic category.
+SHEET_CATEGORIES := caption interleaved ocr general text-rich refer-ground math code science multi-image icl text-only video ui
+docs-data: $(STAMP)
+	@for c in $(SHEET_CATEGORIES); do \
+		$(BIN)/mm15 data synth --category $$c --n 4 --split eval --out runs/sheets/$$c >/dev/null && \
+		$(BIN)/mm15 data show runs/sheets/$$c --n 4 --columns 4 --out docs/data/$$c.jpg || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -21,6 +21,15 @@ app = typer.Typer(
 console = Console()
 
 
+def _register_subcommands() -> None:
+    from mm15.data.commands import app as data_app
+
+    app.add_typer(data_app, name="data")
+
+
+_register_subcommands()
+
+
 def plan_table(plan: TilePlan, title: str) -> Table:
     table = Table(title=title, show_header=True)
     for column in ("#", "kind", "row", "col", "top", "left", "marker", "tokens"):

@@ -1,0 +1,158 @@
+"""``mm15 data ...``: make synthetic shards, pack LLaVA JSON into shards, draw samples, count them."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from mm15.data.sample import CATEGORIES, Sample
+
+app = typer.Typer(help="Data: synthesise, pack, show and count samples.", no_args_is_help=True)
+console = Console()
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
+def synth_names(name: str) -> list[str]:
+    """Generator names for ``name``: one generator, or every generator of a category."""
+    from mm15.data.synth import generators
+
+    registry = generators()
+    if name in registry:
+        return [name]
+    names = sorted(n for n, g in registry.items() if g.category == name)
+    if not names:
+        raise ValueError(
+            f"{name!r} is neither a generator ({', '.join(sorted(registry))}) nor a category with "
+            f"generators ({', '.join(sorted({g.category for g in registry.values()}))})"
+        )
+    return names
+
+
+@app.command()
+def synth(
+    category: Annotated[str, typer.Option(help="A generator name, or a category (all its generators).")],
+    n: Annotated[int, typer.Option(help="Samples to make.")],
+    out: Annotated[Path, typer.Option(help="Folder for the shards.")],
+    split: Annotated[str, typer.Option(help="train, or eval (held-out seeds).")] = "train",
+    seed: Annotated[int, typer.Option(help="Seed of the stream.")] = 0,
+    per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 500,
+) -> None:
+    """Generate N synthetic samples (round-robin over the category's generators) into WebDataset shards."""
+    from mm15.data.sources import write_shards
+    from mm15.data.synth import generate
+
+    if n < 1:
+        raise typer.BadParameter("--n must be >= 1")
+    if split not in ("train", "eval"):
+        raise typer.BadParameter("--split must be train or eval")
+    try:
+        names = synth_names(category)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+
+    with _progress() as progress:
+        task = progress.add_task(f"synth {category} ({split})", total=n)
+
+        def stream() -> Iterator[Sample]:
+            for i in range(n):
+                name = names[i % len(names)]
+                yield generate(name, i // len(names), split=split, seed=seed)  # type: ignore[arg-type]
+                progress.advance(task)
+
+        shards = write_shards(stream(), out, samples_per_shard=per_shard, prefix=f"{category}-{split}")
+    console.print(f"wrote {n} samples in {len(shards)} shards to {out}")
+
+
+@app.command()
+def pack(
+    annotations: Annotated[list[Path], typer.Argument(help="LLaVA-style JSON or JSONL files.")],
+    images: Annotated[Path, typer.Option(help="Folder the image paths are relative to.")],
+    out: Annotated[Path, typer.Option(help="Folder for the shards.")],
+    category: Annotated[
+        str, typer.Option(help=f"Category of the samples ({', '.join(CATEGORIES)}).")
+    ] = "general",
+    lenient: Annotated[
+        bool, typer.Option(help="Skip and count malformed records instead of stopping.")
+    ] = False,
+    per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 500,
+) -> None:
+    """Pack LLaVA-style JSON/JSONL records and their images into WebDataset shards."""
+    from mm15.data.sources import LlavaReader, SourceError, write_shards
+
+    try:
+        reader = LlavaReader(annotations, images, category=category, strict=not lenient)
+        shards = write_shards(reader, out, samples_per_shard=per_shard, prefix="packed")
+    except (SourceError, ValueError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(f"wrote {len(shards)} shards to {out}")
+    skipped = dict(getattr(reader, "skipped", {}) or {})
+    if skipped:
+        console.print(f"skipped (counted): {skipped}")
+
+
+def _read(directory: Path, n: int | None) -> list[Sample]:
+    from mm15.data.sources import ShardReader
+
+    if not directory.is_dir() or not any(directory.glob("*.tar")):
+        raise typer.BadParameter(f"{directory} holds no .tar shards")
+    reader = ShardReader(directory)
+    return list(itertools.islice(iter(reader), n))
+
+
+@app.command()
+def show(
+    directory: Annotated[Path, typer.Argument(help="Folder of shards.")],
+    n: Annotated[int, typer.Option(help="Samples to draw.")] = 8,
+    out: Annotated[Path, typer.Option(help="PNG (or JPEG) file to write.")] = Path("sheet.png"),
+    columns: Annotated[int, typer.Option(help="Cards per row.")] = 2,
+) -> None:
+    """Draw the first N samples of a shard folder: images with boxes and points, and the dialogue."""
+    from mm15.data.show import contact_sheet
+
+    samples = _read(directory, n)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(samples, columns=columns).save(out)
+    console.print(f"drew {len(samples)} samples to {out}")
+
+
+@app.command()
+def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) -> None:
+    """Count the samples of a shard folder by category and source, with images, turns and regions."""
+    samples = _read(directory, None)
+    if not samples:
+        raise typer.BadParameter(f"{directory} holds no samples")
+    by_category = Counter(s.category for s in samples)
+    by_source = Counter(s.source for s in samples)
+    table = Table(title=f"{len(samples)} samples in {directory}")
+    for column in ("source", "category", "samples", "images/sample", "turns/sample", "regions/sample"):
+        table.add_column(column)
+    for source, count in sorted(by_source.items()):
+        group = [s for s in samples if s.source == source]
+        table.add_row(
+            source,
+            group[0].category,
+            str(count),
+            f"{sum(len(s.images) for s in group) / count:.2f}",
+            f"{sum(len(s.turns) for s in group) / count:.2f}",
+            f"{sum(len(s.regions) for s in group) / count:.2f}",
+        )
+    console.print(table)
+    console.print("by category: " + ", ".join(f"{c} {k}" for c, k in sorted(by_category.items())))
