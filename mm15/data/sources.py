@@ -1,0 +1,993 @@
+"""Readers and writers that turn data on disk into ``Sample`` objects (``mm15.data.sample``).
+
+Four formats:
+
+* **LLaVA JSON / JSONL** (``LlavaReader``, ``write_llava``). A ``.json`` file is one array of records, any
+  other suffix (``.jsonl``) is one record per line (blank lines are not records). A record is::
+
+      {"id": "x1", "image": "rel/a.jpg" | ["a.jpg", "b.jpg"],
+       "conversations": [{"from": "human" | "gpt" | "system", "value": "<image>\\nWhat is <region0>?"}, ...]}
+
+  Roles map human -> user, gpt -> assistant (``user``, ``assistant`` and ``system`` are accepted as they
+  are). Image paths are relative to ``image_root`` (default: the file's folder); ``"images"`` is accepted
+  as a synonym of ``"image"``; a record with neither has no images. Extension fields, all optional:
+  ``"category"`` (one of ``CATEGORIES``; default: the reader's ``category``), ``"source"`` (default: the
+  reader's ``source``, else the file's stem), ``"is_video"`` (bool), ``"truth"`` (object) and
+  ``"regions"``::
+
+      "regions": [{"image": 0, "box": [x1, y1, x2, y2]}, {"image": 1, "point": [x, y]}]
+
+  in pixels of the original image, referenced from the text as ``<region0>``, ``<region1>``, ... in
+  list order. Coordinates must be finite and >= 0 and boxes need x1 <= x2 and y1 <= y2 (the image size is
+  unknown here, so the upper bound is checked when the image is loaded). Text is kept verbatim: the
+  ``<image>`` placeholders must already be in it, one per image.
+
+* **WebDataset tar shards** (``write_shards``, ``ShardReader``). Shard ``{prefix}-{i:06d}.tar`` holds, per
+  sample, a contiguous group of members sharing a key (WebDataset's convention: the key is the member
+  name up to the first dot of its basename)::
+
+      000000042.json     {"id", "turns": [{"role", "content"}], "category", "source", "is_video",
+                          "truth", "regions": [as above], "images": ["000000042.0.png", ...]}
+      000000042.0.png    the image's bytes
+      000000042.1.jpg
+
+  Images given as a path or bytes are stored with their original encoded bytes (the extension is
+  sniffed from the bytes: png, jpg, gif, webp, bmp, tif, else bin); PIL images are encoded as PNG (a mode
+  PNG cannot store is first converted with ``mm15.image.to_rgb``, the conversion ``load_image`` applies
+  anyway, so the model sees the same pixels). ``truth`` goes through JSON, so tuples come back as lists.
+  The reader streams (tar mode ``"r|"``) and holds one sample's members at a time; images come back as
+  bytes, decoded later by ``load_image`` (a corrupt image is the loader's concern, not the reader's).
+
+* **Interleaved documents** (``InterleavedReader``), OBELICS-like JSONL: ``{"texts": [str | null, ...],
+  "images": [path | null, ...]}``, aligned lists with exactly one non-null entry per position. Each
+  document becomes ``Sample(category="interleaved")`` with one assistant turn: the texts and an
+  ``<image>`` per image in reading order, joined by ``separator`` (a newline by default).
+
+* **Text-only data** (``TextReader``): JSONL with ``{"messages": [{"role", "content"}, ...]}``,
+  ``{"prompt", "response"}`` (optional ``"system"``) or ``{"text"}`` (one assistant turn, for
+  pre-training text). The category is the reader's ``category`` (``"text-only"`` for SFT, ``"text"``
+  for pre-training) unless the record names one.
+
+Error and skip policy. Every reader takes ``strict``. A malformed record raises ``SourceError`` (naming
+the file, the line / record / member and the record's id, and carrying a ``reason`` key) when ``strict``
+is true, and otherwise is skipped and counted in the reader's ``skipped`` (a ``SkipCounter``, reset at the
+start of each pass; in a DataLoader worker the counter lives in that worker's process). Reason keys:
+
+* ``bad_json``: a JSONL line or shard ``.json`` member that is not JSON;
+* ``bad_record``: not an object, or a field of the wrong type / missing / inconsistent;
+* ``bad_conversations``: conversations (or messages) not a non-empty list of ``{from, value}`` strings;
+* ``unknown_role``: a role that is not one of the accepted ones;
+* ``image_count``: ``<image>`` placeholders do not match the number of images;
+* ``missing_image``: an image file does not exist;
+* ``bad_region``: a region that is not a valid box / point, names a missing image, or a ``<region{k}>``
+  reference with no region k;
+* ``bad_category``: a category not in ``CATEGORIES``;
+* ``bad_member``: a shard sample group without its ``.json``, missing an image it lists, or with members
+  it does not list;
+* ``bad_shard``: a truncated or corrupt tar stream, including one that stops without tar's end-of-archive
+  block (tarfile itself would end such a stream quietly, losing whatever was cut off). The rest of that
+  shard cannot be read (a stream has no index to resume from), so the sample being read and any after
+  the damage are lost, and counted as this one skip; samples before it were already yielded.
+
+Problems with a whole input always raise, in either mode, because they are configuration mistakes rather
+than bad records: a missing file, a ``.json`` file that is not JSON or not an array, no shards found.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, REGION_PATTERN, ImageRef, Region, Sample, Turn
+from mm15.image import to_rgb
+
+PathLike = str | os.PathLike
+Paths = PathLike | Sequence[PathLike]
+
+REASONS: tuple[str, ...] = (
+    "bad_json",
+    "bad_record",
+    "bad_conversations",
+    "unknown_role",
+    "image_count",
+    "missing_image",
+    "bad_region",
+    "bad_category",
+    "bad_member",
+    "bad_shard",
+)
+
+# LLaVA's speaker names and the schema's own role names, both accepted on input.
+LLAVA_ROLES: dict[str, str] = {
+    "human": "user",
+    "gpt": "assistant",
+    "system": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
+_TO_LLAVA = {"user": "human", "assistant": "gpt", "system": "system"}
+
+# Signatures of the image formats we name shards' members after; anything else is stored as ".bin"
+# (the bytes are kept; load_image sniffs the content, not the extension).
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"\xff\xd8\xff", "jpg"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"BM", "bmp"),
+    (b"II*\x00", "tif"),
+    (b"MM\x00*", "tif"),
+)
+
+
+class SourceError(ValueError):
+    """A malformed record (strict mode) or unusable input; ``reason`` is one of ``REASONS``."""
+
+    def __init__(
+        self, path: PathLike, location: str, reason: str, detail: str, record_id: str | None = None
+    ) -> None:
+        where = f"{os.fspath(path)}: {location}"
+        if record_id is not None:
+            where += f" (id {record_id!r})"
+        super().__init__(f"{where}: {reason}: {detail}")
+        self.path = Path(path)
+        self.location = location
+        self.reason = reason
+        self.detail = detail
+        self.record_id = record_id
+
+
+class SkipCounter:
+    """Counts of skipped records per reason, plus the first few messages of each for diagnosis."""
+
+    max_examples = 5
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def add(self, error: SourceError) -> None:
+        self.counts[error.reason] += 1
+        examples = self.examples.setdefault(error.reason, [])
+        if len(examples) < self.max_examples:
+            examples.append(str(error))
+
+    def clear(self) -> None:
+        self.counts.clear()
+        self.examples.clear()
+
+    def __getitem__(self, reason: str) -> int:
+        return self.counts[reason]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.counts)
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({dict(self.counts)})"
+
+
+class _Malformed(Exception):
+    """Raised inside parsers; the reader turns it into a SourceError or a counted skip."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Field checks shared by the readers
+
+
+def _as_paths(paths: Paths) -> list[Path]:
+    if isinstance(paths, str | os.PathLike):
+        return [Path(paths)]
+    return [Path(p) for p in paths]
+
+
+def _is_number(value: Any) -> bool:
+    # JSON true/false parse as bool, which Python counts as int; a coordinate is never a bool.
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _coords(value: Any, n: int, what: str) -> tuple[float, ...]:
+    if not isinstance(value, list | tuple) or len(value) != n or not all(_is_number(v) for v in value):
+        raise _Malformed("bad_region", f"{what} must be a list of {n} numbers, got {value!r}")
+    coords = tuple(float(v) for v in value)
+    if not all(math.isfinite(v) for v in coords):
+        raise _Malformed("bad_region", f"{what} has a non-finite coordinate: {value!r}")
+    if min(coords) < 0:
+        raise _Malformed("bad_region", f"{what} has a negative coordinate: {value!r}")
+    return coords
+
+
+def _parse_region(value: Any, index: int, num_images: int) -> Region:
+    what = f"region {index}"
+    if not isinstance(value, dict):
+        raise _Malformed("bad_region", f"{what} must be an object, got {value!r}")
+    image = value.get("image", 0)
+    if not isinstance(image, int) or isinstance(image, bool) or not 0 <= image < num_images:
+        raise _Malformed("bad_region", f"{what} names image {image!r} but the sample has {num_images}")
+    has_box, has_point = "box" in value, "point" in value
+    if has_box == has_point:
+        raise _Malformed("bad_region", f"{what} needs exactly one of 'box' and 'point'")
+    if has_box:
+        x1, y1, x2, y2 = _coords(value["box"], 4, f"{what} box")
+        if x1 > x2 or y1 > y2:
+            raise _Malformed(
+                "bad_region", f"{what} box has negative size (x1 > x2 or y1 > y2): {value['box']}"
+            )
+        return Region(image=image, box=(x1, y1, x2, y2))
+    x, y = _coords(value["point"], 2, f"{what} point")
+    return Region(image=image, point=(x, y))
+
+
+def _parse_regions(value: Any, num_images: int) -> list[Region]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _Malformed("bad_region", f"'regions' must be a list, got {type(value).__name__}")
+    return [_parse_region(v, i, num_images) for i, v in enumerate(value)]
+
+
+def _check_text(turns: list[Turn], num_images: int, num_regions: int) -> None:
+    placeholders = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in turns)
+    if placeholders != num_images:
+        raise _Malformed(
+            "image_count", f"{placeholders} {IMAGE_PLACEHOLDER} placeholders but {num_images} images"
+        )
+    for turn in turns:
+        for ref in REGION_PATTERN.findall(turn.content):
+            if int(ref) >= num_regions:
+                raise _Malformed(
+                    "bad_region", f"text refers to <region{ref}> but there are {num_regions} regions"
+                )
+
+
+def _record_id(record: Any, default: str) -> str:
+    if not isinstance(record, dict) or record.get("id") is None:
+        return default
+    value = record["id"]
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise _Malformed("bad_record", f"'id' must be a string or integer, got {value!r}")
+    return str(value)  # LLaVA data sets often use integer ids; the schema's id is a string
+
+
+def _category(record: dict[str, Any], default: str) -> str:
+    category = record.get("category", default)
+    if category not in CATEGORIES:
+        raise _Malformed("bad_category", f"unknown category {category!r} (one of {CATEGORIES})")
+    return category
+
+
+def _string_field(record: dict[str, Any], key: str, default: str) -> str:
+    value = record.get(key, default)
+    if not isinstance(value, str):
+        raise _Malformed("bad_record", f"{key!r} must be a string, got {value!r}")
+    return value
+
+
+def _extras(record: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    is_video = record.get("is_video", False)
+    if not isinstance(is_video, bool):
+        raise _Malformed("bad_record", f"'is_video' must be a boolean, got {is_video!r}")
+    truth = record.get("truth", {})
+    if not isinstance(truth, dict):
+        raise _Malformed("bad_record", f"'truth' must be an object, got {type(truth).__name__}")
+    return is_video, truth
+
+
+def _role(name: Any) -> str:
+    if not isinstance(name, str) or name not in LLAVA_ROLES:
+        raise _Malformed("unknown_role", f"unknown role {name!r} (one of {sorted(LLAVA_ROLES)})")
+    return LLAVA_ROLES[name]
+
+
+def _resolve_image(value: Any, root: Path) -> Path:
+    if not isinstance(value, str) or not value:
+        raise _Malformed("bad_record", f"an image entry must be a non-empty path string, got {value!r}")
+    path = root / value
+    if not path.is_file():
+        raise _Malformed("missing_image", f"image {value!r} not found under {root}")
+    return path
+
+
+def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
+    """(record index, location, record) of a JSON array file or a JSONL file.
+
+    A JSONL line that is not JSON yields a ``_Malformed`` as its record, so the caller can count it and
+    go on; a ``.json`` file that does not parse is one unusable input and raises.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise SourceError(path, "file", "bad_json", f"not a JSON file ({err})") from None
+        if not isinstance(data, list):
+            raise SourceError(path, "file", "bad_record", f"expected a JSON array, got {type(data).__name__}")
+        for index, record in enumerate(data):
+            yield index, f"record {index}", record
+        return
+    index = 0
+    with path.open("rb") as f:  # bytes, so one bad line is one bad record rather than a failed file
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record: Any = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                record = _Malformed("bad_json", f"not JSON ({err})")
+            yield index, f"line {lineno}", record
+            index += 1
+
+
+class _JsonReader:
+    """Shared loop of the JSON / JSONL readers: parse each record, then raise or count what is wrong."""
+
+    def __init__(self, paths: Paths, *, source: str | None, strict: bool) -> None:
+        self.paths = _as_paths(paths)
+        if not self.paths:
+            raise ValueError("no input files given")
+        for path in self.paths:
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: no such file")
+        self.source = source
+        self.strict = strict
+        self.skipped = SkipCounter()
+
+    def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Sample]:
+        self.skipped.clear()
+        for path in self.paths:
+            for index, location, record in _records(path):
+                sample_id: str | None = None
+                try:
+                    if isinstance(record, _Malformed):
+                        raise record
+                    if not isinstance(record, dict):
+                        raise _Malformed("bad_record", f"expected a JSON object, got {type(record).__name__}")
+                    sample_id = _record_id(record, f"{path.stem}-{index}")
+                    sample = self._parse(record, path, sample_id)
+                except _Malformed as bad:
+                    # Name the record by its own id only: a made-up one would not be found in the file.
+                    own_id = sample_id if isinstance(record, dict) and "id" in record else None
+                    error = SourceError(path, location, bad.reason, bad.detail, own_id)
+                    if self.strict:
+                        raise error from None
+                    self.skipped.add(error)
+                    continue
+                yield sample
+
+
+class LlavaReader(_JsonReader):
+    """LLaVA-style JSON / JSONL records -> Samples; images stay paths (see the module docstring)."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        image_root: PathLike | None = None,
+        *,
+        category: str = "general",
+        source: str | None = None,
+        strict: bool = True,
+    ) -> None:
+        super().__init__(paths, source=source, strict=strict)
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown category {category!r} (one of {CATEGORIES})")
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.category = category
+
+    def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
+        conversations = record.get("conversations")
+        if not isinstance(conversations, list) or not conversations:
+            raise _Malformed("bad_conversations", "'conversations' must be a non-empty list")
+        turns = []
+        for j, message in enumerate(conversations):
+            if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+                raise _Malformed(
+                    "bad_conversations", f"conversation {j} must be an object with a string 'value'"
+                )
+            turns.append(Turn(_role(message.get("from")), message["value"]))  # type: ignore[arg-type]
+        if "image" in record and "images" in record:
+            raise _Malformed("bad_record", "both 'image' and 'images' given")
+        refs = record.get("image", record.get("images"))
+        if refs is None:
+            refs = []
+        elif isinstance(refs, str):
+            refs = [refs]
+        elif not isinstance(refs, list):
+            raise _Malformed("bad_record", f"'image' must be a path or a list of paths, got {refs!r}")
+        root = self.image_root if self.image_root is not None else path.parent
+        # Count placeholders before touching the file system: a mismatch is the cheaper, clearer error.
+        regions = _parse_regions(record.get("regions"), len(refs))
+        _check_text(turns, len(refs), len(regions))
+        images: list[ImageRef] = [_resolve_image(ref, root) for ref in refs]
+        is_video, truth = _extras(record)
+        return Sample(
+            id=sample_id,
+            turns=turns,
+            category=_category(record, self.category),
+            source=_string_field(record, "source", self.source or path.stem),
+            images=images,
+            regions=regions,
+            is_video=is_video,
+            truth=truth,
+        )
+
+
+class InterleavedReader(_JsonReader):
+    """OBELICS-like interleaved documents -> ``Sample(category="interleaved")`` (module docstring)."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        image_root: PathLike | None = None,
+        *,
+        separator: str = "\n",
+        source: str | None = None,
+        strict: bool = True,
+    ) -> None:
+        super().__init__(paths, source=source, strict=strict)
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.separator = separator
+
+    def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
+        texts, refs = record.get("texts"), record.get("images")
+        if not isinstance(texts, list) or not isinstance(refs, list):
+            raise _Malformed("bad_record", "'texts' and 'images' must both be lists")
+        if len(texts) != len(refs):
+            raise _Malformed("bad_record", f"'texts' has {len(texts)} entries but 'images' has {len(refs)}")
+        if not texts:
+            raise _Malformed("bad_record", "empty document")
+        root = self.image_root if self.image_root is not None else path.parent
+        pieces: list[str] = []
+        images: list[ImageRef] = []
+        for position, (text, ref) in enumerate(zip(texts, refs, strict=True)):
+            if (text is None) == (ref is None):
+                raise _Malformed(
+                    "bad_record", f"position {position} needs exactly one of a text and an image"
+                )
+            if text is not None:
+                if not isinstance(text, str):
+                    raise _Malformed("bad_record", f"text at position {position} is not a string: {text!r}")
+                pieces.append(text)
+            else:
+                images.append(_resolve_image(ref, root))
+                pieces.append(IMAGE_PLACEHOLDER)
+        turns = [Turn("assistant", self.separator.join(pieces))]
+        _check_text(turns, len(images), 0)  # a literal "<image>" inside a text would desync the images
+        _, truth = _extras(record)
+        return Sample(
+            id=sample_id,
+            turns=turns,
+            category="interleaved",
+            source=_string_field(record, "source", self.source or path.stem),
+            images=images,
+            truth=truth,
+        )
+
+
+class TextReader(_JsonReader):
+    """Text-only conversations or plain text -> image-free Samples (module docstring)."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        *,
+        category: str = "text-only",
+        source: str | None = None,
+        strict: bool = True,
+    ) -> None:
+        super().__init__(paths, source=source, strict=strict)
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown category {category!r} (one of {CATEGORIES})")
+        self.category = category
+
+    def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
+        if "messages" in record:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise _Malformed("bad_conversations", "'messages' must be a non-empty list")
+            turns = []
+            for j, message in enumerate(messages):
+                if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+                    raise _Malformed(
+                        "bad_conversations", f"message {j} must be an object with a string 'content'"
+                    )
+                turns.append(Turn(_role(message.get("role")), message["content"]))  # type: ignore[arg-type]
+        elif "prompt" in record or "response" in record:
+            prompt, response = record.get("prompt"), record.get("response")
+            if not isinstance(prompt, str) or not isinstance(response, str):
+                raise _Malformed("bad_record", "'prompt' and 'response' must both be strings")
+            turns = [Turn("user", prompt), Turn("assistant", response)]
+            if "system" in record:
+                turns.insert(0, Turn("system", _string_field(record, "system", "")))
+        elif "text" in record:
+            turns = [Turn("assistant", _string_field(record, "text", ""))]
+        else:
+            raise _Malformed("bad_record", "expected 'messages', 'prompt' and 'response', or 'text'")
+        _check_text(turns, 0, 0)
+        _, truth = _extras(record)
+        return Sample(
+            id=sample_id,
+            turns=turns,
+            category=_category(record, self.category),
+            source=_string_field(record, "source", self.source or path.stem),
+            truth=truth,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing: image bytes, atomic files
+
+
+def _sniff(data: bytes) -> str | None:
+    for magic, ext in _MAGIC:
+        if data.startswith(magic):
+            return ext
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _encode_image(ref: ImageRef, sample_id: str, index: int) -> tuple[bytes, str]:
+    """(encoded bytes, extension) of one image: original bytes for paths and bytes, PNG for PIL images."""
+    if isinstance(ref, Image.Image):
+        buffer = io.BytesIO()
+        try:
+            ref.save(buffer, format="PNG")
+        except (OSError, KeyError, ValueError):
+            buffer = io.BytesIO()
+            to_rgb(ref).save(buffer, format="PNG")
+        return buffer.getvalue(), "png"
+    if isinstance(ref, bytes):
+        data = ref
+    else:
+        try:
+            data = Path(ref).read_bytes()
+        except OSError as err:
+            raise ValueError(f"sample {sample_id}: cannot read image {index} ({err})") from None
+    return data, _sniff(data) or "bin"
+
+
+def _region_json(region: Region) -> dict[str, Any]:
+    if region.box is not None:
+        return {"image": region.image, "box": list(region.box)}
+    assert region.point is not None
+    return {"image": region.image, "point": list(region.point)}
+
+
+def _check_for_writing(sample: Sample) -> None:
+    sample.validate()
+    try:  # the readers' region rules, so whatever is written can be read back
+        for i, region in enumerate(sample.regions):
+            _parse_region(_region_json(region), i, len(sample.images))
+    except _Malformed as bad:
+        raise ValueError(f"sample {sample.id}: {bad.detail}") from None
+
+
+def _json_bytes(value: Any, sample_id: str) -> bytes:
+    try:
+        return json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"sample {sample_id}: not JSON-serialisable ({err})") from None
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every file system lets a directory be opened, which is fine.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class _AtomicFile:
+    """A file written under a hidden temporary name and renamed into place only when complete."""
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        self.temp = final.with_name(f".{final.name}.partial-{os.getpid()}")
+        self.file = self.temp.open("wb")
+
+    def commit(self) -> Path:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.temp, self.final)
+        _fsync_dir(self.final.parent)
+        return self.final
+
+    def abort(self) -> None:
+        self.file.close()
+        self.temp.unlink(missing_ok=True)
+
+
+class _ShardWriter:
+    def __init__(self, final: Path) -> None:
+        self.out = _AtomicFile(final)
+        # Open across many add() calls and closed by commit() / abort(), so no with-block.
+        self.tar = tarfile.open(fileobj=self.out.file, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+        self.count = 0
+
+    def _add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mode = 0o644
+        info.mtime = 0  # identical input gives identical shards
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add(self, key: str, sample: Sample) -> None:
+        _check_for_writing(sample)
+        encoded = [_encode_image(ref, sample.id, i) for i, ref in enumerate(sample.images)]
+        names = [f"{key}.{i}.{ext}" for i, (_, ext) in enumerate(encoded)]
+        meta = {
+            "id": sample.id,
+            "turns": [{"role": turn.role, "content": turn.content} for turn in sample.turns],
+            "category": sample.category,
+            "source": sample.source,
+            "is_video": sample.is_video,
+            "truth": sample.truth,
+            "regions": [_region_json(region) for region in sample.regions],
+            "images": names,
+        }
+        self._add(f"{key}.json", _json_bytes(meta, sample.id))  # first, so readers meet it first
+        for name, (data, _) in zip(names, encoded, strict=True):
+            self._add(name, data)
+        self.count += 1
+
+    def commit(self) -> Path:
+        self.tar.close()
+        return self.out.commit()
+
+    def abort(self) -> None:
+        # The temp file is deleted next, so a failure to finish the tar does not matter.
+        with contextlib.suppress(Exception):
+            self.tar.close()
+        self.out.abort()
+
+
+def write_shards(
+    samples: Iterable[Sample],
+    out_dir: PathLike,
+    samples_per_shard: int = 1000,
+    prefix: str = "shard",
+) -> list[Path]:
+    """Write ``samples`` as WebDataset tar shards ``{prefix}-{i:06d}.tar`` in ``out_dir``; return their paths.
+
+    Each shard is written to a hidden temporary file and renamed when complete, so an exception (or a
+    kill) mid-write leaves only the shards finished before it, never a partial one. Existing shards with
+    the same names are replaced. Samples are validated first (``ValueError`` names a bad one).
+    """
+    if samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if not prefix or "/" in prefix or os.sep in prefix:
+        raise ValueError(f"prefix must be a non-empty file name part, got {prefix!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    writer: _ShardWriter | None = None
+    count = 0
+    try:
+        for sample in samples:
+            if writer is None:
+                writer = _ShardWriter(out / f"{prefix}-{len(written):06d}.tar")
+            writer.add(f"{count:09d}", sample)  # keys have no dots, as WebDataset grouping needs
+            count += 1
+            if writer.count == samples_per_shard:
+                written.append(writer.commit())
+                writer = None
+        if writer is not None:
+            written.append(writer.commit())
+            writer = None
+    finally:
+        if writer is not None:
+            writer.abort()
+    return written
+
+
+def write_llava(samples: Iterable[Sample], path: PathLike, image_root: PathLike | None = None) -> Path:
+    """Write ``samples`` as a LLaVA JSON (``.json``) or JSONL (other suffixes) file, the reader's format.
+
+    Images are written to ``image_root`` (default: the file's folder) as ``{stem}-{n:09d}.{i}.{ext}``
+    with their original bytes (PIL images as PNG) and referenced by those relative names. The data file
+    itself is written atomically; the extension fields carry category, source, regions, is_video, truth.
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    root.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    as_array = path.suffix.lower() == ".json"
+    out = _AtomicFile(path)
+    try:
+        if as_array:
+            out.file.write(b"[\n")
+        for n, sample in enumerate(samples):
+            _check_for_writing(sample)
+            names = []
+            for i, ref in enumerate(sample.images):
+                data, ext = _encode_image(ref, sample.id, i)
+                name = f"{path.stem}-{n:09d}.{i}.{ext}"
+                (root / name).write_bytes(data)
+                names.append(name)
+            record: dict[str, Any] = {
+                "id": sample.id,
+                "conversations": [{"from": _TO_LLAVA[t.role], "value": t.content} for t in sample.turns],
+                "category": sample.category,
+                "source": sample.source,
+            }
+            if names:
+                record["image"] = names[0] if len(names) == 1 else names
+            if sample.regions:
+                record["regions"] = [_region_json(region) for region in sample.regions]
+            if sample.is_video:
+                record["is_video"] = True
+            if sample.truth:
+                record["truth"] = sample.truth
+            line = _json_bytes(record, sample.id)
+            if as_array:
+                out.file.write((b",\n" if n else b"") + line)
+            else:
+                out.file.write(line + b"\n")
+        if as_array:
+            out.file.write(b"\n]\n")
+    except BaseException:
+        out.abort()
+        raise
+    return out.commit()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """WebDataset's grouping: key = folder + basename up to its first dot, extension = the rest."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
+def _check_end_marker(shard: Path, offset: int) -> None:
+    """Raise ``tarfile.ReadError`` unless a zero block (end of archive) follows the last member."""
+    with shard.open("rb") as f:
+        f.seek(offset)
+        block = f.read(tarfile.BLOCKSIZE)
+    if block != bytes(tarfile.BLOCKSIZE):
+        raise tarfile.ReadError(f"no end-of-archive block at byte {offset}: the shard is truncated")
+
+
+class ShardReader(IterableDataset):
+    """Streams Samples (images as bytes) from WebDataset tar shards written by ``write_shards``.
+
+    ``paths_or_dir`` is a folder (every ``*.tar`` in it, sorted by name), one shard or a list of shards.
+    Shard ``i`` of the (optionally shuffled) list goes to global worker ``i % (world_size * num_workers)``,
+    where global worker = ``rank * num_workers + worker``, so all (rank, worker) pairs together read every
+    shard exactly once. ``worker`` / ``num_workers`` left as None are taken from the DataLoader worker this
+    runs in (``torch.utils.data.get_worker_info``; worker 0 of 1 outside a DataLoader). Fixed values
+    inside a DataLoader with several workers raise ``ValueError``, since every worker would then read
+    the same shards.
+
+    Fewer shards than global workers would leave some workers without data, which in distributed
+    training means ranks that run out first and stall the others at the next collective. That raises a
+    ``ValueError`` when iteration starts unless ``allow_idle_workers`` is true, in which case a
+    ``RuntimeWarning`` is issued and idle workers yield nothing.
+
+    ``shuffle_seed`` shuffles the shard order (the same permutation on every rank, changing with
+    ``set_epoch``); samples within a shard keep their order, so mix further with a shuffle buffer.
+    """
+
+    def __init__(
+        self,
+        paths_or_dir: Paths,
+        rank: int = 0,
+        world_size: int = 1,
+        worker: int | None = 0,
+        num_workers: int | None = 1,
+        shuffle_seed: int | None = None,
+        *,
+        strict: bool = True,
+        allow_idle_workers: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(paths_or_dir, str | os.PathLike) and Path(paths_or_dir).is_dir():
+            shards = sorted(Path(paths_or_dir).glob("*.tar"))
+        else:
+            shards = _as_paths(paths_or_dir)
+        if not shards:
+            raise ValueError(f"no shards found in {paths_or_dir}")
+        for shard in shards:
+            if not shard.is_file():
+                raise FileNotFoundError(f"{shard}: no such shard")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        if (worker is None) != (num_workers is None):
+            raise ValueError(
+                "give both worker and num_workers, or neither (to take them from the DataLoader)"
+            )
+        if num_workers is not None and (num_workers < 1 or worker is None or not 0 <= worker < num_workers):
+            raise ValueError(
+                f"need 0 <= worker < num_workers, got worker={worker}, num_workers={num_workers}"
+            )
+        self.shards = shards
+        self.rank = rank
+        self.world_size = world_size
+        self.worker = worker
+        self.num_workers = num_workers
+        self.shuffle_seed = shuffle_seed
+        self.strict = strict
+        self.allow_idle_workers = allow_idle_workers
+        self.epoch = 0
+        self.skipped = SkipCounter()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the shard order of ``epoch`` (only matters with ``shuffle_seed``)."""
+        self.epoch = epoch
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        if self.worker is not None and self.num_workers is not None:
+            if info is not None and info.num_workers > 1:
+                # Every worker holds a copy of this object with the same fixed worker index, so each
+                # would read the same shards: duplicated data that nothing downstream would notice.
+                raise ValueError(
+                    f"ShardReader(worker={self.worker}, num_workers={self.num_workers}) runs in a DataLoader "
+                    f"with {info.num_workers} workers; pass worker=None, num_workers=None to split by them"
+                )
+            return self.worker, self.num_workers
+        return (info.id, info.num_workers) if info is not None else (0, 1)
+
+    def assigned_shards(self) -> list[Path]:
+        """The shards this (rank, worker) reads this epoch, in reading order."""
+        worker, num_workers = self._worker()
+        total = self.world_size * num_workers
+        if len(self.shards) < total:
+            message = (
+                f"{len(self.shards)} shards for {total} workers ({self.world_size} ranks x {num_workers} "
+                f"DataLoader workers): {total - len(self.shards)} workers would get no data; write more, "
+                "smaller shards or use fewer workers"
+            )
+            if not self.allow_idle_workers:
+                raise ValueError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+        order = list(self.shards)
+        if self.shuffle_seed is not None:
+            # Seeded identically on every rank, so the partition below stays disjoint and complete.
+            random.Random(f"{self.shuffle_seed}:{self.epoch}").shuffle(order)
+        me = self.rank * num_workers + worker
+        return [shard for i, shard in enumerate(order) if i % total == me]
+
+    def _reject(self, error: SourceError) -> None:
+        if self.strict:
+            raise error
+        self.skipped.add(error)
+
+    def __iter__(self) -> Iterator[Sample]:
+        self.skipped.clear()
+        for shard in self.assigned_shards():
+            yield from self._read_shard(shard)
+
+    def _read_shard(self, shard: Path) -> Iterator[Sample]:
+        key: str | None = None  # the group being collected, finished when the next key appears
+        members: dict[str, bytes] = {}
+        duplicates: list[str] = []
+        last = "the start"
+        damage: SourceError | None = None
+        try:
+            with tarfile.open(shard, mode="r|") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue  # folders and links carry no sample data
+                    member_key, ext = _split_name(member.name)
+                    if member_key != key:
+                        if key is not None:
+                            yield from self._finish(shard, key, members, duplicates)
+                        key, members, duplicates = member_key, {}, []
+                    data = tar.extractfile(member)
+                    assert data is not None  # a regular file always has data
+                    if ext in members:
+                        duplicates.append(member.name)
+                    members[ext] = data.read()
+                    last = member.name
+                # tarfile ends a stream quietly at a missing or cut header, which is what a shard cut
+                # at (or just after) a member boundary looks like; the end-of-archive block tells.
+                _check_end_marker(shard, tar.offset)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            damage = SourceError(shard, f"after member {last}", "bad_shard", f"corrupt tar stream ({err})")
+        if key is not None:
+            # After damage the last group may have lost members; it is kept only if it is complete (its
+            # .json lists every member), otherwise it is part of what the bad_shard count stands for.
+            yield from self._finish(shard, key, members, duplicates, salvage=damage is not None)
+        if damage is not None:
+            self._reject(damage)
+
+    def _finish(
+        self, shard: Path, key: str, members: dict[str, bytes], duplicates: list[str], salvage: bool = False
+    ) -> Iterator[Sample]:
+        """Yield the sample of one member group, or raise / count why it is unusable (unless salvaging)."""
+        location = f"member {key}.json"
+        sample_id: str | None = None
+        try:
+            if duplicates:
+                raise _Malformed("bad_member", f"members appear twice: {duplicates}")
+            if "json" not in members:
+                raise _Malformed("bad_member", f"group {key} has no .json member (has {sorted(members)})")
+            try:
+                meta = json.loads(members["json"])
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise _Malformed("bad_json", f"not JSON ({err})") from None
+            if not isinstance(meta, dict):
+                raise _Malformed("bad_record", f"expected a JSON object, got {type(meta).__name__}")
+            sample_id = _record_id(meta, key)
+            sample = self._parse(meta, key, members, sample_id)
+        except _Malformed as bad:
+            if not salvage:
+                self._reject(SourceError(shard, location, bad.reason, bad.detail, sample_id))
+            return
+        yield sample
+
+    @staticmethod
+    def _parse(meta: dict[str, Any], key: str, members: dict[str, bytes], sample_id: str) -> Sample:
+        names = meta.get("images", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise _Malformed("bad_record", f"'images' must be a list of member names, got {names!r}")
+        exts = []
+        for name in names:
+            name_key, ext = _split_name(name)
+            if name_key != key or ext not in members or ext == "json":
+                raise _Malformed("bad_member", f"image member {name!r} is missing from the shard")
+            exts.append(ext)
+        extra = sorted(set(members) - {"json", *exts})
+        if extra:
+            raise _Malformed(
+                "bad_member", f"members not listed in the .json: {[f'{key}.{e}' for e in extra]}"
+            )
+        raw_turns = meta.get("turns")
+        if not isinstance(raw_turns, list) or not raw_turns:
+            raise _Malformed("bad_conversations", "'turns' must be a non-empty list")
+        turns = []
+        for j, turn in enumerate(raw_turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
+                raise _Malformed("bad_conversations", f"turn {j} must be an object with a string 'content'")
+            turns.append(Turn(_role(turn.get("role")), turn["content"]))  # type: ignore[arg-type]
+        regions = _parse_regions(meta.get("regions"), len(names))
+        _check_text(turns, len(names), len(regions))
+        is_video, truth = _extras(meta)
+        if not isinstance(meta.get("source"), str):
+            raise _Malformed("bad_record", f"'source' must be a string, got {meta.get('source')!r}")
+        return Sample(
+            id=sample_id,
+            turns=turns,
+            category=_category(meta, ""),
+            source=meta["source"],
+            images=[members[ext] for ext in exts],
+            regions=regions,
+            is_video=is_video,
+            truth=truth,
+        )

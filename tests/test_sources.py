@@ -1,0 +1,539 @@
+"""Data sources: LLaVA JSON/JSONL, WebDataset shards, interleaved and text-only readers, error policy."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mm15.data.sample import Region, Sample, Turn
+from mm15.data.sources import (
+    InterleavedReader,
+    LlavaReader,
+    ShardReader,
+    SourceError,
+    TextReader,
+    write_llava,
+    write_shards,
+)
+
+
+def _pixels(seed: int, size: tuple[int, int] = (24, 16), mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}.get(mode)
+    shape = (size[1], size[0], channels) if channels else (size[1], size[0])
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+@pytest.fixture
+def image_files(tmp_path: Path) -> dict[str, Path]:
+    folder = tmp_path / "originals"
+    folder.mkdir()
+    jpg, png = folder / "photo.jpg", folder / "shot.png"
+    _pixels(1).save(jpg, quality=85)
+    _pixels(2, (10, 30)).save(png)
+    return {"jpg": jpg, "png": png}
+
+
+@pytest.fixture
+def samples(image_files: dict[str, Path]) -> list[Sample]:
+    """Single- and multi-image, PIL and file images, boxes and points, system turns, truth, video."""
+    return [
+        Sample(
+            id="ground-1",
+            turns=[
+                Turn("system", "Answer briefly."),
+                Turn("user", "<image>\nWhat is in <region0>? Point at <region1>."),
+                Turn("assistant", "A cat at <region0>; here <region1>."),
+            ],
+            category="refer-ground",
+            source="synth-ground",
+            images=[image_files["jpg"]],
+            regions=[Region(0, box=(1.5, 2.0, 20.0, 15.25)), Region(0, point=(3.0, 4.0))],
+            truth={"objects": [{"label": "cat", "box": [1.5, 2.0, 20.0, 15.25]}], "note": "ünïcode"},
+        ),
+        Sample(
+            id="multi-2",
+            turns=[Turn("user", "Compare <image> and <image>; see <region0>."), Turn("assistant", "Same.")],
+            category="multi-image",
+            source="pairs",
+            images=[_pixels(3), image_files["png"]],
+            regions=[Region(1, box=(0.0, 0.0, 10.0, 30.0))],
+        ),
+        Sample(
+            id="rgba-3",
+            turns=[Turn("user", "<image> Read it."), Turn("assistant", "Text.")],
+            category="text-rich",
+            source="docs",
+            images=[_pixels(4, mode="RGBA")],
+        ),
+        Sample(
+            id="video-4",
+            turns=[Turn("user", "<image><image><image> What happens?"), Turn("assistant", "Motion.")],
+            category="video",
+            source="clips",
+            images=[_pixels(5), _pixels(6), image_files["jpg"].read_bytes()],
+            is_video=True,
+        ),
+        Sample(
+            id="text-5",
+            turns=[Turn("user", "2+2?"), Turn("assistant", "4")],
+            category="text-only",
+            source="chat",
+        ),
+    ]
+
+
+def _image_bytes(ref: object) -> bytes:
+    if isinstance(ref, bytes):
+        return ref
+    return Path(ref).read_bytes()  # type: ignore[arg-type]
+
+
+def _assert_same(read: list[Sample], written: list[Sample]) -> None:
+    """Everything but the images compares equal; images have identical bytes, or pixels for PIL ones."""
+    assert [s.id for s in read] == [s.id for s in written]
+    for got, want in zip(read, written, strict=True):
+        assert got.turns == want.turns
+        assert got.regions == want.regions
+        assert (got.category, got.source, got.is_video, got.truth) == (
+            want.category,
+            want.source,
+            want.is_video,
+            want.truth,
+        )
+        assert len(got.images) == len(want.images)
+        for got_image, want_image in zip(got.images, want.images, strict=True):
+            data = _image_bytes(got_image)
+            if isinstance(want_image, Image.Image):
+                decoded = Image.open(io.BytesIO(data))
+                assert decoded.format == "PNG" and decoded.mode == want_image.mode
+                assert np.array_equal(np.asarray(decoded), np.asarray(want_image))
+            else:
+                assert data == _image_bytes(want_image)
+        got.validate()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("name", ["data.json", "data.jsonl"])
+def test_llava_round_trip_loses_nothing(tmp_path: Path, samples: list[Sample], name: str) -> None:
+    path = write_llava(samples, tmp_path / "out" / name, tmp_path / "out" / "images")
+    reader = LlavaReader(path, tmp_path / "out" / "images")
+    read = list(reader)
+    _assert_same(read, samples)
+    assert all(isinstance(image, Path) for s in read for image in s.images)
+    assert reader.skipped.total == 0
+    assert not list((tmp_path / "out").glob(".*"))  # no temp file left
+
+
+def test_llava_reads_genuine_records(tmp_path: Path, image_files: dict[str, Path]) -> None:
+    records = [
+        {
+            "id": 17,
+            "image": "originals/photo.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nDescribe it."},
+                {"from": "gpt", "value": "A photo."},
+                {"from": "human", "value": "More?"},
+                {"from": "gpt", "value": "No."},
+            ],
+        },
+        {"id": "t", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]},
+    ]
+    path = tmp_path / "llava_v1_5.json"
+    path.write_text(json.dumps(records))
+    first, second = LlavaReader(path).__iter__()  # image_root defaults to the file's folder
+    assert first.id == "17" and first.category == "general" and first.source == "llava_v1_5"
+    assert [t.role for t in first.turns] == ["user", "assistant", "user", "assistant"]
+    assert first.images == [tmp_path / "originals/photo.jpg"]
+    assert second.images == [] and second.regions == []
+    read = list(LlavaReader(path, category="general", source="llava"))
+    assert {s.source for s in read} == {"llava"}
+
+
+def test_shard_round_trip_loses_nothing(tmp_path: Path, samples: list[Sample]) -> None:
+    paths = write_shards(samples, tmp_path / "shards", samples_per_shard=2)
+    assert [p.name for p in paths] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    assert sorted((tmp_path / "shards").iterdir()) == paths  # no temp files
+    with tarfile.open(paths[0]) as tar:
+        names = tar.getnames()
+    assert names[:2] == ["000000000.json", "000000000.0.jpg"]
+    assert "000000001.0.png" in names and "000000001.1.png" in names
+    reader = ShardReader(tmp_path / "shards")
+    read = list(reader)
+    assert all(isinstance(image, bytes) for s in read for image in s.images)
+    _assert_same(read, samples)
+    assert reader.skipped.total == 0
+    # A list of shard paths reads the same; identical input gives byte-identical shards.
+    assert [s.id for s in ShardReader(paths)] == [s.id for s in samples]
+    again = write_shards(samples, tmp_path / "again", samples_per_shard=2)
+    assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
+
+
+def test_shards_of_llava_samples_keep_the_file_bytes(tmp_path: Path, samples: list[Sample]) -> None:
+    path = write_llava(samples, tmp_path / "d.jsonl")
+    from_llava = list(LlavaReader(path))
+    write_shards(from_llava, tmp_path / "shards", samples_per_shard=10)
+    _assert_same(list(ShardReader(tmp_path / "shards")), samples)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splitting shards across ranks and workers
+
+
+def _text_sample(i: int) -> Sample:
+    return Sample(f"s{i}", [Turn("user", f"q{i}"), Turn("assistant", f"a{i}")], "text-only", "t")
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_rank_worker_split_covers_every_shard_once(tmp_path: Path, seed: int | None) -> None:
+    shards = write_shards((_text_sample(i) for i in range(23)), tmp_path, samples_per_shard=2)
+    assert len(shards) == 12
+    world_size, num_workers = 2, 3
+    for epoch in (0, 1):
+        seen_shards: list[Path] = []
+        seen_ids: list[str] = []
+        for rank in range(world_size):
+            for worker in range(num_workers):
+                reader = ShardReader(tmp_path, rank, world_size, worker, num_workers, shuffle_seed=seed)
+                reader.set_epoch(epoch)
+                mine = reader.assigned_shards()
+                assert len(mine) == 2  # 12 shards over 6 workers
+                seen_shards += mine
+                seen_ids += [s.id for s in reader]
+        assert sorted(seen_shards) == shards
+        assert sorted(seen_ids) == sorted(f"s{i}" for i in range(23))
+    if seed is None:  # unshuffled: shard i goes to global worker i % 6
+        assert ShardReader(tmp_path, 1, 2, 2, 3).assigned_shards() == [shards[5], shards[11]]
+
+
+def test_worker_taken_from_dataloader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    shards = write_shards((_text_sample(i) for i in range(4)), tmp_path, samples_per_shard=1)
+
+    class Info:
+        id, num_workers = 1, 2
+
+    monkeypatch.setattr("mm15.data.sources.get_worker_info", lambda: Info())
+    assert ShardReader(tmp_path, worker=None, num_workers=None).assigned_shards() == [shards[1], shards[3]]
+    with pytest.raises(ValueError, match="with 2 workers; pass worker=None"):
+        ShardReader(tmp_path).assigned_shards()  # fixed worker 0 of 1 in every DataLoader worker
+
+
+def test_fewer_shards_than_workers_raises_or_warns(tmp_path: Path) -> None:
+    write_shards((_text_sample(i) for i in range(3)), tmp_path, samples_per_shard=1)
+    with pytest.raises(ValueError, match="3 shards for 4 workers"):
+        list(ShardReader(tmp_path, rank=1, world_size=2, worker=1, num_workers=2))
+    reader = ShardReader(tmp_path, rank=1, world_size=2, worker=1, num_workers=2, allow_idle_workers=True)
+    with pytest.warns(RuntimeWarning, match="1 workers would get no data"):
+        assert list(reader) == []
+
+
+def test_bad_reader_arguments(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no shards"):
+        ShardReader(tmp_path)
+    write_shards([_text_sample(0)], tmp_path)
+    with pytest.raises(ValueError, match="rank"):
+        ShardReader(tmp_path, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="worker"):
+        ShardReader(tmp_path, worker=3, num_workers=3)
+    with pytest.raises(FileNotFoundError):
+        ShardReader([tmp_path / "nope.tar"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Malformed LLaVA records: strict raises, lenient counts
+
+GOOD = {"id": "good", "image": "a.png", "conversations": [{"from": "human", "value": "<image> hi"}]}
+
+
+def _record(**changes: object) -> dict[str, object]:
+    record = {"id": "bad", **{k: v for k, v in GOOD.items() if k != "id"}}
+    record.update(changes)
+    return {k: v for k, v in record.items() if v is not None}
+
+
+MALFORMED = [
+    ("missing_image", _record(image="nope.png")),
+    (
+        "missing_image",
+        _record(image=["a.png", "gone.jpg"], conversations=[{"from": "human", "value": "<image><image>"}]),
+    ),
+    ("bad_region", _record(regions=[{"image": 0, "box": [10, 0, 5, 4]}])),  # x1 > x2
+    ("bad_region", _record(regions=[{"image": 0, "box": [0, 8, 5, 4]}])),  # negative height
+    ("bad_region", _record(regions=[{"image": 0, "box": [0, 0, math.nan, 4]}])),
+    ("bad_region", _record(regions=[{"image": 0, "point": [-1, 4]}])),
+    ("bad_region", _record(regions=[{"image": 1, "point": [1, 4]}])),  # only one image
+    ("bad_region", _record(regions=[{"image": 0, "box": [0, 0, 1, 1], "point": [0, 0]}])),
+    ("bad_region", _record(regions=[{"image": 0, "box": [0, 0, 1]}])),
+    ("bad_region", _record(conversations=[{"from": "human", "value": "<image> <region0>"}])),
+    ("unknown_role", _record(conversations=[{"from": "robot", "value": "<image>"}])),
+    ("image_count", _record(conversations=[{"from": "human", "value": "no placeholder"}])),
+    ("image_count", _record(conversations=[{"from": "human", "value": "<image><image>"}])),
+    ("bad_conversations", _record(conversations="<image> hi")),
+    ("bad_conversations", _record(conversations=[])),
+    ("bad_conversations", _record(conversations=[{"from": "human", "value": 3}])),
+    ("bad_category", _record(category="poetry")),
+    ("bad_record", _record(image=7)),
+    ("bad_record", _record(id=["x"])),
+    ("bad_record", _record(truth=[1])),
+]
+
+
+def _write_llava_file(folder: Path, records: list[object], suffix: str) -> Path:
+    _pixels(0).save(folder / "a.png")
+    path = folder / f"data{suffix}"
+    if suffix == ".json":
+        path.write_text(json.dumps(records))
+    else:
+        path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(("reason", "record"), MALFORMED)
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_malformed_llava_record(tmp_path: Path, reason: str, record: dict[str, object], suffix: str) -> None:
+    path = _write_llava_file(tmp_path, [GOOD, record, GOOD], suffix)
+    with pytest.raises(SourceError) as info:
+        list(LlavaReader(path))
+    assert info.value.reason == reason and info.value.path == path
+    location = "line 2" if suffix == ".jsonl" else "record 1"
+    assert str(info.value).startswith(f"{path}: {location}")
+    if isinstance(record.get("id"), str):
+        assert "(id 'bad')" in str(info.value)
+    reader = LlavaReader(path, strict=False)
+    assert [s.id for s in reader] == ["good", "good"]
+    assert reader.skipped.as_dict() == {reason: 1}
+    assert reader.skipped.examples[reason][0].startswith(f"{path}: {location}")
+
+
+def test_lenient_counts_accumulate_per_reason_and_reset_per_pass(tmp_path: Path) -> None:
+    records = [GOOD, "not an object", _record(image="x.png"), _record(image="y.png"), GOOD]
+    path = _write_llava_file(tmp_path, records, ".jsonl")
+    with path.open("a") as f:
+        f.write("{not json\n\n")
+    reader = LlavaReader(path, strict=False)
+    for _ in range(2):
+        assert len(list(reader)) == 2
+        assert reader.skipped.as_dict() == {"bad_record": 1, "missing_image": 2, "bad_json": 1}
+        assert reader.skipped.total == 4 and reader.skipped["unknown_role"] == 0
+    with pytest.raises(SourceError, match="line 2: bad_record"):
+        list(LlavaReader(path))
+
+
+def test_unusable_files_raise_even_when_lenient(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text("[{")
+    with pytest.raises(SourceError, match="not a JSON file"):
+        list(LlavaReader(broken, strict=False))
+    obj = tmp_path / "obj.json"
+    obj.write_text("{}")
+    with pytest.raises(SourceError, match="expected a JSON array"):
+        list(LlavaReader(obj, strict=False))
+    with pytest.raises(FileNotFoundError):
+        LlavaReader(tmp_path / "missing.jsonl", strict=False)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Corrupt shards
+
+
+def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _meta(images: list[str], **changes: object) -> bytes:
+    meta = {
+        "id": "m",
+        "turns": [{"role": "user", "content": "<image>" * len(images)}],
+        "category": "general",
+        "source": "s",
+        "images": images,
+        **changes,
+    }
+    return json.dumps(meta).encode()
+
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    _pixels(0).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+SHARD_DEFECTS = [
+    ("bad_json", [("k.json", b"{oops")]),
+    ("bad_member", [("k.0.png", _png())]),  # no .json
+    ("bad_member", [("k.json", _meta(["k.0.png"]))]),  # listed image missing
+    ("bad_member", [("k.json", _meta([])), ("k.txt", b"stray")]),  # unlisted member
+    ("bad_member", [("k.json", _meta([])), ("k.json", _meta([]))]),  # duplicate
+    ("unknown_role", [("k.json", _meta([], turns=[{"role": "gpt4", "content": "x"}]))]),
+    (
+        "image_count",
+        [("k.json", _meta(["k.0.png"], turns=[{"role": "user", "content": "x"}])), ("k.0.png", _png())],
+    ),
+    ("bad_region", [("k.json", _meta(["k.0.png"], regions=[{"box": [5, 5, 1, 1]}])), ("k.0.png", _png())]),
+    ("bad_record", [("k.json", b"[1, 2]")]),
+]
+
+
+@pytest.mark.parametrize(("reason", "members"), SHARD_DEFECTS)
+def test_corrupt_shard_member(tmp_path: Path, reason: str, members: list[tuple[str, bytes]]) -> None:
+    good = [("a.json", _meta(["a.0.png"])), ("a.0.png", _png())]
+    good_after = [("z.json", _meta([], id="z"))]
+    shard = _tar(tmp_path / "s.tar", good + members + good_after)
+    with pytest.raises(SourceError) as info:
+        list(ShardReader(shard))
+    assert info.value.reason == reason and info.value.path == shard
+    reader = ShardReader(shard, strict=False)
+    assert [s.id for s in reader] == ["m", "z"]
+    assert reader.skipped.as_dict() == {reason: 1}
+
+
+# Each text sample is one 512-byte header + one data block; sample k's header starts at byte 1024 * k.
+@pytest.mark.parametrize(
+    ("cut", "before"),
+    [
+        (2048, ["s0", "s1"]),  # at a member boundary: tarfile alone would see a clean end and lose s2
+        (2048 + 100, ["s0", "s1"]),  # inside a header: also a quiet end for tarfile
+        (2048 + 600, ["s0", "s1"]),  # inside data
+        (3072, ["s0", "s1", "s2"]),  # members complete, no end-of-archive block: still reported
+        (1000, ["s0"]),  # only the padding after s0's .json is cut
+        (600, []),  # s0's .json is cut
+    ],
+)
+def test_truncated_shard(tmp_path: Path, cut: int, before: list[str]) -> None:
+    shards = write_shards((_text_sample(i) for i in range(6)), tmp_path, samples_per_shard=3)
+    data = shards[0].read_bytes()
+    shards[0].write_bytes(data[:cut])
+    with pytest.raises(SourceError, match="bad_shard"):
+        list(ShardReader(tmp_path))
+    reader = ShardReader(tmp_path, strict=False)
+    assert [s.id for s in reader] == [*before, "s3", "s4", "s5"]  # the next shard is still read
+    assert reader.skipped.as_dict() == {"bad_shard": 1}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def test_interrupted_sample_stream_leaves_only_complete_shards(tmp_path: Path) -> None:
+    def stream():
+        for i in range(3):
+            yield _text_sample(i)
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError, match="source died"):
+        write_shards(stream(), tmp_path, samples_per_shard=2)
+    assert [p.name for p in tmp_path.iterdir()] == ["shard-000000.tar"]
+    assert [s.id for s in ShardReader(tmp_path)] == ["s0", "s1"]
+
+
+def test_failure_inside_a_tar_write_leaves_no_partial_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = 0
+    real_addfile = tarfile.TarFile.addfile
+
+    def failing_addfile(self: tarfile.TarFile, tarinfo: tarfile.TarInfo, fileobj: object = None) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # the second sample's image, after its .json went into the temp file
+            raise OSError("disk full")
+        real_addfile(self, tarinfo, fileobj)
+
+    monkeypatch.setattr(tarfile.TarFile, "addfile", failing_addfile)
+    sample = Sample("p", [Turn("user", "<image>")], "general", "s", images=[_pixels(0)])
+    with pytest.raises(OSError, match="disk full"):
+        write_shards([_text_sample(0), sample], tmp_path, samples_per_shard=5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_invalid_sample_is_refused_before_writing(tmp_path: Path) -> None:
+    bad = Sample("x", [Turn("user", "<image>")], "general", "s")  # a placeholder but no image
+    with pytest.raises(ValueError, match="sample x"):
+        write_shards([_text_sample(0), bad], tmp_path)
+    with pytest.raises(ValueError, match="sample x"):
+        write_llava([bad], tmp_path / "d.jsonl")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Interleaved and text-only
+
+
+def test_interleaved_documents(tmp_path: Path, image_files: dict[str, Path]) -> None:
+    docs = [
+        {
+            "texts": ["Intro.", None, "Middle.", None],
+            "images": [None, "originals/photo.jpg", None, "originals/shot.png"],
+        },
+        {"id": "d2", "texts": ["Only text."], "images": [None], "source": "wiki"},
+        {"texts": ["a", None], "images": [None, "originals/missing.jpg"]},
+        {"texts": ["a", "b"], "images": [None]},
+        {"texts": ["a", None], "images": ["originals/photo.jpg", None]},
+        {"texts": ["an <image> literal"], "images": [None]},
+    ]
+    path = tmp_path / "obelics.jsonl"
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    reader = InterleavedReader(path, strict=False)
+    first, second = list(reader)
+    assert first.category == "interleaved" and first.source == "obelics" and first.id == "obelics-0"
+    assert first.turns == [Turn("assistant", "Intro.\n<image>\nMiddle.\n<image>")]
+    assert first.images == [image_files["jpg"], image_files["png"]]
+    assert (second.id, second.source, second.images) == ("d2", "wiki", [])
+    assert reader.skipped.as_dict() == {"missing_image": 1, "bad_record": 2, "image_count": 1}
+    with pytest.raises(SourceError, match=r"line 3: missing_image"):
+        list(InterleavedReader(path))
+    spaced = next(iter(InterleavedReader(path, separator="\n\n", strict=False)))
+    assert spaced.turns[0].content == "Intro.\n\n<image>\n\nMiddle.\n\n<image>"
+
+
+def test_text_only_records(tmp_path: Path) -> None:
+    records = [
+        {
+            "messages": [
+                {"role": "system", "content": "Be nice."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"},
+            ]
+        },
+        {"prompt": "2+2?", "response": "4", "system": "Math."},
+        {"text": "Plain pre-training text.", "category": "text"},
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        {"messages": "Hi"},
+        {"prompt": "only a prompt"},
+        {"prompt": "<image> what?", "response": "?"},
+        {"nothing": 1},
+    ]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    reader = TextReader(path, strict=False)
+    chat, qa, text = list(reader)
+    assert chat.turns == [Turn("system", "Be nice."), Turn("user", "Hi"), Turn("assistant", "Hello")]
+    assert qa.turns == [Turn("system", "Math."), Turn("user", "2+2?"), Turn("assistant", "4")]
+    assert text.turns == [Turn("assistant", "Plain pre-training text.")]
+    assert [s.category for s in (chat, qa, text)] == ["text-only", "text-only", "text"]
+    assert all(s.images == [] for s in (chat, qa, text))
+    assert reader.skipped.as_dict() == {
+        "unknown_role": 1,
+        "bad_conversations": 1,
+        "bad_record": 2,
+        "image_count": 1,
+    }
+    pretrain = list(TextReader(path, category="text", strict=False))
+    assert {s.category for s in pretrain} == {"text"}
+    with pytest.raises(SourceError, match=r"line 4: unknown_role"):
+        list(TextReader(path))
