@@ -103,7 +103,7 @@ def pack(
         console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     console.print(f"wrote {len(shards)} shards to {out}")
-    skipped = dict(getattr(reader, "skipped", {}) or {})
+    skipped = reader.skipped.as_dict()
     if skipped:
         console.print(f"skipped (counted): {skipped}")
 

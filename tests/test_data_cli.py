@@ -1,0 +1,94 @@
+"""``mm15 data``: synth -> stats -> show, pack with counted skips, and clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from PIL import Image
+from typer.testing import CliRunner
+
+from mm15.cli import app
+from mm15.data.sources import ShardReader
+
+runner = CliRunner()
+
+
+def test_synth_stats_and_show(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    result = runner.invoke(
+        app,
+        [
+            "data",
+            "synth",
+            "--category",
+            "general",
+            "--n",
+            "7",
+            "--out",
+            str(out),
+            "--split",
+            "eval",
+            "--per-shard",
+            "3",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    samples = list(ShardReader(out))
+    assert len(samples) == 7 and len(list(out.glob("*.tar"))) == 3
+    # Round-robin over the category's generators, from the eval seeds.
+    assert {s.source for s in samples} == {
+        "synth/general-color",
+        "synth/general-count",
+        "synth/general-spatial",
+    }
+    assert all("/eval/" in s.id for s in samples)
+    stats = runner.invoke(app, ["data", "stats", str(out)])
+    assert stats.exit_code == 0 and "general 7" in stats.output
+    sheet = tmp_path / "sheet.png"
+    shown = runner.invoke(app, ["data", "show", str(out), "--n", "4", "--out", str(sheet)])
+    assert shown.exit_code == 0, shown.output
+    with Image.open(sheet) as picture:
+        assert picture.width > 1000 and picture.height > 300  # 2 columns x 2 rows of cards
+
+
+def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
+    records = [
+        {
+            "id": "ok",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nColour?"},
+                {"from": "gpt", "value": "Green."},
+            ],
+        },
+        {
+            "id": "gone",
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "?"}],
+        },
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    args = [
+        "data",
+        "pack",
+        str(tmp_path / "data.json"),
+        "--images",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    strict = runner.invoke(app, args)
+    assert strict.exit_code == 2 and "missing" in strict.output
+    lenient = runner.invoke(app, [*args, "--lenient"])
+    assert lenient.exit_code == 0, lenient.output
+    assert "missing_image" in lenient.output
+    assert [s.id for s in ShardReader(tmp_path / "o")] == ["ok"]
+
+
+def test_unknown_category_and_empty_folder_are_clear_errors(tmp_path: Path) -> None:
+    bad = runner.invoke(app, ["data", "synth", "--category", "poetry", "--n", "1", "--out", str(tmp_path)])
+    assert bad.exit_code == 2 and "neither a generator" in bad.output
+    empty = runner.invoke(app, ["data", "stats", str(tmp_path)])
+    assert empty.exit_code == 2 and "no .tar shards" in empty.output
