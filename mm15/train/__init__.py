@@ -1,0 +1,1 @@
+"""Training: the stage loop, its data stream, and complete, atomic checkpoints."""

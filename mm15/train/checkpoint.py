@@ -1,0 +1,572 @@
+"""Complete, atomic training checkpoints that load without unpickling anything.
+
+A checkpoint is one directory ``<directory>/step-<step:08d>/``::
+
+    model.safetensors        weights (tied weights stored once)
+    optimizer.json           optimizer structure: param groups, non-tensor per-parameter state
+    optimizer.safetensors    optimizer tensors, keyed by their path, e.g. ``state.3.exp_avg``
+    scheduler.json           the LR scheduler's state_dict (plain numbers)
+    rng.json                 Python ``random`` and NumPy legacy generator states
+    rng.safetensors          torch CPU (and CUDA, if present) generator states as uint8 tensors
+    extra_state.json         caller's state: data/mixture position, metrics so far, config
+    meta.json                format version, step, file list; written last = the completeness marker
+
+Nothing is ``torch.save``d: tensors go to safetensors and everything else to JSON, so loading a checkpoint
+from an untrusted source cannot execute code. JSON cannot tell a tuple from a list or an ``int`` dict key
+from a ``str`` one, and the optimizer needs both (``betas`` tuples; ``state`` keyed by int parameter
+ids, silently dropped by ``Optimizer.load_state_dict`` if the keys come back as strings), so the JSON uses
+three single-key tags: ``{"__tensor__": key}``, ``{"__tuple__": [...]}`` and ``{"__items__": [[k, v], ...]}``.
+
+Atomicity: everything is written into ``.tmp-step-<step>-<random>/`` next to the final directory, each
+file is fsynced, ``meta.json`` goes last, and the directory is renamed into place. A crash at any point
+leaves either no ``step-*`` directory or a complete one; ``latest_checkpoint`` additionally only accepts
+directories whose ``meta.json`` exists and lists files that exist. Stale temp directories from a killed
+save are removed by the next successful save.
+
+Distributed use. Call ``save_checkpoint`` on every rank: in the replicated case (single process, DDP) only
+rank 0 writes and the others return at once; ranks then meet at a barrier so that nobody reads a
+checkpoint that is not there yet. When a ``torch.distributed`` process group is initialised and the model
+has ``DTensor`` parameters (FSDP2), the sharded model and optimizer states are first gathered into full,
+CPU-resident state dicts with ``torch.distributed.checkpoint.state_dict.get_model_state_dict`` /
+``get_optimizer_state_dict`` and ``StateDictOptions(full_state_dict=True, cpu_offload=True)`` -- a
+collective, hence every rank takes part -- and rank 0 writes them in the same format. ``load_checkpoint``
+runs on every rank (shared filesystem) and, for sharded models, re-shards with ``set_model_state_dict`` /
+``set_optimizer_state_dict``. Limitation: the RNG states saved are rank 0's, and loading restores them on
+every rank; runs that need distinct per-rank streams should derive them from a per-rank seed after loading.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import tempfile
+import warnings
+from collections import defaultdict
+from collections.abc import Mapping
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file, save_model
+from torch import nn
+
+FORMAT = "mm15-checkpoint"
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+MODEL_NAME = "model.safetensors"
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_TMP_RE = re.compile(r"^\.tmp-step-(\d+)-")
+_TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
+_TAGS = frozenset({_TENSOR, _TUPLE, _ITEMS})
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+
+
+def _join(prefix: str, key: object) -> str:
+    return f"{prefix}.{key}" if prefix else str(key)
+
+
+def _encode(value: Any, path: str, tensors: dict[str, torch.Tensor] | None, where: str) -> Any:
+    """JSON-able form of ``value``; tensors are moved into ``tensors`` (keyed by path) if that is allowed."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if tensors is None:
+            raise TypeError(
+                f"{where}: value at {path or '<root>'} is a torch.Tensor, but {where} must be plain JSON "
+                "(numbers, strings, lists, dicts); convert it with .item() or .tolist()"
+            )
+        if path in tensors:
+            raise ValueError(f"{where}: two entries map to the same tensor key {path!r}")
+        tensors[path] = value.detach().cpu().contiguous()
+        return {_TENSOR: path}
+    if isinstance(value, tuple):
+        return {_TUPLE: [_encode(v, _join(path, i), tensors, where) for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, _join(path, i), tensors, where) for i, v in enumerate(value)]
+    if isinstance(value, Mapping):
+        plain = all(isinstance(k, str) for k in value) and not (
+            len(value) == 1 and next(iter(value)) in _TAGS
+        )
+        if plain:
+            return {k: _encode(v, _join(path, k), tensors, where) for k, v in value.items()}
+        for k in value:
+            if not (k is None or isinstance(k, (bool, int, float, str))):
+                raise TypeError(f"{where}: key {k!r} at {path or '<root>'} is not a JSON scalar")
+        return {_ITEMS: [[k, _encode(v, _join(path, k), tensors, where)] for k, v in value.items()]}
+    raise TypeError(
+        f"{where}: value at {path or '<root>'} has type {type(value).__name__}, which is not "
+        "JSON-serialisable (checkpoints hold only numbers, strings, lists, dicts, tuples and tensors, "
+        "and never pickle)"
+    )
+
+
+def _decode(value: Any, tensors: Mapping[str, torch.Tensor], where: str) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors, where) for v in value]
+    if isinstance(value, dict):
+        if len(value) == 1:
+            ((tag, inner),) = value.items()
+            if tag == _TENSOR:
+                if inner not in tensors:
+                    raise ValueError(
+                        f"{where}: tensor {inner!r} is referenced but missing from its safetensors file"
+                    )
+                return tensors[inner]
+            if tag == _TUPLE:
+                return tuple(_decode(v, tensors, where) for v in inner)
+            if tag == _ITEMS:
+                return {k: _decode(v, tensors, where) for k, v in inner}
+        return {k: _decode(v, tensors, where) for k, v in value.items()}
+    return value
+
+
+# ------------------------------------------------------------------------------------------ file writing
+
+
+def _fsync(path: Path) -> None:
+    # Opening read-only is enough for fsync on POSIX, for files and directories alike.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "posix":  # Windows cannot open directories; NTFS renames are journaled anyway.
+        _fsync(path)
+
+
+def _write_json(path: Path, document: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_component(
+    folder: Path, name: str, value: Any, tensors: dict[str, torch.Tensor] | None
+) -> list[str]:
+    """Write ``name.json`` (and ``name.safetensors`` if ``value`` held tensors); return the file names."""
+    document = _encode(value, "", tensors, name)
+    files = [f"{name}.json"]
+    if tensors:
+        save_file(tensors, str(folder / f"{name}.safetensors"))
+        _fsync(folder / f"{name}.safetensors")
+        files.append(f"{name}.safetensors")
+    _write_json(folder / f"{name}.json", document)
+    return files
+
+
+def _read_component(folder: Path, name: str) -> Any:
+    document = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    tensor_file = folder / f"{name}.safetensors"
+    tensors = load_file(str(tensor_file)) if tensor_file.is_file() else {}
+    return _decode(document, tensors, name)
+
+
+# ------------------------------------------------------------------------------------------- RNG states
+
+
+def _capture_rng() -> dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
+    bit_generator, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": {
+            "bit_generator": str(bit_generator),
+            "keys": [int(k) for k in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["torch_cuda"] = list(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _restore_rng(state: Mapping[str, Any]) -> None:
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    np_state = state["numpy"]
+    np.random.set_state(
+        (
+            np_state["bit_generator"],
+            np.asarray(np_state["keys"], dtype=np.uint32),
+            np_state["pos"],
+            np_state["has_gauss"],
+            np_state["cached_gaussian"],
+        )
+    )
+    torch.set_rng_state(state["torch_cpu"])
+    cuda_states = state.get("torch_cuda")
+    if cuda_states is not None and torch.cuda.is_available():
+        if len(cuda_states) != torch.cuda.device_count():
+            raise ValueError(
+                f"checkpoint has CUDA RNG states for {len(cuda_states)} devices, this process sees "
+                f"{torch.cuda.device_count()}"
+            )
+        torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ------------------------------------------------------------------------------------------- distributed
+
+
+def _dist_initialised() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _resolve_rank(rank: int | None) -> int:
+    if rank is not None:
+        return rank
+    return torch.distributed.get_rank() if _dist_initialised() else 0
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    if not _dist_initialised():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def _full_state_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _barrier() -> None:
+    if _dist_initialised():
+        torch.distributed.barrier()
+
+
+# ------------------------------------------------------------------------------------------ model weights
+
+
+def _tie_groups(model: nn.Module) -> dict[str, list[str]]:
+    """For each state-dict name whose tensor is shared (tied weights): the other names of that tensor."""
+    by_identity: dict[int, list[str]] = defaultdict(list)
+    named = chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    for name, tensor in named:
+        by_identity[id(tensor)].append(name)
+    return {
+        n: [m for m in names if m != n] for names in by_identity.values() if len(names) > 1 for n in names
+    }
+
+
+def _write_gathered_model(state: Mapping[str, torch.Tensor], model: nn.Module, path: Path) -> None:
+    # A gathered state dict has no module to let save_model find ties, so drop the aliases ourselves.
+    ties = _tie_groups(model)
+    kept: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if not any(alias in kept for alias in ties.get(name, ())):
+            kept[name] = tensor.detach().cpu().contiguous()
+    save_file(kept, str(path), metadata={"format": "pt"})
+
+
+def _read_model_state(folder: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as a full state dict for ``model``, validated against its keys and shapes."""
+    weights = folder / MODEL_NAME
+    expected = model.state_dict()  # DTensor entries report their global shape, so this works sharded too
+    with safe_open(str(weights), framework="pt") as f:
+        stored_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    ties = _tie_groups(model)
+    source: dict[str, str] = {}  # model key -> file key (tied aliases were saved once)
+    for key in expected:
+        candidates = [key, *ties.get(key, ())]
+        found = next((c for c in candidates if c in stored_shapes), None)
+        if found is not None:
+            source[key] = found
+    missing = sorted(k for k in expected if k not in source)
+    unexpected = sorted(k for k in stored_shapes if k not in expected and k not in source.values())
+    mismatched = [
+        f"{k}: checkpoint {list(stored_shapes[f])} vs model {list(expected[k].shape)}"
+        for k, f in source.items()
+        if stored_shapes[f] != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        problems = []
+        if mismatched:
+            problems.append("shape mismatch:\n  " + "\n  ".join(mismatched[:10]))
+        if missing:
+            problems.append(f"missing from checkpoint: {missing[:10]}")
+        if unexpected:
+            problems.append(f"not in model: {unexpected[:10]}")
+        raise ValueError(f"{weights} does not match the model ({'; '.join(problems)})")
+    stored = load_file(str(weights))
+    return {k: stored[f] for k, f in source.items()}
+
+
+# ------------------------------------------------------------------------------------------------- save
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    extra_state: Mapping[str, Any],
+    keep_last: int,
+    rank: int | None = None,
+) -> Path:
+    """Atomically write ``directory/step-<step:08d>/`` and keep only the newest ``keep_last`` checkpoints.
+
+    ``scheduler`` is anything with ``state_dict()`` returning plain numbers (``LambdaLR``, ours);
+    ``extra_state`` must be plain JSON. Either one holding anything else raises ``TypeError`` naming the
+    entry, before anything is written. ``rank`` defaults to the process-group rank (0 without one); see the
+    module docstring for the distributed protocol. Returns the checkpoint path (on every rank).
+    """
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    directory = Path(directory)
+    final = directory / step_dir_name(step)
+    rank = _resolve_rank(rank)
+    sharded = _is_sharded(model)
+
+    model_state: Mapping[str, torch.Tensor] | None = None
+    optim_state: Any = None
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        # Collectives: every rank must take part, though only rank 0 ends up with the full tensors.
+        model_state = get_model_state_dict(model, options=_full_state_options())
+        if optimizer is not None:
+            optim_state = get_optimizer_state_dict(model, optimizer, options=_full_state_options())
+    elif optimizer is not None:
+        optim_state = optimizer.state_dict()
+    if rank != 0:
+        _barrier()
+        return final
+
+    # Capture the RNG before anything below could draw from it.
+    rng_state = _capture_rng()
+    scheduler_state = scheduler.state_dict() if scheduler is not None else None
+    # Fail on non-JSON values before creating any directory.
+    _encode(scheduler_state, "", None, "scheduler")
+    _encode(extra_state, "", None, "extra_state")
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=directory))
+    try:
+        if model_state is not None:
+            _write_gathered_model(model_state, model, tmp / MODEL_NAME)
+        else:
+            save_model(model, str(tmp / MODEL_NAME))  # drops tied aliases; load restores them from the module
+        _fsync(tmp / MODEL_NAME)
+        files = [MODEL_NAME]
+        files += _write_component(tmp, "optimizer", optim_state, {})
+        files += _write_component(tmp, "scheduler", scheduler_state, None)
+        files += _write_component(tmp, "rng", rng_state, {})
+        files += _write_component(tmp, "extra_state", dict(extra_state), None)
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "step": step,
+            # Sharded runs key optimizer state by name, replicated ones by index: not interchangeable.
+            "optimizer_keys": "fqn" if sharded else "index",
+            "files": sorted(files),
+            "torch_version": torch.__version__,
+        }
+        _write_json(tmp / META_NAME, meta)
+        _fsync_dir(tmp)
+        _move_into_place(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(directory)
+    _prune(directory, keep_last, final)
+    _barrier()
+    return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    # Re-saving a step (e.g. after resuming from an older checkpoint): rename() cannot replace a non-empty
+    # directory, so move the old one aside under a temp name that the next prune recognises as stale.
+    old = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-replaced-", dir=final.parent))
+    os.rmdir(old)
+    os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old)
+
+
+def _complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    found = []
+    if not directory.is_dir():
+        return found
+    for child in directory.iterdir():
+        match = _STEP_RE.match(child.name)
+        if not match or not child.is_dir():
+            continue
+        if _is_complete(child):
+            found.append((int(match.group(1)), child))
+        else:
+            warnings.warn(
+                f"ignoring incomplete checkpoint directory {child} (no valid {META_NAME})", stacklevel=3
+            )
+    return sorted(found)
+
+
+def _is_complete(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        return False
+    return all((folder / name).is_file() for name in meta.get("files", []))
+
+
+def _prune(directory: Path, keep_last: int, just_written: Path) -> None:
+    complete = _complete_checkpoints(directory)
+    for _, path in complete[:-keep_last]:
+        if path != just_written:
+            shutil.rmtree(path)
+    newest = complete[-1][0] if complete else -1
+    for child in directory.iterdir():
+        match = _TMP_RE.match(child.name)
+        # Single writer: a temp dir at or below the newest complete step is a killed save, never in progress.
+        if match and child.is_dir() and int(match.group(1)) <= newest:
+            shutil.rmtree(child)
+
+
+# ------------------------------------------------------------------------------------------------- load
+
+
+def latest_checkpoint(directory: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``directory``, or None if there is none."""
+    complete = _complete_checkpoints(Path(directory))
+    return complete[-1][1] if complete else None
+
+
+def load_checkpoint(
+    path: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """Restore model, optimizer, scheduler and RNG states from ``path``; return ``(step, extra_state)``.
+
+    Everything is read and validated before anything is changed, so a mismatch (shapes, parameter groups,
+    missing state) raises ``ValueError`` and leaves the model and optimizer as they were. Pass
+    ``optimizer=None`` / ``scheduler=None`` to load weights only. Call on every rank.
+    """
+    folder = Path(path)
+    if not _is_complete(folder):
+        raise FileNotFoundError(f"{folder} is not a complete mm15 checkpoint (no valid {META_NAME})")
+    meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{folder}: unsupported checkpoint format_version {meta.get('format_version')!r}")
+    sharded = _is_sharded(model)
+
+    model_state = _read_model_state(folder, model)
+    optim_state = _read_component(folder, "optimizer")
+    if optimizer is not None:
+        if optim_state is None:
+            raise ValueError(f"{folder} holds no optimizer state, but an optimizer was given to restore")
+        if meta["optimizer_keys"] != ("fqn" if sharded else "index"):
+            raise ValueError(
+                f"{folder}: optimizer state is keyed by parameter {meta['optimizer_keys']} (sharded runs use "
+                "fqn, replicated ones index) and cannot be loaded into this run's optimizer; "
+                "load weights only (optimizer=None)"
+            )
+        _validate_optimizer_state(optim_state, optimizer, folder)
+    scheduler_state = _read_component(folder, "scheduler")
+    if scheduler is not None and scheduler_state is None:
+        raise ValueError(f"{folder} holds no scheduler state, but a scheduler was given to restore")
+    rng_state = _read_component(folder, "rng")
+    extra_state = _read_component(folder, "extra_state")
+
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, model_state, options=options)
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+    else:
+        model.load_state_dict(model_state, strict=True)
+        if optimizer is not None:
+            optimizer.load_state_dict(optim_state)
+    if scheduler is not None:
+        scheduler.load_state_dict(scheduler_state)
+    _restore_rng(rng_state)
+    return int(meta["step"]), extra_state
+
+
+def _validate_optimizer_state(
+    state: Mapping[str, Any], optimizer: torch.optim.Optimizer, folder: Path
+) -> None:
+    saved_groups = state["param_groups"]
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"{folder}: checkpoint optimizer has {len(saved_groups)} param groups, "
+            f"this optimizer {len(groups)}"
+        )
+    param_of: dict[Any, torch.Tensor] = {}
+    for i, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"{folder}: optimizer param group {i} has {len(saved['params'])} parameters in the "
+                f"checkpoint, {len(group['params'])} here"
+            )
+        param_of.update(zip(saved["params"], group["params"], strict=True))
+    for key, per_param in state["state"].items():
+        if key not in param_of:
+            raise ValueError(f"{folder}: optimizer state for parameter {key!r}, which no param group lists")
+        param = param_of[key]
+        for name, value in per_param.items():
+            # Same-rank state (Adam moments, momentum) must match the parameter; lower-rank state (scalars,
+            # factored second moments) is the optimizer's business.
+            if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape != param.shape:
+                raise ValueError(
+                    f"{folder}: optimizer state {key}.{name} has shape {list(value.shape)}, "
+                    f"its parameter {list(param.shape)}"
+                )
+
+
+# ----------------------------------------------------------------------------------------------- export
+
+
+def export_final(model: nn.Module, out_dir: str | Path, rank: int | None = None) -> Path:
+    """Write the trained model for inference: ``model.save_pretrained(out_dir)`` (config + safetensors).
+
+    A module without ``save_pretrained`` gets its weights alone as ``out_dir/model.safetensors``. Only rank 0
+    writes; for a sharded model export from a checkpoint instead (its weights are already gathered).
+    """
+    out = Path(out_dir)
+    if _resolve_rank(rank) != 0:
+        return out
+    save_pretrained = getattr(model, "save_pretrained", None)
+    if callable(save_pretrained):
+        save_pretrained(out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        save_model(model, str(out / MODEL_NAME))
+    return out

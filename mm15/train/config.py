@@ -1,0 +1,739 @@
+"""Training recipes as typed, validated data: a model preset and an ordered list of stages.
+
+A recipe (``RecipeConfig``) names a model preset and lists its training stages (``StageConfig``) in order;
+each stage says where it starts from (``parent``), what it trains (``trainable``), how (``optimizer``,
+``schedule``, batch sizes) and on what (``data``: a mixture of named sources, ``image``: overrides of the
+preset's image plan). MM1.5's recipe is three stages: pre-training, high-resolution continual
+pre-training on OCR data and SFT (mm15-spec.md section 3); ``recipes/*.yaml`` holds it at several sizes.
+
+``load_recipe(path)`` reads YAML (``yaml.safe_load``) and validates everything it can before any model or
+data is touched (design principle 3): unknown keys, types, ranges, stage order, mixture weights and
+sources, batch-size arithmetic, image-plan overrides against the preset. Every error is a ``ValueError``
+naming the field by its path, e.g. ``recipe.stages[1].optimizer.lr: must be > 0, got -1``. What cannot be
+known at load time is checked when training starts: the world size (``StageConfig.grad_accum``) and that
+data paths and checkpoint directories exist (paths are only checked for syntax here, so the GPU recipes
+load on any machine).
+
+Sources. A mixture leaf is resolved to a data source by ``DataConfig.resolve_sources``:
+
+* an entry of ``data.sources``: ``"synth:<generator or category>"`` (the synthetic engine,
+  ``mm15.data.synth``) or ``"<format>:<path>"`` with format ``shards`` (WebDataset tar shards),
+  ``llava`` (LLaVA JSON/JSONL), ``interleaved`` or ``text`` (``mm15.data.sources`` readers);
+* otherwise a leaf named ``synth/<generator>`` is that generator, and a leaf named after a category that
+  has synthetic generators (``text-rich``, ``general``, ...) is all of that category's generators.
+
+Anything else is an unknown source, so a typo cannot silently turn into another data set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from mm15.data.mixture import MixtureNode, effective_weights
+from mm15.geometry import ImagePlanConfig
+
+ROOT = "recipe"
+
+MODULES: tuple[str, ...] = ("encoder", "connector", "llm", "routers")
+OptimizerName = Literal["adamw", "adafactor"]
+Autocast = Literal["auto", "bf16", "fp32"]
+NanPolicy = Literal["skip", "error"]
+OverBudget = Literal["drop", "error"]
+Sampling = Literal["random", "balanced"]
+
+# Source formats that read files; "synth" is the generator engine and takes no path.
+PATH_FORMATS: tuple[str, ...] = ("shards", "llava", "interleaved", "text")
+SYNTH = "synth"
+
+
+class _FieldError(ValueError):
+    """A validation error of one field, relative to the object being built; ``_build`` adds the path."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(f"{field_path}: {message}")
+        self.field_path = field_path
+        self.message = message
+
+
+# ----------------------------------------------------------------------------------- value parsers
+# Each parser takes (path, value) and returns the typed value or raises ValueError naming the path. They
+# are strict: YAML turns "1e-3" into a string and "yes" into a bool, and both should fail loudly.
+
+
+def _type_error(path: str, expected: str, value: Any) -> ValueError:
+    hint = ""
+    if isinstance(value, str) and _looks_numeric(value):
+        hint = " (YAML reads 1e-3 as a string: write 1.0e-3)"
+    return ValueError(f"{path}: must be {expected}, got {value!r} ({type(value).__name__}){hint}")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _int(path: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _type_error(path, "an integer", value)
+    return value
+
+
+def _float(path: str, value: Any) -> float:
+    # bool is an int subclass; "lr: true" is a mistake, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _type_error(path, "a number", value)
+    if not math.isfinite(value):
+        raise ValueError(f"{path}: must be finite, got {value}")
+    return float(value)
+
+
+def _bool(path: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _type_error(path, "true or false", value)
+    return value
+
+
+def _str(path: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _type_error(path, "a non-empty string", value)
+    return value
+
+
+def _opt(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
+    return lambda path, value: None if value is None else parse(path, value)
+
+
+def _choice(*allowed: str) -> Callable[[str, Any], str]:
+    def parse(path: str, value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"{path}: must be one of {list(allowed)}, got {value!r}")
+        return value
+
+    return parse
+
+
+def _list_of(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], tuple[Any, ...]]:
+    def parse_list(path: str, value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, list | tuple):
+            raise _type_error(path, "a list", value)
+        return tuple(parse(f"{path}[{i}]", v) for i, v in enumerate(value))
+
+    return parse_list
+
+
+def _map_of(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], dict[str, Any]]:
+    def parse_map(path: str, value: Any) -> dict[str, Any]:
+        if not isinstance(value, Mapping):
+            raise _type_error(path, "a mapping", value)
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"{path}: keys must be non-empty strings, got {key!r}")
+            out[key] = parse(f"{path}.{key}", item)
+        return out
+
+    return parse_map
+
+
+def _plain_mapping(path: str, value: Any) -> dict[str, Any]:
+    """A nested mapping kept as plain data (mixtures, model overrides); validated by its owner."""
+    if not isinstance(value, Mapping):
+        raise _type_error(path, "a mapping", value)
+    return {k: _plain_mapping(f"{path}.{k}", v) if isinstance(v, Mapping) else v for k, v in value.items()}
+
+
+def _nested(cls: type) -> Callable[[str, Any], Any]:
+    """A parser for a nested config: ``cls.from_dict(value, path)``."""
+    return lambda path, value: cls.from_dict(value, path)
+
+
+def _build(cls: type, path: str, kwargs: dict[str, Any]) -> Any:
+    try:
+        return cls(**kwargs)
+    except _FieldError as err:
+        raise ValueError(f"{path}.{err.field_path}: {err.message}") from None
+
+
+def _read(cls: type, path: str, data: Any, parsers: Mapping[str, Callable[[str, Any], Any]]) -> Any:
+    """Build dataclass ``cls`` from mapping ``data``: unknown keys and missing required fields are errors."""
+    if not isinstance(data, Mapping):
+        raise _type_error(path, "a mapping", data)
+    for key in data:
+        if key not in parsers:
+            raise ValueError(f"{path}.{key}: unknown key (allowed: {', '.join(parsers)})")
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in data:
+            raise ValueError(f"{path}.{f.name}: required")
+    return _build(cls, path, {k: parsers[k](f"{path}.{k}", v) for k, v in data.items()})
+
+
+def _plain(value: Any) -> Any:
+    """Dataclasses, tuples and dicts as YAML-ready plain data (tuples become lists)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _check(ok: bool, field_path: str, message: str) -> None:
+    if not ok:
+        raise _FieldError(field_path, message)
+
+
+def _check_choice(field_path: str, value: Any, allowed: tuple[str, ...], what: str = "value") -> None:
+    _check(value in allowed, field_path, f"unknown {what} {value!r} (one of {list(allowed)})")
+
+
+def _check_modules(field_path: str, names: Any) -> None:
+    for name in names:
+        _check(name in MODULES, field_path, f"unknown module {name!r} (one of {list(MODULES)})")
+
+
+def _looks_like_path(text: str) -> bool:
+    # A checkpoint directory is told apart from a (mistyped) stage name by its shape only; whether it exists
+    # is checked when the stage starts, so recipes stay loadable on machines without the checkpoints.
+    return "/" in text or "\\" in text or text.startswith((".", "~"))
+
+
+# ------------------------------------------------------------------------------------------ optimizer
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer and its per-module learning rates.
+
+    ``lr`` is the peak learning rate. A module's rate is ``module_lr[m]`` if given, else
+    ``lr * lr_scale.get(m, 1)``; naming a module in both is an error. ``weight_decay`` is torch's coupled
+    form (per-step decay = lr * weight_decay), so MM1's lambda = 0.1 * eta is ``weight_decay: 0.1``.
+    ``betas`` and ``eps`` are AdamW's; AdaFactor uses its own defaults for its second-moment decay.
+    """
+
+    name: OptimizerName = "adamw"
+    lr: float = 1e-4
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    module_lr: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check_choice("name", self.name, ("adamw", "adafactor"))
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        for key, table in (("lr_scale", self.lr_scale), ("module_lr", self.module_lr)):
+            _check_modules(key, table)
+            for module, value in table.items():
+                _check(value >= 0, f"{key}.{module}", f"must be >= 0, got {value}")
+        both = sorted(set(self.lr_scale) & set(self.module_lr))
+        _check(not both, "module_lr", f"modules {both} also have an lr_scale; give one or the other")
+        _check(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2, "betas", f"must be two numbers, got {list(self.betas)}")
+        for i, beta in enumerate(self.betas):
+            _check(0 <= beta < 1, f"betas[{i}]", f"must be in [0, 1), got {beta}")
+        _check(self.eps > 0, "eps", f"must be > 0, got {self.eps}")
+
+    def lr_for(self, module: str) -> float:
+        """Peak learning rate of ``module`` (one of ``MODULES``)."""
+        if module not in MODULES:
+            raise ValueError(f"unknown module {module!r} (one of {list(MODULES)})")
+        if module in self.module_lr:
+            return self.module_lr[module]
+        return self.lr * self.lr_scale.get(module, 1.0)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "optimizer") -> OptimizerConfig:
+        return _read(
+            cls,
+            path,
+            data,
+            {
+                "name": _choice("adamw", "adafactor"),
+                "lr": _float,
+                "lr_scale": _map_of(_float),
+                "module_lr": _map_of(_float),
+                "weight_decay": _float,
+                "betas": _list_of(_float),
+                "eps": _float,
+            },
+        )
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` of the peak (MM1: 10%).
+
+    ``total_steps`` is where the cosine reaches its floor; ``None`` means the stage's ``max_steps``.
+    """
+
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    total_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.total_steps is not None:
+            _check(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
+            _check(
+                self.warmup_steps <= self.total_steps,
+                "warmup_steps",
+                f"({self.warmup_steps}) must be <= total_steps ({self.total_steps})",
+            )
+
+    def factor(self, step: int, max_steps: int) -> float:
+        """The multiplier of the peak LR at optimizer step ``step`` (0-based)."""
+        total = self.total_steps or max_steps
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "schedule") -> ScheduleConfig:
+        return _read(
+            cls,
+            path,
+            data,
+            {"warmup_steps": _int, "min_lr_ratio": _float, "total_steps": _opt(_int)},
+        )
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def _synth_targets() -> tuple[set[str], set[str]]:
+    """Generator names, and the categories that have at least one generator."""
+    from mm15.data.synth import generators  # imports the generator modules; only needed to validate
+
+    registry = generators()
+    return set(registry), {g.category for g in registry.values()}
+
+
+def _check_source_spec(field_path: str, spec: str) -> None:
+    kind, sep, target = spec.partition(":")
+    formats = [SYNTH, *PATH_FORMATS]
+    _check(
+        bool(sep) and kind in formats and bool(target.strip()),
+        field_path,
+        f"must be '<format>:<target>' with format one of {formats}, got {spec!r}",
+    )
+    if kind == SYNTH:
+        names, categories = _synth_targets()
+        _check(
+            target in names or target in categories,
+            field_path,
+            f"unknown synthetic generator or category {target!r} "
+            f"(generators: {sorted(names)}; categories: {sorted(categories)})",
+        )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What a stage trains on.
+
+    ``mixture`` is the nested mapping ``MixtureNode.from_dict`` reads; ``sources`` maps leaf names to
+    source specs (module docstring). ``seq_length`` is the packed sequence length in tokens. Samples longer
+    than it are never truncated (an image span cut in half is a silent corruption): ``over_budget: drop``
+    skips and counts them, ``error`` stops. ``sampling: balanced`` draws every source equally in each batch
+    (MM1.5's OCR stage; needs equal effective weights), ``random`` draws i.i.d. from the mixture.
+    """
+
+    mixture: dict[str, Any]
+    sources: dict[str, str] = field(default_factory=dict)
+    seq_length: int = 4096
+    packing: bool = True
+    over_budget: OverBudget = "drop"
+    sampling: Sampling = "random"
+
+    def __post_init__(self) -> None:
+        _check(self.seq_length >= 1, "seq_length", f"must be >= 1, got {self.seq_length}")
+        _check_choice("over_budget", self.over_budget, ("drop", "error"))
+        _check_choice("sampling", self.sampling, ("random", "balanced"))
+        for name, spec in self.sources.items():
+            _check(isinstance(spec, str), f"sources.{name}", f"must be a string, got {spec!r}")
+            _check_source_spec(f"sources.{name}", spec)
+        try:
+            node = MixtureNode.from_dict(self.mixture, available=self._available())
+        except ValueError as err:
+            # MixtureNode errors read "mixture.a.b: message"; keep that path under this config's path.
+            where, _, message = str(err).partition(": ")
+            raise _FieldError(where, message) from None
+        leaves = {leaf.name for _, leaf, _ in node.leaves()}
+        unused = sorted(set(self.sources) - leaves)
+        # An unused source is almost always a misspelt leaf (which then failed above or went elsewhere).
+        _check(not unused, f"sources.{unused[0]}" if unused else "sources", "not used by the mixture")
+        if self.sampling == "balanced":
+            probs = list(effective_weights(node).values())
+            _check(
+                max(probs) - min(probs) <= 1e-9 * max(probs),
+                "sampling",
+                "'balanced' needs equal effective weights for all sources",
+            )
+
+    def _available(self) -> set[str]:
+        names, categories = _synth_targets()
+        return set(self.sources) | {f"{SYNTH}/{n}" for n in names} | categories
+
+    def mixture_node(self) -> MixtureNode:
+        """The mixture as a ``MixtureNode`` (root named ``mixture``)."""
+        return MixtureNode.from_dict(self.mixture)
+
+    def resolve_sources(self) -> dict[str, str]:
+        """Every mixture leaf's source spec (``synth:<...>`` or ``<format>:<path>``), in tree order."""
+        out: dict[str, str] = {}
+        for _, leaf, _ in self.mixture_node().leaves():
+            name = leaf.name
+            if name in self.sources:
+                out[name] = self.sources[name]
+            elif name.startswith(f"{SYNTH}/"):
+                out[name] = f"{SYNTH}:{name[len(SYNTH) + 1 :]}"
+            else:
+                out[name] = f"{SYNTH}:{name}"
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "data") -> DataConfig:
+        return _read(
+            cls,
+            path,
+            data,
+            {
+                "mixture": _plain_mapping,
+                "sources": _map_of(_str),
+                "seq_length": _int,
+                "packing": _bool,
+                "over_budget": _choice("drop", "error"),
+                "sampling": _choice("random", "balanced"),
+            },
+        )
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Overrides of the preset's ``ImagePlanConfig`` for one stage; ``None`` keeps the preset's value.
+
+    ``tile_size`` must stay the encoder's input size (the model checks it when built, and so does
+    ``RecipeConfig`` at load time); a stage gets more pixels per image by splitting into more tiles.
+    """
+
+    tile_size: int | None = None
+    n_min: int | None = None
+    n_max: int | None = None
+    split: bool | None = None
+    overview: Literal["after", "before", "none"] | None = None
+    indicator: Literal["none", "index", "separators"] | None = None
+    max_images_to_split: int | None = None
+
+    def apply(self, base: ImagePlanConfig) -> ImagePlanConfig:
+        """``base`` with these overrides (validated by ``ImagePlanConfig``)."""
+        changes = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "image") -> ImageConfig:
+        return _read(
+            cls,
+            path,
+            data,
+            {
+                "tile_size": _opt(_int),
+                "n_min": _opt(_int),
+                "n_max": _opt(_int),
+                "split": _opt(_bool),
+                "overview": _opt(_choice("after", "before", "none")),
+                "indicator": _opt(_choice("none", "index", "separators")),
+                "max_images_to_split": _opt(_int),
+            },
+        )
+
+
+# ---------------------------------------------------------------------------------------------- stage
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage.
+
+    ``parent``: ``"init"`` (the preset's weights; first stage only), the name of an earlier stage, or a
+    checkpoint directory (a path; existence is checked when the stage starts). ``trainable`` lists the
+    modules that get gradients; ``routers`` are the MoE routers (absent in dense models). ``global_batch``
+    is samples per optimizer step = ``micro_batch * grad_accum * world_size``. ``eval_every`` = 0 turns
+    evaluation off. ``nan_policy``: ``skip`` drops a step whose loss or gradient is not finite (counted),
+    ``error`` stops. ``max_corrupt_fraction``: the run stops once more than this fraction of samples were
+    skipped as corrupt (principle 2: skips are counted, never unbounded).
+    """
+
+    name: str
+    data: DataConfig
+    parent: str = "init"
+    trainable: tuple[str, ...] = ("encoder", "connector", "llm", "routers")
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    global_batch: int = 256
+    micro_batch: int = 1
+    max_steps: int = 1000
+    eval_every: int = 0
+    save_every: int = 1000
+    keep_last: int = 2
+    autocast: Autocast = "auto"
+    compile: bool = False
+    grad_checkpointing: bool = False
+    max_grad_norm: float = 1.0
+    nan_policy: NanPolicy = "error"
+    max_corrupt_fraction: float = 0.01
+    image: ImageConfig = field(default_factory=ImageConfig)
+
+    def __post_init__(self) -> None:
+        ok_name = bool(self.name) and "/" not in self.name
+        _check(ok_name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        _check(bool(self.parent), "parent", "must be non-empty")
+        _check(bool(self.trainable), "trainable", "must name at least one module")
+        _check_modules("trainable", self.trainable)
+        dupes = sorted({m for m in self.trainable if self.trainable.count(m) > 1})
+        _check(not dupes, "trainable", f"lists {dupes} twice")
+        for key in ("global_batch", "micro_batch", "max_steps", "save_every", "keep_last"):
+            value = getattr(self, key)
+            _check(value >= 1, key, f"must be >= 1, got {value}")
+        _check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 = off), got {self.eval_every}")
+        _check(
+            self.global_batch % self.micro_batch == 0,
+            "global_batch",
+            f"({self.global_batch}) must be a multiple of micro_batch ({self.micro_batch})",
+        )
+        _check_choice("autocast", self.autocast, ("auto", "bf16", "fp32"))
+        _check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
+        _check_choice("nan_policy", self.nan_policy, ("skip", "error"))
+        _check(
+            0 <= self.max_corrupt_fraction <= 1,
+            "max_corrupt_fraction",
+            f"must be in [0, 1], got {self.max_corrupt_fraction}",
+        )
+        total = self.schedule.total_steps or self.max_steps
+        _check(
+            self.schedule.warmup_steps <= total,
+            "schedule.warmup_steps",
+            f"({self.schedule.warmup_steps}) must be <= the schedule's total steps ({total})",
+        )
+
+    def grad_accum(self, world_size: int = 1) -> int:
+        """Micro-batches per optimizer step on each rank; raises unless ``global_batch`` divides evenly."""
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        per_step = self.micro_batch * world_size
+        if self.global_batch % per_step:
+            raise ValueError(
+                f"stage {self.name!r}: global_batch ({self.global_batch}) must be a multiple of "
+                f"micro_batch * world_size ({self.micro_batch} * {world_size} = {per_step})"
+            )
+        return self.global_batch // per_step
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "stage") -> StageConfig:
+        return _read(
+            cls,
+            path,
+            data,
+            {
+                "name": _str,
+                "parent": _str,
+                "trainable": _list_of(_str),
+                "optimizer": _nested(OptimizerConfig),
+                "schedule": _nested(ScheduleConfig),
+                "global_batch": _int,
+                "micro_batch": _int,
+                "max_steps": _int,
+                "eval_every": _int,
+                "save_every": _int,
+                "keep_last": _int,
+                "autocast": _choice("auto", "bf16", "fp32"),
+                "compile": _bool,
+                "grad_checkpointing": _bool,
+                "max_grad_norm": _float,
+                "nan_policy": _choice("skip", "error"),
+                "max_corrupt_fraction": _float,
+                "data": _nested(DataConfig),
+                "image": _nested(ImageConfig),
+            },
+        )
+
+
+# --------------------------------------------------------------------------------------------- recipe
+
+# Sections of MM15Config that ``model.overrides`` may change, field by field.
+_OVERRIDE_SECTIONS: tuple[str, ...] = ("vision", "connector", "llm", "moe", "image")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model: a preset name (``mm15.model.presets``), its local weight paths, and field overrides.
+
+    ``overrides`` is ``{section: {field: value}}`` for sections vision, connector, llm, moe and image of
+    ``MM15Config``, e.g. ``{"llm": {"num_layers": 2}}``.
+    """
+
+    preset: str
+    vision_path: str | None = None
+    llm_path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.build()
+
+    def build(self) -> Any:
+        """The ``MM15Config`` this describes (no weights are loaded)."""
+        from mm15.model.presets import PRESETS, preset
+
+        _check(self.preset in PRESETS, "preset", f"unknown preset {self.preset!r} (one of {sorted(PRESETS)})")
+        paths = {k: v for k, v in (("vision_path", self.vision_path), ("llm_path", self.llm_path)) if v}
+        if paths and self.preset in ("tiny", "smol"):
+            raise _FieldError(next(iter(paths)), f"preset {self.preset!r} takes no weight paths")
+        cfg = preset(self.preset, **paths)
+        changes = {}
+        for section, values in self.overrides.items():
+            _check_choice(f"overrides.{section}", section, _OVERRIDE_SECTIONS, what="section")
+            _check(isinstance(values, Mapping), f"overrides.{section}", f"must be a mapping, got {values!r}")
+            current = getattr(cfg, section)
+            _check(current is not None, f"overrides.{section}", f"preset {self.preset!r} has no {section}")
+            known = {f.name for f in dataclasses.fields(current)}
+            for key in values:
+                _check(key in known, f"overrides.{section}.{key}", f"unknown field (one of {sorted(known)})")
+            try:
+                changes[section] = dataclasses.replace(current, **values)
+            except (ValueError, TypeError) as err:
+                raise _FieldError(f"overrides.{section}", str(err)) from None
+        return dataclasses.replace(cfg, **changes)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "model") -> ModelSpec:
+        return _read(
+            cls,
+            path,
+            data,
+            {"preset": _str, "vision_path": _opt(_str), "llm_path": _opt(_str), "overrides": _plain_mapping},
+        )
+
+
+def _encoder_input_size(cfg: Any) -> int | None:
+    vision = cfg.vision
+    return vision.input_size or vision.image_size
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    """A model and its ordered training stages (unique names; parents only point backwards).
+
+    ``output_dir`` holds one sub-directory per stage; ``None`` means ``runs/<name>``.
+    """
+
+    name: str
+    model: ModelSpec
+    stages: tuple[StageConfig, ...]
+    seed: int = 0
+    output_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "must be non-empty")
+        _check(bool(self.stages), "stages", "must list at least one stage")
+        seen: list[str] = []
+        names = [s.name for s in self.stages]
+        for i, stage in enumerate(self.stages):
+            where = f"stages[{i}]"
+            _check(stage.name not in seen, f"{where}.name", f"duplicate stage name {stage.name!r}")
+            parent = stage.parent
+            if parent == "init":
+                _check(i == 0, f"{where}.parent", "'init' is only for the first stage; name an earlier stage")
+            elif parent == stage.name:
+                raise _FieldError(f"{where}.parent", f"stage {stage.name!r} cannot be its own parent")
+            elif parent in names and parent not in seen:
+                raise _FieldError(f"{where}.parent", f"{parent!r} is a later stage (parents come first)")
+            elif parent not in seen:
+                _check(
+                    _looks_like_path(parent),
+                    f"{where}.parent",
+                    f"{parent!r} is neither 'init', an earlier stage ({seen}) nor a checkpoint path",
+                )
+            seen.append(stage.name)
+            self._check_image(i, stage)
+
+    def _check_image(self, index: int, stage: StageConfig) -> None:
+        where = f"stages[{index}].image"
+        base = self.model.build()
+        try:
+            plan = stage.image.apply(base.image)
+        except ValueError as err:
+            raise _FieldError(where, str(err)) from None
+        encoder = _encoder_input_size(base)
+        _check(
+            encoder is None or plan.tile_size == encoder,
+            f"{where}.tile_size",
+            f"{plan.tile_size} is not the encoder's input size {encoder} (change the encoder with "
+            "model.overrides.vision.input_size and connector.num_patches instead)",
+        )
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def stage(self, name: str) -> StageConfig:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        names = [s.name for s in self.stages]
+        raise ValueError(f"recipe {self.name!r} has no stage {name!r} (stages: {names})")
+
+    def image_plan(self, stage: str) -> ImagePlanConfig:
+        """The preset's image plan with ``stage``'s overrides."""
+        return self.stage(stage).image.apply(self.model.build().image)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that ``from_dict`` reads back to an equal config (and ``yaml.safe_dump`` writes)."""
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = ROOT) -> RecipeConfig:
+        def stages(p: str, value: Any) -> tuple[StageConfig, ...]:
+            if not isinstance(value, list):
+                raise _type_error(p, "a list of stages", value)
+            out = []
+            for i, item in enumerate(value):
+                if isinstance(item, Mapping) and "parent" not in item:
+                    # Default parent: the previous stage, so a linear recipe need not repeat the chain.
+                    item = {**item, "parent": out[-1].name if out else "init"}
+                out.append(StageConfig.from_dict(item, f"{p}[{i}]"))
+            return tuple(out)
+
+        return _read(
+            cls,
+            path,
+            data,
+            {
+                "name": _str,
+                "model": _nested(ModelSpec),
+                "stages": stages,
+                "seed": _int,
+                "output_dir": _opt(_str),
+            },
+        )
+
+
+def load_recipe(path: str | Path) -> RecipeConfig:
+    """Read and validate a YAML recipe; errors name the field path (``recipe.stages[1].optimizer.lr``)."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    return RecipeConfig.from_dict(data)

@@ -1,0 +1,166 @@
+"""The training data stream: mixture -> sources -> samples -> tokens and images -> packed micro-batches.
+
+``TrainStream`` draws a source name per sample from a ``MixtureSampler``, takes that source's next
+sample, encodes it (``ChatEncoder``: chat template, assistant-only labels, length budget), loads its
+images, and packs encoded samples into micro-batches (``collate``). What cannot be used is skipped and
+counted, never silently lost: samples over the length budget (``too_long``) and samples with an image
+that does not decode (``corrupt``); past ``max_corrupt_fraction`` of the samples seen the stream stops
+with an error, since a data set that broken should not train quietly.
+
+A source is named by a spec: ``synth:<generator>`` or ``synth:<category>`` (the category's generators
+in turn), or ``shards:<folder>`` (WebDataset shards from ``mm15 data``). Its position is a counter, so
+``state_dict()`` (the mixture's state plus every source's counter and the skip counts) restores the
+stream exactly: a resumed run sees the same samples in the same order.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mm15.chat import ChatEncoder, EncodedSample, SampleTooLong
+from mm15.data.mixture import MixtureSampler
+from mm15.data.packing import Batch, collate
+from mm15.data.sample import Sample
+from mm15.image import ImageError, ImageProcessor, load_image
+
+
+class CorruptDataError(RuntimeError):
+    """Too many samples could not be used."""
+
+
+class SampleSource:
+    """An indexable stream of samples for one source spec (module docstring)."""
+
+    def __init__(self, spec: str, split: str = "train", seed: int = 0) -> None:
+        kind, _, target = spec.partition(":")
+        self.spec = spec
+        self.position = 0
+        self._iter: Iterator[Sample] | None = None
+        if kind == "synth":
+            from mm15.data.commands import synth_names
+
+            self.names = synth_names(target)
+            self.split, self.seed = split, seed
+        elif kind == "shards":
+            from mm15.data.sources import ShardReader
+
+            self.reader = ShardReader(target)
+        else:
+            raise ValueError(
+                f"source spec {spec!r}: must be 'synth:<generator or category>' or 'shards:<dir>'"
+            )
+        self.kind = kind
+
+    def next(self) -> Sample:
+        index = self.position
+        self.position += 1
+        if self.kind == "synth":
+            from mm15.data.synth import generate
+
+            name = self.names[index % len(self.names)]
+            return generate(name, index // len(self.names), split=self.split, seed=self.seed)  # type: ignore[arg-type]
+        if self._iter is None:
+            # Resuming: skip what was consumed (shards are streamed, so position is a sample count).
+            self._iter = itertools.islice(itertools.cycle(self.reader), index, None)
+        return next(self._iter)
+
+    def seek(self, position: int) -> None:
+        self.position = position
+        self._iter = None
+
+
+@dataclass
+class MicroBatch:
+    batch: Batch
+    pixel_values: torch.Tensor | None
+    samples: list[EncodedSample]
+    token_source: torch.Tensor  # (rows, length) index into TrainStream.source_names, -1 on padding
+    images: int
+
+
+class TrainStream:
+    """Micro-batches of about ``tokens_per_micro`` tokens (module docstring)."""
+
+    def __init__(
+        self,
+        sampler: MixtureSampler,
+        sources: Mapping[str, str],
+        encoder: ChatEncoder,
+        images: ImageProcessor,
+        samples_per_micro: int,
+        pad_id: int,
+        packed: bool = True,
+        max_corrupt_fraction: float = 0.01,
+        seed: int = 0,
+    ) -> None:
+        self.sampler = sampler
+        self.source_names = sorted(sources)
+        self.sources = {name: SampleSource(spec, seed=seed) for name, spec in sources.items()}
+        self.encoder = encoder
+        self.images = images
+        self.samples_per_micro = samples_per_micro
+        self.pad_id = pad_id
+        self.packed = packed
+        self.max_corrupt_fraction = max_corrupt_fraction
+        self.skipped: Counter[str] = Counter()
+        self.seen = 0
+
+    def _next_encoded(self) -> tuple[EncodedSample, list[Any], str]:
+        while True:
+            name = self.sampler.next()
+            sample = self.sources[name].next()
+            self.seen += 1
+            try:
+                pictures = [load_image(ref, name=f"{sample.id}[{i}]") for i, ref in enumerate(sample.images)]
+                encoded = self.encoder.encode(sample, [(p.height, p.width) for p in pictures])
+            except SampleTooLong:
+                self.skipped["too_long"] += 1
+                continue
+            except ImageError:
+                self.skipped["corrupt"] += 1
+                if self.skipped["corrupt"] > self.max_corrupt_fraction * max(self.seen, 100):
+                    raise CorruptDataError(
+                        f"{self.skipped['corrupt']} of {self.seen} samples had images that do not decode, "
+                        f"over max_corrupt_fraction={self.max_corrupt_fraction}"
+                    ) from None
+                continue
+            return encoded, pictures, name
+
+    def next_micro(self) -> MicroBatch:
+        drawn = [self._next_encoded() for _ in range(self.samples_per_micro)]
+        samples = [encoded for encoded, _, _ in drawn]
+        batch = collate(samples, self.pad_id, self.encoder.max_length, packed=self.packed)
+        order = batch.sample_order
+        pictures = [p for i in order for p in drawn[i][1]]
+        plans = [plan for i in order for plan in samples[i].plans]
+        pixel_values = self.images(pictures, plans).pixel_values if pictures else None
+        token_source = torch.full_like(batch.input_ids, -1)
+        source_index = {name: k for k, name in enumerate(self.source_names)}
+        for r, row in enumerate(batch.rows):
+            start = 0
+            for i in row:
+                n = len(samples[i].input_ids)
+                token_source[r, start : start + n] = source_index[drawn[i][2]]
+                start += n
+        return MicroBatch(batch, pixel_values, samples, token_source, len(pictures))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "mixture": self.sampler.state_dict(),
+            "positions": {name: source.position for name, source in self.sources.items()},
+            "skipped": dict(self.skipped),
+            "seen": self.seen,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sampler.load_state_dict(state["mixture"])
+        for name, position in state["positions"].items():
+            self.sources[name].seek(int(position))
+        self.skipped = Counter(state.get("skipped", {}))
+        self.seen = int(state.get("seen", 0))

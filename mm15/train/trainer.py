@@ -1,0 +1,200 @@
+"""The training loop of one stage: optimizer groups, warmup + cosine, accumulation, autocast, metrics.
+
+``run_stage`` trains ``model`` for a stage of a recipe. Every optimizer step is ``accum`` micro-batches
+from the ``TrainStream``; the loss of each micro-batch is weighted by its share of the step's
+supervised tokens, so the step's gradient is that of the mean over all its supervised tokens, whatever
+the packing. Per step it records the loss and the loss of every source, the MoE auxiliary losses,
+tokens/s and images/s, MFU against this machine's measured matmul rate, the fraction of the step spent
+waiting for data, peak memory, the learning rate and the realised mixture.
+
+A NaN or infinite loss stops the stage with ``NonFiniteLoss`` before the optimizer step, so the
+weights and the last checkpoint stay good. Checkpoints (``mm15.train.checkpoint``) hold the model,
+optimizer, scheduler, RNG states and the data stream's position, so a resumed stage continues the
+identical loss curve.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from mm15.hardware import autocast
+from mm15.model.mm15 import MM15Model
+from mm15.train.data import TrainStream
+
+MODULES = ("encoder", "connector", "llm", "routers")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the stage stopped before applying the step."""
+
+
+def module_parameters(model: MM15Model) -> dict[str, list[torch.nn.Parameter]]:
+    """The model's parameters by trainable module: encoder, connector, llm and the MoE routers."""
+    routers = [p for name, p in model.llm.named_parameters() if ".router." in f".{name}"]
+    router_ids = {id(p) for p in routers}
+    return {
+        "encoder": list(model.vision.parameters()),
+        "connector": list(model.connector.parameters()),
+        "llm": [p for p in model.llm.parameters() if id(p) not in router_ids],
+        "routers": routers,
+    }
+
+
+def build_optimizer(
+    model: MM15Model,
+    trainable: Iterable[str],
+    lr: dict[str, float],
+    name: str = "adamw",
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """One parameter group per trainable module with its own learning rate; the rest is frozen."""
+    trainable = set(trainable)
+    unknown = trainable - set(MODULES)
+    if unknown:
+        raise ValueError(f"unknown trainable modules {sorted(unknown)}; choose from {MODULES}")
+    groups = []
+    for module, params in module_parameters(model).items():
+        for p in params:
+            p.requires_grad_(module in trainable)
+        if module in trainable and params:
+            groups.append({"params": params, "lr": lr[module], "name": module})
+    if not groups:
+        raise ValueError("no trainable parameters: the stage's trainable modules are all empty")
+    if name == "adamw":
+        return torch.optim.AdamW(groups, betas=betas, eps=eps, weight_decay=weight_decay)
+    if name == "adafactor":
+        return torch.optim.Adafactor(groups, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: adamw or adafactor")
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    source_loss: dict[str, float]
+    aux: dict[str, float]
+    lr: float
+    tokens_per_s: float
+    images_per_s: float
+    mfu: float
+    data_wait: float
+    peak_rss_gib: float
+    supervised_tokens: int
+    mixture: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def train_step(
+    model: MM15Model,
+    stream: TrainStream,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    accum: int,
+    step: int,
+    dtype: torch.dtype,
+    max_grad_norm: float,
+    peak_flops: float,
+    loss_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> StepMetrics:
+    """One optimizer step over ``accum`` micro-batches (module docstring)."""
+    start = time.perf_counter()
+    waited = 0.0
+    micros = []
+    for _ in range(accum):
+        t = time.perf_counter()
+        micros.append(stream.next_micro())
+        waited += time.perf_counter() - t
+    total_supervised = sum(int((m.batch.labels[:, 1:] != -100).sum()) for m in micros)
+    if total_supervised == 0:
+        raise RuntimeError(f"step {step}: no supervised tokens in {accum} micro-batches")
+    source_sum: dict[str, float] = {}
+    source_count: dict[str, int] = {}
+    loss_total = 0.0
+    aux_total: dict[str, float] = {}
+    tokens = images = 0
+    for micro in micros:
+        batch = micro.batch
+        with autocast(dtype):
+            out = model(
+                batch.input_ids,
+                batch.attention_mask,
+                micro.pixel_values,
+                labels=batch.labels,
+                position_ids=batch.position_ids,
+            )
+        targets = batch.labels[:, 1:]
+        supervised = targets != -100
+        per_token = F.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
+        share = int(supervised.sum()) / total_supervised
+        loss = per_token.mean() * share
+        if out.aux:
+            loss = loss + out.aux["total"] / len(micros)
+            for key, value in out.aux.items():
+                aux_total[key] = aux_total.get(key, 0.0) + float(value) / len(micros)
+        if loss_hook is not None:
+            loss = loss_hook(loss)
+        if not torch.isfinite(loss.detach()):
+            optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteLoss(f"step {step}: the loss is {loss.item()}; stopped before the update")
+        loss.backward()
+        loss_total += float(per_token.detach().sum())
+        sources = micro.token_source[:, 1:][supervised]
+        for index in sources.unique().tolist():
+            name = stream.source_names[index]
+            chosen = per_token.detach()[sources == index]
+            source_sum[name] = source_sum.get(name, 0.0) + float(chosen.sum())
+            source_count[name] = source_count.get(name, 0) + int(chosen.numel())
+        tokens += batch.real_tokens
+        images += micro.images
+    if max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(
+            [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm
+        )
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler.step()
+    seconds = time.perf_counter() - start
+    params = sum(p.numel() for p in model.parameters())
+    return StepMetrics(
+        step=step,
+        loss=loss_total / total_supervised,
+        source_loss={k: source_sum[k] / source_count[k] for k in sorted(source_sum)},
+        aux=aux_total,
+        lr=lr,
+        tokens_per_s=tokens / seconds,
+        images_per_s=images / seconds,
+        mfu=6.0 * params * tokens / seconds / peak_flops if peak_flops > 0 else 0.0,
+        data_wait=waited / seconds,
+        peak_rss_gib=_peak_rss_gib(),
+        supervised_tokens=total_supervised,
+        mixture=stream.sampler.realised(),
+    )

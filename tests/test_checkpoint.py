@@ -1,0 +1,242 @@
+"""Checkpoints: exact resume, RNG restore, keep-last-N, crash safety, no unpickling, clear mismatches."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+import mm15.train.checkpoint as ckpt
+from mm15.train.checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+
+VOCAB = 16
+
+
+@pytest.fixture(autouse=True)
+def single_thread() -> Iterator[None]:
+    # Ops this small are dominated by intra-op thread hand-offs; on a shared, busy CPU two threads made each
+    # step ~100x slower. One thread also keeps the exact-equality checks independent of the machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyLM(nn.Module):
+    """Embedding -> residual MLP with dropout -> head tied to the embedding (exercises tied weights)."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.2), nn.Linear(hidden, dim))
+        self.head = nn.Linear(dim, VOCAB, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        return self.head(h + self.mlp(h))
+
+
+Run = tuple[TinyLM, torch.optim.Optimizer, LambdaLR]
+
+
+def make_run(seed: int, hidden: int = 16, one_group: bool = False) -> Run:
+    torch.manual_seed(seed)
+    model = TinyLM(hidden=hidden)
+    matrices = [p for p in model.parameters() if p.ndim >= 2]
+    vectors = [p for p in model.parameters() if p.ndim < 2]
+    groups = (
+        [{"params": list(model.parameters())}]
+        if one_group
+        else [{"params": matrices, "weight_decay": 0.1}, {"params": vectors, "weight_decay": 0.0}]
+    )
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    scheduler = LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 4))
+    return model, optimizer, scheduler
+
+
+def train(run: Run, steps: int) -> list[float]:
+    """Steps whose batches and loss draw from the torch, numpy and Python RNGs, so all three must resume."""
+    model, optimizer, scheduler = run
+    model.train()
+    losses = []
+    for _ in range(steps):
+        tokens = torch.randint(0, VOCAB, (4, 6))
+        scale = 1.0 + 0.1 * float(np.random.rand()) + 0.1 * random.random()
+        logits = model(tokens)
+        loss = scale * F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def save(run: Run, directory: Path, step: int, keep_last: int = 3, **extra: object) -> Path:
+    model, optimizer, scheduler = run
+    return save_checkpoint(directory, step, model, optimizer, scheduler, {"step": step, **extra}, keep_last)
+
+
+def test_resume_continues_the_identical_loss_curve(tmp_path: Path) -> None:
+    seed_all(0)
+    run = make_run(seed=0)
+    train(run, 3)
+    extra = {"data": {"version": 1, "step": 3, "counts": {"pdfa": 2}}, "losses": [1.5, 1.25], "cfg": (1, "a")}
+    path = save_checkpoint(tmp_path, 3, *run, extra_state=extra, keep_last=2)
+    assert path == tmp_path / "step-00000003"
+    expected_losses = train(run, 4)
+    expected_params = {k: v.clone() for k, v in run[0].state_dict().items()}
+
+    fresh = make_run(seed=123)  # different init and RNG: everything must come from the checkpoint
+    step, extra_state = load_checkpoint(latest_checkpoint(tmp_path), *fresh)
+    assert step == 3
+    assert extra_state == extra  # tuples survive the JSON round trip
+    assert fresh[2].last_epoch == 3
+    assert train(fresh, 4) == expected_losses
+    for key, value in fresh[0].state_dict().items():
+        assert torch.equal(value, expected_params[key]), key
+    assert fresh[0].head.weight is fresh[0].embed.weight  # loading keeps the tie
+
+
+def test_rng_states_are_restored(tmp_path: Path) -> None:
+    seed_all(1)
+    np.random.randn(1)  # leaves a cached Gaussian in numpy's legacy state
+    random.gauss(0.0, 1.0)  # and in Python's
+    run = make_run(seed=1)
+    save(run, tmp_path, 0)
+
+    def draws() -> tuple[list[float], list[float], list[float]]:
+        return (
+            torch.rand(5).tolist(),
+            [random.random() for _ in range(3)] + [random.gauss(0.0, 1.0)],
+            np.random.rand(3).tolist() + np.random.randn(2).tolist(),
+        )
+
+    after_save = draws()
+    seed_all(99)
+    load_checkpoint(tmp_path / "step-00000000", *make_run(seed=2))
+    assert draws() == after_save
+
+
+def test_keep_last_n_and_stale_temp_dirs(tmp_path: Path) -> None:
+    run = make_run(seed=0)
+    stale = tmp_path / ".tmp-step-00000002-killed"  # what a save killed by SIGKILL leaves behind
+    stale.mkdir(parents=True)
+    (stale / "meta.json").write_text("{}")
+    for step in range(1, 6):
+        save(run, tmp_path, step, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000005"
+    # Re-saving an existing step replaces it atomically.
+    save(run, tmp_path, 5, keep_last=2, note="again")
+    assert load_checkpoint(tmp_path / "step-00000005", *make_run(seed=0))[1]["note"] == "again"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000004", "step-00000005"]
+
+
+def test_incomplete_dirs_are_not_checkpoints(tmp_path: Path) -> None:
+    assert latest_checkpoint(tmp_path / "missing") is None
+    run = make_run(seed=0)
+    save(run, tmp_path, 1)
+    (tmp_path / "step-00000009").mkdir()  # e.g. a half-copied directory without meta.json
+    (tmp_path / ".tmp-step-00000010-x").mkdir()
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert latest_checkpoint(tmp_path) == tmp_path / "step-00000001"
+    with pytest.raises(FileNotFoundError, match="not a complete"):
+        load_checkpoint(tmp_path / "step-00000009", *make_run(seed=0))
+
+
+@pytest.mark.parametrize("failing", ["save_file", "rename"])
+def test_crash_mid_save_keeps_previous_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
+) -> None:
+    run = make_run(seed=0)
+    train(run, 1)
+    save(run, tmp_path, 1)
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError("simulated crash: disk full")
+
+    with monkeypatch.context() as patch:
+        if failing == "save_file":
+            patch.setattr(ckpt, "save_file", crash)
+        else:
+            patch.setattr(ckpt.os, "rename", crash)
+        with pytest.raises(OSError, match="simulated crash"):
+            save(run, tmp_path, 2)
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-00000001"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000001"]  # no partial dir left either
+    assert load_checkpoint(latest_checkpoint(tmp_path), *make_run(seed=5))[0] == 1
+
+
+def test_loading_never_unpickles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = make_run(seed=0)
+    train(run, 2)
+    path = save(run, tmp_path, 2)
+    assert {p.suffix for p in path.iterdir()} == {".json", ".safetensors"}
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["step"] == 2 and meta["format_version"] == ckpt.FORMAT_VERSION
+    assert sorted(meta["files"]) == sorted(p.name for p in path.iterdir() if p.name != "meta.json")
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a checkpoint load must never unpickle")
+
+    for module, name in [(pickle, "loads"), (pickle, "load"), (torch, "load")]:
+        monkeypatch.setattr(module, name, forbidden)
+    assert load_checkpoint(path, *make_run(seed=1))[0] == 2
+
+
+def test_mismatches_raise_clearly_and_change_nothing(tmp_path: Path) -> None:
+    run = make_run(seed=0)
+    train(run, 1)
+    path = save(run, tmp_path, 1)
+
+    wider = make_run(seed=0, hidden=32)
+    before = {k: v.clone() for k, v in wider[0].state_dict().items()}
+    with pytest.raises(
+        ValueError, match=r"shape mismatch:\n  mlp\.0\.weight: checkpoint \[16, 8\] vs model \[32, 8\]"
+    ):
+        load_checkpoint(path, *wider)
+    assert all(torch.equal(v, before[k]) for k, v in wider[0].state_dict().items())
+
+    with pytest.raises(ValueError, match="2 param groups, this optimizer 1"):
+        load_checkpoint(path, *make_run(seed=0, one_group=True))
+
+
+def test_non_json_state_is_refused_before_writing(tmp_path: Path) -> None:
+    run = make_run(seed=0)
+    with pytest.raises(TypeError, match=r"extra_state: value at metrics\.loss is a torch\.Tensor"):
+        save(run, tmp_path, 1, metrics={"loss": torch.tensor(1.0)})
+    with pytest.raises(TypeError, match=r"extra_state: value at cfg has type object"):
+        save(run, tmp_path, 1, cfg=object())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_final(tmp_path: Path) -> None:
+    model = make_run(seed=0)[0]
+    out = export_final(model, tmp_path / "plain")
+    assert (out / "model.safetensors").is_file()
+
+    class WithPretrained(TinyLM):
+        def save_pretrained(self, path: Path) -> None:
+            Path(path).mkdir(parents=True)
+            (Path(path) / "config.json").write_text("{}")
+
+    assert (export_final(WithPretrained(), tmp_path / "hf") / "config.json").is_file()
+    export_final(model, tmp_path / "other", rank=1)  # only rank 0 writes
+    assert not (tmp_path / "other").exists()

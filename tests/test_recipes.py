@@ -1,0 +1,230 @@
+"""Recipes: every YAML under recipes/ validates, bad recipes fail naming the field path, and round trips."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mm15.data.mixture import SFT_TOP_WEIGHTS, effective_weights, sft_mixture
+from mm15.train.config import (
+    DataConfig,
+    OptimizerConfig,
+    RecipeConfig,
+    ScheduleConfig,
+    load_recipe,
+)
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPE_FILES = sorted(RECIPES.glob("*.yaml"))
+GPU_RECIPES = ("mm15-1b", "mm15-3b", "mm15-3b-moe")
+
+
+def _tiny() -> dict[str, Any]:
+    return yaml.safe_load((RECIPES / "tiny.yaml").read_text())
+
+
+def test_recipes_exist() -> None:
+    names = {p.stem for p in RECIPE_FILES}
+    assert {"tiny", "smol", *GPU_RECIPES} <= names
+
+
+@pytest.mark.parametrize("path", RECIPE_FILES, ids=lambda p: p.stem)
+def test_recipe_loads_and_round_trips(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert [s.name for s in recipe.stages] == ["pretrain", "ocr", "sft"]
+    assert recipe.stages[0].parent == "init"
+    assert [s.parent for s in recipe.stages[1:]] == ["pretrain", "ocr"]
+    # Through YAML text as well, so to_dict() holds only what safe_dump can write.
+    data = yaml.safe_load(yaml.safe_dump(recipe.to_dict()))
+    assert RecipeConfig.from_dict(data) == recipe
+    assert RecipeConfig.from_dict(recipe.to_dict()).to_dict() == recipe.to_dict()
+    for stage in recipe.stages:
+        assert stage.grad_accum(1) * stage.micro_batch == stage.global_batch
+        leaves = {leaf.name for _, leaf, _ in stage.data.mixture_node().leaves()}
+        assert set(stage.data.resolve_sources()) == leaves
+
+
+@pytest.mark.parametrize("name", GPU_RECIPES)
+def test_gpu_recipes_have_the_paper_settings(name: str) -> None:
+    recipe = load_recipe(RECIPES / f"{name}.yaml")
+    pre, ocr, sft = recipe.stages
+    assert (pre.max_steps, pre.global_batch, pre.data.seq_length) == (200_000, 512, 4096)
+    assert effective_weights(pre.data.mixture_node()) == pytest.approx(
+        {"caption": 0.5, "interleaved": 0.1, "text": 0.4}
+    )
+    assert (ocr.max_steps, ocr.global_batch, ocr.optimizer.lr) == (30_000, 256, 1e-5)
+    assert ocr.optimizer.name == "adafactor"
+    assert ocr.data.sampling == "balanced"
+    plan = recipe.image_plan("ocr")
+    assert plan.split and plan.tile_size * 2 == 1344 and plan.n_min == plan.n_max == 4
+    assert (sft.max_steps, sft.global_batch, sft.optimizer.lr) == (23_000, 256, 2e-5)
+    for stage in recipe.stages:
+        assert {"encoder", "connector", "llm"} <= set(stage.trainable)
+        assert stage.schedule.min_lr_ratio == 0.1
+        # Real data only: a GPU recipe must not fall back to synthetic sources.
+        assert all(spec.startswith("shards:") for spec in stage.data.resolve_sources().values())
+    assert ("routers" in pre.trainable) == name.endswith("moe")
+
+
+@pytest.mark.parametrize("name", ["tiny", "smol", *GPU_RECIPES])
+def test_sft_mixture_matches_the_spec(name: str) -> None:
+    got = effective_weights(load_recipe(RECIPES / f"{name}.yaml").stage("sft").data.mixture_node())
+    want = effective_weights(sft_mixture())
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        assert math.isclose(got[key], value, rel_tol=1e-6), key
+    # The spec's table (% of SFT samples) and the top-level groups.
+    table = {"text-rich": 37.2, "refer-ground": 22.5, "general": 11.3}
+    table |= {"math": 5.6, "code": 2.3, "science": 1.1}
+    for key, percent in table.items():
+        assert got[key] * 100 == pytest.approx(percent, abs=0.05), key
+    single = sum(got[k] for k in table)
+    assert math.isclose(single, SFT_TOP_WEIGHTS["single-image"], rel_tol=1e-6)
+    assert math.isclose(got["multi-image"], 0.1, rel_tol=1e-6)
+    assert math.isclose(got["text-only"], 0.1, rel_tol=1e-6)
+
+
+def test_tiny_recipe_stages() -> None:
+    recipe = load_recipe(RECIPES / "tiny.yaml")
+    pre, ocr, _ = recipe.stages
+    assert effective_weights(pre.data.mixture_node()) == pytest.approx(
+        {"caption": 0.5, "interleaved": 0.1, "text": 0.4}
+    )
+    # MM1.5's "text" is the synthetic text-only generator.
+    assert pre.data.resolve_sources()["text"] == "synth:text-only"
+    assert all(spec.startswith("synth:ocr-") for spec in ocr.data.resolve_sources().values())
+    assert not recipe.image_plan("pretrain").split and recipe.image_plan("ocr").split
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node: Any = data
+    keys = dotted.split(".")
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+BAD = [
+    # (what, edit "dotted.path" -> value, expected error prefix after "recipe.")
+    ("unknown key", "stages.0.optimizer.lrr", 1.0, "stages[0].optimizer.lrr: unknown key"),
+    ("unknown top key", "stagse", [], "stagse: unknown key"),
+    ("negative lr", "stages.1.optimizer.lr", -1, "stages[1].optimizer.lr: must be > 0, got -1"),
+    ("lr as YAML string", "stages.0.optimizer.lr", "1e-3", "stages[0].optimizer.lr: must be a number"),
+    ("duplicate stage", "stages.2.name", "ocr", "stages[2].name: duplicate stage name 'ocr'"),
+    ("later parent", "stages.1.parent", "sft", "stages[1].parent: 'sft' is a later stage"),
+    ("unknown parent", "stages.1.parent", "pretrian", "stages[1].parent: 'pretrian' is neither"),
+    ("init parent late", "stages.2.parent", "init", "stages[2].parent: 'init' is only for the first"),
+    ("bad trainable", "stages.0.trainable", ["vision"], "stages[0].trainable: unknown module 'vision'"),
+    ("batch split", "stages.0.global_batch", 10, "stages[0].global_batch: (10) must be a multiple"),
+    ("bool as int", "stages.0.max_steps", True, "stages[0].max_steps: must be an integer"),
+    (
+        "unknown source",
+        "stages.0.data.mixture.captions",
+        5,
+        "stages[0].data.mixture.captions: unknown source",
+    ),
+    (
+        "bad weight",
+        "stages.0.data.mixture.caption",
+        -1,
+        "stages[0].data.mixture.caption: weight must be >= 0",
+    ),
+    (
+        "bad synth",
+        "stages.0.data.sources.text",
+        "synth:nope",
+        "stages[0].data.sources.text: unknown synthetic",
+    ),
+    ("bad format", "stages.0.data.sources.text", "/data/text", "stages[0].data.sources.text: must be"),
+    (
+        "unused source",
+        "stages.0.data.sources.extra",
+        "synth:caption",
+        "stages[0].data.sources.extra: not used",
+    ),
+    ("unbalanced", "stages.1.data.mixture.synth/ocr-sign", 2, "stages[1].data.sampling: 'balanced' needs"),
+    ("bad choice", "stages.0.autocast", "fp16", "stages[0].autocast: must be one of"),
+    ("bad plan", "stages.1.image.n_max", 2, "stages[1].image: ImagePlanConfig.n_max (2) must be >="),
+    ("tile size", "stages.1.image.tile_size", 96, "stages[1].image.tile_size: 96 is not the encoder"),
+    ("betas", "stages.0.optimizer.betas", [0.9, 1.5], "stages[0].optimizer.betas[1]: must be in [0, 1)"),
+    ("scale and lr", "stages.0.optimizer.module_lr", {"llm": 0.1}, None),
+    ("warmup", "stages.0.schedule.warmup_steps", 61, "stages[0].schedule.warmup_steps: (61) must be <="),
+    ("unknown preset", "model.preset", "mm15-2b", "model.preset: unknown preset 'mm15-2b'"),
+    ("override field", "model.overrides", {"llm": {"layers": 2}}, "model.overrides.llm.layers: unknown"),
+    ("override section", "model.overrides", {"decoder": {}}, "model.overrides.decoder: unknown section"),
+    ("missing data", "stages.0.data", None, "stages[0].data: must be a mapping"),
+]
+
+
+@pytest.mark.parametrize(("what", "key", "value", "prefix"), BAD, ids=[b[0] for b in BAD])
+def test_bad_recipe_names_the_field(what: str, key: str, value: Any, prefix: str | None) -> None:
+    data = _tiny()
+    if what == "scale and lr":
+        data["stages"][0]["optimizer"]["lr_scale"] = {"llm": 0.5}
+        prefix = "stages[0].optimizer.module_lr: modules ['llm'] also have an lr_scale"
+    _set(data, key, value)
+    with pytest.raises(ValueError) as info:
+        RecipeConfig.from_dict(data)
+    assert str(info.value).startswith(f"recipe.{prefix}"), str(info.value)
+
+
+def test_missing_and_default_fields() -> None:
+    data = _tiny()
+    del data["stages"][0]["name"]
+    with pytest.raises(ValueError, match=r"^recipe\.stages\[0\]\.name: required$"):
+        RecipeConfig.from_dict(data)
+    data = _tiny()
+    for stage in data["stages"]:
+        del stage["parent"]  # defaults: init, then the previous stage
+    recipe = RecipeConfig.from_dict(data)
+    assert [s.parent for s in recipe.stages] == ["init", "pretrain", "ocr"]
+    assert recipe.stages[0].max_corrupt_fraction == 0.01 and recipe.stages[0].nan_policy == "error"
+    data["stages"][1]["parent"] = "./runs/elsewhere/pretrain"  # a checkpoint path: syntax only
+    assert RecipeConfig.from_dict(data).stages[1].parent == "./runs/elsewhere/pretrain"
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_recipe(bad)
+    bad.write_text("- just\n- a list\n")
+    with pytest.raises(ValueError, match=r"^recipe: must be a mapping"):
+        load_recipe(bad)
+
+
+def test_grad_accum_checks_world_size() -> None:
+    stage = load_recipe(RECIPES / "mm15-3b.yaml").stage("pretrain")
+    assert stage.grad_accum(1) == 64 and stage.grad_accum(64) == 1
+    with pytest.raises(ValueError, match=r"global_batch \(512\) must be a multiple of micro_batch \*"):
+        stage.grad_accum(3)
+
+
+def test_optimizer_and_schedule_helpers() -> None:
+    opt = OptimizerConfig(lr=1e-3, lr_scale={"llm": 0.1}, module_lr={"encoder": 5e-4})
+    assert opt.lr_for("llm") == pytest.approx(1e-4)
+    assert opt.lr_for("encoder") == 5e-4 and opt.lr_for("connector") == 1e-3
+    with pytest.raises(ValueError, match=r"^lr: must be > 0"):
+        OptimizerConfig(lr=0)
+    sched = ScheduleConfig(warmup_steps=10, min_lr_ratio=0.1)
+    assert sched.factor(0, 100) == pytest.approx(0.1) and sched.factor(9, 100) == 1.0
+    assert sched.factor(99, 100) == pytest.approx(0.1, abs=1e-3)
+    assert sched.factor(500, 100) == pytest.approx(0.1)
+
+
+def test_data_config_direct() -> None:
+    data = DataConfig(mixture={"synth/caption": 1.0, "general": 1.0})
+    assert data.resolve_sources() == {"synth/caption": "synth:caption", "general": "synth:general"}
+    with pytest.raises(ValueError, match=r"^mixture\.pdfa: unknown source"):
+        DataConfig(mixture=copy.deepcopy({"pdfa": 1.0}))
+    placeholder = DataConfig(mixture={"pdfa": 1.0}, sources={"pdfa": "shards:/does/not/exist"})
+    assert placeholder.resolve_sources() == {"pdfa": "shards:/does/not/exist"}
