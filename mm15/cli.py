@@ -37,8 +37,14 @@ def plan_table(plan: TilePlan, title: str) -> Table:
     for order, tile in enumerate(plan.tiles):
         kind = "overview" if tile.is_overview else "tile"
         table.add_row(
-            str(order), kind, str(tile.row), str(tile.col), str(tile.top), str(tile.left),
-            repr(tile.marker), str(plan.tokens_per_tile),
+            str(order),
+            kind,
+            str(tile.row),
+            str(tile.col),
+            str(tile.top),
+            str(tile.left),
+            repr(tile.marker),
+            str(plan.tokens_per_tile),
         )
     return table
 
@@ -74,8 +80,12 @@ def plan(
     """Print an image's tile plan (grid, resize, padding, tiles, markers, tokens)."""
     try:
         cfg = ImagePlanConfig(
-            tile_size=tile, n_min=nmin, n_max=nmax, overview=overview,  # type: ignore[arg-type]
-            indicator=indicator, tokens_per_tile=tokens_per_tile,  # type: ignore[arg-type]
+            tile_size=tile,
+            n_min=nmin,
+            n_max=nmax,
+            overview=overview,  # type: ignore[arg-type]
+            indicator=indicator,
+            tokens_per_tile=tokens_per_tile,  # type: ignore[arg-type]
         )
         picture = load_image(image)
         result = plan_image(picture.height, picture.width, cfg, images_in_sample=images_in_sample)
@@ -93,6 +103,56 @@ def plan(
         draw_plan(picture, result).save(draw)
         if not json_out:
             console.print(f"drew the plan to {draw}")
+
+
+@app.command()
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML (see recipes/).")],
+    stage: Annotated[str | None, typer.Option(help="Run only this stage (its parent must be done).")] = None,
+    resume: Annotated[
+        bool, typer.Option(help="Continue interrupted stages from their last checkpoint.")
+    ] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Run directory (default: the recipe's output_dir).")
+    ] = None,
+    max_steps: Annotated[
+        int | None, typer.Option(help="Cap every stage at this many steps (a quick, reduced run).")
+    ] = None,
+) -> None:
+    """Train a recipe's stages in order: checkpoints, resume, TensorBoard logs, loss plots, a summary."""
+    import dataclasses
+
+    from mm15.train.config import load_recipe
+    from mm15.train.data import CorruptDataError
+    from mm15.train.run import StageFailed, run_recipe
+
+    try:
+        config = load_recipe(recipe)
+        if max_steps is not None:
+            stages = []
+            for s in config.stages:
+                steps = min(s.max_steps, max_steps)
+                warmup = min(s.schedule.warmup_steps, max(0, steps - 1))
+                stages.append(
+                    dataclasses.replace(
+                        s,
+                        max_steps=steps,
+                        save_every=min(s.save_every, steps),
+                        schedule=dataclasses.replace(s.schedule, warmup_steps=warmup, total_steps=None),
+                    )
+                )
+            config = dataclasses.replace(config, stages=tuple(stages))
+        summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out)
+    except (ValueError, FileNotFoundError) as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    except (StageFailed, CorruptDataError) as err:
+        console.print(f"[red]stopped:[/red] {err}")
+        raise typer.Exit(3) from None
+    for s in summaries:
+        console.print(
+            f"{s['stage']}: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} over {s['steps']} steps"
+        )
 
 
 @app.command()

@@ -98,6 +98,7 @@ class TrainStream:
         packed: bool = True,
         max_corrupt_fraction: float = 0.01,
         seed: int = 0,
+        balanced: bool = False,
     ) -> None:
         self.sampler = sampler
         self.source_names = sorted(sources)
@@ -110,12 +111,29 @@ class TrainStream:
         self.max_corrupt_fraction = max_corrupt_fraction
         self.skipped: Counter[str] = Counter()
         self.seen = 0
+        # Balanced sampling (OCR stage): names come a micro-batch at a time, each source equally often.
+        self.balanced = balanced
+        self._queue: list[str] = []
+
+    def _next_name(self) -> str:
+        if not self.balanced:
+            return self.sampler.next()
+        if not self._queue:
+            self._queue = list(self.sampler.next_batch(self.samples_per_micro))
+        return self._queue.pop(0)
 
     def _next_encoded(self) -> tuple[EncodedSample, list[Any], str]:
+        in_a_row = 0
         while True:
-            name = self.sampler.next()
+            name = self._next_name()
             sample = self.sources[name].next()
             self.seen += 1
+            in_a_row += 1
+            if in_a_row > 1000:
+                raise CorruptDataError(
+                    f"1000 samples in a row could not be used ({dict(self.skipped)}): is seq_length "
+                    f"({self.encoder.max_length}) too small for source {name!r}?"
+                )
             try:
                 pictures = [load_image(ref, name=f"{sample.id}[{i}]") for i, ref in enumerate(sample.images)]
                 encoded = self.encoder.encode(sample, [(p.height, p.width) for p in pictures])
@@ -156,6 +174,7 @@ class TrainStream:
             "positions": {name: source.position for name, source in self.sources.items()},
             "skipped": dict(self.skipped),
             "seen": self.seen,
+            "queue": list(self._queue),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -164,3 +183,4 @@ class TrainStream:
             self.sources[name].seek(int(position))
         self.skipped = Counter(state.get("skipped", {}))
         self.seen = int(state.get("seen", 0))
+        self._queue = list(state.get("queue", []))

@@ -296,9 +296,18 @@ def render_background(background: Background, height: int, width: int) -> Image.
     return small.resize((width, height), Image.Resampling.BILINEAR)
 
 
-def render_scene(spec: SceneSpec) -> Scene:
-    """Draw ``spec``: each object is pasted through its binary mask, so its pixels are exactly its colour."""
-    image = render_background(spec.background, spec.height, spec.width)
+def render_scene(spec: SceneSpec, background: Image.Image | None = None) -> Scene:
+    """Draw ``spec``: each object is pasted through its binary mask, so its pixels are exactly its colour.
+
+    ``background``, if given, is ``spec.background`` already rendered (a video renders it once for all
+    its frames); it is copied, not drawn on.
+    """
+    if background is None:
+        image = render_background(spec.background, spec.height, spec.width)
+    else:
+        if background.size != (spec.width, spec.height):
+            raise ValueError(f"background is {background.size}, the scene {(spec.width, spec.height)}")
+        image = background.copy()
     objects = []
     for obj in spec.objects:
         m = shape_mask(obj.shape, obj.side)
@@ -447,7 +456,7 @@ def describe_scene(rng: random.Random, scene: Scene) -> str:
     # Reading order (top to bottom, then left to right) most of the time, so captions read naturally.
     objects = list(scene.objects)
     if rng.random() < 0.7:
-        objects.sort(key=lambda o: (o.position(h, w).startswith("bottom"), o.box[1] // (h // 3), o.box[0]))
+        objects.sort(key=lambda o: (o.box[1] * 3 // h, o.box[0]))
     else:
         rng.shuffle(objects)
     sentences = [opening] + [_object_sentence(rng, obj, h, w) for obj in objects]
@@ -712,10 +721,10 @@ def refer_ground(rng: random.Random, index: int) -> Sample:
                     "Locate the {p} in the image.",
                     "Give the bounding box of the {p}.",
                 )
-            ).format(p=objs[k].phrase)
+            ).format(p=objs[k].phrase) + rng.choice(("", "", " Answer in [x1, y1, x2, y2] format."))
             r = box_of(k)
             answer = rng.choice(
-                ("The {p} is at <region{r}>.", "<region{r}>", "There is the {p} <region{r}>.")
+                ("The {p} is at <region{r}>.", "<region{r}>", "Here is the {p}: <region{r}>.")
             ).format(p=objs[k].phrase, r=r)
             targets, user_regions, answer_regions = [k], [], [r]
         elif task == "ground-multi":
@@ -723,9 +732,10 @@ def refer_ground(rng: random.Random, index: int) -> Sample:
             targets = [k for k, o in enumerate(objs) if o.color == color]
             question = rng.choice(("Find all the {c} objects.", "Where are the {c} shapes?")).format(c=color)
             answer_regions = [box_of(k) for k in targets]
-            listed = ", ".join(
+            items = [
                 f"the {objs[k].phrase} <region{r}>" for k, r in zip(targets, answer_regions, strict=True)
-            )
+            ]
+            listed = ", ".join(items[:-1]) + f" and {items[-1]}"
             answer = f"There are {number_word(len(targets))} {color} objects: {listed}."
             user_regions = []
         elif task == "refer-box":
@@ -952,73 +962,21 @@ def icl(rng: random.Random, index: int) -> Sample:
 # Text-only instruction following
 # --------------------------------------------------------------------------------------------------
 
+# fmt: off
 NAMES = (
-    "Ana",
-    "Ben",
-    "Chen",
-    "Dara",
-    "Eli",
-    "Fatima",
-    "Gus",
-    "Hana",
-    "Ivan",
-    "Jae",
-    "Kofi",
-    "Lena",
-    "Mateo",
-    "Nia",
+    "Ana", "Ben", "Chen", "Dara", "Eli", "Fatima", "Gus", "Hana", "Ivan",
+    "Jae", "Kofi", "Lena", "Mateo", "Nia",
 )
 ITEMS = ("apples", "pencils", "marbles", "stickers", "cookies", "books", "coins", "cards", "shells", "stamps")
 WORDS = (
-    "river",
-    "candle",
-    "maple",
-    "orbit",
-    "lantern",
-    "pepper",
-    "violin",
-    "harbor",
-    "meadow",
-    "quartz",
-    "tunnel",
-    "basket",
-    "falcon",
-    "glacier",
-    "jungle",
-    "kettle",
-    "lemon",
-    "mirror",
-    "nectar",
-    "oyster",
-    "pillow",
-    "rocket",
-    "saddle",
-    "timber",
-    "umbrella",
-    "velvet",
-    "walnut",
-    "yogurt",
-    "zipper",
-    "anchor",
+    "river", "candle", "maple", "orbit", "lantern", "pepper", "violin", "harbor", "meadow", "quartz",
+    "tunnel", "basket", "falcon", "glacier", "jungle", "kettle", "lemon", "mirror", "nectar", "oyster",
+    "pillow", "rocket", "saddle", "timber", "umbrella", "velvet", "walnut", "yogurt", "zipper", "anchor",
 )
 SYLLABLES = (
-    "ka",
-    "lo",
-    "mi",
-    "ren",
-    "tu",
-    "sa",
-    "vo",
-    "pel",
-    "dri",
-    "no",
-    "ba",
-    "zet",
-    "qui",
-    "fa",
-    "gor",
-    "hi",
+    "ka", "lo", "mi", "ren", "tu", "sa", "vo", "pel", "dri", "no", "ba", "zet", "qui", "fa", "gor", "hi",
 )
+# fmt: on
 # A fixed table of uncontroversial facts with exact short answers.
 FACTS: tuple[tuple[str, str], ...] = (
     ("What is the capital of France?", "Paris"),
@@ -1242,6 +1200,8 @@ def make_video_sample(rng: random.Random, num_frames: int, size: int = VIDEO_SIZ
     """A clip of ``num_frames`` ``size`` x ``size`` frames and one question on its motion."""
     if num_frames < 4:
         raise ValueError(f"a clip needs at least 4 frames, got {num_frames}")
+    if size < 96:  # below this, two small objects with visible motion no longer fit
+        raise ValueError(f"video frames must be at least 96 px, got {size}")
     task = rng.choice(("direction", "which-moves", "order"))
     background = random_background(rng)
     colors = allowed_colors((background.kind, background.start, background.end))
@@ -1273,9 +1233,11 @@ def make_video_sample(rng: random.Random, num_frames: int, size: int = VIDEO_SIZ
     tracks = [tracks[i] for i in order]
     frames: list[Image.Image] = []
     per_object: list[list[dict[str, Any] | None]] = [[] for _ in tracks]
+    backdrop = render_background(background, size, size)  # the camera is static: one background
     for f in range(num_frames):
         visible = [(i, t.at(f, num_frames)) for i, t in enumerate(tracks) if f >= t.appear]
-        scene = render_scene(SceneSpec(size, size, background, tuple(spec for _, spec in visible)))
+        spec = SceneSpec(size, size, background, tuple(o for _, o in visible))
+        scene = render_scene(spec, backdrop)
         frames.append(scene.image)
         drawn = dict(zip([i for i, _ in visible], scene.objects, strict=True))
         for i in range(len(tracks)):
@@ -1283,7 +1245,11 @@ def make_video_sample(rng: random.Random, num_frames: int, size: int = VIDEO_SIZ
             per_object[i].append(
                 None
                 if obj is None
-                else {"box": list(obj.box), "center": [round(obj.center[0], 3), round(obj.center[1], 3)]}
+                else {
+                    "box": list(obj.box),
+                    "center": [round(obj.center[0], 3), round(obj.center[1], 3)],
+                    "area": obj.area,
+                }
             )
     phrases = [f"{t.spec.color} {t.spec.shape}" for t in tracks]
     if task == "direction":

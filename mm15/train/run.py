@@ -1,0 +1,255 @@
+"""``mm15 train RECIPE``: run a recipe's stages in order, with checkpoints, resume, logs, plots and a summary.
+
+Layout of a run directory (``--out``, default the recipe's ``output_dir``)::
+
+    <run>/<stage>/checkpoints/step-XXXXXXXX/   complete checkpoints (mm15.train.checkpoint), last N kept
+    <run>/<stage>/final/                       the stage's model (save_pretrained): the next stage's parent
+    <run>/<stage>/metrics.jsonl                one line of metrics per step
+    <run>/<stage>/tensorboard/                 the same as TensorBoard scalars
+    <run>/<stage>/loss.png                     the loss curves (total and per source)
+    <run>/summary.md                           one row per stage: steps, first and last loss, speed, skips
+
+A stage whose ``final/`` exists is done and is skipped; with ``--resume`` an interrupted stage continues
+from its latest checkpoint and reproduces the uninterrupted loss curve exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from mm15.chat import ChatEncoder
+from mm15.data.mixture import MixtureSampler
+from mm15.hardware import fast_dtype
+from mm15.image import ImageProcessor
+from mm15.model.mm15 import MM15Model
+from mm15.train.checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from mm15.train.config import RecipeConfig, StageConfig
+from mm15.train.data import TrainStream
+from mm15.train.trainer import MODULES, NonFiniteLoss, build_optimizer, train_step
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class StageFailed(RuntimeError):
+    """A stage stopped (non-finite loss, unusable data); its last good checkpoint is kept."""
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
+    """This machine's matmul rate in ``dtype`` (FLOP/s): the MFU denominator, measured once per run."""
+    import time
+
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(3):
+        a @ b
+    return 3 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def _model_for(
+    recipe: RecipeConfig, stage: StageConfig, run_dir: Path, previous: MM15Model | None
+) -> MM15Model:
+    if stage.parent == "init":
+        _seed_everything(recipe.seed)
+        model = MM15Model.build(recipe.model.build())
+    elif previous is not None and stage.parent in {s.name for s in recipe.stages}:
+        model = previous
+    else:
+        parent_dir = (
+            run_dir / stage.parent / "final"
+            if stage.parent in {s.name for s in recipe.stages}
+            else Path(stage.parent).expanduser()
+        )
+        if not parent_dir.is_dir():
+            raise StageFailed(
+                f"stage {stage.name!r}: its parent {stage.parent!r} has no model at {parent_dir}"
+            )
+        model = MM15Model.from_pretrained(parent_dir)
+    # The stage's image settings (e.g. splitting on for the OCR stage) apply to this stage's data.
+    model.cfg = dataclasses.replace(model.cfg, image=recipe.image_plan(stage.name))
+    return model
+
+
+def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["loss"] for h in history], label="total", color="black", linewidth=2)
+    for source in sorted({s for h in history for s in h["source_loss"]}):
+        points = [(h["step"], h["source_loss"][source]) for h in history if source in h["source_loss"]]
+        ax.plot(*zip(*points, strict=True), label=source, alpha=0.6, linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (per supervised token)")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_stage(
+    recipe: RecipeConfig, stage: StageConfig, run_dir: Path, model: MM15Model, console: Console, resume: bool
+) -> dict[str, Any]:
+    stage_dir = run_dir / stage.name
+    ckpt_dir = stage_dir / "checkpoints"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    dtype = fast_dtype() if stage.autocast == "auto" else DTYPES[stage.autocast]
+    accum = stage.grad_accum(world_size=1)
+    encoder = ChatEncoder(model.tokenizer, model.cfg.image, max_length=stage.data.seq_length)
+    images = ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std)
+    sampler = MixtureSampler(stage.data.mixture_node(), seed=recipe.seed)
+    stream = TrainStream(
+        sampler,
+        stage.data.resolve_sources(),
+        encoder,
+        images,
+        samples_per_micro=stage.micro_batch,
+        pad_id=model.tokenizer.pad_token_id,
+        packed=stage.data.packing,
+        max_corrupt_fraction=stage.max_corrupt_fraction,
+        seed=recipe.seed,
+        balanced=stage.data.sampling == "balanced",
+    )
+    lrs = {m: stage.optimizer.lr_for(m) for m in MODULES}
+    optimizer = build_optimizer(
+        model,
+        stage.trainable,
+        lrs,
+        stage.optimizer.name,
+        stage.optimizer.weight_decay,
+        tuple(stage.optimizer.betas),
+        stage.optimizer.eps,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: stage.schedule.factor(s, stage.max_steps)
+    )
+    start, history = 0, []
+    latest = latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        start, extra = load_checkpoint(latest, model, optimizer, scheduler)
+        stream.load_state_dict(extra["data"])
+        history = extra["history"]
+        console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
+    metrics_file = stage_dir / "metrics.jsonl"
+    # Rewrite the log from the checkpoint's history, so a resumed run's log has no duplicated steps.
+    metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
+    peak = matmul_peak(dtype)
+    model.train()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(f"{stage.name}", total=stage.max_steps, completed=start, info="")
+        for step in range(start, stage.max_steps):
+            try:
+                metrics = train_step(
+                    model, stream, optimizer, scheduler, accum, step, dtype, stage.max_grad_norm, peak
+                )
+            except NonFiniteLoss as err:
+                kept = latest_checkpoint(ckpt_dir)
+                raise StageFailed(
+                    f"stage {stage.name!r}: {err}; the last good checkpoint is {kept}"
+                ) from None
+            record = metrics.as_dict()
+            history.append(record)
+            with metrics_file.open("a") as log:
+                log.write(json.dumps(record) + "\n")
+            for key in ("loss", "lr", "tokens_per_s", "images_per_s", "mfu", "data_wait", "peak_rss_gib"):
+                writer.add_scalar(f"{stage.name}/{key}", record[key], step)
+            for source, value in record["source_loss"].items():
+                writer.add_scalar(f"{stage.name}/loss/{source}", value, step)
+            for key, value in record["aux"].items():
+                writer.add_scalar(f"{stage.name}/moe/{key}", value, step)
+            progress.update(
+                task,
+                advance=1,
+                info=f"loss {metrics.loss:.3f}  {metrics.tokens_per_s:.0f} tok/s  "
+                f"wait {metrics.data_wait:.0%}",
+            )
+            done = step + 1
+            if done % stage.save_every == 0 or done == stage.max_steps:
+                extra = {"data": stream.state_dict(), "history": history}
+                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, extra, keep_last=stage.keep_last)
+    writer.close()
+    export_final(model, stage_dir / "final")
+    _plot(history, stage_dir / "loss.png", f"{recipe.name}: {stage.name}")
+    tail = history[-max(1, len(history) // 10) :]
+    return {
+        "stage": stage.name,
+        "steps": len(history),
+        "first_loss": history[0]["loss"],
+        "last_loss": sum(h["loss"] for h in tail) / len(tail),
+        "tokens_per_s": sum(h["tokens_per_s"] for h in history) / len(history),
+        "data_wait": sum(h["data_wait"] for h in history) / len(history),
+        "skipped": dict(stream.skipped),
+        "mixture": sampler.realised(),
+    }
+
+
+def run_recipe(
+    recipe: RecipeConfig,
+    console: Console,
+    stage_name: str | None = None,
+    resume: bool = False,
+    out: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Run the recipe's stages (or one stage) in order; returns one summary dict per stage run."""
+    run_dir = Path(out) if out is not None else recipe.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
+    summaries, model = [], None
+    for stage in stages:
+        if (run_dir / stage.name / "final" / "config.json").is_file():
+            console.print(f"[bold]{stage.name}[/bold]: done already ({run_dir / stage.name / 'final'})")
+            model = None
+            continue
+        model = _model_for(recipe, stage, run_dir, model)
+        summaries.append(run_stage(recipe, stage, run_dir, model, console, resume))
+    _write_summary(run_dir, recipe, summaries)
+    return summaries
+
+
+def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str, Any]]) -> None:
+    lines = [
+        f"# {recipe.name}: training summary",
+        "",
+        "| stage | steps | loss (first) | loss (last 10%) | tokens/s | data wait | skipped |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        lines.append(
+            f"| {s['stage']} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | "
+            f"{s['tokens_per_s']:.0f} | {s['data_wait']:.1%} | {s['skipped'] or 'none'} |"
+        )
+    lines += [
+        "",
+        "Loss curves: " + ", ".join(f"[{s['stage']}]({s['stage']}/loss.png)" for s in summaries),
+        "",
+    ]
+    (run_dir / "summary.md").write_text("\n".join(lines))
