@@ -1,0 +1,100 @@
+"""``mm15 train``: the tiny recipe's three stages on a reduced budget, and an exact resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+ONE_STAGE = """
+name: killtest
+model: {preset: tiny}
+seed: 3
+stages:
+  - name: pretrain
+    parent: init
+    trainable: [encoder, connector, llm]
+    optimizer: {name: adamw, lr: 1.0e-3}
+    schedule: {warmup_steps: 2}
+    global_batch: 2
+    micro_batch: 2
+    max_steps: 8
+    save_every: 2
+    keep_last: 2
+    data:
+      seq_length: 1024
+      mixture: {caption: 1, text: 1}
+      sources: {text: "synth:text-only"}
+    image: {split: false}
+"""
+
+
+def mm15(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "mm15.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def losses(run: Path) -> list[float]:
+    return [
+        json.loads(line)["loss"] for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+def test_tiny_recipe_three_stages_on_a_reduced_budget(tmp_path: Path) -> None:
+    process = mm15("train", "recipes/tiny.yaml", "--out", str(tmp_path), "--max-steps", "5")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    for stage in ("pretrain", "ocr", "sft"):
+        history = [json.loads(x) for x in (tmp_path / stage / "metrics.jsonl").read_text().splitlines()]
+        assert len(history) == 5
+        assert history[-1]["loss"] < history[0]["loss"], (stage, [h["loss"] for h in history])
+        assert (tmp_path / stage / "final" / "model.safetensors").is_file()
+        assert (tmp_path / stage / "loss.png").stat().st_size > 1000
+        assert any((tmp_path / stage / "tensorboard").iterdir())
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| pretrain | 5 |" in summary and "| sft | 5 |" in summary
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_sigkill_mid_stage_then_resume_gives_the_same_losses(tmp_path: Path) -> None:
+    recipe = tmp_path / "killtest.yaml"
+    recipe.write_text(ONE_STAGE)
+    straight = tmp_path / "straight"
+    done = mm15("train", str(recipe), "--out", str(straight))
+    output, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, output
+
+    killed = tmp_path / "killed"
+    process = mm15("train", str(recipe), "--out", str(killed))
+    checkpoint = killed / "pretrain" / "checkpoints" / "step-00000004"
+    deadline = time.time() + 300
+    while not (checkpoint / "meta.json").is_file():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.time() < deadline, "no checkpoint at step 4 in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "pretrain" / "final").exists()  # it really died mid-stage
+
+    resumed = mm15("train", str(recipe), "--out", str(killed), "--resume")
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output
+    assert losses(killed) == losses(straight)  # exactly: same data, same RNG, same arithmetic
+    assert len(losses(killed)) == 8
