@@ -159,11 +159,12 @@ def train(
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its outputs.")] = Path("runs/demo"),
     image: Annotated[list[Path] | None, typer.Option(help="Extra real images to include.")] = None,
+    recipe: Annotated[Path, typer.Option(help="The recipe to train.")] = Path("recipes/tiny.yaml"),
 ) -> None:
-    """Run the main job at toy scale (so far: plan, process and draw real and synthetic images)."""
+    """Run the main job at toy scale: image plans, the tiny three-stage recipe, live answers."""
     from mm15.demo import run_demo
 
-    run_demo(out, console, image)
+    run_demo(out, console, image, recipe)
 
 
 if __name__ == "__main__":

@@ -231,7 +231,8 @@ def run_recipe(
             continue
         model = _model_for(recipe, stage, run_dir, model)
         summaries.append(run_stage(recipe, stage, run_dir, model, console, resume))
-    _write_summary(run_dir, recipe, summaries)
+    if summaries:
+        _write_summary(run_dir, recipe, summaries)
     return summaries
 
 
