@@ -27,8 +27,13 @@ class Batch:
     labels: torch.Tensor  # (rows, length), IGNORE on padding, prompts and images
     position_ids: torch.Tensor  # (rows, length), restarting per sample
     attention_mask: torch.Tensor  # (rows, length) for padded batches; (rows, 1, length, length) if packed
-    sample_order: list[int]  # indices into the samples, in the order their tokens appear
+    rows: list[list[int]]  # the samples (indices) of each row, left to right
     real_tokens: int
+
+    @property
+    def sample_order(self) -> list[int]:
+        """Sample indices in the order their tokens appear (row-major): the order of their images."""
+        return [index for row in self.rows for index in row]
 
     @property
     def efficiency(self) -> float:
@@ -77,7 +82,6 @@ def collate(
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     segment = torch.full((len(rows), width), -1, dtype=torch.long)  # which sample owns each slot
-    order: list[int] = []
     for r, row in enumerate(rows):
         start = 0
         for index in row:
@@ -90,7 +94,6 @@ def collate(
             labels[r, start] = IGNORE
             position_ids[r, span] = torch.arange(n)
             segment[r, span] = index
-            order.append(index)
             start += n
     if packed:
         causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
@@ -100,4 +103,4 @@ def collate(
         attention_mask = ((same & causal) | pad_self).unsqueeze(1)
     else:
         attention_mask = (segment >= 0).long()
-    return Batch(input_ids, labels, position_ids, attention_mask, order, sum(lengths))
+    return Batch(input_ids, labels, position_ids, attention_mask, rows, sum(lengths))
