@@ -40,6 +40,7 @@ from mm15.model.connector import ConnectorConfig
 from mm15.model.generate import GenerationConfig, stream
 from mm15.model.llm import LLMConfig
 from mm15.model.mm15 import MM15Config, MM15Model, MM15Processor
+from mm15.model.presets import preset
 from mm15.model.vision import VisionConfig
 
 TILE = 224
@@ -57,16 +58,7 @@ LLM_SHAPES = {
         num_kv_heads=3,
         max_position_embeddings=8192,
     ),
-    "tiny": LLMConfig(
-        source="tiny",
-        vocab_size=320,
-        hidden_size=128,
-        intermediate_size=352,
-        num_layers=4,
-        num_heads=4,
-        num_kv_heads=2,
-        max_position_embeddings=4096,
-    ),
+    "tiny": preset("tiny").llm,  # the tiny preset's decoder
 }
 VISION = VisionConfig(
     kind="clip",
