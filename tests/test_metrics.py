@@ -1,4 +1,4 @@
-"""Benchmark metrics against every test vector of /work/shared/eval-metrics.md, in each mode it names.
+"""Benchmark metrics against every test vector of the shared eval-metrics.md, in each mode it names.
 
 Tables are copied from that note (section numbers in the comments); values marked "ours" are our own
 expectations for the canonical rules and for modes the note does not list a value for.

@@ -75,6 +75,7 @@ than bad records: a missing file, a ``.json`` file that is not JSON or not an ar
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import io
 import json
@@ -340,7 +341,7 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
             index += 1
 
 
-class _JsonReader:
+class _JsonReader(abc.ABC):
     """Shared loop of the JSON / JSONL readers: parse each record, then raise or count what is wrong."""
 
     def __init__(self, paths: Paths, *, source: str | None, strict: bool) -> None:
@@ -354,8 +355,9 @@ class _JsonReader:
         self.strict = strict
         self.skipped = SkipCounter()
 
+    @abc.abstractmethod
     def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
-        raise NotImplementedError
+        """One record -> a Sample, or raise _Malformed naming the reason."""
 
     def __iter__(self) -> Iterator[Sample]:
         self.skipped.clear()

@@ -1,4 +1,4 @@
-"""Benchmark metrics, written from the rules in ``/work/shared/eval-metrics.md`` (no reference code copied).
+"""Benchmark metrics, written from the rules in the shared ``eval-metrics.md`` (no reference code copied).
 
 Every metric has one *canonical* rule, the one eval-metrics.md recommends, and named *compatibility
 modes* that reproduce a reference evaluator where the references disagree. Report the mode with every
