@@ -184,3 +184,68 @@ class TrainStream:
         self.skipped = Counter(state.get("skipped", {}))
         self.seen = int(state.get("seen", 0))
         self._queue = list(state.get("queue", []))
+
+
+class Prefetcher:
+    """Prepares the next micro-batches on a background thread while the model trains on this one.
+
+    Data preparation (rendering, decoding, resizing, tokenising) releases the GIL for most of its
+    work, so it overlaps the training step instead of adding to it. Micro-batches come out in exactly
+    the order the stream makes them, and ``state_dict()`` is the stream's state after the last
+    micro-batch *handed out* (not the ones still queued), so a checkpoint resumes exactly. An error in
+    the producer (e.g. ``CorruptDataError``) is raised in the consumer.
+    """
+
+    def __init__(self, stream: TrainStream, depth: int = 2) -> None:
+        import queue
+        import threading
+
+        self.stream = stream
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._state = stream.state_dict()
+        self._thread = threading.Thread(target=self._produce, name="mm15-prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                item: Any = (self.stream.next_micro(), self.stream.state_dict())
+            except Exception as err:  # handed to the consumer, which raises it
+                item = err
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if isinstance(item, Exception):
+                return
+
+    def next_micro(self) -> MicroBatch:
+        item = self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        micro, self._state = item
+        return micro
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state
+
+    @property
+    def source_names(self) -> list[str]:
+        return self.stream.source_names
+
+    @property
+    def sampler(self) -> MixtureSampler:
+        return self.stream.sampler
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return self.stream.skipped
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)

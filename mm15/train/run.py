@@ -33,7 +33,7 @@ from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
 from mm15.train.checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from mm15.train.config import RecipeConfig, StageConfig
-from mm15.train.data import TrainStream
+from mm15.train.data import Prefetcher, TrainStream
 from mm15.train.trainer import MODULES, NonFiniteLoss, build_optimizer, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -149,6 +149,7 @@ def run_stage(
         stream.load_state_dict(extra["data"])
         history = extra["history"]
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
+    data = Prefetcher(stream)  # prepares the next micro-batches while the model trains
     metrics_file = stage_dir / "metrics.jsonl"
     # Rewrite the log from the checkpoint's history, so a resumed run's log has no duplicated steps.
     metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -169,9 +170,10 @@ def run_stage(
         for step in range(start, stage.max_steps):
             try:
                 metrics = train_step(
-                    model, stream, optimizer, scheduler, accum, step, dtype, stage.max_grad_norm, peak
+                    model, data, optimizer, scheduler, accum, step, dtype, stage.max_grad_norm, peak
                 )
             except NonFiniteLoss as err:
+                data.close()
                 kept = latest_checkpoint(ckpt_dir)
                 raise StageFailed(
                     f"stage {stage.name!r}: {err}; the last good checkpoint is {kept}"
@@ -194,8 +196,9 @@ def run_stage(
             )
             done = step + 1
             if done % stage.save_every == 0 or done == stage.max_steps:
-                extra = {"data": stream.state_dict(), "history": history}
+                extra = {"data": data.state_dict(), "history": history}
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, extra, keep_last=stage.keep_last)
+    data.close()
     writer.close()
     export_final(model, stage_dir / "final")
     _plot(history, stage_dir / "loss.png", f"{recipe.name}: {stage.name}")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from mm15.hardware import autocast
 from mm15.model.mm15 import MM15Model
-from mm15.train.data import TrainStream
+from mm15.train.data import Prefetcher, TrainStream
 
 MODULES = ("encoder", "connector", "llm", "routers")
 
@@ -114,7 +114,7 @@ def _peak_rss_gib() -> float:
 
 def train_step(
     model: MM15Model,
-    stream: TrainStream,
+    stream: TrainStream | Prefetcher,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     accum: int,
