@@ -111,3 +111,27 @@ def test_resume_from_a_checkpoint_continues_the_same_losses(tmp_path: Path) -> N
     stream2.load_state_dict(extra["data"])
     assert step == 3
     assert steps(model2, stream2, optimizer2, scheduler2, 3, 3) == expected
+
+
+def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> None:
+    from mm15.data.sources import write_shards
+    from mm15.data.synth import generate
+
+    samples = [generate("general-color", i) for i in range(8)]
+    for i in (2, 5):
+        samples[i].images = [b"\x89PNG\r\n\x1a\n this is not the rest of a PNG"]  # corrupt image bytes
+    write_shards(samples, tmp_path, samples_per_shard=4)
+    torch.manual_seed(0)
+    model = MM15Model.build(preset("tiny")).train()
+    stream = TrainStream(
+        MixtureSampler(MixtureNode.from_dict({"shards": 1}), seed=0),
+        {"shards": f"shards:{tmp_path}"},
+        ChatEncoder(model.tokenizer, model.cfg.image, max_length=1024),
+        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
+        samples_per_micro=3,
+        pad_id=model.tokenizer.pad_token_id,
+        max_corrupt_fraction=0.5,
+    )
+    micros = [stream.next_micro() for _ in range(2)]
+    assert stream.skipped["corrupt"] == 2 and stream.seen == 8  # 6 used, the 2 corrupt ones counted
+    assert [s.sample_id for m in micros for s in m.samples] == [samples[i].id for i in (0, 1, 3, 4, 6, 7)]
