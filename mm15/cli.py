@@ -90,7 +90,7 @@ def plan(
         picture = load_image(image)
         result = plan_image(picture.height, picture.width, cfg, images_in_sample=images_in_sample)
     except (ImageError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
@@ -144,10 +144,10 @@ def train(
             config = dataclasses.replace(config, stages=tuple(stages))
         summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out)
     except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
     except (StageFailed, CorruptDataError) as err:
-        console.print(f"[red]stopped:[/red] {err}")
+        console.print(f"[red]stopped:[/red] {err}", soft_wrap=True)
         raise typer.Exit(3) from None
     for s in summaries:
         console.print(

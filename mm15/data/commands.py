@@ -100,12 +100,12 @@ def pack(
         reader = LlavaReader(annotations, images, category=category, strict=not lenient)
         shards = write_shards(reader, out, samples_per_shard=per_shard, prefix="packed")
     except (SourceError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
     console.print(f"wrote {len(shards)} shards to {out}")
     skipped = reader.skipped.as_dict()
     if skipped:
-        console.print(f"skipped (counted): {skipped}")
+        console.print(f"skipped (counted): {skipped}", soft_wrap=True)
 
 
 def _read(directory: Path, n: int | None) -> list[Sample]:
