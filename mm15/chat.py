@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -100,7 +101,7 @@ class ChatEncoder:
             raise ValueError(f"sample {sample.id}: {len(sample.images)} images but {len(image_sizes)} sizes")
         # Video frames are never split (MM1.5-Video): each frame is one tile.
         cfg = (
-            ImagePlanConfig(**{**self.plan_cfg.__dict__, "split": False})
+            dataclasses.replace(self.plan_cfg, split=False)
             if sample.is_video
             else self.plan_cfg
         )

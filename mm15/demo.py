@@ -69,6 +69,11 @@ def show_plans(out: Path, console: Console, images: list[Path]) -> None:
     console.print(table)
 
 
+def compact(text: str, limit: int = 120) -> str:
+    """One line for a table cell: whitespace folded, image placeholders shown as [image]."""
+    return " ".join(text.replace("<image>", "[image]").split())[:limit]
+
+
 def live_answers(model_dir: Path, out: Path, console: Console) -> None:
     """The trained model on held-out synthetic samples, with the truth; grounding boxes drawn."""
     from mm15.boxes import parse_boxes
@@ -94,9 +99,6 @@ def live_answers(model_dir: Path, out: Path, console: Console) -> None:
         )
         with autocast():
             answer = generate(model, processor([prompt], [pictures]), GenerationConfig(max_new_tokens=48))[0]
-        def compact(text: str, limit: int = 120) -> str:
-            return " ".join(text.replace("<image>", "[image]").split())[:limit]
-
         table.add_row(name, compact(question), compact(answer) or "(nothing)", compact(truth))
         if name == "refer-ground" and pictures:
             drawn = pictures[0].copy()

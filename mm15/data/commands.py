@@ -29,22 +29,6 @@ def _progress() -> Progress:
     )
 
 
-def synth_names(name: str) -> list[str]:
-    """Generator names for ``name``: one generator, or every generator of a category."""
-    from mm15.data.synth import generators
-
-    registry = generators()
-    if name in registry:
-        return [name]
-    names = sorted(n for n, g in registry.items() if g.category == name)
-    if not names:
-        raise ValueError(
-            f"{name!r} is neither a generator ({', '.join(sorted(registry))}) nor a category with "
-            f"generators ({', '.join(sorted({g.category for g in registry.values()}))})"
-        )
-    return names
-
-
 @app.command()
 def synth(
     category: Annotated[str, typer.Option(help="A generator name, or a category (all its generators).")],
@@ -56,7 +40,7 @@ def synth(
 ) -> None:
     """Generate N synthetic samples (round-robin over the category's generators) into WebDataset shards."""
     from mm15.data.sources import write_shards
-    from mm15.data.synth import generate
+    from mm15.data.synth import generate, synth_names
 
     if n < 1:
         raise typer.BadParameter("--n must be >= 1")

@@ -43,7 +43,7 @@ class SampleSource:
         self.position = 0
         self._iter: Iterator[Sample] | None = None
         if kind == "synth":
-            from mm15.data.commands import synth_names
+            from mm15.data.synth import synth_names
 
             self.names = synth_names(target)
             self.split, self.seed = split, seed

@@ -58,6 +58,20 @@ def generators() -> dict[str, Generator]:
     return dict(_REGISTRY)
 
 
+def synth_names(name: str) -> list[str]:
+    """Generator names for ``name``: one generator, or every generator of a category (sorted)."""
+    registry = generators()
+    if name in registry:
+        return [name]
+    names = sorted(n for n, g in registry.items() if g.category == name)
+    if not names:
+        raise ValueError(
+            f"{name!r} is neither a generator ({', '.join(sorted(registry))}) nor a category with "
+            f"generators ({', '.join(sorted({g.category for g in registry.values()}))})"
+        )
+    return names
+
+
 def sample_seed(name: str, split: Split, index: int, seed: int = 0) -> int:
     """The seed of sample ``index`` of generator ``name``: a hash of all four, so splits never collide."""
     if split not in ("train", "eval"):
