@@ -207,6 +207,11 @@ def main() -> None:
         f"compute dtype {dtype} (bf16 matmuls fast here: {bf16_matmul_is_fast()}), measured {dtype} "
         f"matmul {peak / 1e9:.0f} GFLOP/s; LLM shape: {args.llm}; mm15 connector: {args.connector}"
     )
+    # Both rates side by side, small enough to finish where bf16 is emulated (about 1 GFLOP/s).
+    print(
+        f"matmul 512^3: float32 {matmul_rate(torch.float32, n=512) / 1e9:.0f} GFLOP/s, "
+        f"bfloat16 {matmul_rate(torch.bfloat16, n=512, repeats=2) / 1e9:.1f} GFLOP/s"
+    )
 
     ours, our_batch = build_mm15(llm, args.connector)
     ref, ref_batch = build_llava_next(replace(llm), image_token=ours.image_token_id)
