@@ -110,6 +110,8 @@ class MM15Model(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.image_token_id = add_image_token(tokenizer, llm)
+        # Sparse layers are in place before assembly (build and from_pretrained upcycle first).
+        self.has_moe = next(moe_layers(llm), None) is not None
         self._check_sizes()
 
     def _check_sizes(self) -> None:
@@ -196,7 +198,7 @@ class MM15Model(nn.Module):
             result.logits = head(hidden[:, :-1][supervised])
             result.lm_loss = F.cross_entropy(result.logits.float(), targets[supervised])
             result.loss = result.lm_loss
-        if next(moe_layers(self.llm), None) is not None:
+        if self.has_moe:
             result.aux = moe_aux_loss(self.llm)
             if result.loss is not None:
                 result.loss = result.loss + result.aux["total"]
