@@ -139,6 +139,9 @@ class DepthwiseNorm(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels, bias=False)
+        # The weight's gradient arrives channels-last; storing the weight that way too lets DDP's
+        # gradient buckets alias it instead of copying (and silences its stride-mismatch warning).
+        self.conv.to(memory_format=torch.channels_last)
         self.norm = nn.LayerNorm(channels, eps=1e-6)
         self.act = nn.SiLU()
 

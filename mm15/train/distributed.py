@@ -93,8 +93,14 @@ def init_distributed() -> DistInfo:
 
 
 def cleanup() -> None:
-    """Destroy the process group (without it some backends abort at interpreter exit)."""
+    """Wait for every rank, then destroy the process group.
+
+    Without the barrier a fast rank can tear down its gloo connections while a peer is still in its
+    last collective, and the peer's transport thread aborts the process ("terminate called without an
+    active exception"); without the destroy some backends abort at interpreter exit.
+    """
     if is_distributed():
+        dist.barrier()
         dist.destroy_process_group()
 
 
