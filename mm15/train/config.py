@@ -18,7 +18,8 @@ Sources. A mixture leaf is resolved to a data source by ``DataConfig.resolve_sou
 
 * an entry of ``data.sources``: ``"synth:<generator or category>"`` (the synthetic engine,
   ``mm15.data.synth``) or ``"<format>:<path>"`` with format ``shards`` (WebDataset tar shards),
-  ``llava`` (LLaVA JSON/JSONL), ``interleaved`` or ``text`` (``mm15.data.sources`` readers);
+  ``llava`` (LLaVA JSON/JSONL), ``interleaved`` or ``text`` (``mm15.data.sources`` readers), or ``video``
+  (video-QA annotations, ``mm15.data.video_qa``);
 * otherwise a leaf named ``synth/<generator>`` is that generator, and a leaf named after a category that
   has synthetic generators (``text-rich``, ``general``, ...) is all of that category's generators.
 
@@ -49,7 +50,7 @@ OverBudget = Literal["drop", "error"]
 Sampling = Literal["random", "balanced"]
 
 # Source formats that read files; "synth" is the generator engine and takes no path.
-PATH_FORMATS: tuple[str, ...] = ("shards", "llava", "interleaved", "text")
+PATH_FORMATS: tuple[str, ...] = ("shards", "llava", "interleaved", "text", "video")
 SYNTH = "synth"
 
 

@@ -8,7 +8,9 @@ that does not decode (``corrupt``); past ``max_corrupt_fraction`` of the samples
 with an error, since a data set that broken should not train quietly.
 
 A source is named by a spec: ``synth:<generator>`` or ``synth:<category>`` (the category's generators
-in turn), or ``shards:<folder>`` (WebDataset shards from ``mm15 data``). Its position is a counter, so
+in turn), ``shards:<folder>`` (WebDataset shards from ``mm15 data``) or ``video:<annotations>`` (video-QA
+JSON / JSONL read by ``mm15.data.video_qa.VideoQAReader``: 24 frames per video, videos relative to the
+annotation file; records that cannot be used are counted by the reader). Its position is a counter, so
 ``state_dict()`` (the mixture's state plus every source's counter and the skip counts) restores the
 stream exactly: a resumed run sees the same samples in the same order.
 """
@@ -51,9 +53,15 @@ class SampleSource:
             from mm15.data.sources import ShardReader
 
             self.reader = ShardReader(target)
+        elif kind == "video":
+            from mm15.data.video_qa import VideoQAReader
+
+            # Records whose video is missing or does not decode are skipped and counted by the reader.
+            self.reader = VideoQAReader(target, strict=False)
         else:
             raise ValueError(
-                f"source spec {spec!r}: must be 'synth:<generator or category>' or 'shards:<dir>'"
+                f"source spec {spec!r}: must be 'synth:<generator or category>', 'shards:<dir>' "
+                "or 'video:<annotations>'"
             )
         self.kind = kind
 

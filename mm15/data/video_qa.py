@@ -1,0 +1,212 @@
+"""Video question answering annotations -> ``Sample`` objects whose images are sampled video frames.
+
+``VideoQAReader(paths, video_root=None, num_frames=24)`` reads a JSON array (``.json``) or JSON lines
+(any other suffix) of records in one of three common shapes, decided per record:
+
+* **Conversation** (LLaVA-Video / Video-ChatGPT / VideoChat2 instruction data)::
+
+      {"id": "v1", "video": "clips/a.mp4",
+       "conversations": [{"from": "human", "value": "<video>\\nWhat is the man doing?"},
+                         {"from": "gpt", "value": "He is slicing bread."}, ...]}
+
+  The frames go where ``<video>`` is; a single ``<image>`` is accepted in its place (LLaVA-Video
+  writes the video's slot that way); with neither, the frames go before the first user turn's text.
+  More than one video slot is an error (``image_count``): one record is one video.
+
+* **Multiple choice** (MVBench / NExT-QA / EgoSchema style)::
+
+      {"video": "a.mp4", "question": "What happens after ...?", "candidates": ["x", "y", "z"],
+       "answer": "y"}
+
+  ``answer`` is one of the candidates' text, or its 0-based index. The prompt lists the options as
+  ``(A) x`` lines and asks for the letter; the target answer is the letter alone, as MM1.5 answers
+  multiple-choice video benchmarks ("with the option letter directly", mm15-spec.md section 6).
+  ``truth`` holds ``options``, ``answer_letter`` and ``answer_text``.
+
+* **Open-ended** (ActivityNet-QA style)::
+
+      {"video": "a.mp4", "question": "What color is the car?", "answer": "red"}
+
+Optional fields in every shape: ``"id"``, ``"category"`` (default ``"video"``), ``"source"`` (default the
+reader's ``source``, else the file's stem) and ``"truth"`` (an object, merged into the sample's truth).
+Every sample has ``is_video=True``, one ``<image>`` per sampled frame, and ``truth`` with ``task``
+(``"conversation"``, ``"multiple-choice"`` or ``"open-ended"``), ``video`` (the file as given in the record),
+``frame_indices``, ``total_frames`` and ``fps``.
+
+Video paths are relative to ``video_root`` (default: the annotation file's folder). Frames are decoded
+while reading (``mm15.video.read_video``: ``num_frames`` uniformly sampled frames, every frame of a
+shorter video). Errors and skips follow ``mm15.data.sources``: a malformed record raises
+``SourceError`` when ``strict``, else it is skipped and counted in ``skipped`` under its reason, which is
+one of the reasons of ``mm15.data.sources`` (``bad_record``, ``bad_conversations``, ``unknown_role``,
+``image_count``, ``bad_category``, ``bad_json``) or one of ``VIDEO_REASONS``: ``missing_video`` (no such
+file) and ``bad_video`` (empty, corrupt or undecodable: the ``VideoError`` message is kept).
+"""
+
+from __future__ import annotations
+
+import string
+from pathlib import Path
+from typing import Any
+
+from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, ImageRef, Sample, Turn
+from mm15.data.sources import PathLike, Paths, _category, _JsonReader, _Malformed, _role, _string_field
+from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
+
+VIDEO_PLACEHOLDER = "<video>"
+VIDEO_REASONS: tuple[str, ...] = ("missing_video", "bad_video")
+MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+
+
+def format_options(options: list[str]) -> str:
+    """Options as ``(A) text`` lines, the layout of MVBench-style prompts."""
+    return "\n".join(f"({string.ascii_uppercase[k]}) {text}" for k, text in enumerate(options))
+
+
+def multiple_choice_prompt(question: str, options: list[str]) -> str:
+    """The user text of a multiple-choice video question (after the frames)."""
+    return f"{question}\nOptions:\n{format_options(options)}\n{MC_INSTRUCTION}"
+
+
+def _text(record: dict[str, Any], key: str) -> str:
+    value = record.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise _Malformed("bad_record", f"{key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _answer_index(answer: Any, options: list[str]) -> int:
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        if not 0 <= answer < len(options):
+            raise _Malformed("bad_record", f"'answer' index {answer} is not one of {len(options)} candidates")
+        return answer
+    if isinstance(answer, str) and answer in options:
+        return options.index(answer)
+    raise _Malformed("bad_record", f"'answer' {answer!r} is neither a candidate nor a candidate index")
+
+
+def _place_frames(turns: list[Turn], frames: int) -> list[Turn]:
+    """Turns with the video slot replaced by one ``<image>`` per frame (module docstring)."""
+    slots = sum(t.content.count(VIDEO_PLACEHOLDER) for t in turns)
+    images = sum(t.content.count(IMAGE_PLACEHOLDER) for t in turns)
+    if slots + images > 1:
+        raise _Malformed(
+            "image_count",
+            f"{slots} {VIDEO_PLACEHOLDER} and {images} {IMAGE_PLACEHOLDER} slots; a record holds one video",
+        )
+    marker = VIDEO_PLACEHOLDER if slots else IMAGE_PLACEHOLDER if images else None
+    expanded = IMAGE_PLACEHOLDER * frames
+    if marker is not None:
+        return [Turn(t.role, t.content.replace(marker, expanded)) for t in turns]
+    first_user = next((k for k, t in enumerate(turns) if t.role == "user"), None)
+    if first_user is None:
+        raise _Malformed("bad_conversations", "no user turn to put the video in")
+    out = list(turns)
+    out[first_user] = Turn("user", f"{expanded}\n{turns[first_user].content}")
+    return out
+
+
+class VideoQAReader(_JsonReader):
+    """Video-QA records -> Samples of sampled frames (module docstring)."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        video_root: PathLike | None = None,
+        *,
+        num_frames: int = DEFAULT_NUM_FRAMES,
+        category: str = "video",
+        source: str | None = None,
+        strict: bool = True,
+    ) -> None:
+        super().__init__(paths, source=source, strict=strict)
+        if category not in CATEGORIES:
+            raise ValueError(f"unknown category {category!r} (one of {CATEGORIES})")
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+        self.video_root = Path(video_root) if video_root is not None else None
+        self.num_frames = num_frames
+        self.category = category
+
+    def _turns(self, record: dict[str, Any]) -> tuple[list[Turn], dict[str, Any]]:
+        """The record's turns (video slot not yet expanded) and its task truth."""
+        if "conversations" in record:
+            conversations = record["conversations"]
+            if not isinstance(conversations, list) or not conversations:
+                raise _Malformed("bad_conversations", "'conversations' must be a non-empty list")
+            turns = []
+            for j, message in enumerate(conversations):
+                if not isinstance(message, dict) or not isinstance(message.get("value"), str):
+                    raise _Malformed(
+                        "bad_conversations", f"conversation {j} must be an object with a string 'value'"
+                    )
+                turns.append(Turn(_role(message.get("from")), message["value"]))  # type: ignore[arg-type]
+            return turns, {"task": "conversation"}
+        question = _text(record, "question")
+        if "answer" not in record:
+            raise _Malformed("bad_record", "needs 'conversations', or 'question' and 'answer'")
+        if "candidates" in record:
+            options = record["candidates"]
+            if (
+                not isinstance(options, list)
+                or not 2 <= len(options) <= 26
+                or not all(isinstance(o, str) and o.strip() for o in options)
+            ):
+                raise _Malformed(
+                    "bad_record", f"'candidates' must be 2-26 non-empty strings, got {options!r}"
+                )
+            right = _answer_index(record["answer"], options)
+            letter = string.ascii_uppercase[right]
+            truth = {
+                "task": "multiple-choice",
+                "question": question,
+                "options": options,
+                "answer_letter": letter,
+                "answer_text": options[right],
+                "answer": letter,
+            }
+            return [Turn("user", multiple_choice_prompt(question, options)), Turn("assistant", letter)], truth
+        answer = record["answer"]
+        if isinstance(answer, int | float) and not isinstance(answer, bool):
+            answer = str(answer)  # numeric answers ("how many ...") are text to the model
+        if not isinstance(answer, str) or not answer.strip():
+            raise _Malformed("bad_record", f"'answer' must be a non-empty string, got {answer!r}")
+        truth = {"task": "open-ended", "question": question, "answer": answer}
+        return [Turn("user", question), Turn("assistant", answer)], truth
+
+    def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
+        video = record.get("video")
+        if not isinstance(video, str) or not video:
+            raise _Malformed("bad_record", f"'video' must be a non-empty path string, got {video!r}")
+        turns, truth = self._turns(record)
+        extra = record.get("truth", {})
+        if not isinstance(extra, dict):
+            raise _Malformed("bad_record", f"'truth' must be an object, got {type(extra).__name__}")
+        category = _category(record, self.category)
+        source = _string_field(record, "source", self.source or path.stem)
+        # Check the text before decoding anything: a bad slot is the cheaper, clearer error.
+        _place_frames(turns, 1)
+        root = self.video_root if self.video_root is not None else path.parent
+        file = root / video
+        if not file.is_file():
+            raise _Malformed("missing_video", f"video {video!r} not found under {root}")
+        try:
+            clip = read_video(file, self.num_frames)
+        except VideoError as err:
+            raise _Malformed("bad_video", str(err)) from None
+        frames: list[ImageRef] = list(clip.frames)
+        return Sample(
+            id=sample_id,
+            turns=_place_frames(turns, len(frames)),
+            category=category,
+            source=source,
+            images=frames,
+            is_video=True,
+            truth={
+                **extra,
+                **truth,
+                "video": video,
+                "frame_indices": clip.indices,
+                "total_frames": clip.total_frames,
+                "fps": clip.fps,
+            },
+        )

@@ -1,0 +1,238 @@
+"""Reading video files for MM1.5-Video: uniform frame sampling and decoding with PyAV.
+
+MM1.5-Video (mm15-spec.md section 6) has no temporal module: a clip becomes ``num_frames`` frames
+(24 in MM1.5) sampled uniformly over the whole video whatever its length, and each frame is one
+unsplit image of ``tokens_per_tile`` tokens (``ChatEncoder`` plans samples with ``is_video`` set
+without splitting, so 24 frames cost 24 x 144 = 3456 image tokens at MM1.5's settings).
+
+**Sampling rule** (``sample_frame_indices``). The ``T`` decoded frames are cut into ``N`` equal
+segments and the frame at the centre of each segment is taken::
+
+    index_i = floor((i + 1/2) * T / N)      for i = 0 .. N-1    (exact integer arithmetic)
+
+For ``T >= N`` the indices are strictly increasing and distinct (consecutive ones are at least
+``T / N >= 1`` apart), the first is ``floor(T / 2N)`` and the last ``floor(T - T / 2N)``, so the clip's
+start and end are covered symmetrically. **Shorter videos** (``T < N``) give every frame once,
+``0 .. T-1``: no frame is duplicated to pad the count, because a repeated frame says nothing new and
+would make a static clip look longer; the sample simply has fewer images (and fewer image tokens).
+
+**Reading** (``read_video``). Frames are decoded in order from the first video stream and the
+sampled ones kept (seeking is not used: it lands on key frames and is inexact for many codecs,
+while sequential decoding always gives frame ``k`` as the ``k``-th decoded frame). Decoding stops
+after the last sampled frame. The frame count ``T``:
+
+* is the container's count when it declares one (``stream.frames > 0``);
+* is found by decoding and counting every frame first when the container does not (some WebM / MKV
+  streams), and the selected frames are then decoded in a second pass;
+* is corrected when the declared count is too large (a truncated file): the frames actually decoded
+  become ``T``, the indices are recomputed and the missing frames decoded again.
+
+**Errors** are ``VideoError`` (a ``ValueError``) naming the file and the reason: a missing file, an
+empty (zero-byte) file, a file FFmpeg cannot open or decode (corrupt or not a video), a file with no
+video stream, a stream with no decodable frame, or frames over ``max_pixels`` (the same
+decompression-bomb guard as ``mm15.image.load_image``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from mm15.image import DEFAULT_MAX_PIXELS
+
+# MM1.5-Video's frame count: 24 uniformly sampled frames per clip.
+DEFAULT_NUM_FRAMES = 24
+
+VideoSource = str | os.PathLike
+
+
+class VideoError(ValueError):
+    """A video could not be used; ``source`` names the file and ``reason`` says why."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VideoClip:
+    """Frames sampled from a video and where they came from.
+
+    ``frames[k]`` is decoded frame ``indices[k]`` (0-based, in decoding order) of the ``total_frames``
+    frames of the video's first video stream. ``fps`` is the stream's average frame rate (None when the
+    container does not say). ``counted`` is True when ``total_frames`` was found by decoding (the
+    container declared no count, or a wrong one) rather than read from the container.
+    """
+
+    path: str
+    frames: list[Image.Image]
+    indices: list[int]
+    total_frames: int
+    fps: float | None
+    width: int
+    height: int
+    counted: bool
+
+    @property
+    def duration(self) -> float | None:
+        """Seconds covered by the decoded frames (None without a frame rate)."""
+        return self.total_frames / self.fps if self.fps else None
+
+    def timestamps(self) -> list[float] | None:
+        """Each sampled frame's time in seconds from the first frame (None without a frame rate)."""
+        return [index / self.fps for index in self.indices] if self.fps else None
+
+
+def sample_frame_indices(num_total: int, num_frames: int = DEFAULT_NUM_FRAMES) -> list[int]:
+    """Indices of the frames to keep: the centres of ``num_frames`` equal segments (module docstring).
+
+    ``num_total < num_frames`` gives every frame, ``0 .. num_total - 1``, without duplicates.
+    """
+    if isinstance(num_total, bool) or not isinstance(num_total, int) or num_total < 1:
+        raise ValueError(f"num_total must be a positive int, got {num_total!r}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    if num_total <= num_frames:
+        return list(range(num_total))
+    # floor((i + 1/2) * T / N) without floats, so no rounding can merge or shift two indices.
+    return [((2 * i + 1) * num_total) // (2 * num_frames) for i in range(num_frames)]
+
+
+def _open(path: Path):  # type: ignore[no-untyped-def]  # av.container.InputContainer
+    import av
+
+    try:
+        return av.open(str(path), mode="r")
+    except (av.FFmpegError, UnicodeDecodeError) as err:
+        raise VideoError(str(path), f"not a readable video file ({err})") from None
+
+
+def _decode(path: Path, wanted: Collection[int], max_pixels: int) -> tuple[dict[int, Image.Image], int, bool]:
+    """Decode the first video stream in order, keeping frames whose index is in ``wanted``.
+
+    Returns (kept frames by index, frames decoded, whether the stream ended). With ``wanted`` empty the
+    whole stream is decoded and counted; otherwise decoding stops after the last wanted frame.
+    """
+    import av
+
+    last = max(wanted) if wanted else None
+    kept: dict[int, Image.Image] = {}
+    decoded = 0
+    with _open(path) as container:
+        if not container.streams.video:
+            raise VideoError(str(path), "the file has no video stream")
+        stream = container.streams.video[0]
+        try:
+            for frame in container.decode(stream):
+                if frame.width * frame.height > max_pixels:
+                    raise VideoError(
+                        str(path),
+                        f"frames of {frame.width}x{frame.height} pixels exceed max_pixels={max_pixels}",
+                    )
+                if decoded in wanted:
+                    kept[decoded] = frame.to_image().convert("RGB")
+                decoded += 1
+                if last is not None and decoded > last:
+                    return kept, decoded, False
+        except av.FFmpegError as err:
+            raise VideoError(str(path), f"the video stream does not decode ({err})") from None
+    return kept, decoded, True
+
+
+def _stream_info(path: Path) -> tuple[int, float | None, int, int]:
+    """(declared frame count or 0, average fps or None, width, height) of the first video stream."""
+    with _open(path) as container:
+        if not container.streams.video:
+            raise VideoError(str(path), "the file has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        fps = float(rate) if rate else None
+        return int(stream.frames or 0), fps, int(stream.width or 0), int(stream.height or 0)
+
+
+def read_video(
+    path: VideoSource,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> VideoClip:
+    """Sample ``num_frames`` frames uniformly from the video at ``path`` (module docstring).
+
+    Returns a ``VideoClip`` whose ``frames`` are RGB ``PIL`` images in time order; fewer than
+    ``num_frames`` when the video is shorter. Raises ``VideoError`` for anything unusable.
+    """
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    file = Path(path)
+    if not file.is_file():
+        raise VideoError(str(file), "no such file")
+    if file.stat().st_size == 0:
+        raise VideoError(str(file), "empty file (0 bytes)")
+    declared, fps, width, height = _stream_info(file)
+
+    counted = declared == 0
+    total = declared
+    if counted:  # no count in the container: decode and count, then decode the chosen frames
+        _, total, _ = _decode(file, (), max_pixels)
+        if total == 0:
+            raise VideoError(str(file), "the video stream has no decodable frames")
+    indices = sample_frame_indices(total, num_frames)
+    kept, decoded, ended = _decode(file, set(indices), max_pixels)
+    if ended and decoded < total:
+        # The container promised more frames than decode (a truncated file): sample what is there.
+        if decoded == 0:
+            raise VideoError(str(file), "the video stream has no decodable frames")
+        total, counted = decoded, True
+        indices = sample_frame_indices(total, num_frames)
+        missing = [i for i in indices if i not in kept]
+        if missing:
+            kept.update(_decode(file, set(missing), max_pixels)[0])
+    frames = [kept[i] for i in indices]
+    if frames and not (width and height):
+        width, height = frames[0].size
+    return VideoClip(
+        path=str(file),
+        frames=frames,
+        indices=indices,
+        total_frames=total,
+        fps=fps,
+        width=width,
+        height=height,
+        counted=counted,
+    )
+
+
+def write_video(
+    path: VideoSource,
+    frames: Sequence[Image.Image],
+    fps: int = 10,
+    codec: str = "mpeg4",
+    pix_fmt: str = "yuv420p",
+) -> Path:
+    """Encode RGB frames to a video file (for tests and synthetic clips). Returns the path.
+
+    ``mpeg4`` is an FFmpeg built-in encoder, so this works with PyAV's bundled FFmpeg everywhere.
+    Frame sizes must be even for 4:2:0 chroma (``pix_fmt``; MJPEG needs ``"yuvj420p"``).
+    """
+    import av
+
+    if not frames:
+        raise ValueError("write_video needs at least one frame")
+    width, height = frames[0].size
+    out = Path(path)
+    with av.open(str(out), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = pix_fmt
+        for image in frames:
+            frame = av.VideoFrame.from_image(image.convert("RGB"))
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():  # flush the encoder's delayed frames
+            container.mux(packet)
+    return out

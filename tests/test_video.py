@@ -1,0 +1,290 @@
+"""MM1.5-Video: frame sampling, reading real video files, video-QA records and the 24-frame token count.
+
+Every video is encoded here with PyAV into the test's temporary folder: each frame a solid colour, so
+the colour of a decoded frame says which frame it is.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mm15.chat import ChatEncoder
+from mm15.data.sample import IMAGE_PLACEHOLDER, Sample, Turn
+from mm15.data.sources import SourceError
+from mm15.data.video_qa import MC_INSTRUCTION, VideoQAReader
+from mm15.geometry import ImagePlanConfig
+from mm15.model.mm15 import IMAGE_TOKEN
+from mm15.video import VideoError, read_video, sample_frame_indices, write_video
+
+# Ten colours far apart in RGB, so lossy coding cannot turn one into another.
+COLORS: tuple[tuple[int, int, int], ...] = (
+    (255, 0, 0),
+    (0, 255, 0),
+    (0, 0, 255),
+    (255, 255, 0),
+    (255, 0, 255),
+    (0, 255, 255),
+    (0, 0, 0),
+    (255, 255, 255),
+    (128, 128, 128),
+    (255, 128, 0),
+)
+
+
+def which_frame(image: Image.Image) -> int:
+    """The index of the colour nearest to the frame's centre pixel."""
+    pixel = image.getpixel((image.width // 2, image.height // 2))
+    return min(
+        range(len(COLORS)), key=lambda k: sum((a - b) ** 2 for a, b in zip(pixel, COLORS[k], strict=True))
+    )
+
+
+def colour_video(path: Path, count: int = 10, codec: str = "mpeg4") -> Path:
+    frames = [Image.new("RGB", (64, 48), COLORS[k % len(COLORS)]) for k in range(count)]
+    return write_video(path, frames, fps=10, codec=codec)
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("videos")
+    colour_video(root / "ten.mp4")
+    colour_video(root / "ten.mkv")  # Matroska declares no frame count: decode-and-count path
+    colour_video(root / "three.mp4", count=3)
+    (root / "empty.mp4").write_bytes(b"")
+    (root / "garbage.mp4").write_bytes(os.urandom(4096))
+    data = (root / "ten.mp4").read_bytes()
+    (root / "truncated.mp4").write_bytes(data[: len(data) // 2])
+    return root
+
+
+# ------------------------------------------------------------------------------------ sampling rule
+
+
+def test_indices_are_segment_centres() -> None:
+    # T = 10, N = 4: segments of 2.5 frames, centres 1.25, 3.75, 6.25, 8.75.
+    assert sample_frame_indices(10, 4) == [1, 3, 6, 8]
+    assert sample_frame_indices(48, 24) == list(range(1, 48, 2))
+    assert sample_frame_indices(24, 24) == list(range(24))
+    assert sample_frame_indices(1000, 1) == [500]
+
+
+@pytest.mark.parametrize("total", [25, 37, 100, 1001, 54_000])
+def test_indices_distinct_increasing_and_in_range(total: int) -> None:
+    indices = sample_frame_indices(total, 24)
+    assert len(indices) == 24
+    assert all(b > a for a, b in itertools.pairwise(indices))
+    assert indices[0] >= 0 and indices[-1] < total
+    # Symmetric about the clip's middle: the first is as far from the start as the last from the end.
+    assert abs(indices[0] - (total - 1 - indices[-1])) <= 1
+
+
+def test_short_videos_give_every_frame_once() -> None:
+    assert sample_frame_indices(5, 24) == [0, 1, 2, 3, 4]
+    assert sample_frame_indices(1, 24) == [0]
+
+
+@pytest.mark.parametrize("bad", [(0, 24), (10, 0), (-1, 4), (True, 4), (10, 2.5)])
+def test_indices_reject_bad_arguments(bad: tuple) -> None:
+    with pytest.raises(ValueError):
+        sample_frame_indices(*bad)
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def test_read_back_the_sampled_frames(videos: Path) -> None:
+    clip = read_video(videos / "ten.mp4", num_frames=4)
+    assert clip.indices == [1, 3, 6, 8]
+    assert len(clip.frames) == 4
+    assert [which_frame(f) for f in clip.frames] == [1, 3, 6, 8]
+    assert (clip.total_frames, clip.counted, clip.fps) == (10, False, 10.0)
+    assert (clip.width, clip.height) == (64, 48)
+    assert all(f.mode == "RGB" and f.size == (64, 48) for f in clip.frames)
+    assert clip.timestamps() == pytest.approx([0.1, 0.3, 0.6, 0.8])
+    assert clip.duration == pytest.approx(1.0)
+
+
+def test_stream_without_a_frame_count_is_decoded_and_counted(videos: Path) -> None:
+    clip = read_video(videos / "ten.mkv", num_frames=4)
+    assert clip.counted and clip.total_frames == 10
+    assert [which_frame(f) for f in clip.frames] == [1, 3, 6, 8]
+
+
+def test_shorter_than_n_returns_every_frame_without_duplicates(videos: Path) -> None:
+    clip = read_video(videos / "three.mp4")  # the default: MM1.5's 24 frames
+    assert clip.indices == [0, 1, 2]
+    assert [which_frame(f) for f in clip.frames] == [0, 1, 2]
+
+
+def test_a_container_that_overstates_its_frames_is_resampled(
+    videos: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mm15.video as video
+
+    real = video._stream_info
+    # As a truncated file would: the header claims 20 frames, 10 decode.
+    monkeypatch.setattr(video, "_stream_info", lambda path: (20, *real(path)[1:]))
+    clip = read_video(videos / "ten.mp4", num_frames=4)
+    assert (clip.total_frames, clip.counted) == (10, True)
+    assert [which_frame(f) for f in clip.frames] == [1, 3, 6, 8]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("empty.mp4", "empty file (0 bytes)"),
+        ("garbage.mp4", "not a readable video file"),
+        ("truncated.mp4", "no video stream"),
+        ("missing.mp4", "no such file"),
+    ],
+)
+def test_unusable_files_raise_video_error(videos: Path, name: str, reason: str) -> None:
+    with pytest.raises(VideoError, match=re.escape(reason)) as info:
+        read_video(videos / name)
+    assert name in str(info.value) and isinstance(info.value, ValueError)
+
+
+# ----------------------------------------------------------------------- frames as unsplit images
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from mm15.model.llm import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    return tok
+
+
+def video_sample(frames: int) -> Sample:
+    return Sample(
+        id="v",
+        turns=[Turn("user", IMAGE_PLACEHOLDER * frames + "\nWhat moves?"), Turn("assistant", "the ball")],
+        category="video",
+        source="test",
+        images=["unused.png"] * frames,
+        is_video=True,
+    )
+
+
+def test_24_frames_cost_24_unsplit_tiles_of_144_tokens(tokenizer) -> None:
+    encoder = ChatEncoder(tokenizer, ImagePlanConfig(), max_length=8192)  # MM1.5: 672 px, 144 tokens
+    encoded = encoder.encode(video_sample(24), [(720, 1280)] * 24)
+    assert len(encoded.plans) == 24
+    assert all(not p.split and p.num_tiles == 1 and p.grid == (1, 1) for p in encoded.plans)
+    assert encoded.num_image_tokens == 24 * 144 == 3456
+    assert [p.tiles[0].marker for p in encoded.plans[:2]] == ["(0, 0, 0)", "(1, 0, 0)"]
+    assert encoded.input_ids.count(tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)) == 3456
+
+
+def test_a_short_clip_is_not_split_either(tokenizer) -> None:
+    # Two frames would be split as two images (< 3 images split); as video frames they are not.
+    encoder = ChatEncoder(tokenizer, ImagePlanConfig(), max_length=8192)
+    encoded = encoder.encode(video_sample(2), [(720, 1280)] * 2)
+    assert [p.num_tiles for p in encoded.plans] == [1, 1]
+    assert encoded.num_image_tokens == 2 * 144
+
+
+# ------------------------------------------------------------------------------- video-QA records
+
+
+def write_records(path: Path, records: list) -> Path:
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return path
+
+
+def test_reader_three_record_shapes(videos: Path, tmp_path: Path) -> None:
+    records = [
+        {
+            "id": "conv",
+            "video": "ten.mp4",
+            "conversations": [
+                {"from": "human", "value": "<video>\nWhat colours appear?"},
+                {"from": "gpt", "value": "Many."},
+            ],
+        },
+        {
+            "video": "ten.mkv",
+            "question": "Which comes first?",
+            "candidates": ["red", "green"],
+            "answer": "red",
+        },
+        {"video": "three.mp4", "question": "How many frames?", "answer": 3},
+    ]
+    annotations = write_records(tmp_path / "qa.jsonl", records)
+    samples = list(VideoQAReader(annotations, video_root=videos, num_frames=4))
+    conv, mc, open_ended = samples
+    for sample in samples:
+        sample.validate()
+        assert sample.is_video and sample.category == "video" and sample.source == "qa"
+    assert conv.id == "conv" and len(conv.images) == 4
+    assert conv.turns[0].content == IMAGE_PLACEHOLDER * 4 + "\nWhat colours appear?"
+    assert [which_frame(f) for f in conv.images] == [1, 3, 6, 8]
+    assert conv.truth["frame_indices"] == [1, 3, 6, 8] and conv.truth["task"] == "conversation"
+    assert mc.truth["task"] == "multiple-choice" and mc.truth["answer_letter"] == "A"
+    assert (
+        mc.turns[0].content
+        == IMAGE_PLACEHOLDER * 4 + f"\nWhich comes first?\nOptions:\n(A) red\n(B) green\n{MC_INSTRUCTION}"
+    )
+    assert mc.turns[1].content == "A"
+    assert open_ended.truth["answer"] == "3" and len(open_ended.images) == 3
+    assert open_ended.truth["total_frames"] == 3
+
+
+def test_reader_counts_or_raises_bad_records(videos: Path, tmp_path: Path) -> None:
+    good = {"video": "ten.mp4", "question": "q?", "answer": "a"}
+    bad = [
+        {"video": "nowhere.mp4", "question": "q?", "answer": "a"},  # missing_video
+        {"video": "garbage.mp4", "question": "q?", "answer": "a"},  # bad_video
+        {"video": "empty.mp4", "question": "q?", "answer": "a"},  # bad_video
+        {"video": "ten.mp4", "question": "q?", "candidates": ["x", "y"], "answer": "z"},  # bad_record
+        {"video": "ten.mp4", "question": "q?"},  # bad_record
+        {"question": "q?", "answer": "a"},  # bad_record (no video)
+        {"video": "ten.mp4", "conversations": [{"from": "robot", "value": "hi"}]},  # unknown_role
+        {
+            "video": "ten.mp4",
+            "conversations": [{"from": "human", "value": "<video><video> q"}, {"from": "gpt", "value": "a"}],
+        },  # image_count
+    ]
+    annotations = write_records(tmp_path / "bad.jsonl", [good, *bad])
+    (tmp_path / "bad.jsonl").write_text((tmp_path / "bad.jsonl").read_text() + "{not json\n")
+    lenient = VideoQAReader(annotations, video_root=videos, num_frames=2, strict=False)
+    assert len(list(lenient)) == 1
+    assert lenient.skipped.as_dict() == {
+        "missing_video": 1,
+        "bad_video": 2,
+        "bad_record": 3,
+        "unknown_role": 1,
+        "image_count": 1,
+        "bad_json": 1,
+    }
+    with pytest.raises(SourceError, match="missing_video") as info:
+        list(VideoQAReader(annotations, video_root=videos, num_frames=2))
+    assert info.value.location == "line 2"
+
+
+def test_video_source_kind_streams_samples(videos: Path, tmp_path: Path) -> None:
+    from mm15.train.data import SampleSource
+
+    annotations = write_records(
+        tmp_path / "train.json.jsonl",
+        [{"video": str(videos / "ten.mp4"), "question": "q?", "answer": "a"}],
+    )
+    source = SampleSource(f"video:{annotations}")
+    first, second = source.next(), source.next()  # a source cycles over its records
+    assert first.is_video and len(first.images) == 10 and second.truth == first.truth
+
+
+def test_synthetic_clips_are_video_samples() -> None:
+    from mm15.data.synth import generate
+
+    sample = generate("video", 0, split="eval")
+    assert sample.is_video and sample.category == "video" and 8 <= len(sample.images) <= 24
+    assert sample.truth["answer"] == sample.turns[-1].content
