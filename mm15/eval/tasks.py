@@ -1,0 +1,856 @@
+"""The registry of evaluation tasks: what to ask, how to generate, how to read and score the answer.
+
+A ``Task`` is a frozen description (prismatic-vlms style): name, MM1.5 category, version, prompt
+template, generation settings, answer parser, metric and an *item source* that turns the task's
+options into a sequence of ``TaskItem``. ``register_task`` adds one, ``get_task(name)`` finds one and
+``task_names(category)`` lists them. Two families are registered here:
+
+* **held-out synthetic tasks** (``synth-<generator>``), one per synthetic generator of the SFT
+  categories, drawn from ``mm15.data.synth.generate(name, index, split="eval", seed)``. The eval split's
+  seeds are hashed apart from the training split's (``sample_seed``), so no item is a training sample.
+  They need no files and run anywhere (tests, the demo, evaluation during training).
+* **real benchmarks** on the loaders of ``mm15.eval.loaders`` (TextVQA, DocVQA, InfoVQA, ChartQA,
+  OCRBench, POPE, VQAv2, RefCOCO*, ScreenSpot, AI2D, ScienceQA, MMMU, SEED): they take the annotation
+  file (``path=``) and the image folder (``images=``, default: the annotation file's folder) as options.
+
+Options are written after the name: ``textvqa:path=/data/TextVQA_0.5.1_val.json,images=/data/img``
+(see ``parse_task_specs``). Every task accepts ``limit=N`` (the first N items), ``max_new_tokens=N``
+(override the generation budget) and ``name=LABEL`` (the result's name, to run one task twice).
+
+Variant tasks (``video``, ``ui``) live in ``mm15.eval.variant_tasks``, written separately: the registry
+imports that module, if it exists, on the first lookup (``VARIANT_MODULE``), and the module calls
+``register_task`` at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+from PIL import Image
+
+from mm15.data.sample import ImageRef, Sample
+from mm15.eval import loaders, metrics
+from mm15.model.generate import GenerationConfig
+
+__all__ = [
+    "CATEGORIES",
+    "COMMON_OPTIONS",
+    "MMBASE_CATEGORIES",
+    "VARIANT_MODULE",
+    "LazyItems",
+    "Task",
+    "TaskError",
+    "TaskItem",
+    "TaskOption",
+    "TaskSpec",
+    "get_task",
+    "parse_task_specs",
+    "register_task",
+    "resolve_task_specs",
+    "synthetic_task",
+    "task_names",
+    "tasks",
+]
+
+# MM1.5's evaluation categories (mm15-spec.md section 7.1), then the variants' categories.
+CATEGORIES: tuple[str, ...] = (
+    "general",
+    "text-rich",
+    "knowledge",
+    "refer-ground",
+    "multi-image",
+    "in-context",
+    "video",
+    "ui",
+)
+# MM1.5's "MMBase" score: the mean of these category averages.
+MMBASE_CATEGORIES: tuple[str, ...] = ("general", "text-rich", "knowledge")
+# Imported on the first registry lookup when it exists; it registers the video and UI tasks.
+VARIANT_MODULE = "mm15.eval.variant_tasks"
+
+# What the models are told for short answers; the wording MM1.5-style SFT data (LLaVA) uses.
+SHORT_ANSWER = "Answer the question using a single word or phrase."
+CHOICE_ANSWER = "Answer with the option's letter from the given choices directly."
+
+
+class TaskError(ValueError):
+    """An unknown task or category, or a bad task option; the message lists what is accepted."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Items, options and tasks
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskItem:
+    """One question of a task, ready to prompt.
+
+    ``question`` fills the template's ``{question}``; for synthetic items it already holds the
+    ``<image>`` placeholders (where the sample put them) and its regions written as text. ``lead`` is
+    put before the templated prompt: real benchmark items put their image placeholder there.
+    ``fields`` fill the template's other fields (``{options}`` of multiple choice). ``images`` are in
+    placeholder order (paths or PIL images). ``meta`` is what the scorer needs (boxes, sizes, types).
+    """
+
+    id: str
+    question: str
+    answers: tuple[str, ...]
+    images: tuple[ImageRef, ...] = ()
+    lead: str = ""
+    fields: Mapping[str, str] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+
+class LazyItems(Sequence[TaskItem]):
+    """A sequence whose items are built on access (a synthetic image is rendered only when needed)."""
+
+    def __init__(self, count: int, make: Callable[[int], TaskItem]) -> None:
+        self._count = count
+        self._make = make
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, index: int) -> TaskItem: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[TaskItem]: ...
+
+    def __getitem__(self, index: int | slice) -> TaskItem | list[TaskItem]:
+        if isinstance(index, slice):
+            return [self._make(i) for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count:
+            raise IndexError(f"item {index} out of range (the task has {self._count} items)")
+        return self._make(index)
+
+
+@dataclass(frozen=True)
+class TaskOption:
+    """One ``key=value`` option a task accepts; ``kind`` converts the text (``str``, ``int``, ``float``,
+    ``bool``, ``Path``)."""
+
+    name: str
+    kind: type
+    help: str
+    default: Any = None
+    required: bool = False
+
+    def convert(self, task: str, value: Any) -> Any:
+        if not isinstance(value, str):
+            # Options given from Python (TaskSpec) rather than a command line: check the type only.
+            accepted: tuple[type, ...] = (int, float) if self.kind is float else (self.kind,)
+            if isinstance(value, accepted) and (self.kind is bool or not isinstance(value, bool)):
+                return float(value) if self.kind is float else value
+            raise TaskError(f"task {task}: option {self.name} must be {self.kind.__name__}, got {value!r}")
+        if self.kind is bool:
+            lowered = value.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise TaskError(f"task {task}: option {self.name} must be true or false, got {value!r}")
+        try:
+            return self.kind(value)
+        except ValueError:
+            raise TaskError(
+                f"task {task}: option {self.name} must be {self.kind.__name__}, got {value!r}"
+            ) from None
+
+
+# Options every task accepts; the runner reads them, sources never see them.
+COMMON_OPTIONS: tuple[TaskOption, ...] = (
+    TaskOption("limit", int, "evaluate only the first N items"),
+    TaskOption("max_new_tokens", int, "override the task's generation budget"),
+    TaskOption("name", str, "the result's name (to run one task twice with other options)"),
+)
+
+ItemSource = Callable[[Mapping[str, Any]], Sequence[TaskItem]]
+AnswerParser = Callable[[str, TaskItem], str]
+Scorer = Callable[[str, TaskItem], float]
+# (predictions, items, per-item scores) -> metrics; must hold "score" (x100), the task's headline number.
+Aggregator = Callable[[Sequence[str], Sequence[TaskItem], Sequence[float]], dict[str, float]]
+
+
+def mean_score(
+    predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
+) -> dict[str, float]:
+    """The default aggregate: the mean item score x100 (0 for an empty task)."""
+    return {"score": 100.0 * sum(scores) / len(scores) if scores else 0.0}
+
+
+@dataclass(frozen=True)
+class Task:
+    """One evaluation task (module docstring). ``prompt`` is a ``str.format`` template with
+    ``{question}`` and the item's ``fields``; the prompt is ``item.lead + prompt.format(...)``, sent as
+    the user turn of the model's chat template. Bump ``version`` whenever the items, the prompt, the
+    parser or the metric change: cached outputs are keyed by it."""
+
+    name: str
+    category: str
+    version: str
+    description: str
+    prompt: str
+    generation: GenerationConfig
+    parse: AnswerParser
+    score: Scorer
+    metric: str
+    source: ItemSource
+    options: tuple[TaskOption, ...] = ()
+    aggregate: Aggregator = mean_score
+
+    def __post_init__(self) -> None:
+        if self.category not in CATEGORIES:
+            raise TaskError(f"task {self.name}: unknown category {self.category!r}; choose from {CATEGORIES}")
+        if not self.name or any(c in self.name for c in ":,= "):
+            raise TaskError(f"task name {self.name!r} must be non-empty, without ':', ',', '=' or spaces")
+        clash = {o.name for o in self.options} & {o.name for o in COMMON_OPTIONS}
+        if clash:
+            raise TaskError(f"task {self.name}: options {sorted(clash)} are common to every task")
+
+    @property
+    def needs_files(self) -> bool:
+        """Whether the task has required options (a real benchmark's annotation file)."""
+        return any(o.required for o in self.options)
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Checked and converted options, defaults filled in; an unknown or missing one raises TaskError."""
+        accepted = {o.name: o for o in (*self.options, *COMMON_OPTIONS)}
+        unknown = sorted(set(given) - set(accepted))
+        if unknown:
+            raise TaskError(
+                f"task {self.name}: unknown option(s) {', '.join(unknown)}; it accepts "
+                + ", ".join(f"{o.name} ({o.help})" for o in accepted.values())
+            )
+        resolved: dict[str, Any] = {}
+        for option in accepted.values():
+            if option.name in given:
+                resolved[option.name] = option.convert(self.name, given[option.name])
+            elif option.required:
+                raise TaskError(f"task {self.name}: option {option.name}=... is required ({option.help})")
+            else:
+                resolved[option.name] = option.default
+        for key in ("limit", "max_new_tokens"):
+            if resolved[key] is not None and resolved[key] < (0 if key == "limit" else 1):
+                raise TaskError(f"task {self.name}: {key} must be >= {0 if key == 'limit' else 1}")
+        return resolved
+
+    def generation_for(self, options: Mapping[str, Any]) -> GenerationConfig:
+        """The generation settings with the ``max_new_tokens`` option applied."""
+        if options.get("max_new_tokens"):
+            return dataclasses.replace(self.generation, max_new_tokens=options["max_new_tokens"])
+        return self.generation
+
+    def items(self, options: Mapping[str, Any]) -> Sequence[TaskItem]:
+        """The task's items for resolved ``options`` (the common options removed)."""
+        common = {o.name for o in COMMON_OPTIONS}
+        return self.source({k: v for k, v in options.items() if k not in common})
+
+    def render(self, item: TaskItem) -> str:
+        """The user turn for ``item``: its lead, then the template filled in."""
+        return item.lead + self.prompt.format_map({"question": item.question, **item.fields})
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------------
+
+_TASKS: dict[str, Task] = {}
+_variants_loaded = False
+
+
+def register_task(task: Task, *, replace: bool = False) -> Task:
+    """Add ``task`` to the registry (a name registered twice is an error unless ``replace``)."""
+    if not isinstance(task, Task):
+        raise TypeError(f"register_task takes a Task, got {type(task).__name__}")
+    if task.name in _TASKS and not replace:
+        raise TaskError(f"task {task.name!r} is registered twice")
+    _TASKS[task.name] = task
+    return task
+
+
+def _load_variants() -> None:
+    """Import ``VARIANT_MODULE`` once, if it exists; an error *inside* it is raised, not hidden."""
+    global _variants_loaded
+    if _variants_loaded:
+        return
+    _variants_loaded = True
+    if importlib.util.find_spec(VARIANT_MODULE) is not None:
+        importlib.import_module(VARIANT_MODULE)
+
+
+def get_task(name: str) -> Task:
+    """The task registered as ``name``; an unknown name raises TaskError listing every task."""
+    _load_variants()
+    if name not in _TASKS:
+        raise TaskError(f"unknown task {name!r}; choose from: {', '.join(sorted(_TASKS))}")
+    return _TASKS[name]
+
+
+def tasks(category: str | None = None) -> list[Task]:
+    """Every registered task, sorted by name, optionally of one category."""
+    _load_variants()
+    if category is not None and category not in CATEGORIES:
+        raise TaskError(f"unknown category {category!r}; choose from: {', '.join(CATEGORIES)}")
+    return [_TASKS[n] for n in sorted(_TASKS) if category is None or _TASKS[n].category == category]
+
+
+def task_names(category: str | None = None) -> list[str]:
+    """The registered task names, sorted, optionally of one category."""
+    return [t.name for t in tasks(category)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Task specs: "name:key=value,key=value" strings
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task name (or a group: a category name, or ``synth``) and its raw options."""
+
+    name: str
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def parse_task_specs(text: str | Iterable[str | TaskSpec]) -> list[TaskSpec]:
+    """Parse ``"a,b:k=v,k2=v2,c"`` (or a list of such strings) into specs.
+
+    Pieces are separated by commas. A piece ``name`` or ``name:key=value`` starts a task; a piece
+    ``key=value`` (no ``:`` before its ``=``) adds an option to the task before it. So
+    ``"textvqa:path=/d/val.json,images=/d/img,synth-general-count"`` is two tasks. Values cannot hold
+    commas; spaces around pieces are ignored.
+    """
+    pieces: list[str | TaskSpec] = [text] if isinstance(text, str) else list(text)
+    specs: list[TaskSpec] = []
+    for piece in pieces:
+        if isinstance(piece, TaskSpec):
+            specs.append(piece)
+            continue
+        current: tuple[str, dict[str, str]] | None = None
+        for part in (p.strip() for p in piece.split(",")):
+            if not part:
+                continue
+            head, eq, _ = part.partition("=")
+            if eq and ":" not in head:  # "key=value": an option of the task before it
+                if current is None:
+                    raise TaskError(f"option {part!r} comes before any task name in {piece!r}")
+                _add_option(current, part)
+                continue
+            if current is not None:
+                specs.append(TaskSpec(current[0], current[1]))
+            name, colon, rest = part.partition(":")
+            if not name.strip():
+                raise TaskError(f"empty task name in {piece!r}")
+            current = (name.strip(), {})
+            if colon:
+                _add_option(current, rest)
+        if current is not None:
+            specs.append(TaskSpec(current[0], current[1]))
+    if not specs:
+        raise TaskError("no task given")
+    return specs
+
+
+def _add_option(current: tuple[str, dict[str, str]], text: str) -> None:
+    key, eq, value = text.partition("=")
+    key = key.strip()
+    if not eq or not key:
+        raise TaskError(f"task {current[0]}: option {text!r} is not key=value")
+    if key in current[1]:
+        raise TaskError(f"task {current[0]}: option {key} given twice")
+    current[1][key] = value.strip()
+
+
+def resolve_task_specs(specs: str | Iterable[str | TaskSpec]) -> list[tuple[str, Task, dict[str, Any]]]:
+    """``(result name, task, resolved options)`` for every spec, groups expanded, in the order given.
+
+    A category name expands to that category's tasks that need no files, ``synth`` to every synthetic
+    task and ``all`` to every task that needs no files; options given to a group apply to each task.
+    Two results with one name (the same task twice) raise TaskError: give one of them ``name=``.
+    """
+    resolved: list[tuple[str, Task, dict[str, Any]]] = []
+    for spec in parse_task_specs(specs):
+        _load_variants()
+        if spec.name in _TASKS:
+            group = [_TASKS[spec.name]]
+        elif spec.name in CATEGORIES or spec.name in ("synth", "all"):
+            if spec.name == "synth":
+                group = [t for t in tasks() if t.name.startswith(SYNTH_PREFIX)]
+            else:
+                group = [t for t in tasks(None if spec.name == "all" else spec.name) if not t.needs_files]
+            if not group:
+                raise TaskError(f"{spec.name!r} names no task that runs without files")
+        else:
+            raise TaskError(
+                f"unknown task {spec.name!r}; choose a task ({', '.join(sorted(_TASKS))}), a category "
+                f"({', '.join(CATEGORIES)}), 'synth' or 'all'"
+            )
+        for task in group:
+            options = task.resolve_options(spec.options)
+            resolved.append((options["name"] or task.name, task, options))
+    names = [name for name, _, _ in resolved]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TaskError(f"task(s) {', '.join(repeated)} listed twice; give each run its own name=LABEL")
+    return resolved
+
+
+# --------------------------------------------------------------------------------------------------
+# Answer parsers and scorers (thin adapters over mm15.eval.metrics)
+# --------------------------------------------------------------------------------------------------
+
+
+def short_answer(output: str, item: TaskItem) -> str:
+    """The first non-empty line, stripped: short-answer tasks ignore anything the model adds after it."""
+    for line in output.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def whole_answer(output: str, item: TaskItem) -> str:
+    """The whole output, surrounding whitespace removed (transcriptions, boxes, long answers)."""
+    return output.strip()
+
+
+def normalized_match(prediction: str, item: TaskItem) -> float:
+    """1 if the prediction equals a reference after VQA answer normalisation (case, articles, number
+    words, punctuation): the single-reference exact match of the synthetic short-answer tasks."""
+    pred = metrics.normalize_vqa_answer(prediction)
+    return float(any(pred == metrics.normalize_vqa_answer(a) for a in item.answers))
+
+
+def vqa_score(prediction: str, item: TaskItem) -> float:
+    return metrics.vqa_accuracy(prediction, list(item.answers))
+
+
+def anls_score(prediction: str, item: TaskItem) -> float:
+    return metrics.anls(prediction, list(item.answers))
+
+
+def similarity_score(prediction: str, item: TaskItem) -> float:
+    """1 - normalised edit distance, unthresholded: partial credit for long transcriptions."""
+    return max(metrics.anls_similarity(prediction, a) for a in item.answers)
+
+
+def relaxed_score(prediction: str, item: TaskItem) -> float:
+    # Chart and table answers often end the sentence with a period ("16."); the 5 % rule needs a number.
+    return metrics.relaxed_accuracy(prediction.rstrip("."), list(item.answers))
+
+
+def choice_score(prediction: str, item: TaskItem) -> float:
+    options = item.meta.get("options") or []
+    if not options:  # an MMMU open question
+        return float(metrics.mmmu_open_correct(prediction, list(item.answers)))
+    return float(metrics.choice_correct(prediction, item.answers[0], options))
+
+
+def grounding_score(prediction: str, item: TaskItem) -> float:
+    """Acc@IoU>=0.5 of the first box in the answer (our ``[x1, y1, x2, y2]`` text units)."""
+    meta = item.meta
+    return float(metrics.grounding_hit(prediction, meta["box"], meta["width"], meta["height"]))
+
+
+def click_score(prediction: str, item: TaskItem) -> float:
+    meta = item.meta
+    return float(metrics.screenspot_hit(prediction, meta["box"], meta["width"], meta["height"]))
+
+
+def ocrbench_score(prediction: str, item: TaskItem) -> float:
+    return float(metrics.ocrbench_correct(prediction, list(item.answers), item.meta["dataset_name"]))
+
+
+def pope_score(prediction: str, item: TaskItem) -> float:
+    return float(metrics.pope_parse(prediction) == item.answers[0])
+
+
+def pope_aggregate(
+    predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
+) -> dict[str, float]:
+    """POPE's headline number is F1 (x100); accuracy, precision, recall and yes-ratio come with it."""
+    if not items:
+        return {"score": 0.0}
+    result = metrics.pope_metrics(list(predictions), [item.answers[0] for item in items])
+    named = {k: 100.0 * result[k] for k in ("f1", "accuracy", "precision", "recall", "yes_ratio")}
+    return {"score": named["f1"], **named}
+
+
+def ocrbench_aggregate(
+    predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
+) -> dict[str, float]:
+    """OCRBench: the share of correct items x100 (= Final Score / 10 on all 1000), and counts by type."""
+    if not items:
+        return {"score": 0.0}
+    counts = metrics.ocrbench_aggregate([item.meta["type"] for item in items], [s > 0 for s in scores])
+    return {"score": 100.0 * sum(scores) / len(scores), **{f"count/{k}": v for k, v in counts.items()}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out synthetic tasks
+# --------------------------------------------------------------------------------------------------
+
+SYNTH_PREFIX = "synth-"
+SYNTH_SIZE = 200  # items per synthetic task unless size= says otherwise
+
+
+def sample_to_item(sample: Sample) -> TaskItem:
+    """The first user turn as the question and the assistant turn after it as the reference.
+
+    Regions are written as text for the rendered images' sizes (``mm15.chat.render_regions``). ``meta``
+    holds the image sizes, the multiple-choice options when the sample has them, and for a grounding
+    sample the truth region of the first answer: its pixel box and image size.
+    """
+    from mm15.chat import render_regions
+    from mm15.image import load_image
+
+    pictures = [load_image(ref) for ref in sample.images]
+    sizes = [(p.height, p.width) for p in pictures]
+    user = next((k for k, t in enumerate(sample.turns) if t.role == "user"), None)
+    reply = next(
+        (k for k, t in enumerate(sample.turns) if user is not None and k > user and t.role == "assistant"),
+        None,
+    )
+    if user is None or reply is None:
+        raise ValueError(f"sample {sample.id} has no user turn followed by an assistant turn")
+    meta: dict[str, Any] = {"sizes": sizes}
+    if isinstance(sample.truth.get("options"), list):
+        meta["options"] = list(sample.truth["options"])
+    qa = sample.truth.get("qa")
+    if isinstance(qa, list) and qa and qa[0].get("answer_regions"):
+        region = sample.regions[qa[0]["answer_regions"][0]]
+        if region.box is not None:
+            height, width = sizes[region.image]
+            meta.update(box=tuple(region.box), width=width, height=height)
+    return TaskItem(
+        id=sample.id,
+        question=render_regions(sample.turns[user].content, sample, sizes),
+        answers=(render_regions(sample.turns[reply].content, sample, sizes),),
+        images=tuple(pictures),
+        meta=meta,
+    )
+
+
+def synthetic_source(generator: str) -> ItemSource:
+    def source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
+        from mm15.data.synth import generate
+
+        seed, size = options["seed"], options["size"]
+        if size < 1:
+            raise TaskError(f"task {SYNTH_PREFIX}{generator}: size must be >= 1, got {size}")
+        return LazyItems(size, lambda index: sample_to_item(generate(generator, index, "eval", seed)))
+
+    return source
+
+
+def synthetic_task(
+    generator: str,
+    category: str,
+    *,
+    score: Scorer,
+    metric: str,
+    max_new_tokens: int,
+    parse: AnswerParser = short_answer,
+    version: str = "1",
+) -> Task:
+    """A held-out task on synthetic generator ``generator`` (items of the eval split, seed ``seed=``)."""
+    return Task(
+        name=SYNTH_PREFIX + generator,
+        category=category,
+        version=version,
+        description=f"held-out samples of the {generator} generator (eval split)",
+        prompt="{question}",  # the generators' questions carry their own answer-format instructions
+        generation=GenerationConfig(max_new_tokens=max_new_tokens),
+        parse=parse,
+        score=score,
+        metric=metric,
+        source=synthetic_source(generator),
+        options=(
+            TaskOption("seed", int, "the eval split's seed", 0),
+            TaskOption("size", int, "items in the held-out set", SYNTH_SIZE),
+        ),
+    )
+
+
+EXACT = "exact match after VQA normalisation"
+# (generator, category, scorer, metric, parser, max_new_tokens). MM1.5 puts math, science and code
+# style benchmarks (MathVista, AI2D, ScienceQA, MMMU) under "knowledge".
+_SYNTHETIC: tuple[tuple[str, str, Scorer, str, AnswerParser, int], ...] = (
+    ("general-color", "general", normalized_match, EXACT, short_answer, 8),
+    ("general-count", "general", normalized_match, EXACT, short_answer, 8),
+    ("general-spatial", "general", normalized_match, EXACT, short_answer, 8),
+    ("chart-qa", "text-rich", relaxed_score, "relaxed accuracy (pix2struct)", short_answer, 16),
+    ("doc-qa", "text-rich", anls_score, "ANLS (rrc)", short_answer, 24),
+    ("table-qa", "text-rich", relaxed_score, "relaxed accuracy (pix2struct)", short_answer, 16),
+    ("read-text", "text-rich", anls_score, "ANLS (rrc)", short_answer, 32),
+    ("math-chart", "knowledge", relaxed_score, "relaxed accuracy (pix2struct)", short_answer, 16),
+    ("science-diagram", "knowledge", choice_score, "multiple choice (canonical)", short_answer, 8),
+    ("code-screenshot", "knowledge", similarity_score, "1 - normalised edit distance", whole_answer, 256),
+    ("refer-ground", "refer-ground", grounding_score, "Acc@IoU>=0.5 (first box)", whole_answer, 48),
+    ("multi-image", "multi-image", normalized_match, EXACT, short_answer, 8),
+    ("icl", "in-context", normalized_match, EXACT, short_answer, 8),
+)
+for _generator, _category, _score, _metric, _parse, _budget in _SYNTHETIC:
+    register_task(
+        synthetic_task(
+            _generator, _category, score=_score, metric=_metric, parse=_parse, max_new_tokens=_budget
+        )
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Real benchmarks (annotation files in their authors' formats, see mm15.eval.loaders)
+# --------------------------------------------------------------------------------------------------
+
+
+def _images_root(options: Mapping[str, Any]) -> Path:
+    return Path(options["images"]) if options.get("images") else Path(options["path"]).parent
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError) as err:
+        raise TaskError(f"cannot read the image {path}: {err}") from None
+
+
+def from_eval_set(eval_set: loaders.EvalSet, root: Path, *, lead: str = "<image>\n") -> list[TaskItem]:
+    """Loader items as task items: the image under ``root`` (placeholder in ``lead``) when there is one."""
+    out = []
+    for item in eval_set:
+        has_image = item.image is not None
+        out.append(
+            TaskItem(
+                id=item.id,
+                question=item.question,
+                answers=tuple(item.answers),
+                images=(root / item.image,) if has_image else (),  # type: ignore[operator]
+                lead=lead if has_image else "",
+                meta=dict(item.meta),
+            )
+        )
+    return out
+
+
+PATH_HELP = "the annotation file"
+IMAGES_OPTION = TaskOption("images", Path, "the image folder (default: the annotation file's folder)")
+
+
+def _simple_source(load: Callable[[Path], loaders.EvalSet]) -> ItemSource:
+    def source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
+        return from_eval_set(load(Path(options["path"])), _images_root(options))
+
+    return source
+
+
+def _real_task(
+    name: str,
+    category: str,
+    description: str,
+    source: ItemSource,
+    *,
+    score: Scorer,
+    metric: str,
+    prompt: str = "{question}\n" + SHORT_ANSWER,
+    max_new_tokens: int = 16,
+    parse: AnswerParser = short_answer,
+    aggregate: Aggregator = mean_score,
+    extra_options: tuple[TaskOption, ...] = (),
+    path_help: str = PATH_HELP,
+) -> Task:
+    return register_task(
+        Task(
+            name=name,
+            category=category,
+            version="1",
+            description=description,
+            prompt=prompt,
+            generation=GenerationConfig(max_new_tokens=max_new_tokens),
+            parse=parse,
+            score=score,
+            metric=metric,
+            source=source,
+            options=(TaskOption("path", Path, path_help, required=True), IMAGES_OPTION, *extra_options),
+            aggregate=aggregate,
+        )
+    )
+
+
+_real_task(
+    "textvqa",
+    "text-rich",
+    "TextVQA val (TextVQA_0.5.1_val.json; images train_images/)",
+    _simple_source(loaders.load_textvqa),
+    score=vqa_score,
+    metric="VQA accuracy (evalai)",
+    path_help="TextVQA_0.5.1_val.json",
+)
+_real_task(
+    "docvqa",
+    "text-rich",
+    "DocVQA (val_v1.0.json; image paths as in the file)",
+    _simple_source(loaders.load_docvqa),
+    score=anls_score,
+    metric="ANLS (rrc)",
+    max_new_tokens=32,
+)
+_real_task(
+    "infovqa",
+    "text-rich",
+    "InfographicVQA (infographicsVQA_val_v1.0.json)",
+    _simple_source(loaders.load_infovqa),
+    score=anls_score,
+    metric="ANLS (rrc)",
+    max_new_tokens=32,
+)
+_real_task(
+    "chartqa",
+    "text-rich",
+    "ChartQA test_human.json or test_augmented.json (images png/)",
+    _simple_source(loaders.load_chartqa),
+    score=relaxed_score,
+    metric="relaxed accuracy (pix2struct)",
+)
+_real_task(
+    "ocrbench",
+    "text-rich",
+    "OCRBench v1 (OCRBench.json)",
+    _simple_source(loaders.load_ocrbench),
+    score=ocrbench_score,
+    metric="OCRBench (official; % correct)",
+    prompt="{question}",
+    max_new_tokens=64,
+    parse=whole_answer,
+    aggregate=ocrbench_aggregate,
+)
+
+
+_real_task(
+    "pope",
+    "general",
+    "POPE coco_pope_{random,popular,adversarial}.json (COCO val2014 images)",
+    _simple_source(loaders.load_pope),
+    score=pope_score,
+    metric="POPE F1 (official parse)",
+    max_new_tokens=8,
+    parse=whole_answer,
+    aggregate=pope_aggregate,
+)
+
+
+def _vqav2_source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
+    annotations = options.get("annotations")
+    return from_eval_set(loaders.load_vqav2(Path(options["path"]), annotations), _images_root(options))
+
+
+_real_task(
+    "vqav2",
+    "general",
+    "VQAv2 questions + annotations JSON pair",
+    _vqav2_source,
+    score=vqa_score,
+    metric="VQA accuracy (evalai)",
+    extra_options=(TaskOption("annotations", Path, "the annotations JSON", required=True),),
+    path_help="the questions JSON",
+)
+
+
+def _refcoco_source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
+    split = options.get("split")
+    eval_set = loaders.load_refcoco(Path(options["path"]), Path(options["instances"]), split=split)
+    # The loader's meta holds the pixel box, width and height that grounding_score reads.
+    return from_eval_set(eval_set, _images_root(options))
+
+
+_real_task(
+    "refcoco",
+    "refer-ground",
+    "RefCOCO / RefCOCO+ / RefCOCOg: refs JSON + COCO instances JSON (split= testA, testB, val, test)",
+    _refcoco_source,
+    score=grounding_score,
+    metric="Acc@IoU>=0.5 (canonical, mm15 text units)",
+    prompt="Give the bounding box of {question}.",
+    max_new_tokens=32,
+    parse=whole_answer,
+    extra_options=(
+        TaskOption("instances", Path, "the COCO instances JSON", required=True),
+        TaskOption("split", str, "keep refs of this split (testA, testB, val, test)"),
+    ),
+    path_help="the refs JSON (refs(<splitBy>).p converted to JSON)",
+)
+
+
+def _screenspot_source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
+    root = _images_root(options)
+    items = from_eval_set(loaders.load_screenspot(Path(options["path"])), root)
+
+    def with_size(item: TaskItem) -> TaskItem:
+        width, height = _image_size(item.images[0])  # type: ignore[arg-type]
+        return dataclasses.replace(item, meta={**item.meta, "width": width, "height": height})
+
+    return LazyItems(len(items), lambda index: with_size(items[index]))
+
+
+_real_task(
+    "screenspot",
+    "ui",
+    "ScreenSpot screenspot_{mobile,desktop,web}.json (images screenspot_imgs/)",
+    _screenspot_source,
+    score=click_score,
+    metric="click accuracy (canonical, mm15 text units)",
+    prompt='Where is "{question}"? Answer in [x1, y1, x2, y2] format.',
+    max_new_tokens=32,
+    parse=whole_answer,
+)
+
+
+def _choice_source(*, require_image: bool = False) -> ItemSource:
+    def source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
+        eval_set = loaders.load_multiple_choice(
+            Path(options["path"]), split=options.get("split"), require_image=require_image
+        )
+        items = []
+        for item in from_eval_set(eval_set, _images_root(options)):
+            choices = item.meta.get("options") or []
+            if choices:
+                letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                block = "\n".join(f"{letters[k]}. {text}" for k, text in enumerate(choices))
+                block += "\n" + CHOICE_ANSWER
+            else:
+                block = SHORT_ANSWER
+            items.append(dataclasses.replace(item, fields={"options": block}))
+        return items
+
+    return source
+
+
+_SPLIT_OPTION = TaskOption("split", str, "keep records of this split")
+_CHOICE_PROMPT = "{question}\n{options}"
+for _name, _category, _description, _require_image in (
+    ("ai2d", "knowledge", "AI2D test (MC records, 0-based answer index)", False),
+    ("scienceqa", "knowledge", "ScienceQA-IMG test (problems.json; split=test)", True),
+    ("mmmu", "knowledge", "MMMU val (MC and open questions; first image only)", False),
+    ("seedbench", "general", "SEED-Bench image questions (MC records)", False),
+):
+    _real_task(
+        _name,
+        _category,
+        _description,
+        _choice_source(require_image=_require_image),
+        score=choice_score,
+        metric="multiple choice (canonical); MMMU open: mmmu_open_correct",
+        prompt=_CHOICE_PROMPT,
+        max_new_tokens=8,
+        extra_options=(_SPLIT_OPTION,),
+    )
