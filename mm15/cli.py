@@ -155,6 +155,64 @@ def train(
         )
 
 
+@app.command("eval")
+def eval_(
+    model: Annotated[
+        Path | None, typer.Option(help="Model directory (save_pretrained / a stage's 'final').")
+    ] = None,
+    tasks: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Tasks, comma-separated, repeatable: names, categories, 'synth' or 'all'; options after "
+            "a colon, e.g. textvqa:path=VAL.json,images=DIR (see docs/evaluation.md)."
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate at most N items per task.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Results and cache directory (default: runs/eval/<model name>).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
+    list_tasks: Annotated[bool, typer.Option("--list", help="List the registered tasks and exit.")] = False,
+) -> None:
+    """Evaluate a model on benchmark tasks: cached, resumable; results JSON, Markdown table and chart."""
+    from mm15.eval.runner import evaluate, iter_task_table
+    from mm15.eval.tasks import TaskError, resolve_task_specs
+
+    if list_tasks:
+        table = Table(title="evaluation tasks (* = required option)")
+        for column in ("task", "category", "metric", "options", "description"):
+            table.add_column(column, overflow="fold")
+        for row in iter_task_table():
+            table.add_row(*row)
+        console.print(table)
+        return
+    try:
+        if model is None or not tasks:
+            raise ValueError("give --model DIR and --tasks LIST (or --list to see the tasks)")
+        resolve_task_specs(tasks)  # a bad task list fails before the model is loaded
+        from mm15.model.mm15 import MM15Model
+
+        loaded = MM15Model.from_pretrained(model)
+        target = out if out is not None else Path("runs/eval") / model.resolve().name
+        report = evaluate(
+            loaded,
+            tasks,
+            limit=limit,
+            batch_size=batch_size,
+            out_dir=target,
+            model_path=model,
+            console=console,
+        )
+    except (TaskError, ValueError, FileNotFoundError, ImageError) as err:
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(2) from None
+    console.print(report.to_markdown())
+    console.print(
+        f"{report.run['generated_items']} items generated, {report.run['cached_items']} from the cache; "
+        f"results in {target}/ (results.json, results.md, scores.png)"
+    )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its outputs.")] = Path("runs/demo"),
