@@ -201,9 +201,27 @@ class _Progress:
             self.bar.advance(handle, steps)  # type: ignore[arg-type]
 
 
+def _video_processor(model: MM15Model) -> MM15Processor:
+    """A processor whose plan never splits: MM1.5-Video feeds each frame as one unsplit image."""
+    plan = dataclasses.replace(model.cfg.image, split=False)
+    return MM15Processor(model.tokenizer, plan, model.vision.image_mean, model.vision.image_std)
+
+
 def _generate_batch(
     model: MM15Model, processor: MM15Processor, pending: Sequence[_Pending], cfg: GenerationConfig
 ) -> list[str]:
+    """Outputs for ``pending`` in order; items flagged ``meta["is_video"]`` are planned unsplit, so a
+    mixed batch is generated as two."""
+    videos = [bool(p.item.meta.get("is_video")) for p in pending]
+    if any(videos) and not all(videos):
+        outputs: dict[int, str] = {}
+        for flag in (False, True):
+            part = [k for k, v in enumerate(videos) if v == flag]
+            texts = _generate_batch(model, processor, [pending[k] for k in part], cfg)
+            outputs.update(zip(part, texts, strict=True))
+        return [outputs[k] for k in range(len(pending))]
+    if all(videos):
+        processor = _video_processor(model)
     images = [[load_image(ref) for ref in p.item.images] for p in pending]
     batch = processor([p.prompt for p in pending], images, padding_side="left")
     device = next(model.parameters()).device

@@ -1,0 +1,318 @@
+"""The evaluation task registry: lookups and errors, task specs, held-out synthetic items, real sources."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from mm15.data.synth import generate, sample_seed
+from mm15.eval import tasks as registry
+from mm15.eval.tasks import (
+    CATEGORIES,
+    MMBASE_CATEGORIES,
+    Task,
+    TaskError,
+    TaskItem,
+    TaskSpec,
+    get_task,
+    parse_task_specs,
+    register_task,
+    resolve_task_specs,
+    task_names,
+)
+from mm15.model.generate import GenerationConfig
+
+REAL = Path(__file__).parent / "fixtures" / "realdata"
+MM15_CATEGORIES = ("general", "text-rich", "knowledge", "refer-ground", "multi-image", "in-context")
+# The held-out tasks of MM1.5's categories registered by mm15.eval.tasks (variant_tasks adds its own).
+SYNTH_TASKS = [registry.SYNTH_PREFIX + generator for generator, *_ in registry._SYNTHETIC]
+
+
+def _task(name: str, category: str = "general") -> Task:
+    return Task(
+        name=name,
+        category=category,
+        version="1",
+        description="a test task",
+        prompt="{question}",
+        generation=GenerationConfig(max_new_tokens=2),
+        parse=registry.short_answer,
+        score=registry.normalized_match,
+        metric="exact",
+        source=lambda options: [TaskItem("0", "What?", ("yes",))],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------
+
+
+def test_every_mm15_category_has_a_synthetic_task() -> None:
+    assert set(MMBASE_CATEGORIES) <= set(CATEGORIES)
+    for category in MM15_CATEGORIES:
+        names = task_names(category)
+        assert any(name.startswith("synth-") for name in names), category
+        assert all(get_task(name).category == category for name in names)
+    assert {"video", "ui"} <= set(CATEGORIES)
+
+
+def test_unknown_task_and_category_list_the_choices() -> None:
+    with pytest.raises(TaskError, match=r"unknown task 'nope'; choose from: .*synth-chart-qa.*textvqa"):
+        get_task("nope")
+    with pytest.raises(TaskError, match=r"unknown category 'vision'; choose from: general, text-rich"):
+        task_names("vision")
+
+
+def test_register_twice_is_an_error_unless_replace() -> None:
+    task = _task("test-registry-probe")
+    try:
+        register_task(task)
+        assert get_task("test-registry-probe") is task
+        with pytest.raises(TaskError, match="registered twice"):
+            register_task(_task("test-registry-probe"))
+        other = register_task(_task("test-registry-probe"), replace=True)
+        assert get_task("test-registry-probe") is other
+    finally:
+        registry._TASKS.pop("test-registry-probe", None)
+    with pytest.raises(TaskError, match="unknown category"):
+        _task("bad-category", category="vision")
+    with pytest.raises(TaskError, match="without ':'"):
+        _task("bad:name")
+
+
+def test_variant_module_is_imported_on_first_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "mm15_variant_probe.py").write_text(
+        "from mm15.eval.tasks import register_task, get_task\n"
+        "import dataclasses\n"
+        "base = get_task('synth-icl')\n"
+        "register_task(dataclasses.replace(base, name='probe-video', category='video'))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "VARIANT_MODULE", "mm15_variant_probe")
+    monkeypatch.setattr(registry, "_variants_loaded", False)
+    try:
+        assert "probe-video" in task_names("video")
+        assert "probe-video" in task_names()
+    finally:
+        registry._TASKS.pop("probe-video", None)
+        sys.modules.pop("mm15_variant_probe", None)
+    # A missing variant module is fine: nothing to register.
+    monkeypatch.setattr(registry, "VARIANT_MODULE", "mm15_no_such_variant_module")
+    monkeypatch.setattr(registry, "_variants_loaded", False)
+    assert "synth-icl" in task_names()
+
+
+# --------------------------------------------------------------------------------------------------
+# Task specs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_spec_parsing() -> None:
+    specs = parse_task_specs(" synth-icl , textvqa:path=/d/val.json,images=/d/img ,general:limit=3")
+    assert specs == [
+        TaskSpec("synth-icl", {}),
+        TaskSpec("textvqa", {"path": "/d/val.json", "images": "/d/img"}),
+        TaskSpec("general", {"limit": "3"}),
+    ]
+    assert parse_task_specs(["synth-icl", "pope:path=x"]) == [
+        TaskSpec("synth-icl"),
+        TaskSpec("pope", {"path": "x"}),
+    ]
+    with pytest.raises(TaskError, match="before any task name"):
+        parse_task_specs("limit=3,synth-icl")
+    with pytest.raises(TaskError, match="not key=value"):
+        parse_task_specs("synth-icl:limit")
+    with pytest.raises(TaskError, match="given twice"):
+        parse_task_specs("synth-icl:limit=1,limit=2")
+    with pytest.raises(TaskError, match="no task given"):
+        parse_task_specs(" , ")
+
+
+def test_groups_options_and_errors() -> None:
+    general = resolve_task_specs("general:limit=3,max_new_tokens=2")
+    assert [name for name, _, _ in general] == [n for n in task_names("general") if n.startswith("synth-")]
+    assert all(options["limit"] == 3 and options["max_new_tokens"] == 2 for _, _, options in general)
+    synth = [name for name, _, _ in resolve_task_specs("synth")]
+    assert set(SYNTH_TASKS) <= set(synth) and all(name.startswith("synth-") for name in synth)
+    ((_, task, options),) = resolve_task_specs("textvqa:path=/d/val.json")
+    assert options["path"] == Path("/d/val.json") and options["images"] is None
+    assert task.generation_for(options).max_new_tokens == task.generation.max_new_tokens
+
+    with pytest.raises(TaskError, match=r"unknown task 'nope'; choose a task .* a category"):
+        resolve_task_specs("nope")
+    with pytest.raises(TaskError, match=r"synth-icl: unknown option\(s\) colour; it accepts seed"):
+        resolve_task_specs("synth-icl:colour=red")
+    with pytest.raises(TaskError, match="limit must be int, got 'many'"):
+        resolve_task_specs("synth-icl:limit=many")
+    with pytest.raises(TaskError, match=r"textvqa: option path=\.\.\. is required"):
+        resolve_task_specs("textvqa")
+    with pytest.raises(TaskError, match="max_new_tokens must be >= 1"):
+        resolve_task_specs("synth-icl:max_new_tokens=0")
+    with pytest.raises(TaskError, match="listed twice"):
+        resolve_task_specs("synth-icl,synth-icl:seed=1")
+    twice = resolve_task_specs("synth-icl,synth-icl:seed=1,name=icl-seed1")
+    assert [name for name, _, _ in twice] == ["synth-icl", "icl-seed1"]
+    assert twice[1][2]["seed"] == 1
+    spec = resolve_task_specs([TaskSpec("synth-icl", {"limit": 2, "seed": 3})])
+    assert spec[0][2]["limit"] == 2 and spec[0][2]["seed"] == 3
+    with pytest.raises(TaskError, match="must be int"):
+        resolve_task_specs([TaskSpec("synth-icl", {"limit": True})])
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out synthetic items
+# --------------------------------------------------------------------------------------------------
+
+
+def test_held_out_items_are_never_training_items() -> None:
+    for name in SYNTH_TASKS:
+        generator = name.removeprefix("synth-")
+        eval_seeds = {sample_seed(generator, "eval", i) for i in range(2000)}
+        assert not eval_seeds & {sample_seed(generator, "train", i) for i in range(2000)}
+        task = get_task(name)
+        held_out = task.items(task.resolve_options({}))
+        train_pictures = [
+            [image.tobytes() for image in generate(generator, i, "train").images] for i in range(3)
+        ]
+        for index in range(3):
+            item = held_out[index]
+            assert item.id == f"{generator}/eval/0/{index}"
+            pictures = [image.tobytes() for image in item.images]
+            assert pictures not in train_pictures
+
+
+@pytest.mark.parametrize("name", SYNTH_TASKS)
+def test_the_reference_answer_scores_full_marks(name: str) -> None:
+    task = get_task(name)
+    items = task.items(task.resolve_options({}))
+    for index in range(3):
+        item = items[index]
+        assert task.render(item).count("<image>") == len(item.images) >= 1
+        assert task.score(task.parse(item.answers[0], item), item) == 1.0
+        assert task.score(task.parse("", item), item) == 0.0
+
+
+def test_synthetic_items_are_deterministic_and_seeded() -> None:
+    task = get_task("synth-general-count")
+    first = task.items(task.resolve_options({}))[0]
+    again = task.items(task.resolve_options({}))[0]
+    other_seed = task.items(task.resolve_options({"seed": "1"}))[0]
+    assert (first.question, first.answers) == (again.question, again.answers)
+    assert first.images[0].tobytes() == again.images[0].tobytes()
+    assert other_seed.id == "general-count/eval/1/0"
+    assert len(task.items(task.resolve_options({"size": "5"}))) == 5
+    with pytest.raises(IndexError):
+        task.items(task.resolve_options({"size": "5"}))[5]
+
+
+def test_refer_ground_item_carries_its_truth_region() -> None:
+    task = get_task("synth-refer-ground")
+    item = task.items(task.resolve_options({}))[0]
+    assert item.question == "<image>\nGive the bounding box of the green circle."
+    assert item.meta["box"] == (204.0, 81.0, 233.0, 110.0)
+    assert (item.meta["width"], item.meta["height"]) == (448, 336)
+    assert task.score("[455, 241, 520, 327]", item) == 1.0
+    assert task.score("[0, 0, 100, 100]", item) == 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Real benchmark sources (annotation files from tests/fixtures/realdata)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pope_task_on_the_real_file_and_f1_aggregate() -> None:
+    ((_, task, options),) = resolve_task_specs(f"pope:path={REAL / 'pope_coco' / 'coco_pope_random.json'}")
+    items = task.items(options)
+    assert len(items) == 300
+    first = items[0]
+    assert first.images[0].parent == REAL / "pope_coco"  # the images= default: the file's folder
+    assert first.images[0].name.startswith("COCO_val2014_")
+    assert task.render(first).startswith("<image>\nIs there a ")
+    labels = [item.answers[0] for item in items]
+    predictions = [label.capitalize() + "." for label in labels]
+    scores = [task.score(task.parse(p, item), item) for p, item in zip(predictions, items, strict=True)]
+    result = task.aggregate(predictions, items, scores)
+    assert result["score"] == pytest.approx(100.0) and result["accuracy"] == pytest.approx(100.0)
+
+
+def test_multiple_choice_prompt_lists_the_options(tmp_path: Path) -> None:
+    path = tmp_path / "ai2d.json"
+    path.write_text(
+        json.dumps(
+            [
+                {"id": "q1", "question": "Which is a planet?", "options": ["Moon", "Mars"], "answer": 1},
+                {
+                    "id": "q2",
+                    "question": "Pick one",
+                    "options": ["a", "b", "c"],
+                    "answer": 0,
+                    "image": "x.png",
+                },
+            ]
+        )
+    )
+    ((_, task, options),) = resolve_task_specs(f"ai2d:path={path}")
+    text_only, with_image = task.items(options)
+    assert task.render(text_only) == ("Which is a planet?\nA. Moon\nB. Mars\n" + registry.CHOICE_ANSWER)
+    assert text_only.images == () and with_image.images == (tmp_path / "x.png",)
+    assert task.render(with_image).startswith("<image>\nPick one\nA. a")
+    assert task.score("B", text_only) == 1.0 and task.score("A", text_only) == 0.0
+
+
+def test_screenspot_and_refcoco_items(tmp_path: Path) -> None:
+    calendar = Path(__file__).parent / "fixtures" / "seeclick_calendar.png"
+    path = tmp_path / "screenspot_mobile.json"
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "img_filename": calendar.name,
+                    "bbox": [300, 50, 200, 100],
+                    "instruction": "add an event",
+                    "data_type": "icon",
+                    "data_source": "ios",
+                }
+            ]
+        )
+    )
+    ((_, task, options),) = resolve_task_specs(f"screenspot:path={path},images={calendar.parent}")
+    (item,) = task.items(options)
+    assert (item.meta["width"], item.meta["height"]) == (2360, 1640)
+    assert task.render(item) == '<image>\nWhere is "add an event"? Answer in [x1, y1, x2, y2] format.'
+    assert task.score("[169, 60]", item) == 1.0 and task.score("[900, 900]", item) == 0.0
+
+    refs = REAL / "vqav2_refcocog_tiny" / "refcocog_refs_umd.json"
+    instances = REAL / "vqav2_refcocog_tiny" / "refcocog_instances.json"
+    ((_, task, options),) = resolve_task_specs(f"refcoco:path={refs},instances={instances},split=val")
+    items = task.items(options)
+    assert items and all(item.meta["split"] == "val" for item in items)
+    assert task.render(items[0]).startswith("<image>\nGive the bounding box of ")
+    from mm15.boxes import format_box
+
+    meta = items[0].meta
+    truth = format_box(meta["box"], meta["height"], meta["width"])
+    assert task.score(truth, items[0]) == 1.0
+    with pytest.raises(TaskError, match=r"refcoco: option instances=\.\.\. is required"):
+        resolve_task_specs(f"refcoco:path={refs}")
+
+
+def test_missing_image_folder_is_reported_when_read(tmp_path: Path) -> None:
+    path = tmp_path / "screenspot_web.json"
+    record = {
+        "img_filename": "missing.png",
+        "bbox": [1, 1, 2, 2],
+        "instruction": "x",
+        "data_type": "text",
+        "data_source": "web",
+    }
+    path.write_text(json.dumps([record]))
+    ((_, task, options),) = resolve_task_specs(f"screenspot:path={path}")
+    with pytest.raises(TaskError, match="cannot read the image"):
+        task.items(options)[0]
+    Image.new("RGB", (10, 10)).save(tmp_path / "missing.png")
+    assert task.items(options)[0].meta["width"] == 10
