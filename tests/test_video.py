@@ -288,3 +288,94 @@ def test_synthetic_clips_are_video_samples() -> None:
     sample = generate("video", 0, split="eval")
     assert sample.is_video and sample.category == "video" and 8 <= len(sample.images) <= 24
     assert sample.truth["answer"] == sample.turns[-1].content
+
+
+# ------------------------------------------------------------------------------------ video tasks
+
+
+def run_task(name: str, predict, **options) -> tuple[dict[str, float], list]:
+    """The task's aggregate for predictions made by ``predict(item)``."""
+    from mm15.eval.tasks import resolve_task_specs
+
+    spec = f"{name}:" + ",".join(f"{k}={v}" for k, v in options.items())
+    ((_, task, resolved),) = resolve_task_specs([spec])
+    items = list(task.items(resolved))
+    predictions = [task.parse(predict(item), item) for item in items]
+    scores = [task.score(p, item) for p, item in zip(predictions, items, strict=True)]
+    return task.aggregate(predictions, items, scores), items
+
+
+@pytest.fixture(scope="module")
+def qa_file(videos: Path) -> Path:
+    records = [
+        {
+            "id": "mc1",
+            "video": "ten.mp4",
+            "question": "First colour?",
+            "candidates": ["blue", "red"],
+            "answer": 1,
+        },
+        {
+            "id": "mc2",
+            "video": "ten.mkv",
+            "question": "Last colour?",
+            "candidates": ["orange", "red"],
+            "answer": 0,
+        },
+        {"id": "oe1", "video": "three.mp4", "question": "What colour comes first?", "answer": "red"},
+        {"id": "oe2", "video": "ten.mp4", "question": "How many frames?", "answer": "ten"},
+    ]
+    return write_records(videos / "qa.jsonl", records)
+
+
+def test_held_out_synthetic_video_task() -> None:
+    result, items = run_task("synth-video", lambda item: item.answers[0], size=2)
+    assert result["score"] == 100.0 and len(items) == 2
+    assert all(item.meta["is_video"] and "/eval/" in item.id for item in items)
+    assert run_task("synth-video", lambda item: "sideways", size=2)[0]["score"] == 0.0
+
+
+def test_multiple_choice_video_task(qa_file: Path) -> None:
+    result, items = run_task("video-mc", lambda item: item.answers[0], path=qa_file, frames=4)
+    assert [item.answers for item in items] == [("B",), ("A",)]
+    assert result["score"] == 100.0
+    assert all(item.meta["is_video"] and len(item.images) == 4 for item in items)
+    # Letters are read by the canonical extraction: "(B) red" and "The answer is B." both count.
+    assert (
+        run_task("video-mc", lambda item: f"The answer is {item.answers[0]}.", path=qa_file)[0]["score"]
+        == 100
+    )
+    wrong = {"A": "B", "B": "A"}
+    assert run_task("video-mc", lambda item: wrong[item.answers[0]], path=qa_file)[0]["score"] == 0.0
+
+
+def test_open_ended_video_task_labels_the_offline_fallback_judge(qa_file: Path) -> None:
+    from mm15.eval.tasks import get_task
+    from mm15.eval.variant_tasks import FALLBACK_JUDGE_LABEL
+
+    assert FALLBACK_JUDGE_LABEL == "exact-match (offline fallback, not a GPT judge)"
+    assert FALLBACK_JUDGE_LABEL in get_task("video-qa").metric
+    result, items = run_task("video-qa", lambda item: f"{item.answers[0].upper()}.", path=qa_file)
+    assert len(items) == 2 and result["score"] == 100.0
+    assert result[f"accuracy [{FALLBACK_JUDGE_LABEL}]"] == 100.0
+    assert run_task("video-qa", lambda item: "purple", path=qa_file)[0]["score"] == 0.0
+
+
+def test_open_ended_video_task_with_a_plugged_in_judge(qa_file: Path) -> None:
+    from mm15.eval.tasks import TaskError
+    from mm15.eval.variant_tasks import LLMJudge, register_judge
+
+    prompts: list[str] = []
+
+    def complete(prompt: str) -> str:  # a stand-in for a GPT client: "yes, 4" when red is right
+        prompts.append(prompt)
+        right = "Correct answer: red\nPredicted answer: red" in prompt
+        return "{'pred': 'yes', 'score': 4}" if right else "{'pred': 'no', 'score': 1}"
+
+    register_judge("fake-gpt", LLMJudge(complete, "fake-gpt (test)"), replace=True)
+    result, _ = run_task("video-qa", lambda item: "red", path=qa_file, judge="fake-gpt")
+    assert result["score"] == 50.0 and result["accuracy [fake-gpt (test)]"] == 50.0
+    assert result["mean score 0-5 [fake-gpt (test)]"] == 2.5
+    assert len(prompts) == 2  # verdicts are cached: aggregation did not ask again
+    with pytest.raises(TaskError, match="unknown judge"):
+        run_task("video-qa", str, path=qa_file, judge="nobody")

@@ -49,7 +49,18 @@ from pathlib import Path
 from typing import Any
 
 from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, ImageRef, Sample, Turn
-from mm15.data.sources import PathLike, Paths, _category, _JsonReader, _Malformed, _role, _string_field
+from mm15.data.sources import (
+    PathLike,
+    Paths,
+    SourceError,
+    _category,
+    _JsonReader,
+    _Malformed,
+    _record_id,
+    _records,
+    _role,
+    _string_field,
+)
 from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
 
 VIDEO_PLACEHOLDER = "<video>"
@@ -126,6 +137,41 @@ class VideoQAReader(_JsonReader):
         self.video_root = Path(video_root) if video_root is not None else None
         self.num_frames = num_frames
         self.category = category
+
+    def records(self) -> list[tuple[Path, str, dict[str, Any]]]:
+        """Every record as ``(file, location, record)``, reading JSON only (no video is decoded).
+
+        For evaluation, which decodes one item at a time. A line that is not JSON or not an object
+        raises ``SourceError`` (strict) or is counted in ``skipped``.
+        """
+        self.skipped.clear()
+        out = []
+        for path in self.paths:
+            for _, location, record in _records(path):
+                if isinstance(record, dict):
+                    out.append((path, location, record))
+                    continue
+                bad = record if isinstance(record, _Malformed) else None
+                reason, detail = (
+                    (bad.reason, bad.detail)
+                    if bad
+                    else ("bad_record", f"expected a JSON object, got {type(record).__name__}")
+                )
+                error = SourceError(path, location, reason, detail)
+                if self.strict:
+                    raise error
+                self.skipped.add(error)
+        return out
+
+    def sample(self, path: Path, location: str, record: dict[str, Any], index: int = 0) -> Sample:
+        """One record of ``records()`` -> a Sample with its frames; anything wrong raises SourceError."""
+        sample_id: str | None = None
+        try:
+            sample_id = _record_id(record, f"{path.stem}-{index}")
+            return self._parse(record, path, sample_id)
+        except _Malformed as bad:
+            own_id = sample_id if "id" in record else None
+            raise SourceError(path, location, bad.reason, bad.detail, own_id) from None
 
     def _turns(self, record: dict[str, Any]) -> tuple[list[Turn], dict[str, Any]]:
         """The record's turns (video slot not yet expanded) and its task truth."""

@@ -1,0 +1,240 @@
+"""MM1.5-UI: screens of any aspect ratio through the image plan, and the Ferret-UI elementary tasks.
+
+The tasks are scored with constructed predictions (the reference answer -> 100, a wrong one -> 0) on
+held-out synthetic screens and on the real SeeClick iPadOS screenshot with hand-drawn target boxes
+(``tests/fixtures/seeclick_calendar_boxes.json``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mm15.chat import ChatEncoder
+from mm15.data.synth import generate
+from mm15.eval.tasks import TaskItem, get_task, resolve_task_specs
+from mm15.eval.variant_tasks import UI_CLASSES, line_class, load_ui_elements, ui_list_f1
+from mm15.geometry import ImagePlanConfig, plan_image
+from mm15.model.presets import preset
+
+FIXTURES = Path(__file__).parent / "fixtures"
+SEECLICK_BOXES = FIXTURES / "seeclick_calendar_boxes.json"
+MM15 = ImagePlanConfig()  # 672-px tiles, (4, 9) grids, 144 tokens per tile
+
+
+# ------------------------------------------------------------------------------ screens -> plans
+
+
+def test_tall_phone_screenshot_gets_a_tall_grid() -> None:
+    # An iPhone screenshot, 1170 x 2532 (w x h): 4 x 2 tiles of 672 hold it without downscaling
+    # (2688 x 1344 >= 2532 x 1170), and no other grid of 4-9 tiles does.
+    plan = plan_image(2532, 1170, MM15)
+    assert plan.grid == (4, 2) and plan.split
+    assert plan.resized == (2688, 1242)  # the height binds; aspect kept to a pixel
+    assert plan.num_tiles == 9 and plan.num_image_tokens == 9 * 144 == 1296
+    assert plan.tiles[-1].is_overview  # overview after the tiles
+    assert plan.overview_resized == (672, 311)
+
+
+def test_wide_tablet_screenshot_gets_the_largest_grid() -> None:
+    # The SeeClick iPad screenshot, 2360 x 1640: no grid of <= 9 tiles covers it (3 x 4 would), so the
+    # grid keeping the most pixels wins: 3 x 3 (1401 x 2016) over 2 x 4 (1344 x 1934).
+    with Image.open(FIXTURES / "seeclick_calendar.png") as image:
+        width, height = image.size
+    plan = plan_image(height, width, MM15)
+    assert plan.grid == (3, 3)
+    assert plan.resized == (1401, 2016)
+    assert plan.num_image_tokens == 10 * 144 == 1440  # MM1.5's per-image maximum
+
+
+@pytest.mark.parametrize(
+    ("size", "grid", "tokens"),
+    [
+        # Synthetic phones (844 x 390 at scale 1, x1.5): 4 x 2 pads 102 px of width, 3 x 2 would pad 412.
+        ((844, 390), (4, 2), 9 * 144),
+        ((1266, 585), (4, 2), 9 * 144),
+        # Synthetic landscape tablets (820 x 1180, x0.75): 2 x 3 pads 82 px, 2 x 2 would pad 410.
+        ((820, 1180), (2, 3), 7 * 144),
+        ((615, 885), (2, 3), 7 * 144),
+    ],
+)
+def test_synthetic_screen_sizes_plan_to_their_orientation(
+    size: tuple[int, int], grid: tuple[int, int], tokens: int
+) -> None:
+    plan = plan_image(*size, MM15)
+    assert plan.grid == grid and plan.num_image_tokens == tokens
+    # Tall screens get more rows than columns, wide screens more columns than rows.
+    assert (plan.grid[0] > plan.grid[1]) == (size[0] > size[1])
+
+
+def test_generated_screens_encode_with_their_plans() -> None:
+    from mm15.model.llm import build_tiny_tokenizer
+    from mm15.model.mm15 import IMAGE_TOKEN
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    cfg = preset("tiny").image  # what the UI recipe trains with: 64-px tiles, 16 tokens
+    encoder = ChatEncoder(tokenizer, cfg, max_length=4096)
+    for index in (0, 2):  # index 0 is a phone, index 2 a tablet (ui generators: index % 3 == 2)
+        sample = generate("ui-find-widget", index, split="eval")
+        width, height = sample.images[0].size
+        encoded = encoder.encode(sample, [(height, width)])
+        (plan,) = encoded.plans
+        assert plan.split and (plan.grid[0] > plan.grid[1]) == (height > width)
+        assert encoded.num_image_tokens == (plan.grid[0] * plan.grid[1] + 1) * 16
+        assert sample.truth["device"] == ("tablet" if index == 2 else "phone")
+
+
+# --------------------------------------------------------------------------------- SeeClick fixture
+
+
+def test_fixture_boxes_lie_on_the_drawn_elements() -> None:
+    data = load_ui_elements(SEECLICK_BOXES)
+    pixels = np.asarray(Image.open(FIXTURES / data["image"]).convert("RGB")).astype(int)
+    assert pixels.shape[:2] == (data["height"], data["width"])
+    for element in data["elements"]:
+        x1, y1, x2, y2 = (int(v) for v in element.get("text_box", element["box"]))
+        ink = pixels[y1:y2, x1:x2]
+        # Each box holds its element: not flat background, and ink touches every side of a tight box.
+        assert ink.std() > 10, element
+        if element["class"] == "icon":  # the toolbar icons are Calendar red
+            red = (ink[..., 0] > 200) & (ink[..., 1] < 120)
+            assert red.mean() > 0.05 or element["name"] == "search", element
+
+
+def run_task(name: str, predict, **options) -> tuple[float, list[TaskItem]]:
+    """The task's headline score for predictions made by ``predict(item)``."""
+    ((_, task, resolved),) = resolve_task_specs(
+        [f"{name}:" + ",".join(f"{k}={v}" for k, v in options.items())]
+    )
+    items = list(task.items(resolved))
+    predictions = [task.parse(predict(item), item) for item in items]
+    scores = [task.score(p, item) for p, item in zip(predictions, items, strict=True)]
+    return task.aggregate(predictions, items, scores)["score"], items
+
+
+def far_box(item: TaskItem) -> str:
+    """A box in the image corner diagonally opposite the target's centre: never the target."""
+    x1, y1, x2, y2 = item.meta["box"]
+    cx = (x1 + x2) / 2 / item.meta["width"]
+    cy = (y1 + y2) / 2 / item.meta["height"]
+    left, top = (900 if cx < 0.5 else 0), (900 if cy < 0.5 else 0)
+    return f"[{left}, {top}, {left + 99}, {top + 99}]"
+
+
+@pytest.mark.parametrize(
+    ("task", "count", "wrong"),
+    [
+        ("ui-ocr", 12, lambda item: "zzz"),
+        ("ui-icon", 5, lambda item: "zzz"),
+        ("ui-widget", 17, lambda item: "toggle"),  # no toggle on the screen
+        ("ui-ground", 29, far_box),  # 12 texts, 5 icons, 12 other widgets
+        ("ui-click", 29, far_box),
+    ],
+)
+def test_seeclick_tasks_score_perfect_100_and_wrong_0(task: str, count: int, wrong) -> None:
+    perfect, items = run_task(task, lambda item: item.answers[0], path=SEECLICK_BOXES)
+    assert len(items) == count
+    assert perfect == 100.0
+    assert run_task(task, wrong, path=SEECLICK_BOXES)[0] == 0.0
+    assert all(item.images[0] == FIXTURES / "seeclick_calendar.png" for item in items)
+    assert all(item.meta["width"] == 2360 and item.meta["height"] == 1640 for item in items)
+
+
+def test_seeclick_ground_questions_and_answers() -> None:
+    _, items = run_task("ui-ground", lambda item: item.answers[0], path=SEECLICK_BOXES)
+    by_question = {item.question: item for item in items}
+    today = by_question['Where is the text "Today"? Answer in [x1, y1, x2, y2] format.']
+    # (2246, 209, 2325, 236) of 2360 x 1640 in text units [0, 1000), as mm15.boxes writes them.
+    assert today.answers == ("[951, 127, 985, 143]",)
+    plus = by_question["Where is the plus icon? Answer in [x1, y1, x2, y2] format."]
+    assert plus.meta["box"] == (362.0, 85.0, 397.0, 120.0)
+    task = get_task("ui-click")
+    # A click at the centre of the Month segment, as a point, hits; the Week segment's centre misses.
+    month = next(i for i in run_task("ui-click", str, path=SEECLICK_BOXES)[1] if '"Month"' in i.question)
+    assert task.score("[532, 62]", month) == 1.0
+    assert task.score("[469, 62]", month) == 0.0
+
+
+def test_bad_ui_elements_files_are_task_errors(tmp_path: Path) -> None:
+    from mm15.eval.tasks import TaskError
+
+    data = json.loads(SEECLICK_BOXES.read_text())
+    data["elements"][0]["box"] = [10, 10, 5000, 20]  # outside the image
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(TaskError, match="inside the 2360x1640 image"):
+        load_ui_elements(bad)
+    data = json.loads(SEECLICK_BOXES.read_text())
+    (tmp_path / "ok.json").write_text(json.dumps(data))  # the screenshot is not next to this copy
+    with pytest.raises(TaskError, match="does not exist"):
+        run_task("ui-ocr", str, path=tmp_path / "ok.json")
+    assert (
+        run_task("ui-ocr", lambda item: item.answers[0], path=tmp_path / "ok.json", images=FIXTURES)[0] == 100
+    )
+
+
+# ------------------------------------------------------------------------ held-out synthetic screens
+
+
+def wrong_answer(item: TaskItem) -> str:
+    if "box" in item.meta:
+        return far_box(item)
+    return "zzz"
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        "synth-ui-ocr",
+        "synth-ui-icon",
+        "synth-ui-widget",
+        "synth-ui-find-text",
+        "synth-ui-find-icon",
+        "synth-ui-find-widget",
+        "synth-ui-list",
+        "synth-ui-click",
+    ],
+)
+def test_synthetic_ui_tasks_score_perfect_100_and_wrong_0(task: str) -> None:
+    perfect, items = run_task(task, lambda item: item.answers[0], size=3)
+    assert len(items) == 3 and perfect == 100.0
+    assert run_task(task, wrong_answer, size=3)[0] == 0.0
+    assert {get_task(task).category} == {"ui"}
+    # Held out: the items are the eval split's samples.
+    assert all("/eval/" in item.id for item in items)
+
+
+def test_ui_category_runs_without_files() -> None:
+    names = [name for name, _, _ in resolve_task_specs("ui")]
+    assert "synth-ui-find-widget" in names and "ui-ground" not in names  # ui-ground needs path=
+
+
+# ------------------------------------------------------------------------------ widget listing F1
+
+
+def test_listing_f1_counts_class_and_iou() -> None:
+    truth = [("button", (0, 0, 100, 50)), ("icon", (200, 200, 250, 250)), ("label", (0, 300, 400, 340))]
+    width = height = 1000  # text units equal pixels here, up to the half-unit bin centre
+    exact = 'button "OK" [0, 0, 100, 50]\nsearch icon [200, 200, 250, 250]\nlabel "Hi" [0, 300, 400, 340]'
+    assert ui_list_f1(exact, truth, width, height) == 1.0
+    # Two of three right, one wrong class, one extra line: 2 matched, 4 predicted, 3 true.
+    partial = (
+        'button "OK" [0, 0, 100, 50]\ntoggle for "x" [200, 200, 250, 250]\n'
+        'label "Hi" [0, 300, 400, 340]\nlabel "extra" [600, 600, 700, 700]'
+    )
+    assert ui_list_f1(partial, truth, width, height) == pytest.approx(2 * 2 / 7)
+    assert ui_list_f1("no boxes at all", truth, width, height) == 0.0
+    assert ui_list_f1('button "OK" [500, 500, 600, 550]', truth, width, height) == 0.0  # IoU 0
+
+
+def test_line_class_reads_the_first_class_named() -> None:
+    assert line_class('text field "Email" [1, 2, 3, 4]') == "text field"
+    assert line_class("search icon [1, 2, 3, 4]") == "icon"
+    assert line_class('toggle for "Wi-Fi" (on) [1, 2, 3, 4]') == "toggle"
+    assert line_class("[1, 2, 3, 4]") is None
+    assert set(UI_CLASSES) == {"button", "text field", "toggle", "checkbox", "icon", "label"}
