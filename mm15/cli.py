@@ -23,8 +23,11 @@ console = Console()
 
 def _register_subcommands() -> None:
     from mm15.data.commands import app as data_app
+    from mm15.serve.commands import chat, serve
 
     app.add_typer(data_app, name="data")
+    app.command()(chat)
+    app.command()(serve)
 
 
 _register_subcommands()

@@ -1,0 +1,70 @@
+"""Chat turns -> one prompt with ``<image>`` placeholders, rendered by the model's chat template.
+
+The terminal chat and the HTTP API both build prompts here, so the same conversation gives the same
+tokens whichever way it arrives. Images sit in their turn's text as ``<image>`` placeholders, in order;
+a turn built from a question and images puts the images first, one per line, as MM1.5's training data
+does (``"<image>\\n<image>\\nquestion"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from mm15.chat import FALLBACK_CHAT_TEMPLATE
+from mm15.model.mm15 import IMAGE_PLACEHOLDER, IMAGE_TOKEN
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class Turn:
+    """One message: ``text`` holds one ``<image>`` placeholder per entry of ``images``, in order."""
+
+    role: str
+    text: str
+    images: list[Image.Image] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        count = self.text.count(IMAGE_PLACEHOLDER)
+        if count != len(self.images):
+            raise ValueError(
+                f"the turn has {count} {IMAGE_PLACEHOLDER} placeholders but {len(self.images)} images"
+            )
+
+
+def check_user_text(text: str, where: str) -> None:
+    """Refuse text that would be read as an image slot: placeholders come only from real images.
+
+    A literal ``<image>`` would shift every later image onto the wrong placeholder, and the image token
+    itself would give the model more image positions than features.
+    """
+    for reserved in (IMAGE_PLACEHOLDER, IMAGE_TOKEN):
+        if reserved in text:
+            raise ValueError(
+                f"{where}: the text contains {reserved!r}, which is reserved for images; "
+                "attach images as images instead"
+            )
+
+
+def question_turn(question: str, images: Sequence[Image.Image] = ()) -> Turn:
+    """A user turn: the images first, one placeholder per line, then the question."""
+    check_user_text(question, "the question")
+    return Turn("user", f"{IMAGE_PLACEHOLDER}\n" * len(images) + question, list(images))
+
+
+def render_prompt(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[Image.Image]]:
+    """The prompt text, ending with the assistant's generation header, and its images in order."""
+    if not turns:
+        raise ValueError("a conversation needs at least one message")
+    template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+    messages = [{"role": turn.role, "content": turn.text} for turn in turns]
+    prompt = tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+    )
+    return prompt, [image for turn in turns for image in turn.images]

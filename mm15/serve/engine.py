@@ -1,0 +1,435 @@
+"""The serving engine: one background thread runs the model on batches of concurrent requests.
+
+Callers turn a prompt and its images into token ids and tiles with ``Engine.encode`` (on their own
+thread, so the engine thread only runs the model) and hand them to ``Engine.submit``, which returns a
+``RequestHandle``. The engine thread takes the oldest waiting requests, up to ``max_batch``, waits
+``batch_window_s`` for more to join, left-pads them into one batch and decodes them together with a
+KV cache; after every step each row's new text goes to its own handle, read with ``events()``
+(threads) or ``aevents()`` (asyncio). A batch runs until its last row is done (static batching: a
+request arriving meanwhile waits for the next batch).
+
+Each row keeps its own ``GenerationConfig``: its token budget, stop strings, temperature and seed.
+Tokens are chosen and stop strings applied with ``mm15.model.generate``'s own rules, and left padding
+with real-token position ids keeps a row's greedy answer equal to ``generate()`` on it alone. A seeded
+row samples from its own generator, so its answer does not depend on the other rows of its batch.
+
+Image handling is one function, ``encode_prompt``: a future input kind (a video's frames, each a
+single unsplit tile) plugs in there and the batching is unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from mm15.hardware import autocast
+from mm15.model.generate import GenerationConfig, _cut_at_stop, _pick, _visible
+from mm15.model.mm15 import IMAGE_TOKEN, MM15Model, MM15Processor, tokenize_with_images
+
+log = logging.getLogger("mm15.serve")
+
+FinishReason = Literal["stop", "length"]
+
+
+class PromptTooLong(ValueError):
+    """The prompt (text and image tokens) needs ``needed`` tokens, over ``limit``."""
+
+    def __init__(self, needed: int, limit: int) -> None:
+        super().__init__(
+            f"the prompt needs {needed} tokens (text and image tokens) but the limit is {limit}; "
+            "send fewer or smaller images, or a shorter conversation"
+        )
+        self.needed = needed
+        self.limit = limit
+
+
+class EngineBusy(RuntimeError):
+    """Too many requests are already waiting."""
+
+
+class EngineStopped(RuntimeError):
+    """The engine is not running (not started, or shut down)."""
+
+
+@dataclass(frozen=True)
+class EncodedPrompt:
+    """One prompt ready for the model: token ids (image spans expanded) and its tiles in order."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+
+def encode_prompt(
+    processor: MM15Processor,
+    image_token_id: int,
+    prompt: str,
+    images: Sequence[Image.Image],
+    max_tokens: int | None = None,
+) -> EncodedPrompt:
+    """The one place request images become model inputs: plans, token ids, then tiles.
+
+    The token count is checked before tiles are built, so an over-long prompt costs no pixel work.
+    The image-token count is checked against the plans: text that smuggles the image token in would
+    otherwise give the batch more image positions than features and fail every row with it.
+    """
+    plans = processor.plan(prompt, images)
+    ids = tokenize_with_images(prompt, plans, processor.tokenizer, image_token_id)
+    if max_tokens is not None and len(ids) > max_tokens:
+        raise PromptTooLong(len(ids), max_tokens)
+    expected = sum(plan.num_image_tokens for plan in plans)
+    if ids.count(image_token_id) != expected:
+        raise ValueError(f"the prompt text contains the reserved image token {IMAGE_TOKEN!r}")
+    pixel_values = processor.images(list(images), plans).pixel_values if images else None
+    return EncodedPrompt(ids, pixel_values)
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a handle receives: ``delta`` text, then one ``done`` (or ``error``)."""
+
+    kind: Literal["delta", "done", "error"]
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class RequestHandle:
+    """A submitted request: its events arrive in order; ``cancel()`` frees its batch row."""
+
+    def __init__(
+        self,
+        request_id: int,
+        prompt: EncodedPrompt,
+        config: GenerationConfig,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.config = config
+        self.submitted = time.monotonic()
+        self.cancelled = threading.Event()
+        self._loop = loop
+        self._async_events: asyncio.Queue[Event] | None = asyncio.Queue() if loop is not None else None
+        self._events: queue.Queue[Event] = queue.Queue()
+
+    def cancel(self) -> None:
+        """The client has gone: stop producing tokens for it (its row is skipped from now on)."""
+        self.cancelled.set()
+
+    def deliver(self, event: Event) -> None:
+        """Called by the engine thread."""
+        if self._loop is None:
+            self._events.put(event)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async_events.put_nowait, event)  # type: ignore[union-attr]
+        except RuntimeError:  # the client's event loop has closed: nobody is listening any more
+            self.cancel()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events until ``done`` or ``error`` (for callers on threads; needs ``loop=None`` at submit)."""
+        if self._loop is not None:
+            raise RuntimeError("this handle delivers to an event loop: use aevents()")
+        while True:
+            event = self._events.get(timeout=timeout)
+            yield event
+            if event.kind != "delta":
+                return
+
+    async def aevents(self) -> AsyncIterator[Event]:
+        """Events until ``done`` or ``error`` (for asyncio callers; needs the loop at submit)."""
+        if self._async_events is None:
+            raise RuntimeError("this handle delivers to a queue: use events()")
+        while True:
+            event = await self._async_events.get()
+            yield event
+            if event.kind != "delta":
+                return
+
+
+@dataclass
+class EngineStats:
+    """Counters for /health, the load benchmark and the batching tests."""
+
+    requests: int = 0
+    batches: int = 0
+    largest_batch: int = 0
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+    generated_tokens: int = 0
+    failed_batches: int = 0
+
+
+@dataclass
+class _Row:
+    handle: RequestHandle
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    shown: str = ""
+    done: bool = False
+
+
+class Engine:
+    """Owns the model; ``start()`` launches the batching thread, ``close()`` stops it."""
+
+    def __init__(
+        self,
+        model: MM15Model,
+        *,
+        max_batch: int = 8,
+        batch_window_s: float = 0.01,
+        max_waiting: int = 256,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.processor = MM15Processor.for_model(model)
+        self.tokenizer = model.tokenizer
+        self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
+        self.max_waiting = max_waiting
+        self.stats = EngineStats()
+        eos = self.tokenizer.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        self._eos = eos
+        self._pad = pad if pad is not None else (eos if eos is not None else 0)
+        # Fast tokenizers are not safe to call from two threads at once ("Already borrowed"): request
+        # threads encode while the engine thread decodes, so every tokenizer call takes this lock.
+        self.tokenizer_lock = threading.Lock()
+        self._waiting: collections.deque[RequestHandle] = collections.deque()
+        self._condition = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    @property
+    def context_length(self) -> int | None:
+        """The LLM's position limit (prompt plus answer), when its config states one."""
+        value = getattr(self.model.llm.config, "max_position_embeddings", None)
+        return int(value) if value else None
+
+    @property
+    def waiting(self) -> int:
+        with self._condition:
+            return len(self._waiting)
+
+    # --- callers' side ------------------------------------------------------------------------------
+
+    def encode(
+        self, prompt: str, images: Sequence[Image.Image], max_tokens: int | None = None
+    ) -> EncodedPrompt:
+        """``encode_prompt`` with this model's processor, safe to call from any thread."""
+        with self.tokenizer_lock:
+            return encode_prompt(self.processor, self.model.image_token_id, prompt, images, max_tokens)
+
+    def submit(
+        self,
+        prompt: EncodedPrompt,
+        config: GenerationConfig,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> RequestHandle:
+        """Queue a request; with ``loop`` its events go to that asyncio loop (``aevents``)."""
+        handle = RequestHandle(next(self._ids), prompt, config, loop)
+        with self._condition:
+            if self._thread is None or self._stopping:
+                raise EngineStopped("the engine is not running")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineBusy(f"{len(self._waiting)} requests are already waiting; try again shortly")
+            self._waiting.append(handle)
+            self.stats.requests += 1
+            self._condition.notify_all()
+        return handle
+
+    def start(self) -> Engine:
+        with self._condition:
+            if self._thread is not None:
+                return self
+            self._stopping = False
+            self._thread = threading.Thread(target=self._serve_forever, name="mm15-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop after the running batch; requests still waiting get an error event."""
+        with self._condition:
+            self._stopping = True
+            thread, self._thread = self._thread, None
+            self._condition.notify_all()
+        if thread is not None:
+            thread.join(timeout)
+        with self._condition:
+            left, self._waiting = list(self._waiting), collections.deque()
+        for handle in left:
+            handle.deliver(Event("error", text="the server is shutting down"))
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the engine thread --------------------------------------------------------------------------
+
+    def _next_batch(self) -> list[RequestHandle]:
+        with self._condition:
+            while not self._waiting and not self._stopping:
+                self._condition.wait()
+            if self._stopping:
+                return []
+            # Requests sent together reach the queue a few milliseconds apart: wait briefly so they
+            # share one batch instead of the first running alone.
+            deadline = time.monotonic() + self.batch_window_s
+            while len(self._waiting) < self.max_batch and not self._stopping:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._condition.wait(remaining)
+            batch = []
+            while self._waiting and len(batch) < self.max_batch:
+                handle = self._waiting.popleft()
+                if not handle.cancelled.is_set():
+                    batch.append(handle)
+            return batch
+
+    def _serve_forever(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                with self._condition:
+                    if self._stopping:
+                        return
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception:
+                log.exception("generation failed for a batch of %d requests", len(batch))
+                self.stats.failed_batches += 1
+                for handle in batch:
+                    handle.deliver(Event("error", text="internal error while generating"))
+
+    def _collate(self, rows: Sequence[_Row]) -> dict[str, Any]:
+        """Left-padded ids and mask; tiles concatenated in row order (the order ``embed`` fills)."""
+        width = max(row.handle.prompt.num_tokens for row in rows)
+        input_ids = torch.full((len(rows), width), self._pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for index, row in enumerate(rows):
+            ids = row.handle.prompt.input_ids
+            input_ids[index, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[index, width - len(ids) :] = 1
+        tiles = [row.handle.prompt.pixel_values for row in rows if row.handle.prompt.pixel_values is not None]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "pixel_values": torch.cat(tiles) if tiles else None,
+        }
+
+    def _decode(self, tokens: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _finish(self, row: _Row, reason: FinishReason) -> None:
+        """Release text held back for a stop string that never came, then close the row."""
+        final = _cut_at_stop(self._decode(row.generated), row.handle.config.stop)[0]
+        if final.startswith(row.shown) and len(final) > len(row.shown):
+            row.handle.deliver(Event("delta", text=final[len(row.shown) :]))
+        row.done = True
+        self.stats.generated_tokens += len(row.generated)
+        row.handle.deliver(
+            Event(
+                "done",
+                finish_reason=reason,
+                prompt_tokens=row.handle.prompt.num_tokens,
+                completion_tokens=len(row.generated),
+            )
+        )
+
+    def _advance(self, row: _Row, token: int) -> None:
+        """Apply one chosen token to a row, as ``mm15.model.generate.stream`` does."""
+        config = row.handle.config
+        if token == self._eos:
+            self._finish(row, "stop")
+            return
+        row.generated.append(token)
+        visible, stopped = _visible(self._decode(row.generated), config.stop)
+        if visible.startswith(row.shown) and len(visible) > len(row.shown):
+            row.handle.deliver(Event("delta", text=visible[len(row.shown) :]))
+            row.shown = visible
+        if stopped:
+            self._finish(row, "stop")
+        elif len(row.generated) >= config.max_new_tokens:
+            self._finish(row, "length")
+
+    @torch.no_grad()
+    def _run_batch(self, handles: list[RequestHandle]) -> None:
+        self.stats.batches += 1
+        self.stats.batch_sizes[len(handles)] += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(handles))
+        rows = [
+            _Row(h, torch.Generator().manual_seed(h.config.seed) if h.config.seed is not None else None)
+            for h in handles
+        ]
+        batch = self._collate(rows)
+        attention_mask = batch["attention_mask"]
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with autocast():
+            out = self.model(
+                batch["input_ids"],
+                attention_mask,
+                batch["pixel_values"],
+                position_ids=position_ids,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cache, logits = out.past_key_values, out.logits[:, -1]
+            for _ in range(max(h.config.max_new_tokens for h in handles)):
+                next_tokens = []
+                for index, row in enumerate(rows):
+                    if not row.done and row.handle.cancelled.is_set():
+                        row.done = True  # nobody is reading: no more events for it
+                    if row.done:
+                        next_tokens.append(self._pad)  # finished rows ride along; their output is unused
+                        continue
+                    token = int(_pick(logits[index : index + 1], row.handle.config, row.generator)[0])
+                    self._advance(row, token)
+                    next_tokens.append(token)
+                if all(row.done for row in rows):
+                    return
+                token_column = torch.tensor(next_tokens, dtype=torch.long).unsqueeze(-1)
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+                position_ids = position_ids[:, -1:] + 1
+                out = self.model.llm(
+                    input_ids=token_column,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache, logits = out.past_key_values, out.logits[:, -1]
+
+
+def wait_for(handle: RequestHandle, timeout: float | None = None) -> tuple[str, Event]:
+    """The whole answer of a thread-delivered handle and its final event (raises on an error event)."""
+    text = []
+    for event in handle.events(timeout):
+        if event.kind == "delta":
+            text.append(event.text)
+        elif event.kind == "error":
+            raise RuntimeError(event.text)
+        else:
+            return "".join(text), event
+    raise RuntimeError("the request ended without a final event")  # pragma: no cover - events() ends on one

@@ -1,0 +1,97 @@
+"""Running the API with uvicorn: in the foreground (``mm15 serve``) or on a background thread.
+
+``start_server`` binds the socket itself before uvicorn starts, so a caller asking for port 0 learns
+the real port with no window for another process to take it (tests and the load benchmark).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from mm15.model.mm15 import MM15Model
+from mm15.serve.api import create_app
+from mm15.serve.engine import Engine
+from mm15.serve.settings import ServeSettings
+
+log = logging.getLogger("mm15.serve")
+
+
+def load_engine(model_dir: Path, max_batch: int = 8, batch_window_s: float = 0.01) -> Engine:
+    """The model of ``model_dir`` behind a started engine (``FileNotFoundError`` / ``ValueError`` if bad)."""
+    model = MM15Model.from_pretrained(model_dir)
+    return Engine(model, max_batch=max_batch, batch_window_s=batch_window_s).start()
+
+
+def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        server_header=False,
+        # Keep-alive connections of idle clients are closed soon: they hold server resources.
+        timeout_keep_alive=5,
+        timeout_graceful_shutdown=5,
+    )
+
+
+def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Serve in the foreground until interrupted."""
+    uvicorn.Server(_config(app, host, port, log_level)).run()
+
+
+@dataclass
+class RunningServer:
+    """A server on a background thread; ``stop()`` shuts it down and waits for the thread."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def start_server(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", timeout: float = 20.0
+) -> RunningServer:
+    """Serve ``app`` on a thread; port 0 picks a free port. Returns once the server accepts connections."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    bound_port = sock.getsockname()[1]
+    server = uvicorn.Server(_config(app, host, bound_port, log_level))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mm15-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server did not start on {host}:{bound_port}")
+        time.sleep(0.02)
+    return RunningServer(server, thread, host, bound_port)
+
+
+def serve_model_dir(
+    model_dir: Path, settings: ServeSettings, host: str, port: int, max_batch: int = 8
+) -> None:
+    """``mm15 serve``: load, start the engine, serve until interrupted, stop the engine."""
+    engine = load_engine(model_dir, max_batch=max_batch)
+    try:
+        run(create_app(engine, settings), host, port)
+    finally:
+        engine.close()

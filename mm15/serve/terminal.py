@@ -1,0 +1,210 @@
+"""``mm15 chat``: talk to a model in the terminal, one question or a whole conversation.
+
+The answer streams to the terminal as it is generated (``mm15.model.generate.stream``). Prompts are
+built exactly as the server builds them (``mm15.serve.conversation``) and images become model inputs
+through the server's one image function (``mm15.serve.engine.encode_prompt``), so a question asked
+here and over HTTP gives the same tokens. When an answer holds boxes or points
+(``parse_grounding``), they are drawn on a copy of the conversation's latest image and the PNG's path
+is printed.
+
+Interactive commands: ``/image PATH`` attaches an image to the next question, ``/reset`` starts over
+(the ``--image`` images are attached again), ``/quit`` or end of input leaves.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from mm15.hardware import autocast
+from mm15.image import ImageError, load_image
+from mm15.model.generate import GenerationConfig, parse_grounding, stream
+from mm15.model.mm15 import MM15Model, MM15Processor
+from mm15.serve.conversation import Turn, question_turn, render_prompt
+from mm15.serve.engine import PromptTooLong, encode_prompt
+
+BOX_COLOR = (230, 30, 30)
+POINT_COLOR = (20, 110, 240)
+HELP = "commands: /image PATH (attach to the next question), /reset (start over), /quit"
+
+
+class ChatError(ValueError):
+    """A problem the user can fix (bad image, too many images, conversation too long)."""
+
+
+def draw_grounding(image: Image.Image, answer: str) -> tuple[Image.Image, int, int]:
+    """A copy of ``image`` with the answer's boxes and points drawn; also their counts."""
+    found = parse_grounding(answer, image.height, image.width)
+    drawn = image.convert("RGB").copy()
+    pen = ImageDraw.Draw(drawn)
+    width = max(2, min(image.size) // 150)
+    for box in found["boxes"]:
+        pen.rectangle(box, outline=BOX_COLOR, width=width)
+    radius = max(4, min(image.size) // 60)
+    for x, y in found["points"]:
+        pen.ellipse((x - radius, y - radius, x + radius, y + radius), outline=POINT_COLOR, width=width)
+    return drawn, len(found["boxes"]), len(found["points"])
+
+
+def next_free_path(directory: Path, stem: str = "answer") -> Path:
+    """``answer_001.png``, ``answer_002.png``, ...: the first name not taken (earlier answers are kept)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    index = 1
+    while (directory / f"{stem}_{index:03d}.png").exists():
+        index += 1
+    return directory / f"{stem}_{index:03d}.png"
+
+
+def open_image(path: Path) -> Image.Image:
+    try:
+        return load_image(path)
+    except ImageError as err:
+        raise ChatError(f"cannot use image {err}") from None
+
+
+@dataclass
+class ChatSession:
+    """A conversation with one model: turns so far, images waiting for the next question."""
+
+    model: MM15Model
+    config: GenerationConfig
+    out_dir: Path
+    max_images: int = 4
+    write: Callable[[str], None] = field(default=lambda text: print(text, end="", flush=True))
+    turns: list[Turn] = field(default_factory=list)
+    pending: list[Image.Image] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.processor = MM15Processor.for_model(self.model)
+
+    @property
+    def image_count(self) -> int:
+        return sum(len(turn.images) for turn in self.turns) + len(self.pending)
+
+    def attach(self, image: Image.Image) -> None:
+        if self.image_count + 1 > self.max_images:
+            raise ChatError(f"too many images: a conversation takes at most {self.max_images}")
+        self.pending.append(image)
+
+    def reset(self, images: list[Image.Image]) -> None:
+        self.turns, self.pending = [], []
+        for image in images:
+            self.attach(image)
+
+    def _context_budget(self) -> int | None:
+        context = getattr(self.model.llm.config, "max_position_embeddings", None)
+        return None if not context else int(context) - self.config.max_new_tokens
+
+    def ask(self, question: str) -> tuple[str, Path | None]:
+        """Stream the answer to ``write``; returns it and the drawing's path (if it has boxes/points)."""
+        try:
+            turn = question_turn(question, self.pending)
+            prompt, images = render_prompt(self.model.tokenizer, [*self.turns, turn])
+            encoded = encode_prompt(
+                self.processor, self.model.image_token_id, prompt, images, self._context_budget()
+            )
+        except PromptTooLong as err:
+            raise ChatError(f"{err} (/reset starts a new conversation)") from None
+        except ValueError as err:
+            raise ChatError(str(err)) from None
+        batch = {
+            "input_ids": torch.tensor([encoded.input_ids]),
+            "attention_mask": torch.ones(1, encoded.num_tokens, dtype=torch.long),
+            "pixel_values": encoded.pixel_values,
+        }
+        pieces = []
+        with autocast():
+            for deltas in stream(self.model, batch, self.config):
+                if deltas[0]:
+                    pieces.append(deltas[0])
+                    self.write(deltas[0])
+        self.write("\n")
+        answer = "".join(pieces)
+        self.turns += [turn, Turn("assistant", answer)]
+        self.pending = []
+        return answer, self._draw(answer, images)
+
+    def _draw(self, answer: str, images: list[Image.Image]) -> Path | None:
+        # Boxes are in the coordinates of one image; the latest one is the one being asked about.
+        if not images:
+            return None
+        drawn, boxes, points = draw_grounding(images[-1], answer)
+        if not boxes and not points:
+            return None
+        path = next_free_path(self.out_dir)
+        drawn.save(path)
+        self.write(f"[drew {boxes} box(es) and {points} point(s): {path}]\n")
+        return path
+
+
+def interact(session: ChatSession, start_images: list[Image.Image], read_line: Callable[[], str]) -> None:
+    """The interactive loop: questions and commands until ``/quit`` or end of input."""
+    session.write(f"mm15 chat ({HELP})\n")
+    while True:
+        session.write("> ")
+        line = read_line()
+        if not line:  # end of input
+            session.write("\n")
+            return
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            if line in ("/quit", "/exit"):
+                return
+            if line == "/reset":
+                session.reset(start_images)
+                session.write("[new conversation]\n")
+            elif line.startswith("/image"):
+                path = line[len("/image") :].strip()
+                if not path:
+                    raise ChatError("usage: /image PATH")
+                session.attach(open_image(Path(path)))
+                session.write(f"[attached {path} to the next question]\n")
+            elif line.startswith("/"):
+                session.write(f"[unknown command {line.split()[0]}; {HELP}]\n")
+            else:
+                session.ask(line)
+        except ChatError as err:
+            session.write(f"error: {err}\n")
+
+
+def run_chat(
+    model_dir: Path,
+    prompt: str | None,
+    image_paths: list[Path],
+    config: GenerationConfig,
+    out_dir: Path,
+    max_images: int,
+) -> int:
+    """``mm15 chat``; returns the exit code (2 for a problem with the arguments)."""
+
+    def fail(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 2
+
+    if len(image_paths) > max_images:
+        return fail(f"too many images: {len(image_paths)} given, at most {max_images} (--max-images)")
+    try:
+        images = [open_image(path) for path in image_paths]
+    except ChatError as err:
+        return fail(str(err))
+    try:
+        model = MM15Model.from_pretrained(model_dir)
+    except (FileNotFoundError, ValueError) as err:
+        return fail(f"cannot load the model: {err}")
+    session = ChatSession(model, config, out_dir, max_images=max_images)
+    session.reset(images)
+    if prompt is not None:
+        try:
+            session.ask(prompt)
+        except ChatError as err:
+            return fail(str(err))
+        return 0
+    interact(session, images, sys.stdin.readline)
+    return 0

@@ -1,0 +1,532 @@
+"""mm15 serve: the official openai client against a real uvicorn server on loopback, batching, and
+200 malformed or hostile requests that must each get a clear 4xx while the server keeps serving."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import random
+import struct
+import threading
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from serve_helpers import build_test_model, data_url, png_bytes, scripted_answer
+
+from mm15.hardware import autocast
+from mm15.model.generate import GenerationConfig, generate
+from mm15.model.mm15 import MM15Model, MM15Processor
+from mm15.serve.api import create_app
+from mm15.serve.conversation import Turn, question_turn, render_prompt
+from mm15.serve.engine import Engine
+from mm15.serve.media import image_from_url
+from mm15.serve.server import RunningServer, start_server
+from mm15.serve.settings import MiB, ServeSettings
+
+MODEL = "tiny-test"
+KEY = "sk-test-1234"
+SETTINGS = ServeSettings(
+    model_name=MODEL,
+    max_body_bytes=2 * MiB,
+    max_image_bytes=1 * MiB,
+    max_image_pixels=4_000_000,
+    max_images_per_request=3,
+    max_prompt_tokens=1024,
+    max_tokens_limit=64,
+    default_max_tokens=16,
+)
+
+
+@dataclass
+class Served:
+    url: str
+    keyed_url: str
+    engine: Engine
+    model_dir: Path
+    reference: MM15Model  # a second copy, for answers computed without the server
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    model_dir = build_test_model(tmp_path_factory.mktemp("serve") / "model")
+    engine = Engine(MM15Model.from_pretrained(model_dir), max_batch=8, batch_window_s=0.05).start()
+    open_server = start_server(create_app(engine, SETTINGS))
+    keyed: RunningServer = start_server(
+        create_app(engine, ServeSettings(**{**SETTINGS.__dict__, "api_key": KEY}))
+    )
+    try:
+        yield Served(open_server.url, keyed.url, engine, model_dir, MM15Model.from_pretrained(model_dir))
+    finally:
+        open_server.stop()
+        keyed.stop()
+        engine.close()
+
+
+def client(url: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def alone(model: MM15Model, turns: list[Turn], max_new_tokens: int) -> str:
+    """The greedy answer of ``generate`` on this conversation by itself."""
+    prompt, images = render_prompt(model.tokenizer, turns)
+    batch = MM15Processor.for_model(model)([prompt], [images])
+    with autocast():
+        return generate(model, batch, GenerationConfig(max_new_tokens=max_new_tokens))[0]
+
+
+def image_message(question: str, png: bytes) -> dict[str, Any]:
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": data_url(png)}},
+            {"type": "text", "text": question},
+        ],
+    }
+
+
+def decoded(png: bytes) -> Any:
+    return image_from_url(data_url(png), SETTINGS, "test")
+
+
+# --- the openai client -------------------------------------------------------------------------------
+
+
+def test_models_and_health(served: Served) -> None:
+    assert [m.id for m in client(served.url).models.list().data] == [MODEL]
+    connection = http.client.HTTPConnection("127.0.0.1", int(served.url.rsplit(":", 1)[1]), timeout=10)
+    connection.request("GET", "/health")
+    response = connection.getresponse()
+    assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+
+
+def test_plain_completion_equals_generate(served: Served) -> None:
+    result = client(served.url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hello there"}], max_tokens=8, temperature=0
+    )
+    choice = result.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content == alone(served.reference, [question_turn("hello there")], 8)
+    assert result.usage is not None and result.usage.completion_tokens <= 8
+    assert choice.finish_reason in ("stop", "length")
+
+
+def test_streaming_equals_whole_answer(served: Served) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "describe a cat"}]
+    api = client(served.url)
+    # A readable scripted answer: the random model's bytes are often partial UTF-8, held back to the end.
+    with scripted_answer(served.engine.model, "a cat été [100, 200, 300, 400]"):
+        whole = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=40)
+        pieces, finish, usage = [], None, None
+        for chunk in api.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=40, stream=True, stream_options={"include_usage": True}
+        ):
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+    assert whole.choices[0].message.content == "a cat été [100, 200, 300, 400]"
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert len([p for p in pieces if p]) > 10  # it really streamed, piece by piece
+    assert finish == "stop" and usage is not None and usage.total_tokens > usage.completion_tokens
+
+
+def test_base64_image(served: Served) -> None:
+    png = png_bytes(120, 80, (200, 40, 40))
+    result = client(served.url).chat.completions.create(
+        model=MODEL, messages=[image_message("what colour?", png)], max_tokens=8
+    )
+    expected = alone(served.reference, [question_turn("what colour?", [decoded(png)])], 8)
+    assert result.choices[0].message.content == expected
+    text_only = client(served.url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "what colour?"}], max_tokens=1
+    )
+    assert result.usage.prompt_tokens > text_only.usage.prompt_tokens + 16  # the image's tokens
+
+
+def test_stop_string_and_seed(served: Served) -> None:
+    api = client(served.url)
+    messages = [{"role": "user", "content": "tell me something"}]
+    full = (
+        api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12).choices[0].message.content
+    )
+    stop = full[4:6]
+    cut = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, stop=[stop])
+    assert cut.choices[0].message.content == full[: full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    sampled = [
+        api.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1.0, seed=7)
+        .choices[0]
+        .message.content
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1]
+
+
+def test_api_key(served: Served) -> None:
+    with pytest.raises(openai.AuthenticationError) as refused:
+        client(served.keyed_url, "wrong").models.list()
+    assert "API key" in str(refused.value)
+    with pytest.raises(openai.AuthenticationError):
+        client(served.keyed_url, "wrong").chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    keyed = client(served.keyed_url, KEY)
+    assert [m.id for m in keyed.models.list().data] == [MODEL]
+    answer = keyed.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    status, _ = raw(served.keyed_url, "GET", "/health", None, {})
+    assert status == 200  # liveness probes need no key
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(served: Served) -> None:
+    questions = ["one", "what is two", "three?", "the fourth question", "five", "six and more"]
+    png = png_bytes(64, 96, (10, 20, 200))
+    expected = [
+        alone(served.reference, [question_turn(q, [decoded(png)] if i % 2 else [])], 10)
+        for i, q in enumerate(questions)
+    ]
+    before = Counter(served.engine.stats.batch_sizes)
+    barrier = threading.Barrier(len(questions))
+    answers: list[str | None] = [None] * len(questions)
+
+    def ask(index: int) -> None:
+        message = (
+            image_message(questions[index], png)
+            if index % 2
+            else {"role": "user", "content": questions[index]}
+        )
+        api = client(served.url)
+        barrier.wait()
+        answers[index] = (
+            api.chat.completions.create(model=MODEL, messages=[message], max_tokens=10)
+            .choices[0]
+            .message.content
+        )
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(questions))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert answers == expected
+    assert len(set(expected)) > 1  # the answers differ, so a mix-up between rows would show
+    batches = Counter(served.engine.stats.batch_sizes)
+    batches.subtract(before)
+    assert max(size for size, count in batches.items() if count > 0) > 1, batches
+
+
+def test_a_failing_batch_is_a_clean_500_and_the_server_keeps_serving(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(served.engine.model, "forward", broken)
+    status, body = raw(
+        served.url,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        ).encode(),
+        {"Content-Type": "application/json"},
+    )
+    assert status == 500
+    assert body["error"]["type"] == "server_error" and "secret" not in json.dumps(body)
+    assert "Traceback" not in json.dumps(body)
+    monkeypatch.undo()
+    answer = client(served.url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+# --- hostile requests --------------------------------------------------------------------------------
+
+
+def raw(url: str, method: str, path: str, body: bytes | None, headers: dict[str, str]) -> tuple[int, Any]:
+    """One request on a fresh connection; the JSON body (or the raw text when it is not JSON)."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers)
+        response = connection.getresponse()
+        data = response.read()
+    finally:
+        connection.close()
+    try:
+        return response.status, json.loads(data)
+    except ValueError:
+        return response.status, data.decode(errors="replace")
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG signature and IHDR with these dimensions (valid CRC), no pixel data."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + header
+    ihdr = struct.pack(">I", len(header)) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return b"\x89PNG\r\n\x1a\n" + ihdr + end
+
+
+def base_request(**changes: Any) -> dict[str, Any]:
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    request.update(changes)
+    return request
+
+
+def with_image(url: str, text: str = "what is this?") -> dict[str, Any]:
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]
+    return base_request(messages=[{"role": "user", "content": content}])
+
+
+def with_content(content: Any) -> dict[str, Any]:
+    return base_request(messages=[{"role": "user", "content": content}])
+
+
+JSON = {"Content-Type": "application/json"}
+
+
+def hostile_cases() -> list[tuple[str, str, str, bytes | None, dict[str, str], int | None]]:
+    """(name, method, path, body, headers, expected status or None for "any 4xx, or 200 if it decodes")."""
+    cases: list[tuple[str, str, str, bytes | None, dict[str, str], int | None]] = []
+
+    def post(name: str, document: Any, status: int | None, headers: dict[str, str] = JSON) -> None:
+        body = document if isinstance(document, bytes) else json.dumps(document).encode()
+        cases.append((name, "POST", "/v1/chat/completions", body, headers, status))
+
+    png = png_bytes(80, 60)
+    # Bodies that are not JSON objects.
+    for name, body in [
+        ("empty body", b""),
+        ("open brace", b"{"),
+        ("plain text", b"not json at all"),
+        ("truncated", b'{"model": "tiny-test", "messages": [{"role": "user", "content": "hi"'),
+        ("NaN", b'{"model": "tiny-test", "messages": [], "temperature": NaN}'),
+        ("Infinity", b'{"model": "tiny-test", "temperature": Infinity}'),
+        ("deep nesting", b"[" * 100_000 + b"]" * 100_000),
+        ("invalid utf-8", b'{"model": "\xff\xfe"}'),
+        ("trailing garbage", b'{"model": "tiny-test"} xyz'),
+    ]:
+        post(name, body, 400)
+    for name, document in [("array", []), ("number", 1), ("string", "s"), ("null", None), ("bool", True)]:
+        post(f"body is {name}", document, 400)
+    # Content type.
+    valid = json.dumps(base_request()).encode()
+    for content_type in [
+        "text/plain",
+        "multipart/form-data; boundary=x",
+        "application/x-www-form-urlencoded",
+        "",
+    ]:
+        post(
+            f"content-type {content_type!r}",
+            valid,
+            415,
+            {"Content-Type": content_type} if content_type else {},
+        )
+    # Missing fields.
+    post("empty object", {}, 400)
+    post("no messages", {"model": MODEL}, 400)
+    post("no model", {"messages": [{"role": "user", "content": "hi"}]}, 400)
+    post("empty messages", base_request(messages=[]), 400)
+    post("message without role", base_request(messages=[{"content": "hi"}]), 400)
+    post("message without content", base_request(messages=[{"role": "user"}]), 400)
+    post("empty content list", with_content([]), 400)
+    post("text part without text", with_content([{"type": "text"}]), 400)
+    post("image part without url", with_content([{"type": "image_url", "image_url": {}}]), 400)
+    post("part without type", with_content([{"text": "hi"}]), 400)
+    # Wrong types and values.
+    for name, changes in [
+        ("model is a number", {"model": 1}),
+        ("messages is a string", {"messages": "hi"}),
+        ("message is a number", {"messages": [1]}),
+        ("max_tokens is a string", {"max_tokens": "5"}),
+        ("max_tokens is a float", {"max_tokens": 1.5}),
+        ("max_tokens is a bool", {"max_tokens": True}),
+        ("max_tokens is 0", {"max_tokens": 0}),
+        ("max_tokens is negative", {"max_tokens": -3}),
+        ("max_tokens over the limit", {"max_tokens": 100_000}),
+        ("max_completion_tokens over the limit", {"max_completion_tokens": 65}),
+        ("temperature is a string", {"temperature": "hot"}),
+        ("temperature negative", {"temperature": -1}),
+        ("temperature over 2", {"temperature": 3}),
+        ("top_p zero", {"top_p": 0}),
+        ("stream is a string", {"stream": "yes"}),
+        ("stop is a number", {"stop": 5}),
+        ("stop list of numbers", {"stop": [1, 2]}),
+        ("stop empty", {"stop": ""}),
+        ("five stops", {"stop": ["a", "b", "c", "d", "e"]}),
+        ("stop too long", {"stop": "x" * 300}),
+        ("seed is a string", {"seed": "x"}),
+        ("n is 2", {"n": 2}),
+        ("n is 0", {"n": 0}),
+        ("unknown field", {"foo": 1}),
+        ("unknown field bar", {"best_of": 3}),
+        ("tools", {"tools": [{"type": "function", "function": {"name": "f"}}]}),
+        ("logprobs", {"logprobs": True}),
+        ("frequency penalty", {"frequency_penalty": 0.5}),
+        ("response format json", {"response_format": {"type": "json_object"}}),
+        ("stream_options unknown", {"stream_options": {"foo": True}}),
+        ("role wizard", {"messages": [{"role": "wizard", "content": "hi"}]}),
+        ("role tool", {"messages": [{"role": "tool", "content": "hi", "tool_call_id": "x"}]}),
+        ("unknown message field", {"messages": [{"role": "user", "content": "hi", "foo": 1}]}),
+        ("content is a number", {"messages": [{"role": "user", "content": 5}]}),
+        ("content null", {"messages": [{"role": "user", "content": None}]}),
+    ]:
+        post(name, base_request(**changes), 400)
+    post("unknown model", base_request(model="gpt-4o"), 404)
+    post(
+        "audio part",
+        with_content([{"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]),
+        400,
+    )
+    post(
+        "image_url is a string",
+        with_content([{"type": "image_url", "image_url": "data:image/png;base64,AA"}]),
+        400,
+    )
+    post(
+        "image in an assistant message",
+        base_request(
+            messages=[
+                {"role": "user", "content": "hi"},
+                {
+                    "role": "assistant",
+                    "content": [{"type": "image_url", "image_url": {"url": data_url(png)}}],
+                },
+            ]
+        ),
+        400,
+    )
+    post(
+        "placeholder in text", base_request(messages=[{"role": "user", "content": "look <image> here"}]), 400
+    )
+    post("image token in text", base_request(messages=[{"role": "user", "content": "<|image_patch|>"}]), 400)
+    post(
+        "prompt over the token limit",
+        base_request(messages=[{"role": "user", "content": "word " * 400}]),
+        400,
+    )
+    # Image URLs.
+    for name, url, status in [
+        ("bad base64", "data:image/png;base64,!!!not-base64!!!", 400),
+        ("base64 bad padding", "data:image/png;base64,iVBORw0KGgo=A", 400),
+        ("empty data", "data:image/png;base64,", 400),
+        ("data url without base64", "data:image/png,abc", 400),
+        ("data url without comma", "data:image/png;base64", 400),
+        ("not an image type", "data:text/plain;base64,aGVsbG8=", 400),
+        ("truncated png", data_url(png[:40]), 400),
+        ("garbage bytes", data_url(b"\x00garbage" * 50), 400),
+        ("png header claiming 100000x100000", data_url(png_claiming(100_000, 100_000)), 413),
+        ("png header claiming 3000x3000", data_url(png_claiming(3000, 3000)), 413),
+        ("png claiming 0x0", data_url(png_claiming(0, 0)), 400),
+        ("image over the byte limit", data_url(b"\x89PNG" + b"\x00" * (MiB + 10)), 413),
+        ("http url", "http://127.0.0.1:9/cat.png", 400),
+        ("https url", "https://example.com/cat.png", 400),
+        ("file url", "file:///etc/passwd", 400),
+        ("file url to an image", "file:///usr/share/pixmaps/debian-logo.png", 400),
+        ("absolute path", "/etc/passwd", 400),
+        ("relative path", "../../etc/passwd", 400),
+        ("ftp url", "ftp://example.com/a.png", 400),
+        ("javascript url", "javascript:alert(1)", 400),
+        ("empty url", "", 400),
+    ]:
+        post(name, with_image(url), status)
+    too_many = [{"type": "image_url", "image_url": {"url": data_url(png)}}] * 4 + [
+        {"type": "text", "text": "hi"}
+    ]
+    post("too many images", with_content(too_many), 400)
+    # Bodies over the size limit: declared, and sent without a declared length.
+    post("huge body", json.dumps(base_request(padding="x" * (3 * MiB))).encode(), 413)
+    cases.append(("wrong method", "GET", "/v1/chat/completions", None, {}, 405))
+    cases.append(("unknown path", "POST", "/v1/completions", valid, JSON, 404))
+    cases.append(("unknown path under v1", "GET", "/v1/secrets", None, {}, 404))
+    # Fuzz: truncated and corrupted images, and random values in random fields (seeded).
+    rng = random.Random(0)
+    real_png = png_bytes(120, 90, (5, 90, 180))
+    for _ in range(40):
+        cut = rng.randrange(1, len(real_png) - 12)
+        post(f"png cut at {cut}", with_image(data_url(real_png[:cut])), None)
+    for k in range(30):
+        corrupted = bytearray(real_png)
+        for _ in range(8):
+            corrupted[rng.randrange(8, len(corrupted))] = rng.randrange(256)
+        post(f"corrupted png #{k}", with_image(data_url(bytes(corrupted))), None)
+    for k in range(15):
+        post(f"random bytes #{k}", with_image(data_url(rng.randbytes(rng.randrange(1, 2000)))), None)
+    junk_values = [None, -1, 10**30, "", "x" * 50, [], {}, [1, "a"], {"a": {"b": []}}, 1e308, True]
+    fields = ["model", "messages", "max_tokens", "temperature", "stop", "seed", "n", "stream", "top_p"]
+    for k in range(25):
+        field, value = rng.choice(fields), rng.choice(junk_values)
+        post(f"junk {field}={value!r:.20} #{k}", base_request(**{field: value}), None)
+    return cases
+
+
+def test_hostile_requests_get_clear_4xx_and_the_server_keeps_serving(served: Served) -> None:
+    cases = hostile_cases()
+    assert len(cases) >= 200
+    failures = []
+    for name, method, path, body, headers, expected in cases:
+        status, document = raw(served.url, method, path, body, headers)
+        if status >= 500:
+            failures.append(f"{name}: {status} {document}")
+            continue
+        if expected is not None and status != expected:
+            failures.append(f"{name}: expected {expected}, got {status} {document}")
+            continue
+        if status >= 400:
+            error = document.get("error") if isinstance(document, dict) else None
+            if not error or not isinstance(error.get("message"), str) or len(error["message"]) < 10:
+                failures.append(f"{name}: unclear error body {document!r:.200}")
+            elif "Traceback" in error["message"] or set(error) != {"message", "type", "param", "code"}:
+                failures.append(f"{name}: bad error shape {error}")
+    assert not failures, "\n".join(failures)
+    answer = client(served.url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "still there?"}], max_tokens=3
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_body_streamed_without_length_is_cut_at_the_limit(served: Served) -> None:
+    host, port = served.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    chunks = (b"x" * 65536 for _ in range(48))  # 3 MiB, chunked transfer, no Content-Length
+    try:
+        connection.request("POST", "/v1/chat/completions", body=chunks, headers=JSON, encode_chunked=True)
+        response = connection.getresponse()
+        status, document = response.status, json.loads(response.read())
+    except (BrokenPipeError, ConnectionResetError):
+        pytest.skip("the server closed the connection before the client finished sending")
+    finally:
+        connection.close()
+    assert status == 413 and "limit" in document["error"]["message"]
+
+
+def test_error_messages_name_the_field(served: Served) -> None:
+    status, document = raw(
+        served.url,
+        "POST",
+        "/v1/chat/completions",
+        json.dumps(with_image("data:image/png;base64,@@@")).encode(),
+        JSON,
+    )
+    assert status == 400
+    assert document["error"]["param"] == "messages[0].content[0].image_url.url"
+    assert "base64" in document["error"]["message"]
+    status, document = raw(
+        served.url, "POST", "/v1/chat/completions", json.dumps(base_request(max_tokens="5")).encode(), JSON
+    )
+    assert status == 400 and document["error"]["param"] == "max_tokens"
+    status, document = raw(
+        served.url, "POST", "/v1/chat/completions", json.dumps(base_request(foo=1)).encode(), JSON
+    )
+    assert status == 400 and document["error"]["message"] == "Unrecognized request argument supplied: foo"
