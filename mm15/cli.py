@@ -121,6 +121,10 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option(help="Cap every stage at this many steps (a quick, reduced run).")
     ] = None,
+    parent: Annotated[
+        Path | None,
+        typer.Option(help="Fine-tune from this model directory instead of the recipe's (e.g. video.yaml)."),
+    ] = None,
 ) -> None:
     """Train a recipe's stages in order: checkpoints, resume, TensorBoard logs, loss plots, a summary."""
     import dataclasses
@@ -131,6 +135,16 @@ def train(
 
     try:
         config = load_recipe(recipe)
+        if parent is not None:
+            # Re-point the stages that start from a model directory (not init, not an earlier stage).
+            names = {s.name for s in config.stages}
+            moved = {s.name for s in config.stages if s.parent != "init" and s.parent not in names}
+            if not moved:
+                raise ValueError(f"--parent: no stage of {config.name!r} starts from a model directory")
+            repointed = tuple(
+                dataclasses.replace(s, parent=str(parent)) if s.name in moved else s for s in config.stages
+            )
+            config = dataclasses.replace(config, stages=repointed)
         if max_steps is not None:
             stages = []
             for s in config.stages:

@@ -238,3 +238,41 @@ def test_line_class_reads_the_first_class_named() -> None:
     assert line_class('toggle for "Wi-Fi" (on) [1, 2, 3, 4]') == "toggle"
     assert line_class("[1, 2, 3, 4]") is None
     assert set(UI_CLASSES) == {"button", "text field", "toggle", "checkbox", "icon", "label"}
+
+
+# ------------------------------------------------------------------------------------------ recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_ui_recipe_loads_and_fine_tunes_the_tiny_sft_model() -> None:
+    from mm15.train.config import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "ui.yaml")
+    tiny = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    (stage,) = recipe.stages
+    assert Path(stage.parent) == tiny.run_dir / tiny.stages[-1].name / "final"
+    assert recipe.model == tiny.model
+    assert stage.data.resolve_sources() == {"ui": "synth:ui"}
+    plan = recipe.image_plan("sft")
+    assert plan.split and (plan.n_min, plan.n_max) == (4, 9)
+    # The optimizer settings are the tiny recipe's SFT ones (MM1.5-UI reuses its SFT hyperparameters).
+    assert stage.optimizer == tiny.stages[-1].optimizer
+
+
+@pytest.mark.slow
+def test_ui_recipe_trains_two_steps(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    from mm15.model.mm15 import MM15Model
+
+    torch.manual_seed(0)
+    MM15Model.build(preset("tiny")).save_pretrained(tmp_path / "parent")
+    out = tmp_path / "run"
+    args = ["train", "recipes/ui.yaml", "--parent", str(tmp_path / "parent"), "--max-steps", "2"]
+    subprocess.run([sys.executable, "-m", "mm15.cli", *args, "--out", str(out)], cwd=ROOT, check=True)
+    rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and (out / "sft" / "final").is_dir()

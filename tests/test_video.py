@@ -379,3 +379,56 @@ def test_open_ended_video_task_with_a_plugged_in_judge(qa_file: Path) -> None:
     assert len(prompts) == 2  # verdicts are cached: aggregation did not ask again
     with pytest.raises(TaskError, match="unknown judge"):
         run_task("video-qa", str, path=qa_file, judge="nobody")
+
+
+# ------------------------------------------------------------------------------------------ recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_video_recipe_loads_and_fine_tunes_the_tiny_sft_model() -> None:
+    from mm15.train.config import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "video.yaml")
+    tiny = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    (stage,) = recipe.stages
+    # The parent is where `mm15 train recipes/tiny.yaml` writes its SFT model.
+    assert Path(stage.parent) == tiny.run_dir / tiny.stages[-1].name / "final"
+    assert recipe.model == tiny.model
+    assert stage.data.resolve_sources() == {"video": "synth:video"}
+    assert not recipe.image_plan("sft").split
+
+
+def test_train_parent_option_repoints_the_recipe(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    missing = tmp_path / "no-model-here"
+    result = CliRunner().invoke(
+        app,
+        ["train", str(ROOT / "recipes/video.yaml"), "--parent", str(missing), "--out", str(tmp_path / "r")],
+    )
+    assert result.exit_code == 3
+    assert f"its parent '{missing}' has no model" in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["train", str(ROOT / "recipes/tiny.yaml"), "--parent", str(missing)])
+    assert result.exit_code == 2 and "no stage of 'tiny' starts from a model directory" in result.output
+
+
+@pytest.mark.slow
+def test_video_recipe_trains_two_steps(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    from mm15.model.mm15 import MM15Model
+    from mm15.model.presets import preset
+
+    torch.manual_seed(0)
+    MM15Model.build(preset("tiny")).save_pretrained(tmp_path / "parent")
+    out = tmp_path / "run"
+    args = ["train", "recipes/video.yaml", "--parent", str(tmp_path / "parent"), "--max-steps", "2"]
+    subprocess.run([sys.executable, "-m", "mm15.cli", *args, "--out", str(out)], cwd=ROOT, check=True)
+    rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and (out / "sft" / "final").is_dir()
