@@ -1,0 +1,158 @@
+"""mm15 chat: one-shot and interactive, streamed answers equal generate(), boxes drawn, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from serve_helpers import build_test_model, png_bytes, scripted_answer
+from typer.testing import CliRunner
+
+import mm15.serve.terminal as terminal
+from mm15.cli import app
+from mm15.hardware import autocast
+from mm15.image import load_image
+from mm15.model.generate import GenerationConfig, generate
+from mm15.model.mm15 import MM15Model, MM15Processor
+from mm15.serve.conversation import question_turn, render_prompt
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_test_model(tmp_path_factory.mktemp("chat") / "model")
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "green.png"
+    path.write_bytes(png_bytes(160, 120, (40, 160, 60)))
+    return path
+
+
+def greedy(model_dir: Path, question: str, images: list[Path], max_new_tokens: int) -> str:
+    model = MM15Model.from_pretrained(model_dir)
+    prompt, pictures = render_prompt(
+        model.tokenizer, [question_turn(question, [load_image(p) for p in images])]
+    )
+    with autocast():
+        batch = MM15Processor.for_model(model)([prompt], [pictures])
+        return generate(model, batch, GenerationConfig(max_new_tokens=max_new_tokens))[0]
+
+
+def test_one_shot_prints_the_greedy_answer(model_dir: Path, picture: Path, tmp_path: Path) -> None:
+    for images in ([], [picture]):
+        args = [
+            "chat",
+            "--model",
+            str(model_dir),
+            "--max-tokens",
+            "8",
+            "--out",
+            str(tmp_path),
+            "what is this?",
+        ]
+        for image in images:
+            args[1:1] = ["--image", str(image)]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert result.stdout == greedy(model_dir, "what is this?", images, 8) + "\n"
+
+
+def test_the_answer_streams_piece_by_piece(model_dir: Path, tmp_path: Path) -> None:
+    model = MM15Model.from_pretrained(model_dir)
+    pieces: list[str] = []
+    session = terminal.ChatSession(model, GenerationConfig(max_new_tokens=30), tmp_path, write=pieces.append)
+    with scripted_answer(model, "a small green square"):
+        answer, drawing = session.ask("what is it?")
+    assert answer == "a small green square" and drawing is None
+    assert len(pieces) > 5 and "".join(pieces) == answer + "\n"
+
+
+def test_a_box_in_the_answer_is_drawn(
+    model_dir: Path, picture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = MM15Model.from_pretrained(model_dir)
+    monkeypatch.setattr(terminal.MM15Model, "from_pretrained", lambda path: model)
+    out = tmp_path / "drawn"
+    with scripted_answer(model, "the square is at [250, 250, 750, 750] and its centre [500, 500]"):
+        result = runner.invoke(
+            app, ["chat", "--model", str(model_dir), "--image", str(picture), "--out", str(out), "where?"]
+        )
+    assert result.exit_code == 0, result.output
+    assert "[250, 250, 750, 750]" in result.stdout
+    path = out / "answer_001.png"
+    assert f"drew 1 box(es) and 1 point(s): {path}" in result.stdout
+    drawn = Image.open(path).convert("RGB")
+    assert drawn.size == (160, 120)
+    # The box's left edge: x = (250 + 0.5) * 160 / 1000 = 40.08, halfway down the image.
+    assert drawn.getpixel((40, 60)) == terminal.BOX_COLOR
+    assert drawn.getpixel((5, 5)) == (40, 160, 60)  # outside the box: the image is untouched
+
+
+def test_interactive_with_piped_input(
+    model_dir: Path, picture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = MM15Model.from_pretrained(model_dir)
+    monkeypatch.setattr(terminal.MM15Model, "from_pretrained", lambda path: model)
+    script = "\n".join(
+        [
+            f"/image {picture}",
+            "what is it?",
+            "and now?",
+            "/image /no/such/file.png",
+            "/bogus",
+            "/reset",
+            "say <image> please",
+            "hello",
+            "/quit",
+            "never read",
+        ]
+    )
+    with scripted_answer(model, "a box [0, 0, 999, 999]"):
+        result = runner.invoke(
+            app,
+            ["chat", "--model", str(model_dir), "--out", str(tmp_path), "--max-tokens", "30"],
+            input=script,
+        )
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert f"[attached {picture} to the next question]" in out
+    assert out.count("a box [0, 0, 999, 999]") == 3  # three questions answered
+    # Both answers about the image are drawn (the second turn still refers to it); "hello" has no image.
+    assert (tmp_path / "answer_001.png").is_file() and (tmp_path / "answer_002.png").is_file()
+    assert not (tmp_path / "answer_003.png").exists()
+    assert "error: cannot use image" in out and "no such file" in out
+    assert "[unknown command /bogus" in out
+    assert "[new conversation]" in out
+    assert "reserved for images" in out
+
+
+def test_end_of_input_ends_the_chat(model_dir: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["chat", "--model", str(model_dir), "--out", str(tmp_path)], input="")
+    assert result.exit_code == 0
+    assert "mm15 chat" in result.stdout
+
+
+def test_clear_errors(model_dir: Path, picture: Path, tmp_path: Path) -> None:
+    missing = runner.invoke(app, ["chat", "--model", str(tmp_path / "nothing"), "hi"])
+    assert missing.exit_code == 2 and "not an mm15 model directory" in missing.stderr
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(png_bytes()[:50])
+    unreadable = runner.invoke(app, ["chat", "--model", str(model_dir), "--image", str(broken), "hi"])
+    assert (
+        unreadable.exit_code == 2
+        and "cannot use image" in unreadable.stderr
+        and "broken.png" in unreadable.stderr
+    )
+    absent = runner.invoke(
+        app, ["chat", "--model", str(model_dir), "--image", str(tmp_path / "gone.png"), "hi"]
+    )
+    assert absent.exit_code == 2 and "no such file" in absent.stderr
+    args = ["chat", "--model", str(model_dir), "--max-images", "2", "hi"]
+    for _ in range(3):
+        args[1:1] = ["--image", str(picture)]
+    too_many = runner.invoke(app, args)
+    assert too_many.exit_code == 2 and "too many images" in too_many.stderr
