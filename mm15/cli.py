@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -125,10 +126,21 @@ def train(
         Path | None,
         typer.Option(help="Fine-tune from this model directory instead of the recipe's (e.g. video.yaml)."),
     ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="Data parallelism under torchrun: auto, none, ddp or fsdp2 (default: the recipe's "
+            "'distributed', auto = DDP with several ranks)."
+        ),
+    ] = None,
 ) -> None:
-    """Train a recipe's stages in order: checkpoints, resume, TensorBoard logs, loss plots, a summary."""
+    """Train a recipe's stages in order: checkpoints, resume, TensorBoard logs, loss plots, a summary.
+
+    Data-parallel: ``torchrun --nproc_per_node N -m mm15.cli train RECIPE [--strategy fsdp2]``.
+    """
     import dataclasses
 
+    from mm15.train import distributed
     from mm15.train.config import load_recipe
     from mm15.train.data import CorruptDataError
     from mm15.train.run import StageFailed, run_recipe
@@ -159,13 +171,17 @@ def train(
                     )
                 )
             config = dataclasses.replace(config, stages=tuple(stages))
-        summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out)
+        summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out, strategy=strategy)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
     except (StageFailed, CorruptDataError) as err:
         console.print(f"[red]stopped:[/red] {err}", soft_wrap=True)
         raise typer.Exit(3) from None
+    finally:
+        distributed.cleanup()
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 reports
     for s in summaries:
         console.print(
             f"{s['stage']}: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} over {s['steps']} steps"
@@ -198,7 +214,7 @@ def eval_(
     if list_tasks:
         table = Table(title="evaluation tasks (* = required option)")
         for column in ("task", "category", "metric", "options", "description"):
-            table.add_column(column, overflow="fold")
+            table.add_column(column, overflow="fold", no_wrap=column == "task")
         for row in iter_task_table():
             table.add_row(*row)
         console.print(table)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -228,3 +229,97 @@ def test_checkpoint_crosses_world_sizes(single: dict, tmp_path: Path, save: str,
     assert resumed["start_step"] == 2
     torch.testing.assert_close(resumed["losses"], single["losses"][2:], rtol=FP32_RTOL, atol=0)
     assert resumed["checksum"] == pytest.approx(single["checksum"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------------ mm15 train, 2 ranks
+
+
+def test_sample_sources_give_each_rank_its_own_slice() -> None:
+    from mm15.train.data import SampleSource
+
+    def ids(rank: int, world: int, n: int) -> list[str]:
+        source = SampleSource("synth:general", rank=rank, world_size=world)
+        return [source.next().id for _ in range(n)]
+
+    one = ids(0, 1, 8)
+    ranks = [ids(0, 2, 4), ids(1, 2, 4)]
+    assert ranks[0] == one[0::2] and ranks[1] == one[1::2]  # disjoint, and together the 1-rank stream
+    with pytest.raises(ValueError, match="rank < world_size"):
+        SampleSource("synth:general", rank=2, world_size=2)
+
+
+def _train(tmp: Path, recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    torchrun = Path(sys.executable).with_name("torchrun")
+    for _attempt in range(3):
+        command = [
+            str(torchrun),
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(_free_port()),
+            "-m",
+            "mm15.cli",
+            "train",
+            str(recipe),
+            "--out",
+            str(out),
+            *extra,
+        ]
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        if done.returncode == 0 or "address already in use" not in (done.stdout + done.stderr).lower():
+            break
+    return done
+
+
+def _losses(run: Path) -> list[float]:
+    lines = (run / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines]
+
+
+def test_mm15_train_under_torchrun_ddp_resumes_exactly(tmp_path: Path) -> None:
+    """``mm15 train`` on 2 ranks: the loss falls, and a resume from step 2 repeats steps 3-4 exactly."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    stage = recipe["stages"][0]
+    stage.update(max_steps=4, save_every=2, keep_last=3, schedule={"warmup_steps": 1, "min_lr_ratio": 0.1})
+    recipe["stages"] = [stage]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+
+    whole = _train(tmp_path, path, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    assert "2 ranks, strategy ddp" in whole.stdout
+    reference = _losses(tmp_path / "whole")
+    assert len(reference) == 4 and reference[-1] < reference[0]
+    checkpoints = tmp_path / "whole" / "pretrain" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-00000002", "step-00000004"]
+
+    # The same run interrupted after step 2: drop what steps 3-4 wrote, resume.
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "pretrain" / "final")
+    shutil.rmtree(tmp_path / "cut" / "pretrain" / "checkpoints" / "step-00000004")
+    resumed = _train(tmp_path, path, tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert _losses(tmp_path / "cut") == reference  # bit-identical: same ranks, data and reductions
+
+    refused = _train(tmp_path, path, tmp_path / "bad", "--strategy", "fsdp2")
+    assert refused.returncode == 0  # fsdp2 with adamw is fine; adafactor is refused:
+    recipe["stages"][0]["optimizer"] = {"name": "adafactor", "lr": 1e-3}
+    path.write_text(yaml.safe_dump(recipe))
+    refused = _train(tmp_path, path, tmp_path / "bad2", "--strategy", "fsdp2")
+    assert refused.returncode != 0 and "adafactor does not support FSDP2" in refused.stdout
+
+
+def test_resolve_strategy() -> None:
+    from mm15.train.run import resolve_strategy
+
+    assert resolve_strategy("auto", 1) == "none" and resolve_strategy("auto", 2) == "ddp"
+    assert resolve_strategy("fsdp2", 2) == "fsdp2" and resolve_strategy("none", 4) == "none"
+    with pytest.raises(ValueError, match="torchrun --nproc_per_node"):
+        resolve_strategy("ddp", 1)
+    with pytest.raises(ValueError, match="unknown strategy 'zero3'"):
+        resolve_strategy("zero3", 2)

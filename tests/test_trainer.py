@@ -134,3 +134,26 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
     micros = [stream.next_micro() for _ in range(2)]
     assert stream.skipped["corrupt"] == 2 and stream.seen == 8  # 6 used, the 2 corrupt ones counted
     assert [s.sample_id for m in micros for s in m.samples] == [samples[i].id for i in (0, 1, 3, 4, 6, 7)]
+
+
+def _with_options(**options: bool) -> list[float]:
+    import dataclasses
+
+    from mm15.train.config import load_recipe
+    from mm15.train.run import speed_options
+
+    model, stream, optimizer, scheduler = setup()
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
+    stage = dataclasses.replace(recipe.stages[0], **options)
+    speed_options(model, stage)
+    return steps(model, stream, optimizer, scheduler, 0, 3)
+
+
+def test_gradient_checkpointing_gives_the_same_losses() -> None:
+    """Recomputing activations in backward changes memory, not the numbers."""
+    assert _with_options(grad_checkpointing=True) == steps(*setup(), 0, 3)
+
+
+@pytest.mark.slow  # inductor compiles every block type once: about 2 minutes on 2 cores
+def test_compile_gives_the_same_losses() -> None:
+    torch.testing.assert_close(_with_options(compile=True), steps(*setup(), 0, 3), rtol=1e-5, atol=0)

@@ -557,16 +557,31 @@ def _validate_optimizer_state(
 def export_final(model: nn.Module, out_dir: str | Path, rank: int | None = None) -> Path:
     """Write the trained model for inference: ``model.save_pretrained(out_dir)`` (config + safetensors).
 
-    A module without ``save_pretrained`` gets its weights alone as ``out_dir/model.safetensors``. Only rank 0
-    writes; for a sharded model export from a checkpoint instead (its weights are already gathered).
+    A module without ``save_pretrained`` gets its weights alone as ``out_dir/model.safetensors``. Call it on
+    every rank: a sharded (FSDP2) model is gathered first (a collective), then rank 0 loads the full
+    weights into a fresh unsharded copy built from the model's config and saves that. Only rank 0 writes;
+    every rank returns after the files exist.
     """
     out = Path(out_dir)
+    full_state: Mapping[str, torch.Tensor] | None = None
+    if _is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        full_state = get_model_state_dict(model, options=_full_state_options())
     if _resolve_rank(rank) != 0:
+        _barrier()
         return out
+    if full_state is not None:
+        if not hasattr(type(model), "build"):
+            raise TypeError(f"cannot export a sharded {type(model).__name__}: it has no build(cfg)")
+        plain = type(model).build(model.cfg)  # type: ignore[attr-defined]
+        plain.load_state_dict(full_state)
+        model = plain
     save_pretrained = getattr(model, "save_pretrained", None)
     if callable(save_pretrained):
         save_pretrained(out)
     else:
         out.mkdir(parents=True, exist_ok=True)
         save_model(model, str(out / MODEL_NAME))
+    _barrier()
     return out

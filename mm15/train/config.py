@@ -46,6 +46,7 @@ MODULES: tuple[str, ...] = ("encoder", "connector", "llm", "routers")
 OptimizerName = Literal["adamw", "adafactor"]
 Autocast = Literal["auto", "bf16", "fp32"]
 NanPolicy = Literal["skip", "error"]
+DISTRIBUTED_STRATEGIES: tuple[str, ...] = ("auto", "none", "ddp", "fsdp2")
 OverBudget = Literal["drop", "error"]
 Sampling = Literal["random", "balanced"]
 
@@ -636,7 +637,9 @@ def _encoder_input_size(cfg: Any) -> int | None:
 class RecipeConfig:
     """A model and its ordered training stages (unique names; parents only point backwards).
 
-    ``output_dir`` holds one sub-directory per stage; ``None`` means ``runs/<name>``.
+    ``output_dir`` holds one sub-directory per stage; ``None`` means ``runs/<name>``. ``distributed`` is
+    the data-parallel strategy under ``torchrun``: ``ddp``, ``fsdp2``, ``none`` or ``auto`` (DDP when
+    there are several ranks); ``mm15 train --strategy`` overrides it.
     """
 
     name: str
@@ -644,10 +647,12 @@ class RecipeConfig:
     stages: tuple[StageConfig, ...]
     seed: int = 0
     output_dir: str | None = None
+    distributed: str = "auto"
 
     def __post_init__(self) -> None:
         _check(bool(self.name), "name", "must be non-empty")
         _check(bool(self.stages), "stages", "must list at least one stage")
+        _check_choice("distributed", self.distributed, DISTRIBUTED_STRATEGIES)
         seen: list[str] = []
         names = [s.name for s in self.stages]
         for i, stage in enumerate(self.stages):
@@ -726,6 +731,7 @@ class RecipeConfig:
                 "stages": stages,
                 "seed": _int,
                 "output_dir": _opt(_str),
+                "distributed": _choice(*DISTRIBUTED_STRATEGIES),
             },
         )
 

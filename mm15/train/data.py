@@ -37,12 +37,22 @@ class CorruptDataError(RuntimeError):
 
 
 class SampleSource:
-    """An indexable stream of samples for one source spec (module docstring)."""
+    """An indexable stream of samples for one source spec (module docstring).
 
-    def __init__(self, spec: str, split: str = "train", seed: int = 0) -> None:
+    With ``world_size`` ranks, rank ``r`` takes samples ``r, r + W, r + 2W, ...`` of the source, so the
+    ranks together see each sample once per pass and never the same one. ``position`` counts this rank's
+    samples, which is all a checkpoint needs to resume it.
+    """
+
+    def __init__(
+        self, spec: str, split: str = "train", seed: int = 0, rank: int = 0, world_size: int = 1
+    ) -> None:
         kind, _, target = spec.partition(":")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.spec = spec
         self.position = 0
+        self.rank, self.world_size = rank, world_size
         self._iter: Iterator[Sample] | None = None
         if kind == "synth":
             from mm15.data.synth import synth_names
@@ -66,7 +76,7 @@ class SampleSource:
         self.kind = kind
 
     def next(self) -> Sample:
-        index = self.position
+        index = self.position * self.world_size + self.rank  # this rank's slice of the source
         self.position += 1
         if self.kind == "synth":
             from mm15.data.synth import generate
@@ -75,7 +85,7 @@ class SampleSource:
             return generate(name, index // len(self.names), split=self.split, seed=self.seed)  # type: ignore[arg-type]
         if self._iter is None:
             # Resuming: skip what was consumed (shards are streamed, so position is a sample count).
-            self._iter = itertools.islice(itertools.cycle(self.reader), index, None)
+            self._iter = itertools.islice(itertools.cycle(self.reader), index, None, self.world_size)
         return next(self._iter)
 
     def seek(self, position: int) -> None:
@@ -110,7 +120,11 @@ class TrainStream:
     ) -> None:
         self.sampler = sampler
         self.source_names = sorted(sources)
-        self.sources = {name: SampleSource(spec, seed=seed) for name, spec in sources.items()}
+        # Each rank reads its own slice of every source; the sampler's rank gives the slice.
+        self.sources = {
+            name: SampleSource(spec, seed=seed, rank=sampler.rank, world_size=sampler.world_size)
+            for name, spec in sources.items()
+        }
         self.encoder = encoder
         self.images = images
         self.samples_per_micro = samples_per_micro

@@ -49,6 +49,8 @@ step and stop on every rank as soon as one rank is out.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,6 +94,16 @@ def init_distributed() -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, True)
 
 
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
 def cleanup() -> None:
     """Wait for every rank, then destroy the process group.
 
@@ -133,6 +145,83 @@ def all_ranks_have_data(flag: bool) -> bool:
     return bool(value.item())
 
 
+def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of ``values`` over all ranks (``values`` itself without a process group)."""
+    if not is_distributed():
+        return values
+    total = values.detach().clone().to(_device())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.cpu()
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order (``[value]`` without a process group)."""
+    if not is_distributed():
+        return [value]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait for every rank (a no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def clip_grad_norm_(params: list[nn.Parameter], max_norm: float) -> float:
+    """Scale gradients so their global L2 norm is at most ``max_norm``; returns the norm before clipping.
+
+    Replicated gradients (one process, DDP) go to ``torch.nn.utils.clip_grad_norm_``. FSDP2 gradients are
+    dim-0 shards (``DTensor``): the squared norm is summed over each rank's local shard and all-reduced,
+    which is exact and avoids the ``DTensor`` norm path that fails for some parameter groups on CPU
+    (an in-place ``pow_`` on a partial placement).
+    """
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(isinstance(g, DTensor) for g in grads):
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    squared = torch.zeros((), dtype=torch.float64)
+    for g in grads:
+        if isinstance(g, DTensor):
+            if not all(placement.is_shard() for placement in g.placements):
+                raise ValueError(f"clip_grad_norm_: unexpected gradient placements {g.placements}")
+            squared += g.to_local().double().pow(2).sum()
+        elif rank() == 0:  # a replicated gradient counts once
+            squared += g.double().pow(2).sum()
+    total = float(sum_across_ranks(squared.reshape(1))[0]) ** 0.5
+    scale = max_norm / (total + 1e-6)
+    if scale < 1:
+        for g in grads:
+            (g.to_local() if isinstance(g, DTensor) else g).mul_(scale)
+    return total
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce / reduce-scatter for accumulation micro-batches (not the last one).
+
+    DDP: ``no_sync()``; FSDP2: ``set_requires_gradient_sync``; a plain module: nothing to skip. Gradients
+    accumulate locally and the last micro-batch's backward reduces the sum once.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    if enabled or not is_distributed():
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
 def scale_for_global_mean(
     loss: torch.Tensor, local_count: int, global_count: int, world_size: int
 ) -> torch.Tensor:
@@ -159,7 +248,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def _vision_blocks_run(model: nn.Module) -> list[nn.Module]:
+def vision_blocks(model: nn.Module) -> list[nn.Module]:
+    """The vision blocks the encoder actually runs (up to its feature layer)."""
     vision = model.vision
     return list(vision.model.encoder.layers[: vision._num_blocks_run])
 
@@ -167,7 +257,7 @@ def _vision_blocks_run(model: nn.Module) -> list[nn.Module]:
 def never_used_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Vision parameters no forward uses: ``post_layernorm``, heads, blocks past ``feature_layer``."""
     hf = model.vision.model
-    used = {id(p) for block in _vision_blocks_run(model) for p in block.parameters()}
+    used = {id(p) for block in vision_blocks(model) for p in block.parameters()}
     used |= {id(p) for p in hf.embeddings.parameters()}
     pre = getattr(hf, "pre_layrnorm", None)
     if pre is not None:
@@ -278,7 +368,7 @@ def wrap_model(
     kwargs: dict[str, Any] = {"mesh": mesh}
     if mixed_precision == torch.bfloat16:
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in _vision_blocks_run(model):
+    for block in vision_blocks(model):
         fully_shard(block, **kwargs)
     for layer in model.llm.get_decoder().layers:
         fully_shard(layer, **kwargs)

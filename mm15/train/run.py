@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+from collections import Counter
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,7 @@ from mm15.data.mixture import MixtureSampler
 from mm15.hardware import fast_dtype
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
+from mm15.train import distributed as D
 from mm15.train.checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
 from mm15.train.config import RecipeConfig, StageConfig
 from mm15.train.data import Prefetcher, TrainStream
@@ -106,17 +109,70 @@ def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def resolve_strategy(requested: str, world_size: int) -> str:
+    """``auto`` is DDP with several ranks and nothing with one; a parallel strategy needs ``torchrun``."""
+    if requested == "auto":
+        return "ddp" if world_size > 1 else "none"
+    if requested not in D.STRATEGIES:
+        raise ValueError(f"unknown strategy {requested!r}; choose from {('auto', *D.STRATEGIES)}")
+    if requested != "none" and world_size == 1:
+        raise ValueError(
+            f"strategy {requested!r} needs several ranks: launch with torchrun --nproc_per_node N"
+        )
+    return requested
+
+
+def speed_options(model: MM15Model, stage: StageConfig) -> None:
+    """The stage's ``grad_checkpointing`` and ``compile`` switches, applied before any wrapping.
+
+    Gradient checkpointing recomputes each LLM decoder layer and vision block in backward instead of
+    storing its activations (Hugging Face's non-reentrant implementation). ``compile`` compiles each
+    decoder layer and vision block on its own (torchtitan's per-block scheme): repeated blocks share one
+    compiled graph, and the varying sequence lengths of packed batches become dynamic shapes after the
+    first recompilation instead of recompiling the whole model for every new length.
+    """
+    kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
+    if stage.grad_checkpointing:
+        model.llm.activation_checkpointing_enable(**kwargs)
+        model.vision.model.activation_checkpointing_enable(**kwargs)
+    if stage.compile:
+        for block in [*model.llm.get_decoder().layers, *D.vision_blocks(model)]:
+            block.compile()
+
+
+def _data_state(extra: dict[str, Any], rank: int, world_size: int, console: Console) -> dict[str, Any] | None:
+    """This rank's data position from a checkpoint (``None``: start the data afresh, with a warning)."""
+    saved = extra["data"]
+    ranks = saved["ranks"] if isinstance(saved, dict) and "ranks" in saved else [saved]
+    if len(ranks) == world_size:
+        return ranks[rank]
+    console.print(
+        f"[yellow]warning:[/yellow] the checkpoint was written by {len(ranks)} rank(s), this run has "
+        f"{world_size}: the model and optimizer resume exactly, the data streams restart per rank"
+    )
+    return None
+
+
 def run_stage(
-    recipe: RecipeConfig, stage: StageConfig, run_dir: Path, model: MM15Model, console: Console, resume: bool
+    recipe: RecipeConfig,
+    stage: StageConfig,
+    run_dir: Path,
+    model: MM15Model,
+    console: Console,
+    resume: bool,
+    strategy: str = "none",
 ) -> dict[str, Any]:
+    """Train one stage; every rank calls it, only rank 0 writes logs, plots and the final model."""
+    rank, world = D.rank(), D.world_size()
+    main = rank == 0
     stage_dir = run_dir / stage.name
     ckpt_dir = stage_dir / "checkpoints"
     stage_dir.mkdir(parents=True, exist_ok=True)
     dtype = fast_dtype() if stage.autocast == "auto" else DTYPES[stage.autocast]
-    accum = stage.grad_accum(world_size=1)
+    accum = stage.grad_accum(world_size=world)
     encoder = ChatEncoder(model.tokenizer, model.cfg.image, max_length=stage.data.seq_length)
     images = ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std)
-    sampler = MixtureSampler(stage.data.mixture_node(), seed=recipe.seed)
+    sampler = MixtureSampler(stage.data.mixture_node(), seed=recipe.seed, rank=rank, world_size=world)
     stream = TrainStream(
         sampler,
         stage.data.resolve_sources(),
@@ -129,6 +185,8 @@ def run_stage(
         seed=recipe.seed,
         balanced=stage.data.sampling == "balanced",
     )
+    speed_options(model, stage)
+    wrapped = D.wrap_model(model, strategy, trainable=stage.trainable)
     lrs = {m: stage.optimizer.lr_for(m) for m in MODULES}
     optimizer = build_optimizer(
         model,
@@ -146,18 +204,26 @@ def run_stage(
     latest = latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
         start, extra = load_checkpoint(latest, model, optimizer, scheduler)
-        stream.load_state_dict(extra["data"])
+        state = _data_state(extra, rank, world, console)
+        if state is not None:
+            stream.load_state_dict(state)
         history = extra["history"]
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
     data = Prefetcher(stream)  # prepares the next micro-batches while the model trains
     metrics_file = stage_dir / "metrics.jsonl"
-    # Rewrite the log from the checkpoint's history, so a resumed run's log has no duplicated steps.
-    metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
-    from torch.utils.tensorboard import SummaryWriter
+    writer = None
+    if main:
+        # Rewrite the log from the checkpoint's history, so a resumed run's log has no duplicated steps.
+        metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+        from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
+        writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
     peak = matmul_peak(dtype)
-    model.train()
+    # Replicated models must give every trainable parameter a gradient on every rank (an MoE expert no
+    # token reached, the encoder on a text-only batch); see touch_unused_branches.
+    loss_hook = partial(D.touch_unused_branches, wrapped) if strategy == "ddp" else None
+    skipped_steps = 0
+    wrapped.train()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -165,12 +231,22 @@ def run_stage(
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, console=console) as progress:
+    with Progress(*columns, console=console, disable=not main) as progress:
         task = progress.add_task(f"{stage.name}", total=stage.max_steps, completed=start, info="")
         for step in range(start, stage.max_steps):
             try:
                 metrics = train_step(
-                    model, data, optimizer, scheduler, accum, step, dtype, stage.max_grad_norm, peak
+                    wrapped,
+                    data,
+                    optimizer,
+                    scheduler,
+                    accum,
+                    step,
+                    dtype,
+                    stage.max_grad_norm,
+                    peak,
+                    loss_hook=loss_hook,
+                    nan_policy=stage.nan_policy,
                 )
             except NonFiniteLoss as err:
                 data.close()
@@ -178,16 +254,18 @@ def run_stage(
                 raise StageFailed(
                     f"stage {stage.name!r}: {err}; the last good checkpoint is {kept}"
                 ) from None
+            skipped_steps += metrics.skipped
             record = metrics.as_dict()
             history.append(record)
-            with metrics_file.open("a") as log:
-                log.write(json.dumps(record) + "\n")
-            for key in ("loss", "lr", "tokens_per_s", "images_per_s", "mfu", "data_wait", "peak_rss_gib"):
-                writer.add_scalar(f"{stage.name}/{key}", record[key], step)
-            for source, value in record["source_loss"].items():
-                writer.add_scalar(f"{stage.name}/loss/{source}", value, step)
-            for key, value in record["aux"].items():
-                writer.add_scalar(f"{stage.name}/moe/{key}", value, step)
+            if writer is not None:
+                with metrics_file.open("a") as log:
+                    log.write(json.dumps(record) + "\n")
+                for key in ("loss", "lr", "tokens_per_s", "images_per_s", "mfu", "data_wait", "peak_rss_gib"):
+                    writer.add_scalar(f"{stage.name}/{key}", record[key], step)
+                for source, value in record["source_loss"].items():
+                    writer.add_scalar(f"{stage.name}/loss/{source}", value, step)
+                for key, value in record["aux"].items():
+                    writer.add_scalar(f"{stage.name}/moe/{key}", value, step)
             progress.update(
                 task,
                 advance=1,
@@ -196,22 +274,33 @@ def run_stage(
             )
             done = step + 1
             if done % stage.save_every == 0 or done == stage.max_steps:
-                extra = {"data": data.state_dict(), "history": history}
+                # Every rank's data position, so that a resume on the same world size is exact.
+                extra = {"data": {"ranks": D.gather_objects(data.state_dict())}, "history": history}
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, extra, keep_last=stage.keep_last)
     data.close()
-    writer.close()
+    if writer is not None:
+        writer.close()
     export_final(model, stage_dir / "final")
-    _plot(history, stage_dir / "loss.png", f"{recipe.name}: {stage.name}")
-    tail = history[-max(1, len(history) // 10) :]
+    skipped: Counter[str] = Counter()
+    for counts in D.gather_objects(dict(stream.skipped)):
+        skipped.update(counts)
+    if skipped_steps:
+        skipped["nonfinite_steps"] = skipped_steps
+    if main:
+        _plot(history, stage_dir / "loss.png", f"{recipe.name}: {stage.name}")
+    finite = [h for h in history if not h.get("skipped")] or history
+    tail = finite[-max(1, len(finite) // 10) :]
     return {
         "stage": stage.name,
         "steps": len(history),
-        "first_loss": history[0]["loss"],
+        "first_loss": finite[0]["loss"],
         "last_loss": sum(h["loss"] for h in tail) / len(tail),
         "tokens_per_s": sum(h["tokens_per_s"] for h in history) / len(history),
         "data_wait": sum(h["data_wait"] for h in history) / len(history),
-        "skipped": dict(stream.skipped),
+        "skipped": dict(skipped),
         "mixture": sampler.realised(),
+        "world_size": world,
+        "strategy": strategy,
     }
 
 
@@ -221,11 +310,29 @@ def run_recipe(
     stage_name: str | None = None,
     resume: bool = False,
     out: Path | None = None,
+    strategy: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the recipe's stages (or one stage) in order; returns one summary dict per stage run."""
+    """Run the recipe's stages (or one stage) in order; returns one summary dict per stage run.
+
+    Under ``torchrun`` every rank runs this: the process group is joined here, each rank trains on its
+    own slice of the data, and only rank 0 prints, logs and writes files.
+    """
+    info = D.init_distributed()
+    chosen = resolve_strategy(strategy or recipe.distributed, info.world_size)
+    if not info.is_main:
+        console = Console(quiet=True)
+    elif info.is_distributed:
+        console.print(f"{info.world_size} ranks, strategy {chosen}")
     run_dir = Path(out) if out is not None else recipe.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
+    for stage in stages:
+        if chosen == "fsdp2" and stage.optimizer.name == "adafactor":
+            # torch's Adafactor reduces its factored statistics over a dimension FSDP2 shards.
+            raise ValueError(
+                f"stage {stage.name!r}: optimizer adafactor does not support FSDP2 sharded parameters "
+                "in torch; use adamw for this stage or --strategy ddp"
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
     summaries, model = [], None
     for stage in stages:
         if (run_dir / stage.name / "final" / "config.json").is_file():
@@ -233,9 +340,13 @@ def run_recipe(
             model = None
             continue
         model = _model_for(recipe, stage, run_dir, model)
-        summaries.append(run_stage(recipe, stage, run_dir, model, console, resume))
-    if summaries:
+        summaries.append(run_stage(recipe, stage, run_dir, model, console, resume, chosen))
+        if chosen != "none":
+            # A wrapped or sharded model is not reused: the next stage loads this stage's export.
+            model = None
+    if summaries and info.is_main:
         _write_summary(run_dir, recipe, summaries)
+    D.barrier()
     return summaries
 
 

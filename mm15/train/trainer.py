@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from mm15.hardware import autocast
 from mm15.model.mm15 import MM15Model
+from mm15.train import distributed as D
 from mm15.train.data import Prefetcher, TrainStream
 
 MODULES = ("encoder", "connector", "llm", "routers")
@@ -102,6 +103,7 @@ class StepMetrics:
     data_wait: float
     peak_rss_gib: float
     supervised_tokens: int
+    skipped: bool = False  # a non-finite step skipped under nan_policy 'skip'
     mixture: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -113,7 +115,7 @@ def _peak_rss_gib() -> float:
 
 
 def train_step(
-    model: MM15Model,
+    model: torch.nn.Module,
     stream: TrainStream | Prefetcher,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
@@ -123,8 +125,15 @@ def train_step(
     max_grad_norm: float,
     peak_flops: float,
     loss_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    nan_policy: str = "error",
 ) -> StepMetrics:
-    """One optimizer step over ``accum`` micro-batches (module docstring)."""
+    """One optimizer step over ``accum`` micro-batches (module docstring).
+
+    ``model`` may be wrapped for data parallelism (``mm15.train.distributed.wrap_model``): the loss is
+    then scaled so that averaging gradients over ranks gives the mean over the *global* batch's
+    supervised tokens, gradients are reduced once per step (not per micro-batch), and the reported
+    loss, per-source losses, tokens and images are global sums. ``peak_flops`` is one rank's rate.
+    """
     start = time.perf_counter()
     waited = 0.0
     micros = []
@@ -132,69 +141,90 @@ def train_step(
         t = time.perf_counter()
         micros.append(stream.next_micro())
         waited += time.perf_counter() - t
-    total_supervised = sum(int((m.batch.labels[:, 1:] != -100).sum()) for m in micros)
+    local_supervised = sum(int((m.batch.labels[:, 1:] != -100).sum()) for m in micros)
+    total_supervised = D.global_token_count(local_supervised)
     if total_supervised == 0:
         raise RuntimeError(f"step {step}: no supervised tokens in {accum} micro-batches")
-    source_sum: dict[str, float] = {}
-    source_count: dict[str, int] = {}
+    world = D.world_size()
+    names = stream.source_names
+    # Per source: [sum of token losses, token count]; summed over ranks for the log.
+    source_stats = torch.zeros(len(names), 2, dtype=torch.float64)
     loss_total = 0.0
     aux_total: dict[str, float] = {}
     tokens = images = 0
-    for micro in micros:
+    finite, bad_value = True, 0.0
+    for index, micro in enumerate(micros):
         batch = micro.batch
-        with autocast(dtype):
-            out = model(
-                batch.input_ids,
-                batch.attention_mask,
-                micro.pixel_values,
-                labels=batch.labels,
-                position_ids=batch.position_ids,
-            )
-        targets = batch.labels[:, 1:]
-        supervised = targets != -100
-        per_token = F.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
-        share = int(supervised.sum()) / total_supervised
-        loss = per_token.mean() * share
-        if out.aux:
-            loss = loss + out.aux["total"] / len(micros)
-            for key, value in out.aux.items():
-                aux_total[key] = aux_total.get(key, 0.0) + float(value) / len(micros)
-        if loss_hook is not None:
-            loss = loss_hook(loss)
-        if not torch.isfinite(loss.detach()):
-            optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLoss(f"step {step}: the loss is {loss.item()}; stopped before the update")
-        loss.backward()
+        with D.gradient_sync(model, enabled=index == len(micros) - 1):
+            with autocast(dtype):
+                out = model(
+                    batch.input_ids,
+                    batch.attention_mask,
+                    micro.pixel_values,
+                    labels=batch.labels,
+                    position_ids=batch.position_ids,
+                )
+            targets = batch.labels[:, 1:]
+            supervised = targets != -100
+            per_token = F.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
+            # This micro-batch's share of the global mean, times the world size because the ranks'
+            # gradients are averaged (mm15.train.distributed, "Loss equivalence").
+            loss = per_token.sum() * (world / total_supervised)
+            if out.aux:
+                loss = loss + out.aux["total"] / len(micros)
+                for key, value in out.aux.items():
+                    aux_total[key] = aux_total.get(key, 0.0) + float(value) / len(micros)
+            if loss_hook is not None:
+                loss = loss_hook(loss)
+            if finite and not bool(torch.isfinite(loss.detach())):
+                finite, bad_value = False, float(loss.detach())
+            # Backward runs even on a non-finite loss: every rank must join the same gradient reduction.
+            loss.backward()
         loss_total += float(per_token.detach().sum())
         sources = micro.token_source[:, 1:][supervised]
-        for index in sources.unique().tolist():
-            name = stream.source_names[index]
-            chosen = per_token.detach()[sources == index]
-            source_sum[name] = source_sum.get(name, 0.0) + float(chosen.sum())
-            source_count[name] = source_count.get(name, 0) + int(chosen.numel())
+        source_stats.index_add_(
+            0,
+            sources.long(),
+            torch.stack([per_token.detach().double(), torch.ones_like(per_token, dtype=torch.float64)], 1),
+        )
         tokens += batch.real_tokens
         images += micro.images
-    if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(
-            [p for g in optimizer.param_groups for p in g["params"]], max_grad_norm
-        )
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    all_finite = D.all_ranks_have_data(finite)  # a logical AND over ranks: stop (or skip) together
+    if not all_finite:
+        optimizer.zero_grad(set_to_none=True)
+        if nan_policy != "skip":
+            where = f"the loss is {bad_value}" if not finite else "the loss is not finite on another rank"
+            raise NonFiniteLoss(f"step {step}: {where}; stopped before the update")
+    else:
+        if max_grad_norm > 0:
+            D.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     scheduler.step()
+    totals = D.sum_across_ranks(
+        torch.cat([torch.tensor([loss_total, tokens, images], dtype=torch.float64), source_stats.flatten()])
+    )
+    loss_total, tokens, images = float(totals[0]), int(totals[1]), int(totals[2])
+    source_stats = totals[3:].reshape(len(names), 2)
     seconds = time.perf_counter() - start
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in D.unwrap(model).parameters())
     return StepMetrics(
         step=step,
-        loss=loss_total / total_supervised,
-        source_loss={k: source_sum[k] / source_count[k] for k in sorted(source_sum)},
+        loss=loss_total / total_supervised if all_finite else float("nan"),
+        source_loss={
+            names[i]: float(source_stats[i, 0] / source_stats[i, 1])
+            for i in range(len(names))
+            if source_stats[i, 1] > 0
+        },
         aux=aux_total,
         lr=lr,
         tokens_per_s=tokens / seconds,
         images_per_s=images / seconds,
-        mfu=6.0 * params * tokens / seconds / peak_flops if peak_flops > 0 else 0.0,
+        mfu=6.0 * params * tokens / seconds / (peak_flops * world) if peak_flops > 0 else 0.0,
         data_wait=waited / seconds,
         peak_rss_gib=_peak_rss_gib(),
         supervised_tokens=total_supervised,
+        skipped=not all_finite,
         mixture=stream.sampler.realised(),
     )
