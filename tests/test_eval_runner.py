@@ -1,0 +1,247 @@
+"""``evaluate`` and ``mm15 eval`` on a tiny random model: every MM1.5 category, files, reproducibility,
+resume from the cache, real-benchmark files, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from mm15.cli import app
+from mm15.eval import runner as runner_module
+from mm15.eval import tasks as registry
+from mm15.eval.report import EvalReport
+from mm15.eval.runner import ItemCache, evaluate
+from mm15.eval.tasks import MMBASE_CATEGORIES, TaskError
+from mm15.model.mm15 import MM15Model
+from mm15.model.presets import preset
+
+# One spec per MM1.5 category's held-out tasks, with a small budget so the whole file stays fast.
+SYNTH = [registry.SYNTH_PREFIX + generator for generator, *_ in registry._SYNTHETIC]
+ALL_SYNTH_SPEC = [f"{name}:max_new_tokens=3" for name in SYNTH]
+# A quicker mix for the repeated runs: one image, several images, and a box.
+FEW = [
+    "synth-general-count:max_new_tokens=3",
+    "synth-refer-ground:max_new_tokens=3",
+    "synth-icl:max_new_tokens=3",
+]
+REAL = Path(__file__).parent / "fixtures" / "realdata"
+
+
+@pytest.fixture(scope="module")
+def model() -> MM15Model:
+    torch.manual_seed(0)
+    return MM15Model.build(preset("tiny"))
+
+
+@pytest.fixture(scope="module")
+def full_run(model: MM15Model, tmp_path_factory: pytest.TempPathFactory) -> tuple[EvalReport, Path, dict]:
+    """Every held-out task, 2 items each; the results JSON (without "run") as first written."""
+    out = tmp_path_factory.mktemp("full")
+    report = evaluate(model, ALL_SYNTH_SPEC, limit=2, batch_size=4, out_dir=out, progress=False)
+    return report, out, _without_run(out / "results.json")
+
+
+class CountingGenerate:
+    """Wraps ``generate`` in the runner to count the prompts sent to the model."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.prompts = 0
+        self._real = runner_module.generate
+        monkeypatch.setattr(runner_module, "generate", self)
+
+    def __call__(self, model: MM15Model, batch: dict, cfg: object) -> list[str]:
+        self.prompts += batch["input_ids"].shape[0]
+        return self._real(model, batch, cfg)
+
+
+def _without_run(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    data.pop("run")
+    return data
+
+
+def test_every_category_is_scored_and_written(full_run: tuple[EvalReport, Path, dict]) -> None:
+    report, out, _ = full_run
+    assert set(report.category_scores) == {
+        "general",
+        "text-rich",
+        "knowledge",
+        "refer-ground",
+        "multi-image",
+        "in-context",
+    }
+    assert report.mmbase == pytest.approx(
+        sum(report.category_scores[c] for c in MMBASE_CATEGORIES) / len(MMBASE_CATEGORIES)
+    )
+    data = json.loads((out / "results.json").read_text())
+    assert data["model"]["name"] == "tiny" and len(data["model"]["weights_sha256"]) == 64
+    assert list(data["tasks"]) == SYNTH
+    for name, result in data["tasks"].items():
+        assert result["version"] == registry.get_task(name).version
+        assert result["generation"]["max_new_tokens"] == 3 and result["generation"]["temperature"] == 0
+        assert result["num_items"] == 2 and 0 <= result["score"] <= 100
+        for item in result["items"]:
+            assert set(item) == {"id", "prompt", "answers", "output", "prediction", "score"}
+            assert item["prompt"].count("<image>") >= 1
+    assert data["categories"] == report.category_scores and data["mmbase"] == report.mmbase
+    assert data["run"]["generated_items"] == 2 * len(SYNTH) and data["run"]["cached_items"] == 0
+    markdown = (out / "results.md").read_text()
+    assert "| **knowledge** | **average** |" in markdown and "MMBase" in markdown
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    flat = report.scores()
+    assert (
+        flat["task/synth-icl"] == report.tasks[-1].score and "category/general" in flat and "mmbase" in flat
+    )
+
+
+def test_rerun_reads_the_cache_and_changed_settings_do_not(
+    model: MM15Model, full_run: tuple[EvalReport, Path, dict], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, out, before = full_run
+    counter = CountingGenerate(monkeypatch)
+    again = evaluate(model, ALL_SYNTH_SPEC, limit=2, batch_size=4, out_dir=out, progress=False)
+    assert counter.prompts == 0 and again.run["cached_items"] == 2 * len(SYNTH)
+    assert _without_run(out / "results.json") == before
+
+    # A bigger budget changes the key: those items are generated again.
+    evaluate(model, ["synth-icl:max_new_tokens=4"], limit=2, out_dir=out, progress=False)
+    assert counter.prompts == 2
+
+
+def test_interrupted_run_resumes_and_matches(
+    model: MM15Model, full_run: tuple[EvalReport, Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, full_out, full = full_run
+    # Keep the cache of the first task only, with a damaged half-written line at its end (a kill).
+    (tmp_path / "cache").mkdir()
+    first = "synth-general-count.jsonl"
+    lines = (full_out / "cache" / first).read_text()
+    (tmp_path / "cache" / first).write_text(lines + '{"key": "abc", "id": "x", "outp')
+    counter = CountingGenerate(monkeypatch)
+    report = evaluate(model, FEW, limit=2, batch_size=4, out_dir=tmp_path, progress=False)
+    assert counter.prompts == 2 * (len(FEW) - 1)
+    assert report.run["cached_items"] == 2
+    resumed = _without_run(tmp_path / "results.json")["tasks"]
+    assert resumed == {name: full["tasks"][name] for name in resumed}
+
+
+def test_identical_settings_give_identical_files(
+    model: MM15Model, tmp_path: Path, full_run: tuple[EvalReport, Path, dict]
+) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        evaluate(model, FEW, limit=2, batch_size=3, out_dir=out, progress=False)
+    assert _without_run(a / "results.json") == _without_run(b / "results.json")
+    assert (a / "results.md").read_text() == (b / "results.md").read_text()
+    assert (a / "scores.png").read_bytes() == (b / "scores.png").read_bytes()
+    # Batch size 3 and 4 (the full run) give the same outputs: left padding changes nothing.
+    full = full_run[2]["tasks"]
+    for name, result in json.loads((a / "results.json").read_text())["tasks"].items():
+        assert result["items"] == full[name]["items"]
+
+
+def test_in_memory_evaluation_for_training(model: MM15Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    model.train()
+    counter = CountingGenerate(monkeypatch)
+    report = evaluate(
+        model, "synth-general-count:max_new_tokens=2", limit=1, progress=False, model_id="step-7"
+    )
+    assert model.training  # restored
+    assert counter.prompts == 1 and report.model["id"] == "step-7" and "weights_sha256" not in report.model
+    assert set(report.category_scores) == {"general"} and report.mmbase is None
+    empty = evaluate(model, "synth-general-count", limit=0, progress=False, model_id="step-7")
+    assert empty.tasks[0].score == 0.0 and empty.tasks[0].items == []
+
+
+def test_bad_arguments_fail_before_generating(model: MM15Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = CountingGenerate(monkeypatch)
+    with pytest.raises(TaskError, match="unknown task 'nope'"):
+        evaluate(model, "synth-icl,nope", progress=False)
+    with pytest.raises(TaskError, match="unknown option"):
+        evaluate(model, "synth-icl:bogus=1", progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate(model, "synth-icl", batch_size=0, progress=False)
+    assert counter.prompts == 0
+
+
+def test_real_benchmark_files(model: MM15Model, tmp_path: Path) -> None:
+    """POPE from the real annotation file (placeholder images) and a TextVQA file, end to end."""
+    pope = REAL / "pope_coco" / "coco_pope_random.json"
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for line in pope.read_text().splitlines()[:2]:
+        Image.new("RGB", (80, 60), (120, 30, 30)).save(images / json.loads(line)["image"])
+    textvqa = tmp_path / "TextVQA_0.5.1_val.json"
+    textvqa.write_text(
+        json.dumps(
+            {
+                "data": [
+                    {"question_id": 7, "question": "what brand?", "image_id": "abc", "answers": ["acme"] * 10}
+                ]
+            }
+        )
+    )
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "abc.jpg")
+    specs = [
+        f"pope:path={pope},images={images},limit=2,max_new_tokens=2",
+        f"textvqa:path={textvqa},max_new_tokens=2",
+    ]
+    report = evaluate(model, specs, out_dir=tmp_path / "out", progress=False)
+    pope_result, textvqa_result = report.tasks
+    assert len(pope_result.items) == 2 and set(pope_result.metrics) >= {"accuracy", "precision", "recall"}
+    assert pope_result.options["path"] == str(pope)
+    assert textvqa_result.items[0]["prompt"] == "<image>\nwhat brand?\n" + registry.SHORT_ANSWER
+    assert textvqa_result.category == "text-rich"
+
+
+def test_item_cache_ignores_damaged_lines(tmp_path: Path) -> None:
+    path = tmp_path / "c.jsonl"
+    cache = ItemCache(path)
+    cache.put([("k1", "a", "out 1"), ("k2", "b", "out\n2")])
+    path.write_text(path.read_text() + "not json\n[1, 2]\n")
+    reread = ItemCache(path)
+    assert reread.get("k1") == "out 1" and reread.get("k2") == "out\n2" and reread.get("k3") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# mm15 eval
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cli_eval_writes_the_results(model: MM15Model, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    args = ["eval", "--model", str(model_dir), "--tasks", "synth-icl:max_new_tokens=2", "--limit", "1"]
+    result = CliRunner().invoke(
+        app, [*args, "--tasks", "synth-general-color:max_new_tokens=2", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "results.json").read_text())
+    assert list(data["tasks"]) == ["synth-icl", "synth-general-color"]
+    assert data["model"]["path"] == str(model_dir)
+    assert (out / "results.md").is_file() and (out / "scores.png").is_file()
+    assert "2 items generated, 0 from the cache" in result.output
+    again = CliRunner().invoke(
+        app, [*args, "--tasks", "synth-general-color:max_new_tokens=2", "--out", str(out)]
+    )
+    assert again.exit_code == 0 and "0 items generated, 2 from the cache" in again.output
+
+
+def test_cli_eval_errors(tmp_path: Path) -> None:
+    cli = CliRunner()
+    missing = cli.invoke(app, ["eval", "--model", str(tmp_path / "none"), "--tasks", "synth-icl"])
+    assert missing.exit_code == 2 and "is not an mm15 model directory" in missing.output
+    unknown = cli.invoke(app, ["eval", "--model", str(tmp_path), "--tasks", "synth-icl,nope"])
+    assert unknown.exit_code == 2 and "unknown task 'nope'" in unknown.output
+    bad_option = cli.invoke(app, ["eval", "--model", str(tmp_path), "--tasks", "textvqa"])
+    assert bad_option.exit_code == 2 and "path=... is required" in bad_option.output
+    nothing = cli.invoke(app, ["eval"])
+    assert nothing.exit_code == 2 and "--list" in nothing.output
+    listing = cli.invoke(app, ["eval", "--list"])
+    assert listing.exit_code == 0 and "synth-chart-qa" in listing.output
