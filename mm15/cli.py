@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +24,11 @@ console = Console()
 
 def _register_subcommands() -> None:
     from mm15.data.commands import app as data_app
+    from mm15.serve.commands import chat, serve
 
     app.add_typer(data_app, name="data")
+    app.command()(chat)
+    app.command()(serve)
 
 
 _register_subcommands()
@@ -118,16 +122,41 @@ def train(
     max_steps: Annotated[
         int | None, typer.Option(help="Cap every stage at this many steps (a quick, reduced run).")
     ] = None,
+    parent: Annotated[
+        Path | None,
+        typer.Option(help="Fine-tune from this model directory instead of the recipe's (e.g. video.yaml)."),
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="Data parallelism under torchrun: auto, none, ddp or fsdp2 (default: the recipe's "
+            "'distributed', auto = DDP with several ranks)."
+        ),
+    ] = None,
 ) -> None:
-    """Train a recipe's stages in order: checkpoints, resume, TensorBoard logs, loss plots, a summary."""
+    """Train a recipe's stages in order: checkpoints, resume, TensorBoard logs, loss plots, a summary.
+
+    Data-parallel: ``torchrun --nproc_per_node N -m mm15.cli train RECIPE [--strategy fsdp2]``.
+    """
     import dataclasses
 
+    from mm15.train import distributed
     from mm15.train.config import load_recipe
     from mm15.train.data import CorruptDataError
     from mm15.train.run import StageFailed, run_recipe
 
     try:
         config = load_recipe(recipe)
+        if parent is not None:
+            # Re-point the stages that start from a model directory (not init, not an earlier stage).
+            names = {s.name for s in config.stages}
+            moved = {s.name for s in config.stages if s.parent != "init" and s.parent not in names}
+            if not moved:
+                raise ValueError(f"--parent: no stage of {config.name!r} starts from a model directory")
+            repointed = tuple(
+                dataclasses.replace(s, parent=str(parent)) if s.name in moved else s for s in config.stages
+            )
+            config = dataclasses.replace(config, stages=repointed)
         if max_steps is not None:
             stages = []
             for s in config.stages:
@@ -142,13 +171,17 @@ def train(
                     )
                 )
             config = dataclasses.replace(config, stages=tuple(stages))
-        summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out)
+        summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out, strategy=strategy)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
     except (StageFailed, CorruptDataError) as err:
         console.print(f"[red]stopped:[/red] {err}", soft_wrap=True)
         raise typer.Exit(3) from None
+    finally:
+        distributed.cleanup()
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun rank 0 reports
     for s in summaries:
         console.print(
             f"{s['stage']}: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} over {s['steps']} steps"
