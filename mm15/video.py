@@ -27,6 +27,9 @@ after the last sampled frame. The frame count ``T``:
 * is corrected when the declared count is too large (a truncated file): the frames actually decoded
   become ``T``, the indices are recomputed and the missing frames decoded again.
 
+Rotation metadata (a phone video shot in portrait carries a display matrix) is not applied: frames
+come as stored.
+
 **Errors** are ``VideoError`` (a ``ValueError``) naming the file and the reason: a missing file, an
 empty (zero-byte) file, a file FFmpeg cannot open or decode (corrupt or not a video), a file with no
 video stream, a stream with no decodable frame, or frames over ``max_pixels`` (the same
@@ -39,10 +42,14 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
 from mm15.image import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:  # PyAV is imported when a video is read, so importing mm15.video stays cheap
+    from av.container import InputContainer
 
 # MM1.5-Video's frame count: 24 uniformly sampled frames per clip.
 DEFAULT_NUM_FRAMES = 24
@@ -103,7 +110,7 @@ def sample_frame_indices(num_total: int, num_frames: int = DEFAULT_NUM_FRAMES) -
     return [((2 * i + 1) * num_total) // (2 * num_frames) for i in range(num_frames)]
 
 
-def _open(path: Path):  # type: ignore[no-untyped-def]  # av.container.InputContainer
+def _open(path: Path) -> InputContainer:
     import av
 
     try:

@@ -33,13 +33,18 @@ Every sample has ``is_video=True``, one ``<image>`` per sampled frame, and ``tru
 (``"conversation"``, ``"multiple-choice"`` or ``"open-ended"``), ``video`` (the file as given in the record),
 ``frame_indices``, ``total_frames`` and ``fps``.
 
-Video paths are relative to ``video_root`` (default: the annotation file's folder). Frames are decoded
-while reading (``mm15.video.read_video``: ``num_frames`` uniformly sampled frames, every frame of a
-shorter video). Errors and skips follow ``mm15.data.sources``: a malformed record raises
-``SourceError`` when ``strict``, else it is skipped and counted in ``skipped`` under its reason, which is
-one of the reasons of ``mm15.data.sources`` (``bad_record``, ``bad_conversations``, ``unknown_role``,
-``image_count``, ``bad_category``, ``bad_json``) or one of ``VIDEO_REASONS``: ``missing_video`` (no such
-file) and ``bad_video`` (empty, corrupt or undecodable: the ``VideoError`` message is kept).
+The reader is a ``mm15.data.sources`` JSON reader (it reuses that module's record loop and field checks),
+so its records, ids and errors behave exactly like ``LlavaReader``'s. Video paths are relative to
+``video_root`` (default: the annotation file's folder). Frames are decoded while reading
+(``mm15.video.read_video``: ``num_frames`` uniformly sampled frames, every frame of a shorter video).
+Errors and skips follow ``mm15.data.sources``: a malformed record raises ``SourceError`` when ``strict``,
+else it is skipped and counted in ``skipped`` under its reason, which is one of the reasons of
+``mm15.data.sources`` (``bad_record``, ``bad_conversations``, ``unknown_role``, ``image_count``,
+``bad_category``, ``bad_json``) or one of ``VIDEO_REASONS``: ``missing_video`` (no such file) and
+``bad_video`` (empty, corrupt or undecodable: the ``VideoError`` message is kept).
+
+Evaluation decodes one item at a time instead: ``records()`` lists the records without decoding any
+video, and ``sample(...)`` turns one of them into a Sample, raising ``SourceError`` for a bad one.
 """
 
 from __future__ import annotations
