@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -47,7 +48,14 @@ from mm15.image import load_image
 from mm15.model.generate import GenerationConfig, generate
 from mm15.model.mm15 import MM15Model, MM15Processor
 
-__all__ = ["ItemCache", "chat_prompt", "evaluate", "model_identity", "weights_fingerprint"]
+__all__ = [
+    "ItemCache",
+    "chat_prompt",
+    "evaluate",
+    "generate_texts",
+    "model_identity",
+    "weights_fingerprint",
+]
 
 CACHE_DIR = "cache"
 
@@ -207,6 +215,28 @@ def _video_processor(model: MM15Model) -> MM15Processor:
     return MM15Processor(model.tokenizer, plan, model.vision.image_mean, model.vision.image_std)
 
 
+def generate_texts(
+    model: MM15Model,
+    prompts: Sequence[str],
+    images: Sequence[Sequence[Image.Image]],
+    cfg: GenerationConfig,
+    *,
+    processor: MM15Processor | None = None,
+    video: bool = False,
+) -> list[str]:
+    """One batch: chat-formatted ``prompts`` (with ``<image>`` placeholders) and their images ->
+    generated texts, left-padded on the model's device under ``autocast``. ``video`` plans the images
+    unsplit (frames). The lmms-eval adapter generates through here too."""
+    if video:
+        processor = _video_processor(model)
+    processor = processor or MM15Processor.for_model(model)
+    batch = processor(list(prompts), [list(row) for row in images], padding_side="left")
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    with autocast():
+        return generate(model, batch, cfg)
+
+
 def _generate_batch(
     model: MM15Model, processor: MM15Processor, pending: Sequence[_Pending], cfg: GenerationConfig
 ) -> list[str]:
@@ -220,14 +250,9 @@ def _generate_batch(
             texts = _generate_batch(model, processor, [pending[k] for k in part], cfg)
             outputs.update(zip(part, texts, strict=True))
         return [outputs[k] for k in range(len(pending))]
-    if all(videos):
-        processor = _video_processor(model)
     images = [[load_image(ref) for ref in p.item.images] for p in pending]
-    batch = processor([p.prompt for p in pending], images, padding_side="left")
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    with autocast():
-        return generate(model, batch, cfg)
+    prompts = [p.prompt for p in pending]
+    return generate_texts(model, prompts, images, cfg, processor=processor, video=all(videos))
 
 
 def _run_task(
