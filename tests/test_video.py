@@ -432,3 +432,20 @@ def test_video_recipe_trains_two_steps(tmp_path: Path) -> None:
     subprocess.run([sys.executable, "-m", "mm15.cli", *args, "--out", str(out)], cwd=ROOT, check=True)
     rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and (out / "sft" / "final").is_dir()
+
+
+def test_synthetic_clips_exported_as_real_video_files(tmp_path: Path) -> None:
+    from mm15.data.video_qa import write_synthetic_video_qa
+
+    annotations = write_synthetic_video_qa(tmp_path / "mc", 3)
+    records = [json.loads(line) for line in annotations.read_text().splitlines()]
+    assert all(r["answer"] in r["candidates"] for r in records)
+    samples = list(VideoQAReader(annotations))
+    # Every frame of the 8-24 frame clips comes back (fewer than 24), in order.
+    assert all(s.truth["frame_indices"] == list(range(s.truth["total_frames"])) for s in samples)
+    assert all(s.images[0].size == (224, 224) for s in samples)
+    result, items = run_task("video-mc", lambda item: item.answers[0], path=annotations)
+    assert len(items) == 3 and result["score"] == 100.0
+    open_ended = write_synthetic_video_qa(tmp_path / "oe", 2, multiple_choice=False)
+    result, items = run_task("video-qa", lambda item: item.answers[0], path=open_ended)
+    assert len(items) == 2 and result["score"] == 100.0

@@ -261,3 +261,62 @@ class VideoQAReader(_JsonReader):
                 "fps": clip.fps,
             },
         )
+
+
+# Answer-format sentences the video generator appends to its questions; a multiple-choice export drops
+# them, since the options and the letter instruction replace them.
+_ANSWER_FORMATS = (" Answer left, right, up or down.", " Answer with a short phrase.")
+
+
+def synthetic_video_record(sample: Sample, video: str, *, multiple_choice: bool) -> dict[str, Any]:
+    """An annotation record for a clip of the synthetic ``video`` generator written to ``video``.
+
+    Open-ended: the question and answer as generated. Multiple choice: the answer among the clip's
+    candidates (the four directions, or every object in the clip as "the <colour> <shape>").
+    """
+    if sample.source != "synth/video":
+        raise ValueError(f"sample {sample.id}: not a sample of the synthetic video generator")
+    question = sample.turns[0].content.replace(IMAGE_PLACEHOLDER, "").strip()
+    record: dict[str, Any] = {"id": sample.id, "video": video, "question": question}
+    answer = sample.truth["answer"]
+    if not multiple_choice:
+        return {**record, "answer": answer}
+    for suffix in _ANSWER_FORMATS:
+        question = question.removesuffix(suffix)
+    if sample.truth["task"] == "direction":
+        candidates = ["left", "right", "up", "down"]
+    else:
+        candidates = [f"the {o['color']} {o['shape']}" for o in sample.truth["objects"]]
+    return {**record, "question": question, "candidates": candidates, "answer": answer}
+
+
+def write_synthetic_video_qa(
+    out_dir: PathLike,
+    count: int,
+    *,
+    split: str = "eval",
+    seed: int = 0,
+    multiple_choice: bool = True,
+    fps: int = 8,
+) -> Path:
+    """Encode ``count`` clips of the synthetic ``video`` generator as MP4 files plus ``annotations.jsonl``.
+
+    The whole real-video path (decoding, sampling, ``VideoQAReader``, the ``video:`` source, the
+    ``video-mc`` / ``video-qa`` tasks) can then run offline on real files. Returns the annotation file.
+    """
+    import json
+
+    from mm15.data.synth import generate
+    from mm15.video import write_video
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for index in range(count):
+        sample = generate("video", index, split=split, seed=seed)  # type: ignore[arg-type]
+        name = f"{split}-{seed}-{index:06d}.mp4"
+        write_video(out / name, sample.images, fps=fps)  # type: ignore[arg-type]
+        lines.append(json.dumps(synthetic_video_record(sample, name, multiple_choice=multiple_choice)))
+    annotations = out / "annotations.jsonl"
+    annotations.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return annotations
