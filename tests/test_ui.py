@@ -246,10 +246,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ui_recipe_loads_and_fine_tunes_the_tiny_sft_model() -> None:
-    from mm15.train.config import load_recipe
+    import yaml
+
+    from mm15.train.config import RecipeConfig, load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "ui.yaml")
     tiny = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    assert RecipeConfig.from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict()))) == recipe
     (stage,) = recipe.stages
     assert Path(stage.parent) == tiny.run_dir / tiny.stages[-1].name / "final"
     assert recipe.model == tiny.model

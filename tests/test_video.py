@@ -387,10 +387,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_video_recipe_loads_and_fine_tunes_the_tiny_sft_model() -> None:
-    from mm15.train.config import load_recipe
+    import yaml
+
+    from mm15.train.config import RecipeConfig, load_recipe
 
     recipe = load_recipe(ROOT / "recipes" / "video.yaml")
     tiny = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    assert RecipeConfig.from_dict(yaml.safe_load(yaml.safe_dump(recipe.to_dict()))) == recipe
     (stage,) = recipe.stages
     # The parent is where `mm15 train recipes/tiny.yaml` writes its SFT model.
     assert Path(stage.parent) == tiny.run_dir / tiny.stages[-1].name / "final"
