@@ -1,0 +1,290 @@
+"""An lmms-eval model adapter for ``MM15Model``: ``generate_until``, ``loglikelihood`` and
+``generate_until_multi_round`` over lmms-eval request ``Instance`` objects.
+
+lmms-eval is **not** a dependency of mm15: installing it from PyPI replaces the CPU build of torch
+with a CUDA build (``torch`` 2.14 and the ``nvidia-*`` wheels, several GB). The adapter therefore
+imports lmms-eval lazily: when it is installed, ``MM15LMM`` subclasses its ``lmms`` base class and
+``register()`` adds it to lmms-eval's model registry as ``mm15``; when it is not, ``MM15LMM`` is a plain
+class with the same methods (duck-typed), which is how the tests drive it with requests shaped like
+``lmms_eval.api.instance.Instance`` (an ``args`` tuple per request, ``task_dict[task][split][doc_id]``
+holding the documents).
+
+Request arguments (lmms-eval 0.7):
+
+* ``generate_until``: ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``;
+* ``loglikelihood``: ``(context, doc_to_target or continuation str, doc_to_visual, doc_id, task, split)``;
+* ``generate_until_multi_round``: ``(context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task,
+  split)``; rounds after the first come from ``doc_to_text(doc, previous_output=..., round_idx=...,
+  previous_round_info=...)``, which returns ``(visuals, context, terminal, round_results, info)``.
+
+Visuals are PIL images (or video file paths, read as ``mm15.video.read_video`` frames and planned
+unsplit). A context with no ``<image>`` gets one placeholder per visual in front (lmms-eval's own
+convention); a context that already has them must have one per visual. ``gen_kwargs`` map to
+``GenerationConfig``: ``max_new_tokens``, ``until`` (stop strings), ``temperature`` and ``do_sample``
+(greedy unless ``do_sample`` and ``temperature > 0``), ``top_p``, ``top_k``; ``num_beams`` > 1 is
+refused (generation is greedy or sampled, never beam search).
+
+Use with lmms-eval installed (a separate environment; see docs/evaluation.md)::
+
+    from mm15.eval.lmms import register
+    register()   # then: lmms-eval --model mm15 --model_args pretrained=DIR,batch_size=8 --tasks ...
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from mm15.model.generate import GenerationConfig
+from mm15.model.mm15 import IMAGE_PLACEHOLDER, MM15Model, MM15Processor
+
+__all__ = ["MM15LMM", "lmms_base", "register"]
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+def lmms_base() -> type:
+    """lmms-eval's ``lmms`` base class when lmms-eval is installed, else ``object``."""
+    try:
+        from lmms_eval.api.model import lmms
+    except ImportError:
+        return object
+    return lmms
+
+
+# Resolved once at import: the class below subclasses lmms-eval's base only when it is installed.
+_BASE = lmms_base()
+
+
+class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
+    """``MM15Model`` behind lmms-eval's model interface (module docstring).
+
+    ``pretrained`` is a model directory (``save_pretrained``); pass ``model=`` to wrap a model already in
+    memory instead. ``batch_size`` prompts are generated together (grouped by identical ``gen_kwargs``).
+    """
+
+    is_simple = True
+
+    def __init__(
+        self,
+        pretrained: str | Path | None = None,
+        *,
+        model: MM15Model | None = None,
+        batch_size: int | str = 8,
+        max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS,
+        **unused: Any,
+    ) -> None:
+        if _BASE is not object:
+            super().__init__()
+        else:  # the attributes lmms.__init__ sets, for the duck-typed class
+            self._rank, self._world_size, self.task_dict = 0, 1, {}
+            self.cache_hook = None
+        if (pretrained is None) == (model is None):
+            raise ValueError("give exactly one of pretrained= (a model directory) or model=")
+        self.model = model if model is not None else MM15Model.from_pretrained(pretrained)  # type: ignore[arg-type]
+        self.model.eval()
+        self.processor = MM15Processor.for_model(self.model)
+        self.batch_size = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("batch_size and max_new_tokens must be >= 1")
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
+    # --- helpers --------------------------------------------------------------------------------------
+
+    def _doc(self, task: str, split: str, doc_id: int) -> Any:
+        return self.task_dict[task][split][doc_id]
+
+    @staticmethod
+    def _flatten(visuals: Any) -> list[Any]:
+        if visuals is None:
+            return []
+        if isinstance(visuals, Image.Image | str | Path):
+            return [visuals]
+        flat: list[Any] = []
+        for visual in visuals:
+            flat.extend(MM15LMM._flatten(visual))
+        return flat
+
+    @staticmethod
+    def _images(visuals: Sequence[Any]) -> tuple[list[Image.Image], bool]:
+        """PIL images in order, and whether they are video frames (read from video paths)."""
+        if visuals and all(isinstance(v, str | Path) for v in visuals):
+            from mm15.video import read_video
+
+            return [frame for path in visuals for frame in read_video(path).frames], True
+        if not all(isinstance(v, Image.Image) for v in visuals):
+            kinds = sorted({type(v).__name__ for v in visuals})
+            raise ValueError(f"visuals must be PIL images or video paths, got {kinds}")
+        return [v.convert("RGB") for v in visuals], False
+
+    @staticmethod
+    def _user_text(context: str, count: int) -> str:
+        """The context with one ``<image>`` per image: prepended when absent, checked when present."""
+        present = context.count(IMAGE_PLACEHOLDER)
+        if present == 0:
+            return IMAGE_PLACEHOLDER * count + ("\n" if count else "") + context
+        if present != count:
+            raise ValueError(
+                f"the context has {present} {IMAGE_PLACEHOLDER} placeholders but {count} visuals"
+            )
+        return context
+
+    def _prompt(self, context: str, images: Sequence[Image.Image]) -> str:
+        from mm15.eval.runner import chat_prompt
+
+        return chat_prompt(self.model.tokenizer, self._user_text(context, len(images)))
+
+    def generation_config(self, gen_kwargs: dict[str, Any] | None) -> GenerationConfig:
+        """lmms-eval ``gen_kwargs`` -> ``GenerationConfig`` (module docstring)."""
+        kwargs = dict(gen_kwargs or {})
+        if int(kwargs.get("num_beams", 1) or 1) > 1:
+            raise ValueError("mm15 generation has no beam search: num_beams must be 1")
+        until = kwargs.get("until") or ()
+        stops = (until,) if isinstance(until, str) else tuple(s for s in until if s)
+        sample = bool(kwargs.get("do_sample", False)) and float(kwargs.get("temperature") or 0) > 0
+        return GenerationConfig(
+            max_new_tokens=int(kwargs.get("max_new_tokens") or self.max_new_tokens),
+            temperature=float(kwargs["temperature"]) if sample else 0.0,
+            top_k=int(kwargs.get("top_k") or 0) if sample else 0,
+            top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
+            stop=stops,
+        )
+
+    def _generate(
+        self, prompts: list[str], images: list[list[Image.Image]], video: list[bool], cfg: GenerationConfig
+    ) -> list[str]:
+        from mm15.eval.runner import generate_texts
+
+        out: list[str] = [""] * len(prompts)
+        for flag in (False, True):  # frames are planned unsplit, so videos go in their own batches
+            rows = [k for k, v in enumerate(video) if v == flag]
+            for start in range(0, len(rows), self.batch_size):
+                chunk = rows[start : start + self.batch_size]
+                texts = generate_texts(
+                    self.model,
+                    [prompts[k] for k in chunk],
+                    [images[k] for k in chunk],
+                    cfg,
+                    processor=self.processor,
+                    video=flag,
+                )
+                for k, text in zip(chunk, texts, strict=True):
+                    out[k] = text.strip()
+        return out
+
+    # --- the lmms interface -------------------------------------------------------------------------
+
+    def generate_until(self, requests: Sequence[Any]) -> list[str]:
+        """Greedy (or sampled) continuations, in request order; requests sharing ``gen_kwargs`` are
+        batched together."""
+        groups: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            groups.setdefault(json.dumps(request.args[1] or {}, sort_keys=True, default=str), []).append(
+                index
+            )
+        results: list[str] = [""] * len(requests)
+        for indices in groups.values():
+            cfg = self.generation_config(requests[indices[0]].args[1])
+            prompts, images, video = [], [], []
+            for index in indices:
+                context, _, doc_to_visual, doc_id, task, split = requests[index].args
+                pictures, is_video = self._images(
+                    self._flatten(doc_to_visual(self._doc(task, split, doc_id)))
+                )
+                prompts.append(self._prompt(context, pictures))
+                images.append(pictures)
+                video.append(is_video)
+            for index, text in zip(indices, self._generate(prompts, images, video, cfg), strict=True):
+                results[index] = text
+        return results
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
+        """(sum of the continuation's token log-probabilities, whether greedy decoding gives it)."""
+        from mm15.hardware import autocast
+
+        results = []
+        tokenizer = self.model.tokenizer
+        device = next(self.model.parameters()).device
+        for request in requests:
+            context, target, doc_to_visual, doc_id, task, split = request.args
+            doc = self._doc(task, split, doc_id)
+            continuation = target if isinstance(target, str) else target(doc)
+            pictures, is_video = self._images(self._flatten(doc_to_visual(doc)))
+            processor = self.processor
+            if is_video:
+                from mm15.eval.runner import _video_processor
+
+                processor = _video_processor(self.model)
+            batch = processor([self._prompt(context, pictures)], [pictures], padding_side="right")
+            # The continuation is tokenised on its own, so the prompt's tokens are exactly the ones
+            # generation would see and no merge crosses the boundary.
+            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if not cont:
+                results.append((0.0, True))
+                continue
+            prompt_ids = batch["input_ids"]
+            input_ids = torch.cat([prompt_ids, torch.tensor([cont], dtype=torch.long)], dim=1).to(device)
+            attention_mask = torch.ones_like(input_ids)
+            pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+            with autocast():
+                logits = self.model(input_ids, attention_mask, pixel_values).logits
+            # Position t predicts token t + 1: the continuation is predicted from the last prompt token on.
+            start = prompt_ids.shape[1]
+            predicting = logits[0, start - 1 : input_ids.shape[1] - 1].float().log_softmax(-1)
+            targets = input_ids[0, start:]
+            logprob = predicting.gather(-1, targets.unsqueeze(-1)).sum().item()
+            greedy = bool((predicting.argmax(-1) == targets).all())
+            results.append((float(logprob), greedy))
+        return results
+
+    def generate_until_multi_round(self, requests: Sequence[Any]) -> list[Any]:
+        """Multi-round dialogue (lmms-eval's protocol, one request at a time): round 0 answers the
+        context; each later round's visuals and context come from ``doc_to_text``, until it signals the
+        end. Returns, per request, the tuple of every round's answer."""
+        results: list[Any] = []
+        for request in requests:
+            context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+            doc = self._doc(task, split, doc_id)
+            cfg = self.generation_config(gen_kwargs)
+            visuals: Any = doc_to_visual(doc)
+            answers: list[str] = []
+            info: Any = None
+            round_idx = 0
+            while True:
+                if round_idx > 0:
+                    visuals, context, terminal, _, info = doc_to_text(
+                        doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info
+                    )
+                    if terminal:
+                        break
+                pictures, is_video = self._images(self._flatten(visuals))
+                answers += self._generate([self._prompt(context, pictures)], [pictures], [is_video], cfg)
+                round_idx += 1
+            results.append(tuple(answers))
+        return results
+
+
+def register(name: str = "mm15") -> Callable[..., Any]:
+    """Add ``MM15LMM`` to lmms-eval's model registry under ``name`` (needs lmms-eval installed)."""
+    try:
+        from lmms_eval.api.registry import register_model
+    except ImportError as err:
+        raise ImportError(
+            "lmms-eval is not installed; it is not an mm15 dependency because it pulls a CUDA torch. "
+            "Install it in a separate environment (docs/evaluation.md); MM15LMM works without it."
+        ) from err
+    return register_model(name)(MM15LMM)

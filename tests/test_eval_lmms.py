@@ -1,0 +1,141 @@
+"""The lmms-eval adapter, driven with request objects shaped like ``lmms_eval.api.instance.Instance``
+(lmms-eval itself is not installed in the project environment)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from mm15.eval.lmms import MM15LMM, lmms_base, register
+from mm15.eval.runner import chat_prompt, generate_texts
+from mm15.model.generate import GenerationConfig
+from mm15.model.mm15 import MM15Model
+from mm15.model.presets import preset
+
+
+@dataclass
+class FakeInstance:
+    """The parts of lmms-eval's ``Instance`` an lmms model reads: ``args`` (the arguments tuple)."""
+
+    request_type: str
+    arguments: tuple
+    idx: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def args(self) -> tuple:
+        return self.arguments
+
+
+@pytest.fixture(scope="module")
+def adapter() -> MM15LMM:
+    torch.manual_seed(0)
+    lmm = MM15LMM(model=MM15Model.build(preset("tiny")), batch_size=2, max_new_tokens=4)
+    red = Image.new("RGB", (96, 64), (200, 20, 20))
+    blue = Image.new("RGB", (64, 96), (20, 20, 200))
+    lmm.task_dict = {
+        "toy": {
+            "test": [
+                {"image": red, "question": "What color is it?", "answer": "red"},
+                {"image": blue, "question": "What color is it?", "answer": "blue"},
+                {"image": None, "question": "Say hello.", "answer": "hello"},
+            ]
+        }
+    }
+    return lmm
+
+
+def visuals(doc: dict) -> list[Image.Image]:
+    return [doc["image"]] if doc["image"] is not None else []
+
+
+def request(doc_id: int, gen_kwargs: dict | None = None, context: str | None = None) -> FakeInstance:
+    context = context if context is not None else f"Question {doc_id}: what is shown?"
+    return FakeInstance("generate_until", (context, gen_kwargs or {}, visuals, doc_id, "toy", "test"))
+
+
+def test_lmms_eval_is_not_a_dependency() -> None:
+    assert lmms_base() is object and MM15LMM.__mro__[1] is object
+    with pytest.raises(ImportError, match="not an mm15 dependency"):
+        register()
+    with pytest.raises(ValueError, match="exactly one of pretrained"):
+        MM15LMM()
+
+
+def test_generate_until_matches_direct_generation_in_request_order(adapter: MM15LMM) -> None:
+    requests = [
+        request(0, {"max_new_tokens": 3, "until": ["\n\n"]}),
+        request(2, {"max_new_tokens": 5}),
+        request(1, {"max_new_tokens": 3, "until": ["\n\n"]}),
+    ]
+    outputs = adapter.generate_until(requests)
+    assert len(outputs) == 3
+    model, docs = adapter.model, adapter.task_dict["toy"]["test"]
+    for req, out in zip(requests, outputs, strict=True):
+        context, gen_kwargs, _, doc_id, _, _ = req.args
+        pictures = visuals(docs[doc_id])
+        user = "<image>" * len(pictures) + ("\n" if pictures else "") + context
+        cfg = adapter.generation_config(gen_kwargs)
+        assert out == generate_texts(model, [chat_prompt(model.tokenizer, user)], [pictures], cfg)[0].strip()
+    assert requests[0].args[1] == {"max_new_tokens": 3, "until": ["\n\n"]}  # gen_kwargs untouched
+
+
+def test_generation_settings_and_placeholders(adapter: MM15LMM) -> None:
+    assert adapter.generation_config({}) == GenerationConfig(max_new_tokens=4)
+    greedy = adapter.generation_config({"until": "STOP", "temperature": 0.7, "do_sample": False})
+    assert greedy == GenerationConfig(max_new_tokens=4, stop=("STOP",))
+    sampled = adapter.generation_config(
+        {"do_sample": True, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 9}
+    )
+    assert (sampled.temperature, sampled.top_p, sampled.max_new_tokens) == (0.7, 0.9, 9)
+    with pytest.raises(ValueError, match="no beam search"):
+        adapter.generation_config({"num_beams": 3})
+    # A context that places its own <image> keeps it; a wrong count is an error.
+    assert adapter.generate_until([request(0, {}, "Look: <image> what color?")])
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 visuals"):
+        adapter.generate_until([request(0, {}, "<image><image> what?")])
+
+
+def test_loglikelihood_of_the_greedy_continuation(adapter: MM15LMM) -> None:
+    model, doc = adapter.model, adapter.task_dict["toy"]["test"][0]
+    context = "Question 0: what is shown?"  # the random model's greedy reply to it is not empty
+    prompt = chat_prompt(model.tokenizer, "<image>\n" + context)
+    greedy_text = generate_texts(model, [prompt], [[doc["image"]]], GenerationConfig(max_new_tokens=3))[0]
+    assert greedy_text
+    (logprob, is_greedy), (other_logprob, other_greedy), (empty, _) = adapter.loglikelihood(
+        [
+            FakeInstance("loglikelihood", (context, greedy_text, visuals, 0, "toy", "test")),
+            FakeInstance(
+                "loglikelihood", (context, lambda d: " " + d["answer"] + "!", visuals, 0, "toy", "test")
+            ),
+            FakeInstance("loglikelihood", (context, "", visuals, 0, "toy", "test")),
+        ]
+    )
+    assert is_greedy and logprob <= 0.0
+    assert not other_greedy and other_logprob < 0.0 and empty == 0.0
+
+
+def test_multi_round(adapter: MM15LMM) -> None:
+    seen: list[tuple[int, list[str]]] = []
+
+    def doc_to_text(doc: dict, previous_output: list[str], round_idx: int, previous_round_info: Any) -> tuple:
+        seen.append((round_idx, list(previous_output)))
+        terminal = round_idx == 3
+        return visuals(doc), f"Round {round_idx}: and now?", terminal, [previous_output], {"round": round_idx}
+
+    args = ("First question?", {"max_new_tokens": 2}, visuals, doc_to_text, 1, "toy", "test")
+    (answers,) = adapter.generate_until_multi_round([FakeInstance("generate_until_multi_round", args)])
+    assert len(answers) == 3 and [r for r, _ in seen] == [1, 2, 3]
+    assert [len(previous) for _, previous in seen] == [1, 2, 3]
+
+
+def test_loads_a_model_directory(adapter: MM15LMM, tmp_path: Path) -> None:
+    adapter.model.save_pretrained(tmp_path / "m")
+    loaded = MM15LMM(pretrained=str(tmp_path / "m"), batch_size="3", max_new_tokens="2")
+    assert loaded.batch_size == 3 and loaded.max_new_tokens == 2 and not loaded.model.training
+    assert loaded.rank == 0 and loaded.world_size == 1
