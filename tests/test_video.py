@@ -270,16 +270,26 @@ def test_reader_counts_or_raises_bad_records(videos: Path, tmp_path: Path) -> No
     assert info.value.location == "line 2"
 
 
-def test_video_source_kind_streams_samples(videos: Path, tmp_path: Path) -> None:
+def test_video_source_kind_streams_samples_by_index(videos: Path, tmp_path: Path) -> None:
     from mm15.train.data import SampleSource
 
-    annotations = write_records(
-        tmp_path / "train.json.jsonl",
-        [{"video": str(videos / "ten.mp4"), "question": "q?", "answer": "a"}],
-    )
-    source = SampleSource(f"video:{annotations}")
-    first, second = source.next(), source.next()  # a source cycles over its records
-    assert first.is_video and len(first.images) == 10 and second.truth == first.truth
+    records = [
+        {"video": str(videos / "ten.mp4"), "question": "q?", "answer": "ten"},
+        {"video": str(videos / "missing.mp4"), "question": "q?", "answer": "lost"},
+        {"video": str(videos / "three.mp4"), "question": "q?", "answer": "three"},
+    ]
+    spec = f"video:{write_records(tmp_path / 'train.jsonl', records)}"
+    source = SampleSource(spec)
+    answers = [source.next().truth["answer"] for _ in range(4)]
+    # The unusable record is counted once and the next usable one stands in; then the pass repeats.
+    assert answers == ["ten", "three", "three", "ten"]
+    assert source.reader.skipped.as_dict() == {"missing_video": 1}
+    first = SampleSource(spec).next()
+    assert first.is_video and len(first.images) == 10
+    source.seek(2)  # resuming goes straight to the record, decoding nothing before it
+    assert source.next().truth["answer"] == "three"
+    rank1 = SampleSource(spec, rank=1, world_size=2)  # samples 1, 3, 5, ... of the same stream
+    assert [rank1.next().truth["answer"] for _ in range(2)] == ["three", "ten"]
 
 
 def test_synthetic_clips_are_video_samples() -> None:

@@ -142,6 +142,8 @@ class VideoQAReader(_JsonReader):
         self.video_root = Path(video_root) if video_root is not None else None
         self.num_frames = num_frames
         self.category = category
+        self._listing: list[tuple[Path, str, dict[str, Any]]] | None = None  # sample_at's records
+        self._bad: set[int] = set()  # records sample_at found unusable
 
     def records(self) -> list[tuple[Path, str, dict[str, Any]]]:
         """Every record as ``(file, location, record)``, reading JSON only (no video is decoded).
@@ -177,6 +179,33 @@ class VideoQAReader(_JsonReader):
         except _Malformed as bad:
             own_id = sample_id if "id" in record else None
             raise SourceError(path, location, bad.reason, bad.detail, own_id) from None
+
+    def sample_at(self, index: int) -> Sample:
+        """Sample ``index`` of an endless pass over the records (index modulo their number), for training.
+
+        Random access, so a stream decodes only the videos it uses: resuming, or taking every W-th
+        sample on each of W ranks, costs no extra decoding, and nothing is cached. A record that cannot
+        be used raises ``SourceError`` when ``strict``; otherwise it is counted in ``skipped`` (once) and
+        the next usable record in file order stands in, so the result depends on ``index`` alone.
+        """
+        if self._listing is None:
+            self._listing = self.records()
+        if not self._listing:
+            raise ValueError(f"{', '.join(map(str, self.paths))}: no video-QA records")
+        count = len(self._listing)
+        for step in range(count):  # at most one pass: every record is tried once
+            k = (index + step) % count
+            if k in self._bad:
+                continue
+            path, location, record = self._listing[k]
+            try:
+                return self.sample(path, location, record, k)
+            except SourceError as error:
+                if self.strict:
+                    raise
+                self._bad.add(k)
+                self.skipped.add(error)
+        raise ValueError(f"{', '.join(map(str, self.paths))}: none of the {count} records is usable")
 
     def _turns(self, record: dict[str, Any]) -> tuple[list[Turn], dict[str, Any]]:
         """The record's turns (video slot not yet expanded) and its task truth."""

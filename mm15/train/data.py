@@ -10,7 +10,8 @@ with an error, since a data set that broken should not train quietly.
 A source is named by a spec: ``synth:<generator>`` or ``synth:<category>`` (the category's generators
 in turn), ``shards:<folder>`` (WebDataset shards from ``mm15 data``) or ``video:<annotations>`` (video-QA
 JSON / JSONL read by ``mm15.data.video_qa.VideoQAReader``: 24 frames per video, videos relative to the
-annotation file; records that cannot be used are counted by the reader). Its position is a counter, so
+annotation file, read by record index so only the videos used are decoded; records that cannot be used
+are counted by the reader). Its position is a counter, so
 ``state_dict()`` (the mixture's state plus every source's counter and the skip counts) restores the
 stream exactly: a resumed run sees the same samples in the same order.
 """
@@ -83,6 +84,8 @@ class SampleSource:
 
             name = self.names[index % len(self.names)]
             return generate(name, index // len(self.names), split=self.split, seed=self.seed)  # type: ignore[arg-type]
+        if self.kind == "video":
+            return self.reader.sample_at(index)  # random access: decodes only this rank's videos
         if self._iter is None:
             # Resuming: skip what was consumed (shards are streamed, so position is a sample count).
             self._iter = itertools.islice(itertools.cycle(self.reader), index, None, self.world_size)
