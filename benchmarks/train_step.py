@@ -1,0 +1,340 @@
+"""Training-step speed: mm15's real step against an equivalent LLaVA-NeXT step, eager and compiled.
+
+Both models are built in the same run from a preset's encoder and LLM sizes (``--preset tiny|smol``) and
+train on the *same samples*: SFT samples from the synthetic data engine (general VQA, charts, documents,
+tables, grounding; images of different sizes and aspect ratios, answers of different lengths), written
+to a WebDataset shard first.
+
+* **mm15**: the whole training path of ``mm15 train`` -- ``TrainStream`` (shard reading, image decoding,
+  MM1.5's dynamic splitting, chat template, packing into rows of ``--seq-length`` tokens) behind the
+  ``Prefetcher`` thread, then ``train_step`` (forward, the LM head on supervised positions only,
+  cross-entropy, backward, gradient clipping, AdamW). The connector keeps one token per patch
+  (``num_queries = patches per tile``) so each image costs the LLM as many tokens as in the reference.
+  A second row, "mm15 (preset)", is the preset as shipped (its C-Abstractor pools tiles to fewer tokens).
+* **LlavaNext**: ``LlavaNextForConditionalGeneration`` with the same vision tower and decoder sizes, its
+  any-resolution grids for 4..9 tiles of the same size, the same text tokens and labels (image
+  positions and prompts unsupervised), batches padded to the longest sample as Hugging Face
+  collators do, ``forward(labels=...)``, backward, clipping and AdamW. Its images are preprocessed
+  *before* timing, so its step time holds no data preparation at all (in mm15's the data path is
+  included, as ``data wait``).
+
+Figures per model: samples/s and real (non-padding) tokens/s over the timed steps, the step time, MFU
+(6 x parameters x tokens for the LLM and 6 x parameters x patches for the encoder, over the step time
+and this machine's matmul rate in the compute dtype, measured in the same run) and, for mm15, the
+fraction of the step spent waiting for data. ``--compile`` adds the compiled rows: mm15's per-block
+``torch.compile`` (the recipe switch ``compile: true``) and ``torch.compile`` of the whole reference
+model; both are warmed up on every timed batch shape first, so compilation is not timed.
+
+Usage: ``python benchmarks/train_step.py [--preset tiny|smol] [--samples 4] [--steps 3] [--compile]``;
+results in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mm15.chat import ChatEncoder
+from mm15.data.mixture import MixtureNode, MixtureSampler
+from mm15.data.sample import Sample
+from mm15.data.sources import write_shards
+from mm15.data.synth import generate
+from mm15.geometry import candidate_grids
+from mm15.hardware import autocast, fast_dtype
+from mm15.image import ImageProcessor, load_image
+from mm15.model.mm15 import MM15Config, MM15Model
+from mm15.model.presets import preset
+from mm15.train.data import MicroBatch, Prefetcher, TrainStream
+from mm15.train.trainer import build_optimizer, train_step
+
+GENERATORS = ("general-color", "chart-qa", "doc-qa", "refer-ground", "table-qa", "general-count")
+LR = 1e-4
+
+
+def workload(count: int) -> list[Sample]:
+    """``count`` single-image SFT samples, cycling through the generators (deterministic)."""
+    return [
+        generate(GENERATORS[i % len(GENERATORS)], i // len(GENERATORS), split="train") for i in range(count)
+    ]
+
+
+def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
+    """Measured GEMM rate in ``dtype`` (FLOP/s): the MFU denominator."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def equal_token_config(cfg: MM15Config) -> MM15Config:
+    """The preset with one image token per patch, as LLaVA-NeXT gives the LLM."""
+    patches = (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    return dataclasses.replace(
+        cfg,
+        connector=dataclasses.replace(cfg.connector, num_queries=patches),
+        image=dataclasses.replace(cfg.image, tokens_per_tile=patches),
+    )
+
+
+def mm15_stream(model: MM15Model, shard_dir: Path, samples_per_step: int, seq_length: int) -> TrainStream:
+    return TrainStream(
+        MixtureSampler(MixtureNode.from_dict({"sft": 1}), seed=0),
+        {"sft": f"shards:{shard_dir}"},
+        ChatEncoder(model.tokenizer, model.cfg.image, max_length=seq_length),
+        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
+        samples_per_micro=samples_per_step,
+        pad_id=model.tokenizer.pad_token_id,
+    )
+
+
+def build_reference(model: MM15Model) -> torch.nn.Module:
+    """LlavaNext with ``model``'s vision tower and decoder configs (random weights) and 4..9-tile grids."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    tile = model.cfg.image.tile_size
+    grids = [[a * tile, b * tile] for a, b in candidate_grids(model.cfg.image.n_min, model.cfg.image.n_max)]
+    vision_config = model.vision.model.config
+    config = LlavaNextConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=model.llm.config.to_dict(),
+        image_token_index=model.image_token_id,
+        image_grid_pinpoints=grids,
+        vision_feature_layer=-1,
+        # CLIP has a CLS token to drop ("default"); SigLIP has none ("full").
+        vision_feature_select_strategy="default"
+        if vision_config.model_type == "clip_vision_model"
+        else "full",
+    )
+    torch.manual_seed(0)
+    return LlavaNextForConditionalGeneration(config)
+
+
+def reference_batches(
+    reference: torch.nn.Module, model: MM15Model, micros: list[MicroBatch]
+) -> list[dict[str, Any]]:
+    """The reference's padded batches for the samples of mm15's micro-batches (same text, same labels)."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    tile = model.cfg.image.tile_size
+    processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile},
+        crop_size={"height": tile, "width": tile},
+        image_grid_pinpoints=reference.config.image_grid_pinpoints,
+        image_mean=list(model.vision.image_mean),
+        image_std=list(model.vision.image_std),
+    )
+    image_token = model.image_token_id
+    batches = []
+    for micro in micros:
+        rows, labels, pictures = [], [], []
+        for encoded in micro.samples:
+            name, split, seed, index = encoded.sample_id.split("/")
+            sample = generate(name, int(index), split=split, seed=int(seed))  # type: ignore[arg-type]
+            image = load_image(sample.images[0])
+            pixels = processor(image, return_tensors="pt")
+            with torch.no_grad():
+                features = reference.model.get_image_features(
+                    pixels["pixel_values"], pixels["image_sizes"]
+                ).pooler_output
+            # mm15's text tokens and labels without its image tokens, after the reference's image tokens.
+            text = [
+                (t, y) for t, y in zip(encoded.input_ids, encoded.labels, strict=True) if t != image_token
+            ]
+            rows.append([image_token] * features[0].shape[0] + [t for t, _ in text])
+            labels.append([-100] * features[0].shape[0] + [y for _, y in text])
+            pictures.append(image)
+        longest = max(len(r) for r in rows)
+        pad = model.tokenizer.pad_token_id
+        processed = processor(pictures, return_tensors="pt")
+        batches.append(
+            {
+                "input_ids": torch.tensor([r + [pad] * (longest - len(r)) for r in rows]),
+                "attention_mask": torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows]),
+                "labels": torch.tensor([y + [-100] * (longest - len(y)) for y in labels]),
+                "pixel_values": processed["pixel_values"],
+                "image_sizes": processed["image_sizes"],
+                "real_tokens": sum(len(r) for r in rows),
+                "patches": int(processed["pixel_values"].shape[0] * processed["pixel_values"].shape[1])
+                * (model.cfg.vision.image_size // model.cfg.vision.patch_size) ** 2,
+            }
+        )
+    return batches
+
+
+def flops(llm: torch.nn.Module, vision: torch.nn.Module, tokens: int, patches: int) -> float:
+    llm_params = sum(p.numel() for p in llm.parameters())
+    vision_params = sum(p.numel() for p in vision.parameters())
+    return 6.0 * llm_params * tokens + 6.0 * vision_params * patches
+
+
+def run_mm15(
+    cfg: MM15Config,
+    shard_dir: Path,
+    args: argparse.Namespace,
+    dtype: torch.dtype,
+    peak: float,
+    compiled: bool,
+) -> tuple[dict[str, Any], MM15Model, list[MicroBatch]]:
+    torch.manual_seed(0)
+    model = MM15Model.build(cfg).train()
+    if compiled:
+        for block in [*model.llm.get_decoder().layers, *model.vision.model.encoder.layers]:
+            block.compile()
+    modules = ("encoder", "connector", "llm")
+    optimizer = build_optimizer(model, modules, dict.fromkeys(modules, LR))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    warm = args.steps if compiled else 1  # a compiled model meets every timed shape once before timing
+    stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
+    data = Prefetcher(stream)
+    seen: list[MicroBatch] = []
+    original = data.next_micro
+
+    def recording() -> MicroBatch:
+        micro = original()
+        seen.append(micro)
+        return micro
+
+    data.next_micro = recording  # type: ignore[method-assign]
+    for step in range(warm):
+        train_step(model, data, optimizer, scheduler, 1, step, dtype, 1.0, peak)
+    if compiled:  # time the same batches that compiled
+        data.close()
+        stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
+        data = Prefetcher(stream)
+        seen.clear()
+        original = data.next_micro
+        data.next_micro = recording  # type: ignore[method-assign]
+    times, waits, tokens, images = [], [], 0, 0
+    for step in range(args.steps):
+        metrics = train_step(model, data, optimizer, scheduler, 1, warm + step, dtype, 1.0, peak)
+        micro = seen[-1]
+        seconds = micro.batch.real_tokens / metrics.tokens_per_s
+        times.append(seconds)
+        waits.append(metrics.data_wait)
+        tokens += micro.batch.real_tokens
+        images += micro.images
+    data.close()
+    timed = seen[-args.steps :]
+    patches = sum(m.pixel_values.shape[0] for m in timed if m.pixel_values is not None)
+    patches *= (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+    total = sum(times)
+    row = {
+        "samples_s": args.samples * args.steps / total,
+        "tokens_s": tokens / total,
+        "tokens_per_sample": tokens / (args.samples * args.steps),
+        "step_s": statistics.median(times),
+        "mfu": flops(model.llm, model.vision, tokens, patches) / total / peak,
+        "wait": sum(w * t for w, t in zip(waits, times, strict=True)) / total,
+    }
+    return row, model, timed
+
+
+def run_reference(
+    reference: torch.nn.Module, batches: list[dict[str, Any]], dtype: torch.dtype, peak: float, compiled: bool
+) -> dict[str, Any]:
+    reference.train()
+    step_model = torch.compile(reference) if compiled else reference
+    optimizer = torch.optim.AdamW([p for p in reference.parameters() if p.requires_grad], lr=LR)
+
+    def step(batch: dict[str, Any]) -> None:
+        inputs = {k: v for k, v in batch.items() if k not in ("real_tokens", "patches")}
+        with autocast(dtype):
+            out = step_model(**inputs)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for batch in batches if compiled else batches[:1]:
+        step(batch)
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - start)
+    total = sum(times)
+    tokens = sum(b["real_tokens"] for b in batches)
+    patches = sum(b["patches"] for b in batches)
+    samples = sum(b["input_ids"].shape[0] for b in batches)
+    padded = sum(b["input_ids"].numel() for b in batches)
+    llm, vision = reference.model.language_model, reference.model.vision_tower
+    return {
+        "samples_s": samples / total,
+        "tokens_s": tokens / total,
+        "tokens_per_sample": tokens / samples,
+        "step_s": statistics.median(times),
+        "mfu": flops(llm, vision, tokens, patches) / total / peak,
+        "wait": None,
+        "padding": 1 - tokens / padded,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=("tiny", "smol"), default="tiny")
+    parser.add_argument("--samples", type=int, default=4, help="samples per step")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps")
+    parser.add_argument(
+        "--seq-length", type=int, default=2048, help="mm15's packed row length (the tiny SFT stage's)"
+    )
+    parser.add_argument("--compile", action="store_true", help="also time both models compiled")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    dtype = fast_dtype()
+    peak = matmul_rate(dtype)
+    cpu = platform.processor() or platform.machine()
+    print(
+        f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads; "
+        f"compute dtype {dtype}, measured matmul {peak / 1e9:.0f} GFLOP/s; preset {args.preset}; "
+        f"{args.samples} samples/step, {args.steps} timed steps"
+    )
+    shipped = preset(args.preset)
+    equal = equal_token_config(shipped)
+    rows: list[tuple[str, dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        shard_dir = Path(tmp)
+        write_shards(workload(args.samples * args.steps * 3), shard_dir)
+        for compiled in (False, True) if args.compile else (False,):
+            tag = " compiled" if compiled else ""
+            ours, model, micros = run_mm15(equal, shard_dir, args, dtype, peak, compiled)
+            reference = build_reference(model)
+            batches = reference_batches(reference, model, micros)
+            ref = run_reference(reference, batches, dtype, peak, compiled)
+            rows += [(f"mm15{tag}", ours), (f"LlavaNext{tag}", ref)]
+            if not compiled:
+                rows.append(("mm15 (preset)", run_mm15(shipped, shard_dir, args, dtype, peak, False)[0]))
+    header = (
+        "| model | samples/s | tokens/s | tokens/sample | step s | MFU | data wait | padding | vs LlavaNext |"
+    )
+    print(header)
+    print("|---|---|---|---|---|---|---|---|---|")
+    references = {tag: r for name, r in rows if name.startswith("LlavaNext") for tag in [name[9:]]}
+    for name, r in rows:
+        tag = " compiled" if "compiled" in name else ""
+        ratio = r["samples_s"] / references[tag]["samples_s"]
+        wait = "-" if r["wait"] is None else f"{r['wait']:.1%}"
+        padding = f"{r['padding']:.0%}" if "padding" in r else "0% (packed)"
+        print(
+            f"| {name} | {r['samples_s']:.2f} | {r['tokens_s']:.0f} | {r['tokens_per_sample']:.0f} | "
+            f"{r['step_s']:.2f} | {r['mfu']:.1%} | {wait} | {padding} | {ratio:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()
