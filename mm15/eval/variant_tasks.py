@@ -4,7 +4,8 @@ The task registry imports this module on its first lookup (``tasks.VARIANT_MODUL
 registers every task below with ``register_task``.
 
 **Video** (category ``video``; MM1.5-Video, mm15-spec.md section 6: 24 uniformly sampled frames, each
-one unsplit image; ``TaskItem.meta["is_video"]`` is set so the runner plans the frames unsplit):
+one unsplit image). Items carry ``meta["is_video"] = True`` for the runner: its processor leaves any
+prompt of 3 or more images unsplit, which covers every clip but one of only 1-2 frames.
 
 =================  ==============================================================  =========================
 task               items                                                           metric
@@ -207,7 +208,7 @@ def get_judge(name: str) -> VideoJudge:
 
 
 def video_item(sample: Sample, **meta: Any) -> TaskItem:
-    """A video sample as a task item: frames as images, flagged so the runner does not split them."""
+    """A video sample as a task item: frames as images, flagged ``is_video`` (module docstring)."""
     item = sample_to_item(sample)
     return dataclasses.replace(item, meta={**item.meta, "is_video": True, **meta})
 
