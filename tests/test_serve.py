@@ -23,7 +23,7 @@ from mm15.model.generate import GenerationConfig, generate
 from mm15.model.mm15 import MM15Model, MM15Processor
 from mm15.serve.api import create_app
 from mm15.serve.conversation import Turn, question_turn, render_prompt
-from mm15.serve.engine import Engine
+from mm15.serve.engine import Engine, wait_for
 from mm15.serve.media import image_from_url
 from mm15.serve.server import RunningServer, start_server
 from mm15.serve.settings import MiB, ServeSettings
@@ -245,6 +245,52 @@ def test_a_failing_batch_is_a_clean_500_and_the_server_keeps_serving(
     monkeypatch.undo()
     answer = client(served.url).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_engine_rows_keep_their_own_settings(served: Served) -> None:
+    """One batch, three rows with different budgets and stop strings: each as generate() alone."""
+    model = served.reference
+    turns = [
+        question_turn("first"),
+        question_turn("second one"),
+        question_turn("third", [decoded(png_bytes())]),
+    ]
+    full = [alone(model, [turn], 12) for turn in turns]
+    configs = [
+        GenerationConfig(max_new_tokens=3),
+        GenerationConfig(max_new_tokens=12, stop=(full[1][5:7],)),
+        GenerationConfig(max_new_tokens=12),
+    ]
+    with Engine(model, max_batch=8, batch_window_s=0.5) as engine:
+        handles = [
+            engine.submit(engine.encode(*render_prompt(model.tokenizer, [turn])), config)
+            for turn, config in zip(turns, configs, strict=True)
+        ]
+        results = [wait_for(handle, timeout=60) for handle in handles]
+        assert engine.stats.batch_sizes == Counter({3: 1})
+    with autocast():
+        first = generate(
+            model, MM15Processor.for_model(model)([render_prompt(model.tokenizer, [turns[0]])[0]]), configs[0]
+        )[0]
+    assert results[0][0] == first and results[0][1].finish_reason == "length"
+    assert results[0][1].completion_tokens == 3
+    assert results[1][0] == full[1][: full[1].index(full[1][5:7])] and results[1][1].finish_reason == "stop"
+    assert results[2][0] == full[2]
+
+
+def test_a_client_leaving_mid_stream_does_not_disturb_the_server(served: Served) -> None:
+    host, port = served.url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps(base_request(max_tokens=64, stream=True)).encode()
+    connection.request("POST", "/v1/chat/completions", body=body, headers=JSON)
+    response = connection.getresponse()
+    assert response.status == 200
+    assert response.read(6) == b"data: "  # the first event arrived; now leave
+    connection.close()
+    answer = client(served.url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "after"}], max_tokens=2
     )
     assert answer.choices[0].finish_reason in ("stop", "length")
 

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from mm15.model.generate import GenerationConfig
 from mm15.model.mm15 import IMAGE_PLACEHOLDER
 from mm15.serve.conversation import Turn, check_user_text, render_prompt
-from mm15.serve.engine import EncodedPrompt, Engine, EngineBusy, EngineStopped, PromptTooLong
+from mm15.serve.engine import EncodedPrompt, Engine, EngineBusy, EngineStopped, PromptTooLong, RequestHandle
 from mm15.serve.errors import APIError, error_body
 from mm15.serve.media import image_from_url
 from mm15.serve.protocol import (
@@ -397,7 +397,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
 
 
 async def _stream_events(
-    handle: Any, completion_id: str, created: int, model: str, include_usage: bool
+    handle: RequestHandle, completion_id: str, created: int, model: str, include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events for one streamed completion; a disconnect cancels the request's row."""
 
