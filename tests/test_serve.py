@@ -8,6 +8,7 @@ import json
 import random
 import struct
 import threading
+import time
 import zlib
 from collections import Counter
 from dataclasses import dataclass
@@ -280,15 +281,30 @@ def test_engine_rows_keep_their_own_settings(served: Served) -> None:
     assert results[2][0] == full[2]
 
 
-def test_a_client_leaving_mid_stream_does_not_disturb_the_server(served: Served) -> None:
+def test_a_client_leaving_mid_stream_does_not_disturb_the_server(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    step = served.engine.model.llm.forward
+
+    def slow_step(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.03)  # 64 steps take about 2 s: the client surely leaves before the end
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(served.engine.model.llm, "forward", slow_step)
     host, port = served.url.removeprefix("http://").split(":")
+    cancelled = served.engine.stats.cancelled
     connection = http.client.HTTPConnection(host, int(port), timeout=30)
     body = json.dumps(base_request(max_tokens=64, stream=True)).encode()
     connection.request("POST", "/v1/chat/completions", body=body, headers=JSON)
     response = connection.getresponse()
     assert response.status == 200
-    assert response.read(6) == b"data: "  # the first event arrived; now leave
+    assert response.read(1500).startswith(b"data: ")  # a few events arrived; now leave
     connection.close()
+    deadline = time.monotonic() + 20
+    while served.engine.stats.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.engine.stats.cancelled == cancelled + 1  # its row stopped being generated
+    monkeypatch.undo()
     answer = client(served.url).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "after"}], max_tokens=2
     )

@@ -319,6 +319,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             "requests": stats.requests,
             "batches": stats.batches,
             "largest_batch": stats.largest_batch,
+            "cancelled": stats.cancelled,
         }
 
     @app.get("/v1/models")

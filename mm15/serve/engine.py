@@ -173,6 +173,7 @@ class EngineStats:
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     generated_tokens: int = 0
     failed_batches: int = 0
+    cancelled: int = 0  # rows dropped mid-generation because their client left
 
 
 @dataclass
@@ -302,7 +303,9 @@ class Engine:
             batch = []
             while self._waiting and len(batch) < self.max_batch:
                 handle = self._waiting.popleft()
-                if not handle.cancelled.is_set():
+                if handle.cancelled.is_set():
+                    self.stats.cancelled += 1  # its client left while it waited
+                else:
                     batch.append(handle)
             return batch
 
@@ -401,6 +404,7 @@ class Engine:
                 for index, row in enumerate(rows):
                     if not row.done and row.handle.cancelled.is_set():
                         row.done = True  # nobody is reading: no more events for it
+                        self.stats.cancelled += 1
                     if row.done:
                         next_tokens.append(self._pad)  # finished rows ride along; their output is unused
                         continue
