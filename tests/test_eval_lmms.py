@@ -101,13 +101,13 @@ def test_generation_settings_and_placeholders(adapter: MM15LMM) -> None:
         adapter.generate_until([request(0, {}, "<image><image> what?")])
 
 
-def test_loglikelihood_of_the_greedy_continuation(adapter: MM15LMM) -> None:
+def test_loglikelihood_is_a_loss_and_flags_the_greedy_continuation(adapter: MM15LMM) -> None:
     model, doc = adapter.model, adapter.task_dict["toy"]["test"][0]
     context = "Question 0: what is shown?"  # the random model's greedy reply to it is not empty
     prompt = chat_prompt(model.tokenizer, "<image>\n" + context)
     greedy_text = generate_texts(model, [prompt], [[doc["image"]]], GenerationConfig(max_new_tokens=3))[0]
     assert greedy_text
-    (logprob, is_greedy), (other_logprob, other_greedy), (empty, _) = adapter.loglikelihood(
+    (loss, is_greedy), (other_loss, other_greedy), (empty, empty_greedy) = adapter.loglikelihood(
         [
             FakeInstance("loglikelihood", (context, greedy_text, visuals, 0, "toy", "test")),
             FakeInstance(
@@ -116,8 +116,10 @@ def test_loglikelihood_of_the_greedy_continuation(adapter: MM15LMM) -> None:
             FakeInstance("loglikelihood", (context, "", visuals, 0, "toy", "test")),
         ]
     )
-    assert is_greedy and logprob <= 0.0
-    assert not other_greedy and other_logprob < 0.0 and empty == 0.0
+    # A loss (lower = likelier), as lmms-eval's multiple-choice scoring takes the argmin.
+    assert is_greedy and loss >= 0.0
+    assert not other_greedy and other_loss > loss
+    assert (empty, empty_greedy) == (0.0, True)
 
 
 def test_multi_round(adapter: MM15LMM) -> None:

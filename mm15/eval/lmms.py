@@ -13,6 +13,8 @@ Request arguments (lmms-eval 0.7):
 
 * ``generate_until``: ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)``;
 * ``loglikelihood``: ``(context, doc_to_target or continuation str, doc_to_visual, doc_id, task, split)``;
+  the result is ``(mean token loss, is_greedy)``: a loss, as lmms-eval's models return and its
+  multiple-choice scoring (argmin) expects;
 * ``generate_until_multi_round``: ``(context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task,
   split)``; rounds after the first come from ``doc_to_text(doc, previous_output=..., round_idx=...,
   previous_round_info=...)``, which returns ``(visuals, context, terminal, round_results, info)``.
@@ -33,7 +35,7 @@ Use with lmms-eval installed (a separate environment; see docs/evaluation.md)::
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from PIL import Image
 from mm15.model.generate import GenerationConfig
 from mm15.model.mm15 import IMAGE_PLACEHOLDER, MM15Model, MM15Processor
 
-__all__ = ["MM15LMM", "lmms_base", "register"]
+__all__ = ["MM15LMM", "lmms_base", "manifest", "register"]
 
 DEFAULT_MAX_NEW_TOKENS = 256
 
@@ -213,7 +215,12 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
 
     @torch.no_grad()
     def loglikelihood(self, requests: Sequence[Any]) -> list[tuple[float, bool]]:
-        """(sum of the continuation's token log-probabilities, whether greedy decoding gives it)."""
+        """(mean negative log-likelihood of the continuation's tokens, whether greedy decoding gives it).
+
+        The first value is a *loss*, lower = likelier, as lmms-eval's own models return it and as its
+        ``multiple_choice`` scoring expects (it takes the argmin; EvolvingLMMs-Lab/lmms-eval#370), not
+        the log-probability its base-class docstring describes.
+        """
         from mm15.hardware import autocast
 
         results = []
@@ -246,9 +253,9 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
             start = prompt_ids.shape[1]
             predicting = logits[0, start - 1 : input_ids.shape[1] - 1].float().log_softmax(-1)
             targets = input_ids[0, start:]
-            logprob = predicting.gather(-1, targets.unsqueeze(-1)).sum().item()
+            loss = -predicting.gather(-1, targets.unsqueeze(-1)).mean().item()
             greedy = bool((predicting.argmax(-1) == targets).all())
-            results.append((float(logprob), greedy))
+            results.append((float(loss), greedy))
         return results
 
     def generate_until_multi_round(self, requests: Sequence[Any]) -> list[Any]:
@@ -278,8 +285,20 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
         return results
 
 
-def register(name: str = "mm15") -> Callable[..., Any]:
-    """Add ``MM15LMM`` to lmms-eval's model registry under ``name`` (needs lmms-eval installed)."""
+def manifest(name: str = "mm15") -> Any:
+    """lmms-eval's ``ModelManifest`` for ``MM15LMM`` (lmms-eval >= 0.7): the payload of an
+    ``lmms_eval.models`` entry point, for a package that wants ``--model mm15`` without ``register()``."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
+    return ModelManifest(model_id=name, simple_class_path=f"{__name__}.MM15LMM")
+
+
+def register(name: str = "mm15") -> type:
+    """Make ``MM15LMM`` loadable by lmms-eval as ``--model <name>`` (needs lmms-eval installed).
+
+    lmms-eval 0.7 resolves models through its manifest registry (``MODEL_REGISTRY_V2``); older
+    versions through ``register_model``. Both are filled when present.
+    """
     try:
         from lmms_eval.api.registry import register_model
     except ImportError as err:
@@ -287,4 +306,10 @@ def register(name: str = "mm15") -> Callable[..., Any]:
             "lmms-eval is not installed; it is not an mm15 dependency because it pulls a CUDA torch. "
             "Install it in a separate environment (docs/evaluation.md); MM15LMM works without it."
         ) from err
-    return register_model(name)(MM15LMM)
+    register_model(name)(MM15LMM)
+    try:
+        from lmms_eval.models import MODEL_REGISTRY_V2
+    except ImportError:  # lmms-eval < 0.7: the decorator registry is the only one
+        return MM15LMM
+    MODEL_REGISTRY_V2.register_manifest(manifest(name), overwrite=True)
+    return MM15LMM
