@@ -478,6 +478,7 @@ def hostile_cases() -> list[tuple[str, str, str, bytes | None, dict[str, str], i
         base_request(messages=[{"role": "user", "content": "word " * 400}]),
         400,
     )
+    post("a megabyte of text", base_request(messages=[{"role": "user", "content": "a" * MiB}]), 400)
     # Image URLs.
     for name, url, status in [
         ("bad base64", "data:image/png;base64,!!!not-base64!!!", 400),

@@ -55,6 +55,9 @@ from mm15.serve.settings import ServeSettings
 log = logging.getLogger("mm15.serve")
 
 MAX_STOP_LENGTH = 256
+# No tokenizer packs more than this many characters into a token on real text: a longer text is
+# refused before tokenising it (which would hold the tokenizer lock the engine also needs).
+CHARACTERS_PER_TOKEN_BOUND = 32
 # Pydantic names union branches in error locations ("str", "list[...]"); they are not field names.
 _BRANCH_NAMES = {"str", "int", "float", "bool", "dict", "list", "none"}
 
@@ -140,6 +143,15 @@ def _image_count(request: ChatCompletionRequest) -> int:
     )
 
 
+def _text_length(request: ChatCompletionRequest) -> int:
+    return sum(
+        len(message.content)
+        if isinstance(message.content, str)
+        else sum(len(part.text) for part in message.content if not isinstance(part, ImagePart))
+        for message in request.messages
+    )
+
+
 def _turns(request: ChatCompletionRequest, settings: ServeSettings) -> list[Turn]:
     """OpenAI messages -> turns with decoded images (blocking: image decoding; run in a thread)."""
     images = _image_count(request)
@@ -149,6 +161,15 @@ def _turns(request: ChatCompletionRequest, settings: ServeSettings) -> list[Turn
             f"the request has {images} images, over this server's limit of {settings.max_images_per_request}",
             param="messages",
             code="too_many_images",
+        )
+    characters = _text_length(request)
+    if characters > CHARACTERS_PER_TOKEN_BOUND * settings.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the messages hold {characters} characters of text, far over the prompt limit of "
+            f"{settings.max_prompt_tokens} tokens",
+            param="messages",
+            code="context_length_exceeded",
         )
     turns = []
     for i, message in enumerate(request.messages):
