@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import logging
 import queue
@@ -80,15 +81,18 @@ def encode_prompt(
     prompt: str,
     images: Sequence[Image.Image],
     max_tokens: int | None = None,
+    tokenizer_lock: contextlib.AbstractContextManager[Any] | None = None,
 ) -> EncodedPrompt:
     """The one place request images become model inputs: plans, token ids, then tiles.
 
     The token count is checked before tiles are built, so an over-long prompt costs no pixel work.
     The image-token count is checked against the plans: text that smuggles the image token in would
     otherwise give the batch more image positions than features and fail every row with it.
+    ``tokenizer_lock`` is held while tokenising only, not while the tiles are computed.
     """
     plans = processor.plan(prompt, images)
-    ids = tokenize_with_images(prompt, plans, processor.tokenizer, image_token_id)
+    with tokenizer_lock or contextlib.nullcontext():
+        ids = tokenize_with_images(prompt, plans, processor.tokenizer, image_token_id)
     if max_tokens is not None and len(ids) > max_tokens:
         raise PromptTooLong(len(ids), max_tokens)
     expected = sum(plan.num_image_tokens for plan in plans)
@@ -235,8 +239,9 @@ class Engine:
         self, prompt: str, images: Sequence[Image.Image], max_tokens: int | None = None
     ) -> EncodedPrompt:
         """``encode_prompt`` with this model's processor, safe to call from any thread."""
-        with self.tokenizer_lock:
-            return encode_prompt(self.processor, self.model.image_token_id, prompt, images, max_tokens)
+        return encode_prompt(
+            self.processor, self.model.image_token_id, prompt, images, max_tokens, self.tokenizer_lock
+        )
 
     def submit(
         self,
