@@ -139,24 +139,23 @@ class EvalReport:
         return "\n".join(lines)
 
     def plot(self, path: Path) -> None:
-        """A bar chart of the category scores (and MMBase), written as PNG."""
-        import matplotlib
+        """A bar chart of the category scores (and MMBase), written as PNG.
 
-        matplotlib.use("Agg")  # no display: files only
-        import matplotlib.pyplot as plt
+        Drawn on a standalone ``Figure`` (rendered by the Agg canvas), not through pyplot, so the
+        caller's pyplot backend and open figures (a notebook, a training loop's plots) are untouched.
+        """
+        from matplotlib.figure import Figure
 
-        labels = list(self.category_scores)
-        values = list(self.category_scores.values())
+        scores = self.category_scores
+        labels, values = list(scores), list(scores.values())
+        colors = ["#4c72b0"] * len(labels)
         if self.mmbase is not None:
             labels.append("MMBase")
             values.append(self.mmbase)
-        figure, axes = plt.subplots(figsize=(max(4.0, 1.1 * len(labels) + 1.5), 3.6), dpi=100)
-        bars = axes.bar(
-            labels,
-            values,
-            color=["#4c72b0"] * len(self.category_scores)
-            + ["#dd8452"] * (len(labels) - len(self.category_scores)),
-        )
+            colors.append("#dd8452")
+        figure = Figure(figsize=(max(4.0, 1.1 * len(labels) + 1.5), 3.6), dpi=100)
+        axes = figure.subplots()
+        bars = axes.bar(labels, values, color=colors)
         for bar, value in zip(bars, values, strict=True):
             axes.annotate(
                 f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom"
@@ -166,9 +165,8 @@ class EvalReport:
         axes.set_title(f"{self.model.get('name') or 'model'}: category scores")
         axes.tick_params(axis="x", labelrotation=20)
         figure.tight_layout()
-        # Fixed metadata keeps the PNG byte-identical between identical runs.
+        # No "Software" entry (it names the matplotlib version): identical runs write identical bytes.
         figure.savefig(path, format="png", metadata={"Software": None})
-        plt.close(figure)
 
     def save(self, out_dir: str | Path) -> dict[str, Path]:
         """Write results.json, results.md and scores.png into ``out_dir``; returns their paths."""
