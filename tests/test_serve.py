@@ -6,7 +6,11 @@ from __future__ import annotations
 import http.client
 import json
 import random
+import signal
+import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -18,7 +22,9 @@ from typing import Any
 import openai
 import pytest
 from serve_helpers import build_test_model, data_url, png_bytes, scripted_answer
+from typer.testing import CliRunner
 
+from mm15.cli import app
 from mm15.hardware import autocast
 from mm15.model.generate import GenerationConfig, generate
 from mm15.model.mm15 import MM15Model, MM15Processor
@@ -593,3 +599,50 @@ def test_error_messages_name_the_field(served: Served) -> None:
         served.url, "POST", "/v1/chat/completions", json.dumps(base_request(foo=1)).encode(), JSON
     )
     assert status == 400 and document["error"]["message"] == "Unrecognized request argument supplied: foo"
+
+
+def test_the_mm15_serve_command(served: Served) -> None:
+    """`mm15 serve` as a user runs it: a subprocess on loopback, key required on /v1, clean shutdown."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable,
+        "-m",
+        "mm15.cli",
+        "serve",
+        "--model",
+        str(served.model_dir),
+        "--port",
+        str(port),
+    ]
+    server = subprocess.Popen(
+        [*command, "--api-key", KEY, "--model-name", "cli-model"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, health = raw(url, "GET", "/health", None, {})
+                break
+            except OSError:
+                assert server.poll() is None, server.stderr.read() if server.stderr else ""
+                assert time.monotonic() < deadline, "mm15 serve did not start"
+                time.sleep(0.2)
+        assert status == 200 and health["model"] == "cli-model"
+        assert raw(url, "GET", "/v1/models", None, {})[0] == 401
+        assert [m.id for m in client(url, KEY).models.list().data] == ["cli-model"]
+        status, page = raw(url, "GET", "/", None, {})
+        assert status == 200 and "<canvas" in page
+    finally:
+        server.terminate()
+        # uvicorn shuts down gracefully, then re-raises the signal, as a server should.
+        assert server.wait(30) in (0, -signal.SIGTERM)
+    refused = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir / "missing")])
+    assert refused.exit_code == 2 and "not an mm15 model directory" in refused.stderr
+    bad_limit = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir), "--max-images", "-1"])
+    assert bad_limit.exit_code == 2 and "max_images_per_request must be >= 0" in bad_limit.stderr
