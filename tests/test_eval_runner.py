@@ -4,6 +4,7 @@ resume from the cache, real-benchmark files, and bad input."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,16 @@ FEW = [
     "synth-icl:max_new_tokens=3",
 ]
 REAL = Path(__file__).parent / "fixtures" / "realdata"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny model gains nothing from a second thread, and on 2 cores shared with other work two
+    intra-op threads made these tests 3x slower; the previous setting is restored afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
