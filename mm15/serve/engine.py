@@ -5,8 +5,9 @@ thread, so the engine thread only runs the model) and hand them to ``Engine.subm
 ``RequestHandle``. The engine thread takes the oldest waiting requests, up to ``max_batch``, waits
 ``batch_window_s`` for more to join, left-pads them into one batch and decodes them together with a
 KV cache; after every step each row's new text goes to its own handle, read with ``events()``
-(threads) or ``aevents()`` (asyncio). A batch runs until its last row is done (static batching: a
-request arriving meanwhile waits for the next batch).
+(threads) or ``aevents()`` (asyncio). A finished (or cancelled) row leaves the batch and its KV cache
+at once; the batch runs until its last row is done, and a request arriving meanwhile waits for the
+next batch (static batching, not continuous).
 
 Each row keeps its own ``GenerationConfig``: its token budget, stop strings, temperature and seed.
 Tokens are chosen and stop strings applied with ``mm15.model.generate``'s own rules, and left padding
@@ -407,17 +408,24 @@ class Engine:
             for _ in range(max(h.config.max_new_tokens for h in handles)):
                 next_tokens = []
                 for index, row in enumerate(rows):
-                    if not row.done and row.handle.cancelled.is_set():
+                    token = self._pad
+                    if row.handle.cancelled.is_set():
                         row.done = True  # nobody is reading: no more events for it
                         self.stats.cancelled += 1
-                    if row.done:
-                        next_tokens.append(self._pad)  # finished rows ride along; their output is unused
-                        continue
-                    token = int(_pick(logits[index : index + 1], row.handle.config, row.generator)[0])
-                    self._advance(row, token)
+                    else:
+                        token = int(_pick(logits[index : index + 1], row.handle.config, row.generator)[0])
+                        self._advance(row, token)
                     next_tokens.append(token)
-                if all(row.done for row in rows):
+                live = [index for index, row in enumerate(rows) if not row.done]
+                if not live:
                     return
+                if len(live) < len(rows) and hasattr(cache, "batch_select_indices"):
+                    # Finished rows leave the batch (and its KV cache): the rest decode without them.
+                    keep = torch.tensor(live)
+                    cache.batch_select_indices(keep)
+                    rows = [rows[index] for index in live]
+                    next_tokens = [next_tokens[index] for index in live]
+                    attention_mask, position_ids = attention_mask[keep], position_ids[keep]
                 token_column = torch.tensor(next_tokens, dtype=torch.long).unsqueeze(-1)
                 attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
                 position_ids = position_ids[:, -1:] + 1
