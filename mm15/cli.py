@@ -239,10 +239,11 @@ def eval_(
     except (TaskError, ValueError, FileNotFoundError, ImageError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
-    console.print(report.to_markdown())
+    typer.echo(report.to_markdown())  # raw, so the Markdown table is never wrapped
     console.print(
         f"{report.run['generated_items']} items generated, {report.run['cached_items']} from the cache; "
-        f"results in {target}/ (results.json, results.md, scores.png)"
+        f"results in {target}/ (results.json, results.md, scores.png)",
+        soft_wrap=True,
     )
 
 
