@@ -316,3 +316,26 @@ def test_missing_image_folder_is_reported_when_read(tmp_path: Path) -> None:
         task.items(options)[0]
     Image.new("RGB", (10, 10)).save(tmp_path / "missing.png")
     assert task.items(options)[0].meta["width"] == 10
+
+
+def test_sample_to_item_keeps_the_first_question_and_its_images() -> None:
+    from mm15.data.sample import Region, Sample, Turn
+
+    red, blue = Image.new("RGB", (40, 20), "red"), Image.new("RGB", (20, 40), "blue")
+    sample = Sample(
+        id="s",
+        turns=[
+            Turn("user", "<image>\nWhat is at <region0>?"),
+            Turn("assistant", "A square <region0>."),
+            Turn("user", "And here? <image>"),
+            Turn("assistant", "Blue."),
+        ],
+        category="general",
+        source="test",
+        images=[red, blue],
+        regions=[Region(0, box=(0.0, 0.0, 20.0, 10.0))],
+    )
+    item = registry.sample_to_item(sample)
+    assert item.question == "<image>\nWhat is at [0, 0, 500, 500]?"
+    assert item.answers == ("A square [0, 0, 500, 500].",)
+    assert len(item.images) == 1 and item.images[0].size == (40, 20)

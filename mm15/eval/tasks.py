@@ -34,7 +34,7 @@ from typing import Any, overload
 
 from PIL import Image
 
-from mm15.data.sample import ImageRef, Sample
+from mm15.data.sample import IMAGE_PLACEHOLDER, ImageRef, Sample
 from mm15.eval import loaders, metrics
 from mm15.model.generate import GenerationConfig
 
@@ -531,11 +531,14 @@ def sample_to_item(sample: Sample) -> TaskItem:
         if region.box is not None:
             height, width = sizes[region.image]
             meta.update(box=tuple(region.box), width=width, height=height)
+    # The question keeps only its own images: those of its placeholders, after any in earlier turns.
+    first = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in sample.turns[:user])
+    count = sample.turns[user].content.count(IMAGE_PLACEHOLDER)
     return TaskItem(
         id=sample.id,
         question=render_regions(sample.turns[user].content, sample, sizes),
         answers=(render_regions(sample.turns[reply].content, sample, sizes),),
-        images=tuple(pictures),
+        images=tuple(pictures[first : first + count]),
         meta=meta,
     )
 
