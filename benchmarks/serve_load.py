@@ -7,8 +7,8 @@ requests carry a 320 x 240 PNG (``--images``). ``--url`` targets a server that i
 (loopback only) instead.
 
 It checks that every request succeeded (exit status 1 otherwise) and prints the machine, the setup
-and a table: requests, failures, p50/p95 latency, requests/s, generated tokens/s, and the server's
-batches (from /health).
+and a table: requests, failures, p50/p95 latency, requests/s, generated tokens/s, and the mean
+number of rows the server decoded together per step (from /health).
 
 Usage: ``python benchmarks/serve_load.py [--clients 4] [--duration 30] [--max-tokens 16]
 [--images none|half|all] [--max-batch 8] [--url http://127.0.0.1:8000 --model NAME]``; see
@@ -203,8 +203,8 @@ def main() -> int:
     latencies = [x for r in results for x in r.latencies]
     failures = [f for r in results for f in r.failures]
     tokens = sum(r.tokens for r in results)
-    batches = after["batches"] - before["batches"]
-    served = after["requests"] - before["requests"]
+    steps = after["decode_steps"] - before["decode_steps"]
+    rows = after["rows_decoded"] - before["rows_decoded"]
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     target = f"at {args.url}" if args.url else f"tiny preset, max batch {args.max_batch}"
     print(
@@ -212,13 +212,13 @@ def main() -> int:
         f"images {args.images}, server {target}"
     )
     print()
-    print("| requests | failures | p50 latency | p95 latency | requests/s | tokens/s | mean batch |")
+    print("| requests | failures | p50 latency | p95 latency | requests/s | tokens/s | rows per step |")
     print("|---|---|---|---|---|---|---|")
     if latencies:
         print(
             f"| {len(latencies)} | {len(failures)} | {percentile(latencies, 50) * 1e3:.0f} ms | "
             f"{percentile(latencies, 95) * 1e3:.0f} ms | {len(latencies) / wall:.1f} | {tokens / wall:.0f} | "
-            f"{served / max(1, batches):.2f} |"
+            f"{rows / max(1, steps):.2f} |"
         )
     else:
         print(f"| 0 | {len(failures)} | - | - | 0 | 0 | - |")

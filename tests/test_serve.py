@@ -276,7 +276,7 @@ def test_engine_rows_keep_their_own_settings(served: Served) -> None:
             for turn, config in zip(turns, configs, strict=True)
         ]
         results = [wait_for(handle, timeout=60) for handle in handles]
-        assert engine.stats.batch_sizes == Counter({3: 1})
+        assert engine.stats.prefills == 1 and engine.stats.largest_batch == 3
     with autocast():
         first = generate(
             model, MM15Processor.for_model(model)([render_prompt(model.tokenizer, [turns[0]])[0]]), configs[0]
@@ -285,6 +285,38 @@ def test_engine_rows_keep_their_own_settings(served: Served) -> None:
     assert results[0][1].completion_tokens == 3
     assert results[1][0] == full[1][: full[1].index(full[1][5:7])] and results[1][1].finish_reason == "stop"
     assert results[2][0] == full[2]
+
+
+def test_requests_join_a_running_batch_and_answer_as_alone(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Continuous batching: rows prefilled while another decodes join it, each still as alone."""
+    model = served.reference
+    turns = [
+        question_turn("a long answer please"),
+        question_turn("joining", [decoded(png_bytes(90, 150))]),
+        question_turn("also joining, with a longer question than the others"),
+    ]
+    expected = [alone(model, [turn], 24 if k == 0 else 8) for k, turn in enumerate(turns)]
+    encoded = [(render_prompt(model.tokenizer, [turn])) for turn in turns]
+    step = model.llm.forward
+
+    def slow_step(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.01)  # the first row's 24 steps outlast the others' arrival, even on a busy machine
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(model.llm, "forward", slow_step)
+    with Engine(model, max_batch=8, batch_window_s=0.0) as engine:
+        first = engine.submit(engine.encode(*encoded[0]), GenerationConfig(max_new_tokens=24))
+        events = first.events(timeout=60)
+        text = [next(events).text]  # the first row is decoding now
+        later = [engine.submit(engine.encode(*e), GenerationConfig(max_new_tokens=8)) for e in encoded[1:]]
+        for event in events:
+            text.append(event.text)
+        results = ["".join(text)] + [wait_for(handle, timeout=60)[0] for handle in later]
+        assert engine.stats.prefills >= 2 and engine.stats.largest_batch >= 2
+    monkeypatch.undo()
+    assert results == expected
 
 
 def test_a_client_leaving_mid_stream_does_not_disturb_the_server(

@@ -338,7 +338,9 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             "model": settings.model_name,
             "waiting": engine.waiting,
             "requests": stats.requests,
-            "batches": stats.batches,
+            "prefills": stats.prefills,
+            "decode_steps": stats.decode_steps,
+            "rows_decoded": stats.rows_decoded,
             "largest_batch": stats.largest_batch,
             "cancelled": stats.cancelled,
         }

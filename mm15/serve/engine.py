@@ -2,12 +2,12 @@
 
 Callers turn a prompt and its images into token ids and tiles with ``Engine.encode`` (on their own
 thread, so the engine thread only runs the model) and hand them to ``Engine.submit``, which returns a
-``RequestHandle``. The engine thread takes the oldest waiting requests, up to ``max_batch``, waits
-``batch_window_s`` for more to join, left-pads them into one batch and decodes them together with a
-KV cache; after every step each row's new text goes to its own handle, read with ``events()``
-(threads) or ``aevents()`` (asyncio). A finished (or cancelled) row leaves the batch and its KV cache
-at once; the batch runs until its last row is done, and a request arriving meanwhile waits for the
-next batch (static batching, not continuous).
+``RequestHandle``. The engine thread batches continuously: when idle it takes the oldest waiting
+requests (up to ``max_batch``, after ``batch_window_s`` for more to arrive) and prefills them
+together, left-padded; between decoding steps, requests that arrived meanwhile are prefilled and join
+the running batch (their KV caches and masks left-padded to a common length), and finished or
+cancelled rows leave it. After every step each row's new text goes to its own handle, read with
+``events()`` (threads) or ``aevents()`` (asyncio).
 
 Each row keeps its own ``GenerationConfig``: its token budget, stop strings, temperature and seed.
 Tokens are chosen and stop strings applied with ``mm15.model.generate``'s own rules, and left padding
@@ -170,15 +170,25 @@ class RequestHandle:
 
 @dataclass
 class EngineStats:
-    """Counters for /health, the load benchmark and the batching tests."""
+    """Counters for /health, the load benchmark and the batching tests.
+
+    ``batch_sizes`` counts decoding steps by how many rows they decoded together; ``prefills`` counts
+    the forward passes over new prompts (requests arriving together share one).
+    """
 
     requests: int = 0
-    batches: int = 0
+    prefills: int = 0
+    decode_steps: int = 0
+    rows_decoded: int = 0
     largest_batch: int = 0
     batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
     generated_tokens: int = 0
     failed_batches: int = 0
-    cancelled: int = 0  # rows dropped mid-generation because their client left
+    cancelled: int = 0  # rows dropped because their client left
+
+    @property
+    def mean_batch(self) -> float:
+        return self.rows_decoded / self.decode_steps if self.decode_steps else 0.0
 
 
 @dataclass
@@ -188,6 +198,34 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     shown: str = ""
     done: bool = False
+
+
+@dataclass
+class _Running:
+    """The batch being decoded: its rows, KV cache, mask, each row's last position, next-token logits."""
+
+    rows: list[_Row]
+    cache: Any
+    attention_mask: torch.Tensor
+    last_positions: torch.Tensor
+    logits: torch.Tensor
+
+
+def _joinable(cache: Any) -> bool:
+    """New rows can join a running batch only with plain dynamic caches (tensors we know how to pad)."""
+    from transformers.cache_utils import DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+
+def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    missing = length - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
 class Engine:
@@ -292,44 +330,64 @@ class Engine:
 
     # --- the engine thread --------------------------------------------------------------------------
 
-    def _next_batch(self) -> list[RequestHandle]:
+    def _take(self, limit: int, wait: bool) -> list[RequestHandle]:
+        """Up to ``limit`` waiting requests; with ``wait``, block for the first and the batch window."""
         with self._condition:
-            while not self._waiting and not self._stopping:
-                self._condition.wait()
+            if wait:
+                while not self._waiting and not self._stopping:
+                    self._condition.wait()
+                # Requests sent together reach the queue a few milliseconds apart: wait briefly so they
+                # share one prefill instead of the first running alone.
+                deadline = time.monotonic() + self.batch_window_s
+                while len(self._waiting) < limit and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._condition.wait(remaining)
             if self._stopping:
                 return []
-            # Requests sent together reach the queue a few milliseconds apart: wait briefly so they
-            # share one batch instead of the first running alone.
-            deadline = time.monotonic() + self.batch_window_s
-            while len(self._waiting) < self.max_batch and not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._condition.wait(remaining)
-            batch = []
-            while self._waiting and len(batch) < self.max_batch:
+            taken = []
+            while self._waiting and len(taken) < limit:
                 handle = self._waiting.popleft()
                 if handle.cancelled.is_set():
                     self.stats.cancelled += 1  # its client left while it waited
                 else:
-                    batch.append(handle)
-            return batch
+                    taken.append(handle)
+            return taken
+
+    def _fail(self, handles: Sequence[RequestHandle], what: str) -> None:
+        log.exception("generation failed (%s) for %d requests", what, len(handles))
+        self.stats.failed_batches += 1
+        for handle in handles:
+            handle.deliver(Event("error", text="internal error while generating"))
 
     def _serve_forever(self) -> None:
+        """Prefill new requests, join them to the running batch, decode a step; repeat."""
+        running: _Running | None = None
         while True:
-            batch = self._next_batch()
-            if not batch:
-                with self._condition:
-                    if self._stopping:
-                        return
+            if running is None:
+                handles = self._take(self.max_batch, wait=True)
+            elif len(running.rows) < self.max_batch and _joinable(running.cache):
+                handles = self._take(self.max_batch - len(running.rows), wait=False)
+            else:
+                handles = []
+            if self._stopping:
+                for row in running.rows if running else []:
+                    row.handle.deliver(Event("error", text="the server is shutting down"))
+                return
+            try:
+                if handles:
+                    joining = self._prefill(handles)
+                    running = joining if running is None else self._merge(running, joining)
+            except Exception:  # one bad prefill must not stop the server; running rows go on
+                self._fail(handles, "prefill")
+            if running is None:
                 continue
             try:
-                self._run_batch(batch)
+                running = self._step(running)
             except Exception:
-                log.exception("generation failed for a batch of %d requests", len(batch))
-                self.stats.failed_batches += 1
-                for handle in batch:
-                    handle.deliver(Event("error", text="internal error while generating"))
+                self._fail([row.handle for row in running.rows if not row.done], "decoding")
+                running = None
 
     def _collate(self, rows: Sequence[_Row]) -> dict[str, Any]:
         """Left-padded ids and mask; tiles concatenated in row order (the order ``embed`` fills)."""
@@ -384,16 +442,16 @@ class Engine:
             self._finish(row, "length")
 
     @torch.no_grad()
-    def _run_batch(self, handles: list[RequestHandle]) -> None:
-        self.stats.batches += 1
-        self.stats.batch_sizes[len(handles)] += 1
-        self.stats.largest_batch = max(self.stats.largest_batch, len(handles))
+    def _prefill(self, handles: list[RequestHandle]) -> _Running:
+        """One forward pass over the new prompts, left-padded together; their next-token logits."""
+        self.stats.prefills += 1
         rows = [
             _Row(h, torch.Generator().manual_seed(h.config.seed) if h.config.seed is not None else None)
             for h in handles
         ]
         batch = self._collate(rows)
         attention_mask = batch["attention_mask"]
+        # Positions count real tokens only, so a padded row sees the positions it would see alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         with autocast():
             out = self.model(
@@ -404,39 +462,71 @@ class Engine:
                 use_cache=True,
                 logits_to_keep=1,
             )
-            cache, logits = out.past_key_values, out.logits[:, -1]
-            for _ in range(max(h.config.max_new_tokens for h in handles)):
-                next_tokens = []
-                for index, row in enumerate(rows):
-                    token = self._pad
-                    if row.handle.cancelled.is_set():
-                        row.done = True  # nobody is reading: no more events for it
-                        self.stats.cancelled += 1
-                    else:
-                        token = int(_pick(logits[index : index + 1], row.handle.config, row.generator)[0])
-                        self._advance(row, token)
-                    next_tokens.append(token)
-                live = [index for index, row in enumerate(rows) if not row.done]
-                if not live:
-                    return
-                if len(live) < len(rows) and hasattr(cache, "batch_select_indices"):
-                    # Finished rows leave the batch (and its KV cache): the rest decode without them.
-                    keep = torch.tensor(live)
-                    cache.batch_select_indices(keep)
-                    rows = [rows[index] for index in live]
-                    next_tokens = [next_tokens[index] for index in live]
-                    attention_mask, position_ids = attention_mask[keep], position_ids[keep]
-                token_column = torch.tensor(next_tokens, dtype=torch.long).unsqueeze(-1)
-                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
-                position_ids = position_ids[:, -1:] + 1
-                out = self.model.llm(
-                    input_ids=token_column,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                cache, logits = out.past_key_values, out.logits[:, -1]
+        return _Running(rows, out.past_key_values, attention_mask, position_ids[:, -1:], out.logits[:, -1])
+
+    def _merge(self, running: _Running, joining: _Running) -> _Running:
+        """New rows join the running batch: caches and masks left-padded to one length, then stacked.
+
+        Padding is masked out, and positions stay per row, so every row decodes as it would alone.
+        """
+        length = max(running.attention_mask.shape[1], joining.attention_mask.shape[1])
+        for mine, theirs in zip(running.cache.layers, joining.cache.layers, strict=True):
+            mine.keys = torch.cat([_left_pad(mine.keys, length, -2), _left_pad(theirs.keys, length, -2)])
+            mine.values = torch.cat(
+                [_left_pad(mine.values, length, -2), _left_pad(theirs.values, length, -2)]
+            )
+        return _Running(
+            running.rows + joining.rows,
+            running.cache,
+            torch.cat(
+                [_left_pad(running.attention_mask, length, 1), _left_pad(joining.attention_mask, length, 1)]
+            ),
+            torch.cat([running.last_positions, joining.last_positions]),
+            torch.cat([running.logits, joining.logits]),
+        )
+
+    @torch.no_grad()
+    def _step(self, running: _Running) -> _Running | None:
+        """Choose every row's next token, retire finished rows, run the decoder once; None when empty."""
+        rows = running.rows
+        self.stats.decode_steps += 1
+        self.stats.rows_decoded += len(rows)
+        self.stats.batch_sizes[len(rows)] += 1
+        self.stats.largest_batch = max(self.stats.largest_batch, len(rows))
+        next_tokens = []
+        for index, row in enumerate(rows):
+            token = self._pad
+            if row.done:
+                pass  # kept only when the cache cannot drop rows: it rides along, its output unused
+            elif row.handle.cancelled.is_set():
+                row.done = True  # nobody is reading: no more events for it
+                self.stats.cancelled += 1
+            else:
+                token = int(_pick(running.logits[index : index + 1], row.handle.config, row.generator)[0])
+                self._advance(row, token)
+            next_tokens.append(token)
+        live = [index for index, row in enumerate(rows) if not row.done]
+        if not live:
+            return None
+        cache, attention_mask, last_positions = running.cache, running.attention_mask, running.last_positions
+        if len(live) < len(rows) and hasattr(cache, "batch_select_indices"):
+            # Finished rows leave the batch (and its KV cache): the rest decode without them.
+            keep = torch.tensor(live)
+            cache.batch_select_indices(keep)
+            rows = [rows[index] for index in live]
+            next_tokens = [next_tokens[index] for index in live]
+            attention_mask, last_positions = attention_mask[keep], last_positions[keep]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+        last_positions = last_positions + 1
+        with autocast():
+            out = self.model.llm(
+                input_ids=torch.tensor(next_tokens, dtype=torch.long).unsqueeze(-1),
+                attention_mask=attention_mask,
+                position_ids=last_positions,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        return _Running(rows, out.past_key_values, attention_mask, last_positions, out.logits[:, -1])
 
 
 def wait_for(handle: RequestHandle, timeout: float | None = None) -> tuple[str, Event]:
