@@ -27,6 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from jinja2 import TemplateError
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -154,23 +155,6 @@ def _text_length(request: ChatCompletionRequest) -> int:
 
 def _turns(request: ChatCompletionRequest, settings: ServeSettings) -> list[Turn]:
     """OpenAI messages -> turns with decoded images (blocking: image decoding; run in a thread)."""
-    images = _image_count(request)
-    if images > settings.max_images_per_request:
-        raise APIError(
-            400,
-            f"the request has {images} images, over this server's limit of {settings.max_images_per_request}",
-            param="messages",
-            code="too_many_images",
-        )
-    characters = _text_length(request)
-    if characters > CHARACTERS_PER_TOKEN_BOUND * settings.max_prompt_tokens:
-        raise APIError(
-            400,
-            f"the messages hold {characters} characters of text, far over the prompt limit of "
-            f"{settings.max_prompt_tokens} tokens",
-            param="messages",
-            code="context_length_exceeded",
-        )
     turns = []
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
@@ -196,9 +180,8 @@ def _turns(request: ChatCompletionRequest, settings: ServeSettings) -> list[Turn
     return turns
 
 
-def _generation_config(
-    request: ChatCompletionRequest, settings: ServeSettings, prompt_tokens: int, context: int | None
-) -> GenerationConfig:
+def _check_limits(request: ChatCompletionRequest, settings: ServeSettings) -> None:
+    """The limits that need no image or token work, checked before any is done."""
     requested = request.requested_max_tokens()
     param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     if requested is not None and requested > settings.max_tokens_limit:
@@ -208,6 +191,45 @@ def _generation_config(
             param=param,
             code="max_tokens_too_large",
         )
+    stops = request.stop_strings()
+    if len(stops) > settings.max_stop_sequences:
+        raise APIError(
+            400,
+            f"at most {settings.max_stop_sequences} stop sequences are allowed, got {len(stops)}",
+            param="stop",
+            code="invalid_value",
+        )
+    if any(len(stop) > MAX_STOP_LENGTH for stop in stops):
+        raise APIError(
+            400,
+            f"stop sequences may be at most {MAX_STOP_LENGTH} characters",
+            param="stop",
+            code="invalid_value",
+        )
+    images = _image_count(request)
+    if images > settings.max_images_per_request:
+        raise APIError(
+            400,
+            f"the request has {images} images, over this server's limit of {settings.max_images_per_request}",
+            param="messages",
+            code="too_many_images",
+        )
+    characters = _text_length(request)
+    if characters > CHARACTERS_PER_TOKEN_BOUND * settings.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the messages hold {characters} characters of text, far over the prompt limit of "
+            f"{settings.max_prompt_tokens} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
+
+
+def _generation_config(
+    request: ChatCompletionRequest, settings: ServeSettings, prompt_tokens: int, context: int | None
+) -> GenerationConfig:
+    requested = request.requested_max_tokens()
+    param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     room = None if context is None else context - prompt_tokens
     if room is not None and room < 1:
         raise APIError(
@@ -227,27 +249,12 @@ def _generation_config(
     max_new = requested if requested is not None else settings.default_max_tokens
     if room is not None:
         max_new = min(max_new, room)
-    stops = request.stop_strings()
-    if len(stops) > settings.max_stop_sequences:
-        raise APIError(
-            400,
-            f"at most {settings.max_stop_sequences} stop sequences are allowed, got {len(stops)}",
-            param="stop",
-            code="invalid_value",
-        )
-    if any(len(stop) > MAX_STOP_LENGTH for stop in stops):
-        raise APIError(
-            400,
-            f"stop sequences may be at most {MAX_STOP_LENGTH} characters",
-            param="stop",
-            code="invalid_value",
-        )
     return GenerationConfig(
         max_new_tokens=max_new,
         # Greedy by default (OpenAI's default is 1.0): a small grounding model answers best greedily.
         temperature=request.temperature if request.temperature is not None else 0.0,
         top_p=request.top_p if request.top_p is not None else 1.0,
-        stop=stops,
+        stop=request.stop_strings(),
         seed=request.seed,
     )
 
@@ -260,6 +267,11 @@ def _prepare(
     try:
         with engine.tokenizer_lock:
             prompt, images = render_prompt(engine.tokenizer, turns)
+    except TemplateError as err:  # e.g. a template that insists on alternating roles
+        raise APIError(
+            400, f"the model's chat template cannot render these messages: {err}", param="messages"
+        ) from None
+    try:
         encoded = engine.encode(prompt, images, max_tokens=settings.max_prompt_tokens)
     except PromptTooLong as err:
         raise APIError(400, str(err), param="messages", code="context_length_exceeded") from None
@@ -367,6 +379,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 param="model",
                 code="model_not_found",
             )
+        _check_limits(body, settings)
         encoded, config = await run_in_threadpool(_prepare, engine, body, settings)
         try:
             handle = engine.submit(encoded, config, loop=asyncio.get_running_loop())
