@@ -353,6 +353,7 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
             "prefills": stats.prefills,
             "decode_steps": stats.decode_steps,
             "rows_decoded": stats.rows_decoded,
+            "mean_batch": round(stats.mean_batch, 2),
             "largest_batch": stats.largest_batch,
             "cancelled": stats.cancelled,
         }

@@ -310,7 +310,7 @@ class Engine:
         return self
 
     def close(self, timeout: float = 30.0) -> None:
-        """Stop after the running batch; requests still waiting get an error event."""
+        """Stop after the current decoding step; unfinished and waiting requests get an error event."""
         with self._condition:
             self._stopping = True
             thread, self._thread = self._thread, None
