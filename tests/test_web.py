@@ -98,6 +98,7 @@ def test_a_server_error_is_shown_on_the_page(page_url: str, browser: Any) -> Non
     page.goto(page_url)
     page.wait_for_function("document.getElementById('model').textContent === 'tiny-web'")
     page.fill("#question", "say <image> here")  # refused by the server: reserved text
+    page.fill("#maxTokens", "64")
     page.click("#send")
     error = page.wait_for_selector(".turn.error", timeout=30_000)
     assert "reserved for images" in (error.text_content() or "")
