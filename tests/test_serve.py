@@ -58,8 +58,17 @@ class Served:
     reference: MM15Model  # a second copy, for answers computed without the server
 
 
+@pytest.fixture(scope="module", autouse=True)
+def float32() -> Any:
+    """Batched rows equal rows alone exactly in float32. Under bf16 autocast (chosen on CPUs with bf16
+    units) the differently padded matmuls round differently, and a near-tie could flip a greedy token."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MM15_DTYPE", "float32")
+        yield
+
+
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory) -> Any:
+def served(float32: None, tmp_path_factory: pytest.TempPathFactory) -> Any:
     model_dir = build_test_model(tmp_path_factory.mktemp("serve") / "model")
     engine = Engine(MM15Model.from_pretrained(model_dir), max_batch=8, batch_window_s=0.05).start()
     open_server = start_server(create_app(engine, SETTINGS))
