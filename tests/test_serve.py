@@ -328,6 +328,18 @@ def test_requests_join_a_running_batch_and_answer_as_alone(
     assert results == expected
 
 
+def test_a_full_queue_is_a_429(served: Served) -> None:
+    with Engine(served.reference, max_waiting=0) as engine:
+        server = start_server(create_app(engine, SETTINGS))
+        try:
+            with pytest.raises(openai.RateLimitError, match="busy"):
+                client(server.url).chat.completions.create(
+                    model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                )
+        finally:
+            server.stop()
+
+
 def test_a_client_leaving_mid_stream_does_not_disturb_the_server(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
