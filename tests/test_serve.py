@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import http.client
+import http.server
 import json
 import random
 import signal
@@ -31,6 +33,7 @@ from mm15.model.mm15 import MM15Model, MM15Processor
 from mm15.serve.api import create_app
 from mm15.serve.conversation import Turn, question_turn, render_prompt
 from mm15.serve.engine import Engine, wait_for
+from mm15.serve.errors import APIError
 from mm15.serve.media import image_from_url
 from mm15.serve.server import RunningServer, start_server
 from mm15.serve.settings import MiB, ServeSettings
@@ -368,6 +371,41 @@ def test_a_client_leaving_mid_stream_does_not_disturb_the_server(
         model=MODEL, messages=[{"role": "user", "content": "after"}], max_tokens=2
     )
     assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_local_files_and_remote_urls_only_when_allowed(tmp_path: Path) -> None:
+    picture = tmp_path / "small.png"
+    picture.write_bytes(png_bytes(30, 20))
+    (tmp_path / "big.png").write_bytes(png_bytes(30, 20) + b"\0" * 5000)
+    allowed = ServeSettings(allow_local_files=True, allow_remote_images=True, max_image_bytes=4000)
+    assert image_from_url(picture.as_uri(), allowed, "p").size == (30, 20)
+    assert image_from_url(str(picture), allowed, "p").size == (30, 20)
+    with pytest.raises(APIError) as too_big:
+        image_from_url(str(tmp_path / "big.png"), allowed, "p")
+    assert too_big.value.status == 413
+    with pytest.raises(APIError, match="local files are disabled"):
+        image_from_url(str(picture), ServeSettings(), "p")
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    files = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(tmp_path))
+    )
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    try:
+        assert image_from_url(f"{base}/small.png", allowed, "p").size == (30, 20)
+        for name, status in [("missing.png", 400), ("big.png", 413)]:
+            with pytest.raises(APIError) as refused:
+                image_from_url(f"{base}/{name}", allowed, "p")
+            assert refused.value.status == status
+        with pytest.raises(APIError, match="remote image URLs are disabled"):
+            image_from_url(f"{base}/small.png", ServeSettings(), "p")
+    finally:
+        files.shutdown()
+        files.server_close()
 
 
 # --- hostile requests --------------------------------------------------------------------------------
