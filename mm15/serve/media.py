@@ -16,6 +16,7 @@ import logging
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from PIL import Image
@@ -66,10 +67,25 @@ def _data_url_bytes(url: str, settings: ServeSettings, param: str) -> bytes:
         ) from None
 
 
+class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects to http(s) only: urllib would also follow one to ftp://."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any, newurl: str
+    ) -> urllib.request.Request | None:
+        if urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(newurl, code, "redirect to a non-http(s) URL refused", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+# No proxy handler either: a fetch goes straight to the address the client named.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HTTPOnlyRedirects())
+
+
 def _remote_bytes(url: str, settings: ServeSettings, param: str) -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "mm15-serve"})
     try:
-        with urllib.request.urlopen(request, timeout=settings.remote_fetch_timeout_s) as response:
+        with _OPENER.open(request, timeout=settings.remote_fetch_timeout_s) as response:
             data = response.read(settings.max_image_bytes + 1)
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise APIError(
