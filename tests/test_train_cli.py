@@ -69,6 +69,13 @@ def test_tiny_recipe_three_stages_on_a_reduced_budget(tmp_path: Path) -> None:
         assert any((tmp_path / stage / "tensorboard").iterdir())
     summary = (tmp_path / "summary.md").read_text()
     assert "| pretrain | 5 |" in summary and "| sft | 5 |" in summary
+    # Evaluation during training: the SFT stage evaluates at its end (eval_every, capped budget).
+    assert not (tmp_path / "pretrain" / "eval.jsonl").read_text()  # eval_every: 0
+    (evaluated,) = [json.loads(x) for x in (tmp_path / "sft" / "eval.jsonl").read_text().splitlines()]
+    categories = {"general", "text-rich", "knowledge", "refer-ground", "multi-image", "in-context"}
+    assert evaluated["step"] == 5 and {f"category/{c}" for c in categories} <= set(evaluated)
+    assert all(0 <= v <= 100 for k, v in evaluated.items() if k.startswith("category/"))
+    assert "| sft | 5 |" in summary.split("Evaluation at the end of each stage")[1]
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")

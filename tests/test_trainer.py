@@ -157,3 +157,28 @@ def test_gradient_checkpointing_gives_the_same_losses() -> None:
 @pytest.mark.slow  # inductor compiles every block type once: about 2 minutes on 2 cores
 def test_compile_gives_the_same_losses() -> None:
     torch.testing.assert_close(_with_options(compile=True), steps(*setup(), 0, 3), rtol=1e-5, atol=0)
+
+
+def test_token_weights_count_each_sample_equally_or_by_sqrt() -> None:
+    from mm15.train.trainer import token_weights
+
+    _, stream, _, _ = setup()
+    micro = stream.next_micro()
+    supervised = micro.batch.labels[:, 1:] != -100
+    owners = micro.token_sample[:, 1:][supervised]
+    counts = torch.bincount(owners).float()
+    assert len(counts) == 2 and counts.min() > 0  # two samples, both supervised
+    assert torch.equal(token_weights(micro, "token"), torch.ones(len(owners)))
+    sample = token_weights(micro, "sample")
+    for index in range(2):  # each sample's tokens sum to 1
+        torch.testing.assert_close(sample[owners == index].sum(), torch.tensor(1.0))
+    torch.testing.assert_close(token_weights(micro, "sqrt")[owners == 0].sum(), counts[0].sqrt())
+    with pytest.raises(ValueError, match="unknown loss weighting 'mean'"):
+        token_weights(micro, "mean")
+
+
+def test_sample_weighting_trains_and_reports_the_token_mean() -> None:
+    model, stream, optimizer, scheduler = setup()
+    losses = steps(model, stream, optimizer, scheduler, 0, 6, loss_weighting="sample")
+    assert losses[-1] < losses[0]
+    assert losses[0] == steps(*setup(), 0, 1)[0]  # the first loss (before any update) is the same token mean

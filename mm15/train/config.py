@@ -473,9 +473,13 @@ class StageConfig:
     checkpoint directory (a path; existence is checked when the stage starts). ``trainable`` lists the
     modules that get gradients; ``routers`` are the MoE routers (absent in dense models). ``global_batch``
     is samples per optimizer step = ``micro_batch * grad_accum * world_size``. ``eval_every`` = 0 turns
-    evaluation off. ``nan_policy``: ``skip`` drops a step whose loss or gradient is not finite (counted),
-    ``error`` stops. ``max_corrupt_fraction``: the run stops once more than this fraction of samples were
-    skipped as corrupt (principle 2: skips are counted, never unbounded).
+    evaluation off; otherwise every ``eval_every`` steps (and at the stage's end) the model is evaluated
+    on ``eval_tasks`` (``mm15 eval`` task specs: tasks or categories) with ``eval_limit`` items each.
+    ``loss_weighting``: what the loss averages over, ``token`` (every supervised token, MM1.5), ``sample``
+    (every sample equally) or ``sqrt`` (mm15.train.trainer.token_weights). ``nan_policy``: ``skip``
+    drops a step whose loss or gradient is not finite (counted), ``error`` stops.
+    ``max_corrupt_fraction``: the run stops once more than this fraction of samples were skipped as
+    corrupt (principle 2: skips are counted, never unbounded).
     """
 
     name: str
@@ -488,12 +492,15 @@ class StageConfig:
     micro_batch: int = 1
     max_steps: int = 1000
     eval_every: int = 0
+    eval_tasks: str = "general,text-rich,knowledge,refer-ground,multi-image,in-context"
+    eval_limit: int = 8
     save_every: int = 1000
     keep_last: int = 2
     autocast: Autocast = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
     max_grad_norm: float = 1.0
+    loss_weighting: str = "token"
     nan_policy: NanPolicy = "error"
     max_corrupt_fraction: float = 0.01
     image: ImageConfig = field(default_factory=ImageConfig)
@@ -510,6 +517,14 @@ class StageConfig:
             value = getattr(self, key)
             _check(value >= 1, key, f"must be >= 1, got {value}")
         _check(self.eval_every >= 0, "eval_every", f"must be >= 0 (0 = off), got {self.eval_every}")
+        _check(self.eval_limit >= 1, "eval_limit", f"must be >= 1, got {self.eval_limit}")
+        if self.eval_every:
+            from mm15.eval.tasks import TaskError, resolve_task_specs
+
+            try:
+                resolve_task_specs(self.eval_tasks)
+            except TaskError as err:
+                raise _FieldError("eval_tasks", str(err)) from None
         _check(
             self.global_batch % self.micro_batch == 0,
             "global_batch",
@@ -518,6 +533,7 @@ class StageConfig:
         _check_choice("autocast", self.autocast, ("auto", "bf16", "fp32"))
         _check(self.max_grad_norm > 0, "max_grad_norm", f"must be > 0, got {self.max_grad_norm}")
         _check_choice("nan_policy", self.nan_policy, ("skip", "error"))
+        _check_choice("loss_weighting", self.loss_weighting, ("token", "sample", "sqrt"))
         _check(
             0 <= self.max_corrupt_fraction <= 1,
             "max_corrupt_fraction",
@@ -558,12 +574,15 @@ class StageConfig:
                 "micro_batch": _int,
                 "max_steps": _int,
                 "eval_every": _int,
+                "eval_tasks": _str,
+                "eval_limit": _int,
                 "save_every": _int,
                 "keep_last": _int,
                 "autocast": _choice("auto", "bf16", "fp32"),
                 "compile": _bool,
                 "grad_checkpointing": _bool,
                 "max_grad_norm": _float,
+                "loss_weighting": _choice("token", "sample", "sqrt"),
                 "nan_policy": _choice("skip", "error"),
                 "max_corrupt_fraction": _float,
                 "data": _nested(DataConfig),

@@ -102,6 +102,7 @@ class MicroBatch:
     pixel_values: torch.Tensor | None
     samples: list[EncodedSample]
     token_source: torch.Tensor  # (rows, length) index into TrainStream.source_names, -1 on padding
+    token_sample: torch.Tensor  # (rows, length) index into samples, -1 on padding
     images: int
 
 
@@ -184,14 +185,16 @@ class TrainStream:
         plans = [plan for i in order for plan in samples[i].plans]
         pixel_values = self.images(pictures, plans).pixel_values if pictures else None
         token_source = torch.full_like(batch.input_ids, -1)
+        token_sample = torch.full_like(batch.input_ids, -1)
         source_index = {name: k for k, name in enumerate(self.source_names)}
         for r, row in enumerate(batch.rows):
             start = 0
             for i in row:
                 n = len(samples[i].input_ids)
                 token_source[r, start : start + n] = source_index[drawn[i][2]]
+                token_sample[r, start : start + n] = i
                 start += n
-        return MicroBatch(batch, pixel_values, samples, token_source, len(pictures))
+        return MicroBatch(batch, pixel_values, samples, token_source, token_sample, len(pictures))
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -136,8 +136,33 @@ def speed_options(model: MM15Model, stage: StageConfig) -> None:
         model.llm.activation_checkpointing_enable(**kwargs)
         model.vision.model.activation_checkpointing_enable(**kwargs)
     if stage.compile:
+        model.packed_attention = False  # its per-sample loop would recompile for every packing layout
         for block in [*model.llm.get_decoder().layers, *D.vision_blocks(model)]:
             block.compile()
+
+
+def evaluate_during_training(model: MM15Model, stage: StageConfig, step: int) -> dict[str, float]:
+    """The stage's ``eval_tasks`` on ``eval_limit`` items each: flat ``task/...`` and ``category/...`` scores.
+
+    Greedy decoding draws no random numbers, and the RNG state is restored anyway, so evaluating does
+    not change the training run (resume stays exact).
+    """
+    from mm15.eval.runner import evaluate
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            report = evaluate(
+                model,
+                stage.eval_tasks,
+                limit=stage.eval_limit,
+                progress=False,
+                model_id=f"{stage.name}@{step}",
+            )
+    finally:
+        model.train(was_training)
+    return report.scores()
 
 
 def _data_state(extra: dict[str, Any], rank: int, world_size: int, console: Console) -> dict[str, Any] | None:
@@ -200,7 +225,7 @@ def run_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: stage.schedule.factor(s, stage.max_steps)
     )
-    start, history = 0, []
+    start, history, evals = 0, [], []
     latest = latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
         start, extra = load_checkpoint(latest, model, optimizer, scheduler)
@@ -208,13 +233,20 @@ def run_stage(
         if state is not None:
             stream.load_state_dict(state)
         history = extra["history"]
+        evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
     data = Prefetcher(stream)  # prepares the next micro-batches while the model trains
     metrics_file = stage_dir / "metrics.jsonl"
+    eval_file = stage_dir / "eval.jsonl"
+    # Evaluation runs on rank 0 with the replicated model; a sharded (FSDP2) model would need every rank.
+    evaluating = stage.eval_every > 0 and strategy != "fsdp2"
+    if stage.eval_every > 0 and not evaluating:
+        console.print(f"[yellow]{stage.name}: eval_every is ignored under FSDP2[/yellow]")
     writer = None
     if main:
         # Rewrite the log from the checkpoint's history, so a resumed run's log has no duplicated steps.
         metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+        eval_file.write_text("".join(json.dumps(e) + "\n" for e in evals))
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
@@ -247,6 +279,7 @@ def run_stage(
                     peak,
                     loss_hook=loss_hook,
                     nan_policy=stage.nan_policy,
+                    loss_weighting=stage.loss_weighting,
                 )
             except NonFiniteLoss as err:
                 data.close()
@@ -273,9 +306,22 @@ def run_stage(
                 f"wait {metrics.data_wait:.0%}",
             )
             done = step + 1
+            if evaluating and main and (done % stage.eval_every == 0 or done == stage.max_steps):
+                progress.update(task, info=f"loss {metrics.loss:.3f}  evaluating ...")
+                scores = {"step": done, **evaluate_during_training(model, stage, done)}
+                evals.append(scores)
+                with eval_file.open("a") as log:
+                    log.write(json.dumps(scores) + "\n")
+                for key, value in scores.items():
+                    if key.startswith("category/") and writer is not None:
+                        writer.add_scalar(f"{stage.name}/eval/{key[9:]}", value, done)
             if done % stage.save_every == 0 or done == stage.max_steps:
                 # Every rank's data position, so that a resume on the same world size is exact.
-                extra = {"data": {"ranks": D.gather_objects(data.state_dict())}, "history": history}
+                extra = {
+                    "data": {"ranks": D.gather_objects(data.state_dict())},
+                    "history": history,
+                    "evals": evals,
+                }
                 save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, extra, keep_last=stage.keep_last)
     data.close()
     if writer is not None:
@@ -301,6 +347,7 @@ def run_stage(
         "mixture": sampler.realised(),
         "world_size": world,
         "strategy": strategy,
+        "eval": evals[-1] if evals else None,
     }
 
 
@@ -362,6 +409,19 @@ def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str
             f"| {s['stage']} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | "
             f"{s['tokens_per_s']:.0f} | {s['data_wait']:.1%} | {s['skipped'] or 'none'} |"
         )
+    evaluated = [s for s in summaries if s.get("eval")]
+    if evaluated:
+        categories = sorted({k[9:] for s in evaluated for k in s["eval"] if k.startswith("category/")})
+        lines += [
+            "",
+            "Evaluation at the end of each stage (held-out items, eval_limit per task; mm15.eval):",
+            "",
+            "| stage | step | " + " | ".join(categories) + " |",
+            "|---|---|" + "---|" * len(categories),
+        ]
+        for s in evaluated:
+            cells = [f"{s['eval'].get(f'category/{c}', float('nan')):.1f}" for c in categories]
+            lines.append(f"| {s['stage']} | {s['eval']['step']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Loss curves: " + ", ".join(f"[{s['stage']}]({s['stage']}/loss.png)" for s in summaries),

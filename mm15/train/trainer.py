@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mm15.hardware import autocast
 from mm15.model.mm15 import MM15Model
 from mm15.train import distributed as D
-from mm15.train.data import Prefetcher, TrainStream
+from mm15.train.data import MicroBatch, Prefetcher, TrainStream
 
 MODULES = ("encoder", "connector", "llm", "routers")
 
@@ -114,6 +114,29 @@ def _peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
+LOSS_WEIGHTINGS = ("token", "sample", "sqrt")
+
+
+def token_weights(micro: MicroBatch, weighting: str) -> torch.Tensor:
+    """The weight of each supervised token of ``micro`` (in the order of the model's supervised logits).
+
+    ``token``: 1 each, the mean over all supervised tokens (MM1.5, LLaVA): a sample counts in
+    proportion to its answer's length. ``sample``: 1 / n for a sample with n supervised tokens, so
+    every sample counts equally, whatever its answer's length. ``sqrt``: 1 / sqrt(n), between the two
+    (InternVL 2.5's "square averaging"). Long answers (OCR transcriptions, code) otherwise dominate a
+    token mean, and short-answer tasks (a colour, a count, an option letter) get little gradient.
+    """
+    if weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss weighting {weighting!r}; choose from {LOSS_WEIGHTINGS}")
+    supervised = micro.batch.labels[:, 1:] != -100
+    owners = micro.token_sample[:, 1:][supervised]
+    if weighting == "token":
+        return torch.ones(owners.shape, dtype=torch.float32)
+    counts = torch.bincount(owners, minlength=len(micro.samples)).float()
+    per_sample = 1.0 / counts.clamp(min=1) if weighting == "sample" else counts.clamp(min=1).rsqrt()
+    return per_sample[owners]
+
+
 def train_step(
     model: torch.nn.Module,
     stream: TrainStream | Prefetcher,
@@ -126,6 +149,7 @@ def train_step(
     peak_flops: float,
     loss_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
     nan_policy: str = "error",
+    loss_weighting: str = "token",
 ) -> StepMetrics:
     """One optimizer step over ``accum`` micro-batches (module docstring).
 
@@ -133,6 +157,8 @@ def train_step(
     then scaled so that averaging gradients over ranks gives the mean over the *global* batch's
     supervised tokens, gradients are reduced once per step (not per micro-batch), and the reported
     loss, per-source losses, tokens and images are global sums. ``peak_flops`` is one rank's rate.
+    ``loss_weighting`` (``token_weights``) sets what the gradient averages over; the reported losses
+    are always per-token means.
     """
     start = time.perf_counter()
     waited = 0.0
@@ -145,6 +171,8 @@ def train_step(
     total_supervised = D.global_token_count(local_supervised)
     if total_supervised == 0:
         raise RuntimeError(f"step {step}: no supervised tokens in {accum} micro-batches")
+    weights = [token_weights(m, loss_weighting) for m in micros]
+    total_weight = float(D.sum_across_ranks(torch.tensor([float(sum(w.sum() for w in weights))]))[0])
     world = D.world_size()
     names = stream.source_names
     # Per source: [sum of token losses, token count]; summed over ranks for the log.
@@ -167,9 +195,9 @@ def train_step(
             targets = batch.labels[:, 1:]
             supervised = targets != -100
             per_token = F.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
-            # This micro-batch's share of the global mean, times the world size because the ranks'
-            # gradients are averaged (mm15.train.distributed, "Loss equivalence").
-            loss = per_token.sum() * (world / total_supervised)
+            # This micro-batch's share of the global weighted mean, times the world size because the
+            # ranks' gradients are averaged (mm15.train.distributed, "Loss equivalence").
+            loss = (per_token * weights[index]).sum() * (world / total_weight)
             if out.aux:
                 loss = loss + out.aux["total"] / len(micros)
                 for key, value in out.aux.items():
