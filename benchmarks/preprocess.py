@@ -120,8 +120,10 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     images = real_images()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
     for name, data in images.items():
         with Image.open(io.BytesIO(data)) as image:
             print(f"  {name}: {image.height}x{image.width} {image.format} {len(data) // 1024} KiB")
