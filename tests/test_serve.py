@@ -31,6 +31,7 @@ from mm15.hardware import autocast
 from mm15.model.generate import GenerationConfig, generate
 from mm15.model.mm15 import MM15Model, MM15Processor
 from mm15.serve.api import create_app
+from mm15.serve.commands import default_model_id
 from mm15.serve.conversation import Turn, question_turn, render_prompt
 from mm15.serve.engine import Engine, wait_for
 from mm15.serve.errors import APIError
@@ -735,5 +736,7 @@ def test_the_mm15_serve_command(served: Served) -> None:
         assert server.wait(30) in (0, -signal.SIGTERM)
     refused = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir / "missing")])
     assert refused.exit_code == 2 and "not an mm15 model directory" in refused.stderr
+    assert default_model_id(Path("runs/tiny/sft/final")) == "tiny-sft"
+    assert default_model_id(Path("runs/tiny-model")) == "tiny-model"
     bad_limit = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir), "--max-images", "-1"])
     assert bad_limit.exit_code == 2 and "max_images_per_request must be >= 0" in bad_limit.stderr

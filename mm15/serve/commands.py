@@ -40,6 +40,14 @@ def chat(
         raise typer.Exit(code)
 
 
+def default_model_id(model_dir: Path) -> str:
+    """The directory's name; for ``mm15 train``'s ``<run>/<stage>/final``, ``<run>-<stage>``."""
+    path = model_dir.resolve()
+    if path.name == "final" and path.parent.parent.name:
+        return f"{path.parent.parent.name}-{path.parent.name}"
+    return path.name
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -67,7 +75,7 @@ def serve(
     ] = False,
     max_batch: Annotated[int, typer.Option(min=1, help="Most requests decoded together.")] = 8,
     model_name: Annotated[
-        str | None, typer.Option(help="Model id in the API (default: the directory name).")
+        str | None, typer.Option(help="Model id in the API (default: from the directory's name).")
     ] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="Largest request body.")] = None,
     max_image_bytes: Annotated[int | None, typer.Option(help="Largest image file.")] = None,
@@ -97,7 +105,7 @@ def serve(
         given["default_max_tokens"] = min(ServeSettings.default_max_tokens, max_tokens_limit)
     try:
         settings = ServeSettings(
-            model_name=model_name or model.resolve().name,
+            model_name=model_name or default_model_id(model),
             api_key=api_key,
             allow_remote_images=allow_remote_images,
             allow_local_files=allow_local_files,
