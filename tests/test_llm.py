@@ -241,6 +241,10 @@ def test_tiny_tokenizer_accepts_new_special_tokens(tmp_path: Path) -> None:
         ({"source": "smollm2", "path": "x"}, "path"),
         ({"source": "smollm2", "hidden_size": 128}, "hidden_size"),
         ({"source": "hf", "path": "x", "tie_word_embeddings": False}, "tie_word_embeddings"),
+        ({"tokenizer": "gpt2"}, "tokenizer"),
+        ({"tokenizer": "smollm2"}, "vocab_size"),  # 320 ids cannot hold SmolLM2's 49152
+        ({"embedding_init": "smollm2"}, "embedding_init"),  # needs the same token ids
+        ({"source": "smollm2", "tokenizer": "smollm2"}, "tokenizer"),
     ],
 )
 def test_config_validation_names_the_field(changes: dict, field: str) -> None:
@@ -521,3 +525,26 @@ def test_smollm2_cache_is_bit_identical_to_the_gguf(tmp_path: Path, monkeypatch:
     for name, tensor in cached.state_dict().items():
         assert torch.equal(tensor, direct_state[name]), name
     assert cached_tok.chat_template == direct_tok.chat_template
+
+
+def test_tiny_decoder_with_smollm2_vocabulary_and_projected_embeddings() -> None:
+    """``tokenizer='smollm2'``: SmolLM2's BPE ids; ``embedding_init='smollm2'``: its embeddings, projected."""
+    cfg = LLMConfig(tokenizer="smollm2", embedding_init="smollm2", vocab_size=49_152, hidden_size=64)
+    model, tokenizer = load_llm(cfg)
+    assert len(tokenizer) == 49_152 and tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [
+        1,
+        2,
+    ]
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n"  # plain ChatML: no default system prompt
+    table = model.get_input_embeddings().weight.detach()
+    assert table.shape == (49_152, 64) and abs(float(table.std()) - 0.02) < 1e-3
+
+    def similarity(a: str, b: str) -> float:
+        ia, ib = (tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" " + w))[0] for w in (a, b))
+        return float(torch.nn.functional.cosine_similarity(table[ia], table[ib], dim=0))
+
+    # SmolLM2's geometry survives the projection: colours sit closer to each other than to code words.
+    assert similarity("red", "blue") > similarity("red", "return") + 0.05  # random init: both about 0
+    again, _ = load_llm(cfg)
+    assert torch.equal(again.get_input_embeddings().weight, model.get_input_embeddings().weight)

@@ -61,6 +61,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LLMSource = Literal["tiny", "smollm2", "hf"]
+TinyTokenizer = Literal["bytes", "smollm2"]
 LLMDtype = Literal["float32", "bfloat16"]  # no float16: about 2 GFLOP/s on the project's CPUs
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -114,7 +115,8 @@ _SIZE_FIELDS = (
     "num_kv_heads",
     "max_position_embeddings",
 )
-_ARCH_FIELDS = (*_SIZE_FIELDS, "rope_theta", "tie_word_embeddings")
+_ARCH_FIELDS = (*_SIZE_FIELDS, "rope_theta", "tie_word_embeddings", "tokenizer", "embedding_init")
+SMOLLM2_VOCAB = 49_152
 
 
 def _is_int(value: object) -> bool:
@@ -145,6 +147,8 @@ class LLMConfig:
     max_position_embeddings: int = 2048
     rope_theta: float = 100_000.0
     tie_word_embeddings: bool = True
+    tokenizer: TinyTokenizer = "bytes"
+    embedding_init: Literal["random", "smollm2"] = "random"
     dtype: LLMDtype = "float32"
 
     def __post_init__(self) -> None:
@@ -184,9 +188,22 @@ class LLMConfig:
                     )
             return
 
-        if self.vocab_size < TINY_TOKENIZER_SIZE:
+        if self.tokenizer not in get_args(TinyTokenizer):
             raise ValueError(
-                f"LLMConfig.vocab_size must be >= {TINY_TOKENIZER_SIZE} (the tiny tokenizer's size), "
+                f"LLMConfig.tokenizer must be one of {get_args(TinyTokenizer)}, got {self.tokenizer!r}"
+            )
+        if self.embedding_init not in ("random", "smollm2"):
+            raise ValueError(
+                f"LLMConfig.embedding_init must be 'random' or 'smollm2', got {self.embedding_init!r}"
+            )
+        if self.embedding_init == "smollm2" and self.tokenizer != "smollm2":
+            raise ValueError(
+                "LLMConfig.embedding_init='smollm2' needs tokenizer='smollm2' (the same token ids)"
+            )
+        needed = TINY_TOKENIZER_SIZE if self.tokenizer == "bytes" else SMOLLM2_VOCAB
+        if self.vocab_size < needed:
+            raise ValueError(
+                f"LLMConfig.vocab_size must be >= {needed} (the {self.tokenizer} tokenizer's size), "
                 f"got {self.vocab_size}"
             )
         if self.hidden_size % self.num_heads:
@@ -217,7 +234,18 @@ def load_llm(
     ``cache_dir`` overrides where the SmolLM2 conversion lives (default: ``smollm2_cache_root()``).
     """
     if cfg.source == "tiny":
-        return build_tiny_llm(cfg), build_tiny_tokenizer(model_max_length=cfg.max_position_embeddings)
+        if cfg.tokenizer == "bytes":
+            return build_tiny_llm(cfg), build_tiny_tokenizer(model_max_length=cfg.max_position_embeddings)
+        # SmolLM2's BPE vocabulary (and optionally its embeddings) on a small random decoder.
+        from transformers import AutoTokenizer
+
+        root = Path(cache_dir) if cache_dir is not None else smollm2_cache_root()
+        smol_dir = ensure_smollm2_cache(root)
+        tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+        tokenizer.model_max_length = cfg.max_position_embeddings
+        # Plain ChatML, as the byte tokenizer has: SmolLM2's template adds a default system prompt.
+        tokenizer.chat_template = CHATML_TEMPLATE
+        return build_tiny_llm(cfg, smol_dir if cfg.embedding_init == "smollm2" else None), tokenizer
     if cfg.source == "smollm2":
         root = Path(cache_dir) if cache_dir is not None else smollm2_cache_root()
         return _load_local_dir(ensure_smollm2_cache(root), cfg.torch_dtype, what="the SmolLM2 cache")
@@ -270,8 +298,36 @@ def build_tiny_tokenizer(model_max_length: int = 2048) -> PreTrainedTokenizerBas
     )
 
 
-def build_tiny_llm(cfg: LLMConfig) -> PreTrainedModel:
-    """A randomly initialised ``LlamaForCausalLM`` of ``cfg``'s sizes, with the tiny tokenizer's token ids."""
+def smollm2_embeddings(smol_dir: Path, width: int) -> torch.Tensor:
+    """SmolLM2's token embeddings projected to ``width`` dimensions (PCA), scaled to the init's 0.02 std.
+
+    A random-init decoder of a few million parameters learns too slowly from scratch to say much in a
+    demo's budget; starting its embeddings from the principal directions of SmolLM2's keeps which
+    tokens are alike (colours, digits, words) at no extra cost per step.
+    """
+    from safetensors import safe_open
+
+    weights = next(iter(sorted(smol_dir.glob("*.safetensors"))), None)
+    if weights is None:
+        raise FileNotFoundError(f"{smol_dir}: no safetensors weights for the SmolLM2 embeddings")
+    with safe_open(str(weights), framework="pt") as f:
+        table = f.get_tensor("model.embed_tokens.weight").float()
+    if width > table.shape[1]:
+        raise ValueError(f"cannot project SmolLM2's {table.shape[1]}-d embeddings up to {width} dimensions")
+    centred = table - table.mean(dim=0, keepdim=True)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)  # pca_lowrank is randomised: the same projection on every machine
+    _, _, directions = torch.pca_lowrank(centred, q=width, center=False, niter=4)
+    torch.random.set_rng_state(generator_state)
+    projected = centred @ directions[:, :width]
+    return projected * (0.02 / projected.std())
+
+
+def build_tiny_llm(cfg: LLMConfig, smol_dir: Path | None = None) -> PreTrainedModel:
+    """A randomly initialised ``LlamaForCausalLM`` of ``cfg``'s sizes, with the tiny tokenizer's token ids.
+
+    With ``smol_dir`` (``embedding_init='smollm2'``) the token embeddings start from SmolLM2's, projected.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if cfg.source != "tiny":
@@ -294,6 +350,10 @@ def build_tiny_llm(cfg: LLMConfig) -> PreTrainedModel:
         pad_token_id=specials[IM_END],
     )
     model = LlamaForCausalLM(hf_config).to(cfg.torch_dtype)
+    if smol_dir is not None:
+        table = smollm2_embeddings(smol_dir, cfg.hidden_size)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[: table.shape[0]] = table.to(cfg.torch_dtype)
     return model.eval()  # as from_pretrained returns models, so all sources behave alike
 
 
