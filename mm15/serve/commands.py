@@ -29,13 +29,19 @@ def chat(
         "runs/chat"
     ),
     max_images: Annotated[int, typer.Option(min=0, help="Most images in a conversation.")] = 4,
+    video: Annotated[
+        Path | None, typer.Option(help="A video for the first question (its frames, as MM1.5-Video).")
+    ] = None,
+    frames: Annotated[
+        int, typer.Option(min=1, help="Frames sampled uniformly from a video (MM1.5-Video: 24).")
+    ] = 24,
 ) -> None:
     """Chat with a model: streams answers, draws boxes and points from the answer on the image."""
     from mm15.model.generate import GenerationConfig
     from mm15.serve.terminal import run_chat
 
     config = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
-    code = run_chat(model, prompt, list(image or []), config, out, max_images)
+    code = run_chat(model, prompt, list(image or []), config, out, max_images, video, frames)
     if code:
         raise typer.Exit(code)
 

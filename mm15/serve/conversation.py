@@ -3,7 +3,9 @@
 The terminal chat and the HTTP API both build prompts here, so the same conversation gives the same
 tokens whichever way it arrives. Images sit in their turn's text as ``<image>`` placeholders, in order;
 a turn built from a question and images puts the images first, one per line, as MM1.5's training data
-does (``"<image>\\n<image>\\nquestion"``).
+does (``"<image>\\n<image>\\nquestion"``). A video's frames are written as MM1.5-Video's training
+samples write them (the synthetic ``video`` generator and ``VideoQAReader``): one placeholder per
+frame with nothing between them, then a newline and the question (``"<image><image><image>\\nquestion"``).
 """
 
 from __future__ import annotations
@@ -22,11 +24,15 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Turn:
-    """One message: ``text`` holds one ``<image>`` placeholder per entry of ``images``, in order."""
+    """One message: ``text`` holds one ``<image>`` placeholder per entry of ``images``, in order.
+
+    ``video`` marks ``images`` as a video's frames: a prompt holding such a turn is planned unsplit.
+    """
 
     role: str
     text: str
     images: list[Image.Image] = field(default_factory=list)
+    video: bool = False
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -56,6 +62,19 @@ def question_turn(question: str, images: Sequence[Image.Image] = ()) -> Turn:
     """A user turn: the images first, one placeholder per line, then the question."""
     check_user_text(question, "the question")
     return Turn("user", f"{IMAGE_PLACEHOLDER}\n" * len(images) + question, list(images))
+
+
+def video_turn(question: str, frames: Sequence[Image.Image]) -> Turn:
+    """A user turn about a video: one placeholder per frame, back to back, then the question."""
+    check_user_text(question, "the question")
+    if not frames:
+        raise ValueError("a video turn needs at least one frame")
+    return Turn("user", f"{IMAGE_PLACEHOLDER * len(frames)}\n{question}", list(frames), video=True)
+
+
+def has_video(turns: Sequence[Turn]) -> bool:
+    """Whether the conversation holds a video: then all its images are planned as unsplit frames."""
+    return any(turn.video for turn in turns)
 
 
 def render_prompt(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[Image.Image]]:

@@ -14,8 +14,9 @@ Tokens are chosen and stop strings applied with ``mm15.model.generate``'s own ru
 with real-token position ids keeps a row's greedy answer equal to ``generate()`` on it alone. A seeded
 row samples from its own generator, so its answer does not depend on the other rows of its batch.
 
-Image handling is one function, ``encode_prompt``: a future input kind (a video's frames, each a
-single unsplit tile) plugs in there and the batching is unchanged.
+Image handling is one function, ``encode_prompt``: a video arrives as its sampled frames with
+``video=True``, which plans every image of the prompt as one unsplit tile (MM1.5-Video), and the
+batching is unchanged.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -35,9 +37,10 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from mm15.geometry import TilePlan, plan_image
 from mm15.hardware import autocast
 from mm15.model.generate import GenerationConfig, _cut_at_stop, _pick, _visible
-from mm15.model.mm15 import IMAGE_TOKEN, MM15Model, MM15Processor, tokenize_with_images
+from mm15.model.mm15 import IMAGE_PLACEHOLDER, IMAGE_TOKEN, MM15Model, MM15Processor, tokenize_with_images
 
 log = logging.getLogger("mm15.serve")
 
@@ -76,6 +79,26 @@ class EncodedPrompt:
         return len(self.input_ids)
 
 
+def plan_images(
+    processor: MM15Processor, prompt: str, images: Sequence[Image.Image], video: bool = False
+) -> list[TilePlan]:
+    """Each image's tile plan; with ``video`` none is split, as ``ChatEncoder`` plans ``is_video`` samples.
+
+    MM1.5 already leaves samples of 3 or more images unsplit, but a clip of 1-2 frames would otherwise
+    be split like 1-2 photos, which MM1.5-Video never trained on (the evaluation runner does the same).
+    """
+    if not video:
+        return processor.plan(prompt, images)
+    count = prompt.count(IMAGE_PLACEHOLDER)
+    if count != len(images):
+        raise ValueError(f"the prompt has {count} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+    unsplit = dataclasses.replace(processor.plan_cfg, split=False)
+    return [
+        plan_image(image.height, image.width, unsplit, image_index=k, images_in_sample=len(images))
+        for k, image in enumerate(images)
+    ]
+
+
 def encode_prompt(
     processor: MM15Processor,
     image_token_id: int,
@@ -83,15 +106,19 @@ def encode_prompt(
     images: Sequence[Image.Image],
     max_tokens: int | None = None,
     tokenizer_lock: contextlib.AbstractContextManager[Any] | None = None,
+    *,
+    video: bool = False,
 ) -> EncodedPrompt:
     """The one place request images become model inputs: plans, token ids, then tiles.
 
-    The token count is checked before tiles are built, so an over-long prompt costs no pixel work.
-    The image-token count is checked against the plans: text that smuggles the image token in would
-    otherwise give the batch more image positions than features and fail every row with it.
+    ``video`` marks the images as a video's frames: each is planned as one unsplit tile
+    (``plan_images``). The token count is checked before tiles are built, so an over-long prompt
+    costs no pixel work. The image-token count is checked against the plans: text that smuggles the
+    image token in would otherwise give the batch more image positions than features and fail every
+    row with it.
     ``tokenizer_lock`` is held while tokenising only, not while the tiles are computed.
     """
-    plans = processor.plan(prompt, images)
+    plans = plan_images(processor, prompt, images, video)
     with tokenizer_lock or contextlib.nullcontext():
         ids = tokenize_with_images(prompt, plans, processor.tokenizer, image_token_id)
     if max_tokens is not None and len(ids) > max_tokens:
@@ -275,11 +302,22 @@ class Engine:
     # --- callers' side ------------------------------------------------------------------------------
 
     def encode(
-        self, prompt: str, images: Sequence[Image.Image], max_tokens: int | None = None
+        self,
+        prompt: str,
+        images: Sequence[Image.Image],
+        max_tokens: int | None = None,
+        *,
+        video: bool = False,
     ) -> EncodedPrompt:
         """``encode_prompt`` with this model's processor, safe to call from any thread."""
         return encode_prompt(
-            self.processor, self.model.image_token_id, prompt, images, max_tokens, self.tokenizer_lock
+            self.processor,
+            self.model.image_token_id,
+            prompt,
+            images,
+            max_tokens,
+            self.tokenizer_lock,
+            video=video,
         )
 
     def submit(

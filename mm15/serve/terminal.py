@@ -7,8 +7,11 @@ here and over HTTP gives the same tokens. When an answer holds boxes or points
 (``parse_grounding``), they are drawn on a copy of the conversation's latest image and the PNG's path
 is printed.
 
-Interactive commands: ``/image PATH`` attaches an image to the next question, ``/reset`` starts over
-(the ``--image`` images are attached again), ``/quit`` or end of input leaves.
+Interactive commands: ``/image PATH`` attaches an image to the next question, ``/video PATH`` a
+video (its ``--frames`` uniformly sampled frames, each one unsplit image, as MM1.5-Video reads clips),
+``/reset`` starts over (the ``--image`` images or ``--video`` clip are attached again), ``/quit`` or
+end of input leaves. A conversation holds either images or one video: MM1.5-Video trained on samples
+with one clip and nothing else, and a prompt with a video is planned unsplit as a whole.
 """
 
 from __future__ import annotations
@@ -25,16 +28,17 @@ from mm15.hardware import autocast
 from mm15.image import ImageError, load_image
 from mm15.model.generate import GenerationConfig, parse_grounding, stream
 from mm15.model.mm15 import MM15Model, MM15Processor
-from mm15.serve.conversation import Turn, question_turn, render_prompt
+from mm15.serve.conversation import Turn, has_video, question_turn, render_prompt, video_turn
 from mm15.serve.engine import PromptTooLong, encode_prompt
+from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
 
 BOX_COLOR = (230, 30, 30)
 POINT_COLOR = (20, 110, 240)
-HELP = "commands: /image PATH (attach to the next question), /reset (start over), /quit"
+HELP = "commands: /image PATH or /video PATH (attach to the next question), /reset (start over), /quit"
 
 
 class ChatError(ValueError):
-    """A problem the user can fix (bad image, too many images, conversation too long)."""
+    """A problem the user can fix (bad image or video, too many images, conversation too long)."""
 
 
 def draw_grounding(image: Image.Image, answer: str) -> tuple[Image.Image, int, int]:
@@ -67,6 +71,14 @@ def open_image(path: Path) -> Image.Image:
         raise ChatError(f"cannot use image {err}") from None
 
 
+def open_video(path: Path, num_frames: int = DEFAULT_NUM_FRAMES) -> list[Image.Image]:
+    """The video's ``num_frames`` uniformly sampled frames (``mm15.video.read_video``)."""
+    try:
+        return read_video(path, num_frames).frames
+    except VideoError as err:
+        raise ChatError(f"cannot use video {err}") from None
+
+
 @dataclass
 class ChatSession:
     """A conversation with one model: turns so far, images waiting for the next question."""
@@ -78,23 +90,47 @@ class ChatSession:
     write: Callable[[str], None] = field(default=lambda text: print(text, end="", flush=True))
     turns: list[Turn] = field(default_factory=list)
     pending: list[Image.Image] = field(default_factory=list)
+    pending_video: list[Image.Image] = field(default_factory=list)  # frames for the next question
 
     def __post_init__(self) -> None:
         self.processor = MM15Processor.for_model(self.model)
 
     @property
     def image_count(self) -> int:
-        return sum(len(turn.images) for turn in self.turns) + len(self.pending)
+        """Images so far and pending (a video's frames are not counted: ``--frames`` bounds them)."""
+        return sum(len(turn.images) for turn in self.turns if not turn.video) + len(self.pending)
+
+    @property
+    def has_video(self) -> bool:
+        return has_video(self.turns) or bool(self.pending_video)
 
     def attach(self, image: Image.Image) -> None:
+        if self.has_video:
+            raise ChatError("a conversation holds either images or one video (/reset starts a new one)")
         if self.image_count + 1 > self.max_images:
             raise ChatError(f"too many images: a conversation takes at most {self.max_images}")
         self.pending.append(image)
 
-    def reset(self, images: list[Image.Image]) -> None:
-        self.turns, self.pending = [], []
+    def check_video_allowed(self) -> None:
+        """Raise ``ChatError`` when a video cannot join this conversation (checked before decoding)."""
+        if self.has_video:
+            raise ChatError("a conversation holds one video (/reset starts a new one)")
+        if self.image_count:
+            raise ChatError("a conversation holds either images or one video (/reset starts a new one)")
+
+    def attach_video(self, frames: list[Image.Image]) -> None:
+        """Attach a video's frames to the next question (one video per conversation, no images)."""
+        self.check_video_allowed()
+        if not frames:
+            raise ChatError("the video has no frames")
+        self.pending_video = list(frames)
+
+    def reset(self, images: list[Image.Image], video: list[Image.Image] | None = None) -> None:
+        self.turns, self.pending, self.pending_video = [], [], []
         for image in images:
             self.attach(image)
+        if video:
+            self.attach_video(video)
 
     def _context_budget(self) -> int | None:
         context = getattr(self.model.llm.config, "max_position_embeddings", None)
@@ -103,10 +139,19 @@ class ChatSession:
     def ask(self, question: str) -> tuple[str, Path | None]:
         """Stream the answer to ``write``; returns it and the drawing's path (if it has boxes/points)."""
         try:
-            turn = question_turn(question, self.pending)
-            prompt, images = render_prompt(self.model.tokenizer, [*self.turns, turn])
+            if self.pending_video:
+                turn = video_turn(question, self.pending_video)
+            else:
+                turn = question_turn(question, self.pending)
+            turns = [*self.turns, turn]
+            prompt, images = render_prompt(self.model.tokenizer, turns)
             encoded = encode_prompt(
-                self.processor, self.model.image_token_id, prompt, images, self._context_budget()
+                self.processor,
+                self.model.image_token_id,
+                prompt,
+                images,
+                self._context_budget(),
+                video=has_video(turns),
             )
         except PromptTooLong as err:
             raise ChatError(f"{err} (/reset starts a new conversation)") from None
@@ -126,12 +171,13 @@ class ChatSession:
         self.write("\n")
         answer = "".join(pieces)
         self.turns += [turn, Turn("assistant", answer)]
-        self.pending = []
+        self.pending, self.pending_video = [], []
         return answer, self._draw(answer, images)
 
     def _draw(self, answer: str, images: list[Image.Image]) -> Path | None:
-        # Boxes are in the coordinates of one image; the latest one is the one being asked about.
-        if not images:
+        # Boxes are in the coordinates of one image; the latest one is the one being asked about. A
+        # video's answer does not say which frame its coordinates would refer to: nothing is drawn.
+        if not images or has_video(self.turns):
             return None
         drawn, boxes, points = draw_grounding(images[-1], answer)
         if not boxes and not points:
@@ -142,7 +188,13 @@ class ChatSession:
         return path
 
 
-def interact(session: ChatSession, start_images: list[Image.Image], read_line: Callable[[], str]) -> None:
+def interact(
+    session: ChatSession,
+    start_images: list[Image.Image],
+    read_line: Callable[[], str],
+    start_video: list[Image.Image] | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+) -> None:
     """The interactive loop: questions and commands until ``/quit`` or end of input."""
     session.write(f"mm15 chat ({HELP})\n")
     while True:
@@ -158,7 +210,7 @@ def interact(session: ChatSession, start_images: list[Image.Image], read_line: C
             if line in ("/quit", "/exit"):
                 return
             if line == "/reset":
-                session.reset(start_images)
+                session.reset(start_images, start_video)
                 session.write("[new conversation]\n")
             elif line.startswith("/image"):
                 path = line[len("/image") :].strip()
@@ -166,6 +218,14 @@ def interact(session: ChatSession, start_images: list[Image.Image], read_line: C
                     raise ChatError("usage: /image PATH")
                 session.attach(open_image(Path(path)))
                 session.write(f"[attached {path} to the next question]\n")
+            elif line.startswith("/video"):
+                path = line[len("/video") :].strip()
+                if not path:
+                    raise ChatError("usage: /video PATH")
+                session.check_video_allowed()  # before the (slow) decoding
+                frames = open_video(Path(path), num_frames)
+                session.attach_video(frames)
+                session.write(f"[attached {path} ({len(frames)} frames) to the next question]\n")
             elif line.startswith("/"):
                 session.write(f"[unknown command {line.split()[0]}; {HELP}]\n")
             else:
@@ -181,8 +241,13 @@ def run_chat(
     config: GenerationConfig,
     out_dir: Path,
     max_images: int,
+    video_path: Path | None = None,
+    num_frames: int = DEFAULT_NUM_FRAMES,
 ) -> int:
-    """``mm15 chat``; returns the exit code (2 for a problem with the arguments)."""
+    """``mm15 chat``; returns the exit code (2 for a problem with the arguments).
+
+    ``video_path`` attaches that video's ``num_frames`` sampled frames to the first question.
+    """
 
     def fail(message: str) -> int:
         print(f"error: {message}", file=sys.stderr, flush=True)
@@ -190,8 +255,13 @@ def run_chat(
 
     if len(image_paths) > max_images:
         return fail(f"too many images: {len(image_paths)} given, at most {max_images} (--max-images)")
+    if video_path is not None and image_paths:
+        return fail("give either --image or --video: a conversation holds either images or one video")
+    if num_frames < 1:
+        return fail(f"--frames must be at least 1, got {num_frames}")
     try:
         images = [open_image(path) for path in image_paths]
+        video = open_video(video_path, num_frames) if video_path is not None else None
     except ChatError as err:
         return fail(str(err))
     try:
@@ -199,12 +269,12 @@ def run_chat(
     except (FileNotFoundError, ValueError) as err:
         return fail(f"cannot load the model: {err}")
     session = ChatSession(model, config, out_dir, max_images=max_images)
-    session.reset(images)
+    session.reset(images, video)
     if prompt is not None:
         try:
             session.ask(prompt)
         except ChatError as err:
             return fail(str(err))
         return 0
-    interact(session, images, sys.stdin.readline)
+    interact(session, images, sys.stdin.readline, video, num_frames)
     return 0
