@@ -6,6 +6,11 @@
   (``data: {chunk}\\n\\n`` ... ``data: [DONE]\\n\\n``);
 * ``GET /v1/models``, ``GET /health`` and ``GET /`` (the web page in ``static/index.html``).
 
+A video is a ``video_url`` content part (vLLM's shape) holding a ``data:video/...;base64,`` URL: the
+server samples ``num_frames`` frames uniformly (default and limit ``max_video_frames``) and the prompt
+holds them as MM1.5-Video's training samples do, each frame one unsplit image. A request holds either
+images or one video.
+
 Every refusal is a 4xx in OpenAI's error shape naming the field and the rule (``mm15.serve.errors``).
 The body is parsed by hand rather than by FastAPI's parameter binding so that the size limit applies
 while reading, the content type is checked, invalid JSON (including NaN) and schema errors share one
@@ -34,10 +39,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mm15.model.generate import GenerationConfig
 from mm15.model.mm15 import IMAGE_PLACEHOLDER
-from mm15.serve.conversation import Turn, check_user_text, render_prompt
+from mm15.serve.conversation import Turn, check_user_text, has_video, render_prompt
 from mm15.serve.engine import EncodedPrompt, Engine, EngineBusy, EngineStopped, PromptTooLong, RequestHandle
 from mm15.serve.errors import APIError, error_body
-from mm15.serve.media import image_from_url
+from mm15.serve.media import image_from_url, video_from_url
 from mm15.serve.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -49,7 +54,9 @@ from mm15.serve.protocol import (
     ImagePart,
     ModelCard,
     ModelList,
+    TextPart,
     Usage,
+    VideoPart,
 )
 from mm15.serve.settings import ServeSettings
 
@@ -144,11 +151,27 @@ def _image_count(request: ChatCompletionRequest) -> int:
     )
 
 
+def _video_parts(request: ChatCompletionRequest) -> list[tuple[str, VideoPart]]:
+    """The request's video parts with their JSON paths."""
+    return [
+        (f"messages[{i}].content[{j}]", part)
+        for i, message in enumerate(request.messages)
+        if isinstance(message.content, list)
+        for j, part in enumerate(message.content)
+        if isinstance(part, VideoPart)
+    ]
+
+
+def _num_frames(part: VideoPart, settings: ServeSettings) -> int:
+    requested = part.video_url.num_frames
+    return settings.max_video_frames if requested is None else requested
+
+
 def _text_length(request: ChatCompletionRequest) -> int:
     return sum(
         len(message.content)
         if isinstance(message.content, str)
-        else sum(len(part.text) for part in message.content if not isinstance(part, ImagePart))
+        else sum(len(part.text) for part in message.content if isinstance(part, TextPart))
         for message in request.messages
     )
 
@@ -158,6 +181,7 @@ def _turns(request: ChatCompletionRequest, settings: ServeSettings) -> list[Turn
     turns = []
     for i, message in enumerate(request.messages):
         role = "system" if message.role == "developer" else message.role
+        video = False
         if isinstance(message.content, str):
             pieces, pictures = [(message.content, f"messages[{i}].content")], []
         else:
@@ -167,6 +191,14 @@ def _turns(request: ChatCompletionRequest, settings: ServeSettings) -> list[Turn
                 if isinstance(part, ImagePart):
                     pictures.append(image_from_url(part.image_url.url, settings, f"{where}.image_url.url"))
                     pieces.append((IMAGE_PLACEHOLDER, None))
+                elif isinstance(part, VideoPart):
+                    frames = video_from_url(
+                        part.video_url.url, settings, f"{where}.video_url.url", _num_frames(part, settings)
+                    )
+                    pictures.extend(frames)
+                    # The frames back to back, as MM1.5-Video's training samples hold them.
+                    pieces.append((IMAGE_PLACEHOLDER * len(frames), None))
+                    video = True
                 else:
                     pieces.append((part.text, f"{where}.text"))
         for text, where in pieces:
@@ -176,7 +208,7 @@ def _turns(request: ChatCompletionRequest, settings: ServeSettings) -> list[Turn
                 except ValueError as err:
                     raise APIError(400, str(err), param=where, code="invalid_value") from None
         # Parts are joined line by line: an image then a text part is "<image>\nquestion", as in training.
-        turns.append(Turn(role, "\n".join(text for text, _ in pieces), pictures))
+        turns.append(Turn(role, "\n".join(text for text, _ in pieces), pictures, video=video))
     return turns
 
 
@@ -214,6 +246,31 @@ def _check_limits(request: ChatCompletionRequest, settings: ServeSettings) -> No
             param="messages",
             code="too_many_images",
         )
+    videos = _video_parts(request)
+    if len(videos) > 1:
+        raise APIError(
+            400,
+            f"the request has {len(videos)} videos; a request holds at most one (MM1.5-Video reads one clip)",
+            param=videos[1][0],
+            code="too_many_videos",
+        )
+    if videos and images:
+        raise APIError(
+            400,
+            "a request holds either images or one video, not both",
+            param=videos[0][0],
+            code="invalid_value",
+        )
+    for where, part in videos:
+        frames = _num_frames(part, settings)
+        if frames > settings.max_video_frames:
+            raise APIError(
+                400,
+                f"{where}.video_url.num_frames is {frames}, over this server's limit of "
+                f"{settings.max_video_frames}",
+                param=f"{where}.video_url.num_frames",
+                code="too_many_frames",
+            )
     characters = _text_length(request)
     if characters > CHARACTERS_PER_TOKEN_BOUND * settings.max_prompt_tokens:
         raise APIError(
@@ -272,7 +329,7 @@ def _prepare(
             400, f"the model's chat template cannot render these messages: {err}", param="messages"
         ) from None
     try:
-        encoded = engine.encode(prompt, images, max_tokens=settings.max_prompt_tokens)
+        encoded = engine.encode(prompt, images, max_tokens=settings.max_prompt_tokens, video=has_video(turns))
     except PromptTooLong as err:
         raise APIError(400, str(err), param="messages", code="context_length_exceeded") from None
     except ValueError as err:

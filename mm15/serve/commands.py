@@ -87,6 +87,10 @@ def serve(
     max_image_bytes: Annotated[int | None, typer.Option(help="Largest image file.")] = None,
     max_image_pixels: Annotated[int | None, typer.Option(help="Most pixels per image.")] = None,
     max_images: Annotated[int | None, typer.Option(help="Most images per request.")] = None,
+    max_video_bytes: Annotated[int | None, typer.Option(help="Largest video file.")] = None,
+    max_video_frames: Annotated[
+        int | None, typer.Option(help="Frames sampled from a video (default and most a request may ask).")
+    ] = None,
     max_prompt_tokens: Annotated[
         int | None, typer.Option(help="Most prompt tokens (images included).")
     ] = None,
@@ -103,6 +107,8 @@ def serve(
         "max_image_bytes": max_image_bytes,
         "max_image_pixels": max_image_pixels,
         "max_images_per_request": max_images,
+        "max_video_bytes": max_video_bytes,
+        "max_video_frames": max_video_frames,
         "max_prompt_tokens": max_prompt_tokens,
         "max_tokens_limit": max_tokens_limit,
     }

@@ -1,11 +1,16 @@
-"""Image URLs of a request -> decoded images, under the server's limits and security switches.
+"""Image and video URLs of a request -> decoded images or frames, under the server's limits and switches.
 
-This is the one place where a client's image reference is read. A ``data:image/...;base64,`` URL is
-always accepted; ``http(s)://`` URLs only with ``allow_remote_images`` (the server would fetch any
-address it is given, including ones on its own network) and ``file://`` URLs or plain paths only with
-``allow_local_files`` (the server would read any image file its user can read). Sizes are checked
-before work: the base64 length before decoding, the file size before reading, the pixel count from
-the image header before decoding pixels (``mm15.image.load_image``).
+This is the one place where a client's image or video reference is read. A ``data:image/...;base64,``
+(``data:video/...;base64,`` for a video) URL is always accepted; ``http(s)://`` URLs only with
+``allow_remote_images`` (the server would fetch any address it is given, including ones on its own
+network) and ``file://`` URLs or plain paths only with ``allow_local_files`` (the server would read
+any file its user can read). Sizes are checked before work: the base64 length before decoding, the
+file size before reading, the pixel count from the image header before decoding pixels
+(``mm15.image.load_image``); a video is limited by ``max_video_bytes`` and its frames by
+``max_image_pixels`` each (``mm15.video.read_video``).
+
+A video's bytes are decoded with PyAV from a temporary file (FFmpeg's demuxers need to seek, which a
+pipe cannot), deleted as soon as the frames are read.
 """
 
 from __future__ import annotations
@@ -13,10 +18,12 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from PIL import Image
@@ -24,41 +31,51 @@ from PIL import Image
 from mm15.image import ImageDecodeError, ImageTooLargeError, load_image
 from mm15.serve.errors import APIError
 from mm15.serve.settings import ServeSettings
+from mm15.video import VideoError, read_video
 
 log = logging.getLogger("mm15.serve")
 
+Kind = Literal["image", "video"]
+# An example data URL of each kind, for error messages.
+_EXAMPLE = {"image": "data:image/png;base64,...", "video": "data:video/mp4;base64,..."}
 
-def _too_large(param: str, size: int, limit: int) -> APIError:
+
+def _limit(settings: ServeSettings, kind: Kind) -> int:
+    return settings.max_image_bytes if kind == "image" else settings.max_video_bytes
+
+
+def _too_large(param: str, size: int, limit: int, kind: Kind = "image") -> APIError:
     return APIError(
         413,
-        f"{param}: the image is {size} bytes, over this server's limit of {limit} bytes",
+        f"{param}: the {kind} is {size} bytes, over this server's limit of {limit} bytes",
         param=param,
-        code="image_too_large",
+        code=f"{kind}_too_large",
     )
 
 
-def _data_url_bytes(url: str, settings: ServeSettings, param: str) -> bytes:
+def _data_url_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
     header, comma, payload = url[len("data:") :].partition(",")
+    bad_url = f"invalid_{kind}_url"
     if not comma:
-        raise APIError(
-            400, f"{param}: a data URL needs a comma before its data", param=param, code="invalid_image_url"
-        )
+        raise APIError(400, f"{param}: a data URL needs a comma before its data", param=param, code=bad_url)
     media_type, *options = header.split(";")
     if "base64" not in options:
         raise APIError(
             400,
-            f"{param}: only base64 data URLs are accepted (data:image/png;base64,...)",
+            f"{param}: only base64 data URLs are accepted ({_EXAMPLE[kind]})",
             param=param,
-            code="invalid_image_url",
+            code=bad_url,
         )
-    if media_type and not media_type.lower().startswith("image/"):
+    if media_type and not media_type.lower().startswith(f"{kind}/"):
+        article = "an" if kind == "image" else "a"
         raise APIError(
-            400, f"{param}: media type {media_type!r} is not an image", param=param, code="invalid_image_url"
+            400, f"{param}: media type {media_type!r} is not {article} {kind}", param=param, code=bad_url
         )
     payload = "".join(payload.split())  # some encoders wrap base64 into lines
-    # Base64 carries 3 bytes per 4 characters: refuse an oversize image before decoding it.
-    if len(payload) * 3 // 4 > settings.max_image_bytes:
-        raise _too_large(param, len(payload) * 3 // 4, settings.max_image_bytes)
+    # Base64 carries 3 bytes per 4 characters: refuse an oversize file before decoding it.
+    limit = _limit(settings, kind)
+    if len(payload) * 3 // 4 > limit:
+        raise _too_large(param, len(payload) * 3 // 4, limit, kind)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
@@ -82,60 +99,63 @@ class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HTTPOnlyRedirects())
 
 
-def _remote_bytes(url: str, settings: ServeSettings, param: str) -> bytes:
+def _remote_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
     request = urllib.request.Request(url, headers={"User-Agent": "mm15-serve"})
+    limit = _limit(settings, kind)
     try:
         with _OPENER.open(request, timeout=settings.remote_fetch_timeout_s) as response:
-            data = response.read(settings.max_image_bytes + 1)
+            data = response.read(limit + 1)
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise APIError(
-            400, f"{param}: could not fetch the image ({err})", param=param, code="image_fetch_failed"
+            400, f"{param}: could not fetch the {kind} ({err})", param=param, code=f"{kind}_fetch_failed"
         ) from None
-    if len(data) > settings.max_image_bytes:
-        raise _too_large(param, len(data), settings.max_image_bytes)
+    if len(data) > limit:
+        raise _too_large(param, len(data), limit, kind)
     return data
 
 
-def _local_bytes(location: str, settings: ServeSettings, param: str) -> bytes:
+def _local_bytes(location: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
     path = Path(unquote(urlsplit(location).path) if location.startswith("file:") else location)
     if not path.is_file():
-        raise APIError(400, f"{param}: no such file on the server", param=param, code="invalid_image_url")
+        raise APIError(400, f"{param}: no such file on the server", param=param, code=f"invalid_{kind}_url")
     size = path.stat().st_size
-    if size > settings.max_image_bytes:
-        raise _too_large(param, size, settings.max_image_bytes)
+    limit = _limit(settings, kind)
+    if size > limit:
+        raise _too_large(param, size, limit, kind)
     return path.read_bytes()
 
 
-def image_bytes(url: str, settings: ServeSettings, param: str) -> bytes:
-    """The bytes behind an image URL, or an ``APIError`` naming ``param`` and the rule it broke."""
+def image_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
+    """The bytes behind an image (or ``kind="video"``) URL, or an ``APIError`` naming ``param`` and
+    the rule it broke."""
     scheme = urlsplit(url).scheme.lower() if ":" in url else ""
     if scheme == "data":
-        return _data_url_bytes(url, settings, param)
+        return _data_url_bytes(url, settings, param, kind)
     if scheme in ("http", "https"):
         if not settings.allow_remote_images:
             raise APIError(
                 400,
-                f"{param}: remote image URLs are disabled on this server (start it with "
-                "--allow-remote-images); send the image as a base64 data URL",
+                f"{param}: remote {kind} URLs are disabled on this server (start it with "
+                f"--allow-remote-images); send the {kind} as a base64 data URL",
                 param=param,
-                code="remote_images_disabled",
+                code=f"remote_{kind}s_disabled",
             )
-        return _remote_bytes(url, settings, param)
+        return _remote_bytes(url, settings, param, kind)
     if scheme in ("file", ""):
         if not settings.allow_local_files:
             raise APIError(
                 400,
                 f"{param}: local files are disabled on this server (start it with --allow-local-files); "
-                "send the image as a base64 data URL",
+                f"send the {kind} as a base64 data URL",
                 param=param,
                 code="local_files_disabled",
             )
-        return _local_bytes(url, settings, param)
+        return _local_bytes(url, settings, param, kind)
     raise APIError(
         400,
-        f"{param}: unsupported URL scheme {scheme!r} (use a data:image/...;base64 URL)",
+        f"{param}: unsupported URL scheme {scheme!r} (use a data:{kind}/...;base64 URL)",
         param=param,
-        code="invalid_image_url",
+        code=f"invalid_{kind}_url",
     )
 
 
@@ -157,3 +177,36 @@ def decode_image(data: bytes, settings: ServeSettings, param: str) -> Image.Imag
 def image_from_url(url: str, settings: ServeSettings, param: str) -> Image.Image:
     """Fetch (per the switches) and decode one request image."""
     return decode_image(image_bytes(url, settings, param), settings, param)
+
+
+def decode_video(data: bytes, settings: ServeSettings, param: str, num_frames: int) -> list[Image.Image]:
+    """A video's ``num_frames`` uniformly sampled RGB frames (``mm15.video.read_video``).
+
+    413 when a frame is over ``max_image_pixels``, 400 for anything that is not a usable video. The
+    error names ``param``, never the temporary file.
+    """
+    if not data:
+        raise APIError(400, f"{param}: the video is empty (0 bytes)", param=param, code="invalid_video")
+    handle, name = tempfile.mkstemp(prefix="mm15-video-")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        return read_video(name, num_frames, max_pixels=settings.max_image_pixels).frames
+    except VideoError as err:
+        if "max_pixels" in err.reason:
+            raise APIError(413, f"{param}: {err.reason}", param=param, code="video_too_large") from None
+        raise APIError(
+            400, f"{param}: {err.reason}".replace(name, "the video"), param=param, code="invalid_video"
+        ) from None
+    except Exception:
+        log.warning("unexpected error decoding %s", param, exc_info=True)
+        raise APIError(
+            400, f"{param}: the data is not a readable video", param=param, code="invalid_video"
+        ) from None
+    finally:
+        os.unlink(name)
+
+
+def video_from_url(url: str, settings: ServeSettings, param: str, num_frames: int) -> list[Image.Image]:
+    """Fetch (per the switches) and decode one request video into its sampled frames."""
+    return decode_video(image_bytes(url, settings, param, "video"), settings, param, num_frames)

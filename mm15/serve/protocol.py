@@ -2,7 +2,8 @@
 
 What the server accepts, explicitly (``docs/serving.md`` has the table):
 
-* Implemented: ``model``, ``messages`` (string content, or ``text`` and ``image_url`` parts),
+* Implemented: ``model``, ``messages`` (string content, or ``text``, ``image_url`` and ``video_url``
+  parts; ``video_url`` is vLLM's part for a video, with mm15's optional ``num_frames``),
   ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop`` (string or list),
   ``seed``, ``n`` (only 1), ``stream``, ``stream_options.include_usage``.
 * Accepted and ignored (bookkeeping that does not change the answer): ``user``, ``store``,
@@ -40,7 +41,20 @@ class ImagePart(_Strict):
     image_url: ImageURL
 
 
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoURL(_Strict):
+    url: str
+    # An mm15 extension: frames sampled uniformly from the clip (the server's limit when left out).
+    num_frames: Annotated[int, Field(ge=1)] | None = None
+
+
+class VideoPart(_Strict):
+    """A video, as vLLM accepts it: ``{"type": "video_url", "video_url": {"url": ...}}``."""
+
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(_Strict):
@@ -51,9 +65,13 @@ class Message(_Strict):
 
     @model_validator(mode="after")
     def _images_only_from_users(self) -> Message:
-        has_images = isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content)
-        if self.role != "user" and has_images:
-            raise ValueError(f"image parts are only allowed in user messages, not in a {self.role} message")
+        media = isinstance(self.content, list) and any(
+            isinstance(p, ImagePart | VideoPart) for p in self.content
+        )
+        if self.role != "user" and media:
+            raise ValueError(
+                f"image and video parts are only allowed in user messages, not in a {self.role} message"
+            )
         return self
 
 

@@ -24,6 +24,10 @@ class ServeSettings:
     max_image_bytes: int = 10 * MiB
     max_image_pixels: int = 25_000_000
     max_images_per_request: int = 4
+    # A video (base64 adds a third: 32 MiB of video fits the default 48 MiB body) and its frames:
+    # each frame is one unsplit tile, so 24 frames cost 24 x tokens_per_tile prompt tokens.
+    max_video_bytes: int = 32 * MiB
+    max_video_frames: int = 24
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 1024
     default_max_tokens: int = 256
@@ -35,6 +39,8 @@ class ServeSettings:
             "max_body_bytes": self.max_body_bytes,
             "max_image_bytes": self.max_image_bytes,
             "max_image_pixels": self.max_image_pixels,
+            "max_video_bytes": self.max_video_bytes,
+            "max_video_frames": self.max_video_frames,
             "max_prompt_tokens": self.max_prompt_tokens,
             "max_tokens_limit": self.max_tokens_limit,
             "default_max_tokens": self.default_max_tokens,
