@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 from serve_helpers import build_test_model, png_bytes, scripted_answer
 
 from mm15.model.mm15 import MM15Model
@@ -14,6 +15,7 @@ from mm15.serve.api import create_app
 from mm15.serve.engine import Engine
 from mm15.serve.server import start_server
 from mm15.serve.settings import ServeSettings
+from mm15.video import write_video
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -102,4 +104,29 @@ def test_a_server_error_is_shown_on_the_page(page_url: str, browser: Any) -> Non
     page.click("#send")
     error = page.wait_for_selector(".turn.error", timeout=30_000)
     assert "reserved for images" in (error.text_content() or "")
+    page.close()
+
+
+def test_a_video_file_is_sent_as_video_url(page_url: str, browser: Any, tmp_path: Path) -> None:
+    frames = [Image.new("RGB", (64, 48), colour) for colour in ((200, 40, 40), (40, 200, 40), (40, 40, 200))]
+    clip = write_video(tmp_path / "clip.mp4", frames, fps=3)
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    sent: list[dict[str, Any]] = []
+    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
+    page.goto(page_url)
+    page.wait_for_function("document.getElementById('model').textContent === 'tiny-web'")
+    page.set_input_files("#files", str(clip))
+    page.wait_for_selector("#thumbs .video")
+    page.fill("#question", "what moves?")
+    page.fill("#maxTokens", "64")
+    page.click("#send")
+    answer = page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    assert answer.text_content() == ANSWER
+    assert "[1 video(s)] what moves?" in (page.text_content(".turn.user") or "")
+    part = sent[-1]["messages"][-1]["content"][0]
+    assert part["type"] == "video_url" and part["video_url"]["url"].startswith("data:video/mp4;base64,")
+    assert page.locator("#canvas").get_attribute("data-boxes") == "0"
+    assert not errors, errors
     page.close()
