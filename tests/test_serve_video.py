@@ -21,6 +21,8 @@ from mm15.model.mm15 import MM15Model
 from mm15.serve.api import create_app
 from mm15.serve.conversation import render_prompt, video_turn
 from mm15.serve.engine import Engine
+from mm15.serve.errors import APIError
+from mm15.serve.media import decode_video
 from mm15.serve.server import start_server
 from mm15.serve.settings import MiB, ServeSettings
 from mm15.video import read_video, write_video
@@ -170,3 +172,12 @@ def test_bad_videos_are_refused(served: Served, content: str, status: int, code:
         model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2
     )
     assert again.choices[0].finish_reason in ("stop", "length")
+
+
+def test_frames_over_the_pixel_limit_are_413(served: Served) -> None:
+    small = ServeSettings(max_image_pixels=64 * 48 - 1)
+    with pytest.raises(APIError) as caught:
+        decode_video(served.clip.read_bytes(), small, "video", 2)
+    assert caught.value.status == 413 and caught.value.code == "video_too_large"
+    assert "64x48" in caught.value.message
+    assert len(decode_video(served.clip.read_bytes(), SETTINGS, "video", 2)) == 2

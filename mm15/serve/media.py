@@ -193,6 +193,7 @@ def decode_video(data: bytes, settings: ServeSettings, param: str, num_frames: i
             file.write(data)
         return read_video(name, num_frames, max_pixels=settings.max_image_pixels).frames
     except VideoError as err:
+        # The pixel guard is the one reason that is a size limit (413, as for an image's pixels).
         if "max_pixels" in err.reason:
             raise APIError(413, f"{param}: {err.reason}", param=param, code="video_too_large") from None
         raise APIError(
