@@ -1,20 +1,25 @@
-"""The main job, ``mm15 demo``: what exists of the MM1.5 recipe, run end to end at toy scale.
+"""The main job, ``mm15 demo``: the MM1.5 recipe at toy scale, evaluated before and after each stage.
 
 1. The image plan: real and synthetic images planned, processed into encoder inputs (token counts
    checked against the tensors) and drawn, so the tiling can be checked by eye.
-2. The tiny recipe: MM1.5's three stages (pre-training 50:10:40, high-resolution OCR continual
-   pre-training, SFT on the 80/10/10 mixture) on synthetic data, with checkpoints, loss plots and a
-   summary under ``<out>/tiny``.
-3. Live answers: the trained model answers held-out (eval-seed) synthetic samples it never saw,
-   next to their ground truth; a grounding answer is drawn on its image.
-
-The evaluation harness over the benchmark categories (before/after each stage) is not built yet.
+2. The untrained model is evaluated on the held-out synthetic benchmarks of every MM1.5 category
+   (general, text-rich, knowledge, refer & ground, multi-image, in-context; ``mm15.eval``).
+3. The tiny recipe's stages -- pre-training 50:10:40, high-resolution OCR continual pre-training, SFT on
+   the 80/10/10 mixture -- each followed by the same evaluation, so the effect of every stage shows.
+4. A report, ``<out>/report.md``: the category table per checkpoint and its chart, loss curves per stage,
+   grounding predictions drawn over their images, and live answers of the final model on held-out
+   samples it never saw (reading text, grounding with the box drawn, a multi-image question, a video
+   clip and a phone screen), each next to the truth.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 from PIL import Image, ImageDraw
@@ -25,12 +30,36 @@ from mm15.geometry import ImagePlanConfig
 from mm15.image import ImageProcessor, load_image
 from mm15.viz import draw_plan
 
+# The categories MM1.5 reports (mm15-spec.md section 7); each expands to its synthetic held-out tasks.
+DEMO_CATEGORIES = ("general", "text-rich", "knowledge", "refer-ground", "multi-image", "in-context")
+EVAL_LIMIT = 20  # items per task
+# Caps the long-answer tasks (code transcription) so an untrained model's rambling stays cheap.
+MAX_NEW_TOKENS = 48
+
+
+def demo_task_specs() -> str:
+    """The synthetic tasks of every demo category, each with its answer budget capped at MAX_NEW_TOKENS."""
+    from mm15.eval.tasks import get_task, task_names
+
+    specs = []
+    for category in DEMO_CATEGORIES:
+        for name in task_names(category):
+            task = get_task(name)
+            if task.needs_files:
+                continue
+            specs.append(f"{name}:max_new_tokens={min(task.generation.max_new_tokens, MAX_NEW_TOKENS)}")
+    return ",".join(specs)
+
+
+# Held-out (eval-split) samples the final model answers live: (generator, index, what it shows).
 LIVE_EXAMPLES = (
-    ("general-count", 3),
-    ("chart-qa", 5),
-    ("refer-ground", 7),
-    ("multi-image", 2),
-    ("text-only", 4),
+    ("general-color", 3, "general VQA"),
+    ("read-text", 0, "reading text"),
+    ("refer-ground", 4, "grounding (box drawn)"),
+    ("multi-image", 3, "multi-image"),
+    ("icl", 1, "in-context"),
+    ("video", 0, "video (frames, no splitting)"),
+    ("ui-find-text", 2, "phone screen (box drawn)"),
 )
 
 
@@ -74,47 +103,218 @@ def compact(text: str, limit: int = 120) -> str:
     return " ".join(text.replace("<image>", "[image]").split())[:limit]
 
 
-def live_answers(model_dir: Path, out: Path, console: Console) -> None:
-    """The trained model on held-out synthetic samples, with the truth; grounding boxes drawn."""
-    from mm15.boxes import parse_boxes
+def _sample_from_id(sample_id: str) -> Any:
+    """The synthetic sample an eval item id (``generator/split/seed/index``) names."""
+    from mm15.data.synth import generate
+
+    name, split, seed, index = sample_id.split("/")
+    return generate(name, int(index), split=split, seed=int(seed))  # type: ignore[arg-type]
+
+
+def _draw_boxes(image: Image.Image, truth: str, answer: str) -> Image.Image:
+    """``image`` with the truth's boxes and points in green and the answer's in red."""
+    from mm15.boxes import parse_boxes, parse_points
+
+    drawn = image.convert("RGB")
+    draw = ImageDraw.Draw(drawn)
+    width = max(2, min(drawn.size) // 150)
+    for text, colour in ((truth, (0, 190, 0)), (answer, (230, 0, 0))):
+        for box in parse_boxes(text, drawn.height, drawn.width):
+            draw.rectangle(box, outline=colour, width=width)
+        for x, y in parse_points(text, drawn.height, drawn.width):
+            r = 3 * width
+            draw.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=width)
+    return drawn
+
+
+def answer_live(model: Any, name: str, index: int) -> tuple[str, str, str, list[Image.Image]]:
+    """(question, answer, truth, images) for held-out sample ``index`` of generator ``name``."""
     from mm15.chat import render_regions
-    from mm15.data.synth import generate as synth
+    from mm15.data.synth import generate
     from mm15.hardware import autocast
-    from mm15.model.generate import GenerationConfig, generate
-    from mm15.model.mm15 import MM15Model, MM15Processor
+    from mm15.model.generate import GenerationConfig
+    from mm15.model.generate import generate as generate_answers
+    from mm15.model.mm15 import MM15Processor
+
+    sample = generate(name, index, split="eval")
+    pictures = [load_image(ref) for ref in sample.images]
+    sizes = [(p.height, p.width) for p in pictures]
+    question = render_regions(sample.turns[0].content, sample, sizes)
+    truth = render_regions(sample.turns[1].content, sample, sizes)
+    prompt = model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
+    with autocast():
+        batch = MM15Processor.for_model(model)([prompt], [pictures])
+        answer = generate_answers(model, batch, GenerationConfig(max_new_tokens=64))[0]
+    return question, answer, truth, pictures
+
+
+def live_answers(model_dir: Path, out: Path, console: Console) -> list[dict[str, str]]:
+    """The final model on held-out samples, next to the truth; grounding answers drawn (PNG per example)."""
+    from mm15.model.mm15 import MM15Model
 
     model = MM15Model.from_pretrained(model_dir)
-    processor = MM15Processor.for_model(model)
-    table = Table(title="live answers on held-out samples (eval seeds)")
-    for column in ("generator", "question", "answer", "truth"):
+    table = Table(title="live answers of the final model on held-out samples (eval seeds)")
+    for column in ("shows", "question", "answer", "truth"):
         table.add_column(column, overflow="fold")
-    for name, index in LIVE_EXAMPLES:
-        sample = synth(name, index, split="eval")
-        pictures = [load_image(ref) for ref in sample.images]
-        sizes = [(p.height, p.width) for p in pictures]
-        question = render_regions(sample.turns[0].content, sample, sizes)
-        truth = render_regions(sample.turns[1].content, sample, sizes)
-        prompt = model.tokenizer.apply_chat_template(
-            [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-        )
-        with autocast():
-            answer = generate(model, processor([prompt], [pictures]), GenerationConfig(max_new_tokens=48))[0]
-        table.add_row(name, compact(question), compact(answer) or "(nothing)", compact(truth))
-        if name == "refer-ground" and pictures:
-            drawn = pictures[0].copy()
-            draw = ImageDraw.Draw(drawn)
-            for box in parse_boxes(truth, *sizes[0]):
-                draw.rectangle(box, outline=(0, 200, 0), width=3)
-            for box in parse_boxes(answer, *sizes[0]):
-                draw.rectangle(box, outline=(230, 0, 0), width=3)
-            drawn.save(out / "grounding.png")
+    rows = []
+    for name, index, shows in LIVE_EXAMPLES:
+        question, answer, truth, pictures = answer_live(model, name, index)
+        row = {"shows": shows, "question": compact(question), "answer": compact(answer) or "(nothing)"}
+        row["truth"] = compact(truth)
+        if pictures:
+            picture = _draw_boxes(pictures[0], truth, answer) if "box" in shows else pictures[0]
+            if name == "video":  # a contact strip of the first frames
+                strip = Image.new("RGB", (6 * 96, 96), "white")
+                for k, frame in enumerate(pictures[:6]):
+                    strip.paste(frame.convert("RGB").resize((96, 96)), (96 * k, 0))
+                picture = strip
+            picture.thumbnail((480, 480))
+            row["image"] = f"live_{name}.png"
+            picture.save(out / row["image"])
+        table.add_row(row["shows"], row["question"], row["answer"], row["truth"])
+        rows.append(row)
     console.print(table)
-    console.print(f"grounding drawn to {out / 'grounding.png'} (green: truth, red: the model's boxes)")
+    return rows
+
+
+@dataclass
+class Checkpoint:
+    """One evaluated model of the demo: the untrained init or a stage's final export."""
+
+    label: str
+    categories: dict[str, float]
+    mmbase: float | None
+    report: Any
+
+
+def evaluate_checkpoint(model: Any, label: str, out: Path, console: Console, limit: int) -> Checkpoint:
+    from mm15.eval.runner import evaluate
+
+    report = evaluate(
+        model,
+        demo_task_specs(),
+        limit=limit,
+        out_dir=out / "eval" / label,
+        model_id=f"demo:{label}",
+        console=console,
+    )
+    scores = report.category_scores
+    console.print(
+        f"[bold]{label}[/bold]: "
+        + ", ".join(f"{c} {scores.get(c, 0.0):.1f}" for c in DEMO_CATEGORIES)
+        + (f", MMBase {report.mmbase:.1f}" if report.mmbase is not None else "")
+    )
+    return Checkpoint(label, scores, report.mmbase, report)
+
+
+def _plot_categories(checkpoints: list[Checkpoint], path: Path) -> None:
+    """Grouped bars: one group per category, one bar per checkpoint."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(checkpoints)
+    for k, checkpoint in enumerate(checkpoints):
+        xs = [i + (k - (len(checkpoints) - 1) / 2) * width for i in range(len(DEMO_CATEGORIES))]
+        ax.bar(
+            xs, [checkpoint.categories.get(c, 0.0) for c in DEMO_CATEGORIES], width, label=checkpoint.label
+        )
+    ax.set_xticks(range(len(DEMO_CATEGORIES)), DEMO_CATEGORIES)
+    ax.set_ylabel("score (x100)")
+    ax.set_title("held-out synthetic benchmarks: untrained and after each stage")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _grounding_sheet(report: Any, path: Path, count: int = 6) -> int:
+    """The final model's first grounding predictions drawn over their images (truth green, answer red)."""
+    task = next((t for t in report.tasks if t.category == "refer-ground"), None)
+    if task is None:
+        return 0
+    tiles = []
+    for item in task.items[:count]:
+        sample = _sample_from_id(item["id"])
+        image = load_image(sample.images[0])
+        drawn = _draw_boxes(image, " ".join(item["answers"]), item["output"])
+        drawn.thumbnail((240, 240))
+        tiles.append(drawn)
+    sheet = Image.new("RGB", (240 * len(tiles), 240), "white")
+    for k, tile in enumerate(tiles):
+        sheet.paste(tile, (240 * k, 0))
+    sheet.save(path)
+    return len(tiles)
+
+
+def write_report(
+    out: Path,
+    recipe_name: str,
+    run_dir: Path,
+    stages: list[str],
+    checkpoints: list[Checkpoint],
+    live: list[dict[str, str]],
+    seconds: float,
+    peak_gib: float,
+) -> Path:
+    """``<out>/report.md``: what the demo measured, with its PNGs."""
+    lines = [
+        f"# mm15 demo: the {recipe_name} recipe, evaluated before and after each stage",
+        "",
+        f"Finished in {seconds / 60:.1f} min, peak memory {peak_gib:.2f} GiB.",
+        "",
+        f"## Held-out synthetic benchmarks ({EVAL_LIMIT} items per task; scores x100)",
+        "",
+        "| model | " + " | ".join(DEMO_CATEGORIES) + " | MMBase |",
+        "|---|" + "---:|" * (len(DEMO_CATEGORIES) + 1),
+    ]
+    for c in checkpoints:
+        cells = [f"{c.categories.get(cat, 0.0):.1f}" for cat in DEMO_CATEGORIES]
+        mmbase = f"{c.mmbase:.1f}" if c.mmbase is not None else "-"
+        lines.append(f"| {c.label} | " + " | ".join(cells) + f" | {mmbase} |")
+    lines += [
+        "",
+        "![category scores](categories.png)",
+        "",
+        "Per-task results, prompts and every output: `eval/<model>/results.md` and `results.json`.",
+        "",
+        "## Loss curves",
+        "",
+        *[f"![{stage}]({run_dir.name}/{stage}/loss.png)" for stage in stages],
+        "",
+        f"Training summary: [{run_dir.name}/summary.md]({run_dir.name}/summary.md).",
+        "",
+        "## Grounding predictions of the final model (truth green, answer red)",
+        "",
+        "![grounding](grounding.png)",
+        "",
+        "## Live answers on held-out samples",
+        "",
+        "| shows | question | answer | truth | image |",
+        "|---|---|---|---|---|",
+    ]
+    for row in live:
+        image = f"![{row['shows']}]({row['image']})" if "image" in row else ""
+        cells = [row[k].replace("|", "\\|") for k in ("shows", "question", "answer", "truth")]
+        lines.append("| " + " | ".join(cells) + f" | {image} |")
+    lines.append("")
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def run_demo(
-    out: Path, console: Console, images: list[Path] | None = None, recipe: Path = Path("recipes/tiny.yaml")
+    out: Path,
+    console: Console,
+    images: list[Path] | None = None,
+    recipe: Path = Path("recipes/tiny.yaml"),
+    limit: int = EVAL_LIMIT,
 ) -> None:
+    import torch
+
+    from mm15.model.mm15 import MM15Model
     from mm15.train.config import load_recipe
     from mm15.train.run import run_recipe
 
@@ -122,15 +322,38 @@ def run_demo(
     start = time.perf_counter()
     console.rule("1. the image plan")
     show_plans(out, console, images or [])
-    console.rule("2. the tiny recipe: pre-training, OCR continual pre-training, SFT")
     config = load_recipe(recipe)
-    run_dir = out / config.name
-    run_recipe(config, console, out=run_dir)
-    if (run_dir / "summary.md").is_file():
-        console.print((run_dir / "summary.md").read_text())
-    console.rule("3. live answers")
-    live_answers(run_dir / config.stages[-1].name / "final", out, console)
-    console.print(
-        f"demo finished in {time.perf_counter() - start:.0f} s; outputs in {out}/. Not built yet: the "
-        "evaluation harness, chat CLI and server (see the README's status)."
+    # The demo evaluates after every stage itself (more items than the recipe's in-training checks).
+    config = dataclasses.replace(
+        config, stages=tuple(dataclasses.replace(s, eval_every=0) for s in config.stages)
     )
+    run_dir = out / config.name
+    console.rule("2. the untrained model on the held-out benchmarks")
+    torch.manual_seed(config.seed)
+    checkpoints = [
+        evaluate_checkpoint(MM15Model.build(config.model.build()), "untrained", out, console, limit)
+    ]
+    for number, stage in enumerate(config.stages, start=3):
+        console.rule(f"{number}. stage {stage.name}, then the same evaluation")
+        run_recipe(config, console, stage_name=stage.name, out=run_dir)
+        final = MM15Model.from_pretrained(run_dir / stage.name / "final")
+        checkpoints.append(evaluate_checkpoint(final, f"after {stage.name}", out, console, limit))
+    console.rule("live answers")
+    live = live_answers(run_dir / config.stages[-1].name / "final", out, console)
+    _plot_categories(checkpoints, out / "categories.png")
+    _grounding_sheet(checkpoints[-1].report, out / "grounding.png")
+    table = Table(title=f"held-out synthetic benchmarks ({limit} items per task, scores x100)")
+    table.add_column("model")
+    for category in DEMO_CATEGORIES:
+        table.add_column(category, justify="right")
+    table.add_column("MMBase", justify="right")
+    for c in checkpoints:
+        mmbase = f"{c.mmbase:.1f}" if c.mmbase is not None else "-"
+        table.add_row(c.label, *[f"{c.categories.get(k, 0.0):.1f}" for k in DEMO_CATEGORIES], mmbase)
+    console.print(table)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    report = write_report(
+        out, config.name, run_dir, [s.name for s in config.stages], checkpoints, live, seconds, peak
+    )
+    console.print(f"demo finished in {seconds / 60:.1f} min (peak memory {peak:.2f} GiB); report: {report}")
