@@ -105,3 +105,28 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_losses(tmp_path: Path) -> 
     assert "resumed from" in output
     assert losses(killed) == losses(straight)  # exactly: same data, same RNG, same arithmetic
     assert len(losses(killed)) == 8
+
+
+def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None:
+    from mm15.train.config import load_recipe
+    from mm15.train.run import _write_summary
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
+
+    def row(stage: str, loss: float) -> dict:
+        return {
+            "stage": stage,
+            "steps": 2,
+            "first_loss": loss,
+            "last_loss": loss / 2,
+            "tokens_per_s": 1.0,
+            "data_wait": 0.0,
+            "skipped": {},
+        }
+
+    _write_summary(tmp_path, recipe, [row("sft", 3.0)])
+    _write_summary(tmp_path, recipe, [row("pretrain", 5.0)])  # e.g. mm15 train --stage pretrain
+    _write_summary(tmp_path, recipe, [row("sft", 4.0)])  # a rerun replaces its own row
+    table = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table[1:]] == ["| pretrain", "| sft"]  # recipe order
+    assert "| sft | 2 | 4.000 |" in "\n".join(table)

@@ -398,6 +398,12 @@ def run_recipe(
 
 
 def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str, Any]]) -> None:
+    # Stages run in separate calls (--stage, or a resumed run) keep their rows: merge with summary.json.
+    record = run_dir / "summary.json"
+    by_stage = {s["stage"]: s for s in json.loads(record.read_text())} if record.is_file() else {}
+    by_stage.update({s["stage"]: s for s in summaries})
+    summaries = [by_stage[s.name] for s in recipe.stages if s.name in by_stage]
+    record.write_text(json.dumps(summaries, indent=1, default=str))
     lines = [
         f"# {recipe.name}: training summary",
         "",
