@@ -1,0 +1,48 @@
+"""``mm15 demo`` end to end on a reduced budget: every stage evaluated, the report and its images written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+
+from mm15.demo import DEMO_CATEGORIES, LIVE_EXAMPLES, run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_on_a_reduced_budget_writes_the_report(tmp_path: Path) -> None:
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    for stage in recipe["stages"]:  # 2 steps per stage: the wiring, not the learning
+        stage.update(max_steps=2, save_every=2, schedule={"warmup_steps": 1, "min_lr_ratio": 0.1})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "demo"
+    console = Console(record=True, width=160)
+    run_demo(out, console, [ROOT / "tests" / "fixtures" / "seeclick_calendar.png"], path, limit=1)
+
+    report = (out / "report.md").read_text()
+    rows = [
+        line for line in report.splitlines() if line.startswith("| untrained") or line.startswith("| after")
+    ]
+    assert [r.split(" | ")[0] for r in rows] == [
+        "| untrained",
+        "| after pretrain",
+        "| after ocr",
+        "| after sft",
+    ]
+    for row in rows:  # a score per category and MMBase, each in [0, 100]
+        cells = row.strip("| ").split(" | ")[1:]
+        assert len(cells) == len(DEMO_CATEGORIES) + 1 and all(0 <= float(c) <= 100 for c in cells)
+    for name in (
+        "categories.png",
+        "grounding.png",
+        "plan_0.png",
+        *(f"live_{g}.png" for g, _, _ in LIVE_EXAMPLES),
+    ):
+        assert (out / name).stat().st_size > 500, name
+    for stage in ("pretrain", "ocr", "sft"):
+        assert f"tiny/{stage}/loss.png" in report and (out / "tiny" / stage / "loss.png").is_file()
+        assert (out / "eval" / f"after {stage}" / "results.json").is_file()
+    assert "demo finished in" in console.export_text()
