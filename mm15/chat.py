@@ -100,11 +100,7 @@ class ChatEncoder:
         if len(image_sizes) != len(sample.images):
             raise ValueError(f"sample {sample.id}: {len(sample.images)} images but {len(image_sizes)} sizes")
         # Video frames are never split (MM1.5-Video): each frame is one tile.
-        cfg = (
-            dataclasses.replace(self.plan_cfg, split=False)
-            if sample.is_video
-            else self.plan_cfg
-        )
+        cfg = dataclasses.replace(self.plan_cfg, split=False) if sample.is_video else self.plan_cfg
         return [
             plan_image(h, w, cfg, image_index=k, images_in_sample=len(image_sizes))
             for k, (h, w) in enumerate(image_sizes)

@@ -62,13 +62,9 @@ class ImagePlanConfig:
         if self.n_min < 1:
             raise ValueError(f"ImagePlanConfig.n_min must be >= 1, got {self.n_min}")
         if self.n_max < self.n_min:
-            raise ValueError(
-                f"ImagePlanConfig.n_max ({self.n_max}) must be >= n_min ({self.n_min})"
-            )
+            raise ValueError(f"ImagePlanConfig.n_max ({self.n_max}) must be >= n_min ({self.n_min})")
         if self.tokens_per_tile < 1:
-            raise ValueError(
-                f"ImagePlanConfig.tokens_per_tile must be >= 1, got {self.tokens_per_tile}"
-            )
+            raise ValueError(f"ImagePlanConfig.tokens_per_tile must be >= 1, got {self.tokens_per_tile}")
         if self.max_images_to_split < 0:
             raise ValueError(
                 f"ImagePlanConfig.max_images_to_split must be >= 0, got {self.max_images_to_split}"

@@ -28,8 +28,23 @@ def test_plan_json_matches_the_real_screenshot() -> None:
 
 def test_plan_options_change_the_plan(tmp_path: Path) -> None:
     drawing = tmp_path / "sub" / "plan.png"
-    args = ["plan", str(SCREENSHOT), "--json", "--tile", "336", "--nmin", "1", "--nmax", "4",
-            "--overview", "before", "--tokens-per-tile", "64", "--draw", str(drawing)]
+    args = [
+        "plan",
+        str(SCREENSHOT),
+        "--json",
+        "--tile",
+        "336",
+        "--nmin",
+        "1",
+        "--nmax",
+        "4",
+        "--overview",
+        "before",
+        "--tokens-per-tile",
+        "64",
+        "--draw",
+        str(drawing),
+    ]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)

@@ -46,7 +46,11 @@ def reference_grid(h: int, w: int, r: int, nmin: int, nmax: int) -> tuple[int, i
 sizes = st.integers(min_value=1, max_value=9000)
 configs = st.builds(
     lambda tile, nmin, extra, overview, indicator, tokens: ImagePlanConfig(
-        tile_size=tile, n_min=nmin, n_max=nmin + extra, overview=overview, indicator=indicator,
+        tile_size=tile,
+        n_min=nmin,
+        n_max=nmin + extra,
+        overview=overview,
+        indicator=indicator,
         tokens_per_tile=tokens,
     ),
     tile=st.sampled_from([14, 56, 224, 378, 672]),
@@ -147,7 +151,13 @@ def test_markers_in_each_mode() -> None:
     index = plan_image(1000, 1500, image_index=1, images_in_sample=2)
     assert index.grid == (2, 3)
     assert [t.marker for t in index.tiles] == [
-        "(1, 1, 1)", "(1, 1, 2)", "(1, 1, 3)", "(1, 2, 1)", "(1, 2, 2)", "(1, 2, 3)", "(1, 0, 0)",
+        "(1, 1, 1)",
+        "(1, 1, 2)",
+        "(1, 1, 3)",
+        "(1, 2, 1)",
+        "(1, 2, 2)",
+        "(1, 2, 3)",
+        "(1, 0, 0)",
     ]
     seps = plan_image(1000, 1500, ImagePlanConfig(indicator="separators", overview="before"))
     assert [t.marker for t in seps.tiles] == [":", "", ",", ",", "\n", ",", ","]

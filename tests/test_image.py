@@ -480,7 +480,21 @@ def test_exif_orientation_is_applied(
 
 
 ALL_MODES = [
-    "RGBA", "RGBa", "LA", "La", "PA", "P", "L", "1", "CMYK", "YCbCr", "HSV", "RGBX", "I;16B", "I", "F"
+    "RGBA",
+    "RGBa",
+    "LA",
+    "La",
+    "PA",
+    "P",
+    "L",
+    "1",
+    "CMYK",
+    "YCbCr",
+    "HSV",
+    "RGBX",
+    "I;16B",
+    "I",
+    "F",
 ]
 
 
@@ -658,7 +672,13 @@ PLAN_CONFIGS: dict[str, tuple[ImagePlanConfig, int, bool]] = {
 }
 
 IMAGE_NAMES = [
-    "seeclick", "page", "grace-hopper", "noise-37x53", "tall-gradient", "one-pixel", "exact-112x168"
+    "seeclick",
+    "page",
+    "grace-hopper",
+    "noise-37x53",
+    "tall-gradient",
+    "one-pixel",
+    "exact-112x168",
 ]
 # The processor resizes with torch's antialiased bicubic, documented as PIL's BICUBIC within 2 levels.
 PIL_TOLERANCE_LEVELS = 2

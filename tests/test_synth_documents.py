@@ -367,7 +367,7 @@ def _check_chart(sample: Sample, arr: np.ndarray) -> None:
     if truth["chart"] == "bar":
         for v, bar, color in zip(values, truth["bars"], truth["colors"], strict=True):
             x = (bar[0] + bar[2]) // 2
-            column = arr[: zero_y, x]
+            column = arr[:zero_y, x]
             # Measure the bar in the image: bar-coloured pixels upward from the baseline.
             height = 0
             while height < zero_y and tuple(column[zero_y - 1 - height]) == tuple(color):

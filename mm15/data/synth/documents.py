@@ -1283,8 +1283,14 @@ def _render_scene_text(rng: random.Random) -> tuple[Image.Image, Truth]:
         occupied.append(drawn)
         seen.add(text.lower())
         lines.append(
-            {"text": text, "box": drawn, "origin": (x, y), "font": _font_name(fnt), "size": fnt.size,
-             "color": color}
+            {
+                "text": text,
+                "box": drawn,
+                "origin": (x, y),
+                "font": _font_name(fnt),
+                "size": fnt.size,
+                "color": color,
+            }
         )
     truth = {
         "kind": "scene-text",
