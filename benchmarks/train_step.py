@@ -55,6 +55,7 @@ from mm15.image import ImageProcessor, load_image
 from mm15.model.mm15 import MM15Config, MM15Model
 from mm15.model.presets import preset
 from mm15.train.data import MicroBatch, Prefetcher, TrainStream
+from mm15.train.run import speed_options
 from mm15.train.trainer import build_optimizer, train_step
 
 GENERATORS = ("general-color", "chart-qa", "doc-qa", "refer-ground", "table-qa", "general-count")
@@ -189,9 +190,7 @@ def run_mm15(
 ) -> tuple[dict[str, Any], MM15Model, list[MicroBatch]]:
     torch.manual_seed(0)
     model = MM15Model.build(cfg).train()
-    if compiled:
-        for block in [*model.llm.get_decoder().layers, *model.vision.model.encoder.layers]:
-            block.compile()
+    speed_options(model, compile=compiled)  # the recipe switch `compile: true`
     modules = ("encoder", "connector", "llm")
     optimizer = build_optimizer(model, modules, dict.fromkeys(modules, LR))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)

@@ -4,7 +4,6 @@ resume from the cache, real-benchmark files, and bad input."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,14 +32,7 @@ FEW = [
 REAL = Path(__file__).parent / "fixtures" / "realdata"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from a second thread, and on 2 cores shared with other work two
-    intra-op threads made these tests 3x slower; the previous setting is restored afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -137,15 +137,10 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
 
 
 def _with_options(**options: bool) -> list[float]:
-    import dataclasses
-
-    from mm15.train.config import load_recipe
     from mm15.train.run import speed_options
 
     model, stream, optimizer, scheduler = setup()
-    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "tiny.yaml")
-    stage = dataclasses.replace(recipe.stages[0], **options)
-    speed_options(model, stage)
+    speed_options(model, **options)
     return steps(model, stream, optimizer, scheduler, 0, 3)
 
 

@@ -301,6 +301,24 @@ def _role(name: Any) -> str:
     return LLAVA_ROLES[name]
 
 
+def _conversation_turns(record: dict[str, Any], key: str, role_key: str, text_key: str) -> list[Turn]:
+    """``record[key]`` as turns: a non-empty list of ``{role_key: role, text_key: text}`` objects.
+
+    LLaVA writes ``conversations`` of ``{from, value}``, chat data ``messages`` of ``{role, content}``.
+    """
+    messages = record.get(key)
+    if not isinstance(messages, list) or not messages:
+        raise _Malformed("bad_conversations", f"'{key}' must be a non-empty list")
+    turns = []
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get(text_key), str):
+            raise _Malformed(
+                "bad_conversations", f"{key} item {j} must be an object with a string '{text_key}'"
+            )
+        turns.append(Turn(_role(message.get(role_key)), message[text_key]))  # type: ignore[arg-type]
+    return turns
+
+
 def _resolve_image(value: Any, root: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise _Malformed("bad_record", f"an image entry must be a non-empty path string, got {value!r}")
@@ -401,16 +419,7 @@ class LlavaReader(_JsonReader):
         self.category = category
 
     def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
-        conversations = record.get("conversations")
-        if not isinstance(conversations, list) or not conversations:
-            raise _Malformed("bad_conversations", "'conversations' must be a non-empty list")
-        turns = []
-        for j, message in enumerate(conversations):
-            if not isinstance(message, dict) or not isinstance(message.get("value"), str):
-                raise _Malformed(
-                    "bad_conversations", f"conversation {j} must be an object with a string 'value'"
-                )
-            turns.append(Turn(_role(message.get("from")), message["value"]))  # type: ignore[arg-type]
+        turns = _conversation_turns(record, "conversations", "from", "value")
         if "image" in record and "images" in record:
             raise _Malformed("bad_record", "both 'image' and 'images' given")
         refs = record.get("image", record.get("images"))
@@ -508,16 +517,7 @@ class TextReader(_JsonReader):
 
     def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
         if "messages" in record:
-            messages = record["messages"]
-            if not isinstance(messages, list) or not messages:
-                raise _Malformed("bad_conversations", "'messages' must be a non-empty list")
-            turns = []
-            for j, message in enumerate(messages):
-                if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-                    raise _Malformed(
-                        "bad_conversations", f"message {j} must be an object with a string 'content'"
-                    )
-                turns.append(Turn(_role(message.get("role")), message["content"]))  # type: ignore[arg-type]
+            turns = _conversation_turns(record, "messages", "role", "content")
         elif "prompt" in record or "response" in record:
             prompt, response = record.get("prompt"), record.get("response")
             if not isinstance(prompt, str) or not isinstance(response, str):

@@ -59,11 +59,11 @@ from mm15.data.sources import (
     Paths,
     SourceError,
     _category,
+    _conversation_turns,
     _JsonReader,
     _Malformed,
     _record_id,
     _records,
-    _role,
     _string_field,
 )
 from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
@@ -210,17 +210,7 @@ class VideoQAReader(_JsonReader):
     def _turns(self, record: dict[str, Any]) -> tuple[list[Turn], dict[str, Any]]:
         """The record's turns (video slot not yet expanded) and its task truth."""
         if "conversations" in record:
-            conversations = record["conversations"]
-            if not isinstance(conversations, list) or not conversations:
-                raise _Malformed("bad_conversations", "'conversations' must be a non-empty list")
-            turns = []
-            for j, message in enumerate(conversations):
-                if not isinstance(message, dict) or not isinstance(message.get("value"), str):
-                    raise _Malformed(
-                        "bad_conversations", f"conversation {j} must be an object with a string 'value'"
-                    )
-                turns.append(Turn(_role(message.get("from")), message["value"]))  # type: ignore[arg-type]
-            return turns, {"task": "conversation"}
+            return _conversation_turns(record, "conversations", "from", "value"), {"task": "conversation"}
         question = _text(record, "question")
         if "answer" not in record:
             raise _Malformed("bad_record", "needs 'conversations', or 'question' and 'answer'")

@@ -31,11 +31,11 @@ def packed_segments(position_ids: torch.Tensor) -> Segments:
     into one span, since padding outputs are never used and must only not touch real samples.
     """
     rows: Segments = []
-    for row in position_ids.tolist():
-        starts = [i for i, p in enumerate(row) if p == 0]
+    length = position_ids.shape[1]
+    for starts in (row.nonzero().flatten().tolist() for row in position_ids == 0):
         merged: list[tuple[int, int]] = []
         last_is_pad = False
-        for start, end in zip(starts, [*starts[1:], len(row)], strict=True):
+        for start, end in zip(starts, [*starts[1:], length], strict=True):
             is_pad = end - start == 1
             if is_pad and last_is_pad:
                 merged[-1] = (merged[-1][0], end)  # grow the padding run

@@ -122,8 +122,8 @@ def resolve_strategy(requested: str, world_size: int) -> str:
     return requested
 
 
-def speed_options(model: MM15Model, stage: StageConfig) -> None:
-    """The stage's ``grad_checkpointing`` and ``compile`` switches, applied before any wrapping.
+def speed_options(model: MM15Model, *, compile: bool = False, grad_checkpointing: bool = False) -> None:
+    """A stage's ``grad_checkpointing`` and ``compile`` switches, applied before any wrapping.
 
     Gradient checkpointing recomputes each LLM decoder layer and vision block in backward instead of
     storing its activations (Hugging Face's non-reentrant implementation). ``compile`` compiles each
@@ -132,10 +132,10 @@ def speed_options(model: MM15Model, stage: StageConfig) -> None:
     first recompilation instead of recompiling the whole model for every new length.
     """
     kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
-    if stage.grad_checkpointing:
+    if grad_checkpointing:
         model.llm.activation_checkpointing_enable(**kwargs)
         model.vision.model.activation_checkpointing_enable(**kwargs)
-    if stage.compile:
+    if compile:
         model.packed_attention = False  # its per-sample loop would recompile for every packing layout
         for block in [*model.llm.get_decoder().layers, *D.vision_blocks(model)]:
             block.compile()
@@ -210,7 +210,7 @@ def run_stage(
         seed=recipe.seed,
         balanced=stage.data.sampling == "balanced",
     )
-    speed_options(model, stage)
+    speed_options(model, compile=stage.compile, grad_checkpointing=stage.grad_checkpointing)
     wrapped = D.wrap_model(model, strategy, trainable=stage.trainable)
     lrs = {m: stage.optimizer.lr_for(m) for m in MODULES}
     optimizer = build_optimizer(
