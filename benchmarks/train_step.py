@@ -94,7 +94,7 @@ def mm15_stream(model: MM15Model, shard_dir: Path, samples_per_step: int, seq_le
         MixtureSampler(MixtureNode.from_dict({"sft": 1}), seed=0),
         {"sft": f"shards:{shard_dir}"},
         ChatEncoder(model.tokenizer, model.cfg.image, max_length=seq_length),
-        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
+        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std, dtype=torch.uint8),
         samples_per_micro=samples_per_step,
         pad_id=model.tokenizer.pad_token_id,
     )

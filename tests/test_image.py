@@ -45,6 +45,7 @@ from mm15.image import (
     ImageProcessor,
     ImageTooLargeError,
     load_image,
+    normalize_pixels,
     to_rgb,
 )
 
@@ -845,6 +846,31 @@ def test_bfloat16_output(images: dict[str, Image.Image]) -> None:
     assert half.pixel_values.dtype == torch.bfloat16
     assert half.pixel_values.shape == full.pixel_values.shape
     assert torch.allclose(half.pixel_values.float(), full.pixel_values, atol=0.03, rtol=0)
+
+
+def test_uint8_output_normalises_to_the_float_output_bit_for_bit(images: dict[str, Image.Image]) -> None:
+    cfg = ImagePlanConfig(tile_size=32)
+    batch = [images["grace-hopper"], images["page"]]
+    raw = ImageProcessor(cfg, dtype=torch.uint8)(batch)
+    full = ImageProcessor(cfg)(batch)
+    assert raw.pixel_values.dtype == torch.uint8
+    assert raw.tiles_per_image == full.tiles_per_image
+    assert torch.equal(normalize_pixels(raw.pixel_values, CLIP_MEAN, CLIP_STD), full.pixel_values)
+    # Padding keeps the 8-bit colour nearest the mean: the last grid tile's bottom-right pixel is padding
+    # when the resized image is smaller than the canvas (the overview comes after the grid).
+    plan = raw.plans[0]
+    assert plan.resized != plan.canvas
+    pad = torch.tensor(ImageProcessor(cfg).pad_color, dtype=torch.uint8)
+    assert torch.equal(raw.pixel_values[plan.num_tiles - 2, :, -1, -1], pad)
+
+
+def test_normalize_pixels_and_processor_dtype_errors() -> None:
+    with pytest.raises(TypeError, match="uint8"):
+        normalize_pixels(torch.zeros(1, 3, 4, 4), CLIP_MEAN, CLIP_STD)
+    with pytest.raises(ValueError, match=r"float dtype or torch\.uint8"):
+        ImageProcessor(ImagePlanConfig(tile_size=32), dtype=torch.int32)
+    with pytest.raises(ValueError, match="3 channels"):
+        ImageProcessor(ImagePlanConfig(tile_size=32), mean=(0.5, 0.5))
 
 
 def test_padding_normalises_to_about_zero() -> None:

@@ -511,3 +511,14 @@ def test_bf16_autocast_forward() -> None:
     for out in (mixed, half):
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out.float(), full, rtol=0.05, atol=0.1)
+
+
+def test_uint8_tiles_are_normalised_by_the_encoder() -> None:
+    from mm15.image import normalize_pixels
+
+    enc = build(TINY_CLIP)
+    raw = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        got = enc(raw)
+        want = enc(normalize_pixels(raw, enc.image_mean, enc.image_std))
+    assert torch.equal(got, want)

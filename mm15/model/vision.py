@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mm15.image import CLIP_MEAN, CLIP_STD
+from mm15.image import CLIP_MEAN, CLIP_STD, normalize_pixels
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -437,6 +437,8 @@ class VisionEncoder(nn.Module):
             raise ValueError(
                 f"VisionEncoder input must be (N, 3, {size}, {size}), got {tuple(pixel_values.shape)}"
             )
+        if pixel_values.dtype == torch.uint8:  # raw tiles from ImageProcessor(dtype=torch.uint8)
+            pixel_values = normalize_pixels(pixel_values, self.image_mean, self.image_std)
         model = self.model
         # The HF model's own forward would also run the blocks after feature_layer, apply SigLIP's
         # post-layernorm and keep every hidden state alive to return one; its submodules are used instead
