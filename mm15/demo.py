@@ -232,7 +232,7 @@ def _plot_categories(checkpoints: list[Checkpoint], path: Path) -> None:
 
 def _grounding_sheet(report: Any, path: Path, count: int = 6) -> int:
     """The final model's first grounding predictions drawn over their images (truth green, answer red)."""
-    task = next((t for t in report.tasks if t.category == "refer-ground"), None)
+    task = next((t for t in report.tasks if t.task == "synth-refer-ground"), None)
     if task is None:
         return 0
     tiles = []

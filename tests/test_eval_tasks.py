@@ -29,7 +29,7 @@ from mm15.model.generate import GenerationConfig
 REAL = Path(__file__).parent / "fixtures" / "realdata"
 MM15_CATEGORIES = ("general", "text-rich", "knowledge", "refer-ground", "multi-image", "in-context")
 # The held-out tasks of MM1.5's categories registered by mm15.eval.tasks (variant_tasks adds its own).
-SYNTH_TASKS = [registry.SYNTH_PREFIX + generator for generator, *_ in registry._SYNTHETIC]
+SYNTH_TASKS = [registry.SYNTH_PREFIX + generator for generator, *_ in registry._SYNTHETIC] + ["synth-refer"]
 
 
 def _task(name: str, category: str = "general") -> Task:
@@ -171,17 +171,22 @@ def test_groups_options_and_errors() -> None:
 
 def test_held_out_items_are_never_training_items() -> None:
     for name in SYNTH_TASKS:
-        generator = name.removeprefix("synth-")
-        eval_seeds = {sample_seed(generator, "eval", i) for i in range(2000)}
-        assert not eval_seeds & {sample_seed(generator, "train", i) for i in range(2000)}
         task = get_task(name)
         held_out = task.items(task.resolve_options({}))
+        # synth-refer keeps some samples of the refer-ground generator; the others take every sample.
+        generator = held_out[0].id.split("/")[0]
+        eval_seeds = {sample_seed(generator, "eval", i) for i in range(2000)}
+        assert not eval_seeds & {sample_seed(generator, "train", i) for i in range(2000)}
         train_pictures = [
             [image.tobytes() for image in generate(generator, i, "train").images] for i in range(3)
         ]
+        indices = [int(held_out[index].id.split("/")[-1]) for index in range(3)]
+        assert indices == sorted(set(indices))
+        if name == f"synth-{generator}":
+            assert indices == [0, 1, 2]
         for index in range(3):
             item = held_out[index]
-            assert item.id == f"{generator}/eval/0/{index}"
+            assert item.id.startswith(f"{generator}/eval/0/")
             pictures = [image.tobytes() for image in item.images]
             assert pictures not in train_pictures
 
@@ -218,6 +223,22 @@ def test_refer_ground_item_carries_its_truth_region() -> None:
     assert (item.meta["width"], item.meta["height"]) == (448, 336)
     assert task.score("[455, 241, 520, 327]", item) == 1.0
     assert task.score("[0, 0, 100, 100]", item) == 0.0
+
+
+def test_refer_task_keeps_the_referring_questions_and_scores_the_object_name() -> None:
+    task = get_task("synth-refer")
+    assert task.category == "refer-ground"
+    items = task.items(task.resolve_options({"size": "12"}))
+    for item in items:
+        sample = generate("refer-ground", int(item.id.split("/")[-1]), "eval")
+        assert sample.truth["qa"][0]["task"] in ("refer-box", "refer-point")
+        assert item.question.startswith("<image>\nWhat")
+    item = items[0]
+    assert item.meta["objects"] == ["purple star"]
+    assert task.score("A large purple star.", item) == 1.0
+    assert task.score("It is a small purple square [1, 2, 3, 4].", item) == 0.0
+    assert task.score("purple", item) == 0.0
+    assert task.score("A purple starfish.", item) == 0.0  # whole words only
 
 
 # --------------------------------------------------------------------------------------------------

@@ -461,6 +461,13 @@ def grounding_score(prediction: str, item: TaskItem) -> float:
     return float(metrics.grounding_hit(prediction, meta["box"], meta["width"], meta["height"]))
 
 
+def referring_score(prediction: str, item: TaskItem) -> float:
+    """1 if the answer names the referred object, colour and shape (LVIS-Ref style referring accuracy:
+    the class at a box or point; our objects' class is their colour-and-shape phrase)."""
+    words = f" {metrics.normalize_vqa_answer(prediction)} "
+    return float(all(f" {phrase} " in words for phrase in item.meta["objects"]))
+
+
 def click_score(prediction: str, item: TaskItem) -> float:
     meta = item.meta
     return float(metrics.screenspot_hit(prediction, meta["box"], meta["width"], meta["height"]))
@@ -501,6 +508,7 @@ def ocrbench_aggregate(
 
 SYNTH_PREFIX = "synth-"
 SYNTH_SIZE = 200  # items per synthetic task unless size= says otherwise
+MAX_REJECTED = 1000  # a filtered synthetic task gives up after this many rejected samples in a row
 
 
 def sample_to_item(sample: Sample) -> TaskItem:
@@ -526,6 +534,11 @@ def sample_to_item(sample: Sample) -> TaskItem:
     if isinstance(sample.truth.get("options"), list):
         meta["options"] = list(sample.truth["options"])
     qa = sample.truth.get("qa")
+    scene = sample.truth.get("scene")
+    objects = scene.get("objects") if isinstance(scene, dict) else None
+    if isinstance(qa, list) and qa and qa[0].get("targets") and isinstance(objects, list):
+        # The colour-and-shape phrases of the objects the first answer is about (referring tasks).
+        meta["objects"] = [f"{objects[k]['color']} {objects[k]['shape']}" for k in qa[0]["targets"]]
     if isinstance(qa, list) and qa and qa[0].get("answer_regions"):
         region = sample.regions[qa[0]["answer_regions"][0]]
         if region.box is not None:
@@ -543,14 +556,30 @@ def sample_to_item(sample: Sample) -> TaskItem:
     )
 
 
-def synthetic_source(generator: str) -> ItemSource:
+def synthetic_source(generator: str, keep: Callable[[Sample], bool] | None = None) -> ItemSource:
+    """Items of ``generator``'s eval split; with ``keep``, only the samples it accepts, in index order."""
+
     def source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
         from mm15.data.synth import generate
 
         seed, size = options["seed"], options["size"]
         if size < 1:
             raise TaskError(f"task {SYNTH_PREFIX}{generator}: size must be >= 1, got {size}")
-        return LazyItems(size, lambda index: sample_to_item(generate(generator, index, "eval", seed)))
+        if keep is None:
+            return LazyItems(size, lambda index: sample_to_item(generate(generator, index, "eval", seed)))
+        kept: list[int] = []  # eval-split indices of the accepted samples, found in order on demand
+
+        def make(position: int) -> TaskItem:
+            candidate = kept[-1] + 1 if kept else 0
+            while len(kept) <= position:
+                if candidate - (kept[-1] if kept else 0) > MAX_REJECTED:
+                    raise TaskError(f"generator {generator}: no accepted sample in {MAX_REJECTED} in a row")
+                if keep(generate(generator, candidate, "eval", seed)):
+                    kept.append(candidate)
+                candidate += 1
+            return sample_to_item(generate(generator, kept[position], "eval", seed))
+
+        return LazyItems(size, make)
 
     return source
 
@@ -564,19 +593,25 @@ def synthetic_task(
     max_new_tokens: int,
     parse: AnswerParser = short_answer,
     version: str = "1",
+    name: str | None = None,
+    keep: Callable[[Sample], bool] | None = None,
+    description: str | None = None,
 ) -> Task:
-    """A held-out task on synthetic generator ``generator`` (items of the eval split, seed ``seed=``)."""
+    """A held-out task on synthetic generator ``generator`` (items of the eval split, seed ``seed=``).
+
+    ``name`` defaults to ``synth-<generator>``; ``keep`` selects some of the generator's samples (a task
+    on one kind of question of a generator that mixes several)."""
     return Task(
-        name=SYNTH_PREFIX + generator,
+        name=name or SYNTH_PREFIX + generator,
         category=category,
         version=version,
-        description=f"held-out samples of the {generator} generator (eval split)",
+        description=description or f"held-out samples of the {generator} generator (eval split)",
         prompt="{question}",  # the generators' questions carry their own answer-format instructions
         generation=GenerationConfig(max_new_tokens=max_new_tokens),
         parse=parse,
         score=score,
         metric=metric,
-        source=synthetic_source(generator),
+        source=synthetic_source(generator, keep),
         options=(
             TaskOption("seed", int, "the eval split's seed", 0),
             TaskOption("size", int, "items in the held-out set", SYNTH_SIZE),
@@ -608,6 +643,23 @@ for _generator, _category, _score, _metric, _parse, _budget in _SYNTHETIC:
             _generator, _category, score=_score, metric=_metric, parse=_parse, max_new_tokens=_budget
         )
     )
+# MM1.5's refer & ground category averages grounding (RefCOCO, Flickr30k: Acc@IoU) with referring
+# (LVIS-Ref: name the object at a box or point). synth-refer-ground scores the first box of every first
+# answer; synth-refer asks only the referring questions and scores the object's name.
+register_task(
+    synthetic_task(
+        "refer-ground",
+        "refer-ground",
+        name=SYNTH_PREFIX + "refer",
+        keep=lambda sample: sample.truth["qa"][0]["task"] in ("refer-box", "refer-point"),
+        description="held-out referring questions of the refer-ground generator: name the object at a "
+        "box or a point (eval split)",
+        score=referring_score,
+        metric="referring accuracy (colour and shape named)",
+        parse=whole_answer,
+        max_new_tokens=24,
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------------
