@@ -77,6 +77,10 @@ def test_gpu_recipes_have_the_paper_settings(name: str) -> None:
 def test_sft_mixture_matches_the_spec(name: str) -> None:
     got = effective_weights(load_recipe(RECIPES / f"{name}.yaml").stage("sft").data.mixture_node())
     want = effective_weights(sft_mixture())
+    if name in ("tiny", "smol"):
+        # The synthetic recipes split the multi-image group between compare/count and ICL episodes.
+        assert got["icl"] == pytest.approx(got["multi-image"])
+        got["multi-image"] += got.pop("icl")
     assert got.keys() == want.keys()
     for key, value in want.items():
         assert math.isclose(got[key], value, rel_tol=1e-6), key
