@@ -68,3 +68,14 @@ def test_packed_attention_gradients_match(packed_batch) -> None:
     model.packed_attention = True
     model.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+def test_packed_attention_rejects_position_ids_of_another_shape() -> None:
+    from mm15.model.attention import packed_attention
+
+    query = key = value = torch.zeros(2, 4, 6, 8)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match=r"position ids \(2, 5\)"):
+        packed_attention(
+            module, query, key, value, None, packed_position_ids=torch.zeros(2, 5, dtype=torch.long)
+        )

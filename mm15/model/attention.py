@@ -7,9 +7,12 @@ FlashAttention to skip the masked blocks. ``packed_attention`` does what varlen 
 row at the sample boundaries and runs causal ``scaled_dot_product_attention`` on each sample alone.
 
 It is registered with transformers' attention and mask interfaces under ``PACKED_ATTENTION`` and used by
-the LLM whenever ``MM15Model.forward`` passes ``segments`` (packed training batches); every other call --
-padded batches, generation with a KV cache -- goes to transformers' SDPA path unchanged. The segments
-come from the position ids, which restart at 0 for each packed sample (``mm15.data.packing``).
+the LLM whenever ``MM15Model.forward`` passes ``packed_position_ids`` (packed training batches); every
+other call -- padded batches, generation with a KV cache -- goes to transformers' SDPA path unchanged.
+The samples' spans come from the position ids, which restart at 0 for each packed sample
+(``mm15.data.packing``). They travel as that tensor, not as a Python list, and the per-sample loop runs
+outside ``torch.compile``'s graphs: a compiled decoder layer then sees only tensors of dynamic length and
+does not recompile for every packing layout.
 """
 
 from __future__ import annotations
@@ -54,23 +57,40 @@ def packed_attention(
     attention_mask: torch.Tensor | None,
     dropout: float = 0.0,
     scaling: float | None = None,
-    segments: Segments | None = None,
+    packed_position_ids: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``query`` (B, H, L, D), ``key``/``value`` (B, Hkv, L, D).
 
-    Returns (B, L, H, D) as transformers expects. Without ``segments`` this is transformers' SDPA path.
+    Returns (B, L, H, D) as transformers expects. Without ``packed_position_ids`` (B, L) this is
+    transformers' SDPA path.
     """
-    if segments is None:
+    if packed_position_ids is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if len(segments) != query.shape[0]:
-        raise ValueError(f"packed_attention: {len(segments)} segment rows for a batch of {query.shape[0]}")
+    if packed_position_ids.shape != (query.shape[0], query.shape[2]):
+        raise ValueError(
+            f"packed_attention: position ids {tuple(packed_position_ids.shape)} for queries of batch "
+            f"{query.shape[0]} and length {query.shape[2]}"
+        )
+    dropout_p = dropout if module.training else 0.0
+    return _per_sample_attention(query, key, value, packed_position_ids, scaling, dropout_p), None
+
+
+@torch.compiler.disable  # a graph break: the span list is data-dependent Python
+def _per_sample_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position_ids: torch.Tensor,
+    scaling: float | None,
+    dropout_p: float,
+) -> torch.Tensor:
     rows = []
-    for row, spans in enumerate(segments):
+    for row, spans in enumerate(packed_segments(position_ids)):
         pieces = [
             F.scaled_dot_product_attention(
                 query[row : row + 1, :, start:end],
@@ -78,13 +98,13 @@ def packed_attention(
                 value[row : row + 1, :, start:end],
                 is_causal=True,
                 scale=scaling,
-                dropout_p=dropout if module.training else 0.0,
+                dropout_p=dropout_p,
                 enable_gqa=query.shape[1] != key.shape[1],
             )
             for start, end in spans
         ]
         rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0).transpose(1, 2).contiguous(), None
+    return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
 
 
 def register_packed_attention() -> None:

@@ -29,7 +29,7 @@ from torch import nn
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageProcessor
-from mm15.model.attention import PACKED_ATTENTION, packed_segments, register_packed_attention
+from mm15.model.attention import PACKED_ATTENTION, register_packed_attention
 from mm15.model.connector import ConnectorConfig, build_connector
 from mm15.model.llm import LLMConfig, load_llm
 from mm15.model.moe import MoEConfig, moe_aux_loss, moe_layers, upcycle_llm
@@ -116,7 +116,7 @@ class MM15Model(nn.Module):
         # Packed rows attend per sample (mm15.model.attention); other calls take the SDPA path as before.
         register_packed_attention()
         llm.config._attn_implementation = PACKED_ATTENTION
-        self.packed_attention = True  # off under torch.compile: the segment loop would recompile per layout
+        self.packed_attention = True  # per-sample attention for packed rows (False: the dense mask)
         self._check_sizes()
 
     def _check_sizes(self) -> None:
@@ -188,7 +188,7 @@ class MM15Model(nn.Module):
         extra: dict[str, Any] = {}
         packed = attention_mask is not None and attention_mask.dim() == 4 and position_ids is not None
         if packed and self.packed_attention and past_key_values is None:
-            extra["segments"] = packed_segments(position_ids)
+            extra["packed_position_ids"] = position_ids
         decoder_out = self.llm.get_decoder()(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
