@@ -233,6 +233,9 @@ def test_refer_task_keeps_the_referring_questions_and_scores_the_object_name() -
         sample = generate("refer-ground", int(item.id.split("/")[-1]), "eval")
         assert sample.truth["qa"][0]["task"] in ("refer-box", "refer-point")
         assert item.question.startswith("<image>\nWhat")
+    # Access out of order finds the same items as in order.
+    fresh = task.items(task.resolve_options({"size": "12"}))
+    assert [fresh[i].id for i in (7, 2, 11)] == [items[i].id for i in (7, 2, 11)]
     item = items[0]
     assert item.meta["objects"] == ["purple star"]
     assert task.score("A large purple star.", item) == 1.0

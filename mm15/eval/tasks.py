@@ -570,14 +570,18 @@ def synthetic_source(generator: str, keep: Callable[[Sample], bool] | None = Non
         kept: list[int] = []  # eval-split indices of the accepted samples, found in order on demand
 
         def make(position: int) -> TaskItem:
+            if position < len(kept):
+                return sample_to_item(generate(generator, kept[position], "eval", seed))
             candidate = kept[-1] + 1 if kept else 0
-            while len(kept) <= position:
+            while True:  # scan on; the sample accepted at ``position`` is used as generated
                 if candidate - (kept[-1] if kept else 0) > MAX_REJECTED:
                     raise TaskError(f"generator {generator}: no accepted sample in {MAX_REJECTED} in a row")
-                if keep(generate(generator, candidate, "eval", seed)):
+                sample = generate(generator, candidate, "eval", seed)
+                if keep(sample):
                     kept.append(candidate)
+                    if len(kept) > position:
+                        return sample_to_item(sample)
                 candidate += 1
-            return sample_to_item(generate(generator, kept[position], "eval", seed))
 
         return LazyItems(size, make)
 
