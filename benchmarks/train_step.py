@@ -25,13 +25,15 @@ fraction of the step spent waiting for data. ``--compile`` adds the compiled row
 ``torch.compile`` (the recipe switch ``compile: true``) and ``torch.compile`` of the whole reference
 model; both are warmed up on every timed batch shape first, so compilation is not timed.
 
-Usage: ``python benchmarks/train_step.py [--preset tiny|smol] [--samples 4] [--steps 3] [--compile]``;
+Usage: ``python benchmarks/train_step.py [--preset tiny|smol] [--samples 4] [--steps 3] [--compile]``
+(``--profile``: only mm15's eager step under ``torch.profiler``, its operators by self time);
 results in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import platform
@@ -216,15 +218,23 @@ def run_mm15(
         original = data.next_micro
         data.next_micro = recording  # type: ignore[method-assign]
     times, waits, tokens, images = [], [], 0, 0
-    for step in range(args.steps):
-        metrics = train_step(model, data, optimizer, scheduler, 1, warm + step, dtype, 1.0, peak)
-        micro = seen[-1]
-        seconds = micro.batch.real_tokens / metrics.tokens_per_s
-        times.append(seconds)
-        waits.append(metrics.data_wait)
-        tokens += micro.batch.real_tokens
-        images += micro.images
+    profiler = (
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        if args.profile
+        else contextlib.nullcontext()
+    )
+    with profiler:
+        for step in range(args.steps):
+            metrics = train_step(model, data, optimizer, scheduler, 1, warm + step, dtype, 1.0, peak)
+            micro = seen[-1]
+            seconds = micro.batch.real_tokens / metrics.tokens_per_s
+            times.append(seconds)
+            waits.append(metrics.data_wait)
+            tokens += micro.batch.real_tokens
+            images += micro.images
     data.close()
+    if args.profile:
+        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     timed = seen[-args.steps :]
     patches = sum(m.pixel_values.shape[0] for m in timed if m.pixel_values is not None)
     patches *= (cfg.vision.image_size // cfg.vision.patch_size) ** 2
@@ -291,6 +301,11 @@ def main() -> None:
         "--seq-length", type=int, default=2048, help="mm15's packed row length (the tiny SFT stage's)"
     )
     parser.add_argument("--compile", action="store_true", help="also time both models compiled")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="only profile mm15's eager step (equal tokens per sample) and print where its time goes",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -309,6 +324,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shard_dir = Path(tmp)
         write_shards(workload(args.samples * args.steps * 3), shard_dir)
+        if args.profile:
+            run_mm15(equal, shard_dir, args, dtype, peak, False)
+            return
         for compiled in (False, True) if args.compile else (False,):
             tag = " compiled" if compiled else ""
             ours, model, micros = run_mm15(equal, shard_dir, args, dtype, peak, compiled)
