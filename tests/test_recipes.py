@@ -234,3 +234,13 @@ def test_data_config_direct() -> None:
         DataConfig(mixture=copy.deepcopy({"pdfa": 1.0}))
     placeholder = DataConfig(mixture={"pdfa": 1.0}, sources={"pdfa": "shards:/does/not/exist"})
     assert placeholder.resolve_sources() == {"pdfa": "shards:/does/not/exist"}
+
+
+def test_refer_ground_ablation_is_the_tiny_sft_on_refer_ground_data_only() -> None:
+    ablation = load_recipe(RECIPES / "ablations" / "refer-ground-only.yaml").stage("sft")
+    tiny = load_recipe(RECIPES / "tiny.yaml").stage("sft")
+    assert effective_weights(ablation.data.mixture_node()) == {"refer-ground": 1.0}
+    assert ablation.parent == "runs/tiny/ocr/final"
+    for field in ("trainable", "optimizer", "schedule", "global_batch", "micro_batch", "loss_weighting"):
+        assert getattr(ablation, field) == getattr(tiny, field), field
+    assert ablation.data.seq_length == tiny.data.seq_length
