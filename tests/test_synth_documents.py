@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import math
 import random
-import time
 
 import numpy as np
 import pytest
@@ -177,18 +176,6 @@ def test_samples_validate_and_regions_resolve(name: str) -> None:
         assert sample.turns[0].content.startswith("<image>\n")
         assert answer(sample).strip()
         check_regions(sample)
-
-
-def test_print_throughput() -> None:
-    """Samples per second on this (one) core; printed, never asserted (run with -s to see)."""
-    rows = []
-    for name in NAMES:
-        count = 2 if name in HEAVY else 8
-        start = time.perf_counter()
-        for i in range(count):
-            make(name, 1000 + i)
-        rows.append(f"{name:17s} {count / (time.perf_counter() - start):8.1f} samples/s")
-    print("\n" + "\n".join(rows))
 
 
 # ----------------------------------------------------------------------------------------------------
