@@ -19,7 +19,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 from PIL import Image, ImageDraw
@@ -29,6 +29,9 @@ from rich.table import Table
 from mm15.geometry import ImagePlanConfig
 from mm15.image import ImageProcessor, load_image
 from mm15.viz import draw_plan
+
+if TYPE_CHECKING:
+    from mm15.train.config import RecipeConfig
 
 # The categories MM1.5 reports (mm15-spec.md section 7); each expands to its synthetic held-out tasks.
 DEMO_CATEGORIES = ("general", "text-rich", "knowledge", "refer-ground", "multi-image", "in-context")
@@ -305,29 +308,15 @@ def write_report(
     return path
 
 
-def run_demo(
-    out: Path,
-    console: Console,
-    images: list[Path] | None = None,
-    recipe: Path = Path("recipes/tiny.yaml"),
-    limit: int = EVAL_LIMIT,
-) -> None:
+def _train_and_evaluate(
+    config: RecipeConfig, run_dir: Path, out: Path, console: Console, limit: int
+) -> tuple[list[Checkpoint], list[dict[str, str]]]:
+    """Evaluate the untrained model, then train each stage and evaluate its export; the live answers."""
     import torch
 
     from mm15.model.mm15 import MM15Model
-    from mm15.train.config import load_recipe
     from mm15.train.run import run_recipe
 
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    console.rule("1. the image plan")
-    show_plans(out, console, images or [])
-    config = load_recipe(recipe)
-    # The demo evaluates after every stage itself (more items than the recipe's in-training checks).
-    config = dataclasses.replace(
-        config, stages=tuple(dataclasses.replace(s, eval_every=0) for s in config.stages)
-    )
-    run_dir = out / config.name
     console.rule("2. the untrained model on the held-out benchmarks")
     torch.manual_seed(config.seed)
     checkpoints = [
@@ -339,7 +328,33 @@ def run_demo(
         final = MM15Model.from_pretrained(run_dir / stage.name / "final")
         checkpoints.append(evaluate_checkpoint(final, f"after {stage.name}", out, console, limit))
     console.rule("live answers")
-    live = live_answers(run_dir / config.stages[-1].name / "final", out, console)
+    return checkpoints, live_answers(run_dir / config.stages[-1].name / "final", out, console)
+
+
+def run_demo(
+    out: Path,
+    console: Console,
+    images: list[Path] | None = None,
+    recipe: Path = Path("recipes/tiny.yaml"),
+    limit: int = EVAL_LIMIT,
+) -> None:
+    from mm15.hardware import compute_dtype
+    from mm15.train.config import load_recipe
+    from mm15.train.run import stage_dtype
+
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    console.rule("1. the image plan")
+    show_plans(out, console, images or [])
+    config = load_recipe(recipe)
+    # The demo evaluates after every stage itself (more items than the recipe's in-training checks).
+    config = dataclasses.replace(
+        config, stages=tuple(dataclasses.replace(s, eval_every=0) for s in config.stages)
+    )
+    run_dir = out / config.name
+    # Evaluate in the dtype the recipe trains in (its last stage's ``autocast``), not the machine default.
+    with compute_dtype(stage_dtype(config.stages[-1].autocast)):
+        checkpoints, live = _train_and_evaluate(config, run_dir, out, console, limit)
     _plot_categories(checkpoints, out / "categories.png")
     _grounding_sheet(checkpoints[-1].report, out / "grounding.png")
     table = Table(title=f"held-out synthetic benchmarks ({limit} items per task, scores x100)")

@@ -3,13 +3,20 @@ about 100x slower on CPUs without them (torch then emulates bf16), so the comput
 never assumed.
 
 ``fast_dtype()`` is bfloat16 when a small bf16 matmul beats float32 on this machine, else float32;
-``autocast()`` is the matching context manager (a no-op on float32 machines). ``MM15_DTYPE=float32``
-or ``bfloat16`` in the environment overrides the measurement.
+``autocast()`` is the matching context manager (a no-op on float32 machines). Two overrides, the inner
+one first: ``with compute_dtype(torch.float32):`` for a block of code (a recipe that trains in float32
+is evaluated in float32 too), and ``MM15_DTYPE=float32`` or ``bfloat16`` in the environment.
+
+The measurement looks at a matmul only. A whole model can disagree: on a CPU with AMX, the tiny preset
+(128-wide decoder, 64-wide encoder) trains about 1.3x faster in float32, because under autocast every
+small matmul pays for casts and the elementwise work dominates; SmolLM2-sized models are several times
+faster in bf16. Recipes therefore name their dtype per stage (``autocast``), see docs/training.md.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import time
@@ -18,6 +25,9 @@ from collections.abc import Iterator
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+# Set by ``compute_dtype``; a context variable so that concurrent requests cannot see each other's.
+_OVERRIDE: contextvars.ContextVar[torch.dtype | None] = contextvars.ContextVar("mm15_dtype", default=None)
 
 
 def _seconds(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
@@ -39,12 +49,27 @@ def bf16_matmul_is_fast(size: int = 256) -> bool:
 
 def fast_dtype() -> torch.dtype:
     """The compute dtype for autocast on this machine (see the module docstring)."""
+    chosen = _OVERRIDE.get()
+    if chosen is not None:
+        return chosen
     override = os.environ.get("MM15_DTYPE")
     if override:
         if override not in DTYPES:
             raise ValueError(f"MM15_DTYPE must be one of {sorted(DTYPES)}, got {override!r}")
         return DTYPES[override]
     return torch.bfloat16 if bf16_matmul_is_fast() else torch.float32
+
+
+@contextlib.contextmanager
+def compute_dtype(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block ``fast_dtype()`` (and so ``autocast()``) gives ``dtype``; None keeps the default."""
+    if dtype not in (None, *DTYPES.values()):
+        raise ValueError(f"compute dtype must be one of {sorted(DTYPES)} or None, got {dtype}")
+    token = _OVERRIDE.set(dtype)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
 
 
 @contextlib.contextmanager

@@ -1,11 +1,13 @@
-"""The compute dtype is measured, and the environment can override it."""
+"""The compute dtype is measured; a block (``compute_dtype``) or the environment can override it."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 
-from mm15.hardware import autocast, bf16_matmul_is_fast, fast_dtype
+from mm15.hardware import autocast, bf16_matmul_is_fast, compute_dtype, fast_dtype
 
 
 def test_fast_dtype_follows_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -28,3 +30,38 @@ def test_bad_override_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MM15_DTYPE", "float16")
     with pytest.raises(ValueError, match="MM15_DTYPE"):
         fast_dtype()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compute_dtype_block_overrides_environment_and_restores(
+    monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype
+) -> None:
+    other = torch.bfloat16 if dtype == torch.float32 else torch.float32
+    monkeypatch.setenv("MM15_DTYPE", "bfloat16" if other == torch.bfloat16 else "float32")
+    with compute_dtype(dtype):
+        assert fast_dtype() == dtype
+        with compute_dtype(other):  # the inner block wins
+            assert fast_dtype() == other
+        with autocast() as chosen:
+            out = torch.nn.Linear(4, 4)(torch.randn(2, 4))
+        assert chosen == dtype and out.dtype == dtype
+        with compute_dtype(None):  # None: back to the default (here the environment)
+            assert fast_dtype() == other
+    assert fast_dtype() == other
+
+
+def test_compute_dtype_rejects_unsupported_dtypes() -> None:
+    with pytest.raises(ValueError, match="compute dtype"), compute_dtype(torch.float16):
+        pass
+
+
+def test_compute_dtype_is_per_thread() -> None:
+    """A block in one thread (a server request) leaves the others' dtype alone."""
+    seen: list[torch.dtype] = []
+    default = fast_dtype()
+    other = torch.bfloat16 if default == torch.float32 else torch.float32
+    with compute_dtype(other):
+        thread = threading.Thread(target=lambda: seen.append(fast_dtype()))
+        thread.start()
+        thread.join()
+    assert seen == [default]

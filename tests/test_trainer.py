@@ -177,3 +177,33 @@ def test_sample_weighting_trains_and_reports_the_token_mean() -> None:
     losses = steps(model, stream, optimizer, scheduler, 0, 6, loss_weighting="sample")
     assert losses[-1] < losses[0]
     assert losses[0] == steps(*setup(), 0, 1)[0]  # the first loss (before any update) is the same token mean
+
+
+@pytest.mark.parametrize(("setting", "dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_evaluation_during_training_generates_in_the_stage_dtype(
+    monkeypatch: pytest.MonkeyPatch, setting: str, dtype: torch.dtype
+) -> None:
+    """A stage trained in float32 is evaluated in float32, whatever this machine's default dtype is."""
+    import dataclasses
+
+    import mm15.eval.runner
+    from mm15.hardware import fast_dtype
+    from mm15.train.config import load_recipe
+    from mm15.train.run import evaluate_during_training
+
+    seen: list[torch.dtype] = []
+
+    class Report:
+        def scores(self) -> dict[str, float]:
+            return {"category/general": 1.0}
+
+    def fake_evaluate(*args: object, **kwargs: object) -> Report:
+        seen.append(fast_dtype())
+        return Report()
+
+    monkeypatch.setattr(mm15.eval.runner, "evaluate", fake_evaluate)
+    tiny = load_recipe(Path(__file__).parent.parent / "recipes" / "tiny.yaml")
+    stage = dataclasses.replace(tiny.stage("sft"), autocast=setting)
+    model = MM15Model.build(preset("tiny"))
+    assert evaluate_during_training(model, stage, step=1) == {"category/general": 1.0}
+    assert seen == [dtype] and model.training

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mm15.chat import ChatEncoder
 from mm15.data.mixture import MixtureSampler
-from mm15.hardware import fast_dtype
+from mm15.hardware import compute_dtype, fast_dtype
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
 from mm15.train import distributed as D
@@ -40,6 +40,11 @@ from mm15.train.data import Prefetcher, TrainStream
 from mm15.train.trainer import MODULES, NonFiniteLoss, build_optimizer, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def stage_dtype(setting: str) -> torch.dtype:
+    """A stage's ``autocast`` setting as a dtype: ``auto`` is this machine's ``fast_dtype()``."""
+    return fast_dtype() if setting == "auto" else DTYPES[setting]
 
 
 class StageFailed(RuntimeError):
@@ -145,14 +150,14 @@ def evaluate_during_training(model: MM15Model, stage: StageConfig, step: int) ->
     """The stage's ``eval_tasks`` on ``eval_limit`` items each: flat ``task/...`` and ``category/...`` scores.
 
     Greedy decoding draws no random numbers, and the RNG state is restored anyway, so evaluating does
-    not change the training run (resume stays exact).
+    not change the training run (resume stays exact). Generation runs in the stage's compute dtype.
     """
     from mm15.eval.runner import evaluate
 
     was_training = model.training
     model.eval()
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), compute_dtype(stage_dtype(stage.autocast)):
             report = evaluate(
                 model,
                 stage.eval_tasks,
@@ -193,7 +198,7 @@ def run_stage(
     stage_dir = run_dir / stage.name
     ckpt_dir = stage_dir / "checkpoints"
     stage_dir.mkdir(parents=True, exist_ok=True)
-    dtype = fast_dtype() if stage.autocast == "auto" else DTYPES[stage.autocast]
+    dtype = stage_dtype(stage.autocast)
     accum = stage.grad_accum(world_size=world)
     encoder = ChatEncoder(model.tokenizer, model.cfg.image, max_length=stage.data.seq_length)
     # uint8 tiles: the encoder normalises them (a quarter of the memory in the prefetch queue).
