@@ -152,11 +152,11 @@ def test_streaming_sampling_and_stop_strings(model: MM15Model, processor: MM15Pr
 
 
 def test_stream_holds_back_partial_stop_strings() -> None:
-    from mm15.model.generate import _visible
+    from mm15.model.generate import visible_text
 
-    assert _visible("answer: 42 EN", ("END",)) == ("answer: 42 ", False)
-    assert _visible("answer: 42 END more", ("END",)) == ("answer: 42 ", True)
-    assert _visible("caf\ufffd", ()) == ("caf", False)
+    assert visible_text("answer: 42 EN", ("END",)) == ("answer: 42 ", False)
+    assert visible_text("answer: 42 END more", ("END",)) == ("answer: 42 ", True)
+    assert visible_text("caf\ufffd", ()) == ("caf", False)
 
 
 def test_grounding_parse_returns_original_pixels() -> None:

@@ -43,7 +43,9 @@ class GenerationConfig:
             raise ValueError("GenerationConfig.stop must not contain empty strings")
 
 
-def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+def pick_next_token(
+    logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+) -> torch.Tensor:
     """Next token per row from (rows, vocab) logits."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
@@ -60,18 +62,18 @@ def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generato
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cuts = [text.index(s) for s in stops if s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
-def _visible(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+def visible_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     """The part of ``text`` safe to show, and whether a stop string ended it.
 
     Held back: an incomplete UTF-8 character at the end, and an ending that could be the start of a
     stop string (it is shown once the next tokens prove it is not).
     """
-    text, stopped = _cut_at_stop(text, stops)
+    text, stopped = cut_at_stop(text, stops)
     if stopped:
         return text, True
     text = text.rstrip("\ufffd")
@@ -110,10 +112,10 @@ def stream(
     done = [False] * rows
 
     def final_text(row: int) -> str:
-        return _cut_at_stop(tokenizer.decode(generated[row], skip_special_tokens=True), cfg.stop)[0]
+        return cut_at_stop(tokenizer.decode(generated[row], skip_special_tokens=True), cfg.stop)[0]
 
     for _ in range(cfg.max_new_tokens):
-        token = _pick(logits, cfg, generator)
+        token = pick_next_token(logits, cfg, generator)
         deltas = []
         for row in range(rows):
             if done[row]:
@@ -124,7 +126,7 @@ def stream(
                 deltas.append(final_text(row)[len(shown[row]) :])  # release anything held back
                 continue
             generated[row].append(int(token[row]))
-            visible, done[row] = _visible(
+            visible, done[row] = visible_text(
                 tokenizer.decode(generated[row], skip_special_tokens=True), cfg.stop
             )
             delta = visible[len(shown[row]) :] if visible.startswith(shown[row]) else ""

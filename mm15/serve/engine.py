@@ -39,7 +39,7 @@ from PIL import Image
 
 from mm15.geometry import TilePlan, plan_image
 from mm15.hardware import autocast
-from mm15.model.generate import GenerationConfig, _cut_at_stop, _pick, _visible
+from mm15.model.generate import GenerationConfig, cut_at_stop, pick_next_token, visible_text
 from mm15.model.mm15 import IMAGE_PLACEHOLDER, IMAGE_TOKEN, MM15Model, MM15Processor, tokenize_with_images
 
 log = logging.getLogger("mm15.serve")
@@ -449,7 +449,7 @@ class Engine:
 
     def _finish(self, row: _Row, reason: FinishReason) -> None:
         """Release text held back for a stop string that never came, then close the row."""
-        final = _cut_at_stop(self._decode(row.generated), row.handle.config.stop)[0]
+        final = cut_at_stop(self._decode(row.generated), row.handle.config.stop)[0]
         if final.startswith(row.shown) and len(final) > len(row.shown):
             row.handle.deliver(Event("delta", text=final[len(row.shown) :]))
         row.done = True
@@ -470,7 +470,7 @@ class Engine:
             self._finish(row, "stop")
             return
         row.generated.append(token)
-        visible, stopped = _visible(self._decode(row.generated), config.stop)
+        visible, stopped = visible_text(self._decode(row.generated), config.stop)
         if visible.startswith(row.shown) and len(visible) > len(row.shown):
             row.handle.deliver(Event("delta", text=visible[len(row.shown) :]))
             row.shown = visible
@@ -540,7 +540,9 @@ class Engine:
                 row.done = True  # nobody is reading: no more events for it
                 self.stats.cancelled += 1
             else:
-                token = int(_pick(running.logits[index : index + 1], row.handle.config, row.generator)[0])
+                token = int(
+                    pick_next_token(running.logits[index : index + 1], row.handle.config, row.generator)[0]
+                )
                 self._advance(row, token)
             next_tokens.append(token)
         live = [index for index, row in enumerate(rows) if not row.done]
