@@ -256,9 +256,10 @@ def run_mm15(
 class Replay:
     """Recorded micro-batches handed out again with no data work (``train_step``'s stream interface)."""
 
-    def __init__(self, micros: list[MicroBatch], source_names: list[str]) -> None:
+    def __init__(self, micros: list[MicroBatch], stream: TrainStream) -> None:
         self.micros = iter(micros)
-        self.source_names = source_names
+        self.source_names = stream.source_names
+        self.sampler = stream.sampler  # for the realised mixture train_step logs
 
     def next_micro(self) -> MicroBatch:
         return next(self.micros)
@@ -267,7 +268,7 @@ class Replay:
 def run_mm15_step_only(
     model: MM15Model,
     micros: list[MicroBatch],
-    source_names: list[str],
+    stream: TrainStream,
     samples: int,
     dtype: torch.dtype,
     peak: float,
@@ -277,7 +278,7 @@ def run_mm15_step_only(
     modules = ("encoder", "connector", "llm")
     optimizer = build_optimizer(model, modules, dict.fromkeys(modules, LR))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    data = Replay([micros[0], *micros], source_names)
+    data = Replay([micros[0], *micros], stream)
     train_step(model, data, optimizer, scheduler, 1, 0, dtype, 1.0, peak)
     times = []
     for step in range(1, len(micros) + 1):
@@ -383,8 +384,8 @@ def main() -> None:
             ref = run_reference(reference, batches, dtype, peak, compiled)
             rows += [(f"mm15{tag}", ours), (f"LlavaNext{tag}", ref)]
             if not compiled:
-                names = mm15_stream(model, shard_dir, args.samples, args.seq_length).source_names
-                step_only = run_mm15_step_only(model, micros, names, args.samples, dtype, peak)
+                stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
+                step_only = run_mm15_step_only(model, micros, stream, args.samples, dtype, peak)
                 rows.append(("mm15 (step only)", step_only))
                 rows.append(("mm15 (preset)", run_mm15(shipped, shard_dir, args, dtype, peak, False)[0]))
     header = (
