@@ -27,7 +27,8 @@ fraction of the step spent waiting for data. ``--compile`` adds the compiled row
 ``torch.compile`` (the recipe switch ``compile: true``) and ``torch.compile`` of the whole reference
 model; both are warmed up on every timed batch shape first, so compilation is not timed.
 
-Usage: ``python benchmarks/train_step.py [--preset tiny|smol] [--samples 4] [--steps 3] [--compile]``
+Usage: ``python benchmarks/train_step.py [--preset tiny|smol] [--samples 4] [--steps 3] [--compile]
+[--prefetch thread|inline]``
 (the compute dtype is ``mm15.hardware.fast_dtype()``: ``MM15_DTYPE=float32`` runs the tiny recipe's)
 (``--profile``: only mm15's eager step under ``torch.profiler``, its operators by self time);
 results in docs/benchmarks.md.
@@ -201,7 +202,7 @@ def run_mm15(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     warm = args.steps if compiled else 1  # a compiled model meets every timed shape once before timing
     stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-    data = Prefetcher(stream)
+    data = Prefetcher(stream, background=args.prefetch == "thread")
     seen: list[MicroBatch] = []
     original = data.next_micro
 
@@ -216,7 +217,7 @@ def run_mm15(
     if compiled:  # time the same batches that compiled
         data.close()
         stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-        data = Prefetcher(stream)
+        data = Prefetcher(stream, background=args.prefetch == "thread")
         seen.clear()
         original = data.next_micro
         data.next_micro = recording  # type: ignore[method-assign]
@@ -351,6 +352,12 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="also time both models compiled")
     parser.add_argument(
+        "--prefetch",
+        choices=("thread", "inline"),
+        default="thread",
+        help="mm15's data path: on a background thread (the default) or inline (recipe's data.prefetch)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="only profile mm15's eager step (equal tokens per sample) and print where its time goes",
@@ -365,7 +372,7 @@ def main() -> None:
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; "
         f"compute dtype {dtype}, measured matmul {peak / 1e9:.0f} GFLOP/s; preset {args.preset}; "
-        f"{args.samples} samples/step, {args.steps} timed steps"
+        f"{args.samples} samples/step, {args.steps} timed steps, prefetch {args.prefetch}"
     )
     shipped = preset(args.preset)
     equal = equal_token_config(shipped)

@@ -14,7 +14,7 @@ from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
 from mm15.model.presets import preset
 from mm15.train.checkpoint import load_checkpoint, save_checkpoint
-from mm15.train.data import CorruptDataError, SampleSource, TrainStream
+from mm15.train.data import CorruptDataError, Prefetcher, SampleSource, TrainStream
 from mm15.train.trainer import NonFiniteLoss, build_optimizer, train_step, warmup_cosine
 
 SOURCES = {"general": "synth:general-color", "ground": "synth:refer-ground"}
@@ -207,3 +207,42 @@ def test_evaluation_during_training_generates_in_the_stage_dtype(
     model = MM15Model.build(preset("tiny"))
     assert evaluate_during_training(model, stage, step=1) == {"category/general": 1.0}
     assert seen == [dtype] and model.training
+
+
+def stream_start_state(seed: int) -> dict:
+    return setup(seed=seed)[1].state_dict()
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_prefetcher_hands_out_the_stream_order_and_state(background: bool) -> None:
+    """Thread or inline, the micro-batches and the checkpointed data position are the stream's own."""
+    _, reference, _, _ = setup(seed=5)
+    expected = []
+    for _ in range(3):
+        micro = reference.next_micro()
+        expected.append((micro.batch.input_ids.clone(), reference.state_dict()))
+    _, stream, _, _ = setup(seed=5)
+    data = Prefetcher(stream, background=background)
+    try:
+        assert data.state_dict() == stream_start_state(seed=5)
+        for ids, state in expected:
+            assert torch.equal(data.next_micro().batch.input_ids, ids)
+            assert data.state_dict() == state  # the position after the last micro-batch handed out
+    finally:
+        data.close()
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_prefetcher_raises_the_streams_error_in_the_caller(background: bool) -> None:
+    _, stream, _, _ = setup()
+
+    def broken() -> None:
+        raise CorruptDataError("3 of 4 samples could not be decoded")
+
+    stream.next_micro = broken  # type: ignore[method-assign]
+    data = Prefetcher(stream, background=background)
+    try:
+        with pytest.raises(CorruptDataError, match="could not be decoded"):
+            data.next_micro()
+    finally:
+        data.close()

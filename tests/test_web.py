@@ -61,6 +61,15 @@ def browser() -> Any:
             chromium.close()
 
 
+def wait_for_model_name(page: Any) -> None:
+    """Until the page shows the served model's name (fetched from /v1/models).
+
+    A locator wait, not ``wait_for_function``: a string predicate is evaluated like ``eval``, which the
+    page's Content-Security-Policy (no 'unsafe-eval') may refuse.
+    """
+    page.locator("#model", has_text="tiny-web").wait_for()
+
+
 def test_upload_ask_stream_and_draw(page_url: str, browser: Any, tmp_path: Path) -> None:
     image = tmp_path / "square.png"
     image.write_bytes(png_bytes(200, 100, (40, 160, 60)))
@@ -68,7 +77,7 @@ def test_upload_ask_stream_and_draw(page_url: str, browser: Any, tmp_path: Path)
     errors: list[str] = []
     page.on("pageerror", lambda err: errors.append(str(err)))
     page.goto(page_url)
-    page.wait_for_function("document.getElementById('model').textContent === 'tiny-web'")
+    wait_for_model_name(page)
     page.set_input_files("#files", str(image))
     page.wait_for_selector("#thumbs img")
     page.fill("#question", "where is the square?")
@@ -98,7 +107,7 @@ def test_upload_ask_stream_and_draw(page_url: str, browser: Any, tmp_path: Path)
 def test_a_server_error_is_shown_on_the_page(page_url: str, browser: Any) -> None:
     page = browser.new_page()
     page.goto(page_url)
-    page.wait_for_function("document.getElementById('model').textContent === 'tiny-web'")
+    wait_for_model_name(page)
     page.fill("#question", "say <image> here")  # refused by the server: reserved text
     page.fill("#maxTokens", "64")
     page.click("#send")
@@ -116,7 +125,7 @@ def test_a_video_file_is_sent_as_video_url(page_url: str, browser: Any, tmp_path
     sent: list[dict[str, Any]] = []
     page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
     page.goto(page_url)
-    page.wait_for_function("document.getElementById('model').textContent === 'tiny-web'")
+    wait_for_model_name(page)
     page.set_input_files("#files", str(clip))
     page.wait_for_selector("#thumbs .video")
     page.fill("#question", "what moves?")

@@ -222,9 +222,13 @@ class Prefetcher:
     the order the stream makes them, and ``state_dict()`` is the stream's state after the last
     micro-batch *handed out* (not the ones still queued), so a checkpoint resumes exactly. An error in
     the producer (e.g. ``CorruptDataError``) is raised in the consumer.
+
+    ``background=False`` makes each micro-batch when it is asked for, on the caller's thread (the
+    recipe's ``prefetch: inline``): on a machine whose cores torch's compute threads already fill, the
+    background thread slows the step by more than the data work it hides.
     """
 
-    def __init__(self, stream: TrainStream, depth: int = 2) -> None:
+    def __init__(self, stream: TrainStream, depth: int = 2, background: bool = True) -> None:
         import queue
         import threading
 
@@ -232,8 +236,10 @@ class Prefetcher:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self._state = stream.state_dict()
-        self._thread = threading.Thread(target=self._produce, name="mm15-prefetch", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if background:
+            self._thread = threading.Thread(target=self._produce, name="mm15-prefetch", daemon=True)
+            self._thread.start()
 
     def _produce(self) -> None:
         import queue
@@ -253,6 +259,10 @@ class Prefetcher:
                 return
 
     def next_micro(self) -> MicroBatch:
+        if self._thread is None:
+            micro = self.stream.next_micro()
+            self._state = self.stream.state_dict()
+            return micro
         item = self._queue.get()
         if isinstance(item, Exception):
             raise item
@@ -276,4 +286,5 @@ class Prefetcher:
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -243,7 +243,8 @@ def run_stage(
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
-    data = Prefetcher(stream)  # prepares the next micro-batches while the model trains
+    # "thread": the next micro-batches are prepared while the model trains; "inline": when asked for.
+    data = Prefetcher(stream, background=stage.data.prefetch == "thread")
     metrics_file = stage_dir / "metrics.jsonl"
     eval_file = stage_dir / "eval.jsonl"
     # Evaluation runs on rank 0 with the replicated model; a sharded (FSDP2) model would need every rank.
