@@ -6,9 +6,10 @@ tables, grounding; images of different sizes and aspect ratios, answers of diffe
 to a WebDataset shard first.
 
 * **mm15**: the whole training path of ``mm15 train`` -- ``TrainStream`` (shard reading, image decoding,
-  MM1.5's dynamic splitting, chat template, packing into rows of ``--seq-length`` tokens) behind the
-  ``Prefetcher`` thread, then ``train_step`` (forward, the LM head on supervised positions only,
-  cross-entropy, backward, gradient clipping, AdamW). The connector keeps one token per patch
+  MM1.5's dynamic splitting, chat template, packing into rows of ``--seq-length`` tokens) through the
+  ``Prefetcher`` (a background thread, or inline: ``--prefetch``, as a recipe's ``data.prefetch``),
+  then ``train_step`` (forward, the LM head on supervised positions only, cross-entropy, backward,
+  gradient clipping, AdamW). The connector keeps one token per patch
   (``num_queries = patches per tile``) so each image costs the LLM as many tokens as in the reference.
   "mm15 (step only)" replays the same micro-batches prepared before timing, as the reference is timed:
   the step without the data path competing for the cores. "mm15 (preset)" is the preset as shipped (its
@@ -28,7 +29,7 @@ fraction of the step spent waiting for data. ``--compile`` adds the compiled row
 model; both are warmed up on every timed batch shape first, so compilation is not timed.
 
 Usage: ``python benchmarks/train_step.py [--preset tiny|smol] [--samples 4] [--steps 3] [--compile]
-[--prefetch thread|inline]``
+[--prefetch auto|thread|inline]``
 (the compute dtype is ``mm15.hardware.fast_dtype()``: ``MM15_DTYPE=float32`` runs the tiny recipe's)
 (``--profile``: only mm15's eager step under ``torch.profiler``, its operators by self time);
 results in docs/benchmarks.md.
@@ -61,7 +62,7 @@ from mm15.image import ImageProcessor, load_image
 from mm15.model.mm15 import MM15Config, MM15Model
 from mm15.model.presets import preset
 from mm15.train.data import MicroBatch, Prefetcher, TrainStream
-from mm15.train.run import speed_options
+from mm15.train.run import prefetch_in_background, speed_options
 from mm15.train.trainer import build_optimizer, train_step
 
 GENERATORS = ("general-color", "chart-qa", "doc-qa", "refer-ground", "table-qa", "general-count")
@@ -202,7 +203,7 @@ def run_mm15(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     warm = args.steps if compiled else 1  # a compiled model meets every timed shape once before timing
     stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-    data = Prefetcher(stream, background=args.prefetch == "thread")
+    data = Prefetcher(stream, background=prefetch_in_background(args.prefetch))
     seen: list[MicroBatch] = []
     original = data.next_micro
 
@@ -217,7 +218,7 @@ def run_mm15(
     if compiled:  # time the same batches that compiled
         data.close()
         stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-        data = Prefetcher(stream, background=args.prefetch == "thread")
+        data = Prefetcher(stream, background=prefetch_in_background(args.prefetch))
         seen.clear()
         original = data.next_micro
         data.next_micro = recording  # type: ignore[method-assign]
@@ -353,9 +354,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time both models compiled")
     parser.add_argument(
         "--prefetch",
-        choices=("thread", "inline"),
-        default="thread",
-        help="mm15's data path: on a background thread (the default) or inline (recipe's data.prefetch)",
+        choices=("auto", "thread", "inline"),
+        default="auto",
+        help="mm15's data path, as the recipe's data.prefetch: auto (a thread only with a spare core), "
+        "thread or inline",
     )
     parser.add_argument(
         "--profile",

@@ -78,3 +78,9 @@ def autocast(dtype: torch.dtype | None = None) -> Iterator[torch.dtype]:
     dtype = dtype or fast_dtype()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         yield dtype
+
+
+def spare_cores() -> int:
+    """Cores this process may run on that torch's intra-op threads leave free (0 when they use all)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, available - torch.get_num_threads())

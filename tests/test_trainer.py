@@ -246,3 +246,32 @@ def test_prefetcher_raises_the_streams_error_in_the_caller(background: bool) -> 
             data.next_micro()
     finally:
         data.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "spare", "background"),
+    [("auto", 0, False), ("auto", 2, True), ("thread", 0, True), ("inline", 2, False)],
+)
+def test_prefetch_setting_picks_the_thread_only_with_a_spare_core(
+    monkeypatch: pytest.MonkeyPatch, setting: str, spare: int, background: bool
+) -> None:
+    import mm15.train.run
+
+    monkeypatch.setattr(mm15.train.run, "spare_cores", lambda: spare)
+    assert mm15.train.run.prefetch_in_background(setting) is background
+
+
+def test_spare_cores_counts_the_cores_torch_leaves_free() -> None:
+    import os
+
+    from mm15.hardware import spare_cores
+
+    available = len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert spare_cores() == available - 1
+        torch.set_num_threads(available + 1)  # more threads than cores: none spare, never negative
+        assert spare_cores() == 0
+    finally:
+        torch.set_num_threads(threads)

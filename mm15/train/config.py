@@ -49,7 +49,7 @@ NanPolicy = Literal["skip", "error"]
 DISTRIBUTED_STRATEGIES: tuple[str, ...] = ("auto", "none", "ddp", "fsdp2")
 OverBudget = Literal["drop", "error"]
 Sampling = Literal["random", "balanced"]
-Prefetch = Literal["thread", "inline"]
+Prefetch = Literal["auto", "thread", "inline"]
 
 # Source formats that read files; "synth" is the generator engine and takes no path.
 PATH_FORMATS: tuple[str, ...] = ("shards", "llava", "interleaved", "text", "video")
@@ -355,7 +355,8 @@ class DataConfig:
     ``prefetch: thread`` prepares the next micro-batches on a background thread while the model trains;
     ``inline`` prepares each one when the step asks for it. Where torch's compute threads already use
     every core (a 2-core CPU), the thread competes with them and ``inline`` trains faster, though the
-    step then waits for its data (docs/training.md has the measurements).
+    step then waits for its data (docs/training.md has the measurements). ``auto`` (the default) is
+    ``thread`` when this process has a core that torch's threads leave free, else ``inline``.
     """
 
     mixture: dict[str, Any]
@@ -364,13 +365,13 @@ class DataConfig:
     packing: bool = True
     over_budget: OverBudget = "drop"
     sampling: Sampling = "random"
-    prefetch: Prefetch = "thread"
+    prefetch: Prefetch = "auto"
 
     def __post_init__(self) -> None:
         _check(self.seq_length >= 1, "seq_length", f"must be >= 1, got {self.seq_length}")
         _check_choice("over_budget", self.over_budget, ("drop", "error"))
         _check_choice("sampling", self.sampling, ("random", "balanced"))
-        _check_choice("prefetch", self.prefetch, ("thread", "inline"))
+        _check_choice("prefetch", self.prefetch, ("auto", "thread", "inline"))
         for name, spec in self.sources.items():
             _check(isinstance(spec, str), f"sources.{name}", f"must be a string, got {spec!r}")
             _check_source_spec(f"sources.{name}", spec)
@@ -426,7 +427,7 @@ class DataConfig:
                 "packing": _bool,
                 "over_budget": _choice("drop", "error"),
                 "sampling": _choice("random", "balanced"),
-                "prefetch": _choice("thread", "inline"),
+                "prefetch": _choice("auto", "thread", "inline"),
             },
         )
 

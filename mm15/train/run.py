@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mm15.chat import ChatEncoder
 from mm15.data.mixture import MixtureSampler
-from mm15.hardware import compute_dtype, fast_dtype
+from mm15.hardware import compute_dtype, fast_dtype, spare_cores
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
 from mm15.train import distributed as D
@@ -40,6 +40,15 @@ from mm15.train.data import Prefetcher, TrainStream
 from mm15.train.trainer import MODULES, NonFiniteLoss, build_optimizer, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def prefetch_in_background(setting: str) -> bool:
+    """``data.prefetch`` as a decision: ``thread`` prepares micro-batches while the model trains, ``inline``
+    when asked for; ``auto`` uses the thread only with a core to spare, since on a CPU whose cores torch
+    already fills the thread slows the step more than the data work it hides (docs/training.md)."""
+    if setting == "auto":
+        return spare_cores() > 0
+    return setting == "thread"
 
 
 def stage_dtype(setting: str) -> torch.dtype:
@@ -243,8 +252,7 @@ def run_stage(
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
-    # "thread": the next micro-batches are prepared while the model trains; "inline": when asked for.
-    data = Prefetcher(stream, background=stage.data.prefetch == "thread")
+    data = Prefetcher(stream, background=prefetch_in_background(stage.data.prefetch))
     metrics_file = stage_dir / "metrics.jsonl"
     eval_file = stage_dir / "eval.jsonl"
     # Evaluation runs on rank 0 with the replicated model; a sharded (FSDP2) model would need every rank.
