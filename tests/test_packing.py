@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mm15.chat import ChatEncoder
-from mm15.data.packing import collate, pack_bins
+from mm15.data.packing import block_causal_mask, collate, pack_bins
 from mm15.data.sample import Sample, Turn
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
@@ -40,6 +40,30 @@ def test_mask_and_positions_isolate_samples() -> None:
     assert batch.efficiency == pytest.approx(9 / 12)
     plain = collate(samples, pad_id=0, packed=False)
     assert plain.input_ids.shape == (3, 4) and plain.attention_mask.tolist()[1] == [1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_block_causal_mask_equals_the_sample_id_definition(seed: int) -> None:
+    """Against the definition: key j is visible to query i iff both are in the same sample and j <= i;
+    a padding slot sees only itself."""
+    rng = torch.Generator().manual_seed(seed)
+    rows, width = 3, 64
+    sample_id = torch.full((rows, width), -1)
+    positions = torch.zeros((rows, width), dtype=torch.long)
+    for r in range(rows):
+        start, k = 0, 0
+        while True:
+            n = int(torch.randint(1, 20, (1,), generator=rng))
+            if start + n > width - int(torch.randint(0, 8, (1,), generator=rng)):
+                break
+            sample_id[r, start : start + n] = k
+            positions[r, start : start + n] = torch.arange(n)
+            start, k = start + n, k + 1
+    i = torch.arange(width)
+    same = (sample_id[:, :, None] == sample_id[:, None, :]) & (sample_id[:, :, None] >= 0)
+    pad_self = (sample_id < 0)[:, :, None] & (i[:, None] == i[None, :])
+    expected = ((same & (i[None, None, :] <= i[None, :, None])) | pad_self).unsqueeze(1)
+    assert torch.equal(block_causal_mask(positions), expected)
 
 
 def test_packed_loss_equals_unpacked_loss_on_the_tiny_model() -> None:

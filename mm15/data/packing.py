@@ -63,6 +63,19 @@ def pack_bins(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return [sorted(row) for row in bins]
 
 
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, L, L) boolean mask of packed rows from their position ids, which restart at 0 per sample.
+
+    Query ``i`` may see keys ``i - position_ids[i] .. i``: back to its own sample's first token, never
+    into the previous sample. Padding (position 0 after the last sample) sees only itself, so no softmax
+    row is empty. Two comparisons over the (L, L) grid, a third of the work of comparing sample ids.
+    """
+    index = torch.arange(position_ids.shape[1], device=position_ids.device)
+    first = index - position_ids  # the first key each query may see
+    keys = index[None, None, :]
+    return ((keys <= index[None, :, None]) & (keys >= first[:, :, None])).unsqueeze(1)
+
+
 def collate(
     samples: Sequence[EncodedSample], pad_id: int, max_length: int | None = None, packed: bool = True
 ) -> Batch:
@@ -81,7 +94,7 @@ def collate(
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
-    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # which sample owns each slot
+    real = torch.zeros((len(rows), width), dtype=torch.bool)  # slots holding a sample's token
     for r, row in enumerate(rows):
         start = 0
         for index in row:
@@ -93,14 +106,7 @@ def collate(
             # before it belongs to another sample, so it must not be a target (alone it never is).
             labels[r, start] = IGNORE
             position_ids[r, span] = torch.arange(n)
-            segment[r, span] = index
+            real[r, span] = True
             start += n
-    if packed:
-        causal = torch.tril(torch.ones(width, width, dtype=torch.bool))
-        same = (segment[:, :, None] == segment[:, None, :]) & (segment[:, :, None] >= 0)
-        # Padding rows attend to themselves only, so no softmax row is empty.
-        pad_self = torch.eye(width, dtype=torch.bool) & (segment < 0)[:, :, None]
-        attention_mask = ((same & causal) | pad_self).unsqueeze(1)
-    else:
-        attention_mask = (segment >= 0).long()
+    attention_mask = block_causal_mask(position_ids) if packed else real.long()
     return Batch(input_ids, labels, position_ids, attention_mask, rows, sum(lengths))
