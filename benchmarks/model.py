@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from mm15.geometry import ImagePlanConfig, candidate_grids
-from mm15.hardware import autocast, bf16_matmul_is_fast, fast_dtype
+from mm15.hardware import autocast, bf16_matmul_is_fast, fast_dtype, matmul_rate
 from mm15.model.connector import ConnectorConfig
 from mm15.model.generate import GenerationConfig, stream
 from mm15.model.llm import LLMConfig
@@ -69,17 +69,6 @@ VISION = VisionConfig(
     num_layers=6,
     num_heads=6,
 )
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """Measured GEMM rate of this machine in ``dtype``, in FLOP/s (the MFU denominator)."""
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def timed(fn: Callable[[], object], repeats: int) -> float:
@@ -201,7 +190,7 @@ def main() -> None:
     torch.manual_seed(0)
     llm = LLM_SHAPES[args.llm]
     dtype = fast_dtype()
-    peak = matmul_rate(dtype)
+    peak = matmul_rate(dtype, n=2048, repeats=5)
     print(
         f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"compute dtype {dtype} (bf16 matmuls fast here: {bf16_matmul_is_fast()}), measured {dtype} "

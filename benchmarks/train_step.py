@@ -57,7 +57,7 @@ from mm15.data.sample import Sample
 from mm15.data.sources import write_shards
 from mm15.data.synth import generate
 from mm15.geometry import candidate_grids
-from mm15.hardware import autocast, fast_dtype
+from mm15.hardware import autocast, fast_dtype, matmul_rate
 from mm15.image import ImageProcessor, load_image
 from mm15.model.mm15 import MM15Config, MM15Model
 from mm15.model.presets import preset
@@ -74,16 +74,6 @@ def workload(count: int) -> list[Sample]:
     return [
         generate(GENERATORS[i % len(GENERATORS)], i // len(GENERATORS), split="train") for i in range(count)
     ]
-
-
-def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 5) -> float:
-    """Measured GEMM rate in ``dtype`` (FLOP/s): the MFU denominator."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(repeats):
-        a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
 def equal_token_config(cfg: MM15Config) -> MM15Config:
@@ -187,6 +177,27 @@ def flops(llm: torch.nn.Module, vision: torch.nn.Module, tokens: int, patches: i
     return 6.0 * llm_params * tokens + 6.0 * vision_params * patches
 
 
+def mm15_patches(cfg: MM15Config, micros: list[MicroBatch]) -> int:
+    """Encoder patches over ``micros``: tiles times patches per tile."""
+    tiles = sum(m.pixel_values.shape[0] for m in micros if m.pixel_values is not None)
+    return tiles * (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+
+
+def speed_row(
+    times: list[float], samples: int, tokens: int, flop_count: float, peak: float, wait: float | None
+) -> dict[str, Any]:
+    """One table row from per-step seconds: throughput, median step, MFU and the data-wait fraction."""
+    total = sum(times)
+    return {
+        "samples_s": samples / total,
+        "tokens_s": tokens / total,
+        "tokens_per_sample": tokens / samples,
+        "step_s": statistics.median(times),
+        "mfu": flop_count / total / peak,
+        "wait": wait,
+    }
+
+
 def run_mm15(
     cfg: MM15Config,
     shard_dir: Path,
@@ -241,18 +252,9 @@ def run_mm15(
     if args.profile:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     timed = seen[-args.steps :]
-    patches = sum(m.pixel_values.shape[0] for m in timed if m.pixel_values is not None)
-    patches *= (cfg.vision.image_size // cfg.vision.patch_size) ** 2
-    total = sum(times)
-    row = {
-        "samples_s": args.samples * args.steps / total,
-        "tokens_s": tokens / total,
-        "tokens_per_sample": tokens / (args.samples * args.steps),
-        "step_s": statistics.median(times),
-        "mfu": flops(model.llm, model.vision, tokens, patches) / total / peak,
-        "wait": sum(w * t for w, t in zip(waits, times, strict=True)) / total,
-    }
-    return row, model, timed
+    flop_count = flops(model.llm, model.vision, tokens, mm15_patches(cfg, timed))
+    wait = sum(w * t for w, t in zip(waits, times, strict=True)) / sum(times)
+    return speed_row(times, args.samples * args.steps, tokens, flop_count, peak, wait), model, timed
 
 
 class Replay:
@@ -287,18 +289,9 @@ def run_mm15_step_only(
         start = time.perf_counter()
         train_step(model, data, optimizer, scheduler, 1, step, dtype, 1.0, peak)
         times.append(time.perf_counter() - start)
-    total = sum(times)
     tokens = sum(m.batch.real_tokens for m in micros)
-    patches = sum(m.pixel_values.shape[0] for m in micros if m.pixel_values is not None)
-    patches *= (model.cfg.vision.image_size // model.cfg.vision.patch_size) ** 2
-    return {
-        "samples_s": samples * len(micros) / total,
-        "tokens_s": tokens / total,
-        "tokens_per_sample": tokens / (samples * len(micros)),
-        "step_s": statistics.median(times),
-        "mfu": flops(model.llm, model.vision, tokens, patches) / total / peak,
-        "wait": None,
-    }
+    flop_count = flops(model.llm, model.vision, tokens, mm15_patches(model.cfg, micros))
+    return speed_row(times, samples * len(micros), tokens, flop_count, peak, None)
 
 
 def run_reference(
@@ -324,21 +317,12 @@ def run_reference(
         start = time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - start)
-    total = sum(times)
     tokens = sum(b["real_tokens"] for b in batches)
     patches = sum(b["patches"] for b in batches)
     samples = sum(b["input_ids"].shape[0] for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
-    llm, vision = reference.model.language_model, reference.model.vision_tower
-    return {
-        "samples_s": samples / total,
-        "tokens_s": tokens / total,
-        "tokens_per_sample": tokens / samples,
-        "step_s": statistics.median(times),
-        "mfu": flops(llm, vision, tokens, patches) / total / peak,
-        "wait": None,
-        "padding": 1 - tokens / padded,
-    }
+    flop_count = flops(reference.model.language_model, reference.model.vision_tower, tokens, patches)
+    return {**speed_row(times, samples, tokens, flop_count, peak, None), "padding": 1 - tokens / padded}
 
 
 def main() -> None:
@@ -368,7 +352,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     dtype = fast_dtype()
-    peak = matmul_rate(dtype)
+    peak = matmul_rate(dtype, repeats=5)
     cpu = platform.processor() or platform.machine()
     print(
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "

@@ -38,6 +38,12 @@ def _seconds(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
     return time.perf_counter() - start
 
 
+def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3) -> float:
+    """Measured FLOP/s of an ``n``-cubed matmul in ``dtype`` on this machine (the MFU denominator)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 * repeats / _seconds(a, b, repeats)
+
+
 @functools.cache
 def bf16_matmul_is_fast(size: int = 256) -> bool:
     """True when a ``size``-cubed bf16 matmul is at least as fast as float32 here (about 10 ms to test)."""

@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mm15.chat import ChatEncoder
 from mm15.data.mixture import MixtureSampler
-from mm15.hardware import compute_dtype, fast_dtype, spare_cores
+from mm15.hardware import compute_dtype, fast_dtype, matmul_rate, spare_cores
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
 from mm15.train import distributed as D
@@ -64,18 +64,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 1024) -> float:
-    """This machine's matmul rate in ``dtype`` (FLOP/s): the MFU denominator, measured once per run."""
-    import time
-
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    start = time.perf_counter()
-    for _ in range(3):
-        a @ b
-    return 3 * 2 * n**3 / (time.perf_counter() - start)
 
 
 def _model_for(
@@ -267,7 +255,7 @@ def run_stage(
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
-    peak = matmul_peak(dtype)
+    peak = matmul_rate(dtype)  # the MFU denominator, measured once per stage
     # Replicated models must give every trainable parameter a gradient on every rank (an MoE expert no
     # token reached, the encoder on a text-only batch); see touch_unused_branches.
     loss_hook = partial(D.touch_unused_branches, wrapped) if strategy == "ddp" else None
