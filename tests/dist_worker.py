@@ -100,13 +100,7 @@ def main() -> None:
     losses = []
     for step in range(start, start + args.steps):
         assert D.all_ranks_have_data(True)
-        out = wrapped(
-            batch.input_ids,
-            batch.attention_mask,
-            pixel_values,
-            labels=batch.labels,
-            position_ids=batch.position_ids,
-        )
+        out = wrapped(pixel_values=pixel_values, **batch.model_inputs())
         per_token = F.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
         loss = D.scale_for_global_mean(per_token.mean(), local_count, global_count, info.world_size)
         loss = D.touch_unused_branches(wrapped, loss)

@@ -40,11 +40,10 @@ def packed_batch():
 def test_packed_attention_equals_the_dense_block_diagonal_mask(packed_batch) -> None:
     model, batch, pixels = packed_batch
     assert len(batch.rows) == 1 and len(batch.rows[0]) == 3  # one row, three samples
-    args = (batch.input_ids, batch.attention_mask, pixels)
     with torch.no_grad():
-        fast = model(*args, labels=batch.labels, position_ids=batch.position_ids)
+        fast = model(pixel_values=pixels, **batch.model_inputs())
         model.packed_attention = False
-        dense = model(*args, labels=batch.labels, position_ids=batch.position_ids)
+        dense = model(pixel_values=pixels, **batch.model_inputs())
         model.packed_attention = True
     torch.testing.assert_close(fast.logits, dense.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fast.loss, dense.loss, rtol=1e-5, atol=1e-6)
@@ -56,13 +55,7 @@ def test_packed_attention_gradients_match(packed_batch) -> None:
     for packed in (True, False):
         model.zero_grad(set_to_none=True)
         model.packed_attention = packed
-        out = model(
-            batch.input_ids,
-            batch.attention_mask,
-            pixels,
-            labels=batch.labels,
-            position_ids=batch.position_ids,
-        )
+        out = model(pixel_values=pixels, **batch.model_inputs())
         out.loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     model.packed_attention = True
@@ -79,3 +72,10 @@ def test_packed_attention_rejects_position_ids_of_another_shape() -> None:
         packed_attention(
             module, query, key, value, None, packed_position_ids=torch.zeros(2, 5, dtype=torch.long)
         )
+
+
+def test_packed_rows_need_position_ids(packed_batch) -> None:
+    model, batch, pixels = packed_batch
+    inputs = {**batch.model_inputs(), "position_ids": None}
+    with pytest.raises(ValueError, match="position_ids"):
+        model(pixel_values=pixels, **inputs)

@@ -147,9 +147,7 @@ def tiny_text_only():
 
 
 def _loss(model, batch) -> torch.Tensor:
-    out = model(
-        batch.input_ids, batch.attention_mask, None, labels=batch.labels, position_ids=batch.position_ids
-    )
+    out = model(**batch.model_inputs())
     targets = batch.labels[:, 1:]
     return F.cross_entropy(out.logits.float(), targets[targets != -100])
 

@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from mm15.chat import ChatEncoder
-from mm15.data.packing import block_causal_mask, collate, pack_bins
+from mm15.data.packing import collate, pack_bins
 from mm15.data.sample import Sample, Turn
 from mm15.image import ImageProcessor
+from mm15.model.attention import block_causal_mask
 from mm15.model.mm15 import MM15Model
 from mm15.model.presets import preset
 
@@ -32,7 +33,8 @@ def test_mask_and_positions_isolate_samples() -> None:
     # Rows: first-fit decreasing puts the 4-token and 2-token samples together, the 3-token one alone.
     assert batch.input_ids.shape == (2, 6) and batch.sample_order == [1, 2, 0]
     assert batch.position_ids.tolist() == [[0, 1, 0, 1, 2, 3], [0, 1, 2, 0, 0, 0]]
-    mask = batch.attention_mask[:, 0]
+    assert batch.packed and batch.attention_mask.tolist() == [[1] * 6, [1, 1, 1, 0, 0, 0]]
+    mask = block_causal_mask(batch.position_ids)[:, 0]
     assert mask[0, 1].tolist() == [True, True, False, False, False, False]  # sample 1 sees itself only
     assert mask[0, 3].tolist() == [False, False, True, True, False, False]  # sample 2, causal
     assert mask[1, 4].tolist() == [False, False, False, False, True, False]  # padding: itself alone
@@ -40,6 +42,7 @@ def test_mask_and_positions_isolate_samples() -> None:
     assert batch.efficiency == pytest.approx(9 / 12)
     plain = collate(samples, pad_id=0, packed=False)
     assert plain.input_ids.shape == (3, 4) and plain.attention_mask.tolist()[1] == [1, 1, 0, 0]
+    assert not plain.packed
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -107,13 +110,7 @@ def test_packed_loss_equals_unpacked_loss_on_the_tiny_model() -> None:
             [im for i in order for im in samples[i].images], [p for i in order for p in encoded[i].plans]
         ).pixel_values
         with torch.no_grad():
-            out = model(
-                batch.input_ids,
-                batch.attention_mask,
-                pixels,
-                labels=batch.labels,
-                position_ids=batch.position_ids,
-            )
+            out = model(pixel_values=pixels, **batch.model_inputs())
         return out.loss
 
     packed, unpacked = loss(True), loss(False)

@@ -9,6 +9,8 @@ row at the sample boundaries and runs causal ``scaled_dot_product_attention`` on
 It is registered with transformers' attention and mask interfaces under ``PACKED_ATTENTION`` and used by
 the LLM whenever ``MM15Model.forward`` passes ``packed_position_ids`` (packed training batches); every
 other call -- padded batches, generation with a KV cache -- goes to transformers' SDPA path unchanged.
+No dense mask is built for packed rows then; ``block_causal_mask`` builds one for the dense path
+(``MM15Model.packed_attention = False``), the reference the per-sample path is tested against.
 The samples' spans come from the position ids, which restart at 0 for each packed sample
 (``mm15.data.packing``). They travel as that tensor, not as a Python list, and the per-sample loop runs
 outside ``torch.compile``'s graphs: a compiled decoder layer then sees only tensors of dynamic length and
@@ -47,6 +49,19 @@ def packed_segments(position_ids: torch.Tensor) -> Segments:
             last_is_pad = is_pad
         rows.append(merged)
     return rows
+
+
+def block_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """(rows, 1, L, L) boolean mask of packed rows from their position ids, which restart at 0 per sample.
+
+    Query ``i`` may see keys ``i - position_ids[i] .. i``: back to its own sample's first token, never
+    into the previous sample. Padding (position 0 after the last sample) sees only itself, so no softmax
+    row is empty. Two comparisons over the (L, L) grid, a third of the work of comparing sample ids.
+    """
+    index = torch.arange(position_ids.shape[1], device=position_ids.device)
+    first = index - position_ids  # the first key each query may see
+    keys = index[None, None, :]
+    return ((keys <= index[None, :, None]) & (keys >= first[:, :, None])).unsqueeze(1)
 
 
 def packed_attention(

@@ -29,7 +29,7 @@ from torch import nn
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageProcessor
-from mm15.model.attention import PACKED_ATTENTION, register_packed_attention
+from mm15.model.attention import PACKED_ATTENTION, block_causal_mask, register_packed_attention
 from mm15.model.connector import ConnectorConfig, build_connector
 from mm15.model.llm import LLMConfig, load_llm
 from mm15.model.moe import MoEConfig, moe_aux_loss, moe_layers, upcycle_llm
@@ -175,8 +175,14 @@ class MM15Model(nn.Module):
         past_key_values: Any = None,
         use_cache: bool = False,
         logits_to_keep: int = 0,
+        packed: bool = False,
     ) -> MM15Output:
         """Logits, and with ``labels`` (-100 = not supervised) the next-token loss.
+
+        ``packed=True``: each row holds several samples, and ``position_ids`` restart at 0 where a sample
+        starts (``mm15.data.packing``); each sample then attends only to its own tokens, and
+        ``attention_mask`` is not needed (per-sample attention, or with ``packed_attention = False``
+        the dense block-diagonal mask built from the position ids).
 
         Without labels, ``logits`` are (batch, positions, vocab), or only the last ``logits_to_keep``
         positions (generation's prefill needs one). With labels, the LM head runs only on the positions
@@ -184,11 +190,19 @@ class MM15Model(nn.Module):
         tokens and prompts carry no loss, and over a long image span the head is a large share of a
         training step. The loss is the mean over supervised tokens, as Hugging Face computes it.
         """
-        embeds = self.embed(input_ids, pixel_values)
         extra: dict[str, Any] = {}
-        packed = attention_mask is not None and attention_mask.dim() == 4 and position_ids is not None
-        if packed and self.packed_attention and past_key_values is None:
-            extra["packed_position_ids"] = position_ids
+        if packed:
+            if position_ids is None or past_key_values is not None:
+                raise ValueError("packed rows need position_ids and cannot use a KV cache")
+            if self.packed_attention:
+                extra["packed_position_ids"] = position_ids
+                # A broadcast view of one element: a 4-D mask stops transformers from building an
+                # (L x L) one, and per-sample attention never reads it.
+                rows, length = position_ids.shape
+                attention_mask = torch.ones((), dtype=torch.bool).expand(rows, 1, length, length)
+            else:
+                attention_mask = block_causal_mask(position_ids)
+        embeds = self.embed(input_ids, pixel_values)
         decoder_out = self.llm.get_decoder()(
             inputs_embeds=embeds,
             attention_mask=attention_mask,

@@ -185,13 +185,7 @@ def train_step(
         batch = micro.batch
         with D.gradient_sync(model, enabled=index == len(micros) - 1):
             with autocast(dtype):
-                out = model(
-                    batch.input_ids,
-                    batch.attention_mask,
-                    micro.pixel_values,
-                    labels=batch.labels,
-                    position_ids=batch.position_ids,
-                )
+                out = model(pixel_values=micro.pixel_values, **batch.model_inputs())
             targets = batch.labels[:, 1:]
             supervised = targets != -100
             per_token = F.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
