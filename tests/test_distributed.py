@@ -14,9 +14,11 @@ world sizes rtol 1e-5 against the uninterrupted run's next-step loss.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +43,55 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (children first), from /proc: torchrun puts each rank in its own session."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        children = parents.get(todo.pop(), [])
+        found.extend(children)
+        todo.extend(children)
+    return found
+
+
+def run_bounded(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    """Run ``command`` (torchrun and its ranks) for at most TIMEOUT seconds.
+
+    On a timeout the ranks get SIGABRT, so that Python's fault handler (``PYTHONFAULTHANDLER``) prints
+    where each was stuck, then every process gets SIGKILL and the test fails with their output.
+    ``subprocess.run``'s own timeout kills torchrun alone: the ranks live on, hold the output pipes
+    open, and what they printed is lost.
+    """
+    proc = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env={**env, "PYTHONFAULTHANDLER": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        ranks = _descendants(proc.pid)
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGABRT)
+        time.sleep(3)  # let the fault handlers write
+        for pid in [proc.pid, *ranks]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {TIMEOUT} s: {' '.join(command)}\n{stdout[-3000:]}\n{stderr[-8000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
 def run_worker(tmp: Path, name: str, *args: str, procs: int = 2) -> dict:
     out = tmp / f"{name}.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -60,14 +111,7 @@ def run_worker(tmp: Path, name: str, *args: str, procs: int = 2) -> dict:
                 str(_free_port()),
                 str(WORKER),
             ]
-        done = subprocess.run(
-            [*command, *args, "--out", str(out)],
-            cwd=ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
+        done = run_bounded([*command, *args, "--out", str(out)], env)
         # The free port can be taken between picking it and torchrun binding it: pick another. Any
         # other failure is reported at once.
         if done.returncode == 0 or "address already in use" not in (done.stdout + done.stderr).lower():
@@ -266,7 +310,7 @@ def _train(tmp: Path, recipe: Path, out: Path, *extra: str) -> subprocess.Comple
             str(out),
             *extra,
         ]
-        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+        done = run_bounded(command, env)
         if done.returncode == 0 or "address already in use" not in (done.stdout + done.stderr).lower():
             break
     return done
