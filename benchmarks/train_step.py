@@ -7,7 +7,8 @@ to a WebDataset shard first.
 
 * **mm15**: the whole training path of ``mm15 train`` -- ``TrainStream`` (shard reading, image decoding,
   MM1.5's dynamic splitting, chat template, packing into rows of ``--seq-length`` tokens) through the
-  ``Prefetcher`` (a background thread, or inline: ``--prefetch``, as a recipe's ``data.prefetch``),
+  ``Prefetcher`` (inline, a background thread or a worker process: ``--prefetch``, as a recipe's
+  ``data.prefetch``),
   then ``train_step`` (forward, the LM head on supervised positions only, cross-entropy, backward,
   gradient clipping, AdamW). The connector keeps one token per patch
   (``num_queries = patches per tile``) so each image costs the LLM as many tokens as in the reference.
@@ -29,7 +30,7 @@ fraction of the step spent waiting for data. ``--compile`` adds the compiled row
 model; both are warmed up on every timed batch shape first, so compilation is not timed.
 
 Usage: ``python benchmarks/train_step.py [--preset tiny|smol] [--samples 4] [--steps 3] [--compile]
-[--prefetch auto|thread|inline]``
+[--prefetch auto|inline|thread|process]``
 (the compute dtype is ``mm15.hardware.fast_dtype()``: ``MM15_DTYPE=float32`` runs the tiny recipe's)
 (``--profile``: only mm15's eager step under ``torch.profiler``, its operators by self time);
 results in docs/benchmarks.md.
@@ -62,7 +63,7 @@ from mm15.image import ImageProcessor, load_image
 from mm15.model.mm15 import MM15Config, MM15Model
 from mm15.model.presets import preset
 from mm15.train.data import MicroBatch, Prefetcher, TrainStream
-from mm15.train.run import prefetch_in_background, speed_options
+from mm15.train.run import prefetch_mode, speed_options
 from mm15.train.trainer import build_optimizer, train_step
 
 GENERATORS = ("general-color", "chart-qa", "doc-qa", "refer-ground", "table-qa", "general-count")
@@ -214,7 +215,7 @@ def run_mm15(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     warm = args.steps if compiled else 1  # a compiled model meets every timed shape once before timing
     stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-    data = Prefetcher(stream, background=prefetch_in_background(args.prefetch))
+    data = Prefetcher(stream, mode=prefetch_mode(args.prefetch))
     seen: list[MicroBatch] = []
     original = data.next_micro
 
@@ -229,7 +230,7 @@ def run_mm15(
     if compiled:  # time the same batches that compiled
         data.close()
         stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-        data = Prefetcher(stream, background=prefetch_in_background(args.prefetch))
+        data = Prefetcher(stream, mode=prefetch_mode(args.prefetch))
         seen.clear()
         original = data.next_micro
         data.next_micro = recording  # type: ignore[method-assign]
@@ -338,10 +339,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time both models compiled")
     parser.add_argument(
         "--prefetch",
-        choices=("auto", "thread", "inline"),
+        choices=("auto", "inline", "thread", "process"),
         default="auto",
-        help="mm15's data path, as the recipe's data.prefetch: auto (a thread only with a spare core), "
-        "thread or inline",
+        help="mm15's data path, as the recipe's data.prefetch: auto (a worker process only with a spare "
+        "core, else inline), inline, thread or process",
     )
     parser.add_argument(
         "--profile",

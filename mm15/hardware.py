@@ -94,12 +94,6 @@ def autocast(dtype: torch.dtype | None = None) -> Iterator[torch.dtype]:
         yield dtype
 
 
-def spare_cores() -> int:
-    """Cores this process may run on that torch's intra-op threads leave free (0 when they use all)."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, available - torch.get_num_threads())
-
-
 # glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4

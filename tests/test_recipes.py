@@ -162,7 +162,7 @@ BAD = [
     ),
     ("unbalanced", "stages.1.data.mixture.synth/ocr-sign", 2, "stages[1].data.sampling: 'balanced' needs"),
     ("bad choice", "stages.0.autocast", "fp16", "stages[0].autocast: must be one of"),
-    ("bad prefetch", "stages.2.data.prefetch", "process", "stages[2].data.prefetch: must be one of"),
+    ("bad prefetch", "stages.2.data.prefetch", "processes", "stages[2].data.prefetch: must be one of"),
     ("bad plan", "stages.1.image.n_max", 2, "stages[1].image: ImagePlanConfig.n_max (2) must be >="),
     ("tile size", "stages.1.image.tile_size", 96, "stages[1].image.tile_size: 96 is not the encoder"),
     ("betas", "stages.0.optimizer.betas", [0.9, 1.5], "stages[0].optimizer.betas[1]: must be in [0, 1)"),

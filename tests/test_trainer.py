@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
 from mm15.model.presets import preset
 from mm15.train.checkpoint import load_checkpoint, save_checkpoint
-from mm15.train.data import CorruptDataError, Prefetcher, SampleSource, TrainStream
+from mm15.train.data import CorruptDataError, Prefetcher, PrefetchMode, SampleSource, TrainStream
 from mm15.train.trainer import NonFiniteLoss, build_optimizer, train_step, warmup_cosine
 
 SOURCES = {"general": "synth:general-color", "ground": "synth:refer-ground"}
@@ -213,34 +214,38 @@ def stream_start_state(seed: int) -> dict:
     return setup(seed=seed)[1].state_dict()
 
 
-@pytest.mark.parametrize("background", [True, False])
-def test_prefetcher_hands_out_the_stream_order_and_state(background: bool) -> None:
-    """Thread or inline, the micro-batches and the checkpointed data position are the stream's own."""
+@pytest.mark.parametrize("mode", ["inline", "thread", "process"])
+def test_prefetcher_hands_out_the_stream_order_and_state(mode: PrefetchMode) -> None:
+    """In every mode the micro-batches, the checkpointed data position and the counts the log reads
+    are the stream's own."""
     _, reference, _, _ = setup(seed=5)
     expected = []
     for _ in range(3):
         micro = reference.next_micro()
-        expected.append((micro.batch.input_ids.clone(), reference.state_dict()))
+        expected.append((micro.batch.input_ids.clone(), micro.pixel_values, reference.state_dict()))
     _, stream, _, _ = setup(seed=5)
-    data = Prefetcher(stream, background=background)
+    data = Prefetcher(stream, mode=mode)
     try:
         assert data.state_dict() == stream_start_state(seed=5)
-        for ids, state in expected:
-            assert torch.equal(data.next_micro().batch.input_ids, ids)
+        for ids, pixels, state in expected:
+            micro = data.next_micro()
+            assert torch.equal(micro.batch.input_ids, ids) and torch.equal(micro.pixel_values, pixels)
             assert data.state_dict() == state  # the position after the last micro-batch handed out
+            assert data.sampler.state_dict() == state["mixture"]  # the realised mixture the log reads
+            assert dict(data.skipped) == state["skipped"]
     finally:
         data.close()
 
 
-@pytest.mark.parametrize("background", [True, False])
-def test_prefetcher_raises_the_streams_error_in_the_caller(background: bool) -> None:
+@pytest.mark.parametrize("mode", ["inline", "thread", "process"])
+def test_prefetcher_raises_the_streams_error_in_the_caller(mode: PrefetchMode) -> None:
     _, stream, _, _ = setup()
 
     def broken() -> None:
         raise CorruptDataError("3 of 4 samples could not be decoded")
 
     stream.next_micro = broken  # type: ignore[method-assign]
-    data = Prefetcher(stream, background=background)
+    data = Prefetcher(stream, mode=mode)
     try:
         with pytest.raises(CorruptDataError, match="could not be decoded"):
             data.next_micro()
@@ -249,29 +254,36 @@ def test_prefetcher_raises_the_streams_error_in_the_caller(background: bool) -> 
 
 
 @pytest.mark.parametrize(
-    ("setting", "spare", "background"),
-    [("auto", 0, False), ("auto", 2, True), ("thread", 0, True), ("inline", 2, False)],
+    ("setting", "forks", "mode"),
+    [("auto", True, "process"), ("auto", False, "inline"), ("thread", True, "thread")],
 )
-def test_prefetch_setting_picks_the_thread_only_with_a_spare_core(
-    monkeypatch: pytest.MonkeyPatch, setting: str, spare: int, background: bool
+def test_prefetch_setting_uses_a_worker_process_where_it_can_fork(
+    monkeypatch: pytest.MonkeyPatch, setting: str, forks: bool, mode: str
 ) -> None:
     import mm15.train.run
 
-    monkeypatch.setattr(mm15.train.run, "spare_cores", lambda: spare)
-    assert mm15.train.run.prefetch_in_background(setting) is background
+    monkeypatch.setattr(mm15.train.run, "can_fork_workers", lambda: forks)
+    assert mm15.train.run.prefetch_mode(setting) == mode
+    with pytest.raises(ValueError, match=r"data\.prefetch"):
+        mm15.train.run.prefetch_mode("workers")
 
 
-def test_spare_cores_counts_the_cores_torch_leaves_free() -> None:
-    import os
+def test_unknown_prefetch_mode_is_a_clear_error() -> None:
+    _, stream, _, _ = setup()
+    with pytest.raises(ValueError, match="prefetch mode"):
+        Prefetcher(stream, mode="processes")  # type: ignore[arg-type]
 
-    from mm15.hardware import spare_cores
 
-    available = len(os.sched_getaffinity(0))
-    threads = torch.get_num_threads()
+def test_a_dead_data_worker_is_an_error_not_a_hang() -> None:
+    _, stream, _, _ = setup()
+
+    def killed() -> None:
+        os._exit(3)  # as if the kernel killed the worker
+
+    stream.next_micro = killed  # type: ignore[method-assign]
+    data = Prefetcher(stream, mode="process")
     try:
-        torch.set_num_threads(1)
-        assert spare_cores() == available - 1
-        torch.set_num_threads(available + 1)  # more threads than cores: none spare, never negative
-        assert spare_cores() == 0
+        with pytest.raises(RuntimeError, match="exited \\(code 3\\)"):
+            data.next_micro()
     finally:
-        torch.set_num_threads(threads)
+        data.close()

@@ -49,7 +49,7 @@ NanPolicy = Literal["skip", "error"]
 DISTRIBUTED_STRATEGIES: tuple[str, ...] = ("auto", "none", "ddp", "fsdp2")
 OverBudget = Literal["drop", "error"]
 Sampling = Literal["random", "balanced"]
-Prefetch = Literal["auto", "thread", "inline"]
+Prefetch = Literal["auto", "inline", "thread", "process"]
 
 # Source formats that read files; "synth" is the generator engine and takes no path.
 PATH_FORMATS: tuple[str, ...] = ("shards", "llava", "interleaved", "text", "video")
@@ -352,11 +352,12 @@ class DataConfig:
     than it are never truncated (an image span cut in half is a silent corruption): ``over_budget: drop``
     skips and counts them, ``error`` stops. ``sampling: balanced`` draws every source equally in each batch
     (MM1.5's OCR stage; needs equal effective weights), ``random`` draws i.i.d. from the mixture.
-    ``prefetch: thread`` prepares the next micro-batches on a background thread while the model trains;
-    ``inline`` prepares each one when the step asks for it. Where torch's compute threads already use
-    every core (a 2-core CPU), the thread competes with them and ``inline`` trains faster, though the
-    step then waits for its data (docs/training.md has the measurements). ``auto`` (the default) is
-    ``thread`` when this process has a core that torch's threads leave free, else ``inline``.
+    ``prefetch: process`` prepares the next micro-batches in a worker process while the model trains,
+    ``thread`` on a background thread, ``inline`` each one when the step asks for it. Where torch's
+    compute threads already use every core (a 2-core CPU), parallel data work competes with them and
+    ``inline`` trains fastest, though the step then waits for its data (docs/training.md has the
+    measurements). ``auto`` (the default) is ``process`` when this process has a core that torch's
+    threads leave free, else ``inline``.
     """
 
     mixture: dict[str, Any]
@@ -371,7 +372,7 @@ class DataConfig:
         _check(self.seq_length >= 1, "seq_length", f"must be >= 1, got {self.seq_length}")
         _check_choice("over_budget", self.over_budget, ("drop", "error"))
         _check_choice("sampling", self.sampling, ("random", "balanced"))
-        _check_choice("prefetch", self.prefetch, ("auto", "thread", "inline"))
+        _check_choice("prefetch", self.prefetch, ("auto", "inline", "thread", "process"))
         for name, spec in self.sources.items():
             _check(isinstance(spec, str), f"sources.{name}", f"must be a string, got {spec!r}")
             _check_source_spec(f"sources.{name}", spec)
@@ -427,7 +428,7 @@ class DataConfig:
                 "packing": _bool,
                 "over_budget": _choice("drop", "error"),
                 "sampling": _choice("random", "balanced"),
-                "prefetch": _choice("auto", "thread", "inline"),
+                "prefetch": _choice("auto", "inline", "thread", "process"),
             },
         )
 

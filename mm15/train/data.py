@@ -18,11 +18,13 @@ stream exactly: a resumed run sees the same samples in the same order.
 
 from __future__ import annotations
 
+import copy
 import itertools
+import pickle
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -214,32 +216,61 @@ class TrainStream:
         self._queue = list(state.get("queue", []))
 
 
+PrefetchMode = Literal["inline", "thread", "process"]
+
+
 class Prefetcher:
-    """Prepares the next micro-batches on a background thread while the model trains on this one.
+    """Hands out a stream's micro-batches, made inline, on a background thread or in a worker process.
 
-    Data preparation (rendering, decoding, resizing, tokenising) releases the GIL for most of its
-    work, so it overlaps the training step instead of adding to it. Micro-batches come out in exactly
-    the order the stream makes them, and ``state_dict()`` is the stream's state after the last
-    micro-batch *handed out* (not the ones still queued), so a checkpoint resumes exactly. An error in
-    the producer (e.g. ``CorruptDataError``) is raised in the consumer.
+    * ``inline``: each micro-batch is made when the step asks for it, on the caller's thread.
+    * ``thread``: the next ``depth`` micro-batches are made on a background thread while the model
+      trains. Rendering, decoding and resizing release the GIL for much of their work, the rest
+      contends with the training loop for it.
+    * ``process``: they are made in a forked worker process (one torch thread), as a DataLoader worker
+      would, and travel as pickles through a pipe; no GIL is shared with the training loop.
 
-    ``background=False`` makes each micro-batch when it is asked for, on the caller's thread (the
-    recipe's ``prefetch: inline``): on a machine whose cores torch's compute threads already fill, the
-    background thread slows the step by more than the data work it hides.
+    Whatever the mode, micro-batches come out in exactly the order the stream makes them, and
+    ``state_dict()`` is the stream's state after the last micro-batch *handed out* (not the ones still
+    queued), so a checkpoint resumes exactly. The stream's ``sampler`` and ``skipped`` counts, which
+    the training log reads, follow the handed-out micro-batches too. An error in the producer (e.g.
+    ``CorruptDataError``) is raised in the consumer; a worker process that dies is an error too.
+    Which mode trains fastest depends on spare cores (``mm15.train.run.prefetch_mode``).
     """
 
-    def __init__(self, stream: TrainStream, depth: int = 2, background: bool = True) -> None:
+    def __init__(self, stream: TrainStream, depth: int = 2, mode: PrefetchMode = "thread") -> None:
         import queue
         import threading
 
+        if mode not in ("inline", "thread", "process"):
+            raise ValueError(f"prefetch mode must be inline, thread or process, got {mode!r}")
         self.stream = stream
-        self._queue: queue.Queue = queue.Queue(maxsize=depth)
-        self._stop = threading.Event()
+        self.mode = mode
         self._state = stream.state_dict()
+        # What the log reads follows the handed-out micro-batches, not the producer running ahead.
+        self._sampler = copy.deepcopy(stream.sampler) if mode != "inline" else stream.sampler
+        self._skipped = Counter(stream.skipped)
         self._thread: threading.Thread | None = None
-        if background:
+        self._worker: Any = None
+        if mode == "thread":
+            self._queue: Any = queue.Queue(maxsize=depth)
+            self._stop: Any = threading.Event()
             self._thread = threading.Thread(target=self._produce, name="mm15-prefetch", daemon=True)
             self._thread.start()
+        elif mode == "process":
+            import torch.multiprocessing as mp
+
+            # fork: the worker starts from this very stream object, at its current position, with
+            # nothing to pickle; torch re-creates its thread pool in the child.
+            context = mp.get_context("fork")
+            self._queue = context.Queue(maxsize=depth)
+            self._stop = context.Event()
+            self._worker = context.Process(
+                target=_produce_in_worker,
+                args=(stream, self._queue, self._stop),
+                name="mm15-prefetch",
+                daemon=True,
+            )
+            self._worker.start()
 
     def _produce(self) -> None:
         import queue
@@ -258,15 +289,29 @@ class Prefetcher:
             if isinstance(item, Exception):
                 return
 
+    def _get_from_worker(self) -> Any:
+        import queue
+
+        while True:
+            try:
+                return self._queue.get(timeout=1.0)
+            except queue.Empty:
+                if not self._worker.is_alive():
+                    raise RuntimeError(
+                        f"the data worker process exited (code {self._worker.exitcode}) without a micro-batch"
+                    ) from None
+
     def next_micro(self) -> MicroBatch:
-        if self._thread is None:
+        if self.mode == "inline":
             micro = self.stream.next_micro()
             self._state = self.stream.state_dict()
             return micro
-        item = self._queue.get()
+        item = self._queue.get() if self.mode == "thread" else pickle.loads(self._get_from_worker())
         if isinstance(item, Exception):
             raise item
         micro, self._state = item
+        self._sampler.load_state_dict(self._state["mixture"])
+        self._skipped = Counter(self._state["skipped"])
         return micro
 
     def state_dict(self) -> dict[str, Any]:
@@ -278,13 +323,53 @@ class Prefetcher:
 
     @property
     def sampler(self) -> MixtureSampler:
-        return self.stream.sampler
+        return self._sampler
 
     @property
     def skipped(self) -> Counter[str]:
-        return self.stream.skipped
+        return self.stream.skipped if self.mode == "inline" else self._skipped
 
     def close(self) -> None:
+        if self.mode == "inline":
+            return
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self._worker is not None:
+            self._worker.join(timeout=10)
+            if self._worker.is_alive():
+                self._worker.terminate()
+                self._worker.join(timeout=10)
+            self._queue.close()
+            self._queue.cancel_join_thread()  # micro-batches left in the pipe are not waited for
+
+
+def _produce_in_worker(stream: TrainStream, queue: Any, stop: Any) -> None:
+    """The worker process of ``Prefetcher(mode="process")``: micro-batches into ``queue`` until ``stop``.
+
+    Each item crosses as one plain pickle, tensors by value (a micro-batch is a few MB at most). torch's
+    shared-memory tensors would pass a file descriptor per tensor, each fetched from a thread of this
+    process that must first win this process's GIL from the producer: that made the training loop
+    wait for 7% of its time even with a core to spare.
+    """
+    import queue as queue_module
+
+    torch.set_num_threads(1)  # the training process's threads have the other cores
+    while not stop.is_set():
+        try:
+            item = pickle.dumps((stream.next_micro(), stream.state_dict()), protocol=pickle.HIGHEST_PROTOCOL)
+            failed = False
+        except Exception as err:
+            failed = True
+            try:
+                item = pickle.dumps(err)
+            except Exception:  # an exception that cannot cross processes still names its cause
+                item = pickle.dumps(RuntimeError(f"data worker: {type(err).__name__}: {err}"))
+        while not stop.is_set():
+            try:
+                queue.put(item, timeout=0.1)
+                break
+            except queue_module.Full:
+                continue
+        if failed:
+            break
