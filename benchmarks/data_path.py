@@ -26,7 +26,6 @@ import torch
 
 from mm15.chat import ChatEncoder
 from mm15.data.mixture import MixtureSampler
-from mm15.hardware import retain_freed_memory
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
 from mm15.model.presets import preset
@@ -76,7 +75,6 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10, help="functions listed per workload")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    print(f"freed memory retained: {retain_freed_memory()} (as the mm15 command does)")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         write_shards(workload(4 * (args.micros + 1)), Path(tmp))

@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 
 from mm15.geometry import ImagePlanConfig, candidate_grids
-from mm15.hardware import autocast, bf16_matmul_is_fast, fast_dtype, matmul_rate, retain_freed_memory
+from mm15.hardware import autocast, bf16_matmul_is_fast, fast_dtype, matmul_rate
 from mm15.model.connector import ConnectorConfig
 from mm15.model.generate import GenerationConfig, stream
 from mm15.model.llm import LLMConfig
@@ -187,7 +187,6 @@ def main() -> None:
     )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    retained = retain_freed_memory()  # as the mm15 command does, for both models
     torch.manual_seed(0)
     llm = LLM_SHAPES[args.llm]
     dtype = fast_dtype()
@@ -195,8 +194,7 @@ def main() -> None:
     print(
         f"machine: {platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
         f"compute dtype {dtype} (bf16 matmuls fast here: {bf16_matmul_is_fast()}), measured {dtype} "
-        f"matmul {peak / 1e9:.0f} GFLOP/s; LLM shape: {args.llm}; mm15 connector: {args.connector}; "
-        f"freed memory retained: {retained}"
+        f"matmul {peak / 1e9:.0f} GFLOP/s; LLM shape: {args.llm}; mm15 connector: {args.connector}"
     )
     # Both rates side by side, small enough to finish where bf16 is emulated (about 1 GFLOP/s).
     print(

@@ -37,7 +37,6 @@ import torch
 from PIL import Image
 
 from mm15.geometry import ImagePlanConfig, candidate_grids
-from mm15.hardware import retain_freed_memory
 from mm15.image import CLIP_MEAN, CLIP_STD, ImageProcessor, load_image, normalize_pixels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -129,12 +128,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    retained = retain_freed_memory()  # as the mm15 command does, for every pipeline of the run
     images = real_images()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}, "
-        f"freed memory retained: {retained}"
+        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
     )
     for name, data in images.items():
         with Image.open(io.BytesIO(data)) as image:

@@ -58,7 +58,7 @@ from mm15.data.sample import Sample
 from mm15.data.sources import write_shards
 from mm15.data.synth import generate
 from mm15.geometry import candidate_grids
-from mm15.hardware import autocast, fast_dtype, matmul_rate, retain_freed_memory
+from mm15.hardware import autocast, fast_dtype, matmul_rate
 from mm15.image import ImageProcessor, load_image
 from mm15.model.mm15 import MM15Config, MM15Model
 from mm15.model.presets import preset
@@ -352,7 +352,6 @@ def main() -> None:
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    retained = retain_freed_memory()  # as the mm15 command does, for both models
     dtype = fast_dtype()
     peak = matmul_rate(dtype, repeats=5)
     cpu = platform.processor() or platform.machine()
@@ -360,8 +359,7 @@ def main() -> None:
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; "
         f"compute dtype {dtype}, measured matmul {peak / 1e9:.0f} GFLOP/s; preset {args.preset}; "
-        f"{args.samples} samples/step, {args.steps} timed steps, prefetch {args.prefetch}, "
-        f"freed memory retained: {retained}"
+        f"{args.samples} samples/step, {args.steps} timed steps, prefetch {args.prefetch}"
     )
     shipped = preset(args.preset)
     equal = equal_token_config(shipped)

@@ -22,15 +22,6 @@ app = typer.Typer(
 console = Console()
 
 
-@app.callback()
-def main() -> None:
-    """mm15: an open implementation of the MM1.5 multimodal LLM recipe."""
-    from mm15.hardware import retain_freed_memory
-
-    # Freed tensor memory is reused instead of page-faulted in again (mm15.hardware).
-    retain_freed_memory()
-
-
 def _register_subcommands() -> None:
     from mm15.data.commands import app as data_app
     from mm15.serve.commands import chat, serve

@@ -11,20 +11,12 @@ The measurement looks at a matmul only. A whole model can disagree: on a CPU wit
 (128-wide decoder, 64-wide encoder) trains about 1.3x faster in float32, because under autocast every
 small matmul pays for casts and the elementwise work dominates; SmolLM2-sized models are several times
 faster in bf16. Recipes therefore name their dtype per stage (``autocast``), see docs/training.md.
-
-``retain_freed_memory()`` stops glibc's malloc from handing large freed blocks back to the kernel. By
-default every allocation over 32 MB is a fresh ``mmap`` and every free returns it, so the next tensor
-of that size page-faults and zeroes all its pages again: about 10 ms per 50 MB here, a third of
-preprocessing a high-resolution image into float tiles and several percent of a training step. The
-``mm15`` command calls it at start-up; ``MM15_MALLOC=system`` keeps glibc's defaults.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
-import ctypes.util
 import functools
 import os
 import time
@@ -92,36 +84,3 @@ def autocast(dtype: torch.dtype | None = None) -> Iterator[torch.dtype]:
     dtype = dtype or fast_dtype()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         yield dtype
-
-
-# glibc's mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_MAX = -4
-# mallopt takes an int: trim the heap's free top only beyond 2 GiB (glibc's default is 128 KiB).
-_TRIM_ABOVE_BYTES = 2**31 - 1
-
-
-@functools.cache
-def retain_freed_memory() -> bool:
-    """Keep freed memory in the process for reuse (glibc only); True if the setting was applied.
-
-    Two ``mallopt`` settings: no ``mmap`` for large blocks (they come from the heap, where freed
-    blocks are reused) and no trimming of the heap's free top. The process's resident size then stays
-    at its high-water mark instead of following the live tensors down, as with the caching allocators
-    (jemalloc, tcmalloc) often preloaded for CPU training. Idempotent; ``MM15_MALLOC=system`` (or a
-    non-glibc C library) leaves malloc as it is.
-    """
-    choice = os.environ.get("MM15_MALLOC", "retain")
-    if choice not in ("retain", "system"):
-        raise ValueError(f"MM15_MALLOC must be 'retain' or 'system', got {choice!r}")
-    if choice == "system":
-        return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    libc = ctypes.CDLL(name)
-    if not hasattr(libc, "mallopt") or not hasattr(libc, "gnu_get_libc_version"):
-        return False  # musl and others: no glibc mallopt semantics
-    libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # mallopt returns 1 on success.
-    return libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_ABOVE_BYTES) == 1 and libc.mallopt(_M_MMAP_MAX, 0) == 1

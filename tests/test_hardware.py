@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 import threading
 
 import pytest
 import torch
 
-from mm15.hardware import autocast, bf16_matmul_is_fast, compute_dtype, fast_dtype, retain_freed_memory
+from mm15.hardware import autocast, bf16_matmul_is_fast, compute_dtype, fast_dtype
 
 
 def test_fast_dtype_follows_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -69,43 +65,3 @@ def test_compute_dtype_is_per_thread() -> None:
         thread.start()
         thread.join()
     assert seen == [default]
-
-
-# A 64 MB tensor freed and allocated again: page faults while writing the second one.
-_REFAULT_PROBE = textwrap.dedent(
-    """
-    import resource, torch
-    from mm15.hardware import retain_freed_memory
-    applied = retain_freed_memory()
-    torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, freed at once
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(16 * 2**20).fill_(2.0)
-    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    """
-)
-
-
-def _refaults(mode: str) -> tuple[str, int]:
-    env = {**os.environ, "MM15_MALLOC": mode}
-    out = subprocess.run(
-        [sys.executable, "-c", _REFAULT_PROBE], env=env, capture_output=True, text=True, check=True
-    )
-    applied, faults = out.stdout.split()
-    return applied, int(faults)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
-def test_retained_memory_is_reused_without_page_faults() -> None:
-    # 64 MB in 4 KiB pages is 16,384 faults when the block comes back from the kernel.
-    applied, faults = _refaults("system")
-    assert applied == "False" and faults > 10_000
-    applied, faults = _refaults("retain")
-    assert applied == "True" and faults < 1_000
-
-
-def test_bad_malloc_setting_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    retain_freed_memory.cache_clear()
-    monkeypatch.setenv("MM15_MALLOC", "jemalloc")
-    with pytest.raises(ValueError, match="MM15_MALLOC"):
-        retain_freed_memory()
-    retain_freed_memory.cache_clear()
