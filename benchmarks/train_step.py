@@ -215,7 +215,7 @@ def run_mm15(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     warm = args.steps if compiled else 1  # a compiled model meets every timed shape once before timing
     stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-    data = Prefetcher(stream, mode=prefetch_mode(args.prefetch))
+    data = Prefetcher(stream, mode=prefetch_mode(args.prefetch, compiled=compiled))
     seen: list[MicroBatch] = []
     original = data.next_micro
 
@@ -230,7 +230,7 @@ def run_mm15(
     if compiled:  # time the same batches that compiled
         data.close()
         stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-        data = Prefetcher(stream, mode=prefetch_mode(args.prefetch))
+        data = Prefetcher(stream, mode=prefetch_mode(args.prefetch, compiled=compiled))
         seen.clear()
         original = data.next_micro
         data.next_micro = recording  # type: ignore[method-assign]

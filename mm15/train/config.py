@@ -353,11 +353,10 @@ class DataConfig:
     skips and counts them, ``error`` stops. ``sampling: balanced`` draws every source equally in each batch
     (MM1.5's OCR stage; needs equal effective weights), ``random`` draws i.i.d. from the mixture.
     ``prefetch: process`` prepares the next micro-batches in a worker process while the model trains,
-    ``thread`` on a background thread, ``inline`` each one when the step asks for it. Where torch's
-    compute threads already use every core (a 2-core CPU), parallel data work competes with them and
-    ``inline`` trains fastest, though the step then waits for its data (docs/training.md has the
-    measurements). ``auto`` (the default) is ``process`` when this process has a core that torch's
-    threads leave free, else ``inline``.
+    ``thread`` on a background thread, ``inline`` each one when the step asks for it. On a 2-core CPU
+    the worker trains as fast as ``inline`` with the step hardly waiting for data, and the thread is
+    slowest (docs/training.md has the measurements). ``auto`` (the default) is ``process`` on Linux
+    unless the stage compiles the model (there the worker slowed the compiled step), else ``inline``.
     """
 
     mixture: dict[str, Any]
