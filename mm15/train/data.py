@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import itertools
 import pickle
+import queue
+import threading
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -234,13 +236,10 @@ class Prefetcher:
     queued), so a checkpoint resumes exactly. The stream's ``sampler`` and ``skipped`` counts, which
     the training log reads, follow the handed-out micro-batches too. An error in the producer (e.g.
     ``CorruptDataError``) is raised in the consumer; a worker process that dies is an error too.
-    Which mode trains fastest depends on spare cores (``mm15.train.run.prefetch_mode``).
+    Which mode a recipe's ``auto`` picks, and why: ``mm15.train.run.prefetch_mode``.
     """
 
     def __init__(self, stream: TrainStream, depth: int = 2, mode: PrefetchMode = "thread") -> None:
-        import queue
-        import threading
-
         if mode not in ("inline", "thread", "process"):
             raise ValueError(f"prefetch mode must be inline, thread or process, got {mode!r}")
         self.stream = stream
@@ -254,7 +253,12 @@ class Prefetcher:
         if mode == "thread":
             self._queue: Any = queue.Queue(maxsize=depth)
             self._stop: Any = threading.Event()
-            self._thread = threading.Thread(target=self._produce, name="mm15-prefetch", daemon=True)
+            self._thread = threading.Thread(
+                target=_produce,
+                args=(stream, self._queue, self._stop, False),
+                name="mm15-prefetch",
+                daemon=True,
+            )
             self._thread.start()
         elif mode == "process":
             import torch.multiprocessing as mp
@@ -265,33 +269,14 @@ class Prefetcher:
             self._queue = context.Queue(maxsize=depth)
             self._stop = context.Event()
             self._worker = context.Process(
-                target=_produce_in_worker,
-                args=(stream, self._queue, self._stop),
+                target=_produce,
+                args=(stream, self._queue, self._stop, True),
                 name="mm15-prefetch",
                 daemon=True,
             )
             self._worker.start()
 
-    def _produce(self) -> None:
-        import queue
-
-        while not self._stop.is_set():
-            try:
-                item: Any = (self.stream.next_micro(), self.stream.state_dict())
-            except Exception as err:  # handed to the consumer, which raises it
-                item = err
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if isinstance(item, Exception):
-                return
-
     def _get_from_worker(self) -> Any:
-        import queue
-
         while True:
             try:
                 return self._queue.get(timeout=1.0)
@@ -344,32 +329,35 @@ class Prefetcher:
             self._queue.cancel_join_thread()  # micro-batches left in the pipe are not waited for
 
 
-def _produce_in_worker(stream: TrainStream, queue: Any, stop: Any) -> None:
-    """The worker process of ``Prefetcher(mode="process")``: micro-batches into ``queue`` until ``stop``.
+def _produce(stream: TrainStream, out: Any, stop: Any, in_worker: bool) -> None:
+    """The producer of ``Prefetcher``'s thread and process modes: micro-batches into ``out`` until ``stop``.
 
-    Each item crosses as one plain pickle, tensors by value (a micro-batch is a few MB at most). torch's
-    shared-memory tensors would pass a file descriptor per tensor, each fetched from a thread of this
-    process that must first win this process's GIL from the producer: that made the training loop
-    wait for 7% of its time even with a core to spare.
+    An error is handed to the consumer, which raises it, and ends production. In the worker process
+    (``in_worker``) each item crosses as one plain pickle, tensors by value (the pixels are uint8):
+    torch's shared-memory tensors would pass a file descriptor per tensor, each fetched from a thread
+    of the worker that must first win the worker's GIL from the producer, and that made the training
+    loop wait for 7% of its time even with a core to spare.
     """
-    import queue as queue_module
-
-    torch.set_num_threads(1)  # the training process's threads have the other cores
+    if in_worker:
+        torch.set_num_threads(1)  # the training process's threads have the other cores
     while not stop.is_set():
         try:
-            item = pickle.dumps((stream.next_micro(), stream.state_dict()), protocol=pickle.HIGHEST_PROTOCOL)
-            failed = False
+            item: Any = (stream.next_micro(), stream.state_dict())
         except Exception as err:
-            failed = True
+            item = err
+        failed = isinstance(item, Exception)
+        if in_worker:
             try:
-                item = pickle.dumps(err)
-            except Exception:  # an exception that cannot cross processes still names its cause
-                item = pickle.dumps(RuntimeError(f"data worker: {type(err).__name__}: {err}"))
+                item = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as err:  # an exception that cannot cross processes still names its cause
+                if not failed:
+                    raise
+                item = pickle.dumps(RuntimeError(f"data worker: {type(item).__name__}: {item} ({err})"))
         while not stop.is_set():
             try:
-                queue.put(item, timeout=0.1)
+                out.put(item, timeout=0.1)
                 break
-            except queue_module.Full:
+            except queue.Full:
                 continue
         if failed:
-            break
+            return
