@@ -254,22 +254,22 @@ def test_prefetcher_raises_the_streams_error_in_the_caller(mode: PrefetchMode) -
 
 
 @pytest.mark.parametrize(
-    ("setting", "forks", "compiled", "mode"),
+    ("setting", "forks", "mode"),
     [
-        ("auto", True, False, "process"),
-        ("auto", False, False, "inline"),
-        ("auto", True, True, "inline"),
-        ("thread", True, False, "thread"),
-        ("process", True, True, "process"),
+        ("auto", True, "process"),
+        ("auto", False, "inline"),
+        ("thread", True, "thread"),
+        ("inline", True, "inline"),
+        ("process", True, "process"),
     ],
 )
 def test_prefetch_setting_uses_a_worker_process_where_it_can_fork(
-    monkeypatch: pytest.MonkeyPatch, setting: str, forks: bool, compiled: bool, mode: str
+    monkeypatch: pytest.MonkeyPatch, setting: str, forks: bool, mode: str
 ) -> None:
     import mm15.train.run
 
     monkeypatch.setattr(mm15.train.run, "can_fork_workers", lambda: forks)
-    assert mm15.train.run.prefetch_mode(setting, compiled=compiled) == mode
+    assert mm15.train.run.prefetch_mode(setting) == mode
     with pytest.raises(ValueError, match=r"data\.prefetch"):
         mm15.train.run.prefetch_mode("workers")
 

@@ -355,8 +355,8 @@ class DataConfig:
     ``prefetch: process`` prepares the next micro-batches in a worker process while the model trains,
     ``thread`` on a background thread, ``inline`` each one when the step asks for it. On a 2-core CPU
     the worker trains as fast as ``inline`` with the step hardly waiting for data, and the thread is
-    slowest (docs/training.md has the measurements). ``auto`` (the default) is ``process`` on Linux
-    unless the stage compiles the model (there the worker slowed the compiled step), else ``inline``.
+    slowest (docs/training.md has the measurements). ``auto`` (the default) is ``process`` on Linux,
+    else ``inline``.
     """
 
     mixture: dict[str, Any]

@@ -48,16 +48,14 @@ def can_fork_workers() -> bool:
     return sys.platform.startswith("linux")
 
 
-def prefetch_mode(setting: str, compiled: bool = False) -> PrefetchMode:
-    """``data.prefetch`` as a ``Prefetcher`` mode. ``auto`` is ``process`` where processes can be forked
-    (Linux) and the model is not compiled, else ``inline``. Measured on 2 cores (docs/training.md): with
-    torch's threads on both, the worker process trains as fast as inline preparation and the step waits
-    for data 2% of its time instead of 14-20%; with a core to spare it is 1.16x faster than the
-    background thread, whose data work holds the GIL the training loop needs. With ``compile: true``
-    the worker slowed the compiled step instead (0.62x of inline in ``benchmarks/train_step.py``), so
-    compiled stages prepare their data inline unless told otherwise."""
+def prefetch_mode(setting: str) -> PrefetchMode:
+    """``data.prefetch`` as a ``Prefetcher`` mode: ``auto`` is ``process`` where processes can be forked
+    (Linux), else ``inline``. Measured on 2 cores (docs/training.md): with torch's threads on both, the
+    worker process trains as fast as inline preparation, eager or compiled, and the step waits for data
+    2% of its time instead of 13-20%; with a core to spare it is 1.16x faster than the background
+    thread, whose data work holds the GIL the training loop needs."""
     if setting == "auto":
-        return "process" if can_fork_workers() and not compiled else "inline"
+        return "process" if can_fork_workers() else "inline"
     if setting not in ("inline", "thread", "process"):
         raise ValueError(f"data.prefetch must be auto, inline, thread or process, got {setting!r}")
     return setting  # type: ignore[return-value]
@@ -252,7 +250,7 @@ def run_stage(
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
-    data = Prefetcher(stream, mode=prefetch_mode(stage.data.prefetch, compiled=stage.compile))
+    data = Prefetcher(stream, mode=prefetch_mode(stage.data.prefetch))
     metrics_file = stage_dir / "metrics.jsonl"
     eval_file = stage_dir / "eval.jsonl"
     # Evaluation runs on rank 0 with the replicated model; a sharded (FSDP2) model would need every rank.
