@@ -47,8 +47,14 @@ class SampleTooLong(ValueError):
 
     def __init__(self, sample_id: str, needed: int, budget: int, what: str) -> None:
         super().__init__(f"sample {sample_id}: {what} need {needed} tokens, over the budget of {budget}")
+        self.sample_id = sample_id
         self.needed = needed
         self.budget = budget
+        self.what = what
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its fields (and notes), so it crosses processes (the data worker) as itself.
+        return type(self), (self.sample_id, self.needed, self.budget, self.what), self.__dict__
 
 
 @dataclass

@@ -30,6 +30,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -75,6 +76,10 @@ class ImageError(ValueError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its fields (and notes), so it crosses processes (the data worker) as itself.
+        return type(self), (self.source, self.reason), self.__dict__
 
 
 class ImageDecodeError(ImageError):

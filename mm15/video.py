@@ -42,7 +42,7 @@ import os
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
@@ -64,6 +64,10 @@ class VideoError(ValueError):
         super().__init__(f"{source}: {reason}")
         self.source = source
         self.reason = reason
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its fields (and notes), so it crosses processes (the data worker) as itself.
+        return type(self), (self.source, self.reason), self.__dict__
 
 
 @dataclass(frozen=True)

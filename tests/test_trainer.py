@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
 
-from mm15.chat import ChatEncoder
+from mm15.chat import ChatEncoder, SampleTooLong
 from mm15.data.mixture import MixtureNode, MixtureSampler
 from mm15.data.sample import Sample
-from mm15.image import ImageProcessor
+from mm15.data.sources import SourceError
+from mm15.image import ImageDecodeError, ImageProcessor, ImageTooLargeError
 from mm15.model.mm15 import MM15Model
 from mm15.model.presets import preset
 from mm15.train.checkpoint import load_checkpoint, save_checkpoint
 from mm15.train.data import CorruptDataError, Prefetcher, PrefetchMode, SampleSource, TrainStream
 from mm15.train.trainer import NonFiniteLoss, build_optimizer, train_step, warmup_cosine
+from mm15.video import VideoError
 
 SOURCES = {"general": "synth:general-color", "ground": "synth:refer-ground"}
 
@@ -251,6 +254,74 @@ def test_prefetcher_raises_the_streams_error_in_the_caller(mode: PrefetchMode) -
             data.next_micro()
     finally:
         data.close()
+
+
+class AwkwardError(Exception):
+    """An exception whose __init__ takes other arguments than it passes up: it pickles but does not
+    unpickle, like many a third-party library's."""
+
+    def __init__(self, path: str, line: int) -> None:
+        super().__init__(f"{path}: line {line} is awkward")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        SourceError("shards/a.jsonl", "line 3", "bad_json", "Expecting value", record_id="r7"),
+        ImageDecodeError("shards/a/7.png", "truncated PNG"),
+        ImageTooLargeError("big.png", "200000000 pixels, over the limit"),
+        VideoError("clip.mp4", "no video stream"),
+        SampleTooLong("r7", 5000, 2048, "text and 9 images"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_the_data_errors_survive_pickling_as_themselves(error: Exception) -> None:
+    """The data worker process sends its errors as pickles: each typed error must come back as itself,
+    fields and notes included, not as a TypeError from its __init__."""
+    error.add_note("a note")
+    back = pickle.loads(pickle.dumps(error))
+    assert type(back) is type(error) and str(back) == str(error)
+    assert vars(back) == vars(error) and back.__notes__ == ["a note"]
+
+
+def _worker_error(raised: Exception | None) -> Exception:
+    """What the training process receives when the data worker's stream raises ``raised`` (or, with
+    None, returns a micro-batch that cannot be pickled)."""
+    _, stream, _, _ = setup()
+
+    def broken() -> object:
+        if raised is not None:
+            raise raised
+        return lambda: None
+
+    stream.next_micro = broken  # type: ignore[method-assign]
+    data = Prefetcher(stream, mode="process")
+    try:
+        with pytest.raises(Exception) as info:
+            data.next_micro()
+    finally:
+        data.close()
+    return info.value
+
+
+def test_a_typed_error_in_the_data_worker_arrives_with_the_workers_traceback() -> None:
+    error = _worker_error(SourceError("shards/a.jsonl", "line 3", "bad_json", "Expecting value"))
+    assert isinstance(error, SourceError) and (error.reason, error.location) == ("bad_json", "line 3")
+    (note,) = error.__notes__
+    assert note.startswith("raised in the data worker process:") and "in broken" in note
+
+
+def test_an_error_that_cannot_cross_processes_becomes_a_runtime_error_naming_it() -> None:
+    error = _worker_error(AwkwardError("a.jsonl", 3))
+    assert type(error) is RuntimeError
+    assert str(error).startswith("data worker: AwkwardError: a.jsonl: line 3 is awkward could not be sent")
+    assert "in broken" in error.__notes__[0]
+
+
+def test_a_micro_batch_that_cannot_be_pickled_is_an_error_not_a_dead_worker() -> None:
+    error = _worker_error(None)
+    assert type(error) is RuntimeError
+    assert str(error).startswith("data worker: a micro-batch could not be sent to the training process")
 
 
 @pytest.mark.parametrize(

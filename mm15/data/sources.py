@@ -150,6 +150,10 @@ class SourceError(ValueError):
         self.detail = detail
         self.record_id = record_id
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from its fields (and notes), so it crosses processes (the data worker) as itself.
+        return type(self), (self.path, self.location, self.reason, self.detail, self.record_id), self.__dict__
+
 
 class SkipCounter:
     """Counts of skipped records per reason, plus the first few messages of each for diagnosis."""

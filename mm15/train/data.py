@@ -23,6 +23,7 @@ import itertools
 import pickle
 import queue
 import threading
+import traceback
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -329,6 +330,34 @@ class Prefetcher:
             self._queue.cancel_join_thread()  # micro-batches left in the pipe are not waited for
 
 
+def _to_consumer(item: Any, failed: bool) -> tuple[bytes, bool]:
+    """``item`` (a micro-batch and state, or the error that ``failed`` to make one) pickled for the
+    training process, and whether it could be.
+
+    An error carries the worker's traceback as a note, which the training process prints with it. What
+    cannot make the round trip (an exception whose ``__init__`` takes other arguments than it passes
+    up, an unpicklable object in a micro-batch) becomes a ``RuntimeError`` naming it, never an
+    unrelated error raised while unpickling on the other side.
+    """
+    if failed:
+        where = "".join(traceback.format_exception(item)).rstrip()
+        item.add_note(f"raised in the data worker process:\n{where}")
+    try:
+        data = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
+        if failed:
+            pickle.loads(data)  # the consumer's half of the round trip
+        return data, True
+    except Exception as err:
+        what = f"{type(item).__name__}: {item}" if failed else "a micro-batch"
+        problem = RuntimeError(
+            f"data worker: {what} could not be sent to the training process ({type(err).__name__}: {err})"
+        )
+        if failed:
+            for note in getattr(item, "__notes__", ()):
+                problem.add_note(note)
+        return pickle.dumps(problem, protocol=pickle.HIGHEST_PROTOCOL), False
+
+
 def _produce(stream: TrainStream, out: Any, stop: Any, in_worker: bool) -> None:
     """The producer of ``Prefetcher``'s thread and process modes: micro-batches into ``out`` until ``stop``.
 
@@ -347,12 +376,8 @@ def _produce(stream: TrainStream, out: Any, stop: Any, in_worker: bool) -> None:
             item = err
         failed = isinstance(item, Exception)
         if in_worker:
-            try:
-                item = pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as err:  # an exception that cannot cross processes still names its cause
-                if not failed:
-                    raise
-                item = pickle.dumps(RuntimeError(f"data worker: {type(item).__name__}: {item} ({err})"))
+            item, sent_ok = _to_consumer(item, failed)
+            failed = failed or not sent_ok
         while not stop.is_set():
             try:
                 out.put(item, timeout=0.1)
