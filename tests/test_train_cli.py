@@ -130,3 +130,35 @@ def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None
     table = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0] for line in table[1:]] == ["| pretrain", "| sft"]  # recipe order
     assert "| sft | 2 | 4.000 |" in "\n".join(table)
+
+
+@pytest.mark.parametrize("prefetch", ["process", "inline"])
+def test_a_malformed_shard_record_stops_the_run_with_the_readers_error(tmp_path: Path, prefetch: str) -> None:
+    """Shards are read strictly: a record that is not JSON stops ``mm15 train`` with the reader's
+    message (file, member, reason) and exit code 2, the same whether the data worker process or the
+    training process read it."""
+    import io
+    import tarfile
+
+    from mm15.data.sources import write_shards
+    from mm15.data.synth import generate
+
+    shards = tmp_path / "shards"
+    write_shards([generate("general-color", i) for i in range(3)], shards, samples_per_shard=3)
+    with tarfile.open(shards / "shard-000001.tar", "w") as tar:
+        info = tarfile.TarInfo("broken.json")
+        info.size = len(b"{oops")
+        tar.addfile(info, io.BytesIO(b"{oops"))
+    recipe = (
+        ONE_STAGE.replace("name: killtest", "name: badshard")
+        .replace("mixture: {caption: 1, text: 1}", "mixture: {shards: 1}")
+        .replace('sources: {text: "synth:text-only"}', f'sources: {{shards: "shards:{shards}"}}')
+        .replace("seq_length: 1024", f"seq_length: 1024\n      prefetch: {prefetch}")
+    )
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    process = mm15("train", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run"), "--max-steps", "4")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 2, output
+    message = " ".join(output.split())  # the console wraps long lines
+    assert "error:" in message and "shard-000001.tar" in message and "bad_json" in message, output
+    assert "TypeError" not in output and "Traceback" not in output
