@@ -158,6 +158,34 @@ def test_compile_gives_the_same_losses() -> None:
     torch.testing.assert_close(_with_options(compile=True), steps(*setup(), 0, 3), rtol=1e-5, atol=0)
 
 
+def test_the_fused_adamw_updates_as_the_foreach_reference() -> None:
+    """build_optimizer's fused AdamW keeps the per-module groups and moves the weights as torch's default
+    (foreach) AdamW does, to float32 rounding, over three steps with weight decay."""
+    torch.manual_seed(0)
+    model = MM15Model.build(preset("tiny"))
+    reference_model = MM15Model.build(preset("tiny"))
+    reference_model.load_state_dict(model.state_dict())
+    initial = [p.detach().clone() for p in model.parameters()]
+    lr = {"encoder": 1e-3, "connector": 3e-3, "llm": 2e-4}
+    ours = build_optimizer(model, lr, lr, weight_decay=0.1)
+    assert ours.defaults["fused"] is True
+    assert {g["name"]: g["lr"] for g in ours.param_groups} == lr
+    groups = [
+        {"params": g["params"], "lr": g["lr"]} for g in build_optimizer(reference_model, lr, lr).param_groups
+    ]
+    reference = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
+    for step in range(3):
+        generator = torch.Generator().manual_seed(step)
+        for p, q in zip(model.parameters(), reference_model.parameters(), strict=True):
+            p.grad = torch.randn(p.shape, generator=generator)
+            q.grad = p.grad.clone()
+        ours.step()
+        reference.step()
+    for p, q, p0 in zip(model.parameters(), reference_model.parameters(), initial, strict=True):
+        assert not torch.equal(p, p0)  # every parameter is trainable here and moved
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
 def test_token_weights_count_each_sample_equally_or_by_sqrt() -> None:
     from mm15.train.trainer import token_weights
 
