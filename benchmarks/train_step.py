@@ -14,7 +14,9 @@ to a WebDataset shard first.
   (``num_queries = patches per tile``) so each image costs the LLM as many tokens as in the reference.
   "mm15 (step only)" replays the same micro-batches prepared before timing, as the reference is timed:
   the step without the data path competing for the cores. "mm15 (preset)" is the preset as shipped (its
-  C-Abstractor pools tiles to fewer tokens).
+  C-Abstractor pools tiles to fewer tokens). ``--recipe RECIPE`` takes the model as a recipe configures
+  it instead of a bare preset (``recipes/tiny.yaml`` gives the tiny preset SmolLM2's 49,152-token
+  vocabulary in place of its byte tokenizer).
 * **LlavaNext**: ``LlavaNextForConditionalGeneration`` with the same vision tower and decoder sizes, its
   any-resolution grids for 4..9 tiles of the same size, the same text tokens and labels (image
   positions and prompts unsupervised), batches padded to the longest sample as Hugging Face
@@ -23,14 +25,15 @@ to a WebDataset shard first.
   included, as ``data wait``).
 
 Figures per model: samples/s and real (non-padding) tokens/s over the timed steps, the step time, MFU
-(6 x parameters x tokens for the LLM and 6 x parameters x patches for the encoder, over the step time
-and this machine's matmul rate in the compute dtype, measured in the same run) and, for mm15, the
-fraction of the step spent waiting for data. ``--compile`` adds the compiled rows: mm15's per-block
+(model FLOPs as ``mm15.train.flops`` counts them for both models -- decoder weights x tokens, LM head x
+supervised positions, encoder x patches, connector x its positions -- over the step time and this
+machine's matmul rate in the compute dtype, measured in the same run) and, for mm15, the fraction of
+the step spent waiting for data. ``--compile`` adds the compiled rows: mm15's per-block
 ``torch.compile`` (the recipe switch ``compile: true``) and ``torch.compile`` of the whole reference
 model; both are warmed up on every timed batch shape first, so compilation is not timed.
 
-Usage: ``python benchmarks/train_step.py [--preset tiny|smol] [--samples 4] [--steps 3] [--compile]
-[--prefetch auto|inline|thread|process]``
+Usage: ``python benchmarks/train_step.py [--preset tiny|smol | --recipe RECIPE] [--samples 4] [--steps 3]
+[--compile] [--prefetch auto|inline|thread|process]``
 (the compute dtype is ``mm15.hardware.fast_dtype()``: ``MM15_DTYPE=float32`` runs the tiny recipe's)
 (``--profile``: only mm15's eager step under ``torch.profiler``, its operators by self time);
 results in docs/benchmarks.md.
@@ -63,7 +66,9 @@ from mm15.hardware import autocast, fast_dtype, matmul_rate
 from mm15.image import ImageProcessor, load_image
 from mm15.model.mm15 import MM15Config, MM15Model
 from mm15.model.presets import preset
+from mm15.train.config import load_recipe
 from mm15.train.data import MicroBatch, Prefetcher, TrainStream
+from mm15.train.flops import FlopWeights, StepWork, image_work, matmul_weights, mm15_flop_weights
 from mm15.train.run import prefetch_mode, speed_options
 from mm15.train.trainer import build_optimizer, train_step
 
@@ -166,6 +171,7 @@ def reference_batches(
                 "pixel_values": processed["pixel_values"],
                 "image_sizes": processed["image_sizes"],
                 "real_tokens": sum(len(r) for r in rows),
+                "image_tokens": sum(r.count(image_token) for r in rows),
                 "patches": int(processed["pixel_values"].shape[0] * processed["pixel_values"].shape[1])
                 * (model.cfg.vision.image_size // model.cfg.vision.patch_size) ** 2,
             }
@@ -173,16 +179,26 @@ def reference_batches(
     return batches
 
 
-def flops(llm: torch.nn.Module, vision: torch.nn.Module, tokens: int, patches: int) -> float:
-    llm_params = sum(p.numel() for p in llm.parameters())
-    vision_params = sum(p.numel() for p in vision.parameters())
-    return 6.0 * llm_params * tokens + 6.0 * vision_params * patches
+def mm15_work(model: MM15Model, micros: list[MicroBatch]) -> StepWork:
+    """The positions mm15's products ran on over ``micros`` (``mm15.train.flops``)."""
+    images = [image_work(model, m.pixel_values) for m in micros]
+    return StepWork(
+        tokens=sum(m.batch.real_tokens for m in micros),
+        supervised=sum(int((m.batch.labels[:, 1:] != -100).sum()) for m in micros),
+        patches=sum(p for p, _ in images),
+        image_tokens=sum(t for _, t in images),
+    )
 
 
-def mm15_patches(cfg: MM15Config, micros: list[MicroBatch]) -> int:
-    """Encoder patches over ``micros``: tiles times patches per tile."""
-    tiles = sum(m.pixel_values.shape[0] for m in micros if m.pixel_values is not None)
-    return tiles * (cfg.vision.image_size // cfg.vision.patch_size) ** 2
+def reference_flop_weights(reference: torch.nn.Module) -> FlopWeights:
+    """LlavaNext's weights per position group, counted as mm15's are (``mm15.train.flops``)."""
+    inner = reference.model
+    return FlopWeights(
+        decoder=matmul_weights(inner.language_model),
+        head=reference.lm_head.weight.numel(),
+        encoder=matmul_weights(inner.vision_tower),
+        connector_per_image_token=matmul_weights(inner.multi_modal_projector),
+    )
 
 
 def speed_row(
@@ -263,7 +279,7 @@ def run_mm15(
     if args.profile:
         print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     timed = seen[-args.steps :]
-    flop_count = flops(model.llm, model.vision, tokens, mm15_patches(cfg, timed))
+    flop_count = mm15_flop_weights(model).step_flops(mm15_work(model, timed))
     wait = sum(w * t for w, t in zip(waits, times, strict=True)) / sum(times)
     return speed_row(times, args.samples * args.steps, tokens, flop_count, peak, wait), model, timed
 
@@ -300,9 +316,9 @@ def run_mm15_step_only(
         start = time.perf_counter()
         train_step(model, data, optimizer, scheduler, 1, step, dtype, 1.0, peak)
         times.append(time.perf_counter() - start)
-    tokens = sum(m.batch.real_tokens for m in micros)
-    flop_count = flops(model.llm, model.vision, tokens, mm15_patches(model.cfg, micros))
-    return speed_row(times, samples * len(micros), tokens, flop_count, peak, None)
+    work = mm15_work(model, micros)
+    flop_count = mm15_flop_weights(model).step_flops(work)
+    return speed_row(times, samples * len(micros), work.tokens, flop_count, peak, None)
 
 
 def run_reference(
@@ -316,7 +332,7 @@ def run_reference(
     optimizer = torch.optim.AdamW(trainable, lr=LR, fused=True)
 
     def step(batch: dict[str, Any]) -> None:
-        inputs = {k: v for k, v in batch.items() if k not in ("real_tokens", "patches")}
+        inputs = {k: v for k, v in batch.items() if k not in ("real_tokens", "patches", "image_tokens")}
         with autocast(dtype):
             out = step_model(**inputs)
         out.loss.backward()
@@ -331,12 +347,19 @@ def run_reference(
         start = time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - start)
-    tokens = sum(b["real_tokens"] for b in batches)
-    patches = sum(b["patches"] for b in batches)
+    work = StepWork(
+        tokens=sum(b["real_tokens"] for b in batches),
+        supervised=sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+        patches=sum(b["patches"] for b in batches),
+        image_tokens=sum(b["image_tokens"] for b in batches),
+    )
     samples = sum(b["input_ids"].shape[0] for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
-    flop_count = flops(reference.model.language_model, reference.model.vision_tower, tokens, patches)
-    return {**speed_row(times, samples, tokens, flop_count, peak, None), "padding": 1 - tokens / padded}
+    flop_count = reference_flop_weights(reference).step_flops(work)
+    return {
+        **speed_row(times, samples, work.tokens, flop_count, peak, None),
+        "padding": 1 - work.tokens / padded,
+    }
 
 
 def main() -> None:
@@ -344,6 +367,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--preset", choices=("tiny", "smol"), default="tiny")
+    parser.add_argument(
+        "--recipe",
+        type=Path,
+        help="take the model (preset and overrides) from this recipe instead of --preset",
+    )
     parser.add_argument("--samples", type=int, default=4, help="samples per step")
     parser.add_argument("--steps", type=int, default=3, help="timed steps")
     parser.add_argument(
@@ -371,10 +399,11 @@ def main() -> None:
     print(
         f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; "
-        f"compute dtype {dtype}, measured matmul {peak / 1e9:.0f} GFLOP/s; preset {args.preset}; "
+        f"compute dtype {dtype}, measured matmul {peak / 1e9:.0f} GFLOP/s; "
+        f"{f'recipe {args.recipe}' if args.recipe else f'preset {args.preset}'}; "
         f"{args.samples} samples/step, {args.steps} timed steps, prefetch {args.prefetch}"
     )
-    shipped = preset(args.preset)
+    shipped = load_recipe(args.recipe).model.build() if args.recipe else preset(args.preset)
     equal = equal_token_config(shipped)
     rows: list[tuple[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory() as tmp:

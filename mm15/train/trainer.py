@@ -4,8 +4,8 @@
 from the ``TrainStream``; the loss of each micro-batch is weighted by its share of the step's
 supervised tokens, so the step's gradient is that of the mean over all its supervised tokens, whatever
 the packing. Per step it records the loss and the loss of every source, the MoE auxiliary losses,
-tokens/s and images/s, MFU against this machine's measured matmul rate, the fraction of the step spent
-waiting for data, peak memory, the learning rate and the realised mixture.
+tokens/s and images/s, MFU (``mm15.train.flops``) against this machine's measured matmul rate, the
+fraction of the step spent waiting for data, peak memory, the learning rate and the realised mixture.
 
 A NaN or infinite loss stops the stage with ``NonFiniteLoss`` before the optimizer step, so the
 weights and the last checkpoint stay good. Checkpoints (``mm15.train.checkpoint``) hold the model,
@@ -29,6 +29,7 @@ from mm15.hardware import autocast
 from mm15.model.mm15 import MM15Model
 from mm15.train import distributed as D
 from mm15.train.data import MicroBatch, Prefetcher, TrainStream
+from mm15.train.flops import StepWork, image_work, mm15_flop_weights
 
 MODULES = ("encoder", "connector", "llm", "routers")
 
@@ -182,7 +183,8 @@ def train_step(
     source_stats = torch.zeros(len(names), 2, dtype=torch.float64)
     loss_total = 0.0
     aux_total: dict[str, float] = {}
-    tokens = images = 0
+    tokens = images = patches = image_tokens = 0
+    unwrapped = D.unwrap(model)
     finite, bad_value = True, 0.0
     for index, micro in enumerate(micros):
         batch = micro.batch
@@ -214,6 +216,9 @@ def train_step(
         )
         tokens += batch.real_tokens
         images += micro.images
+        micro_patches, micro_image_tokens = image_work(unwrapped, micro.pixel_values)
+        patches += micro_patches
+        image_tokens += micro_image_tokens
     all_finite = D.all_ranks_have_data(finite)  # a logical AND over ranks: stop (or skip) together
     if not all_finite:
         optimizer.zero_grad(set_to_none=True)
@@ -227,13 +232,13 @@ def train_step(
         optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
     scheduler.step()
-    totals = D.sum_across_ranks(
-        torch.cat([torch.tensor([loss_total, tokens, images], dtype=torch.float64), source_stats.flatten()])
-    )
-    loss_total, tokens, images = float(totals[0]), int(totals[1]), int(totals[2])
-    source_stats = totals[3:].reshape(len(names), 2)
+    counts = torch.tensor([loss_total, tokens, images, patches, image_tokens], dtype=torch.float64)
+    totals = D.sum_across_ranks(torch.cat([counts, source_stats.flatten()]))
+    loss_total, tokens, images, patches, image_tokens = float(totals[0]), *(int(t) for t in totals[1:5])
+    source_stats = totals[5:].reshape(len(names), 2)
     seconds = time.perf_counter() - start
-    params = sum(p.numel() for p in D.unwrap(model).parameters())
+    work = StepWork(tokens=tokens, supervised=total_supervised, patches=patches, image_tokens=image_tokens)
+    step_flops = mm15_flop_weights(unwrapped).step_flops(work)
     return StepMetrics(
         step=step,
         loss=loss_total / total_supervised if all_finite else float("nan"),
@@ -246,7 +251,7 @@ def train_step(
         lr=lr,
         tokens_per_s=tokens / seconds,
         images_per_s=images / seconds,
-        mfu=6.0 * params * tokens / seconds / (peak_flops * world) if peak_flops > 0 else 0.0,
+        mfu=step_flops / seconds / (peak_flops * world) if peak_flops > 0 else 0.0,
         data_wait=waited / seconds,
         peak_rss_gib=_peak_rss_gib(),
         supervised_tokens=total_supervised,

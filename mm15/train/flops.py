@@ -1,0 +1,113 @@
+"""Model FLOPs of a training step: the numerator of MFU, one formula for mm15 and for the references.
+
+A token that passes forward and backward through a weight matrix of n entries costs 6n FLOPs (2n in the
+forward pass, 4n in the backward pass: the "6 x parameters x tokens" rule of Kaplan et al. and PaLM,
+attention scores left out). ``6 x all parameters x tokens`` is only right for a plain language model
+trained on every position; here each group of weights is multiplied by the positions it needs:
+
+* decoder weights x every token of the batch. Embedding tables are left out: a lookup is a gather, not
+  a product. In a mixture-of-experts decoder only the router and ``top_k`` experts run per token.
+* LM head (vocab x width) x the **supervised** positions: logits nowhere else enter the loss. A model
+  that computes the head at every position does that extra work uncredited, which is what makes its
+  MFU comparable with mm15's (mm15 computes the head on supervised positions only). With 6 x params x
+  tokens a 49,152-word head over SFT batches, most of whose positions are prompt or image, was credited
+  with work nobody did, and mm15's MFU went past 100% on the tiny recipe.
+* vision encoder x its patch tokens (every tile of every image);
+* connector: a C-Abstractor's first RegNet stage x the patch tokens (it runs before the pooling), its
+  second stage and readout x the image tokens it emits; an MLP connector's weights x the image tokens.
+
+Elementwise work (norms, activations, the optimizer) is not counted: MFU measures how much of the
+machine's matmul rate goes into the model's products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from mm15.model.connector import CAbstractor, MLPConnector
+from mm15.model.moe import moe_layers
+
+
+@dataclass(frozen=True)
+class StepWork:
+    """What one training step processed: the positions each group of weights is multiplied with."""
+
+    tokens: int  # every real (non-padding) position the decoder runs on
+    supervised: int  # positions with a target: where the LM head is needed
+    patches: int  # encoder patch tokens, all tiles
+    image_tokens: int  # connector outputs placed in the decoder's input
+
+
+@dataclass(frozen=True)
+class FlopWeights:
+    """Weights per position group (see the module docstring); ``step_flops`` multiplies them out."""
+
+    decoder: int
+    head: int
+    encoder: int
+    connector_per_patch: int = 0
+    connector_per_image_token: int = 0
+
+    def step_flops(self, work: StepWork) -> float:
+        """Forward + backward FLOPs of the model's products for ``work``."""
+        return 6.0 * (
+            self.decoder * work.tokens
+            + self.head * work.supervised
+            + (self.encoder + self.connector_per_patch) * work.patches
+            + self.connector_per_image_token * work.image_tokens
+        )
+
+
+def matmul_weights(module: nn.Module) -> int:
+    """Parameters of ``module`` that multiply activations: all but embedding tables, ties counted once.
+
+    In MoE layers only the experts a token is routed to count (``top_k`` of ``num_experts``).
+    """
+    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    total = sum(p.numel() for p in module.parameters() if id(p) not in tables)
+    inactive = sum((m.num_experts - m.top_k) * m.expert_numel() for m in moe_layers(module))
+    return total - inactive
+
+
+def causal_lm_weights(llm: nn.Module) -> tuple[int, int]:
+    """``(decoder, head)`` weights of a Hugging Face causal LM: its decoder stack and its output head."""
+    head = llm.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(llm).__name__} has no output embeddings (LM head) to count")
+    return matmul_weights(llm.get_decoder()), head.weight.numel()
+
+
+def connector_weights(connector: nn.Module) -> tuple[int, int]:
+    """``(per patch, per image token)`` weights of an mm15 connector."""
+    if isinstance(connector, CAbstractor):
+        return matmul_weights(connector.stage1), matmul_weights(connector.stage2) + matmul_weights(
+            connector.readout
+        )
+    if isinstance(connector, MLPConnector):
+        return 0, matmul_weights(connector.readout)
+    raise TypeError(f"no FLOP count for connector {type(connector).__name__}")
+
+
+def mm15_flop_weights(model: nn.Module) -> FlopWeights:
+    """The ``FlopWeights`` of an ``MM15Model`` (encoder, connector, decoder, head)."""
+    decoder, head = causal_lm_weights(model.llm)
+    per_patch, per_token = connector_weights(model.connector)
+    return FlopWeights(
+        decoder=decoder,
+        head=head,
+        encoder=matmul_weights(model.vision),
+        connector_per_patch=per_patch,
+        connector_per_image_token=per_token,
+    )
+
+
+def image_work(model: nn.Module, pixel_values: Tensor | None) -> tuple[int, int]:
+    """``(patches, image tokens)`` an ``MM15Model`` computes for a (tiles, 3, H, W) pixel batch."""
+    if pixel_values is None:
+        return 0, 0
+    patch = model.cfg.vision.patch_size
+    per_tile = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
+    tiles = pixel_values.shape[0]
+    return tiles * per_tile, tiles * model.cfg.connector.num_output_tokens(per_tile)

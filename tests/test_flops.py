@@ -1,0 +1,117 @@
+"""Model FLOPs for MFU: weights per position group against hand-written formulas; the trainer's MFU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_trainer import setup  # the tiny model, its data stream and optimizer
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mm15.model.connector import CAbstractor, ConnectorConfig, MLPConnector, c_abstractor_param_count
+from mm15.model.moe import MoEConfig, upcycle_llm
+from mm15.train.flops import (
+    FlopWeights,
+    StepWork,
+    causal_lm_weights,
+    connector_weights,
+    image_work,
+    matmul_weights,
+    mm15_flop_weights,
+)
+from mm15.train.trainer import train_step
+
+D, FFN, V, LAYERS, HEADS, KV_HEADS = 16, 24, 50, 2, 4, 2
+
+
+def llama(tied: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=D,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        tie_word_embeddings=tied,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def decoder_formula() -> int:
+    """Per layer: q and o (d x d), k and v (d x kv_heads * head_dim), the MLP 3 x d x FFN, two RMSNorms; the
+    final norm. The embedding table is a lookup and is not in it."""
+    kv = KV_HEADS * (D // HEADS)
+    layer = 2 * D * D + 2 * D * kv + 3 * D * FFN + 2 * D
+    return LAYERS * layer + D
+
+
+def test_matmul_weights_leave_out_embedding_tables_and_count_ties_once() -> None:
+    module = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    assert matmul_weights(module) == 4 * 3 + 3
+    tied = nn.ModuleDict({"embed": nn.Embedding(7, 5), "head": nn.Linear(5, 7, bias=False)})
+    tied["head"].weight = tied["embed"].weight
+    assert matmul_weights(tied) == 0  # the only weight is the table
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_causal_lm_weights_split_decoder_and_head(tied: bool) -> None:
+    assert causal_lm_weights(llama(tied)) == (decoder_formula(), V * D)
+
+
+def test_moe_layers_count_only_the_routed_experts() -> None:
+    model = upcycle_llm(llama(tied=True), MoEConfig(num_experts=4, top_k=2, every=2))
+    # Layer 1 (every=2) trades its dense MLP for a router (d x E) and top_k of E experts per token.
+    expected = decoder_formula() - 3 * D * FFN + D * 4 + 2 * 3 * D * FFN
+    assert causal_lm_weights(model) == (expected, V * D)
+
+
+def test_c_abstractor_weights_add_up_to_its_parameter_formula() -> None:
+    cfg = ConnectorConfig(vision_dim=24, llm_dim=32, hidden_dim=40, num_queries=4, num_patches=16, depth=2)
+    per_patch, per_token = connector_weights(CAbstractor(cfg))
+    # Everything but the positional embedding (an addition) is a product, split at the pooling.
+    assert per_patch + per_token + cfg.num_patches * cfg.vision_dim == c_abstractor_param_count(cfg)
+    readout = 40 * 32 + 32 + 32 * 32 + 32
+    assert per_token > readout and per_patch > 0
+
+
+def test_mlp_connector_weights_run_per_image_token() -> None:
+    cfg = ConnectorConfig(kind="mlp", vision_dim=24, llm_dim=32, num_queries=4, num_patches=16)
+    assert connector_weights(MLPConnector(cfg)) == (0, 24 * 32 + 32 + 32 * 32 + 32)
+    with pytest.raises(TypeError, match="no FLOP count for connector Linear"):
+        connector_weights(nn.Linear(2, 2))
+
+
+def test_step_flops_multiply_each_group_by_its_positions() -> None:
+    weights = FlopWeights(decoder=100, head=10, encoder=7, connector_per_patch=3, connector_per_image_token=5)
+    work = StepWork(tokens=50, supervised=4, patches=20, image_tokens=8)
+    assert weights.step_flops(work) == 6.0 * (100 * 50 + 10 * 4 + (7 + 3) * 20 + 5 * 8)
+
+
+def test_the_trainer_reports_mfu_from_the_counted_work() -> None:
+    model, stream, optimizer, scheduler = setup()
+    seen = []
+    original = stream.next_micro
+
+    def recording():
+        micro = original()
+        seen.append(micro)
+        return micro
+
+    stream.next_micro = recording
+    peak = 1e11
+    metrics = train_step(model, stream, optimizer, scheduler, 1, 0, torch.float32, 1.0, peak)
+    (micro,) = seen
+    patches, image_tokens = image_work(model, micro.pixel_values)
+    tile = micro.pixel_values.shape[-1] // model.cfg.vision.patch_size
+    assert patches == micro.pixel_values.shape[0] * tile * tile
+    assert image_tokens == int((micro.batch.input_ids == model.image_token_id).sum())
+    work = StepWork(
+        tokens=micro.batch.real_tokens,
+        supervised=int((micro.batch.labels[:, 1:] != -100).sum()),
+        patches=patches,
+        image_tokens=image_tokens,
+    )
+    seconds = micro.batch.real_tokens / metrics.tokens_per_s
+    expected = mm15_flop_weights(model).step_flops(work) / seconds / peak
+    assert metrics.mfu == pytest.approx(expected, rel=1e-9)
