@@ -12,9 +12,9 @@ tiny preset's), on the same 448 x 448 image plus the same text:
 
 Figures, in the compute dtype ``mm15.hardware.fast_dtype()`` picks for this machine (bf16 autocast
 where bf16 matmuls are fast, else float32) for both models, with 2 threads: a forward+backward step
-(tokens/s over each model's whole sequence, and MFU against this machine's matmul rate in that dtype,
-measured in the same run), time to first token of greedy generation, and decode tokens/s with the KV
-cache.
+(tokens/s over each model's whole sequence, and MFU: model FLOPs as ``mm15.train.flops`` counts them
+for both, over this machine's matmul rate in that dtype, measured in the same run), time to first
+token of greedy generation, and decode tokens/s with the KV cache.
 
 Usage: ``python benchmarks/model.py [--llm smol|tiny] [--steps 5] [--new-tokens 32]``; see
 docs/benchmarks.md.
@@ -42,6 +42,7 @@ from mm15.model.llm import LLMConfig
 from mm15.model.mm15 import MM15Config, MM15Model, MM15Processor
 from mm15.model.presets import preset
 from mm15.model.vision import VisionConfig
+from mm15.train.flops import StepWork, llava_next_flop_weights, mm15_flop_weights
 
 TILE = 224
 TEXT = "Describe the picture in detail, please, and name every object you can see in it."
@@ -80,17 +81,6 @@ def timed(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def train_flops(llm: torch.nn.Module, vision: torch.nn.Module, tokens: int, patches: int) -> float:
-    """6 x parameters x tokens for the LLM (head included) and the encoder, the same for both models.
-
-    The connector (C-Abstractor or MLP projector) is left out of both counts, and so is any saving from
-    skipping work: MFU here is this common useful work over the step time.
-    """
-    llm_params = sum(p.numel() for p in llm.parameters())
-    vision_params = sum(p.numel() for p in vision.parameters())
-    return 6.0 * llm_params * tokens + 6.0 * vision_params * patches
 
 
 def labels_for(input_ids: torch.Tensor, image_token: int) -> torch.Tensor:
@@ -226,13 +216,20 @@ def main() -> None:
 
     rows = []
     tiles = our_batch["pixel_values"].shape[0]
-    for name, step, batch, llm_module, vision in (
-        ("mm15", our_step, our_batch, ours.llm, ours.vision),
-        ("LlavaNext", ref_step, ref_batch, ref.model.language_model, ref.model.vision_tower),
+    for name, step, batch, weights in (
+        ("mm15", our_step, our_batch, mm15_flop_weights(ours)),
+        ("LlavaNext", ref_step, ref_batch, llava_next_flop_weights(ref)),
     ):
         seconds = timed(step, args.steps)
         tokens = batch["input_ids"].shape[1]
-        flops = train_flops(llm_module, vision, tokens, tiles * 196)
+        is_image = batch["input_ids"] == ours.image_token_id
+        work = StepWork(
+            tokens=tokens,
+            supervised=int((~is_image[:, 1:]).sum()),  # labels_for: every text token after the first
+            patches=tiles * 196,
+            image_tokens=int(is_image.sum()),
+        )
+        flops = weights.step_flops(work)
         rows.append(
             {
                 "name": name,

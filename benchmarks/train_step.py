@@ -68,7 +68,7 @@ from mm15.model.mm15 import MM15Config, MM15Model
 from mm15.model.presets import preset
 from mm15.train.config import load_recipe
 from mm15.train.data import MicroBatch, Prefetcher, TrainStream
-from mm15.train.flops import FlopWeights, StepWork, image_work, matmul_weights, mm15_flop_weights
+from mm15.train.flops import StepWork, image_work, llava_next_flop_weights, mm15_flop_weights
 from mm15.train.run import prefetch_mode, speed_options
 from mm15.train.trainer import build_optimizer, train_step
 
@@ -187,17 +187,6 @@ def mm15_work(model: MM15Model, micros: list[MicroBatch]) -> StepWork:
         supervised=sum(int((m.batch.labels[:, 1:] != -100).sum()) for m in micros),
         patches=sum(p for p, _ in images),
         image_tokens=sum(t for _, t in images),
-    )
-
-
-def reference_flop_weights(reference: torch.nn.Module) -> FlopWeights:
-    """LlavaNext's weights per position group, counted as mm15's are (``mm15.train.flops``)."""
-    inner = reference.model
-    return FlopWeights(
-        decoder=matmul_weights(inner.language_model),
-        head=reference.lm_head.weight.numel(),
-        encoder=matmul_weights(inner.vision_tower),
-        connector_per_image_token=matmul_weights(inner.multi_modal_projector),
     )
 
 
@@ -355,7 +344,7 @@ def run_reference(
     )
     samples = sum(b["input_ids"].shape[0] for b in batches)
     padded = sum(b["input_ids"].numel() for b in batches)
-    flop_count = reference_flop_weights(reference).step_flops(work)
+    flop_count = llava_next_flop_weights(reference).step_flops(work)
     return {
         **speed_row(times, samples, work.tokens, flop_count, peak, None),
         "padding": 1 - work.tokens / padded,

@@ -16,6 +16,7 @@ from mm15.train.flops import (
     causal_lm_weights,
     connector_weights,
     image_work,
+    llava_next_flop_weights,
     matmul_weights,
     mm15_flop_weights,
 )
@@ -80,6 +81,32 @@ def test_mlp_connector_weights_run_per_image_token() -> None:
     assert connector_weights(MLPConnector(cfg)) == (0, 24 * 32 + 32 + 32 * 32 + 32)
     with pytest.raises(TypeError, match="no FLOP count for connector Linear"):
         connector_weights(nn.Linear(2, 2))
+
+
+def test_the_llava_next_reference_is_counted_as_mm15_is() -> None:
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(
+        hidden_size=8, intermediate_size=12, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        patch_size=16,
+    )  # fmt: skip
+    config = LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=llama(tied=False).config.to_dict(),
+        image_grid_pinpoints=[[32, 64]],
+        image_token_index=V - 1,
+    )
+    weights = llava_next_flop_weights(LlavaNextForConditionalGeneration(config))
+    # CLIP without its position table: patch conv 3*16*16*8, the CLS vector (a bare parameter, so it
+    # counts; 8 weights), pre-norm, one layer (q, k, v, o with biases, the MLP with biases, two norms),
+    # post-norm.
+    layer = 4 * (8 * 8 + 8) + (8 * 12 + 12) + (12 * 8 + 8) + 2 * 2 * 8
+    assert weights == FlopWeights(
+        decoder=decoder_formula(),
+        head=V * D,
+        encoder=3 * 16 * 16 * 8 + 8 + 2 * 8 + layer + 2 * 8,
+        connector_per_image_token=(8 * D + D) + (D * D + D),  # the two-layer projector
+    )
 
 
 def test_step_flops_multiply_each_group_by_its_positions() -> None:

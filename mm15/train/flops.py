@@ -111,3 +111,17 @@ def image_work(model: nn.Module, pixel_values: Tensor | None) -> tuple[int, int]
     per_tile = (pixel_values.shape[-2] // patch) * (pixel_values.shape[-1] // patch)
     tiles = pixel_values.shape[0]
     return tiles * per_tile, tiles * model.cfg.connector.num_output_tokens(per_tile)
+
+
+def llava_next_flop_weights(model: nn.Module) -> FlopWeights:
+    """transformers' ``LlavaNextForConditionalGeneration`` counted as mm15 is: the benchmarks' reference.
+
+    Its projector (a two-layer MLP) runs on every image feature, which it places as image tokens.
+    """
+    inner = model.model
+    return FlopWeights(
+        decoder=matmul_weights(inner.language_model),
+        head=model.lm_head.weight.numel(),
+        encoder=matmul_weights(inner.vision_tower),
+        connector_per_image_token=matmul_weights(inner.multi_modal_projector),
+    )
