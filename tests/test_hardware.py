@@ -7,6 +7,7 @@ import threading
 import pytest
 import torch
 
+from mm15 import hardware
 from mm15.hardware import autocast, bf16_matmul_is_fast, compute_dtype, fast_dtype
 
 
@@ -65,3 +66,12 @@ def test_compute_dtype_is_per_thread() -> None:
         thread.start()
         thread.join()
     assert seen == [default]
+
+
+def test_matmul_rate_is_the_best_of_its_trials(monkeypatch: pytest.MonkeyPatch) -> None:
+    timings = iter([0.5, 0.1, 0.3])
+    monkeypatch.setattr(hardware, "_seconds", lambda a, b, repeats: next(timings))
+    # The fastest trial (0.1 s for 4 products of 64-cubed matrices) sets the rate.
+    assert hardware.matmul_rate(torch.float32, n=64, repeats=4, trials=3) == 2 * 64**3 * 4 / 0.1
+    with pytest.raises(ValueError, match="trials must be >= 1, got 0"):
+        hardware.matmul_rate(torch.float32, trials=0)
