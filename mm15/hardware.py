@@ -42,9 +42,9 @@ def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3, trials: int
     """Measured FLOP/s of an ``n``-cubed matmul in ``dtype`` on this machine (the MFU denominator).
 
     The best of ``trials`` timings of ``repeats`` products: a 1024-cube bf16 product takes about a
-    millisecond, and a single timing on this 2-core machine came out anywhere between 1,200 and 1,600
-    GFLOP/s seconds apart. Interference can only slow a trial down, so the fastest is the closest to
-    what the machine can do, and MFU does not rise because a measurement was unlucky.
+    millisecond, and single timings on a 2-core machine differ by over 10% from one minute to the next
+    (``benchmarks/matmul.py --trials 1``). Interference can only slow a trial down, so the fastest is
+    the closest to what the machine can do, and MFU does not rise because a measurement was unlucky.
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
