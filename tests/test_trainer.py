@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -377,6 +378,20 @@ def test_unknown_prefetch_mode_is_a_clear_error() -> None:
     _, stream, _, _ = setup()
     with pytest.raises(ValueError, match="prefetch mode"):
         Prefetcher(stream, mode="processes")  # type: ignore[arg-type]
+
+
+def test_closing_a_data_worker_with_a_full_queue_lets_it_exit_by_itself() -> None:
+    """At the end of a stage the worker has micro-batches queued that nobody will read. close() must
+    let it exit on its own (code 0) instead of waiting out its timeout and terminating it."""
+    _, stream, _, _ = setup()
+    data = Prefetcher(stream, depth=2, mode="process")
+    data.next_micro()
+    deadline = time.monotonic() + 60
+    while data._queue.qsize() < 2 and time.monotonic() < deadline:  # the worker has filled the queue
+        time.sleep(0.05)
+    assert data._queue.qsize() == 2
+    data.close()
+    assert data._worker.exitcode == 0
 
 
 def test_a_dead_data_worker_is_an_error_not_a_hang() -> None:

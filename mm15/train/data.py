@@ -384,5 +384,10 @@ def _produce(stream: TrainStream, out: Any, stop: Any, in_worker: bool) -> None:
                 break
             except queue.Full:
                 continue
-        if failed:
-            return
+        if failed and not stop.is_set():
+            return  # the queue's feeder thread delivers the error before the worker exits
+    if in_worker:
+        # Stopped: what is still buffered for the pipe is not wanted. Without this the worker's exit
+        # would wait for the training process to read it, which it never does, until close() gave up
+        # after its timeout and terminated the worker (10 s at the end of every stage).
+        out.cancel_join_thread()
