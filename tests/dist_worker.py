@@ -22,7 +22,6 @@ import os
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -101,7 +100,7 @@ def main() -> None:
     for step in range(start, start + args.steps):
         assert D.all_ranks_have_data(True)
         out = wrapped(pixel_values=pixel_values, **batch.model_inputs())
-        per_token = F.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
+        per_token = out.token_losses
         loss = D.scale_for_global_mean(per_token.mean(), local_count, global_count, info.world_size)
         loss = D.touch_unused_branches(wrapped, loss)
         loss.backward()

@@ -214,10 +214,14 @@ def test_loss_on_supervised_positions_equals_the_full_head_loss(
     with torch.no_grad():
         embeds = model.embed(ids, batch["pixel_values"])
         reference = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-    supervised = int((labels[:, 1:] != -100).sum())
-    assert out.logits.shape == (supervised, reference.logits.shape[-1])
+    supervised = labels[:, 1:] != -100
+    per_token = torch.nn.functional.cross_entropy(
+        reference.logits[:, :-1][supervised], labels[:, 1:][supervised], reduction="none"
+    )
+    assert out.logits is None  # the fused head never builds them
+    assert out.token_losses.shape == (int(supervised.sum()),)
     torch.testing.assert_close(out.loss, reference.loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out.logits, reference.logits[:, :-1][labels[:, 1:] != -100])
+    torch.testing.assert_close(out.token_losses, per_token, rtol=1e-5, atol=1e-5)
 
 
 def test_config_mismatches_are_named() -> None:

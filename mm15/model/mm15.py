@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -31,6 +30,7 @@ from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageProcessor
 from mm15.model.attention import PACKED_ATTENTION, block_causal_mask, register_packed_attention
 from mm15.model.connector import ConnectorConfig, build_connector
+from mm15.model.head_loss import head_token_losses
 from mm15.model.llm import LLMConfig, load_llm
 from mm15.model.moe import MoEConfig, moe_aux_loss, moe_layers, upcycle_llm
 from mm15.model.vision import VisionConfig, VisionEncoder
@@ -79,11 +79,13 @@ class MM15Config:
 
 @dataclass
 class MM15Output:
-    """Loss (LM loss plus weighted MoE aux losses when labels are given), logits and reported parts."""
+    """Without labels, logits; with labels, the per-position losses, the loss (LM loss plus weighted MoE
+    aux losses) and its reported parts, and no logits (``head_token_losses`` never stores them)."""
 
     logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
+    token_losses: torch.Tensor | None = None
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
     past_key_values: Any = None
 
@@ -186,9 +188,10 @@ class MM15Model(nn.Module):
 
         Without labels, ``logits`` are (batch, positions, vocab), or only the last ``logits_to_keep``
         positions (generation's prefill needs one). With labels, the LM head runs only on the positions
-        whose next token is supervised, and ``logits`` are those rows, (supervised tokens, vocab): image
-        tokens and prompts carry no loss, and over a long image span the head is a large share of a
-        training step. The loss is the mean over supervised tokens, as Hugging Face computes it.
+        whose next token is supervised (image tokens and prompts carry no loss, and over a long image
+        span the head is a large share of a training step), fused with the cross-entropy
+        (``mm15.model.head_loss``): ``token_losses`` holds one float32 loss per supervised position, in
+        row-major order, ``logits`` is None, and the loss is their mean, as Hugging Face computes it.
         """
         extra: dict[str, Any] = {}
         if packed:
@@ -219,8 +222,10 @@ class MM15Model(nn.Module):
         else:
             targets = labels[:, 1:]
             supervised = targets != -100
-            result.logits = head(hidden[:, :-1][supervised])
-            result.lm_loss = F.cross_entropy(result.logits.float(), targets[supervised])
+            result.token_losses = head_token_losses(
+                hidden[:, :-1][supervised], head.weight, targets[supervised], head.bias
+            )
+            result.lm_loss = result.token_losses.mean()
             result.loss = result.lm_loss
         if self.has_moe:
             result.aux = moe_aux_loss(self.llm)

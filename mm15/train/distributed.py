@@ -316,6 +316,8 @@ def install_image_guard(model: nn.Module, always: bool = False) -> None:
         zero = features.float().sum() * 0.0
         if output.logits is not None:
             output.logits = output.logits + zero.to(output.logits.dtype)
+        if output.token_losses is not None:
+            output.token_losses = output.token_losses + zero
         if output.loss is not None:
             output.loss = output.loss + zero
         return output

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mm15.hardware import autocast
 from mm15.model.mm15 import MM15Model
@@ -193,7 +192,7 @@ def train_step(
                 out = model(pixel_values=micro.pixel_values, **batch.model_inputs())
             targets = batch.labels[:, 1:]
             supervised = targets != -100
-            per_token = F.cross_entropy(out.logits.float(), targets[supervised], reduction="none")
+            per_token = out.token_losses
             # This micro-batch's share of the global weighted mean, times the world size because the
             # ranks' gradients are averaged (mm15.train.distributed, "Loss equivalence").
             loss = (per_token * weights[index]).sum() * (world / total_weight)
