@@ -35,15 +35,18 @@ def reference(hidden, weight, bias, targets):
     return F.cross_entropy(F.linear(hidden, weight, bias).float(), targets, reduction="none")
 
 
-def fused(hidden, weight, bias, targets):
-    return head_token_losses(hidden, weight, targets, bias, block_elements=ROWS * 10)
+def fused(hidden, weight, bias, targets, direct: bool = False):
+    return head_token_losses(
+        hidden, weight, targets, bias, block_elements=ROWS * 10, direct_elements=ROWS * VOCAB if direct else 0
+    )
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["blocks", "direct"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_losses_and_gradients_equal_the_unfused_head_and_cross_entropy(bias: bool) -> None:
+def test_losses_and_gradients_equal_the_unfused_head_and_cross_entropy(bias: bool, direct: bool) -> None:
     args = operands(bias=bias)
     expected, expected_grads = losses_and_grads(reference, *args)
-    got, got_grads = losses_and_grads(fused, *args)
+    got, got_grads = losses_and_grads(lambda *a: fused(*a, direct=direct), *args)
     assert got.dtype == torch.float32 and got.shape == (ROWS,)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     for g, e in zip(got_grads, expected_grads, strict=True):
@@ -57,7 +60,8 @@ def test_gradcheck_in_float64_across_blocks() -> None:
     bias = torch.randn(600, generator=gen, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 255, 256, 511, 599])
     assert torch.autograd.gradcheck(
-        lambda h, w, b: head_token_losses(h, w, targets, b, block_elements=50), (hidden, weight, bias)
+        lambda h, w, b: head_token_losses(h, w, targets, b, block_elements=50, direct_elements=0),
+        (hidden, weight, bias),
     )
 
 
@@ -75,7 +79,7 @@ def test_under_bf16_autocast_it_matches_the_autocast_reference() -> None:
 
 def test_no_positions_give_no_losses_and_zero_gradients() -> None:
     hidden, weight, bias, _, _ = operands()
-    losses = head_token_losses(hidden[:0], weight, torch.zeros(0, dtype=torch.long), bias)
+    losses = head_token_losses(hidden[:0], weight, torch.zeros(0, dtype=torch.long), bias, direct_elements=0)
     assert losses.shape == (0,)
     losses.sum().backward()
     assert torch.count_nonzero(weight.grad) == 0 and torch.count_nonzero(bias.grad) == 0

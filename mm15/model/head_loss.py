@@ -11,25 +11,30 @@ an SFT step's time (docs/benchmarks.md, "LM head and loss").
 ``head_token_losses`` walks the vocabulary in column blocks instead, as fused "linear cross-entropy"
 kernels do (Liger's, Apple's Cut Cross-Entropy), here in plain PyTorch:
 
-* forward: each block's logits ``h W_b^T`` feed a running log-sum-exp (max and rescaled sum) and pick
-  out the target logits that fall in the block; only ``lse`` (N,) is kept;
+* forward: each block's logits ``h W_b^T`` feed a running log-sum-exp (max and rescaled sum), the
+  target logits are row-wise dot products with the targets' rows of ``W``, and only ``lse`` (N,) is kept;
 * backward: each block's logits are recomputed, turned into ``softmax - onehot`` scaled by the incoming
   per-token gradient, and give ``grad_h += g W_b`` and the block's own rows ``grad_W[b] = g^T h``, so
   the weight gradient is written once, row block by row block, with no accumulation across blocks.
 
 The recomputation adds one (N, D) x (D, V) product to the three the head costs anyway; the blocks
-stay a few megabytes, reused from the heap. Matrix products run in the autocast dtype when autocast is
+stay a few megabytes, reused from the heap. Up to ``DIRECT_ELEMENTS`` logits (32 MB in float32, a
+micro-batch of a few hundred supervised tokens) the plain computation is faster, since PyTorch's fused
+log-softmax makes fewer passes than the running log-sum-exp, and its buffers are small: it is used
+there (``benchmarks/head_loss.py``). Matrix products run in the autocast dtype when autocast is
 on (as ``nn.Linear`` would) and the softmax in float32 (as ``F.cross_entropy(logits.float())``).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 # Elements of one (N, block) logits block: 2M float32 values, 8 MB, well under glibc's mmap threshold.
 BLOCK_ELEMENTS = 1 << 21
 MIN_BLOCK = 256  # columns; narrower blocks make the products too thin to run efficiently
+DIRECT_ELEMENTS = 1 << 23  # up to this many logits, the plain head + cross-entropy (module docstring)
 
 
 def _compute_dtype(device: torch.device, fallback: torch.dtype) -> torch.dtype:
@@ -137,13 +142,15 @@ def head_token_losses(
     targets: Tensor,
     bias: Tensor | None = None,
     block_elements: int = BLOCK_ELEMENTS,
+    direct_elements: int = DIRECT_ELEMENTS,
 ) -> Tensor:
     """Per-position cross-entropy (float32, (N,)) of the logits ``hidden @ weight.T + bias`` against
     ``targets``, equal to ``F.cross_entropy(F.linear(hidden, weight, bias).float(), targets,
     reduction="none")`` up to rounding, without materialising the (N, V) logits (module docstring).
 
     ``hidden`` (N, D) are the positions to score, ``weight`` (V, D) the LM head, ``targets`` (N,) ids in
-    [0, V). Differentiable in ``hidden``, ``weight`` and ``bias``.
+    [0, V). Differentiable in ``hidden``, ``weight`` and ``bias``. ``block_elements`` sizes the blocks;
+    up to ``direct_elements`` logits in all the plain computation runs instead.
     """
     if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -166,4 +173,7 @@ def head_token_losses(
     block = _block_columns(hidden.shape[0], vocab, block_elements)
     # The products inside run in ``dtype`` by explicit casts, so autocast must not recast them again.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
+        if hidden.shape[0] * vocab <= direct_elements:
+            logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            return F.cross_entropy(logits.to(_softmax_dtype(dtype)), targets, reduction="none")
         return _HeadCrossEntropy.apply(hidden, weight, bias, targets.long(), dtype, block)
