@@ -3,10 +3,9 @@
 Training needs, for each supervised position, ``logsumexp(h W^T + b) - (h W^T + b)[target]``. Computed
 the usual way that is an (N, V) logits matrix, its float32 copy, a log-softmax of the same size and, in
 backward, a zero-filled (N, V) gradient and the softmax gradient: five fresh buffers of N x V floats
-per micro-batch. With SmolLM2's 49,152-word vocabulary and a few hundred supervised tokens each is
-tens of megabytes, above glibc's 32 MB threshold for handing memory back to the kernel, so every one
-is page-faulted in anew, and on the tiny recipe's 128-wide model these buffers took more than half of
-an SFT step's time (docs/benchmarks.md, "LM head and loss").
+per micro-batch. With SmolLM2's 49,152-word vocabulary and a long transcription (the OCR stage: some
+6,000 supervised tokens per micro-batch) each is over a gigabyte, and every one is page-faulted in
+anew (docs/benchmarks.md, "LM head and loss").
 
 ``head_token_losses`` walks the vocabulary in column blocks instead, as fused "linear cross-entropy"
 kernels do (Liger's, Apple's Cut Cross-Entropy), here in plain PyTorch:
