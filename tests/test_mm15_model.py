@@ -8,8 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mm15.hardware import autocast
-from mm15.model.generate import GenerationConfig, generate, parse_grounding, stream
+from mm15.hardware import autocast, compute_dtype
+from mm15.model.generate import (
+    GenerationConfig,
+    continuation_logprobs,
+    generate,
+    parse_grounding,
+    stream,
+)
 from mm15.model.mm15 import IMAGE_TOKEN, MM15Config, MM15Model, MM15Processor
 from mm15.model.presets import PRESETS, preset
 
@@ -149,6 +155,31 @@ def test_streaming_sampling_and_stop_strings(model: MM15Model, processor: MM15Pr
     stopped = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=3, stop=(stop,))
     cut = generate(model, batch, stopped)[0]
     assert cut == full[: full.index(stop)]
+
+
+def test_continuation_logprobs_are_the_training_loss_and_flag_the_greedy_answer(
+    model: MM15Model, processor: MM15Processor
+) -> None:
+    prompt, images = "see <image> and say", [picture(90, 70, 13)]
+    answer = " a box here"
+    with compute_dtype(torch.float32):  # exact comparison: no bf16 rounding on either side
+        logprobs, greedy = continuation_logprobs(model, processor, prompt, images, answer)
+    cont = model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+    assert logprobs.shape == (len(cont),) and logprobs.dtype == torch.float32
+    # The same tokens scored as a training batch scores them: prompt unsupervised, continuation supervised.
+    batch = processor([prompt], [images])
+    ids = torch.cat([batch["input_ids"], torch.tensor([cont])], dim=1)
+    labels = ids.clone()
+    labels[:, : batch["input_ids"].shape[1]] = -100
+    with torch.no_grad():
+        out = model(ids, torch.ones_like(ids), batch["pixel_values"], labels=labels)
+    torch.testing.assert_close(-logprobs, out.token_losses, rtol=1e-5, atol=1e-5)
+    # The greedy continuation is flagged, another one is not.
+    with compute_dtype(torch.float32):
+        produced = generate(model, processor([prompt], [images]), GenerationConfig(max_new_tokens=4))[0]
+        _, produced_is_greedy = continuation_logprobs(model, processor, prompt, images, produced)
+    assert produced_is_greedy and not greedy
+    assert continuation_logprobs(model, processor, prompt, images, "")[0].numel() == 0
 
 
 def test_stream_holds_back_partial_stop_strings() -> None:

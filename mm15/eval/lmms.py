@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from mm15.model.generate import GenerationConfig
+from mm15.model.generate import GenerationConfig, continuation_logprobs
 from mm15.model.mm15 import IMAGE_PLACEHOLDER, MM15Model, MM15Processor
 
 __all__ = ["MM15LMM", "lmms_base", "manifest", "register"]
@@ -221,11 +221,7 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
         ``multiple_choice`` scoring expects (it takes the argmin; EvolvingLMMs-Lab/lmms-eval#370), not
         the log-probability its base-class docstring describes.
         """
-        from mm15.hardware import autocast
-
         results = []
-        tokenizer = self.model.tokenizer
-        device = next(self.model.parameters()).device
         for request in requests:
             context, target, doc_to_visual, doc_id, task, split = request.args
             doc = self._doc(task, split, doc_id)
@@ -236,25 +232,10 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
                 from mm15.eval.runner import _video_processor
 
                 processor = _video_processor(self.model)
-            batch = processor([self._prompt(context, pictures)], [pictures], padding_side="right")
-            # The continuation is tokenised on its own, so the prompt's tokens are exactly the ones
-            # generation would see and no merge crosses the boundary.
-            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            if not cont:
-                results.append((0.0, True))
-                continue
-            prompt_ids = batch["input_ids"]
-            input_ids = torch.cat([prompt_ids, torch.tensor([cont], dtype=torch.long)], dim=1).to(device)
-            attention_mask = torch.ones_like(input_ids)
-            pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
-            with autocast():
-                logits = self.model(input_ids, attention_mask, pixel_values).logits
-            # Position t predicts token t + 1: the continuation is predicted from the last prompt token on.
-            start = prompt_ids.shape[1]
-            predicting = logits[0, start - 1 : input_ids.shape[1] - 1].float().log_softmax(-1)
-            targets = input_ids[0, start:]
-            loss = -predicting.gather(-1, targets.unsqueeze(-1)).mean().item()
-            greedy = bool((predicting.argmax(-1) == targets).all())
+            logprobs, greedy = continuation_logprobs(
+                self.model, processor, self._prompt(context, pictures), pictures, continuation
+            )
+            loss = -logprobs.mean().item() if len(logprobs) else 0.0
             results.append((float(loss), greedy))
         return results
 

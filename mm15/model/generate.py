@@ -5,6 +5,8 @@ and reuses the cache. Left padding keeps every row's last prompt token in the la
 position ids count only real tokens, so a padded row decodes exactly as it would alone. A row stops at
 the tokenizer's end-of-sequence token or when its text reaches a stop string (cut before the stop).
 ``stream`` yields each row's new text as it is produced; ``generate`` collects it.
+``continuation_logprobs`` scores a given continuation instead of generating one (likelihood-based
+multiple choice, diagnostics).
 """
 
 from __future__ import annotations
@@ -157,6 +159,37 @@ def generate(model: MM15Model, batch: dict[str, Any], cfg: GenerationConfig | No
     for deltas in stream(model, batch, cfg):
         texts = [text + delta for text, delta in zip(texts, deltas, strict=True)]
     return texts
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model: MM15Model, processor: Any, prompt: str, images: Sequence[Any], continuation: str
+) -> tuple[torch.Tensor, bool]:
+    """log p of each token of ``continuation`` after ``prompt`` (float32, one per token), and whether
+    greedy decoding would produce exactly those tokens.
+
+    ``processor`` is the ``MM15Processor`` for the prompt's images. The continuation is tokenised on its
+    own, so the prompt's tokens are exactly the ones generation would see and no merge crosses the
+    boundary. An empty continuation gives an empty tensor (which greedy decoding trivially produces).
+    """
+    from mm15.hardware import autocast
+
+    cont = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    if not cont:
+        return torch.zeros(0), True
+    device = next(model.parameters()).device
+    batch = processor([prompt], [list(images)], padding_side="right")
+    prompt_ids = batch["input_ids"]
+    input_ids = torch.cat([prompt_ids, torch.tensor([cont], dtype=torch.long)], dim=1).to(device)
+    pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
+    with autocast():
+        logits = model(input_ids, torch.ones_like(input_ids), pixel_values).logits
+    # Position t predicts token t + 1: the continuation is predicted from the last prompt token on.
+    start = prompt_ids.shape[1]
+    predicting = logits[0, start - 1 : input_ids.shape[1] - 1].float().log_softmax(-1)
+    targets = input_ids[0, start:]
+    greedy = bool((predicting.argmax(-1) == targets).all())
+    return predicting.gather(-1, targets.unsqueeze(-1)).squeeze(-1).cpu(), greedy
 
 
 def parse_grounding(text: str, height: int, width: int) -> dict[str, list[Box] | list[Point]]:
