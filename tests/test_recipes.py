@@ -240,10 +240,13 @@ def test_data_config_direct() -> None:
     assert placeholder.resolve_sources() == {"pdfa": "shards:/does/not/exist"}
 
 
-def test_refer_ground_ablation_is_the_tiny_sft_on_refer_ground_data_only() -> None:
-    ablation = load_recipe(RECIPES / "ablations" / "refer-ground-only.yaml").stage("sft")
+@pytest.mark.parametrize(
+    ("recipe", "category"), [("refer-ground-only", "refer-ground"), ("text-only", "text-only")]
+)
+def test_ablations_are_the_tiny_sft_on_one_category(recipe: str, category: str) -> None:
+    ablation = load_recipe(RECIPES / "ablations" / f"{recipe}.yaml").stage("sft")
     tiny = load_recipe(RECIPES / "tiny.yaml").stage("sft")
-    assert effective_weights(ablation.data.mixture_node()) == {"refer-ground": 1.0}
+    assert effective_weights(ablation.data.mixture_node()) == {category: 1.0}
     assert ablation.parent == "runs/tiny/ocr/final"
     same = ("trainable", "optimizer", "schedule", "global_batch", "micro_batch", "loss_weighting")
     for field in (*same, "autocast"):
