@@ -45,4 +45,13 @@ def test_demo_on_a_reduced_budget_writes_the_report(tmp_path: Path) -> None:
     for stage in ("pretrain", "ocr", "sft"):
         assert f"tiny/{stage}/loss.png" in report and (out / "tiny" / stage / "loss.png").is_file()
         assert (out / "eval" / f"after {stage}" / "results.json").is_file()
+    # The context-use probes of the final model, one item each (limit=1): shares in [0, 100]%.
+    probe_rows = report.split("## Does the final model read its prompt?")[1].strip().splitlines()[3:]
+    assert [r.split(" | ")[0] for r in probe_rows[2:5]] == [
+        "| grounding: the asked object's name likelier than another object's",
+        "| sorting: the answers' vocabulary words that are words of the question",
+        "| sorting: exact answers",
+    ]
+    grounding = probe_rows[2].split(" | ")[2]
+    assert grounding in ("0%", "100%")  # one item: preferred or not
     assert "demo finished in" in console.export_text()
