@@ -35,7 +35,8 @@ model; both are warmed up on every timed batch shape first, so compilation is no
 Usage: ``python benchmarks/train_step.py [--preset tiny|smol | --recipe RECIPE] [--samples 4] [--steps 3]
 [--compile] [--prefetch auto|inline|thread|process]``
 (the compute dtype is ``mm15.hardware.fast_dtype()``: ``MM15_DTYPE=float32`` runs the tiny recipe's)
-(``--profile``: only mm15's eager step under ``torch.profiler``, its operators by self time);
+(``--profile``: only mm15's eager step under ``torch.profiler``, on the whole path and replayed without
+the data path, its operators by self time and, by input shape, the costliest calls);
 results in docs/benchmarks.md.
 """
 
@@ -250,11 +251,7 @@ def run_mm15(
         data = timed_data
         seen.clear()
     times, waits, tokens, images = [], [], 0, 0
-    profiler = (
-        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        if args.profile
-        else contextlib.nullcontext()
-    )
+    profiler = operator_profiler() if args.profile else contextlib.nullcontext()
     with profiler:
         for step in range(args.steps):
             metrics = train_step(model, data, optimizer, scheduler, 1, warm + step, dtype, 1.0, peak)
@@ -266,11 +263,27 @@ def run_mm15(
             images += micro.images
     data.close()
     if args.profile:
-        print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        print_profile(profiler, "mm15's step with its data path")
     timed = seen[-args.steps :]
     flop_count = mm15_flop_weights(model).step_flops(mm15_work(model, timed))
     wait = sum(w * t for w, t in zip(waits, times, strict=True)) / sum(times)
     return speed_row(times, args.samples * args.steps, tokens, flop_count, peak, wait), model, timed
+
+
+def operator_profiler() -> torch.profiler.profile:
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True)
+
+
+def print_profile(profiler: torch.profiler.profile, title: str) -> None:
+    """Operators by self time, then the costliest (operator, input shapes) pairs with their time per call."""
+    print(f"\n{title}: operators by self CPU time")
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    print(f"{title}: by input shape")
+    print(
+        profiler.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=12, max_shapes_column_width=60
+        )
+    )
 
 
 class Replay:
@@ -292,6 +305,7 @@ def run_mm15_step_only(
     samples: int,
     dtype: torch.dtype,
     peak: float,
+    profile: bool = False,
 ) -> dict[str, Any]:
     """mm15's ``train_step`` on micro-batches prepared before timing, as the reference is timed: the same
     step without the data path's work on the other core (one warm-up step first)."""
@@ -301,10 +315,14 @@ def run_mm15_step_only(
     data = Replay([micros[0], *micros], stream)
     train_step(model, data, optimizer, scheduler, 1, 0, dtype, 1.0, peak)
     times = []
-    for step in range(1, len(micros) + 1):
-        start = time.perf_counter()
-        train_step(model, data, optimizer, scheduler, 1, step, dtype, 1.0, peak)
-        times.append(time.perf_counter() - start)
+    profiler = operator_profiler() if profile else contextlib.nullcontext()
+    with profiler:
+        for step in range(1, len(micros) + 1):
+            start = time.perf_counter()
+            train_step(model, data, optimizer, scheduler, 1, step, dtype, 1.0, peak)
+            times.append(time.perf_counter() - start)
+    if profile:
+        print_profile(profiler, "mm15's step replayed without the data path")
     work = mm15_work(model, micros)
     flop_count = mm15_flop_weights(model).step_flops(work)
     return speed_row(times, samples * len(micros), work.tokens, flop_count, peak, None)
@@ -399,7 +417,9 @@ def main() -> None:
         shard_dir = Path(tmp)
         write_shards(workload(args.samples * args.steps * 3), shard_dir)
         if args.profile:
-            run_mm15(equal, shard_dir, args, dtype, peak, False)
+            _, model, micros = run_mm15(equal, shard_dir, args, dtype, peak, False)
+            stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
+            run_mm15_step_only(model, micros, stream, args.samples, dtype, peak, profile=True)
             return
         for compiled in (False, True) if args.compile else (False,):
             tag = " compiled" if compiled else ""

@@ -155,11 +155,8 @@ def answer_live(model: Any, name: str, index: int) -> tuple[str, str, str, list[
     return question, answer, truth, pictures
 
 
-def live_answers(model_dir: Path, out: Path, console: Console) -> list[dict[str, str]]:
+def live_answers(model: Any, out: Path, console: Console) -> list[dict[str, str]]:
     """The final model on held-out samples, next to the truth; grounding answers drawn (PNG per example)."""
-    from mm15.model.mm15 import MM15Model
-
-    model = MM15Model.from_pretrained(model_dir)
     table = Table(title="live answers of the final model on held-out samples (eval seeds)")
     for column in ("shows", "question", "answer", "truth"):
         table.add_column(column, overflow="fold")
@@ -322,10 +319,12 @@ def write_report(
 
 def _train_and_evaluate(
     config: RecipeConfig, run_dir: Path, out: Path, console: Console, limit: int
-) -> tuple[list[Checkpoint], list[dict[str, str]]]:
-    """Evaluate the untrained model, then train each stage and evaluate its export; the live answers."""
+) -> tuple[list[Checkpoint], list[dict[str, str]], ContextUse]:
+    """Evaluate the untrained model, then train each stage and evaluate its export; the live answers and
+    the context-use probes of the final model."""
     import torch
 
+    from mm15.eval.probes import context_use
     from mm15.model.mm15 import MM15Model
     from mm15.train.run import run_recipe
 
@@ -340,7 +339,13 @@ def _train_and_evaluate(
         final = MM15Model.from_pretrained(run_dir / stage.name / "final")
         checkpoints.append(evaluate_checkpoint(final, f"after {stage.name}", out, console, limit))
     console.rule("live answers")
-    return checkpoints, live_answers(run_dir / config.stages[-1].name / "final", out, console)
+    final.eval()
+    live = live_answers(final, out, console)
+    console.rule("does the final model read its prompt?")
+    probes = context_use(final, limit)
+    for line in probes.table():
+        console.print(line, markup=False, highlight=False)
+    return checkpoints, live, probes
 
 
 def run_demo(
@@ -350,9 +355,7 @@ def run_demo(
     recipe: Path = Path("recipes/tiny.yaml"),
     limit: int = EVAL_LIMIT,
 ) -> None:
-    from mm15.eval.probes import context_use
     from mm15.hardware import compute_dtype
-    from mm15.model.mm15 import MM15Model
     from mm15.train.config import load_recipe
     from mm15.train.run import stage_dtype
 
@@ -368,12 +371,7 @@ def run_demo(
     run_dir = out / config.name
     # Evaluate in the dtype the recipe trains in (its last stage's ``autocast``), not the machine default.
     with compute_dtype(stage_dtype(config.stages[-1].autocast)):
-        checkpoints, live = _train_and_evaluate(config, run_dir, out, console, limit)
-        console.rule("does the final model read its prompt?")
-        final = MM15Model.from_pretrained(run_dir / config.stages[-1].name / "final").eval()
-        probes = context_use(final, limit)
-    for line in probes.table():
-        console.print(line, markup=False, highlight=False)
+        checkpoints, live, probes = _train_and_evaluate(config, run_dir, out, console, limit)
     _plot_categories(checkpoints, out / "categories.png")
     _grounding_sheet(checkpoints[-1].report, out / "grounding.png")
     table = Table(title=f"held-out synthetic benchmarks ({limit} items per task, scores x100)")
