@@ -1,8 +1,13 @@
-"""The compute dtype is measured; a block (``compute_dtype``) or the environment can override it."""
+"""The compute dtype is measured; a block (``compute_dtype``) or the environment can override it.
+Importing mm15 turns on PyTorch's huge-page allocation for large CPU tensors unless told not to."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +80,36 @@ def test_matmul_rate_is_the_best_of_its_trials(monkeypatch: pytest.MonkeyPatch) 
     assert hardware.matmul_rate(torch.float32, n=64, repeats=4, trials=3) == 2 * 64**3 * 4 / 0.1
     with pytest.raises(ValueError, match="trials must be >= 1, got 0"):
         hardware.matmul_rate(torch.float32, trials=0)
+
+
+HUGE_PAGE_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+# A child process that imports mm15, touches a 16 MB tensor and prints its env value and the kB of
+# anonymous memory the kernel backs with huge pages.
+HUGE_PAGE_PROBE = """
+import os, re, mm15, torch
+x = torch.ones(16 << 20, dtype=torch.uint8)
+rollup = open("/proc/self/smaps_rollup").read()
+print(os.environ["THP_MEM_ALLOC_ENABLE"], re.search(r"AnonHugePages:\\s+(\\d+)", rollup).group(1))
+"""
+
+
+def _huge_page_probe(setting: str | None) -> tuple[str, int]:
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if setting is not None:
+        env["THP_MEM_ALLOC_ENABLE"] = setting
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGE_PROBE], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    value, kilobytes = out.stdout.split()
+    return value, int(kilobytes)
+
+
+@pytest.mark.skipif(
+    not HUGE_PAGE_MODE.exists() or "[madvise]" not in HUGE_PAGE_MODE.read_text(),
+    reason="needs Linux with transparent huge pages in madvise mode (only advised memory gets them)",
+)
+def test_import_turns_on_huge_pages_unless_the_environment_says_no() -> None:
+    value, kilobytes = _huge_page_probe(None)
+    assert value == "1"
+    assert kilobytes >= 2048  # at least one 2 MB page behind the 16 MB tensor
+    value, kilobytes = _huge_page_probe("0")
+    assert (value, kilobytes) == ("0", 0)
