@@ -98,3 +98,33 @@ def test_bad_operands_are_named() -> None:
         head_token_losses(hidden, weight, torch.full((ROWS,), VOCAB))
     with pytest.raises(ValueError, match="target ids"):
         head_token_losses(hidden, weight, torch.full((ROWS,), -100))  # an unfiltered ignore index
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["blocks", "direct"])
+def test_a_tied_embedding_gradient_is_added_in_place(direct: bool) -> None:
+    """With the head tied to the token embedding, autograd must add the embedding's gradient into the
+    head's in place (``aten::add_``), not allocate a third (V, D) tensor for the sum (``aten::add``)."""
+    hidden_layer = torch.nn.Linear(WIDTH, WIDTH)
+    table = torch.nn.Parameter(torch.randn(VOCAB, WIDTH) * 0.3)
+    tokens = torch.randint(0, VOCAB, (ROWS,), generator=torch.Generator().manual_seed(3))
+    targets = tokens.roll(-1)
+
+    def loss() -> torch.Tensor:
+        hidden = hidden_layer(F.embedding(tokens, table))
+        return fused(hidden, table, None, targets, direct=direct).mean()
+
+    with torch.profiler.profile(record_shapes=True) as prof:
+        loss().backward()
+    table_sized = [
+        event.name
+        for event in prof.events()
+        if event.name in ("aten::add", "aten::add_") and [VOCAB, WIDTH] in event.input_shapes[:1]
+    ]
+    assert table_sized == ["aten::add_"]
+    # The sum is right: the same gradient as with two separate tables, added up.
+    summed = table.grad.clone()
+    table.grad = None
+    head_table = torch.nn.Parameter(table.detach().clone())
+    hidden = hidden_layer(F.embedding(tokens, table))
+    reference(hidden, head_table, None, targets).mean().backward()
+    torch.testing.assert_close(summed, table.grad + head_table.grad, rtol=1e-5, atol=1e-6)

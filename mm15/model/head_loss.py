@@ -22,6 +22,15 @@ micro-batch of a few hundred supervised tokens) the plain computation is faster,
 log-softmax makes fewer passes than the running log-sum-exp, and its buffers are small: it is used
 there (``benchmarks/head_loss.py``). Matrix products run in the autocast dtype when autocast is
 on (as ``nn.Linear`` would) and the softmax in float32 (as ``F.cross_entropy(logits.float())``).
+
+Both paths hand autograd a weight gradient that is a fresh, contiguous tensor, which matters when the
+head is tied to the token embedding (SmolLM2 and the tiny presets). The weight then gets two gradients
+in one backward pass, the head's (first) and the embedding's, and autograd adds the second into the
+first in place only when the first is a plain contiguous tensor it holds alone. The blocked path's
+gradient is one; ``F.linear``'s, on the direct path, is the transpose of a product, so autograd
+allocated a third (V, D) tensor for the sum: 25 MB and a pass over 75 MB per micro-batch for the tiny
+recipe's table (SmolLM2's vocabulary at width 128). ``_LinearHead`` computes the same product with
+``grad_W = g^T h`` written directly.
 """
 
 from __future__ import annotations
@@ -50,6 +59,31 @@ def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _block_columns(rows: int, vocab: int, block_elements: int) -> int:
     return min(vocab, max(MIN_BLOCK, block_elements // max(rows, 1)))
+
+
+class _LinearHead(torch.autograd.Function):
+    """``hidden @ weight.T + bias`` whose weight gradient is a fresh contiguous (V, D) product (module
+    docstring: autograd can then add a tied embedding's gradient into it in place)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, hidden: Tensor, weight: Tensor, bias: Tensor | None
+    ) -> Tensor:
+        ctx.save_for_backward(hidden, weight)
+        ctx.has_bias = bias is not None
+        logits = hidden @ weight.t()
+        return logits if bias is None else logits + bias
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_logits: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        hidden, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        need_h, need_w, need_b = ctx.needs_input_grad
+        grad_h = grad_logits @ weight if need_h else None
+        grad_w = grad_logits.t() @ hidden if need_w else None
+        grad_b = grad_logits.sum(dim=0) if need_b and ctx.has_bias else None  # type: ignore[attr-defined]
+        return grad_h, grad_w, grad_b
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
@@ -173,6 +207,8 @@ def head_token_losses(
     # The products inside run in ``dtype`` by explicit casts, so autocast must not recast them again.
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         if hidden.shape[0] * vocab <= direct_elements:
-            logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+            logits = _LinearHead.apply(
+                hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+            )
             return F.cross_entropy(logits.to(_softmax_dtype(dtype)), targets, reduction="none")
         return _HeadCrossEntropy.apply(hidden, weight, bias, targets.long(), dtype, block)
