@@ -82,6 +82,37 @@ def test_matmul_rate_is_the_best_of_its_trials(monkeypatch: pytest.MonkeyPatch) 
         hardware.matmul_rate(torch.float32, trials=0)
 
 
+def _timed(monkeypatch: pytest.MonkeyPatch, seconds: list[float]) -> list[torch.dtype]:
+    """Make ``_seconds`` return ``seconds`` in order; the returned list records each call's dtype."""
+    timings, dtypes = iter(seconds), []
+
+    def fake(a: torch.Tensor, b: torch.Tensor, repeats: int) -> float:
+        dtypes.append(a.dtype)
+        return next(timings)
+
+    monkeypatch.setattr(hardware, "_seconds", fake)
+    return dtypes
+
+
+def test_one_slow_float32_product_does_not_make_emulated_bf16_look_fast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # float32 interrupted once (5.0), bf16 emulated at 4x float32's speed: float32 stays the choice,
+    # where comparing single timings (5.0 against 4.0) picked bf16.
+    calls = _timed(monkeypatch, [5.0, 1.0, 1.0, 1.0, 1.0] + [4.0] * 5)
+    assert hardware.bf16_matmul_is_fast.__wrapped__(size=8, trials=5) is False
+    assert calls == [torch.float32] * 5 + [torch.bfloat16] * 5
+
+
+def test_bf16_is_fast_at_its_first_product_no_slower_than_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    # bf16 slowed once (3.0), then 0.3 against float32's best 1.0: fast, and no more products are timed.
+    calls = _timed(monkeypatch, [1.0, 2.0, 1.5, 3.0, 0.3, 0.2])
+    assert hardware.bf16_matmul_is_fast.__wrapped__(size=8, trials=3) is True
+    assert calls == [torch.float32] * 3 + [torch.bfloat16] * 2
+    with pytest.raises(ValueError, match="trials must be >= 1, got 0"):
+        hardware.bf16_matmul_is_fast.__wrapped__(trials=0)
+
+
 HUGE_PAGE_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 # A child process that imports mm15, touches a 16 MB tensor and prints its env value and the kB of
 # anonymous memory the kernel backs with huge pages.
