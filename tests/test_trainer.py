@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -392,6 +395,51 @@ def test_closing_a_data_worker_with_a_full_queue_lets_it_exit_by_itself() -> Non
     assert data._queue.qsize() == 2
     data.close()
     assert data._worker.exitcode == 0
+
+
+ORPHAN_SCRIPT = """
+import time
+from mm15.train.data import Prefetcher
+
+class Stream:  # what Prefetcher reads of a TrainStream; its micro-batches fill the queue at once
+    sampler, skipped, source_names = None, {}, []
+    def state_dict(self):
+        return {"mixture": None, "skipped": {}}
+    def next_micro(self):
+        return b"micro-batch"
+
+data = Prefetcher(Stream(), depth=2, mode="process")
+print(data._worker.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie has exited, waiting only for a parent to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_data_worker_exits_when_its_training_process_is_killed() -> None:
+    """SIGKILL gives the training process no chance to close its worker, whose queue then stays full:
+    the orphan must notice and exit rather than hold its memory forever."""
+    trainer = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT], stdout=subprocess.PIPE, text=True)
+    assert trainer.stdout is not None
+    worker = int(trainer.stdout.readline())
+    time.sleep(0.5)  # the worker has filled the queue and waits for room
+    assert _alive(worker)
+    trainer.send_signal(signal.SIGKILL)
+    trainer.wait()
+    deadline = time.monotonic() + 10
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    orphaned = _alive(worker)
+    if orphaned:
+        os.kill(worker, signal.SIGKILL)  # leave no process behind when the test fails
+    assert not orphaned, "the orphaned data worker is still running"
 
 
 def test_a_dead_data_worker_is_an_error_not_a_hang() -> None:

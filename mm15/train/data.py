@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import pickle
 import queue
 import threading
@@ -366,10 +367,19 @@ def _produce(stream: TrainStream, out: Any, stop: Any, in_worker: bool) -> None:
     torch's shared-memory tensors would pass a file descriptor per tensor, each fetched from a thread
     of the worker that must first win the worker's GIL from the producer, and that made the training
     loop wait for 7% of its time even with a core to spare.
+
+    A worker whose training process died without closing it (SIGKILL, the OOM killer) would wait
+    forever for room in a queue nobody reads, holding its memory: it checks that its parent is still
+    the one it was forked from (an orphan is re-parented) and exits when not.
     """
+    parent = os.getppid()
+
+    def running() -> bool:
+        return not stop.is_set() and not (in_worker and os.getppid() != parent)
+
     if in_worker:
         torch.set_num_threads(1)  # the training process's threads have the other cores
-    while not stop.is_set():
+    while running():
         try:
             item: Any = (stream.next_micro(), stream.state_dict())
         except Exception as err:
@@ -378,16 +388,16 @@ def _produce(stream: TrainStream, out: Any, stop: Any, in_worker: bool) -> None:
         if in_worker:
             item, sent_ok = _to_consumer(item, failed)
             failed = failed or not sent_ok
-        while not stop.is_set():
+        while running():
             try:
                 out.put(item, timeout=0.1)
                 break
             except queue.Full:
                 continue
-        if failed and not stop.is_set():
+        if failed and running():
             return  # the queue's feeder thread delivers the error before the worker exits
     if in_worker:
-        # Stopped: what is still buffered for the pipe is not wanted. Without this the worker's exit
-        # would wait for the training process to read it, which it never does, until close() gave up
-        # after its timeout and terminated the worker (10 s at the end of every stage).
+        # Stopped or orphaned: what is still buffered for the pipe is not wanted. Without this the
+        # worker's exit would wait for the training process to read it, which it never does, until
+        # close() gave up after its timeout and terminated the worker (10 s at the end of every stage).
         out.cancel_join_thread()
