@@ -9,7 +9,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mm15.cli import app
-from mm15.data.sources import ShardReader
+from mm15.data.sample import Sample, Turn
+from mm15.data.sources import ShardReader, write_shards
 
 runner = CliRunner()
 
@@ -68,7 +69,22 @@ def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
             "image": "missing.png",
             "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "?"}],
         },
+        {
+            "id": "text",
+            "image": "notes.png",
+            "conversations": [{"from": "human", "value": "<image>\nColour?"}, {"from": "gpt", "value": "?"}],
+        },
+        {
+            "id": "frame",  # a box in 0-1000 units on a 40 x 30 image
+            "image": "a.png",
+            "regions": [{"image": 0, "box": [100, 200, 400, 900]}],
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is in <region0>?"},
+                {"from": "gpt", "value": "?"},
+            ],
+        },
     ]
+    (tmp_path / "notes.png").write_text("a text file named .png")
     (tmp_path / "data.json").write_text(json.dumps(records))
     args = [
         "data",
@@ -83,7 +99,7 @@ def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     assert strict.exit_code == 2 and "missing" in strict.output
     lenient = runner.invoke(app, [*args, "--lenient"])
     assert lenient.exit_code == 0, lenient.output
-    assert "missing_image" in lenient.output
+    assert "{'missing_image': 1, 'bad_image': 1, 'bad_region': 1}" in lenient.output
     assert [s.id for s in ShardReader(tmp_path / "o")] == ["ok"]
 
 
@@ -97,3 +113,20 @@ def test_unknown_category_and_empty_folder_are_clear_errors(tmp_path: Path) -> N
     assert bad.exit_code == 2 and "neither a generator" in flat(bad.output)
     empty = runner.invoke(app, ["data", "stats", str(tmp_path)])
     assert empty.exit_code == 2 and "no .tar shards" in flat(empty.output)
+
+
+def test_show_draws_undecodable_images_and_names_their_samples(tmp_path: Path) -> None:
+    good = Image.new("RGB", (40, 30), (200, 10, 10))
+    turns = [Turn("user", "<image> Colour?"), Turn("assistant", "Red.")]
+    samples = [
+        Sample(id="ok", turns=turns, category="general", source="t", images=[good]),
+        Sample(id="junk", turns=turns, category="general", source="t", images=[b"not an image at all"]),
+    ]
+    write_shards(samples, tmp_path / "shards")
+    sheet = tmp_path / "sheet.png"
+    shown = runner.invoke(app, ["data", "show", str(tmp_path / "shards"), "--out", str(sheet)])
+    assert shown.exit_code == 0, shown.output
+    assert "images that do not decode (grey on the sheet) in 1 samples: ['junk']" in flat(shown.output)
+    with Image.open(sheet) as picture:
+        card = picture.convert("RGB").crop((520 + 8, 0, 2 * 520 + 8, 260))  # the second card
+        assert (200, 200, 200) in {colour for _, colour in card.getcolors(1 << 16)}  # the grey slot

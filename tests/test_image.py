@@ -44,6 +44,7 @@ from mm15.image import (
     ImageError,
     ImageProcessor,
     ImageTooLargeError,
+    image_size,
     load_image,
     normalize_pixels,
     to_rgb,
@@ -177,6 +178,46 @@ def test_undecodable_file_raises_decode_error_naming_the_path(
     if reason is not None:
         assert reason in error.reason
     assert isinstance(error, ValueError)  # ImageError is a ValueError, so callers can catch either
+
+
+# Failures that show in the header: image_size refuses them as load_image does. The others (truncated or
+# corrupt pixel data) pass the header check and are found only by decoding.
+HEADER_ERRORS = ("zero-byte", "png-cut-after-ihdr", "text-named-png", "missing-path", "directory")
+BODY_ERROR_SIZES = {"truncated-png": (80, 64), "truncated-jpeg": (80, 64), "corrupt-idat": (8, 8)}
+
+
+@pytest.mark.parametrize("case", list(DECODE_ERRORS))
+def test_image_size_refuses_what_the_header_shows(tmp_path: Path, case: str) -> None:
+    make, reason = DECODE_ERRORS[case]
+    path = make(tmp_path)
+    if case not in HEADER_ERRORS:
+        assert image_size(path) == BODY_ERROR_SIZES[case]
+        return
+    with pytest.raises(ImageDecodeError) as info:
+        image_size(path)
+    assert info.value.source == str(path)
+    if reason is not None:
+        assert reason in info.value.reason
+
+
+def test_image_size_checks_the_pixel_limit_from_the_header(tmp_path: Path) -> None:
+    bomb = crafted_png(100_000, 100_000, zlib.compress(b"\0" * 64))
+    with pytest.raises(ImageTooLargeError, match="10000000000 pixels"):
+        image_size(bomb)
+    assert image_size(crafted_png(300, 200, b"garbage"), max_pixels=60_000) == (300, 200)
+    with pytest.raises(ImageTooLargeError, match="exceeds the limit of 59999"):
+        image_size(crafted_png(300, 200, b"garbage"), max_pixels=59_999, name="x.png")
+    with pytest.raises(ImageDecodeError, match=r"^<bytes>: empty data"):
+        image_size(b"")
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_image_size_is_upright_under_exif_orientation(tmp_path: Path, orientation: int) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / f"orientation-{orientation}.jpg"
+    Image.new("RGB", (60, 40), WHITE).save(path, exif=exif)
+    assert image_size(path) == load_image(path).size == ((40, 60) if orientation >= 5 else (60, 40))
 
 
 def _garbage_bytes() -> bytes:
@@ -413,6 +454,12 @@ CONVERSIONS: dict[str, Callable[[Path], Conversion]] = {
     "animated-png": _animated_png,
     "animated-webp": _animated_webp,
 }
+
+
+@pytest.mark.parametrize("case", list(CONVERSIONS))
+def test_image_size_is_the_decoded_size(tmp_path: Path, case: str) -> None:
+    conversion = CONVERSIONS[case](tmp_path)
+    assert image_size(conversion.path) == load_image(conversion.path).size
 
 
 @pytest.mark.parametrize("case", list(CONVERSIONS))

@@ -252,7 +252,8 @@ def test_bad_reader_arguments(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Malformed LLaVA records: strict raises, lenient counts
 
-GOOD = {"id": "good", "image": "a.png", "conversations": [{"from": "human", "value": "<image> hi"}]}
+ANSWER = {"from": "gpt", "value": "hello"}
+GOOD = {"id": "good", "image": "a.png", "conversations": [{"from": "human", "value": "<image> hi"}, ANSWER]}
 
 
 def _record(**changes: object) -> dict[str, object]:
@@ -265,7 +266,9 @@ MALFORMED = [
     ("missing_image", _record(image="nope.png")),
     (
         "missing_image",
-        _record(image=["a.png", "gone.jpg"], conversations=[{"from": "human", "value": "<image><image>"}]),
+        _record(
+            image=["a.png", "gone.jpg"], conversations=[{"from": "human", "value": "<image><image>"}, ANSWER]
+        ),
     ),
     ("bad_region", _record(regions=[{"image": 0, "box": [10, 0, 5, 4]}])),  # x1 > x2
     ("bad_region", _record(regions=[{"image": 0, "box": [0, 8, 5, 4]}])),  # negative height
@@ -274,13 +277,14 @@ MALFORMED = [
     ("bad_region", _record(regions=[{"image": 1, "point": [1, 4]}])),  # only one image
     ("bad_region", _record(regions=[{"image": 0, "box": [0, 0, 1, 1], "point": [0, 0]}])),
     ("bad_region", _record(regions=[{"image": 0, "box": [0, 0, 1]}])),
-    ("bad_region", _record(conversations=[{"from": "human", "value": "<image> <region0>"}])),
+    ("bad_region", _record(conversations=[{"from": "human", "value": "<image> <region0>"}, ANSWER])),
     ("unknown_role", _record(conversations=[{"from": "robot", "value": "<image>"}])),
-    ("image_count", _record(conversations=[{"from": "human", "value": "no placeholder"}])),
-    ("image_count", _record(conversations=[{"from": "human", "value": "<image><image>"}])),
+    ("image_count", _record(conversations=[{"from": "human", "value": "no placeholder"}, ANSWER])),
+    ("image_count", _record(conversations=[{"from": "human", "value": "<image><image>"}, ANSWER])),
     ("bad_conversations", _record(conversations="<image> hi")),
     ("bad_conversations", _record(conversations=[])),
-    ("bad_conversations", _record(conversations=[{"from": "human", "value": 3}])),
+    ("bad_conversations", _record(conversations=[{"from": "human", "value": 3}, ANSWER])),
+    ("bad_conversations", _record(conversations=[{"from": "human", "value": "<image> no answer"}])),
     ("bad_category", _record(category="poetry")),
     ("bad_record", _record(image=7)),
     ("bad_record", _record(id=["x"])),
@@ -313,6 +317,58 @@ def test_malformed_llava_record(tmp_path: Path, reason: str, record: dict[str, o
     assert [s.id for s in reader] == ["good", "good"]
     assert reader.skipped.as_dict() == {reason: 1}
     assert reader.skipped.examples[reason][0].startswith(f"{path}: {location}")
+
+
+# Found only with check_images=True, from the image's header (a.png is 24 x 16 pixels).
+CHECKED_MALFORMED = [
+    ("bad_image", _record(image="notes.png")),
+    ("bad_region", _record(regions=[{"image": 0, "box": [0, 0, 25, 16]}])),  # 1 px past the right edge
+    ("bad_region", _record(regions=[{"image": 0, "point": [3, 17]}])),  # below the bottom edge
+    (
+        "bad_region",
+        _record(regions=[{"image": 0, "box": [0.1, 0.2, 0.5, 0.9]}, {"image": 0, "box": [0, 0, 900, 9]}]),
+    ),
+]
+
+
+@pytest.mark.parametrize(("reason", "record"), CHECKED_MALFORMED)
+def test_check_images_refuses_non_images_and_regions_outside_the_image(
+    tmp_path: Path, reason: str, record: dict[str, object]
+) -> None:
+    path = _write_llava_file(tmp_path, [GOOD, record], ".jsonl")
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(SourceError) as info:
+        list(LlavaReader(path, check_images=True))
+    assert info.value.reason == reason and str(info.value).startswith(f"{path}: line 2 (id 'bad'): {reason}")
+    if reason == "bad_region":
+        assert "(24x16 pixels)" in str(info.value)
+    # Without the check the record passes (the problem would be met when the image is decoded).
+    assert [s.id for s in LlavaReader(path)] == ["good", "bad"]
+    lenient = LlavaReader(path, strict=False, check_images=True)
+    assert [s.id for s in lenient] == ["good"] and lenient.skipped.as_dict() == {reason: 1}
+
+
+def test_check_images_takes_regions_in_the_upright_frame(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 24 x 16, shown rotated: 16 wide and 24 high
+    _pixels(1).save(tmp_path / "r.jpg", exif=exif)
+    edge = _record(id="edge", image="r.jpg", regions=[{"image": 0, "box": [0, 0, 16, 24]}])
+    stored_frame = _record(image="r.jpg", regions=[{"image": 0, "box": [0, 0, 24, 16]}])
+    path = _write_llava_file(tmp_path, [edge, stored_frame], ".jsonl")
+    reader = LlavaReader(path, strict=False, check_images=True)
+    assert [s.id for s in reader] == ["edge"] and reader.skipped.as_dict() == {"bad_region": 1}
+    assert "(16x24 pixels)" in reader.skipped.examples["bad_region"][0]
+
+
+def test_check_images_in_interleaved_documents(tmp_path: Path) -> None:
+    _pixels(2).save(tmp_path / "a.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    path = tmp_path / "docs.jsonl"
+    docs = [{"texts": ["x", None], "images": [None, name]} for name in ("a.png", "notes.png")]
+    path.write_text("\n".join(json.dumps(d) for d in docs))
+    reader = InterleavedReader(path, strict=False, check_images=True)
+    assert [s.id for s in reader] == ["docs-0"] and reader.skipped.as_dict() == {"bad_image": 1}
+    assert len(list(InterleavedReader(path))) == 2
 
 
 def test_lenient_counts_accumulate_per_reason_and_reset_per_pass(tmp_path: Path) -> None:

@@ -81,7 +81,9 @@ def pack(
     from mm15.data.sources import LlavaReader, SourceError, write_shards
 
     try:
-        reader = LlavaReader(annotations, images, category=category, strict=not lenient)
+        # Every image's header is read here, once, so a file that is not an image (or boxes in another
+        # frame than its pixels) is refused now rather than found by a training run.
+        reader = LlavaReader(annotations, images, category=category, strict=not lenient, check_images=True)
         shards = write_shards(reader, out, samples_per_shard=per_shard, prefix="packed")
     except (SourceError, ValueError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
@@ -109,12 +111,15 @@ def show(
     columns: Annotated[int, typer.Option(help="Cards per row.")] = 2,
 ) -> None:
     """Draw the first N samples of a shard folder: images with boxes and points, and the dialogue."""
-    from mm15.data.show import contact_sheet
+    from mm15.data.show import contact_sheet, undecodable
 
     samples = _read(directory, n)
     out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(samples, columns=columns).save(out)
     console.print(f"drew {len(samples)} samples to {out}")
+    broken = [s.id for s in samples if undecodable(s)]
+    if broken:
+        console.print(f"images that do not decode (grey on the sheet) in {len(broken)} samples: {broken}")
 
 
 @app.command()

@@ -2,7 +2,9 @@
 
 ``sample_card`` draws one sample: its images side by side (up to ``MAX_THUMBS``; video frames are
 sampled evenly), every region as a box or a point labelled with its number, and the turns below with
-``<regionK>`` shown as ``<K>``. ``contact_sheet`` lays cards out in a grid.
+``<regionK>`` shown as ``<K>``. ``contact_sheet`` lays cards out in a grid. An image that does not
+decode is drawn as a grey slot with ``load_image``'s reason (``undecodable`` counts them): a sheet is
+for finding such samples, so it must not stop at the first.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from PIL import Image, ImageDraw
 
 from mm15.data.sample import REGION_PATTERN, Sample
 from mm15.data.synth.render import font
-from mm15.image import load_image
+from mm15.image import ImageError, load_image
 
 CARD_WIDTH = 520
 THUMB_HEIGHT = 240
@@ -24,14 +26,25 @@ TEXT_LINES = 12
 REGION_COLORS = ((230, 40, 40), (30, 120, 230), (20, 160, 60), (230, 140, 0), (150, 50, 200))
 
 
-def _thumbs(sample: Sample) -> list[tuple[int, Image.Image]]:
-    """(image index, loaded image) for the images to show, evenly spaced when there are many."""
+def _thumbs(sample: Sample) -> list[tuple[int, Image.Image | ImageError]]:
+    """(image index, loaded image or why it does not load), evenly spaced when there are many."""
     count = len(sample.images)
     if count <= MAX_THUMBS:
         picks = list(range(count))
     else:
         picks = [round(i * (count - 1) / (MAX_THUMBS - 1)) for i in range(MAX_THUMBS)]
-    return [(i, load_image(sample.images[i])) for i in picks]
+    thumbs: list[tuple[int, Image.Image | ImageError]] = []
+    for i in picks:
+        try:
+            thumbs.append((i, load_image(sample.images[i], name=f"image {i}")))
+        except ImageError as err:
+            thumbs.append((i, err))
+    return thumbs
+
+
+def undecodable(sample: Sample) -> int:
+    """How many of the images ``sample_card`` shows do not decode."""
+    return sum(isinstance(image, ImageError) for _, image in _thumbs(sample))
 
 
 def sample_card(sample: Sample) -> Image.Image:
@@ -45,6 +58,12 @@ def sample_card(sample: Sample) -> Image.Image:
     title = f"{sample.category} | {sample.source} | {sample.id}"
     draw.text((6, 4), title[:80], fill=(0, 0, 0), font=font("sans-bold", 13))
     for slot_index, (image_index, image) in enumerate(thumbs):
+        if isinstance(image, ImageError):
+            x0 = slot_index * slot
+            draw.rectangle((x0 + 2, 26, x0 + slot - 3, 24 + THUMB_HEIGHT - 3), fill=(200, 200, 200))
+            for k, line in enumerate(textwrap.wrap(f"does not decode: {image}", width=max(10, slot // 8))):
+                draw.text((x0 + 8, 32 + 15 * k), line, fill=(150, 0, 0), font=font("sans", 11))
+            continue
         scale = min(slot / image.width, THUMB_HEIGHT / image.height)
         shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
         x0, y0 = slot_index * slot, 24

@@ -19,7 +19,8 @@ Four formats:
 
   in pixels of the original image, referenced from the text as ``<region0>``, ``<region1>``, ... in
   list order. Coordinates must be finite and >= 0 and boxes need x1 <= x2 and y1 <= y2 (the image size is
-  unknown here, so the upper bound is checked when the image is loaded). Text is kept verbatim: the
+  unknown here; when the text is rendered, coordinates past the image's edge are clamped to it, and
+  ``check_images=True`` refuses them instead, from the image's header). Text is kept verbatim: the
   ``<image>`` placeholders must already be in it, one per image.
 
 * **WebDataset tar shards** (``write_shards``, ``ShardReader``). Shard ``{prefix}-{i:06d}.tar`` holds, per
@@ -55,12 +56,18 @@ start of each pass; in a DataLoader worker the counter lives in that worker's pr
 
 * ``bad_json``: a JSONL line or shard ``.json`` member that is not JSON;
 * ``bad_record``: not an object, or a field of the wrong type / missing / inconsistent;
-* ``bad_conversations``: conversations (or messages) not a non-empty list of ``{from, value}`` strings;
+* ``bad_conversations``: conversations (or messages) not a non-empty list of ``{from, value}`` strings,
+  or without an assistant turn;
 * ``unknown_role``: a role that is not one of the accepted ones;
 * ``image_count``: ``<image>`` placeholders do not match the number of images;
 * ``missing_image``: an image file does not exist;
+* ``bad_image``: with ``check_images=True``, an image file whose header does not read as an image of at
+  most ``mm15.image.DEFAULT_MAX_PIXELS`` pixels (``mm15.image.image_size``: not an image, a corrupt
+  header, no pixels, too large). Without the check such a file is found when training decodes it, and
+  counted there as ``corrupt``;
 * ``bad_region``: a region that is not a valid box / point, names a missing image, or a ``<region{k}>``
-  reference with no region k;
+  reference with no region k; with ``check_images=True`` (LLaVA records) also a region beyond its
+  image's width or height;
 * ``bad_category``: a category not in ``CATEGORIES``;
 * ``bad_member``: a shard sample group without its ``.json``, missing an image it lists, or with members
   it does not list;
@@ -93,7 +100,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, REGION_PATTERN, ImageRef, Region, Sample, Turn
-from mm15.image import to_rgb
+from mm15.image import ImageError, image_size, to_rgb
 
 PathLike = str | os.PathLike
 Paths = PathLike | Sequence[PathLike]
@@ -105,6 +112,7 @@ REASONS: tuple[str, ...] = (
     "unknown_role",
     "image_count",
     "missing_image",
+    "bad_image",
     "bad_region",
     "bad_category",
     "bad_member",
@@ -320,6 +328,10 @@ def _conversation_turns(record: dict[str, Any], key: str, role_key: str, text_ke
                 "bad_conversations", f"{key} item {j} must be an object with a string '{text_key}'"
             )
         turns.append(Turn(_role(message.get(role_key)), message[text_key]))  # type: ignore[arg-type]
+    # Only assistant turns are supervised: without one the record teaches nothing, and a step of
+    # such records would have no loss at all.
+    if not any(turn.role == "assistant" for turn in turns):
+        raise _Malformed("bad_conversations", f"'{key}' has no assistant turn (nothing to learn from)")
     return turns
 
 
@@ -330,6 +342,31 @@ def _resolve_image(value: Any, root: Path) -> Path:
     if not path.is_file():
         raise _Malformed("missing_image", f"image {value!r} not found under {root}")
     return path
+
+
+def _checked_size(path: Path) -> tuple[int, int]:
+    """(width, height) from the image's header (``check_images``), or a ``bad_image`` record."""
+    try:
+        return image_size(path)
+    except ImageError as err:
+        raise _Malformed("bad_image", str(err)) from None
+
+
+def _check_regions_inside(regions: list[Region], sizes: list[tuple[int, int]]) -> None:
+    # Coordinates are pixels of the original image, so one past its size is the most a box edge can be.
+    # Beyond that the annotation uses another frame (0-1 floats, 0-1000 units, a resized copy), which the
+    # text format would silently clamp to the image's edge.
+    for index, region in enumerate(regions):
+        width, height = sizes[region.image]
+        coords = region.box if region.box is not None else region.point
+        xs, ys = coords[0::2], coords[1::2]  # type: ignore[index]
+        if max(xs) > width or max(ys) > height:
+            kind = "box" if region.box is not None else "point"
+            raise _Malformed(
+                "bad_region",
+                f"region {index} {kind} {list(coords)} lies outside its image {region.image} "  # type: ignore[arg-type]
+                f"({width}x{height} pixels)",
+            )
 
 
 def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
@@ -415,8 +452,10 @@ class LlavaReader(_JsonReader):
         category: str = "general",
         source: str | None = None,
         strict: bool = True,
+        check_images: bool = False,
     ) -> None:
         super().__init__(paths, source=source, strict=strict)
+        self.check_images = check_images
         if category not in CATEGORIES:
             raise ValueError(f"unknown category {category!r} (one of {CATEGORIES})")
         self.image_root = Path(image_root) if image_root is not None else None
@@ -437,7 +476,10 @@ class LlavaReader(_JsonReader):
         # Count placeholders before touching the file system: a mismatch is the cheaper, clearer error.
         regions = _parse_regions(record.get("regions"), len(refs))
         _check_text(turns, len(refs), len(regions))
-        images: list[ImageRef] = [_resolve_image(ref, root) for ref in refs]
+        paths = [_resolve_image(ref, root) for ref in refs]
+        if self.check_images:
+            _check_regions_inside(regions, [_checked_size(path) for path in paths])
+        images: list[ImageRef] = list(paths)
         is_video, truth = _extras(record)
         return Sample(
             id=sample_id,
@@ -462,8 +504,10 @@ class InterleavedReader(_JsonReader):
         separator: str = "\n",
         source: str | None = None,
         strict: bool = True,
+        check_images: bool = False,
     ) -> None:
         super().__init__(paths, source=source, strict=strict)
+        self.check_images = check_images
         self.image_root = Path(image_root) if image_root is not None else None
         self.separator = separator
 
@@ -488,7 +532,10 @@ class InterleavedReader(_JsonReader):
                     raise _Malformed("bad_record", f"text at position {position} is not a string: {text!r}")
                 pieces.append(text)
             else:
-                images.append(_resolve_image(ref, root))
+                image = _resolve_image(ref, root)
+                if self.check_images:
+                    _checked_size(image)
+                images.append(image)
                 pieces.append(IMAGE_PLACEHOLDER)
         turns = [Turn("assistant", self.separator.join(pieces))]
         _check_text(turns, len(images), 0)  # a literal "<image>" inside a text would desync the images
