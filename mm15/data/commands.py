@@ -111,13 +111,13 @@ def show(
     columns: Annotated[int, typer.Option(help="Cards per row.")] = 2,
 ) -> None:
     """Draw the first N samples of a shard folder: images with boxes and points, and the dialogue."""
-    from mm15.data.show import contact_sheet, undecodable
+    from mm15.data.show import contact_sheet
 
     samples = _read(directory, n)
     out.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(samples, columns=columns).save(out)
+    sheet, broken = contact_sheet(samples, columns=columns)
+    sheet.save(out)
     console.print(f"drew {len(samples)} samples to {out}")
-    broken = [s.id for s in samples if undecodable(s)]
     if broken:
         console.print(f"images that do not decode (grey on the sheet) in {len(broken)} samples: {broken}")
 

@@ -3,8 +3,8 @@
 ``sample_card`` draws one sample: its images side by side (up to ``MAX_THUMBS``; video frames are
 sampled evenly), every region as a box or a point labelled with its number, and the turns below with
 ``<regionK>`` shown as ``<K>``. ``contact_sheet`` lays cards out in a grid. An image that does not
-decode is drawn as a grey slot with ``load_image``'s reason (``undecodable`` counts them): a sheet is
-for finding such samples, so it must not stop at the first.
+decode is drawn as a grey slot with ``load_image``'s reason, and ``contact_sheet`` returns the ids of
+such samples: a sheet is for finding them, so it must not stop at the first.
 """
 
 from __future__ import annotations
@@ -42,13 +42,8 @@ def _thumbs(sample: Sample) -> list[tuple[int, Image.Image | ImageError]]:
     return thumbs
 
 
-def undecodable(sample: Sample) -> int:
-    """How many of the images ``sample_card`` shows do not decode."""
-    return sum(isinstance(image, ImageError) for _, image in _thumbs(sample))
-
-
-def sample_card(sample: Sample) -> Image.Image:
-    """One sample drawn as a card (module docstring)."""
+def sample_card(sample: Sample) -> tuple[Image.Image, int]:
+    """One sample drawn as a card (module docstring), and how many of its shown images do not decode."""
     thumbs = _thumbs(sample)
     slot = CARD_WIDTH // max(1, len(thumbs))
     image_area = THUMB_HEIGHT if thumbs else 0
@@ -94,17 +89,20 @@ def sample_card(sample: Sample) -> Image.Image:
     for line in lines:
         draw.text((6, y), line, fill=(30, 30, 30), font=font("sans", 11))
         y += line_height
-    return card
+    return card, sum(isinstance(image, ImageError) for _, image in thumbs)
 
 
-def contact_sheet(samples: Sequence[Sample], columns: int = 2) -> Image.Image:
-    """Cards of ``samples`` in a grid of ``columns`` columns."""
+def contact_sheet(samples: Sequence[Sample], columns: int = 2) -> tuple[Image.Image, list[str]]:
+    """Cards of ``samples`` in a grid of ``columns`` columns, and the ids of samples whose images do not
+    all decode."""
     if not samples:
         raise ValueError("contact_sheet needs at least one sample")
-    cards = [sample_card(sample) for sample in samples]
+    drawn = [sample_card(sample) for sample in samples]
+    cards = [card for card, _ in drawn]
+    broken = [sample.id for sample, (_, failed) in zip(samples, drawn, strict=True) if failed]
     rows = math.ceil(len(cards) / columns)
     height = max(card.height for card in cards)
     sheet = Image.new("RGB", (columns * (CARD_WIDTH + 8), rows * (height + 8)), (225, 225, 225))
     for index, card in enumerate(cards):
         sheet.paste(card, ((index % columns) * (CARD_WIDTH + 8), (index // columns) * (height + 8)))
-    return sheet
+    return sheet, broken

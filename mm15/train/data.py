@@ -257,7 +257,7 @@ class Prefetcher:
             self._stop: Any = threading.Event()
             self._thread = threading.Thread(
                 target=_produce,
-                args=(stream, self._queue, self._stop, False),
+                args=(stream, self._queue, self._stop, None),
                 name="mm15-prefetch",
                 daemon=True,
             )
@@ -272,7 +272,7 @@ class Prefetcher:
             self._stop = context.Event()
             self._worker = context.Process(
                 target=_produce,
-                args=(stream, self._queue, self._stop, True),
+                args=(stream, self._queue, self._stop, os.getpid()),
                 name="mm15-prefetch",
                 daemon=True,
             )
@@ -359,20 +359,20 @@ def _to_consumer(item: Any, failed: bool) -> tuple[bytes, bool]:
         return pickle.dumps(problem, protocol=pickle.HIGHEST_PROTOCOL), False
 
 
-def _produce(stream: TrainStream, out: Any, stop: Any, in_worker: bool) -> None:
+def _produce(stream: TrainStream, out: Any, stop: Any, parent: int | None) -> None:
     """The producer of ``Prefetcher``'s thread and process modes: micro-batches into ``out`` until ``stop``.
 
     An error is handed to the consumer, which raises it, and ends production. In the worker process
-    (``in_worker``) each item crosses as one plain pickle, tensors by value (the pixels are uint8):
-    torch's shared-memory tensors would pass a file descriptor per tensor, each fetched from a thread
-    of the worker that must first win the worker's GIL from the producer, and that made the training
-    loop wait for 7% of its time even with a core to spare.
+    (``parent``: the training process's pid; None on a thread) each item crosses as one plain pickle,
+    tensors by value (the pixels are uint8): torch's shared-memory tensors would pass a file descriptor
+    per tensor, each fetched from a thread of the worker that must first win the worker's GIL from the
+    producer, and that made the training loop wait for 7% of its time even with a core to spare.
 
     A worker whose training process died without closing it (SIGKILL, the OOM killer) would wait
     forever for room in a queue nobody reads, holding its memory: it checks that its parent is still
-    the one it was forked from (an orphan is re-parented) and exits when not.
+    the process that forked it (an orphan is re-parented) and exits when not.
     """
-    parent = os.getppid()
+    in_worker = parent is not None
 
     def running() -> bool:
         return not stop.is_set() and not (in_worker and os.getppid() != parent)
