@@ -200,11 +200,11 @@ def eval_(
             "a colon, e.g. textvqa:path=VAL.json,images=DIR (see docs/evaluation.md)."
         ),
     ] = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate at most N items per task.")] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most N items per task.")] = None,
     out: Annotated[
         Path | None, typer.Option(help="Results and cache directory (default: runs/eval/<model name>).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
+    batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together.")] = 8,
     list_tasks: Annotated[bool, typer.Option("--list", help="List the registered tasks and exit.")] = False,
 ) -> None:
     """Evaluate a model on benchmark tasks: cached, resumable; results JSON, Markdown table and chart."""

@@ -4,6 +4,7 @@ resume from the cache, real-benchmark files, and bad input."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -157,8 +158,6 @@ def test_in_memory_evaluation_for_training(model: MM15Model, monkeypatch: pytest
     assert model.training  # restored
     assert counter.prompts == 1 and report.model["id"] == "step-7" and "weights_sha256" not in report.model
     assert set(report.category_scores) == {"general"} and report.mmbase is None
-    empty = evaluate(model, "synth-general-count", limit=0, progress=False, model_id="step-7")
-    assert empty.tasks[0].score == 0.0 and empty.tasks[0].items == []
 
 
 def test_bad_arguments_fail_before_generating(model: MM15Model, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -169,6 +168,11 @@ def test_bad_arguments_fail_before_generating(model: MM15Model, monkeypatch: pyt
         evaluate(model, "synth-icl:bogus=1", progress=False)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate(model, "synth-icl", batch_size=0, progress=False)
+    # Nothing to score is refused, never reported as 0.00.
+    with pytest.raises(ValueError, match="limit must be >= 1, got 0"):
+        evaluate(model, "synth-icl", limit=0, progress=False)
+    with pytest.raises(TaskError, match="synth-icl: limit must be >= 1, got 0"):
+        evaluate(model, "synth-icl:limit=0", progress=False)
     assert counter.prompts == 0
 
 
@@ -200,6 +204,11 @@ def test_real_benchmark_files(model: MM15Model, tmp_path: Path) -> None:
     assert pope_result.options["path"] == str(pope)
     assert textvqa_result.items[0]["prompt"] == "<image>\nwhat brand?\n" + registry.SHORT_ANSWER
     assert textvqa_result.category == "text-rich"
+    # An empty annotation file stops the run naming the task and file; the tasks before it stay cached.
+    empty = tmp_path / "empty_val.json"
+    empty.write_text(json.dumps({"data": []}))
+    with pytest.raises(TaskError, match=re.escape(f"task textvqa: no items to evaluate in {empty}")):
+        evaluate(model, [specs[0], f"textvqa:path={empty}"], out_dir=tmp_path / "out", progress=False)
 
 
 def test_item_cache_ignores_damaged_lines(tmp_path: Path) -> None:

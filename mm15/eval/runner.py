@@ -42,7 +42,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mm15.eval.report import EvalReport, TaskResult
-from mm15.eval.tasks import Task, TaskItem, TaskSpec, resolve_task_specs
+from mm15.eval.tasks import Task, TaskError, TaskItem, TaskSpec, resolve_task_specs
 from mm15.hardware import autocast
 from mm15.image import load_image
 from mm15.model.generate import GenerationConfig, generate
@@ -269,6 +269,9 @@ def _run_task(
     counts: dict[str, int],
 ) -> TaskResult:
     items = task.items(options)
+    if not items:
+        where = f" in {options['path']}" if options.get("path") else ""
+        raise TaskError(f"task {name}: no items to evaluate{where}; an empty task has no score")
     caps = [n for n in (limit, options.get("limit")) if n is not None]
     count = min([len(items), *caps])
     cfg = task.generation_for(options)
@@ -370,8 +373,9 @@ def evaluate(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, got {limit}")
+    if limit is not None and limit < 1:
+        # A task scored on no items would show 0.00 as if measured and pull its category mean down.
+        raise ValueError(f"limit must be >= 1, got {limit}")
     resolved = resolve_task_specs(tasks if isinstance(tasks, str) else list(tasks))
     out = Path(out_dir) if out_dir is not None else None
     started, clock = datetime.now(UTC), time.perf_counter()

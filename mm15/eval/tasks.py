@@ -240,8 +240,8 @@ class Task:
             else:
                 resolved[option.name] = option.default
         for key in ("limit", "max_new_tokens"):
-            if resolved[key] is not None and resolved[key] < (0 if key == "limit" else 1):
-                raise TaskError(f"task {self.name}: {key} must be >= {0 if key == 'limit' else 1}")
+            if resolved[key] is not None and resolved[key] < 1:
+                raise TaskError(f"task {self.name}: {key} must be >= 1, got {resolved[key]}")
         return resolved
 
     def generation_for(self, options: Mapping[str, Any]) -> GenerationConfig:
