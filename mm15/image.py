@@ -132,6 +132,17 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def not_a_file_reason(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a file ("no such file", "is a directory", ...), or None if it can."""
+    if path.is_file():
+        return None
+    if path.is_dir():
+        return "is a directory, not a file"
+    if path.exists():
+        return "not a regular file"
+    return "no such file"
+
+
 def _open(src: str | os.PathLike | bytes, source: str) -> Image.Image:
     """``Image.open`` of a path or bytes: reads the header only; every failure is an ``ImageError``."""
     if isinstance(src, bytes):
@@ -140,8 +151,8 @@ def _open(src: str | os.PathLike | bytes, source: str) -> Image.Image:
         fp: io.BytesIO | str = io.BytesIO(src)
     else:
         path = Path(src)
-        if not path.is_file():
-            raise ImageDecodeError(source, "no such file")
+        if (problem := not_a_file_reason(path)) is not None:
+            raise ImageDecodeError(source, problem)
         if path.stat().st_size == 0:
             raise ImageDecodeError(source, "empty file (0 bytes)")
         fp = os.fspath(path)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from mm15.image import DEFAULT_MAX_PIXELS
+from mm15.image import DEFAULT_MAX_PIXELS, not_a_file_reason
 
 if TYPE_CHECKING:  # PyAV is imported when a video is read, so importing mm15.video stays cheap
     from av.container import InputContainer
@@ -180,8 +180,8 @@ def read_video(
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     file = Path(path)
-    if not file.is_file():
-        raise VideoError(str(file), "no such file")
+    if (problem := not_a_file_reason(file)) is not None:
+        raise VideoError(str(file), problem)
     if file.stat().st_size == 0:
         raise VideoError(str(file), "empty file (0 bytes)")
     declared, fps, width, height = _stream_info(file)

@@ -151,6 +151,10 @@ def test_clear_errors(model_dir: Path, picture: Path, tmp_path: Path) -> None:
         app, ["chat", "--model", str(model_dir), "--image", str(tmp_path / "gone.png"), "hi"]
     )
     assert absent.exit_code == 2 and "no such file" in absent.stderr
+    folder = runner.invoke(app, ["chat", "--model", str(model_dir), "--image", str(tmp_path), "hi"])
+    assert folder.exit_code == 2 and "is a directory, not a file" in folder.stderr
+    blank = runner.invoke(app, ["chat", "--model", str(model_dir), "  "])
+    assert blank.exit_code == 2 and "the prompt is empty" in blank.stderr
     args = ["chat", "--model", str(model_dir), "--max-images", "2", "hi"]
     for _ in range(3):
         args[1:1] = ["--image", str(picture)]

@@ -149,6 +149,12 @@ def _directory(tmp: Path) -> Path:
     return path
 
 
+def _fifo(tmp: Path) -> Path:
+    path = tmp / "pipe.png"
+    os.mkfifo(path)  # opening it would block until a writer came: it must be refused unopened
+    return path
+
+
 # (builder, substring of the documented reason; None where only the error type is documented)
 DECODE_ERRORS: dict[str, tuple[Callable[[Path], Path], str | None]] = {
     "zero-byte": (_zero_byte, "empty file (0 bytes)"),
@@ -158,7 +164,8 @@ DECODE_ERRORS: dict[str, tuple[Callable[[Path], Path], str | None]] = {
     "corrupt-idat": (_corrupt_idat, "corrupt or truncated image data"),
     "text-named-png": (_text_named_png, "not a recognised image format"),
     "missing-path": (_missing, "no such file"),
-    "directory": (_directory, "no such file"),
+    "directory": (_directory, "is a directory, not a file"),
+    "fifo": (_fifo, "not a regular file"),
 }
 
 
@@ -182,7 +189,7 @@ def test_undecodable_file_raises_decode_error_naming_the_path(
 
 # Failures that show in the header: image_size refuses them as load_image does. The others (truncated or
 # corrupt pixel data) pass the header check and are found only by decoding.
-HEADER_ERRORS = ("zero-byte", "png-cut-after-ihdr", "text-named-png", "missing-path", "directory")
+HEADER_ERRORS = ("zero-byte", "png-cut-after-ihdr", "text-named-png", "missing-path", "directory", "fifo")
 BODY_ERROR_SIZES = {"truncated-png": (80, 64), "truncated-jpeg": (80, 64), "corrupt-idat": (8, 8)}
 
 

@@ -151,6 +151,13 @@ def test_unusable_files_raise_video_error(videos: Path, name: str, reason: str) 
     assert name in str(info.value) and isinstance(info.value, ValueError)
 
 
+def test_a_directory_is_not_a_video(tmp_path: Path) -> None:
+    folder = tmp_path / "clip.mp4"
+    folder.mkdir()
+    with pytest.raises(VideoError, match=re.escape("clip.mp4: is a directory, not a file")):
+        read_video(folder)
+
+
 # ----------------------------------------------------------------------- frames as unsplit images
 
 

@@ -100,7 +100,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, REGION_PATTERN, ImageRef, Region, Sample, Turn
-from mm15.image import ImageError, image_size, to_rgb
+from mm15.image import ImageError, image_size, not_a_file_reason, to_rgb
 
 PathLike = str | os.PathLike
 Paths = PathLike | Sequence[PathLike]
@@ -339,8 +339,8 @@ def _resolve_image(value: Any, root: Path) -> Path:
     if not isinstance(value, str) or not value:
         raise _Malformed("bad_record", f"an image entry must be a non-empty path string, got {value!r}")
     path = root / value
-    if not path.is_file():
-        raise _Malformed("missing_image", f"image {value!r} not found under {root}")
+    if (problem := not_a_file_reason(path)) is not None:
+        raise _Malformed("missing_image", f"image {value!r} under {root}: {problem}")
     return path
 
 

@@ -66,6 +66,7 @@ from mm15.data.sources import (
     _records,
     _string_field,
 )
+from mm15.image import not_a_file_reason
 from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
 
 VIDEO_PLACEHOLDER = "<video>"
@@ -257,8 +258,8 @@ class VideoQAReader(_JsonReader):
         _place_frames(turns, 1)
         root = self.video_root if self.video_root is not None else path.parent
         file = root / video
-        if not file.is_file():
-            raise _Malformed("missing_video", f"video {video!r} not found under {root}")
+        if (problem := not_a_file_reason(file)) is not None:
+            raise _Malformed("missing_video", f"video {video!r} under {root}: {problem}")
         try:
             clip = read_video(file, self.num_frames)
         except VideoError as err:

@@ -259,6 +259,9 @@ def run_chat(
         return fail("give either --image or --video: a conversation holds either images or one video")
     if num_frames < 1:
         return fail(f"--frames must be at least 1, got {num_frames}")
+    if prompt is not None and not prompt.strip():
+        # The interactive loop skips blank lines; a blank one-shot question is a mistake, not a question.
+        return fail("the prompt is empty: give a question, or no prompt to chat interactively")
     try:
         images = [open_image(path) for path in image_paths]
         video = open_video(video_path, num_frames) if video_path is not None else None
