@@ -210,6 +210,13 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match=r"^recipe: must be a mapping"):
         load_recipe(bad)
+    bad.write_bytes(b"\xce\xff binary")
+    with pytest.raises(ValueError, match="not a UTF-8 text file"):
+        load_recipe(bad)
+    with pytest.raises(FileNotFoundError, match=r"gone.yaml: no such file"):
+        load_recipe(tmp_path / "gone.yaml")
+    with pytest.raises(FileNotFoundError, match=r"is a directory, not a file"):
+        load_recipe(tmp_path)
 
 
 def test_grad_accum_checks_world_size() -> None:

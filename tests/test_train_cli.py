@@ -132,6 +132,20 @@ def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None
     assert "| sft | 2 | 4.000 |" in "\n".join(table)
 
 
+def test_an_out_path_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    (tmp_path / "recipe.yaml").write_text(ONE_STAGE)
+    taken = tmp_path / "taken"
+    taken.write_text("someone's notes\n")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--out", str(taken)])
+    assert result.exit_code == 2, result.output
+    assert f"run directory {taken} exists and is not a directory" in " ".join(result.output.split())
+    assert taken.read_text() == "someone's notes\n"
+
+
 @pytest.mark.parametrize("prefetch", ["process", "inline"])
 def test_a_malformed_shard_record_stops_the_run_with_the_readers_error(tmp_path: Path, prefetch: str) -> None:
     """Shards are read strictly: a record that is not JSON stops ``mm15 train`` with the reader's

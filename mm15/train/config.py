@@ -39,6 +39,7 @@ import yaml
 
 from mm15.data.mixture import MixtureNode, effective_weights
 from mm15.geometry import ImagePlanConfig
+from mm15.image import not_a_file_reason
 
 ROOT = "recipe"
 
@@ -766,9 +767,13 @@ class RecipeConfig:
 
 def load_recipe(path: str | Path) -> RecipeConfig:
     """Read and validate a YAML recipe; errors name the field path (``recipe.stages[1].optimizer.lr``)."""
-    text = Path(path).read_text(encoding="utf-8")
+    file = Path(path)
+    if (problem := not_a_file_reason(file)) is not None:
+        raise FileNotFoundError(f"recipe {file}: {problem}")
     try:
-        data = yaml.safe_load(text)
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {err}") from None
     return RecipeConfig.from_dict(data)

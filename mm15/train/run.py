@@ -394,6 +394,8 @@ def run_recipe(
                 f"stage {stage.name!r}: optimizer adafactor does not support FSDP2 sharded parameters "
                 "in torch; use adamw for this stage or --strategy ddp"
             )
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ValueError(f"run directory {run_dir} exists and is not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     summaries, model = [], None
     for stage in stages:
