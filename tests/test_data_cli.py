@@ -53,6 +53,22 @@ def test_synth_stats_and_show(tmp_path: Path) -> None:
         assert picture.width > 1000 and picture.height > 300  # 2 columns x 2 rows of cards
 
 
+def test_synth_never_mixes_runs_in_one_folder(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    args = ["data", "synth", "--category", "general", "--out", str(out), "--per-shard", "2"]
+    assert runner.invoke(app, [*args, "--n", "5"]).exit_code == 0
+    first = sorted(p.name for p in out.iterdir())
+    assert first == [f"general-train-00000{i}.tar" for i in range(3)]
+    again = runner.invoke(app, [*args, "--n", "2", "--seed", "9"])
+    assert again.exit_code == 2 and "already holds 3 shard(s)" in flat(again.output)
+    assert "--overwrite" in again.output and sorted(p.name for p in out.iterdir()) == first
+    replaced = runner.invoke(app, [*args, "--n", "2", "--seed", "9", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    # The earlier run's two extra shards are gone: the folder holds only the new run's samples.
+    assert [p.name for p in out.iterdir()] == ["general-train-000000.tar"]
+    assert sorted(s.id for s in ShardReader(out)) == ["general-color/train/9/0", "general-count/train/9/0"]
+
+
 def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
     records = [
@@ -113,6 +129,28 @@ def test_unknown_category_and_empty_folder_are_clear_errors(tmp_path: Path) -> N
     assert bad.exit_code == 2 and "neither a generator" in flat(bad.output)
     empty = runner.invoke(app, ["data", "stats", str(tmp_path)])
     assert empty.exit_code == 2 and "no .tar shards" in flat(empty.output)
+    taken = tmp_path / "taken"
+    taken.write_text("notes")
+    synth_one = ["data", "synth", "--category", "general", "--n", "1", "--out"]
+    onto_file = runner.invoke(app, [*synth_one, str(taken)])
+    assert onto_file.exit_code == 2 and "exists and is not a directory" in flat(onto_file.output)
+    assert taken.read_text() == "notes"
+    for option, value, message in [
+        ("--per-shard", "0", "greater than or equal to 1"),
+        ("--n", "0", "greater than or equal to 1"),
+    ]:
+        bad_value = runner.invoke(
+            app, ["data", "synth", "--category", "general", "--n", "1", "--out", str(tmp_path), option, value]
+        )
+        assert bad_value.exit_code == 2 and message in flat(bad_value.output), option
+    runner.invoke(app, ["data", "synth", "--category", "general", "--n", "1", "--out", str(tmp_path / "s")])
+    for extra, message in [
+        (["--out", str(tmp_path / "sheet.txt")], "--out must end in .png, .jpg or .jpeg"),
+        (["--columns", "0"], "greater than or equal to 1"),
+        (["--n", "0"], "greater than or equal to 1"),
+    ]:
+        shown = runner.invoke(app, ["data", "show", str(tmp_path / "s"), *extra])
+        assert shown.exit_code == 2 and message in flat(shown.output), extra
 
 
 def test_show_draws_undecodable_images_and_names_their_samples(tmp_path: Path) -> None:

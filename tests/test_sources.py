@@ -517,6 +517,18 @@ def test_failure_inside_a_tar_write_leaves_no_partial_file(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_shards_of_an_earlier_run_are_refused_or_replaced_whole(tmp_path: Path) -> None:
+    write_shards((_text_sample(i) for i in range(5)), tmp_path, samples_per_shard=2)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(FileExistsError, match="already holds 3 shard"):
+        write_shards([_text_sample(9)], tmp_path, samples_per_shard=2)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    write_shards([_text_sample(7)], tmp_path, prefix="other")  # another prefix sits beside them
+    write_shards([_text_sample(9)], tmp_path, samples_per_shard=2, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-000000.tar", "shard-000000.tar"]
+    assert [s.id for s in ShardReader(tmp_path / "shard-000000.tar")] == ["s9"]
+
+
 def test_invalid_sample_is_refused_before_writing(tmp_path: Path) -> None:
     bad = Sample("x", [Turn("user", "<image>")], "general", "s")  # a placeholder but no image
     with pytest.raises(ValueError, match="sample x"):

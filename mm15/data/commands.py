@@ -6,7 +6,7 @@ import itertools
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -17,6 +17,15 @@ from mm15.data.sample import CATEGORIES, Sample
 
 app = typer.Typer(help="Data: synthesise, pack, show and count samples.", no_args_is_help=True)
 console = Console()
+
+
+OVERWRITE_HELP = "Replace the shards an earlier run of this command wrote to --out (else it stops)."
+
+
+def _fail(err: Exception) -> NoReturn:
+    hint = ": pass --overwrite to replace them, or another --out" if isinstance(err, FileExistsError) else ""
+    console.print(f"[red]error:[/red] {err}{hint}", soft_wrap=True)
+    raise typer.Exit(2) from None
 
 
 def _progress() -> Progress:
@@ -32,18 +41,17 @@ def _progress() -> Progress:
 @app.command()
 def synth(
     category: Annotated[str, typer.Option(help="A generator name, or a category (all its generators).")],
-    n: Annotated[int, typer.Option(help="Samples to make.")],
+    n: Annotated[int, typer.Option(min=1, help="Samples to make.")],
     out: Annotated[Path, typer.Option(help="Folder for the shards.")],
     split: Annotated[str, typer.Option(help="train, or eval (held-out seeds).")] = "train",
     seed: Annotated[int, typer.Option(help="Seed of the stream.")] = 0,
-    per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 500,
+    per_shard: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = 500,
+    overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Generate N synthetic samples (round-robin over the category's generators) into WebDataset shards."""
     from mm15.data.sources import write_shards
     from mm15.data.synth import generate, synth_names
 
-    if n < 1:
-        raise typer.BadParameter("--n must be >= 1")
     if split not in ("train", "eval"):
         raise typer.BadParameter("--split must be train or eval")
     try:
@@ -60,7 +68,12 @@ def synth(
                 yield generate(name, i // len(names), split=split, seed=seed)  # type: ignore[arg-type]
                 progress.advance(task)
 
-        shards = write_shards(stream(), out, samples_per_shard=per_shard, prefix=f"{category}-{split}")
+        try:
+            shards = write_shards(
+                stream(), out, samples_per_shard=per_shard, prefix=f"{category}-{split}", overwrite=overwrite
+            )
+        except (ValueError, FileExistsError) as err:
+            _fail(err)
     console.print(f"wrote {n} samples in {len(shards)} shards to {out}")
 
 
@@ -75,7 +88,8 @@ def pack(
     lenient: Annotated[
         bool, typer.Option(help="Skip and count malformed records instead of stopping.")
     ] = False,
-    per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 500,
+    per_shard: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = 500,
+    overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
 ) -> None:
     """Pack LLaVA-style JSON/JSONL records and their images into WebDataset shards."""
     from mm15.data.sources import LlavaReader, SourceError, write_shards
@@ -84,10 +98,9 @@ def pack(
         # Every image's header is read here, once, so a file that is not an image (or boxes in another
         # frame than its pixels) is refused now rather than found by a training run.
         reader = LlavaReader(annotations, images, category=category, strict=not lenient, check_images=True)
-        shards = write_shards(reader, out, samples_per_shard=per_shard, prefix="packed")
-    except (SourceError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        shards = write_shards(reader, out, samples_per_shard=per_shard, prefix="packed", overwrite=overwrite)
+    except (SourceError, ValueError, FileExistsError) as err:
+        _fail(err)
     console.print(f"wrote {len(shards)} shards to {out}")
     skipped = reader.skipped.as_dict()
     if skipped:
@@ -106,13 +119,15 @@ def _read(directory: Path, n: int | None) -> list[Sample]:
 @app.command()
 def show(
     directory: Annotated[Path, typer.Argument(help="Folder of shards.")],
-    n: Annotated[int, typer.Option(help="Samples to draw.")] = 8,
+    n: Annotated[int, typer.Option(min=1, help="Samples to draw.")] = 8,
     out: Annotated[Path, typer.Option(help="PNG (or JPEG) file to write.")] = Path("sheet.png"),
-    columns: Annotated[int, typer.Option(help="Cards per row.")] = 2,
+    columns: Annotated[int, typer.Option(min=1, help="Cards per row.")] = 2,
 ) -> None:
     """Draw the first N samples of a shard folder: images with boxes and points, and the dialogue."""
     from mm15.data.show import contact_sheet
 
+    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+        raise typer.BadParameter(f"--out must end in .png, .jpg or .jpeg, got {out.name!r}")
     samples = _read(directory, n)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet, broken = contact_sheet(samples, columns=columns)

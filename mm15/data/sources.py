@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import glob
 import io
 import json
 import math
@@ -731,18 +732,31 @@ def write_shards(
     out_dir: PathLike,
     samples_per_shard: int = 1000,
     prefix: str = "shard",
+    overwrite: bool = False,
 ) -> list[Path]:
     """Write ``samples`` as WebDataset tar shards ``{prefix}-{i:06d}.tar`` in ``out_dir``; return their paths.
 
     Each shard is written to a hidden temporary file and renamed when complete, so an exception (or a
-    kill) mid-write leaves only the shards finished before it, never a partial one. Existing shards with
-    the same names are replaced. Samples are validated first (``ValueError`` names a bad one).
+    kill) mid-write leaves only the shards finished before it, never a partial one. Samples are
+    validated first (``ValueError`` names a bad one).
+
+    Shards of the same prefix already in ``out_dir`` (an earlier run's) raise ``FileExistsError``
+    before anything is written: replacing some of them would lose data, and keeping the ones past this
+    run's count would mix two runs in one folder. With ``overwrite=True`` the new shards replace them
+    and the earlier run's extra shards are deleted once every new shard is written.
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if not prefix or "/" in prefix or os.sep in prefix:
         raise ValueError(f"prefix must be a non-empty file name part, got {prefix!r}")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a directory")
+    earlier = sorted(out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {len(earlier)} shard(s) named {prefix}-NNNNNN.tar from an earlier run"
+        )
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     writer: _ShardWriter | None = None
@@ -762,6 +776,8 @@ def write_shards(
     finally:
         if writer is not None:
             writer.abort()
+    for stale in set(earlier) - set(written):
+        stale.unlink()
     return written
 
 
