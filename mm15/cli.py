@@ -13,6 +13,7 @@ from rich.table import Table
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageError, load_image
+from mm15.viz import check_picture_path, draw_plan
 
 app = typer.Typer(
     help="mm15: an open implementation of the MM1.5 multimodal LLM recipe.",
@@ -70,7 +71,9 @@ def print_plan(plan: TilePlan, name: str) -> None:
 def plan(
     image: Annotated[Path, typer.Argument(help="Image file to plan.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
-    draw: Annotated[Path | None, typer.Option(help="Write a PNG of the tiles over the image.")] = None,
+    draw: Annotated[
+        Path | None, typer.Option(help="Write a picture of the tiles over the image (PNG or JPEG).")
+    ] = None,
     tile: Annotated[int, typer.Option(help="Tile (sub-image) size in pixels.")] = 672,
     nmin: Annotated[int, typer.Option(help="Fewest tiles in a grid.")] = 4,
     nmax: Annotated[int, typer.Option(help="Most tiles in a grid.")] = 9,
@@ -91,6 +94,8 @@ def plan(
             indicator=indicator,
             tokens_per_tile=tokens_per_tile,  # type: ignore[arg-type]
         )
+        if draw is not None:
+            check_picture_path(draw, "--draw")
         picture = load_image(image)
         result = plan_image(picture.height, picture.width, cfg, images_in_sample=images_in_sample)
     except (ImageError, ValueError) as err:
@@ -101,8 +106,6 @@ def plan(
     else:
         print_plan(result, str(image))
     if draw is not None:
-        from mm15.viz import draw_plan
-
         draw.parent.mkdir(parents=True, exist_ok=True)
         draw_plan(picture, result).save(draw)
         if not json_out:

@@ -1,6 +1,8 @@
-"""Pictures for people: a tile plan drawn over its image."""
+"""Pictures for people: a tile plan drawn over its image, and the check on where a picture is written."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -9,6 +11,18 @@ from mm15.geometry import TilePlan
 PAD_SHADE = (200, 200, 200)
 TILE_COLOR = (230, 40, 40)
 OVERVIEW_COLOR = (30, 110, 230)
+
+
+# The formats a picture the user names (``mm15 plan --draw``, ``mm15 data show --out``) may be written in.
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def check_picture_path(path: Path, option: str) -> None:
+    """Refuse, before any work is done, a picture path PIL could not save to (``option`` names the flag)."""
+    if path.suffix.lower() not in PICTURE_SUFFIXES:
+        raise ValueError(f"{option} must end in .png, .jpg or .jpeg, got {path.name!r}")
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; give a file name")
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:

@@ -70,6 +70,7 @@ def test_plan_table_output_and_help() -> None:
         (["--nmin", "5", "--nmax", "4"], "n_max"),
         (["--overview", "middle"], "overview"),
         (["--images-in-sample", "0"], "images_in_sample"),
+        (["--draw", "plan.txt"], "--draw must end in .png, .jpg or .jpeg, got 'plan.txt'"),
     ],
 )
 def test_plan_bad_options_are_clear_errors(args: list[str], message: str) -> None:

@@ -125,9 +125,12 @@ def show(
 ) -> None:
     """Draw the first N samples of a shard folder: images with boxes and points, and the dialogue."""
     from mm15.data.show import contact_sheet
+    from mm15.viz import check_picture_path
 
-    if out.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-        raise typer.BadParameter(f"--out must end in .png, .jpg or .jpeg, got {out.name!r}")
+    try:
+        check_picture_path(out, "--out")
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
     samples = _read(directory, n)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet, broken = contact_sheet(samples, columns=columns)
