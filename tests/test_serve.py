@@ -710,7 +710,7 @@ def test_the_mm15_serve_command(served: Served) -> None:
     ]
     server = subprocess.Popen(
         [*command, "--api-key", KEY, "--model-name", "cli-model"],
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -734,8 +734,18 @@ def test_the_mm15_serve_command(served: Served) -> None:
         server.terminate()
         # uvicorn shuts down gracefully, then re-raises the signal, as a server should.
         assert server.wait(30) in (0, -signal.SIGTERM)
-    refused = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir / "missing")])
+    assert server.stdout is not None and f"listening on {url}" in server.stdout.read()
+    refused = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir / "missing"), "--port", "0"])
     assert refused.exit_code == 2 and "not an mm15 model directory" in refused.stderr
+    # The address is bound before the model loads: a port in use is reported first, in a moment.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        in_use = CliRunner().invoke(
+            app, ["serve", "--model", str(served.model_dir / "missing"), "--port", str(busy)]
+        )
+    assert in_use.exit_code == 2 and f"cannot listen on 127.0.0.1:{busy}" in in_use.stderr
     assert default_model_id(Path("runs/tiny/sft/final")) == "tiny-sft"
     assert default_model_id(Path("runs/tiny-model")) == "tiny-model"
     bad_limit = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir), "--max-images", "-1"])

@@ -66,7 +66,7 @@ def _is_loopback(host: str) -> bool:
 def serve(
     model: Annotated[Path, typer.Option(help="Model directory (written by MM15Model.save_pretrained).")],
     host: Annotated[str, typer.Option(help="Address to bind (loopback by default).")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     api_key: Annotated[
         str | None,
         typer.Option(
@@ -135,4 +135,7 @@ def serve(
         serve_model_dir(model, settings, host, port, max_batch=max_batch)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: cannot load the model: {err}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except OSError as err:  # from binding, before the model is loaded
+        print(f"error: cannot listen on {host}:{port}: {err.strerror or err}", file=sys.stderr)
         raise typer.Exit(2) from None

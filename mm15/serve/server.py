@@ -1,7 +1,9 @@
 """Running the API with uvicorn: in the foreground (``mm15 serve``) or on a background thread.
 
-``start_server`` binds the socket itself before uvicorn starts, so a caller asking for port 0 learns
-the real port with no window for another process to take it (tests and the load benchmark).
+Both bind the socket themselves (``bind_socket``) before uvicorn starts: ``mm15 serve`` so that an
+address in use or a host that does not resolve is reported before the model is loaded, which can take
+minutes, and ``start_server`` so that a caller asking for port 0 learns the real port with no window for
+another process to take it (tests and the load benchmark).
 """
 
 from __future__ import annotations
@@ -43,9 +45,26 @@ def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Confi
     )
 
 
-def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve in the foreground until interrupted."""
-    uvicorn.Server(_config(app, host, port, log_level)).run()
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (IPv4 or IPv6, as the host resolves); ``OSError`` if not."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def run(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve on the bound ``sock`` in the foreground until interrupted."""
+    host, port = sock.getsockname()[:2]
+    # uvicorn names the address only when it binds the socket itself; say where the server is.
+    shown = f"[{host}]" if ":" in host else host
+    print(f"mm15 serve: listening on http://{shown}:{port} (the web page is at /; Ctrl+C stops)", flush=True)
+    uvicorn.Server(_config(app, host, port, log_level)).run(sockets=[sock])
 
 
 @dataclass
@@ -70,9 +89,7 @@ def start_server(
     app: FastAPI, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning", timeout: float = 20.0
 ) -> RunningServer:
     """Serve ``app`` on a thread; port 0 picks a free port. Returns once the server accepts connections."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind_socket(host, port)
     bound_port = sock.getsockname()[1]
     server = uvicorn.Server(_config(app, host, bound_port, log_level))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="mm15-http", daemon=True)
@@ -89,9 +106,16 @@ def start_server(
 def serve_model_dir(
     model_dir: Path, settings: ServeSettings, host: str, port: int, max_batch: int = 8
 ) -> None:
-    """``mm15 serve``: load, start the engine, serve until interrupted, stop the engine."""
-    engine = load_engine(model_dir, max_batch=max_batch)
+    """``mm15 serve``: bind, load, start the engine, serve until interrupted, stop the engine.
+
+    ``OSError`` when the address cannot be bound, before the model is loaded.
+    """
+    sock = bind_socket(host, port)
     try:
-        run(create_app(engine, settings), host, port)
+        engine = load_engine(model_dir, max_batch=max_batch)
+        try:
+            run(create_app(engine, settings), sock)
+        finally:
+            engine.close()
     finally:
-        engine.close()
+        sock.close()
