@@ -218,6 +218,34 @@ def test_mismatches_raise_clearly_and_change_nothing(tmp_path: Path) -> None:
         load_checkpoint(path, *make_run(seed=0, one_group=True))
 
 
+@pytest.mark.parametrize(
+    ("damaged", "how"),
+    [
+        ("model.safetensors", "truncate"),
+        ("optimizer.safetensors", "truncate"),
+        ("scheduler.json", "garble"),
+        ("extra_state.json", "garble"),
+        ("rng.safetensors", "garble"),
+    ],
+)
+def test_damaged_files_raise_corrupt_checkpoint_and_change_nothing(
+    tmp_path: Path, damaged: str, how: str
+) -> None:
+    """A checkpoint complete when written but damaged since: its own error type, nothing changed."""
+    run = make_run(seed=0)
+    train(run, 1)
+    path = save(run, tmp_path, 1)
+    target = path / damaged
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2] if how == "truncate" else b"\xff\x00" + data[2:])
+    fresh = make_run(seed=5)
+    before = {k: v.clone() for k, v in fresh[0].state_dict().items()}
+    with pytest.raises(ckpt.CorruptCheckpointError, match=f"{path.name}: a checkpoint file cannot be read"):
+        load_checkpoint(path, *fresh)
+    assert all(torch.equal(v, before[k]) for k, v in fresh[0].state_dict().items())
+    assert fresh[1].state_dict()["state"] == {}  # the optimizer was not touched either
+
+
 def test_non_json_state_is_refused_before_writing(tmp_path: Path) -> None:
     run = make_run(seed=0)
     with pytest.raises(TypeError, match=r"extra_state: value at metrics\.loss is a torch\.Tensor"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,19 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_losses(tmp_path: Path) -> 
     assert "resumed from" in output
     assert losses(killed) == losses(straight)  # exactly: same data, same RNG, same arithmetic
     assert len(losses(killed)) == 8
+
+    # The newest checkpoint damaged after it was written (say, a bad disk or copy): --resume reports it,
+    # falls back to the one before and replays the steps since, with the same losses.
+    shutil.rmtree(killed / "pretrain" / "final")
+    weights = killed / "pretrain" / "checkpoints" / "step-00000008" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    again = mm15("train", str(recipe), "--out", str(killed), "--resume")
+    output, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, output
+    flat = " ".join(output.split())
+    assert "skipping an unreadable checkpoint" in flat and "step-00000008" in flat, output
+    assert "resumed from" in flat and "step-00000006 at step 6" in flat, output
+    assert losses(killed) == losses(straight)
 
 
 def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ every rank; runs that need distinct per-rank streams should derive them from a p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -45,14 +46,14 @@ import shutil
 import tempfile
 import warnings
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
@@ -65,6 +66,23 @@ _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_RE = re.compile(r"^\.tmp-step-(\d+)-")
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 _TAGS = frozenset({_TENSOR, _TUPLE, _ITEMS})
+
+
+class CorruptCheckpointError(ValueError):
+    """A complete checkpoint whose files cannot be read (truncated or damaged after it was written).
+
+    Unlike a checkpoint that does not fit the model (a ``ValueError`` too), an older checkpoint of the
+    same run may still load: ``mm15 train --resume`` falls back to it.
+    """
+
+
+@contextlib.contextmanager
+def _reading(folder: Path) -> Iterator[None]:
+    """Turn the errors of unreadable checkpoint files into ``CorruptCheckpointError``s naming ``folder``."""
+    try:
+        yield
+    except (SafetensorError, OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptCheckpointError(f"{folder}: a checkpoint file cannot be read ({err})") from None
 
 
 def step_dir_name(step: int) -> str:
@@ -454,10 +472,15 @@ def _prune(directory: Path, keep_last: int, just_written: Path) -> None:
 # ------------------------------------------------------------------------------------------------- load
 
 
+def complete_checkpoints(directory: str | Path) -> list[Path]:
+    """The complete checkpoints in ``directory``, oldest first (incomplete ones are warned about)."""
+    return [path for _, path in _complete_checkpoints(Path(directory))]
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The complete checkpoint with the highest step in ``directory``, or None if there is none."""
-    complete = _complete_checkpoints(Path(directory))
-    return complete[-1][1] if complete else None
+    complete = complete_checkpoints(directory)
+    return complete[-1] if complete else None
 
 
 def load_checkpoint(
@@ -469,7 +492,8 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and RNG states from ``path``; return ``(step, extra_state)``.
 
     Everything is read and validated before anything is changed, so a mismatch (shapes, parameter groups,
-    missing state) raises ``ValueError`` and leaves the model and optimizer as they were. Pass
+    missing state) raises ``ValueError``, and files that cannot be read ``CorruptCheckpointError``, and
+    either leaves the model and optimizer as they were. Pass
     ``optimizer=None`` / ``scheduler=None`` to load weights only. Call on every rank.
     """
     folder = Path(path)
@@ -480,8 +504,12 @@ def load_checkpoint(
         raise ValueError(f"{folder}: unsupported checkpoint format_version {meta.get('format_version')!r}")
     sharded = _is_sharded(model)
 
-    model_state = _read_model_state(folder, model)
-    optim_state = _read_component(folder, "optimizer")
+    with _reading(folder):
+        model_state = _read_model_state(folder, model)
+        optim_state = _read_component(folder, "optimizer")
+        scheduler_state = _read_component(folder, "scheduler")
+        rng_state = _read_component(folder, "rng")
+        extra_state = _read_component(folder, "extra_state")
     if optimizer is not None:
         if optim_state is None:
             raise ValueError(f"{folder} holds no optimizer state, but an optimizer was given to restore")
@@ -492,11 +520,8 @@ def load_checkpoint(
                 "load weights only (optimizer=None)"
             )
         _validate_optimizer_state(optim_state, optimizer, folder)
-    scheduler_state = _read_component(folder, "scheduler")
     if scheduler is not None and scheduler_state is None:
         raise ValueError(f"{folder} holds no scheduler state, but a scheduler was given to restore")
-    rng_state = _read_component(folder, "rng")
-    extra_state = _read_component(folder, "extra_state")
 
     if sharded:
         from torch.distributed.checkpoint.state_dict import (

@@ -35,7 +35,14 @@ from mm15.hardware import compute_dtype, fast_dtype, matmul_rate
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
 from mm15.train import distributed as D
-from mm15.train.checkpoint import export_final, latest_checkpoint, load_checkpoint, save_checkpoint
+from mm15.train.checkpoint import (
+    CorruptCheckpointError,
+    complete_checkpoints,
+    export_final,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mm15.train.config import RecipeConfig, StageConfig
 from mm15.train.data import Prefetcher, PrefetchMode, TrainStream
 from mm15.train.trainer import MODULES, NonFiniteLoss, build_optimizer, train_step
@@ -190,6 +197,30 @@ def _data_state(extra: dict[str, Any], rank: int, world_size: int, console: Cons
     return None
 
 
+def _load_newest_readable(
+    ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, console: Console
+) -> tuple[Path, int, dict[str, Any]] | None:
+    """Load the newest checkpoint whose files read: (its path, step, extra state), or None if there is none.
+
+    A checkpoint damaged after it was written (``CorruptCheckpointError``) is reported and the one before
+    it tried; one that does not fit the model stops the run, as every older one would not fit either.
+    """
+    candidates = complete_checkpoints(ckpt_dir)
+    for path in reversed(candidates):
+        try:
+            step, extra = load_checkpoint(path, model, optimizer, scheduler)
+        except CorruptCheckpointError as err:
+            console.print(f"[yellow]skipping an unreadable checkpoint: {err}[/yellow]", soft_wrap=True)
+            continue
+        return path, step, extra
+    if candidates:
+        raise ValueError(
+            f"none of the {len(candidates)} checkpoints in {ckpt_dir} can be read; move them away to "
+            "start the stage over"
+        )
+    return None
+
+
 def run_stage(
     recipe: RecipeConfig,
     stage: StageConfig,
@@ -241,9 +272,9 @@ def run_stage(
         optimizer, lambda s: stage.schedule.factor(s, stage.max_steps)
     )
     start, history, evals = 0, [], []
-    latest = latest_checkpoint(ckpt_dir) if resume else None
-    if latest is not None:
-        start, extra = load_checkpoint(latest, model, optimizer, scheduler)
+    resumed = _load_newest_readable(ckpt_dir, model, optimizer, scheduler, console) if resume else None
+    if resumed is not None:
+        latest, start, extra = resumed
         state = _data_state(extra, rank, world, console)
         if state is not None:
             stream.load_state_dict(state)
