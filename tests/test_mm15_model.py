@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -209,6 +211,50 @@ def test_save_and_load_give_identical_outputs(
         b = loaded(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
     assert torch.equal(a, b)
     assert loaded.image_token_id == model.image_token_id
+
+
+def test_a_damaged_model_directory_is_a_clear_error(model: MM15Model, tmp_path: Path) -> None:
+    """Each way a saved directory can be damaged is a ValueError naming the file, never a raw
+    SafetensorError, KeyError or TypeError (chat, serve and eval print it and exit 2)."""
+    import json
+    import shutil
+
+    model.save_pretrained(tmp_path / "good")
+    config = json.loads((tmp_path / "good" / "config.json").read_text())
+
+    def damaged(name: str, change: Callable[[Path], None]) -> Path:
+        folder = tmp_path / name
+        shutil.copytree(tmp_path / "good", folder)
+        change(folder)
+        return folder
+
+    def write_config(document: object) -> Callable[[Path], None]:
+        return lambda folder: (folder / "config.json").write_text(json.dumps(document))
+
+    cases = {
+        "truncated-weights": (
+            lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]),
+            "model.safetensors cannot be read (damaged or truncated",
+        ),
+        "config-not-json": (
+            lambda f: (f / "config.json").write_text("{oops"),
+            "config.json: not a JSON file",
+        ),
+        "config-a-list": (write_config([1, 2]), "unsupported mm15_format None"),
+        "config-without-parts": (write_config({"mm15_format": 1}), "needs the 'config' and 'llm_config'"),
+        "config-missing-fields": (
+            write_config({**config, "config": {"name": "x"}}),
+            "MM15Config: missing fields ['connector', 'llm', 'vision']",
+        ),
+        "config-unknown-field": (
+            write_config({**config, "config": {**config["config"], "vision": {"bogus": 1}}}),
+            "unexpected keyword argument 'bogus'",
+        ),
+        "no-tokenizer": (lambda f: (f / "tokenizer.json").unlink(), "cannot load the tokenizer"),
+    }
+    for name, (change, message) in cases.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            MM15Model.from_pretrained(damaged(name, change))
 
 
 def test_moe_model_saves_loads_and_reports_aux(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -66,15 +67,21 @@ class MM15Config:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"MM15Config: unknown fields {sorted(unknown)}")
+        missing = sorted({"vision", "connector", "llm"} - set(data))
+        if missing:
+            raise ValueError(f"MM15Config: missing fields {missing}")
         moe = data.get("moe")
-        return cls(
-            vision=VisionConfig(**data["vision"]),
-            connector=ConnectorConfig(**data["connector"]),
-            llm=LLMConfig(**data["llm"]),
-            image=ImagePlanConfig(**data.get("image", {})),
-            moe=MoEConfig(**moe) if moe is not None else None,
-            name=data.get("name", "custom"),
-        )
+        try:
+            return cls(
+                vision=VisionConfig(**data["vision"]),
+                connector=ConnectorConfig(**data["connector"]),
+                llm=LLMConfig(**data["llm"]),
+                image=ImagePlanConfig(**data.get("image", {})),
+                moe=MoEConfig(**moe) if moe is not None else None,
+                name=data.get("name", "custom"),
+            )
+        except TypeError as err:  # a sub-config with an unknown or missing field, or not an object
+            raise ValueError(f"MM15Config: {err}") from None
 
 
 @dataclass
@@ -273,18 +280,30 @@ class MM15Model(nn.Module):
             raise FileNotFoundError(
                 f"{path} is not an mm15 model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
             )
-        document = json.loads((path / CONFIG_NAME).read_text())
-        if document.get("mm15_format") != FORMAT_VERSION:
-            raise ValueError(f"{path}/{CONFIG_NAME}: unsupported mm15_format {document.get('mm15_format')!r}")
+        try:
+            document = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}/{CONFIG_NAME}: not a JSON file ({err})") from None
+        if not isinstance(document, dict) or document.get("mm15_format") != FORMAT_VERSION:
+            found = document.get("mm15_format") if isinstance(document, dict) else None
+            raise ValueError(f"{path}/{CONFIG_NAME}: unsupported mm15_format {found!r}")
+        if not isinstance(document.get("config"), dict) or not isinstance(document.get("llm_config"), dict):
+            raise ValueError(f"{path}/{CONFIG_NAME}: needs the 'config' and 'llm_config' objects")
         cfg = MM15Config.from_dict(document["config"])
         llm_config = dict(document["llm_config"])
-        hf_config = AutoConfig.for_model(llm_config.pop("model_type"), **llm_config)
+        hf_config = AutoConfig.for_model(llm_config.pop("model_type", None), **llm_config)
         llm = AutoModelForCausalLM.from_config(hf_config)
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: cannot load the tokenizer saved with the model ({err})") from None
         if cfg.moe is not None:
             upcycle_llm(llm, dataclasses.replace(cfg.moe, upcycle=False))
         model = cls(cfg, VisionEncoder(cfg.vision), build_connector(cfg.connector), llm, tokenizer)
-        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        try:
+            missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        except SafetensorError as err:
+            raise ValueError(f"{path}/{WEIGHTS_NAME} cannot be read (damaged or truncated: {err})") from None
         if missing or unexpected:
             raise ValueError(
                 f"{path}/{WEIGHTS_NAME} does not match the architecture: missing {sorted(missing)[:5]}, "
