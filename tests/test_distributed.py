@@ -289,6 +289,34 @@ def test_sample_sources_give_each_rank_its_own_slice() -> None:
         SampleSource("synth:general", rank=2, world_size=2)
 
 
+def test_a_shard_source_repeats_its_passes_without_keeping_them(tmp_path: Path) -> None:
+    """Pass after pass in the same order (each rank its slice), re-read from disk each time: the first
+    pass is not held in memory, which grew training by the whole data set's size."""
+    import tracemalloc
+
+    from mm15.data.sample import Sample, Turn
+    from mm15.data.sources import write_shards
+    from mm15.train.data import SampleSource
+
+    payload = bytes(range(256)) * 2048  # 512 KB of image bytes per sample
+    samples = [
+        Sample(f"s{i}", [Turn("user", "<image>"), Turn("assistant", "x")], "general", "t", images=[payload])
+        for i in range(10)
+    ]
+    write_shards(samples, tmp_path, samples_per_shard=3)
+    tracemalloc.start()
+    try:
+        one = SampleSource(f"shards:{tmp_path}")
+        assert [one.next().id for _ in range(25)] == [f"s{i % 10}" for i in range(25)]
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    two = [SampleSource(f"shards:{tmp_path}", rank=r, world_size=2) for r in (0, 1)]
+    assert [two[0].next().id for _ in range(10)] == [f"s{i % 10}" for i in range(0, 20, 2)]
+    assert [two[1].next().id for _ in range(10)] == [f"s{i % 10}" for i in range(1, 20, 2)]
+    assert held < 3 * len(payload), f"{held / 1e6:.1f} MB still held after two and a half passes"
+
+
 def _train(tmp: Path, recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     torchrun = Path(sys.executable).with_name("torchrun")

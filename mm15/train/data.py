@@ -26,7 +26,7 @@ import queue
 import threading
 import traceback
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +41,21 @@ from mm15.image import ImageError, ImageProcessor, load_image
 
 class CorruptDataError(RuntimeError):
     """Too many samples could not be used."""
+
+
+def _passes(reader: Iterable[Sample], spec: str) -> Iterator[Sample]:
+    """The reader's samples pass after pass, read afresh each time.
+
+    Not ``itertools.cycle``, which keeps a copy of every sample of the first pass, so a shard source grew
+    the training process by the whole data set's size (measured: +716 MB over 617 MB of shards).
+    """
+    while True:
+        empty = True
+        for sample in reader:
+            empty = False
+            yield sample
+        if empty:
+            raise ValueError(f"source spec {spec!r}: no samples")
 
 
 class SampleSource:
@@ -94,7 +109,7 @@ class SampleSource:
             return self.reader.sample_at(index)  # random access: decodes only this rank's videos
         if self._iter is None:
             # Resuming: skip what was consumed (shards are streamed, so position is a sample count).
-            self._iter = itertools.islice(itertools.cycle(self.reader), index, None, self.world_size)
+            self._iter = itertools.islice(_passes(self.reader, self.spec), index, None, self.world_size)
         return next(self._iter)
 
     def seek(self, position: int) -> None:
