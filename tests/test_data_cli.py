@@ -119,6 +119,38 @@ def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     assert [s.id for s in ShardReader(tmp_path / "o")] == ["ok"]
 
 
+def test_pack_text_and_interleaved_files(tmp_path: Path) -> None:
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
+    text = tmp_path / "text.jsonl"
+    text.write_text(
+        json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+        + "\n"
+        + json.dumps({"text": "a plain document"})
+        + "\n"
+    )
+    pack_text = ["data", "pack", str(text), "--format", "text", "--category", "text"]
+    packed = runner.invoke(app, [*pack_text, "--out", str(tmp_path / "t")])
+    assert packed.exit_code == 0, packed.output
+    samples = list(ShardReader(tmp_path / "t"))
+    assert [s.category for s in samples] == ["text", "text"]
+    assert samples[1].turns[-1].content == "a plain document"
+
+    documents = tmp_path / "docs.jsonl"
+    document_record = {"texts": ["Intro", None, "After"], "images": [None, "a.png", None]}
+    documents.write_text(json.dumps(document_record) + "\n")
+    args = ["data", "pack", str(documents), "--format", "interleaved", "--out", str(tmp_path / "i")]
+    needs_images = runner.invoke(app, args)
+    assert needs_images.exit_code == 2 and "--images is needed for interleaved" in flat(needs_images.output)
+    packed = runner.invoke(app, [*args, "--images", str(tmp_path)])
+    assert packed.exit_code == 0, packed.output
+    (document,) = ShardReader(tmp_path / "i")
+    assert document.category == "interleaved" and document.turns[-1].content == "Intro\n<image>\nAfter"
+    assert len(document.images) == 1
+    unknown = runner.invoke(app, ["data", "pack", str(text), "--format", "xml", "--out", str(tmp_path / "x")])
+    assert unknown.exit_code == 2
+    assert "--format must be one of llava, interleaved, text" in flat(unknown.output)
+
+
 def flat(output: str) -> str:
     """Click's error box wraps long messages at the terminal width: join the lines back up."""
     return " ".join(output.replace("│", " ").split())

@@ -155,6 +155,12 @@ BAD = [
     ),
     ("bad format", "stages.0.data.sources.text", "/data/text", "stages[0].data.sources.text: must be"),
     (
+        "raw llava",  # training reads packed shards; the message says how to pack
+        "stages.0.data.sources.text",
+        "llava:/data/llava.json",
+        "stages[0].data.sources.text: 'llava' files are trained on as shards: pack them first",
+    ),
+    (
         "unused source",
         "stages.0.data.sources.extra",
         "synth:caption",

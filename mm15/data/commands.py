@@ -77,27 +77,58 @@ def synth(
     console.print(f"wrote {n} samples in {len(shards)} shards to {out}")
 
 
+PACK_FORMATS = ("llava", "interleaved", "text")
+
+
 @app.command()
 def pack(
-    annotations: Annotated[list[Path], typer.Argument(help="LLaVA-style JSON or JSONL files.")],
-    images: Annotated[Path, typer.Option(help="Folder the image paths are relative to.")],
+    annotations: Annotated[list[Path], typer.Argument(help="JSON or JSONL files of one format.")],
     out: Annotated[Path, typer.Option(help="Folder for the shards.")],
+    images: Annotated[
+        Path | None, typer.Option(help="Folder the image paths are relative to (llava, interleaved).")
+    ] = None,
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="llava (conversations with images), interleaved (OBELICS-like documents) or text "
+            "(messages, prompt/response or plain text); docs/data.md.",
+        ),
+    ] = "llava",
     category: Annotated[
-        str, typer.Option(help=f"Category of the samples ({', '.join(CATEGORIES)}).")
-    ] = "general",
+        str | None,
+        typer.Option(
+            help=f"Category of the samples ({', '.join(CATEGORIES)}); default general for llava, "
+            "text-only for text (interleaved documents are always interleaved)."
+        ),
+    ] = None,
     lenient: Annotated[
         bool, typer.Option(help="Skip and count malformed records instead of stopping.")
     ] = False,
     per_shard: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = 500,
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
 ) -> None:
-    """Pack LLaVA-style JSON/JSONL records and their images into WebDataset shards."""
-    from mm15.data.sources import LlavaReader, SourceError, write_shards
+    """Pack LLaVA, interleaved or text JSON/JSONL records (and their images) into WebDataset shards."""
+    from mm15.data.sources import InterleavedReader, LlavaReader, SourceError, TextReader, write_shards
 
+    if kind not in PACK_FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}, got {kind!r}")
+    if kind != "text" and images is None:
+        raise typer.BadParameter(f"--images is needed for {kind} records: image paths are relative to it")
+    if kind == "interleaved" and category not in (None, "interleaved"):
+        raise typer.BadParameter(f"interleaved documents are category interleaved, not {category!r}")
     try:
         # Every image's header is read here, once, so a file that is not an image (or boxes in another
         # frame than its pixels) is refused now rather than found by a training run.
-        reader = LlavaReader(annotations, images, category=category, strict=not lenient, check_images=True)
+        reader: LlavaReader | InterleavedReader | TextReader
+        if kind == "llava":
+            reader = LlavaReader(
+                annotations, images, category=category or "general", strict=not lenient, check_images=True
+            )
+        elif kind == "interleaved":
+            reader = InterleavedReader(annotations, images, strict=not lenient, check_images=True)
+        else:
+            reader = TextReader(annotations, category=category or "text-only", strict=not lenient)
         shards = write_shards(reader, out, samples_per_shard=per_shard, prefix="packed", overwrite=overwrite)
     except (SourceError, ValueError, FileExistsError) as err:
         _fail(err)

@@ -17,9 +17,9 @@ load on any machine).
 Sources. A mixture leaf is resolved to a data source by ``DataConfig.resolve_sources``:
 
 * an entry of ``data.sources``: ``"synth:<generator or category>"`` (the synthetic engine,
-  ``mm15.data.synth``) or ``"<format>:<path>"`` with format ``shards`` (WebDataset tar shards),
-  ``llava`` (LLaVA JSON/JSONL), ``interleaved`` or ``text`` (``mm15.data.sources`` readers), or ``video``
-  (video-QA annotations, ``mm15.data.video_qa``);
+  ``mm15.data.synth``) or ``"<format>:<path>"`` with format ``shards`` (WebDataset tar shards) or
+  ``video`` (video-QA annotations, ``mm15.data.video_qa``). LLaVA, interleaved and text files are packed
+  into shards first (``mm15 data pack``); naming them here is an error that says so;
 * otherwise a leaf named ``synth/<generator>`` is that generator, and a leaf named after a category that
   has synthetic generators (``text-rich``, ``general``, ...) is all of that category's generators.
 
@@ -53,7 +53,10 @@ Sampling = Literal["random", "balanced"]
 Prefetch = Literal["auto", "inline", "thread", "process"]
 
 # Source formats that read files; "synth" is the generator engine and takes no path.
-PATH_FORMATS: tuple[str, ...] = ("shards", "llava", "interleaved", "text", "video")
+PATH_FORMATS: tuple[str, ...] = ("shards", "video")
+# Raw formats that training reads only once packed into shards (``mm15 data pack``): packing checks every
+# record and image header once, instead of on every pass of every run.
+PACK_FIRST_FORMATS: tuple[str, ...] = ("llava", "interleaved", "text")
 SYNTH = "synth"
 
 
@@ -328,6 +331,12 @@ def _synth_targets() -> tuple[set[str], set[str]]:
 
 def _check_source_spec(field_path: str, spec: str) -> None:
     kind, sep, target = spec.partition(":")
+    _check(
+        kind not in PACK_FIRST_FORMATS,
+        field_path,
+        f"{kind!r} files are trained on as shards: pack them first (mm15 data pack FILE --images DIR "
+        f"--out SHARDS, see docs/data.md) and give 'shards:SHARDS'; got {spec!r}",
+    )
     formats = [SYNTH, *PATH_FORMATS]
     _check(
         bool(sep) and kind in formats and bool(target.strip()),
