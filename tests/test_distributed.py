@@ -317,6 +317,45 @@ def test_a_shard_source_repeats_its_passes_without_keeping_them(tmp_path: Path) 
     assert held < 3 * len(payload), f"{held / 1e6:.1f} MB still held after two and a half passes"
 
 
+def test_buffer_shuffle_emits_every_sample_once_in_a_seeded_order() -> None:
+    import random
+
+    from mm15.train.data import buffer_shuffle
+
+    items = list(range(100))
+    a = list(buffer_shuffle(items, 16, random.Random("s")))
+    assert sorted(a) == items and a != items
+    assert a == list(buffer_shuffle(items, 16, random.Random("s")))  # seeded: the same order again
+    assert a != list(buffer_shuffle(items, 16, random.Random("t")))
+    assert list(buffer_shuffle(items, 1, random.Random("s"))) == items  # no buffer: file order
+    assert sorted(buffer_shuffle(items[:5], 16, random.Random("s"))) == items[:5]  # fewer than the buffer
+
+
+def test_a_shuffled_shard_source_is_reproducible_per_rank_and_on_resume(tmp_path: Path) -> None:
+    from mm15.data.sample import Sample, Turn
+    from mm15.data.sources import write_shards
+    from mm15.train.data import SampleSource
+
+    samples = [Sample(f"s{i}", [Turn("user", "q"), Turn("assistant", "a")], "text", "t") for i in range(20)]
+    write_shards(samples, tmp_path, samples_per_shard=4)
+    spec = f"shards:{tmp_path}"
+
+    def ids(source: SampleSource, n: int) -> list[str]:
+        return [source.next().id for _ in range(n)]
+
+    stream = ids(SampleSource(spec, seed=1, shuffle_buffer=8), 60)
+    passes = [stream[0:20], stream[20:40], stream[40:60]]
+    assert all(sorted(p) == sorted(s.id for s in samples) for p in passes)  # each pass: every sample once
+    assert passes[0] != [s.id for s in samples] and passes[0] != passes[1]  # shuffled, anew each pass
+    assert ids(SampleSource(spec, seed=1, shuffle_buffer=8), 60) == stream
+    assert ids(SampleSource(spec, seed=2, shuffle_buffer=8), 20) != passes[0]
+    ranks = [ids(SampleSource(spec, seed=1, rank=r, world_size=2, shuffle_buffer=8), 30) for r in (0, 1)]
+    assert ranks[0] == stream[0::2] and ranks[1] == stream[1::2]
+    resumed = SampleSource(spec, seed=1, shuffle_buffer=8)
+    resumed.seek(27)  # what a checkpoint restores
+    assert ids(resumed, 33) == stream[27:]
+
+
 def _train(tmp: Path, recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -366,7 +366,11 @@ class DataConfig:
     ``thread`` on a background thread, ``inline`` each one when the step asks for it. On a 2-core CPU
     the worker trains as fast as ``inline`` with the step hardly waiting for data, and the thread is
     slowest (docs/training.md has the measurements). ``auto`` (the default) is ``process`` on Linux,
-    else ``inline``.
+    else ``inline``. ``shuffle_buffer``: shard sources are read in a new shard order on every pass and
+    through a buffer of this many samples that emits a random one as each new one arrives (seeded by the
+    recipe's seed and the pass, so a resumed run sees the same order); 0 reads them in file order. The
+    buffer holds encoded samples (images as file bytes), so its memory is about that many samples'
+    size. Synthetic and video sources are unaffected: they are already random draws.
     """
 
     mixture: dict[str, Any]
@@ -376,9 +380,11 @@ class DataConfig:
     over_budget: OverBudget = "drop"
     sampling: Sampling = "random"
     prefetch: Prefetch = "auto"
+    shuffle_buffer: int = 256
 
     def __post_init__(self) -> None:
         _check(self.seq_length >= 1, "seq_length", f"must be >= 1, got {self.seq_length}")
+        _check(self.shuffle_buffer >= 0, "shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         _check_choice("over_budget", self.over_budget, ("drop", "error"))
         _check_choice("sampling", self.sampling, ("random", "balanced"))
         _check_choice("prefetch", self.prefetch, ("auto", "inline", "thread", "process"))
@@ -438,6 +444,7 @@ class DataConfig:
                 "over_budget": _choice("drop", "error"),
                 "sampling": _choice("random", "balanced"),
                 "prefetch": _choice("auto", "inline", "thread", "process"),
+                "shuffle_buffer": _int,
             },
         )
 

@@ -255,6 +255,7 @@ def run_stage(
         max_corrupt_fraction=stage.max_corrupt_fraction,
         seed=recipe.seed,
         balanced=stage.data.sampling == "balanced",
+        shuffle_buffer=stage.data.shuffle_buffer,
     )
     speed_options(model, compile=stage.compile, grad_checkpointing=stage.grad_checkpointing)
     wrapped = D.wrap_model(model, strategy, trainable=stage.trainable)
