@@ -160,7 +160,9 @@ def test_in_memory_evaluation_for_training(model: MM15Model, monkeypatch: pytest
     assert set(report.category_scores) == {"general"} and report.mmbase is None
 
 
-def test_bad_arguments_fail_before_generating(model: MM15Model, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_arguments_fail_before_generating(
+    model: MM15Model, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     counter = CountingGenerate(monkeypatch)
     with pytest.raises(TaskError, match="unknown task 'nope'"):
         evaluate(model, "synth-icl,nope", progress=False)
@@ -173,6 +175,10 @@ def test_bad_arguments_fail_before_generating(model: MM15Model, monkeypatch: pyt
         evaluate(model, "synth-icl", limit=0, progress=False)
     with pytest.raises(TaskError, match="synth-icl: limit must be >= 1, got 0"):
         evaluate(model, "synth-icl:limit=0", progress=False)
+    taken = tmp_path / "taken"
+    taken.write_text("notes")
+    with pytest.raises(ValueError, match="exists and is not a directory"):
+        evaluate(model, "synth-icl", out_dir=taken, progress=False)
     assert counter.prompts == 0
 
 
