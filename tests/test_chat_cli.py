@@ -104,6 +104,7 @@ def test_interactive_with_piped_input(
             "and now?",
             "/image /no/such/file.png",
             "/bogus",
+            f"/images {picture}",  # not /image: an unknown command, nothing attached
             "/reset",
             "say <image> please",
             "hello",
@@ -125,7 +126,7 @@ def test_interactive_with_piped_input(
     assert (tmp_path / "answer_001.png").is_file() and (tmp_path / "answer_002.png").is_file()
     assert not (tmp_path / "answer_003.png").exists()
     assert "error: cannot use image" in out and "no such file" in out
-    assert "[unknown command /bogus" in out
+    assert "[unknown command /bogus" in out and "[unknown command /images" in out
     assert "[new conversation]" in out
     assert "reserved for images" in out
 

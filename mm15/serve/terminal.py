@@ -206,28 +206,30 @@ def interact(
         line = line.strip()
         if not line:
             continue
+        # "/image PATH": the command is the first word, so "/images" is an unknown command, not "/image s".
+        words = line.split(maxsplit=1)
+        command = words[0] if line.startswith("/") else ""
+        path = words[1].strip() if command and len(words) > 1 else ""
         try:
-            if line in ("/quit", "/exit"):
+            if command in ("/quit", "/exit"):
                 return
-            if line == "/reset":
+            if command == "/reset":
                 session.reset(start_images, start_video)
                 session.write("[new conversation]\n")
-            elif line.startswith("/image"):
-                path = line[len("/image") :].strip()
+            elif command == "/image":
                 if not path:
                     raise ChatError("usage: /image PATH")
                 session.attach(open_image(Path(path)))
                 session.write(f"[attached {path} to the next question]\n")
-            elif line.startswith("/video"):
-                path = line[len("/video") :].strip()
+            elif command == "/video":
                 if not path:
                     raise ChatError("usage: /video PATH")
                 session.check_video_allowed()  # before the (slow) decoding
                 frames = open_video(Path(path), num_frames)
                 session.attach_video(frames)
                 session.write(f"[attached {path} ({len(frames)} frames) to the next question]\n")
-            elif line.startswith("/"):
-                session.write(f"[unknown command {line.split()[0]}; {HELP}]\n")
+            elif command:
+                session.write(f"[unknown command {command}; {HELP}]\n")
             else:
                 session.ask(line)
         except ChatError as err:
