@@ -257,9 +257,13 @@ def demo(
     recipe: Annotated[Path, typer.Option(help="The recipe to train.")] = Path("recipes/tiny.yaml"),
 ) -> None:
     """Run the main job at toy scale: image plans, the tiny three-stage recipe, live answers."""
-    from mm15.demo import run_demo
+    from mm15.demo import DemoInputError, run_demo
 
-    run_demo(out, console, image, recipe)
+    try:
+        run_demo(out, console, image, recipe)
+    except DemoInputError as err:
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mm15.geometry import ImagePlanConfig
-from mm15.image import ImageProcessor, load_image
+from mm15.image import ImageProcessor, image_size, load_image
 from mm15.viz import draw_plan
 
 if TYPE_CHECKING:
@@ -348,6 +348,10 @@ def _train_and_evaluate(
     return checkpoints, live, probes
 
 
+class DemoInputError(ValueError):
+    """A bad argument of ``run_demo`` (output path, recipe, image), found before anything runs."""
+
+
 def run_demo(
     out: Path,
     console: Console,
@@ -359,11 +363,22 @@ def run_demo(
     from mm15.train.config import load_recipe
     from mm15.train.run import stage_dtype
 
+    # The inputs are checked before anything runs: a bad one fails in a second, not minutes in.
+    try:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+        config = load_recipe(recipe)
+        for path in images or []:
+            image_size(path)  # the header: raises the ImageError load_image would
+    except (ValueError, FileNotFoundError) as err:  # ImageError is a ValueError
+        hint = ""
+        if isinstance(err, FileNotFoundError) and not recipe.is_absolute() and not recipe.exists():
+            hint = f" under {Path.cwd()} (run from the mm15 checkout, or give --recipe PATH)"
+        raise DemoInputError(f"{err}{hint}") from None
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     console.rule("1. the image plan")
     show_plans(out, console, images or [])
-    config = load_recipe(recipe)
     # The demo evaluates after every stage itself (more items than the recipe's in-training checks).
     config = dataclasses.replace(
         config, stages=tuple(dataclasses.replace(s, eval_every=0) for s in config.stages)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 from rich.console import Console
 
@@ -55,3 +56,28 @@ def test_demo_on_a_reduced_budget_writes_the_report(tmp_path: Path) -> None:
     grounding = probe_rows[2].split(" | ")[2]
     assert grounding in ("0%", "100%")  # one item: preferred or not
     assert "demo finished in" in console.export_text()
+
+
+def test_bad_demo_arguments_stop_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bad image, recipe or output path is a one-line error (exit 2) before the image plans."""
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image")
+    out = tmp_path / "demo"
+    cases = [
+        (["--image", str(notes)], "notes.png: not a recognised image format"),
+        (["--recipe", str(tmp_path / "gone.yaml")], "gone.yaml: no such file"),
+        (["--out", str(notes)], "exists and is not a directory"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(app, ["demo", "--out", str(out), *args])
+        assert result.exit_code == 2, result.output
+        assert message in " ".join(result.output.split()), result.output
+        assert not out.exists()  # nothing ran
+    monkeypatch.chdir(tmp_path)  # the default recipe is relative to the checkout
+    result = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "run from the mm15 checkout, or give --recipe" in " ".join(result.output.split())
