@@ -58,7 +58,9 @@ def test_demo_on_a_reduced_budget_writes_the_report(tmp_path: Path) -> None:
     assert "demo finished in" in console.export_text()
 
 
-def test_bad_demo_arguments_stop_before_anything_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_demo_arguments_stop_before_anything_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A bad image, recipe or output path is a one-line error (exit 2) before the image plans."""
     from typer.testing import CliRunner
 
