@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -181,6 +183,17 @@ def train(
     except (StageFailed, CorruptDataError) as err:
         console.print(f"[red]stopped:[/red] {err}", soft_wrap=True)
         raise typer.Exit(3) from None
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all
+            # The same command line (so --stage, --max-steps and --out carry over) with --resume.
+            again = [a for a in sys.argv[1:] if a != "--no-resume"]
+            again += [] if "--resume" in again else ["--resume"]
+            console.print(
+                f"[yellow]interrupted.[/yellow] Continue from the last checkpoint with: "
+                f"mm15 {shlex.join(again)}",
+                soft_wrap=True,
+            )
+        raise typer.Exit(130) from None
     finally:
         distributed.cleanup()
     if os.environ.get("RANK", "0") != "0":

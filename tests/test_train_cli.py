@@ -121,6 +121,34 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_losses(tmp_path: Path) -> 
     assert losses(killed) == losses(straight)
 
 
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+    recipe = tmp_path / "long.yaml"
+    recipe.write_text(ONE_STAGE.replace("max_steps: 8", "max_steps: 100000"))
+    run = tmp_path / "run"
+    # A shell that starts the tests in the background ignores SIGINT, and children inherit that.
+    process = mm15(
+        "train",
+        str(recipe),
+        "--out",
+        str(run),
+        "--max-steps",
+        "5000",
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.time() + 300
+    while not (run / "pretrain" / "checkpoints" / "step-00000002" / "meta.json").is_file():
+        assert process.poll() is None, process.communicate()[0]
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    flat = " ".join(output.split())
+    expected = f"mm15 train {recipe} --out {run} --max-steps 5000 --resume"
+    assert "interrupted." in flat and expected in flat, output
+    assert "Traceback" not in output
+
+
 def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None:
     from mm15.train.config import load_recipe
     from mm15.train.run import _write_summary
