@@ -131,6 +131,33 @@ def test_interactive_with_piped_input(
     assert "reserved for images" in out
 
 
+def test_ctrl_c_stops_an_answer_and_at_the_prompt_leaves(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = MM15Model.from_pretrained(model_dir)
+    written: list[str] = []
+    session = terminal.ChatSession(model, GenerationConfig(max_new_tokens=5), tmp_path, write=written.append)
+    asked: list[str] = []
+
+    def ask(question: str) -> None:
+        asked.append(question)
+        if len(asked) == 1:
+            raise KeyboardInterrupt  # Ctrl+C while the first answer streams
+
+    monkeypatch.setattr(session, "ask", ask)
+    lines = iter(["first\n", "second\n"])
+
+    def read_line() -> str:
+        line = next(lines, None)
+        if line is None:
+            raise KeyboardInterrupt  # Ctrl+C at the prompt
+        return line
+
+    terminal.interact(session, [], read_line)  # returns: no KeyboardInterrupt escapes
+    assert asked == ["first", "second"]  # the chat went on after the stopped answer
+    assert "[answer stopped; not kept in the conversation]" in "".join(written)
+
+
 def test_end_of_input_ends_the_chat(model_dir: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["chat", "--model", str(model_dir), "--out", str(tmp_path)], input="")
     assert result.exit_code == 0
@@ -156,6 +183,8 @@ def test_clear_errors(model_dir: Path, picture: Path, tmp_path: Path) -> None:
     assert folder.exit_code == 2 and "is a directory, not a file" in folder.stderr
     blank = runner.invoke(app, ["chat", "--model", str(model_dir), "  "])
     assert blank.exit_code == 2 and "the prompt is empty" in blank.stderr
+    no_room = runner.invoke(app, ["chat", "--model", str(model_dir), "--max-tokens", "100000", "hi"])
+    assert no_room.exit_code == 2 and "--max-tokens 100000 leaves no room" in no_room.stderr
     args = ["chat", "--model", str(model_dir), "--max-images", "2", "hi"]
     for _ in range(3):
         args[1:1] = ["--image", str(picture)]

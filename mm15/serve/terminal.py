@@ -7,11 +7,12 @@ here and over HTTP gives the same tokens. When an answer holds boxes or points
 (``parse_grounding``), they are drawn on a copy of the conversation's latest image and the PNG's path
 is printed.
 
-Interactive commands: ``/image PATH`` attaches an image to the next question, ``/video PATH`` a
-video (its ``--frames`` uniformly sampled frames, each one unsplit image, as MM1.5-Video reads clips),
-``/reset`` starts over (the ``--image`` images or ``--video`` clip are attached again), ``/quit`` or
-end of input leaves. A conversation holds either images or one video: MM1.5-Video trained on samples
-with one clip and nothing else, and a prompt with a video is planned unsplit as a whole.
+Interactive commands: ``/image PATH`` attaches an image to the next question, ``/video PATH`` a video
+(its ``--frames`` uniformly sampled frames, each one unsplit image, as MM1.5-Video reads clips),
+``/reset`` starts over (the ``--image`` images or ``--video`` clip are attached again), ``/quit``, end
+of input or Ctrl+C at the prompt leaves; Ctrl+C during an answer stops it (it is not kept). A
+conversation holds either images or one video: MM1.5-Video trained on samples with one clip and nothing
+else, and a prompt with a video is planned unsplit as a whole.
 """
 
 from __future__ import annotations
@@ -199,7 +200,10 @@ def interact(
     session.write(f"mm15 chat ({HELP})\n")
     while True:
         session.write("> ")
-        line = read_line()
+        try:
+            line = read_line()
+        except KeyboardInterrupt:  # Ctrl+C at the prompt leaves, as end of input does
+            line = ""
         if not line:  # end of input
             session.write("\n")
             return
@@ -234,6 +238,9 @@ def interact(
                 session.ask(line)
         except ChatError as err:
             session.write(f"error: {err}\n")
+        except KeyboardInterrupt:
+            # Ctrl+C during an answer stops that answer; the conversation goes on without it.
+            session.write("\n[answer stopped; not kept in the conversation]\n")
 
 
 def run_chat(
@@ -273,6 +280,12 @@ def run_chat(
         model = MM15Model.from_pretrained(model_dir)
     except (FileNotFoundError, ValueError) as err:
         return fail(f"cannot load the model: {err}")
+    context = getattr(model.llm.config, "max_position_embeddings", None)
+    if context and config.max_new_tokens >= context:
+        return fail(
+            f"--max-tokens {config.max_new_tokens} leaves no room for the question: the model's context is "
+            f"{context} tokens, prompt and answer together"
+        )
     session = ChatSession(model, config, out_dir, max_images=max_images)
     session.reset(images, video)
     if prompt is not None:
