@@ -241,8 +241,8 @@ def eval_(
         resolve_task_specs(tasks)  # a bad task list fails before the model is loaded
         from mm15.model.mm15 import MM15Model
 
-        loaded = MM15Model.from_pretrained(model)
         target = out if out is not None else Path("runs/eval") / model.resolve().name
+        loaded = MM15Model.from_pretrained(model)
         report = evaluate(
             loaded,
             tasks,
@@ -255,6 +255,13 @@ def eval_(
     except (TaskError, ValueError, FileNotFoundError, ImageError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        console.print(
+            "[yellow]interrupted.[/yellow] The answers generated so far are cached in the results "
+            f"directory; the same command continues from them: mm15 {shlex.join(sys.argv[1:])}",
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
     typer.echo(report.to_markdown())  # raw, so the Markdown table is never wrapped
     console.print(
         f"{report.run['generated_items']} items generated, {report.run['cached_items']} from the cache; "

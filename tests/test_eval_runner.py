@@ -251,6 +251,24 @@ def test_cli_eval_writes_the_results(model: MM15Model, tmp_path: Path) -> None:
     assert again.exit_code == 0 and "0 items generated, 2 from the cache" in again.output
 
 
+def test_cli_eval_interrupted_says_the_same_command_continues(
+    model: MM15Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "evaluate", interrupted)
+    args = ["eval", "--model", str(model_dir), "--tasks", "synth-icl", "--out", str(tmp_path / "out")]
+    monkeypatch.setattr("sys.argv", ["mm15", *args])
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    flat = " ".join(result.output.split())
+    assert "interrupted." in flat and f"continues from them: mm15 eval --model {model_dir}" in flat
+
+
 def test_cli_eval_errors(tmp_path: Path) -> None:
     cli = CliRunner()
     missing = cli.invoke(app, ["eval", "--model", str(tmp_path / "none"), "--tasks", "synth-icl"])
