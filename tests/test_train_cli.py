@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,6 +148,41 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
     expected = f"mm15 train {recipe} --out {run} --max-steps 5000 --resume"
     assert "interrupted." in flat and expected in flat, output
     assert "Traceback" not in output
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_the_stage_and_its_data_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the second save: StageFailed naming the step and the last complete checkpoint,
+    and the data worker process is stopped with the stage (as on any error)."""
+    import multiprocessing
+
+    from rich.console import Console
+
+    import mm15.train.run as run_module
+    from mm15.train.config import RecipeConfig
+
+    real_save = run_module.save_checkpoint
+    saves = 0
+
+    def save_until_the_disk_fills(*args: object, **kwargs: object) -> Path:
+        nonlocal saves
+        saves += 1
+        if saves == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "save_checkpoint", save_until_the_disk_fills)
+    recipe = RecipeConfig.from_dict(
+        yaml.safe_load(ONE_STAGE.replace("seq_length: 1024", "seq_length: 1024\n      prefetch: process"))
+    )
+    with pytest.raises(run_module.StageFailed) as info:
+        run_module.run_recipe(recipe, Console(quiet=True), out=tmp_path / "run")
+    message = str(info.value)
+    assert "cannot write the checkpoint of step 4 ([Errno 28] No space left on device)" in message
+    kept = tmp_path / "run" / "pretrain" / "checkpoints" / "step-00000002"
+    assert message.endswith(f"the last complete one is {kept}; fix that and continue with --resume")
+    assert multiprocessing.active_children() == []
 
 
 def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None:

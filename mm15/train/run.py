@@ -73,6 +73,10 @@ def stage_dtype(setting: str) -> torch.dtype:
     return fast_dtype() if setting == "auto" else DTYPES[setting]
 
 
+# Per-step metrics written to TensorBoard as scalars (besides per-source losses and MoE aux losses).
+LOGGED_SCALARS = ("loss", "lr", "tokens_per_s", "images_per_s", "mfu", "data_wait", "peak_rss_gib")
+
+
 class StageFailed(RuntimeError):
     """A stage stopped (non-finite loss, unusable data); its last good checkpoint is kept."""
 
@@ -310,69 +314,81 @@ def run_stage(
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     )
-    with Progress(*columns, console=console, disable=not main) as progress:
-        task = progress.add_task(f"{stage.name}", total=stage.max_steps, completed=start, info="")
-        for step in range(start, stage.max_steps):
-            try:
-                metrics = train_step(
-                    wrapped,
-                    data,
-                    optimizer,
-                    scheduler,
-                    accum,
-                    step,
-                    dtype,
-                    stage.max_grad_norm,
-                    peak,
-                    loss_hook=loss_hook,
-                    nan_policy=stage.nan_policy,
-                    loss_weighting=stage.loss_weighting,
+    try:
+        with Progress(*columns, console=console, disable=not main) as progress:
+            task = progress.add_task(f"{stage.name}", total=stage.max_steps, completed=start, info="")
+            for step in range(start, stage.max_steps):
+                try:
+                    metrics = train_step(
+                        wrapped,
+                        data,
+                        optimizer,
+                        scheduler,
+                        accum,
+                        step,
+                        dtype,
+                        stage.max_grad_norm,
+                        peak,
+                        loss_hook=loss_hook,
+                        nan_policy=stage.nan_policy,
+                        loss_weighting=stage.loss_weighting,
+                    )
+                except NonFiniteLoss as err:
+                    data.close()
+                    kept = latest_checkpoint(ckpt_dir)
+                    raise StageFailed(
+                        f"stage {stage.name!r}: {err}; the last good checkpoint is {kept}"
+                    ) from None
+                skipped_steps += metrics.skipped
+                record = metrics.as_dict()
+                history.append(record)
+                if writer is not None:
+                    with metrics_file.open("a") as log:
+                        log.write(json.dumps(record) + "\n")
+                    for key in LOGGED_SCALARS:
+                        writer.add_scalar(f"{stage.name}/{key}", record[key], step)
+                    for source, value in record["source_loss"].items():
+                        writer.add_scalar(f"{stage.name}/loss/{source}", value, step)
+                    for key, value in record["aux"].items():
+                        writer.add_scalar(f"{stage.name}/moe/{key}", value, step)
+                progress.update(
+                    task,
+                    advance=1,
+                    info=f"loss {metrics.loss:.3f}  {metrics.tokens_per_s:.0f} tok/s  "
+                    f"wait {metrics.data_wait:.0%}",
                 )
-            except NonFiniteLoss as err:
-                data.close()
-                kept = latest_checkpoint(ckpt_dir)
-                raise StageFailed(
-                    f"stage {stage.name!r}: {err}; the last good checkpoint is {kept}"
-                ) from None
-            skipped_steps += metrics.skipped
-            record = metrics.as_dict()
-            history.append(record)
-            if writer is not None:
-                with metrics_file.open("a") as log:
-                    log.write(json.dumps(record) + "\n")
-                for key in ("loss", "lr", "tokens_per_s", "images_per_s", "mfu", "data_wait", "peak_rss_gib"):
-                    writer.add_scalar(f"{stage.name}/{key}", record[key], step)
-                for source, value in record["source_loss"].items():
-                    writer.add_scalar(f"{stage.name}/loss/{source}", value, step)
-                for key, value in record["aux"].items():
-                    writer.add_scalar(f"{stage.name}/moe/{key}", value, step)
-            progress.update(
-                task,
-                advance=1,
-                info=f"loss {metrics.loss:.3f}  {metrics.tokens_per_s:.0f} tok/s  "
-                f"wait {metrics.data_wait:.0%}",
-            )
-            done = step + 1
-            if evaluating and main and (done % stage.eval_every == 0 or done == stage.max_steps):
-                progress.update(task, info=f"loss {metrics.loss:.3f}  evaluating ...")
-                scores = {"step": done, **evaluate_during_training(model, stage, done)}
-                evals.append(scores)
-                with eval_file.open("a") as log:
-                    log.write(json.dumps(scores) + "\n")
-                for key, value in scores.items():
-                    if key.startswith("category/") and writer is not None:
-                        writer.add_scalar(f"{stage.name}/eval/{key[9:]}", value, done)
-            if done % stage.save_every == 0 or done == stage.max_steps:
-                # Every rank's data position, so that a resume on the same world size is exact.
-                extra = {
-                    "data": {"ranks": D.gather_objects(data.state_dict())},
-                    "history": history,
-                    "evals": evals,
-                }
-                save_checkpoint(ckpt_dir, done, model, optimizer, scheduler, extra, keep_last=stage.keep_last)
-    data.close()
-    if writer is not None:
-        writer.close()
+                done = step + 1
+                if evaluating and main and (done % stage.eval_every == 0 or done == stage.max_steps):
+                    progress.update(task, info=f"loss {metrics.loss:.3f}  evaluating ...")
+                    scores = {"step": done, **evaluate_during_training(model, stage, done)}
+                    evals.append(scores)
+                    with eval_file.open("a") as log:
+                        log.write(json.dumps(scores) + "\n")
+                    for key, value in scores.items():
+                        if key.startswith("category/") and writer is not None:
+                            writer.add_scalar(f"{stage.name}/eval/{key[9:]}", value, done)
+                if done % stage.save_every == 0 or done == stage.max_steps:
+                    # Every rank's data position, so that a resume on the same world size is exact.
+                    extra = {
+                        "data": {"ranks": D.gather_objects(data.state_dict())},
+                        "history": history,
+                        "evals": evals,
+                    }
+                    try:
+                        save_checkpoint(
+                            ckpt_dir, done, model, optimizer, scheduler, extra, keep_last=stage.keep_last
+                        )
+                    except OSError as err:  # a full disk, a lost mount: the previous checkpoint is intact
+                        raise StageFailed(
+                            f"stage {stage.name!r}: cannot write the checkpoint of step {done} ({err}); "
+                            f"the last complete one is {latest_checkpoint(ckpt_dir)}; fix that and "
+                            "continue with --resume"
+                        ) from None
+    finally:
+        # Also on an error or Ctrl+C: the data worker and the TensorBoard writer never outlive the stage.
+        data.close()
+        if writer is not None:
+            writer.close()
     export_final(model, stage_dir / "final")
     skipped: Counter[str] = Counter()
     for counts in D.gather_objects(dict(data.skipped)):
