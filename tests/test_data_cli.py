@@ -69,6 +69,35 @@ def test_synth_never_mixes_runs_in_one_folder(tmp_path: Path) -> None:
     assert sorted(s.id for s in ShardReader(out)) == ["general-color/train/9/0", "general-count/train/9/0"]
 
 
+def test_stats_streams_the_folder(tmp_path: Path) -> None:
+    """``data stats`` holds one sample at a time: its peak memory does not grow with the folder."""
+    import tracemalloc
+
+    payload = bytes(range(256)) * 2048  # 512 KB of image bytes per sample
+    turns = [Turn("user", "<image>"), Turn("assistant", "x")]
+
+    def peak_of_stats(n: int) -> int:
+        folder = tmp_path / str(n)
+        write_shards(
+            [Sample(f"s{i}", turns, "general", f"src{i % 2}", images=[payload]) for i in range(n)],
+            folder,
+            samples_per_shard=4,
+        )
+        runner.invoke(app, ["data", "stats", str(tmp_path / "4")])  # warm: first-call allocations
+        tracemalloc.start()
+        try:
+            result = runner.invoke(app, ["data", "stats", str(folder)])
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert result.exit_code == 0, result.output
+        assert f"{n} samples in" in result.output and f"general {n}" in result.output
+        return peak
+
+    small, large = peak_of_stats(4), peak_of_stats(24)
+    assert large - small < 2 * len(payload), f"{(large - small) / 1e6:.1f} MB more for 20 more samples"
+
+
 def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
     records = [

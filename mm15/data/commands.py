@@ -138,13 +138,17 @@ def pack(
         console.print(f"skipped (counted): {skipped}", soft_wrap=True)
 
 
-def _read(directory: Path, n: int | None) -> list[Sample]:
-    from mm15.data.sources import ShardReader
-
+def _check_shard_folder(directory: Path) -> None:
     if not directory.is_dir() or not any(directory.glob("*.tar")):
         raise typer.BadParameter(f"{directory} holds no .tar shards")
-    reader = ShardReader(directory)
-    return list(itertools.islice(iter(reader), n))
+
+
+def _read(directory: Path, n: int) -> list[Sample]:
+    """The folder's first ``n`` samples."""
+    from mm15.data.sources import ShardReader
+
+    _check_shard_folder(directory)
+    return list(itertools.islice(iter(ShardReader(directory)), n))
 
 
 @app.command()
@@ -174,23 +178,39 @@ def show(
 @app.command()
 def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) -> None:
     """Count the samples of a shard folder by category and source, with images, turns and regions."""
-    samples = _read(directory, None)
-    if not samples:
+    from mm15.data.sources import ShardReader
+
+    _check_shard_folder(directory)
+    # Streamed: one sample at a time is held, so a folder of any size can be counted.
+    totals: dict[str, Counter[str]] = {}
+    category_of: dict[str, str] = {}
+    by_category: Counter[str] = Counter()
+    with _progress() as progress:
+        task = progress.add_task(f"reading {directory}", total=None)
+        for sample in ShardReader(directory):
+            counts = totals.setdefault(sample.source, Counter())
+            counts["samples"] += 1
+            counts["images"] += len(sample.images)
+            counts["turns"] += len(sample.turns)
+            counts["regions"] += len(sample.regions)
+            category_of.setdefault(sample.source, sample.category)
+            by_category[sample.category] += 1
+            progress.advance(task)
+    total = sum(by_category.values())
+    if not total:
         raise typer.BadParameter(f"{directory} holds no samples")
-    by_category = Counter(s.category for s in samples)
-    by_source = Counter(s.source for s in samples)
-    table = Table(title=f"{len(samples)} samples in {directory}")
+    table = Table(title=f"{total} samples in {directory}")
     for column in ("source", "category", "samples", "images/sample", "turns/sample", "regions/sample"):
         table.add_column(column)
-    for source, count in sorted(by_source.items()):
-        group = [s for s in samples if s.source == source]
+    for source, counts in sorted(totals.items()):
+        n = counts["samples"]
         table.add_row(
             source,
-            group[0].category,
-            str(count),
-            f"{sum(len(s.images) for s in group) / count:.2f}",
-            f"{sum(len(s.turns) for s in group) / count:.2f}",
-            f"{sum(len(s.regions) for s in group) / count:.2f}",
+            category_of[source],
+            str(n),
+            f"{counts['images'] / n:.2f}",
+            f"{counts['turns'] / n:.2f}",
+            f"{counts['regions'] / n:.2f}",
         )
     console.print(table)
     console.print("by category: " + ", ".join(f"{c} {k}" for c, k in sorted(by_category.items())))
