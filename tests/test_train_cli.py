@@ -121,6 +121,17 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_losses(tmp_path: Path) -> 
     assert "resumed from" in flat and "step-00000006 at step 6" in flat, output
     assert losses(killed) == losses(straight)
 
+    # A recipe whose mixture changed since the checkpoint cannot continue its data stream: it says so.
+    shutil.rmtree(killed / "pretrain" / "final")
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(ONE_STAGE.replace("mixture: {caption: 1, text: 1}", "mixture: {caption: 1, text: 3}"))
+    refused = mm15("train", str(changed), "--out", str(killed), "--resume")
+    output, _ = refused.communicate(timeout=600)
+    assert refused.returncode == 2, output
+    flat = " ".join(output.split())
+    assert "the stage's data has changed since this checkpoint" in flat, output
+    assert "resume with the recipe it was written with" in flat and "Traceback" not in output
+
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
     recipe = tmp_path / "long.yaml"

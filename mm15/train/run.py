@@ -282,7 +282,13 @@ def run_stage(
         latest, start, extra = resumed
         state = _data_state(extra, rank, world, console)
         if state is not None:
-            stream.load_state_dict(state)
+            try:
+                stream.load_state_dict(state)
+            except (ValueError, KeyError) as err:
+                raise ValueError(
+                    f"{latest}: the stage's data has changed since this checkpoint ({err}); resume with the "
+                    f"recipe it was written with, or move {ckpt_dir} away to start the stage over"
+                ) from None
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
