@@ -201,6 +201,73 @@ def _data_state(extra: dict[str, Any], rank: int, world_size: int, console: Cons
     return None
 
 
+class StageLog:
+    """Rank 0's record of a stage: ``metrics.jsonl``, ``eval.jsonl`` and TensorBoard; inert elsewhere.
+
+    On resume both files are rewritten from the checkpoint's history first, so a resumed run's logs hold
+    no step twice, and TensorBoard drops what was logged after the checkpoint (``purge_step``).
+    """
+
+    def __init__(
+        self,
+        stage_dir: Path,
+        stage: str,
+        history: list[dict[str, Any]],
+        evals: list[dict[str, Any]],
+        start: int,
+        active: bool,
+    ) -> None:
+        self.stage = stage
+        self.active = active
+        self.metrics_file = stage_dir / "metrics.jsonl"
+        self.eval_file = stage_dir / "eval.jsonl"
+        self.writer: Any = None
+        if not active:
+            return
+        self.metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
+        self.eval_file.write_text("".join(json.dumps(e) + "\n" for e in evals))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
+
+    def step(self, record: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
+        with self.metrics_file.open("a") as log:
+            log.write(json.dumps(record) + "\n")
+        for key in LOGGED_SCALARS:
+            self.writer.add_scalar(f"{self.stage}/{key}", record[key], step)
+        for source, value in record["source_loss"].items():
+            self.writer.add_scalar(f"{self.stage}/loss/{source}", value, step)
+        for key, value in record["aux"].items():
+            self.writer.add_scalar(f"{self.stage}/moe/{key}", value, step)
+
+    def evaluation(self, scores: dict[str, Any], step: int) -> None:
+        if not self.active:
+            return
+        with self.eval_file.open("a") as log:
+            log.write(json.dumps(scores) + "\n")
+        for key, value in scores.items():
+            if key.startswith("category/"):
+                self.writer.add_scalar(f"{self.stage}/eval/{key[9:]}", value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _save_or_stop(ckpt_dir: Path, step: int, stage: StageConfig, *state: Any) -> None:
+    """``save_checkpoint``; a write that fails (a full disk, a lost mount) stops the stage cleanly."""
+    model, optimizer, scheduler, extra = state
+    try:
+        save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, extra, keep_last=stage.keep_last)
+    except OSError as err:  # the previous checkpoint is intact: saves are atomic
+        raise StageFailed(
+            f"stage {stage.name!r}: cannot write the checkpoint of step {step} ({err}); the last complete "
+            f"one is {latest_checkpoint(ckpt_dir)}; fix that and continue with --resume"
+        ) from None
+
+
 def _load_newest_readable(
     ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, console: Console
 ) -> tuple[Path, int, dict[str, Any]] | None:
@@ -293,20 +360,11 @@ def run_stage(
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
     data = Prefetcher(stream, mode=prefetch_mode(stage.data.prefetch))
-    metrics_file = stage_dir / "metrics.jsonl"
-    eval_file = stage_dir / "eval.jsonl"
     # Evaluation runs on rank 0 with the replicated model; a sharded (FSDP2) model would need every rank.
     evaluating = stage.eval_every > 0 and strategy != "fsdp2"
     if stage.eval_every > 0 and not evaluating:
         console.print(f"[yellow]{stage.name}: eval_every is ignored under FSDP2[/yellow]")
-    writer = None
-    if main:
-        # Rewrite the log from the checkpoint's history, so a resumed run's log has no duplicated steps.
-        metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
-        eval_file.write_text("".join(json.dumps(e) + "\n" for e in evals))
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
+    log = StageLog(stage_dir, stage.name, history, evals, start, active=main)
     peak = matmul_rate(dtype)  # the MFU denominator, measured once per stage
     # Replicated models must give every trainable parameter a gradient on every rank (an MoE expert no
     # token reached, the encoder on a text-only batch); see touch_unused_branches.
@@ -320,81 +378,56 @@ def run_stage(
         TimeElapsedColumn(),
         TextColumn("{task.fields[info]}"),
     )
+    progress = Progress(*columns, console=console, disable=not main)
+    task = progress.add_task(f"{stage.name}", total=stage.max_steps, completed=start, info="")
     try:
-        with Progress(*columns, console=console, disable=not main) as progress:
-            task = progress.add_task(f"{stage.name}", total=stage.max_steps, completed=start, info="")
-            for step in range(start, stage.max_steps):
-                try:
-                    metrics = train_step(
-                        wrapped,
-                        data,
-                        optimizer,
-                        scheduler,
-                        accum,
-                        step,
-                        dtype,
-                        stage.max_grad_norm,
-                        peak,
-                        loss_hook=loss_hook,
-                        nan_policy=stage.nan_policy,
-                        loss_weighting=stage.loss_weighting,
-                    )
-                except NonFiniteLoss as err:
-                    data.close()
-                    kept = latest_checkpoint(ckpt_dir)
-                    raise StageFailed(
-                        f"stage {stage.name!r}: {err}; the last good checkpoint is {kept}"
-                    ) from None
-                skipped_steps += metrics.skipped
-                record = metrics.as_dict()
-                history.append(record)
-                if writer is not None:
-                    with metrics_file.open("a") as log:
-                        log.write(json.dumps(record) + "\n")
-                    for key in LOGGED_SCALARS:
-                        writer.add_scalar(f"{stage.name}/{key}", record[key], step)
-                    for source, value in record["source_loss"].items():
-                        writer.add_scalar(f"{stage.name}/loss/{source}", value, step)
-                    for key, value in record["aux"].items():
-                        writer.add_scalar(f"{stage.name}/moe/{key}", value, step)
-                progress.update(
-                    task,
-                    advance=1,
-                    info=f"loss {metrics.loss:.3f}  {metrics.tokens_per_s:.0f} tok/s  "
-                    f"wait {metrics.data_wait:.0%}",
+        progress.start()
+        for step in range(start, stage.max_steps):
+            try:
+                metrics = train_step(
+                    wrapped,
+                    data,
+                    optimizer,
+                    scheduler,
+                    accum,
+                    step,
+                    dtype,
+                    stage.max_grad_norm,
+                    peak,
+                    loss_hook=loss_hook,
+                    nan_policy=stage.nan_policy,
+                    loss_weighting=stage.loss_weighting,
                 )
-                done = step + 1
-                if evaluating and main and (done % stage.eval_every == 0 or done == stage.max_steps):
-                    progress.update(task, info=f"loss {metrics.loss:.3f}  evaluating ...")
-                    scores = {"step": done, **evaluate_during_training(model, stage, done)}
-                    evals.append(scores)
-                    with eval_file.open("a") as log:
-                        log.write(json.dumps(scores) + "\n")
-                    for key, value in scores.items():
-                        if key.startswith("category/") and writer is not None:
-                            writer.add_scalar(f"{stage.name}/eval/{key[9:]}", value, done)
-                if done % stage.save_every == 0 or done == stage.max_steps:
-                    # Every rank's data position, so that a resume on the same world size is exact.
-                    extra = {
-                        "data": {"ranks": D.gather_objects(data.state_dict())},
-                        "history": history,
-                        "evals": evals,
-                    }
-                    try:
-                        save_checkpoint(
-                            ckpt_dir, done, model, optimizer, scheduler, extra, keep_last=stage.keep_last
-                        )
-                    except OSError as err:  # a full disk, a lost mount: the previous checkpoint is intact
-                        raise StageFailed(
-                            f"stage {stage.name!r}: cannot write the checkpoint of step {done} ({err}); "
-                            f"the last complete one is {latest_checkpoint(ckpt_dir)}; fix that and "
-                            "continue with --resume"
-                        ) from None
+            except NonFiniteLoss as err:
+                kept = latest_checkpoint(ckpt_dir)
+                raise StageFailed(
+                    f"stage {stage.name!r}: {err}; the last good checkpoint is {kept}"
+                ) from None
+            skipped_steps += metrics.skipped
+            record = metrics.as_dict()
+            history.append(record)
+            log.step(record, step)
+            info = f"loss {metrics.loss:.3f}  {metrics.tokens_per_s:.0f} tok/s  wait {metrics.data_wait:.0%}"
+            progress.update(task, advance=1, info=info)
+            done = step + 1
+            if evaluating and main and (done % stage.eval_every == 0 or done == stage.max_steps):
+                progress.update(task, info=f"loss {metrics.loss:.3f}  evaluating ...")
+                scores = {"step": done, **evaluate_during_training(model, stage, done)}
+                evals.append(scores)
+                log.evaluation(scores, done)
+            if done % stage.save_every == 0 or done == stage.max_steps:
+                # Every rank's data position, so that a resume on the same world size is exact.
+                extra = {
+                    "data": {"ranks": D.gather_objects(data.state_dict())},
+                    "history": history,
+                    "evals": evals,
+                }
+                _save_or_stop(ckpt_dir, done, stage, model, optimizer, scheduler, extra)
     finally:
         # Also on an error or Ctrl+C: the data worker and the TensorBoard writer never outlive the stage.
+        progress.stop()
         data.close()
-        if writer is not None:
-            writer.close()
+        log.close()
     export_final(model, stage_dir / "final")
     skipped: Counter[str] = Counter()
     for counts in D.gather_objects(dict(data.skipped)):
