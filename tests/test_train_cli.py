@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,15 @@ def test_tiny_recipe_three_stages_on_a_reduced_budget(tmp_path: Path) -> None:
         assert history[-1]["loss"] < history[0]["loss"], (stage, [h["loss"] for h in history])
         assert (tmp_path / stage / "final" / "model.safetensors").is_file()
         assert (tmp_path / stage / "loss.png").stat().st_size > 1000
-        assert any((tmp_path / stage / "tensorboard").iterdir())
+        # TensorBoard holds the same per-step numbers as metrics.jsonl.
+        board = EventAccumulator(str(tmp_path / stage / "tensorboard"))
+        board.Reload()
+        logged = [e.value for e in board.Scalars(f"{stage}/loss")]
+        assert logged == pytest.approx([h["loss"] for h in history], rel=1e-6)
+        assert {f"{stage}/lr", f"{stage}/mfu", f"{stage}/data_wait"} <= set(board.Tags()["scalars"])
+    sft_board = EventAccumulator(str(tmp_path / "sft" / "tensorboard"))
+    sft_board.Reload()
+    assert any(tag.startswith("sft/eval/") for tag in sft_board.Tags()["scalars"])
     summary = (tmp_path / "summary.md").read_text()
     assert "| pretrain | 5 |" in summary and "| sft | 5 |" in summary
     # Evaluation during training: the SFT stage evaluates at its end (eval_every, capped budget).
