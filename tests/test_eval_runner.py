@@ -215,6 +215,10 @@ def test_real_benchmark_files(model: MM15Model, tmp_path: Path) -> None:
     empty.write_text(json.dumps({"data": []}))
     with pytest.raises(TaskError, match=re.escape(f"task textvqa: no items to evaluate in {empty}")):
         evaluate(model, [specs[0], f"textvqa:path={empty}"], out_dir=tmp_path / "out", progress=False)
+    # An item whose image is missing stops the task naming the item: it cannot be scored.
+    (tmp_path / "abc.jpg").unlink()
+    with pytest.raises(TaskError, match=re.escape("task textvqa: item 7: ") + ".*abc.jpg: no such file"):
+        evaluate(model, f"textvqa:path={textvqa},max_new_tokens=3", progress=False)
 
 
 def test_item_cache_ignores_damaged_lines(tmp_path: Path) -> None:

@@ -44,7 +44,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mm15.eval.report import EvalReport, TaskResult
 from mm15.eval.tasks import Task, TaskError, TaskItem, TaskSpec, resolve_task_specs
 from mm15.hardware import autocast
-from mm15.image import load_image
+from mm15.image import ImageError, load_image
 from mm15.model.generate import GenerationConfig, generate
 from mm15.model.mm15 import MM15Model, MM15Processor
 
@@ -237,6 +237,14 @@ def generate_texts(
         return generate(model, batch, cfg)
 
 
+def _item_images(item: TaskItem) -> list[Image.Image]:
+    """The item's images; one that cannot be read stops the task naming the item (it cannot be scored)."""
+    try:
+        return [load_image(ref) for ref in item.images]
+    except ImageError as err:
+        raise TaskError(f"item {item.id}: {err} (every image of an item is needed to score it)") from None
+
+
 def _generate_batch(
     model: MM15Model, processor: MM15Processor, pending: Sequence[_Pending], cfg: GenerationConfig
 ) -> list[str]:
@@ -250,7 +258,7 @@ def _generate_batch(
             texts = _generate_batch(model, processor, [pending[k] for k in part], cfg)
             outputs.update(zip(part, texts, strict=True))
         return [outputs[k] for k in range(len(pending))]
-    images = [[load_image(ref) for ref in p.item.images] for p in pending]
+    images = [_item_images(p.item) for p in pending]
     prompts = [p.prompt for p in pending]
     return generate_texts(model, prompts, images, cfg, processor=processor, video=all(videos))
 
@@ -305,7 +313,10 @@ def _run_task(
         kept[p.index] = dataclasses.replace(p.item, images=())
 
     def flush(pending: list[_Pending]) -> None:
-        outputs = _generate_batch(model, processor, pending, cfg)
+        try:
+            outputs = _generate_batch(model, processor, pending, cfg)
+        except TaskError as err:
+            raise TaskError(f"task {name}: {err}") from None
         cache.put((p.key, p.item.id, out) for p, out in zip(pending, outputs, strict=True))
         counts["generated"] += len(pending)
         for p, out in zip(pending, outputs, strict=True):
