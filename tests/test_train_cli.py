@@ -205,6 +205,37 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_stage_and_its_data_worker
     assert multiprocessing.active_children() == []
 
 
+def test_one_run_directory_has_one_writer(tmp_path: Path) -> None:
+    """A second training process on a run directory in use stops at once, naming the holder's pid; the
+    lock goes with its holder, so a killed run leaves none behind."""
+    from rich.console import Console
+
+    from mm15.train.config import RecipeConfig
+    from mm15.train.run import run_dir_lock, run_recipe
+
+    run = tmp_path / "run"
+    run.mkdir()
+    hold = (
+        "import pathlib, time\n"
+        "from mm15.train.run import run_dir_lock\n"
+        f"with run_dir_lock(pathlib.Path({str(run)!r})):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        recipe = RecipeConfig.from_dict(yaml.safe_load(ONE_STAGE))
+        with pytest.raises(ValueError, match=f"is in use by another training process \\(pid {holder.pid}\\)"):
+            run_recipe(recipe, Console(quiet=True), out=run)
+        assert not (run / "pretrain").exists()  # nothing was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with run_dir_lock(run):  # the killed holder's lock is gone
+        pass
+
+
 def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None:
     from mm15.train.config import load_recipe
     from mm15.train.run import _write_summary

@@ -8,6 +8,7 @@ Layout of a run directory (``--out``, default the recipe's ``output_dir``)::
     <run>/<stage>/tensorboard/                 the same as TensorBoard scalars
     <run>/<stage>/loss.png                     the loss curves (total and per source)
     <run>/summary.md                           one row per stage: steps, first and last loss, speed, skips
+    <run>/.lock                                held (flock) by the training process writing the run
 
 A stage whose ``final/`` exists is done and is skipped; with ``--resume`` an interrupted stage continues
 from its latest checkpoint and reproduces the uninterrupted loss curve exactly.
@@ -15,11 +16,15 @@ from its latest checkpoint and reproduces the uninterrupted loss curve exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
+import os
 import random
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -75,6 +80,10 @@ def stage_dtype(setting: str) -> torch.dtype:
 
 # Per-step metrics written to TensorBoard as scalars (besides per-source losses and MoE aux losses).
 LOGGED_SCALARS = ("loss", "lr", "tokens_per_s", "images_per_s", "mfu", "data_wait", "peak_rss_gib")
+
+
+# The file whose lock marks a run directory as being written (``run_dir_lock``).
+LOCK_NAME = ".lock"
 
 
 class StageFailed(RuntimeError):
@@ -485,20 +494,51 @@ def run_recipe(
         raise ValueError(f"run directory {run_dir} exists and is not a directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     summaries, model = [], None
-    for stage in stages:
-        if (run_dir / stage.name / "final" / "config.json").is_file():
-            console.print(f"[bold]{stage.name}[/bold]: done already ({run_dir / stage.name / 'final'})")
-            model = None
-            continue
-        model = _model_for(recipe, stage, run_dir, model)
-        summaries.append(run_stage(recipe, stage, run_dir, model, console, resume, chosen))
-        if chosen != "none":
-            # A wrapped or sharded model is not reused: the next stage loads this stage's export.
-            model = None
-    if summaries and info.is_main:
-        _write_summary(run_dir, recipe, summaries)
+    # Rank 0 writes every file of the run; another training process writing the same directory would
+    # prune its checkpoints and interleave its logs, so one run directory has one writer at a time.
+    with run_dir_lock(run_dir) if info.is_main else contextlib.nullcontext():
+        for stage in stages:
+            if (run_dir / stage.name / "final" / "config.json").is_file():
+                console.print(f"[bold]{stage.name}[/bold]: done already ({run_dir / stage.name / 'final'})")
+                model = None
+                continue
+            model = _model_for(recipe, stage, run_dir, model)
+            summaries.append(run_stage(recipe, stage, run_dir, model, console, resume, chosen))
+            if chosen != "none":
+                # A wrapped or sharded model is not reused: the next stage loads this stage's export.
+                model = None
+        if summaries and info.is_main:
+            _write_summary(run_dir, recipe, summaries)
     D.barrier()
     return summaries
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` (an exclusive ``flock``) for the block; ``ValueError`` if another process does.
+
+    The kernel releases the lock when its process ends, however it ends (SIGKILL included), so a killed
+    run never leaves a stale lock behind for ``--resume`` to trip over.
+    """
+    path = run_dir / LOCK_NAME
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise ValueError(
+                f"{run_dir} is in use by another training process (pid {holder}); wait for it to finish, "
+                "or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str, Any]]) -> None:
