@@ -236,6 +236,24 @@ def test_one_run_directory_has_one_writer(tmp_path: Path) -> None:
         pass
 
 
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fcntl
+
+    from mm15.train.run import run_dir_lock
+
+    def no_locks(*args: object) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    entered = False
+    with pytest.warns(UserWarning, match="No locks available.*nothing stops a second run"):
+        with run_dir_lock(tmp_path):
+            entered = True
+    assert entered
+
+
 def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None:
     from mm15.train.config import load_recipe
     from mm15.train.run import _write_summary

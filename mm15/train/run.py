@@ -23,6 +23,7 @@ import json
 import os
 import random
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -531,6 +532,10 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
                 f"{run_dir} is in use by another training process (pid {holder}); wait for it to finish, "
                 "or choose another --out"
             ) from None
+        except OSError as err:  # a file system without locks (some network mounts): train unguarded
+            warnings.warn(f"cannot lock {path} ({err}); nothing stops a second run here", stacklevel=3)
+            yield
+            return
         handle.seek(0)
         handle.truncate()
         handle.write(str(os.getpid()))
