@@ -248,7 +248,8 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
     entered = False
-    with pytest.warns(UserWarning, match="No locks available.*nothing stops a second run"), run_dir_lock(tmp_path):
+    warned = pytest.warns(UserWarning, match="No locks available.*nothing stops a second run")
+    with warned, run_dir_lock(tmp_path):
         entered = True
     assert entered
 
