@@ -8,7 +8,8 @@ that does not decode (``corrupt``); past ``max_corrupt_fraction`` of the samples
 with an error, since a data set that broken should not train quietly.
 
 A source is named by a spec: ``synth:<generator>`` or ``synth:<category>`` (the category's generators
-in turn), ``shards:<folder>`` (WebDataset shards from ``mm15 data``) or ``video:<annotations>`` (video-QA
+in turn), ``shards:<folder>`` (WebDataset shards from ``mm15 data``, read pass after pass, each pass in a
+new seeded order through a shuffle buffer when ``shuffle_buffer`` > 0) or ``video:<annotations>`` (video-QA
 JSON / JSONL read by ``mm15.data.video_qa.VideoQAReader``: 24 frames per video, videos relative to the
 annotation file, read by record index so only the videos used are decoded; records that cannot be used
 are counted by the reader). Its position is a counter, so
@@ -77,7 +78,8 @@ def _passes(reader: ShardReader, spec: str, seed: int, shuffle_buffer: int) -> I
     for epoch in itertools.count():
         reader.set_epoch(epoch)
         empty = True
-        for sample in buffer_shuffle(reader, shuffle_buffer, random.Random(f"{seed}/{spec}/{epoch}")):
+        # Seeded by the seed and pass alone (not the path), so a data folder can move between resumes.
+        for sample in buffer_shuffle(reader, shuffle_buffer, random.Random(f"{seed}/{epoch}")):
             empty = False
             yield sample
         if empty:
