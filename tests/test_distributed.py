@@ -354,6 +354,9 @@ def test_a_shuffled_shard_source_is_reproducible_per_rank_and_on_resume(tmp_path
     resumed = SampleSource(spec, seed=1, shuffle_buffer=8)
     resumed.seek(27)  # what a checkpoint restores
     assert ids(resumed, 33) == stream[27:]
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"  # the data folder moved between runs
+    shutil.copytree(tmp_path, moved)
+    assert ids(SampleSource(f"shards:{moved}", seed=1, shuffle_buffer=8), 60) == stream
 
 
 def _train(tmp: Path, recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
