@@ -204,6 +204,11 @@ def test_unknown_category_and_empty_folder_are_clear_errors(tmp_path: Path) -> N
             app, ["data", "synth", "--category", "general", "--n", "1", "--out", str(tmp_path), option, value]
         )
         assert bad_value.exit_code == 2 and message in flat(bad_value.output), option
+    pack = ["data", "pack", str(tmp_path / "gone.json"), "--out", str(tmp_path / "p")]
+    no_file = runner.invoke(app, [*pack, "--images", str(tmp_path)])
+    assert no_file.exit_code == 2 and "gone.json: no such file" in flat(no_file.output)
+    no_folder = runner.invoke(app, [*pack, "--images", str(tmp_path / "nowhere")])
+    assert no_folder.exit_code == 2 and "nowhere is not a folder" in flat(no_folder.output)
     runner.invoke(app, ["data", "synth", "--category", "general", "--n", "1", "--out", str(tmp_path / "s")])
     for extra, message in [
         (["--out", str(tmp_path / "sheet.txt")], "--out must end in .png, .jpg or .jpeg"),

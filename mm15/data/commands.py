@@ -113,6 +113,8 @@ def pack(
 
     if kind not in PACK_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}, got {kind!r}")
+    if images is not None and not images.is_dir():
+        raise typer.BadParameter(f"--images {images} is not a folder")
     if kind != "text" and images is None:
         raise typer.BadParameter(f"--images is needed for {kind} records: image paths are relative to it")
     if kind == "interleaved" and category not in (None, "interleaved"):
@@ -130,7 +132,7 @@ def pack(
         else:
             reader = TextReader(annotations, category=category or "text-only", strict=not lenient)
         shards = write_shards(reader, out, samples_per_shard=per_shard, prefix="packed", overwrite=overwrite)
-    except (SourceError, ValueError, FileExistsError) as err:
+    except (SourceError, ValueError, FileExistsError, FileNotFoundError) as err:
         _fail(err)
     console.print(f"wrote {len(shards)} shards to {out}")
     skipped = reader.skipped.as_dict()
