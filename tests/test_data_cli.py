@@ -98,6 +98,20 @@ def test_stats_streams_the_folder(tmp_path: Path) -> None:
     assert large - small < 2 * len(payload), f"{(large - small) / 1e6:.1f} MB more for 20 more samples"
 
 
+def test_show_and_stats_count_a_damaged_shard_instead_of_stopping(tmp_path: Path) -> None:
+    samples = [Sample(f"s{i}", [Turn("user", "q"), Turn("assistant", "a")], "text", "t") for i in range(4)]
+    (first,) = write_shards(samples, tmp_path, samples_per_shard=4)
+    (tmp_path / "cut.tar").write_bytes(first.read_bytes()[:2600])  # a shard cut short
+    readable = len(list(ShardReader(tmp_path, strict=False)))  # the 4, and what precedes the cut
+    assert 4 < readable < 8
+    counted = runner.invoke(app, ["data", "stats", str(tmp_path)])
+    assert counted.exit_code == 0, counted.output
+    assert f"text {readable}" in counted.output and "{'bad_shard': 1}" in counted.output
+    shown = runner.invoke(app, ["data", "show", str(tmp_path), "--out", str(tmp_path / "sheet.png")])
+    assert shown.exit_code == 0, shown.output
+    assert f"drew {readable} samples" in shown.output and "{'bad_shard': 1}" in shown.output
+
+
 def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
     records = [

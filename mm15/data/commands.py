@@ -6,7 +6,7 @@ import itertools
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mm15.data.sample import CATEGORIES, Sample
+
+if TYPE_CHECKING:
+    from mm15.data.sources import ShardReader
 
 app = typer.Typer(help="Data: synthesise, pack, show and count samples.", no_args_is_help=True)
 console = Console()
@@ -145,12 +148,19 @@ def _check_shard_folder(directory: Path) -> None:
         raise typer.BadParameter(f"{directory} holds no .tar shards")
 
 
-def _read(directory: Path, n: int) -> list[Sample]:
-    """The folder's first ``n`` samples."""
+def _lenient_reader(directory: Path) -> ShardReader:
+    """A reader of the folder's shards that counts damaged records instead of stopping: these commands
+    are how one looks at a damaged data set."""
     from mm15.data.sources import ShardReader
 
     _check_shard_folder(directory)
-    return list(itertools.islice(iter(ShardReader(directory)), n))
+    return ShardReader(directory, strict=False)
+
+
+def _report_skips(reader: ShardReader) -> None:
+    skipped = reader.skipped.as_dict()
+    if skipped:
+        console.print(f"skipped (counted; mm15 train would stop at the first): {skipped}", soft_wrap=True)
 
 
 @app.command()
@@ -168,7 +178,9 @@ def show(
         check_picture_path(out, "--out")
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    samples = _read(directory, n)
+    reader = _lenient_reader(directory)
+    samples = list(itertools.islice(iter(reader), n))
+    _report_skips(reader)
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet, broken = contact_sheet(samples, columns=columns)
     sheet.save(out)
@@ -180,16 +192,14 @@ def show(
 @app.command()
 def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) -> None:
     """Count the samples of a shard folder by category and source, with images, turns and regions."""
-    from mm15.data.sources import ShardReader
-
-    _check_shard_folder(directory)
+    reader = _lenient_reader(directory)
     # Streamed: one sample at a time is held, so a folder of any size can be counted.
     totals: dict[str, Counter[str]] = {}
     category_of: dict[str, str] = {}
     by_category: Counter[str] = Counter()
     with _progress() as progress:
         task = progress.add_task(f"reading {directory}", total=None)
-        for sample in ShardReader(directory):
+        for sample in reader:
             counts = totals.setdefault(sample.source, Counter())
             counts["samples"] += 1
             counts["images"] += len(sample.images)
@@ -200,6 +210,7 @@ def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) 
             progress.advance(task)
     total = sum(by_category.values())
     if not total:
+        _report_skips(reader)
         raise typer.BadParameter(f"{directory} holds no samples")
     table = Table(title=f"{total} samples in {directory}")
     for column in ("source", "category", "samples", "images/sample", "turns/sample", "regions/sample"):
@@ -216,3 +227,4 @@ def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) 
         )
     console.print(table)
     console.print("by category: " + ", ".join(f"{c} {k}" for c, k in sorted(by_category.items())))
+    _report_skips(reader)
