@@ -255,6 +255,10 @@ def test_a_damaged_model_directory_is_a_clear_error(model: MM15Model, tmp_path: 
     for name, (change, message) in cases.items():
         with pytest.raises(ValueError, match=re.escape(message)):
             MM15Model.from_pretrained(damaged(name, change))
+    stage = tmp_path / "run" / "sft"  # a training stage's directory: its model is in final/
+    shutil.copytree(tmp_path / "good", stage / "final")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"did you mean {stage / 'final'}?")):
+        MM15Model.from_pretrained(stage)
 
 
 def test_moe_model_saves_loads_and_reports_aux(tmp_path: Path) -> None:

@@ -277,8 +277,10 @@ class MM15Model(nn.Module):
 
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+            # A training stage's directory holds its model under final/: point there.
+            hint = f"; did you mean {path / 'final'}?" if (path / "final" / CONFIG_NAME).is_file() else ""
             raise FileNotFoundError(
-                f"{path} is not an mm15 model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME})"
+                f"{path} is not an mm15 model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}){hint}"
             )
         try:
             document = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
