@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -354,6 +355,22 @@ def test_a_shuffled_shard_source_is_reproducible_per_rank_and_on_resume(tmp_path
     resumed = SampleSource(spec, seed=1, shuffle_buffer=8)
     resumed.seek(27)  # what a checkpoint restores
     assert ids(resumed, 33) == stream[27:]
+    # Once a pass's length is known (a checkpoint carries it), a resume reads only the current pass.
+    reads = 0
+    counted = SampleSource(spec, seed=1, shuffle_buffer=8)
+    real_read = counted.reader._read_shard
+
+    def read_shard(shard: Path) -> Any:
+        nonlocal reads
+        for sample in real_read(shard):
+            reads += 1
+            yield sample
+
+    counted.reader._read_shard = read_shard  # type: ignore[method-assign]
+    counted.pass_length = 20
+    counted.seek(47)
+    assert ids(counted, 13) == stream[47:]
+    assert reads == 20  # pass 2 alone: up to sample 7 it must fill the buffer, then it reads on to 60
     moved = tmp_path.parent / f"{tmp_path.name}-moved"  # the data folder moved between runs
     shutil.copytree(tmp_path, moved)
     assert ids(SampleSource(f"shards:{moved}", seed=1, shuffle_buffer=8), 60) == stream

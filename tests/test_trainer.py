@@ -142,6 +142,24 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
     micros = [stream.next_micro() for _ in range(2)]
     assert stream.skipped["corrupt"] == 2 and stream.seen == 8  # 6 used, the 2 corrupt ones counted
     assert [s.sample_id for m in micros for s in m.samples] == [samples[i].id for i in (0, 1, 3, 4, 6, 7)]
+    # A third micro-batch starts the second pass: the pass length is known and carried by the state,
+    # and a stream restored from that state continues with the same samples.
+    stream.next_micro()
+    state = stream.state_dict()
+    assert state["pass_lengths"] == {"shards": 8} and state["positions"] == {"shards": 12}  # 2 corrupt
+    fourth = [s.sample_id for s in stream.next_micro().samples]
+    restored = TrainStream(
+        MixtureSampler(MixtureNode.from_dict({"shards": 1}), seed=0),
+        {"shards": f"shards:{tmp_path}"},
+        ChatEncoder(model.tokenizer, model.cfg.image, max_length=1024),
+        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
+        samples_per_micro=3,
+        pad_id=model.tokenizer.pad_token_id,
+        max_corrupt_fraction=0.5,
+    )
+    restored.load_state_dict(state)
+    assert restored.sources["shards"].pass_length == 8
+    assert [s.sample_id for s in restored.next_micro().samples] == fourth
 
 
 def _with_options(**options: bool) -> list[float]:

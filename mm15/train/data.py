@@ -67,25 +67,6 @@ def buffer_shuffle(samples: Iterable[Sample], size: int, rng: random.Random) -> 
     yield from held
 
 
-def _passes(reader: ShardReader, spec: str, seed: int, shuffle_buffer: int) -> Iterator[Sample]:
-    """The reader's samples pass after pass, read afresh each time, shuffled per pass.
-
-    Not ``itertools.cycle``, which keeps a copy of every sample of the first pass, so a shard source grew
-    the training process by the whole data set's size (measured: +716 MB over 617 MB of shards). Pass
-    ``e`` reads the shards in the reader's order for epoch ``e`` and shuffles through a buffer seeded by
-    (seed, e): the same on every rank and in a resumed run.
-    """
-    for epoch in itertools.count():
-        reader.set_epoch(epoch)
-        empty = True
-        # Seeded by the seed and pass alone (not the path), so a data folder can move between resumes.
-        for sample in buffer_shuffle(reader, shuffle_buffer, random.Random(f"{seed}/{epoch}")):
-            empty = False
-            yield sample
-        if empty:
-            raise ValueError(f"source spec {spec!r}: no samples")
-
-
 class SampleSource:
     """An indexable stream of samples for one source spec (module docstring).
 
@@ -110,6 +91,9 @@ class SampleSource:
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.position = 0
         self.rank, self.world_size = rank, world_size
+        # Samples in one pass over a shard source, known once a pass has been read: a resume then skips
+        # whole passes without reading them (checkpoints carry it, TrainStream.state_dict).
+        self.pass_length: int | None = None
         self._iter: Iterator[Sample] | None = None
         if kind == "synth":
             from mm15.data.synth import synth_names
@@ -142,10 +126,32 @@ class SampleSource:
         if self.kind == "video":
             return self.reader.sample_at(index)  # random access: decodes only this rank's videos
         if self._iter is None:
-            # Resuming: skip what was consumed (shards are streamed, so position is a sample count).
-            stream = _passes(self.reader, self.spec, self.seed, self.shuffle_buffer)
-            self._iter = itertools.islice(stream, index, None, self.world_size)
+            # Resuming: shards are streamed, so skipping what was consumed means reading it; with the
+            # pass length known, only the current pass is read up to the position.
+            first = index // self.pass_length if self.pass_length else 0
+            offset = index - first * (self.pass_length or 0)
+            self._iter = itertools.islice(self._passes(first), offset, None, self.world_size)
         return next(self._iter)
+
+    def _passes(self, first_epoch: int) -> Iterator[Sample]:
+        """The shards' samples pass after pass from ``first_epoch`` on, read afresh each time.
+
+        Not ``itertools.cycle``, which keeps a copy of every sample of the first pass, so a shard source
+        grew the training process by the whole data set's size (measured: +716 MB over 617 MB of
+        shards). Pass ``e`` reads the shards in the reader's order for epoch ``e`` and shuffles through
+        a buffer seeded by (seed, e): the same on every rank and in a resumed run, wherever the folder
+        is (the path is not part of the seed).
+        """
+        for epoch in itertools.count(first_epoch):
+            self.reader.set_epoch(epoch)
+            count = 0
+            rng = random.Random(f"{self.seed}/{epoch}")
+            for sample in buffer_shuffle(self.reader, self.shuffle_buffer, rng):
+                count += 1
+                yield sample
+            if not count:
+                raise ValueError(f"source spec {self.spec!r}: no samples")
+            self.pass_length = count
 
     def seek(self, position: int) -> None:
         self.position = position
@@ -263,6 +269,9 @@ class TrainStream:
         return {
             "mixture": self.sampler.state_dict(),
             "positions": {name: source.position for name, source in self.sources.items()},
+            "pass_lengths": {
+                name: source.pass_length for name, source in self.sources.items() if source.pass_length
+            },
             "skipped": dict(self.skipped),
             "seen": self.seen,
             "queue": list(self._queue),
@@ -270,6 +279,8 @@ class TrainStream:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sampler.load_state_dict(state["mixture"])
+        for name, length in state.get("pass_lengths", {}).items():  # older checkpoints have none
+            self.sources[name].pass_length = int(length)
         for name, position in state["positions"].items():
             self.sources[name].seek(int(position))
         self.skipped = Counter(state.get("skipped", {}))
