@@ -120,6 +120,19 @@ def test_resume_from_a_checkpoint_continues_the_same_losses(tmp_path: Path) -> N
     assert steps(model2, stream2, optimizer2, scheduler2, 3, 3) == expected
 
 
+def shard_stream(model: MM15Model, folder: Path) -> TrainStream:
+    """A stream of one shard source, 3 samples per micro-batch, tolerant of half its images corrupt."""
+    return TrainStream(
+        MixtureSampler(MixtureNode.from_dict({"shards": 1}), seed=0),
+        {"shards": f"shards:{folder}"},
+        ChatEncoder(model.tokenizer, model.cfg.image, max_length=1024),
+        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
+        samples_per_micro=3,
+        pad_id=model.tokenizer.pad_token_id,
+        max_corrupt_fraction=0.5,
+    )
+
+
 def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> None:
     from mm15.data.sources import write_shards
     from mm15.data.synth import generate
@@ -130,15 +143,7 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
     write_shards(samples, tmp_path, samples_per_shard=4)
     torch.manual_seed(0)
     model = MM15Model.build(preset("tiny")).train()
-    stream = TrainStream(
-        MixtureSampler(MixtureNode.from_dict({"shards": 1}), seed=0),
-        {"shards": f"shards:{tmp_path}"},
-        ChatEncoder(model.tokenizer, model.cfg.image, max_length=1024),
-        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
-        samples_per_micro=3,
-        pad_id=model.tokenizer.pad_token_id,
-        max_corrupt_fraction=0.5,
-    )
+    stream = shard_stream(model, tmp_path)
     micros = [stream.next_micro() for _ in range(2)]
     assert stream.skipped["corrupt"] == 2 and stream.seen == 8  # 6 used, the 2 corrupt ones counted
     assert [s.sample_id for m in micros for s in m.samples] == [samples[i].id for i in (0, 1, 3, 4, 6, 7)]
@@ -148,15 +153,7 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
     state = stream.state_dict()
     assert state["pass_lengths"] == {"shards": 8} and state["positions"] == {"shards": 12}  # 2 corrupt
     fourth = [s.sample_id for s in stream.next_micro().samples]
-    restored = TrainStream(
-        MixtureSampler(MixtureNode.from_dict({"shards": 1}), seed=0),
-        {"shards": f"shards:{tmp_path}"},
-        ChatEncoder(model.tokenizer, model.cfg.image, max_length=1024),
-        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
-        samples_per_micro=3,
-        pad_id=model.tokenizer.pad_token_id,
-        max_corrupt_fraction=0.5,
-    )
+    restored = shard_stream(model, tmp_path)
     restored.load_state_dict(state)
     assert restored.sources["shards"].pass_length == 8
     assert [s.sample_id for s in restored.next_micro().samples] == fourth
