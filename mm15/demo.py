@@ -29,6 +29,7 @@ from rich.table import Table
 
 from mm15.geometry import ImagePlanConfig
 from mm15.image import ImageProcessor, image_size, load_image
+from mm15.paths import check_output_dir
 from mm15.viz import draw_plan
 
 if TYPE_CHECKING:
@@ -365,8 +366,7 @@ def run_demo(
 
     # The inputs are checked before anything runs: a bad one fails in a second, not minutes in.
     try:
-        if out.exists() and not out.is_dir():
-            raise ValueError(f"--out {out} exists and is not a directory")
+        check_output_dir(out, "--out")
         config = load_recipe(recipe)
         for path in images or []:
             image_size(path)  # the header: raises the ImageError load_image would

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
+from mm15.paths import not_a_file_reason
 
 DEFAULT_MAX_PIXELS = 64_000_000
 ALPHA_BACKGROUND = (255, 255, 255)
@@ -130,17 +131,6 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         return _composite(image.convert("RGBA"))
     return image.convert("RGB")
-
-
-def not_a_file_reason(path: Path) -> str | None:
-    """Why ``path`` cannot be read as a file ("no such file", "is a directory", ...), or None if it can."""
-    if path.is_file():
-        return None
-    if path.is_dir():
-        return "is a directory, not a file"
-    if path.exists():
-        return "not a regular file"
-    return "no such file"
 
 
 def _open(src: str | os.PathLike | bytes, source: str) -> Image.Image:

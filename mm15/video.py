@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from mm15.image import DEFAULT_MAX_PIXELS, not_a_file_reason
+from mm15.image import DEFAULT_MAX_PIXELS
+from mm15.paths import not_a_file_reason
 
 if TYPE_CHECKING:  # PyAV is imported when a video is read, so importing mm15.video stays cheap
     from av.container import InputContainer

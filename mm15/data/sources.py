@@ -101,7 +101,8 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, REGION_PATTERN, ImageRef, Region, Sample, Turn
-from mm15.image import ImageError, image_size, not_a_file_reason, to_rgb
+from mm15.image import ImageError, image_size, to_rgb
+from mm15.paths import check_output_dir, not_a_file_reason
 
 PathLike = str | os.PathLike
 Paths = PathLike | Sequence[PathLike]
@@ -750,8 +751,7 @@ def write_shards(
     if not prefix or "/" in prefix or os.sep in prefix:
         raise ValueError(f"prefix must be a non-empty file name part, got {prefix!r}")
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} exists and is not a directory")
+    check_output_dir(out, "the shard folder")
     earlier = sorted(out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
     if earlier and not overwrite:
         raise FileExistsError(

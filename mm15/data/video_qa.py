@@ -66,7 +66,7 @@ from mm15.data.sources import (
     _records,
     _string_field,
 )
-from mm15.image import not_a_file_reason
+from mm15.paths import not_a_file_reason
 from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
 
 VIDEO_PLACEHOLDER = "<video>"

@@ -47,6 +47,7 @@ from mm15.hardware import autocast
 from mm15.image import ImageError, load_image
 from mm15.model.generate import GenerationConfig, generate
 from mm15.model.mm15 import MM15Model, MM15Processor
+from mm15.paths import check_output_dir
 
 __all__ = [
     "ItemCache",
@@ -389,8 +390,8 @@ def evaluate(
         raise ValueError(f"limit must be >= 1, got {limit}")
     resolved = resolve_task_specs(tasks if isinstance(tasks, str) else list(tasks))
     out = Path(out_dir) if out_dir is not None else None
-    if out is not None and out.exists() and not out.is_dir():
-        raise ValueError(f"the results directory {out} exists and is not a directory")
+    if out is not None:
+        check_output_dir(out, "the results directory")
     started, clock = datetime.now(UTC), time.perf_counter()
     identity = model_identity(model, model_path, model_id)
     model_key = json.dumps({k: v for k, v in identity.items() if k not in ("path", "name")}, sort_keys=True)

@@ -39,7 +39,7 @@ import yaml
 
 from mm15.data.mixture import MixtureNode, effective_weights
 from mm15.geometry import ImagePlanConfig
-from mm15.image import not_a_file_reason
+from mm15.paths import not_a_file_reason
 
 ROOT = "recipe"
 

@@ -40,6 +40,7 @@ from mm15.data.mixture import MixtureSampler
 from mm15.hardware import compute_dtype, fast_dtype, matmul_rate
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
+from mm15.paths import check_output_dir
 from mm15.train import distributed as D
 from mm15.train.checkpoint import (
     CorruptCheckpointError,
@@ -491,8 +492,7 @@ def run_recipe(
                 f"stage {stage.name!r}: optimizer adafactor does not support FSDP2 sharded parameters "
                 "in torch; use adamw for this stage or --strategy ddp"
             )
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ValueError(f"run directory {run_dir} exists and is not a directory")
+    check_output_dir(run_dir, "run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     summaries, model = [], None
     # Rank 0 writes every file of the run; another training process writing the same directory would
