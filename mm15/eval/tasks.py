@@ -178,14 +178,15 @@ ItemSource = Callable[[Mapping[str, Any]], Sequence[TaskItem]]
 AnswerParser = Callable[[str, TaskItem], str]
 Scorer = Callable[[str, TaskItem], float]
 # (predictions, items, per-item scores) -> metrics; must hold "score" (x100), the task's headline number.
+# The runner never calls one with no items: an empty task stops the run (mm15.eval.runner).
 Aggregator = Callable[[Sequence[str], Sequence[TaskItem], Sequence[float]], dict[str, float]]
 
 
 def mean_score(
     predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
 ) -> dict[str, float]:
-    """The default aggregate: the mean item score x100 (0 for an empty task)."""
-    return {"score": 100.0 * sum(scores) / len(scores) if scores else 0.0}
+    """The default aggregate: the mean item score x100."""
+    return {"score": 100.0 * sum(scores) / len(scores)}
 
 
 @dataclass(frozen=True)
@@ -485,8 +486,6 @@ def pope_aggregate(
     predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
 ) -> dict[str, float]:
     """POPE's headline number is F1 (x100); accuracy, precision, recall and yes-ratio come with it."""
-    if not items:
-        return {"score": 0.0}
     result = metrics.pope_metrics(list(predictions), [item.answers[0] for item in items])
     named = {k: 100.0 * result[k] for k in ("f1", "accuracy", "precision", "recall", "yes_ratio")}
     return {"score": named["f1"], **named}
@@ -496,8 +495,6 @@ def ocrbench_aggregate(
     predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
 ) -> dict[str, float]:
     """OCRBench: the share of correct items x100 (= Final Score / 10 on all 1000), and counts by type."""
-    if not items:
-        return {"score": 0.0}
     counts = metrics.ocrbench_aggregate([item.meta["type"] for item in items], [s > 0 for s in scores])
     return {"score": 100.0 * sum(scores) / len(scores), **{f"count/{k}": v for k, v in counts.items()}}
 

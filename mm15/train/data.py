@@ -137,10 +137,10 @@ class SampleSource:
         """The shards' samples pass after pass from ``first_epoch`` on, read afresh each time.
 
         Not ``itertools.cycle``, which keeps a copy of every sample of the first pass, so a shard source
-        grew the training process by the whole data set's size (measured: +716 MB over 617 MB of
-        shards). Pass ``e`` reads the shards in the reader's order for epoch ``e`` and shuffles through
-        a buffer seeded by (seed, e): the same on every rank and in a resumed run, wherever the folder
-        is (the path is not part of the seed).
+        grew the training process by the whole data set's size (the memory test in tests/test_distributed.py
+        fails on it). Pass ``e`` reads the shards in the reader's order for epoch ``e`` and shuffles through
+        a buffer seeded by (seed, e): the same on every rank and in a resumed run, wherever the folder is
+        (the path is not part of the seed).
         """
         for epoch in itertools.count(first_epoch):
             self.reader.set_epoch(epoch)

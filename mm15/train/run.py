@@ -229,10 +229,9 @@ class StageLog:
         active: bool,
     ) -> None:
         self.stage = stage
-        self.active = active
         self.metrics_file = stage_dir / "metrics.jsonl"
         self.eval_file = stage_dir / "eval.jsonl"
-        self.writer: Any = None
+        self.writer: Any = None  # set on the active rank only
         if not active:
             return
         self.metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
@@ -242,7 +241,7 @@ class StageLog:
         self.writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
 
     def step(self, record: dict[str, Any], step: int) -> None:
-        if not self.active:
+        if self.writer is None:
             return
         with self.metrics_file.open("a") as log:
             log.write(json.dumps(record) + "\n")
@@ -254,7 +253,7 @@ class StageLog:
             self.writer.add_scalar(f"{self.stage}/moe/{key}", value, step)
 
     def evaluation(self, scores: dict[str, Any], step: int) -> None:
-        if not self.active:
+        if self.writer is None:
             return
         with self.eval_file.open("a") as log:
             log.write(json.dumps(scores) + "\n")
@@ -267,9 +266,16 @@ class StageLog:
             self.writer.close()
 
 
-def _save_or_stop(ckpt_dir: Path, step: int, stage: StageConfig, *state: Any) -> None:
+def _save_or_stop(
+    ckpt_dir: Path,
+    step: int,
+    stage: StageConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any],
+) -> None:
     """``save_checkpoint``; a write that fails (a full disk, a lost mount) stops the stage cleanly."""
-    model, optimizer, scheduler, extra = state
     try:
         save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, extra, keep_last=stage.keep_last)
     except OSError as err:  # the previous checkpoint is intact: saves are atomic
