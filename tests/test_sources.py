@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mm15.data.sample import Region, Sample, Turn
@@ -396,6 +398,91 @@ def test_unusable_files_raise_even_when_lenient(tmp_path: Path) -> None:
         list(LlavaReader(obj, strict=False))
     with pytest.raises(FileNotFoundError):
         LlavaReader(tmp_path / "missing.jsonl", strict=False)
+
+
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    records=st.lists(JSON_VALUES, max_size=6),
+    indent=st.sampled_from([None, 0, 2]),
+    chunk=st.integers(1, 9),
+    cut=st.integers(0, 10**6),
+)
+def test_a_json_array_streams_as_json_loads_reads_it(
+    tmp_path_factory: pytest.TempPathFactory, records: list, indent: int | None, chunk: int, cut: int
+) -> None:
+    """Chunks of a few characters put every boundary inside records; a cut file must still fail."""
+    import mm15.data.sources as sources
+
+    path = tmp_path_factory.mktemp("json") / "a.json"
+    text = json.dumps(records, indent=indent)
+    old, sources._JSON_CHUNK = sources._JSON_CHUNK, chunk
+    try:
+        path.write_text(text)
+        assert list(sources._json_array(path)) == records
+        cut_text = text[: cut % len(text)]  # every proper prefix of an array is invalid JSON
+        path.write_text(cut_text)
+        with pytest.raises(SourceError):
+            list(sources._json_array(path))
+    finally:
+        sources._JSON_CHUNK = old
+
+
+@pytest.mark.parametrize(
+    ("text", "location", "message"),
+    [
+        ("", "file", "expected a JSON array at character 0, found the end of the file"),
+        ("  {}", "file", "expected a JSON array, got an object"),
+        ("12", "file", "expected a JSON array, got a number"),
+        ("x", "file", "expected a JSON array at character 0, found 'x'"),
+        ('[{"a": 1},]', "record 1", "Expecting value at character 10"),
+        ('[{"a": 1} {"b": 2}]', "record 1", "expected ',' or ']' after the record at character 10"),
+        ('[{"a": 1}, {"b": }]', "record 1", "Expecting value at character 17"),
+        ('[{"a": 1}] []', "record 1", "expected the end of the file after the array at character 11"),
+        ("[1, 2", "record 2", "expected ',' or ']' after the record at character 5, found the end"),
+    ],
+)
+def test_a_bad_json_array_names_the_record_and_character(
+    tmp_path: Path, text: str, location: str, message: str
+) -> None:
+    from mm15.data.sources import _json_array
+
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(SourceError) as caught:
+        list(_json_array(path))
+    assert caught.value.location == location and message in str(caught.value), str(caught.value)
+
+
+def test_a_json_array_is_read_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first record arrives after one chunk of text is read, not the whole file (a 1 GB LLaVA file
+    parsed whole holds several GB of Python objects); a UTF-8 BOM is accepted and bad UTF-8 is named."""
+    import mm15.data.sources as sources
+
+    monkeypatch.setattr(sources, "_JSON_CHUNK", 4096)
+    path = tmp_path / "big.json"
+    record = {"id": "r", "conversations": [{"from": "gpt", "value": "x" * 200}]}
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([record] * 5000).encode())
+    with path.open("rb") as probe:
+        size = len(probe.read())
+    records = sources._json_array(path)
+    assert next(records) == record
+    handle = records.gi_frame.f_locals["f"]  # the generator's open file
+    assert handle.buffer.tell() < size // 20, (handle.buffer.tell(), size)
+    assert sum(1 for _ in records) == 4999
+    path.write_bytes(b'[{"a": "\xff"}]')
+    with pytest.raises(SourceError, match="not UTF-8"):
+        list(sources._json_array(path))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -90,6 +90,7 @@ import json
 import math
 import os
 import random
+import re
 import tarfile
 import warnings
 from collections import Counter
@@ -371,6 +372,108 @@ def _check_regions_inside(regions: list[Region], sizes: list[tuple[int, int]]) -
             )
 
 
+_JSON_CHUNK = 1 << 20  # characters read at a time from a .json array
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+_JSON_NUMBER_TAIL = re.compile(r"[0-9eE.+\-]*")
+_JSON_KINDS = {"{": "an object", '"': "a string", "t": "a boolean", "f": "a boolean", "n": "null"}
+
+
+def _json_array(path: Path) -> Iterator[Any]:
+    """The elements of the JSON array in ``path``, parsed one at a time.
+
+    A LLaVA ``.json`` file can hold a million records (LLaVA-1.5's mixture is about 1 GB), and
+    ``json.loads`` of the whole file would hold it all as Python objects (several times its size); this
+    holds one chunk of text and one record. It accepts exactly what ``json.loads`` accepts for an array
+    (a leading UTF-8 BOM too) and raises ``SourceError`` on the first syntax error, naming the record and
+    character offset; the records before it have been yielded by then, which is what a strict reader
+    does with a bad record anyway.
+    """
+    decoder = json.JSONDecoder()
+    index: int | None = None  # the record being read, once inside the array
+
+    def fail(reason: str, detail: str) -> SourceError:
+        return SourceError(path, "file" if index is None else f"record {index}", reason, detail)
+
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        text, pos, dropped, eof = "", 0, 0, False
+
+        def more(size: int = _JSON_CHUNK) -> bool:
+            """Append at least ``size`` characters (fewer at the end of the file); False at its end."""
+            nonlocal text, pos, dropped, eof
+            if eof:
+                return False
+            try:
+                chunk = f.read(max(size, _JSON_CHUNK))
+            except UnicodeDecodeError as err:
+                raise fail(
+                    "bad_json", f"not a JSON file (not UTF-8 near character {dropped + len(text)}: {err})"
+                ) from None
+            if not chunk:
+                eof = True
+                return False
+            dropped += pos
+            text, pos = text[pos:] + chunk, 0
+            return True
+
+        def peek() -> str:
+            """The next non-space character ('' at the end of the file), not consumed."""
+            nonlocal pos
+            while True:
+                pos = _JSON_SPACE.match(text, pos).end()  # type: ignore[union-attr]
+                if pos < len(text) or not more():
+                    return text[pos : pos + 1]
+
+        def syntax(expected: str) -> SourceError:
+            found = repr(text[pos : pos + 20]) if pos < len(text) else "the end of the file"
+            return fail(
+                "bad_json",
+                f"not a JSON file (expected {expected} at character {dropped + pos}, found {found})",
+            )
+
+        first = peek()
+        if first != "[":
+            if first == "":
+                raise syntax("a JSON array")
+            kind = _JSON_KINDS.get(first, "a number" if first in "-0123456789" else None)
+            if kind is None:
+                raise syntax("a JSON array")
+            raise fail("bad_record", f"expected a JSON array, got {kind}")
+        pos, index = pos + 1, 0
+        if peek() == "]":
+            pos += 1
+        else:
+            while True:
+                peek()
+                while True:
+                    try:
+                        record, end = decoder.raw_decode(text, pos)
+                    except json.JSONDecodeError as err:
+                        # Incomplete or wrong: only the end of the file tells. Reading as much again
+                        # as is held keeps a record larger than a chunk linear to parse.
+                        if more(len(text) - pos):
+                            continue
+                        raise fail(
+                            "bad_json", f"not a JSON file ({err.msg} at character {dropped + err.pos})"
+                        ) from None
+                    # A number cut by the chunk's end parses as a shorter one ("0." as 0, "1e" as 1):
+                    # while nothing but number characters follows the value, it may go on.
+                    if _JSON_NUMBER_TAIL.fullmatch(text, end) and more():
+                        continue
+                    break
+                pos = end
+                yield record
+                index += 1
+                separator = peek()
+                pos += 1
+                if separator == "]":
+                    break
+                if separator != ",":
+                    pos -= 1
+                    raise syntax("',' or ']' after the record")
+        if peek() != "":
+            raise syntax("the end of the file after the array")
+
+
 def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
     """(record index, location, record) of a JSON array file or a JSONL file.
 
@@ -380,13 +483,7 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise SourceError(path, "file", "bad_json", f"not a JSON file ({err})") from None
-        if not isinstance(data, list):
-            raise SourceError(path, "file", "bad_record", f"expected a JSON array, got {type(data).__name__}")
-        for index, record in enumerate(data):
+        for index, record in enumerate(_json_array(path)):
             yield index, f"record {index}", record
         return
     index = 0
