@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,9 +155,24 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
     assert state["pass_lengths"] == {"shards": 8} and state["positions"] == {"shards": 12}  # 2 corrupt
     fourth = [s.sample_id for s in stream.next_micro().samples]
     restored = shard_stream(model, tmp_path)
-    restored.load_state_dict(state)
+    assert restored.load_state_dict(state) == []  # the same shards: nothing to warn about
     assert restored.sources["shards"].pass_length == 8
     assert [s.sample_id for s in restored.next_micro().samples] == fourth
+    # The folder moved: the same shards, so the resume is exact and says nothing.
+    moved = tmp_path.parent / f"{tmp_path.name}-moved"
+    shutil.copytree(tmp_path, moved)
+    elsewhere = shard_stream(model, moved)
+    assert elsewhere.load_state_dict(state) == []
+    assert [s.sample_id for s in elsewhere.next_micro().samples] == fourth
+    # A shard added since the checkpoint: the stream goes on from its position with a warning, and the
+    # old pass length (8) is not applied to data whose pass is now 12 samples long.
+    write_shards([generate("general-color", i) for i in range(8, 12)], moved, prefix="more")
+    grown = shard_stream(model, moved)
+    (warning,) = grown.load_state_dict(state)
+    assert "the shards of source 'shards'" in warning and "have changed since the checkpoint" in warning
+    assert "2 shard(s)" in warning and "3 shard(s)" in warning and "no longer repeats" in warning, warning
+    assert grown.sources["shards"].pass_length is None and grown.sources["shards"].position == 12
+    assert len(grown.next_micro().samples) == 3
 
 
 def _with_options(**options: bool) -> list[float]:

@@ -20,7 +20,9 @@ stream exactly: a resumed run sees the same samples in the same order.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
+import json
 import os
 import pickle
 import queue
@@ -95,6 +97,7 @@ class SampleSource:
         # whole passes without reading them (checkpoints carry it, TrainStream.state_dict).
         self.pass_length: int | None = None
         self._iter: Iterator[Sample] | None = None
+        self._fingerprint: dict[str, Any] | None = None
         if kind == "synth":
             from mm15.data.synth import synth_names
 
@@ -156,6 +159,19 @@ class SampleSource:
     def seek(self, position: int) -> None:
         self.position = position
         self._iter = None
+
+    def fingerprint(self) -> dict[str, Any] | None:
+        """What a resume checks a shard source's data against: its shards' count, bytes and a digest of
+        their names and sizes (not the folder's path, so a moved folder still resumes exactly). Other
+        kinds have none: a synthetic source is defined by its name, a video source is read by index."""
+        if self.kind != "shards":
+            return None
+        if self._fingerprint is None:
+            listing = [(shard.name, shard.stat().st_size) for shard in self.reader.shards]
+            digest = hashlib.blake2b(json.dumps(listing).encode(), digest_size=8).hexdigest()
+            total = sum(size for _, size in listing)
+            self._fingerprint = {"shards": len(listing), "bytes": total, "digest": digest}
+        return self._fingerprint
 
 
 @dataclass
@@ -275,17 +291,51 @@ class TrainStream:
             "skipped": dict(self.skipped),
             "seen": self.seen,
             "queue": list(self._queue),
+            "fingerprints": {
+                name: fingerprint
+                for name, source in self.sources.items()
+                if (fingerprint := source.fingerprint()) is not None
+            },
         }
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
+        """Continue from ``state``; returns warnings for shard sources whose data changed since it.
+
+        Such a source still continues from its position, but its pass length is not reused (a pass of
+        the new data has another length) and the run no longer replays the samples of an uninterrupted
+        one. Older checkpoints carry no fingerprints and are not checked.
+        """
         self.sampler.load_state_dict(state["mixture"])
+        changed = self._changed_sources(state.get("fingerprints", {}))
         for name, length in state.get("pass_lengths", {}).items():  # older checkpoints have none
-            self.sources[name].pass_length = int(length)
+            if name not in changed:
+                self.sources[name].pass_length = int(length)
         for name, position in state["positions"].items():
             self.sources[name].seek(int(position))
         self.skipped = Counter(state.get("skipped", {}))
         self.seen = int(state.get("seen", 0))
         self._queue = list(state.get("queue", []))
+        return list(changed.values())
+
+    def _changed_sources(self, saved: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+        """{source name: warning} for the shard sources whose fingerprint differs from ``saved``."""
+        changed = {}
+        for name, then in saved.items():
+            now = self.sources[name].fingerprint() if name in self.sources else None
+            if now is None or dict(then) == now:
+                continue
+            changed[name] = (
+                f"the shards of source {name!r} ({self.sources[name].spec}) have changed since the "
+                f"checkpoint ({_describe(then)} then, {_describe(now)} now): it continues from its "
+                "position in the new data, so this run no longer repeats an uninterrupted one"
+            )
+        return changed
+
+
+def _describe(fingerprint: Mapping[str, Any]) -> str:
+    # The digest tells apart shards renamed or replaced by others of the same total size.
+    shards, size, digest = fingerprint["shards"], fingerprint["bytes"], fingerprint["digest"]
+    return f"{shards} shard(s), {size:,} bytes, names and sizes {digest}"
 
 
 PrefetchMode = Literal["inline", "thread", "process"]

@@ -367,12 +367,14 @@ def run_stage(
         state = _data_state(extra, rank, world, console)
         if state is not None:
             try:
-                stream.load_state_dict(state)
+                changes = stream.load_state_dict(state)
             except (ValueError, KeyError) as err:
                 raise ValueError(
                     f"{latest}: the stage's data has changed since this checkpoint ({err}); resume with the "
                     f"recipe it was written with, or move {ckpt_dir} away to start the stage over"
                 ) from None
+            for change in changes:
+                console.print(f"[yellow]warning:[/yellow] {change}", soft_wrap=True)
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
