@@ -15,6 +15,7 @@ from rich.table import Table
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageError, load_image
+from mm15.paths import check_output_dir
 from mm15.viz import check_picture_path, draw_plan
 
 app = typer.Typer(
@@ -242,6 +243,7 @@ def eval_(
         from mm15.model.mm15 import MM15Model
 
         target = out if out is not None else Path("runs/eval") / model.resolve().name
+        check_output_dir(target, "the results directory")  # before the model load, which takes a while
         loaded = MM15Model.from_pretrained(model)
         report = evaluate(
             loaded,

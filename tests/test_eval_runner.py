@@ -281,6 +281,13 @@ def test_cli_eval_errors(tmp_path: Path) -> None:
     assert unknown.exit_code == 2 and "unknown task 'nope'" in unknown.output
     bad_option = cli.invoke(app, ["eval", "--model", str(tmp_path), "--tasks", "textvqa"])
     assert bad_option.exit_code == 2 and "path=... is required" in bad_option.output
+    taken = tmp_path / "results.txt"
+    taken.write_text("notes")
+    # The output is checked before the model is loaded: tmp_path is no model, and that is not the error.
+    onto_file = cli.invoke(
+        app, ["eval", "--model", str(tmp_path), "--tasks", "synth-icl", "--out", str(taken)]
+    )
+    assert onto_file.exit_code == 2 and "exists and is not a directory" in onto_file.output, onto_file.output
     nothing = cli.invoke(app, ["eval"])
     assert nothing.exit_code == 2 and "--list" in nothing.output
     listing = cli.invoke(app, ["eval", "--list"])
