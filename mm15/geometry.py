@@ -38,6 +38,7 @@ OverviewFit = Literal["pad", "squash"]
 # before the overview, a comma between columns and a newline between rows.
 OVERVIEW_SEPARATOR = ":"
 COLUMN_SEPARATOR = ","
+MAX_GRID_TILES = 1024
 ROW_SEPARATOR = "\n"
 
 
@@ -63,6 +64,10 @@ class ImagePlanConfig:
             raise ValueError(f"ImagePlanConfig.n_min must be >= 1, got {self.n_min}")
         if self.n_max < self.n_min:
             raise ValueError(f"ImagePlanConfig.n_max ({self.n_max}) must be >= n_min ({self.n_min})")
+        if self.n_max > MAX_GRID_TILES:
+            # A sanity bound against a typo (n_max=10000 would plan for seconds and cost millions of
+            # image tokens); MM1.5 uses 9, and the largest grids in peers' recipes have a few dozen.
+            raise ValueError(f"ImagePlanConfig.n_max must be <= {MAX_GRID_TILES}, got {self.n_max}")
         if self.tokens_per_tile < 1:
             raise ValueError(f"ImagePlanConfig.tokens_per_tile must be >= 1, got {self.tokens_per_tile}")
         if self.max_images_to_split < 0:
@@ -164,11 +169,11 @@ class TilePlan:
 
 def candidate_grids(n_min: int, n_max: int) -> list[tuple[int, int]]:
     """All (rows, cols) with ``n_min <= rows * cols <= n_max``, in row-major order."""
+    # Only the columns that fit each row count: O(n_max log n_max) grids, not an n_max^2 scan.
     return [
         (rows, cols)
         for rows in range(1, n_max + 1)
-        for cols in range(1, n_max + 1)
-        if n_min <= rows * cols <= n_max
+        for cols in range(max(1, -(-n_min // rows)), n_max // rows + 1)
     ]
 
 

@@ -131,6 +131,14 @@ def test_golden_grids(h: int, w: int, grid: tuple[int, int]) -> None:
     assert plan_image(h, w).grid == grid
 
 
+@settings(max_examples=200, deadline=None)
+@given(n_min=st.integers(1, 80), extra=st.integers(0, 80))
+def test_candidate_grids_are_every_grid_in_the_range_in_row_major_order(n_min: int, extra: int) -> None:
+    n_max = n_min + extra
+    every = [(r, c) for r in range(1, n_max + 1) for c in range(1, n_max + 1) if n_min <= r * c <= n_max]
+    assert candidate_grids(n_min, n_max) == every
+
+
 def test_mm15_defaults_cost_at_most_1440_tokens() -> None:
     cfg = ImagePlanConfig()
     assert len(candidate_grids(4, 9)) == 18
@@ -182,6 +190,7 @@ def test_fit_size_rounds_half_up_exactly() -> None:
         ({"tile_size": 0}, "tile_size"),
         ({"n_min": 0}, "n_min"),
         ({"n_min": 5, "n_max": 4}, "n_max"),
+        ({"n_max": 1025}, "n_max must be <= 1024"),
         ({"tokens_per_tile": 0}, "tokens_per_tile"),
         ({"overview": "middle"}, "overview"),
         ({"indicator": "roman"}, "indicator"),
