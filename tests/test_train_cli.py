@@ -293,6 +293,26 @@ def test_an_out_path_that_is_a_file_is_refused_before_training(tmp_path: Path) -
     assert taken.read_text() == "someone's notes\n"
 
 
+def test_a_later_stage_without_its_parent_says_to_train_the_parent_first(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    second = (
+        ONE_STAGE.split("stages:\n", 1)[1]
+        .replace("name: pretrain", "name: sft")
+        .replace("parent: init", "parent: pretrain")
+    )
+    (tmp_path / "recipe.yaml").write_text(ONE_STAGE + second)
+    result = CliRunner().invoke(
+        app, ["train", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run"), "--stage", "sft"]
+    )
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 3, result.output
+    assert "stage 'sft': its parent 'pretrain' has no model at" in flat, flat
+    assert "train it first (--stage pretrain) or run the recipe without --stage" in flat, flat
+
+
 @pytest.mark.parametrize("prefetch", ["process", "inline"])
 def test_a_malformed_shard_record_stops_the_run_with_the_readers_error(tmp_path: Path, prefetch: str) -> None:
     """Shards are read strictly: a record that is not JSON stops ``mm15 train`` with the reader's

@@ -113,8 +113,13 @@ def _model_for(
             else Path(stage.parent).expanduser()
         )
         if not parent_dir.is_dir():
+            hint = (
+                f"; train it first (--stage {stage.parent}) or run the recipe without --stage"
+                if stage.parent in {s.name for s in recipe.stages}
+                else ""
+            )
             raise StageFailed(
-                f"stage {stage.name!r}: its parent {stage.parent!r} has no model at {parent_dir}"
+                f"stage {stage.name!r}: its parent {stage.parent!r} has no model at {parent_dir}{hint}"
             )
         model = MM15Model.from_pretrained(parent_dir)
     # The stage's image settings (e.g. splitting on for the OCR stage) apply to this stage's data.
