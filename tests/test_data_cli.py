@@ -159,6 +159,7 @@ def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     lenient = runner.invoke(app, [*args, "--lenient"])
     assert lenient.exit_code == 0, lenient.output
     assert "{'missing_image': 1, 'bad_image': 1, 'bad_region': 1}" in lenient.output
+    assert "wrote 1 samples in 1 shards" in " ".join(lenient.output.split()), lenient.output
     assert [s.id for s in ShardReader(tmp_path / "o")] == ["ok"]
 
 

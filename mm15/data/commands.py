@@ -134,10 +134,24 @@ def pack(
             reader = InterleavedReader(annotations, images, strict=not lenient, check_images=True)
         else:
             reader = TextReader(annotations, category=category or "text-only", strict=not lenient)
-        shards = write_shards(reader, out, samples_per_shard=per_shard, prefix="packed", overwrite=overwrite)
+        packed = 0
+        with _progress() as progress:
+            # The records' total is unknown until the files are read (they are streamed): a count.
+            task = progress.add_task(f"packing {len(annotations)} file(s)", total=None)
+
+            def counted() -> Iterator[Sample]:
+                nonlocal packed
+                for sample in reader:
+                    yield sample
+                    packed += 1
+                    progress.advance(task)
+
+            shards = write_shards(
+                counted(), out, samples_per_shard=per_shard, prefix="packed", overwrite=overwrite
+            )
     except (SourceError, ValueError, FileExistsError, FileNotFoundError) as err:
         _fail(err)
-    console.print(f"wrote {len(shards)} shards to {out}")
+    console.print(f"wrote {packed} samples in {len(shards)} shards to {out}")
     skipped = reader.skipped.as_dict()
     if skipped:
         console.print(f"skipped (counted): {skipped}", soft_wrap=True)
