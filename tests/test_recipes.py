@@ -13,6 +13,7 @@ import yaml
 from mm15.data.mixture import SFT_TOP_WEIGHTS, effective_weights, sft_mixture
 from mm15.train.config import (
     DataConfig,
+    ModelSpec,
     OptimizerConfig,
     RecipeConfig,
     ScheduleConfig,
@@ -177,6 +178,9 @@ BAD = [
     ("unknown preset", "model.preset", "mm15-2b", "model.preset: unknown preset 'mm15-2b'"),
     ("override field", "model.overrides", {"llm": {"layers": 2}}, "model.overrides.llm.layers: unknown"),
     ("override section", "model.overrides", {"decoder": {}}, "model.overrides.decoder: unknown section"),
+    ("moe field", "model.overrides", {"moe": {"experts": 4}}, "model.overrides.moe.experts: unknown field"),
+    ("moe value", "model.overrides", {"moe": {"top_k": 9, "num_experts": 4}}, "model.overrides.moe: "),
+    ("moe type", "model.overrides", {"moe": 4}, "model.overrides.moe: must be a mapping"),
     ("missing data", "stages.0.data", None, "stages[0].data: must be a mapping"),
 ]
 
@@ -191,6 +195,24 @@ def test_bad_recipe_names_the_field(what: str, key: str, value: Any, prefix: str
     with pytest.raises(ValueError) as info:
         RecipeConfig.from_dict(data)
     assert str(info.value).startswith(f"recipe.{prefix}"), str(info.value)
+
+
+def test_moe_overrides_add_or_remove_experts() -> None:
+    """``overrides.moe`` gives a dense preset MM1.5's MoE settings with the fields changed, and the model
+    the recipe builds has them; ``moe: null`` makes the MoE preset dense."""
+    from mm15.model.mm15 import MM15Model
+    from mm15.model.moe import MoEConfig, moe_layers
+
+    data = _tiny()
+    data["model"]["overrides"] = {"moe": {"num_experts": 4}}
+    cfg = RecipeConfig.from_dict(data).model.build()
+    assert cfg.moe == MoEConfig(num_experts=4)  # top-2, every 2nd layer, aux coefficients: MM1.5's
+    layers = list(moe_layers(MM15Model.build(cfg).llm))
+    assert len(layers) == cfg.llm.num_layers // 2 and layers[0].gate_proj.shape[0] == 4
+    data["model"]["overrides"] = {"moe": {}}
+    assert RecipeConfig.from_dict(data).model.build().moe == MoEConfig()
+    dense = ModelSpec.from_dict({"preset": "mm15-3b-moe", "overrides": {"moe": None}})
+    assert dense.build().moe is None
 
 
 def test_missing_and_default_fields() -> None:

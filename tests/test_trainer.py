@@ -67,6 +67,33 @@ def steps(model, stream, optimizer, scheduler, start: int, n: int, **kwargs) -> 
     ]
 
 
+def test_moe_aux_losses_are_reported_per_step_without_autograd_warnings() -> None:
+    """The step's aux figures are the micro-batches' mean of the model's (coefficient-weighted) aux
+    losses; reading them must not go through tensors that require grad (torch warns, and will raise)."""
+    import dataclasses
+    import warnings
+
+    from mm15.model.moe import MoEConfig
+
+    model, stream, optimizer, scheduler = setup()
+    torch.manual_seed(0)
+    model = MM15Model.build(dataclasses.replace(preset("tiny"), moe=MoEConfig(num_experts=4))).train()
+    optimizer = build_optimizer(
+        model,
+        ["encoder", "connector", "llm", "routers"],
+        dict.fromkeys(("encoder", "connector", "llm", "routers"), 2e-3),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(2, 40, 0.1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        metrics = train_step(model, stream, optimizer, scheduler, 2, 0, torch.float32, 1.0, 1e11)
+    assert not [w for w in caught if "requires_grad" in str(w.message)], [str(w.message) for w in caught]
+    aux = metrics.aux
+    assert set(aux) == {"load_balance", "router_z", "total"}
+    assert aux["load_balance"] > 0 and aux["router_z"] > 0
+    assert aux["total"] == pytest.approx(aux["load_balance"] + aux["router_z"], rel=1e-6)
+
+
 def test_loss_falls_and_metrics_are_reported() -> None:
     model, stream, optimizer, scheduler = setup()
     losses = steps(model, stream, optimizer, scheduler, 0, 12)

@@ -628,7 +628,9 @@ class ModelSpec:
     """The model: a preset name (``mm15.model.presets``), its local weight paths, and field overrides.
 
     ``overrides`` is ``{section: {field: value}}`` for sections vision, connector, llm, moe and image of
-    ``MM15Config``, e.g. ``{"llm": {"num_layers": 2}}``.
+    ``MM15Config``, e.g. ``{"llm": {"num_layers": 2}}``. ``moe`` also turns a dense preset into a
+    mixture of experts (MM1.5's ``MoEConfig`` with the given fields changed; ``{}`` for all of MM1.5's
+    settings), and ``moe: null`` makes a MoE preset dense.
     """
 
     preset: str
@@ -651,8 +653,16 @@ class ModelSpec:
         changes = {}
         for section, values in self.overrides.items():
             _check_choice(f"overrides.{section}", section, _OVERRIDE_SECTIONS, what="section")
+            if section == "moe" and values is None:  # moe: null makes a MoE preset dense
+                changes["moe"] = None
+                continue
             _check(isinstance(values, Mapping), f"overrides.{section}", f"must be a mapping, got {values!r}")
             current = getattr(cfg, section)
+            if section == "moe" and current is None:
+                # A dense preset gets MoE layers: MM1.5's settings (MoEConfig) with these fields changed.
+                from mm15.model.moe import MoEConfig
+
+                current = MoEConfig()
             _check(current is not None, f"overrides.{section}", f"preset {self.preset!r} has no {section}")
             known = {f.name for f in dataclasses.fields(current)}
             for key in values:

@@ -199,7 +199,7 @@ def train_step(
             if out.aux:
                 loss = loss + out.aux["total"] / len(micros)
                 for key, value in out.aux.items():
-                    aux_total[key] = aux_total.get(key, 0.0) + float(value) / len(micros)
+                    aux_total[key] = aux_total.get(key, 0.0) + float(value.detach()) / len(micros)
             if loss_hook is not None:
                 loss = loss_hook(loss)
             if finite and not bool(torch.isfinite(loss.detach())):
