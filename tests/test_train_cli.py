@@ -293,6 +293,28 @@ def test_an_out_path_that_is_a_file_is_refused_before_training(tmp_path: Path) -
     assert taken.read_text() == "someone's notes\n"
 
 
+def test_every_stage_is_checked_against_the_world_size_before_the_first_trains(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A later stage whose global batch does not split over the ranks stops the run at start-up, not
+    after the stages before it have trained. The world size is faked: nothing may reach training."""
+    from rich.console import Console
+
+    from mm15.train import run
+    from mm15.train.config import RecipeConfig
+    from mm15.train.distributed import DistInfo
+
+    data = yaml.safe_load(ONE_STAGE)
+    data["stages"][0]["global_batch"] = 4  # 2 per rank: fits
+    second = {**data["stages"][0], "name": "sft", "parent": "pretrain", "global_batch": 3, "micro_batch": 1}
+    data["stages"].append(second)
+    monkeypatch.setattr(run.D, "init_distributed", lambda: DistInfo(0, 2, 0, True))
+    monkeypatch.setattr(run, "run_stage", lambda *args: pytest.fail("a stage started"))
+    with pytest.raises(ValueError, match=r"stage 'sft': global_batch \(3\) must be a multiple of"):
+        run.run_recipe(RecipeConfig.from_dict(data), Console(quiet=True), out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_later_stage_without_its_parent_says_to_train_the_parent_first(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -499,6 +499,8 @@ def run_recipe(
     run_dir = Path(out) if out is not None else recipe.run_dir
     stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
     for stage in stages:
+        # What the recipe could not check alone, for every stage before the first one trains.
+        stage.grad_accum(world_size=info.world_size)
         if chosen == "fsdp2" and stage.optimizer.name == "adafactor":
             # torch's Adafactor reduces its factored statistics over a dimension FSDP2 shards.
             raise ValueError(
