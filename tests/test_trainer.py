@@ -196,10 +196,27 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
     write_shards([generate("general-color", i) for i in range(8, 12)], moved, prefix="more")
     grown = shard_stream(model, moved)
     (warning,) = grown.load_state_dict(state)
-    assert "the shards of source 'shards'" in warning and "have changed since the checkpoint" in warning
-    assert "2 shard(s)" in warning and "3 shard(s)" in warning and "no longer repeats" in warning, warning
+    assert "the files of source 'shards'" in warning and "have changed since the checkpoint" in warning
+    assert "2 file(s)" in warning and "3 file(s)" in warning and "no longer repeats" in warning, warning
     assert grown.sources["shards"].pass_length is None and grown.sources["shards"].position == 12
     assert len(grown.next_micro().samples) == 3
+
+
+def test_a_video_source_is_fingerprinted_by_its_annotation_files(tmp_path: Path) -> None:
+    """Video positions index the annotation records, so a resume checks those files (moved: the same)."""
+    notes = tmp_path / "a" / "clips.jsonl"
+    notes.parent.mkdir()
+    notes.write_text('{"id": "v0", "video": "v0.mp4", "conversations": []}\n')
+    before = SampleSource(f"video:{notes}").fingerprint()
+    assert before is not None and before["files"] == 1 and before["bytes"] == notes.stat().st_size
+    moved = tmp_path / "b" / "clips.jsonl"
+    moved.parent.mkdir()
+    shutil.copy(notes, moved)
+    assert SampleSource(f"video:{moved}").fingerprint() == before
+    with notes.open("a") as f:
+        f.write('{"id": "v1", "video": "v1.mp4", "conversations": []}\n')
+    assert SampleSource(f"video:{notes}").fingerprint() != before
+    assert SampleSource("synth:general").fingerprint() is None  # defined by its name
 
 
 def _with_options(**options: bool) -> list[float]:

@@ -161,16 +161,18 @@ class SampleSource:
         self._iter = None
 
     def fingerprint(self) -> dict[str, Any] | None:
-        """What a resume checks a shard source's data against: its shards' count, bytes and a digest of
-        their names and sizes (not the folder's path, so a moved folder still resumes exactly). Other
-        kinds have none: a synthetic source is defined by its name, a video source is read by index."""
-        if self.kind != "shards":
+        """What a resume checks the source's files against: their count, bytes and a digest of their
+        names and sizes (not their folder, so moved data still resumes exactly). The files are a shard
+        source's shards and a video source's annotation files (its positions index their records); a
+        synthetic source has none, being defined by its name."""
+        if self.kind == "synth":
             return None
         if self._fingerprint is None:
-            listing = [(shard.name, shard.stat().st_size) for shard in self.reader.shards]
+            files = self.reader.shards if self.kind == "shards" else self.reader.paths
+            listing = [(path.name, path.stat().st_size) for path in files]
             digest = hashlib.blake2b(json.dumps(listing).encode(), digest_size=8).hexdigest()
             total = sum(size for _, size in listing)
-            self._fingerprint = {"shards": len(listing), "bytes": total, "digest": digest}
+            self._fingerprint = {"files": len(listing), "bytes": total, "digest": digest}
         return self._fingerprint
 
 
@@ -299,7 +301,7 @@ class TrainStream:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> list[str]:
-        """Continue from ``state``; returns warnings for shard sources whose data changed since it.
+        """Continue from ``state``; returns warnings for the sources whose files changed since it.
 
         Such a source still continues from its position, but its pass length is not reused (a pass of
         the new data has another length) and the run no longer replays the samples of an uninterrupted
@@ -318,14 +320,14 @@ class TrainStream:
         return list(changed.values())
 
     def _changed_sources(self, saved: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
-        """{source name: warning} for the shard sources whose fingerprint differs from ``saved``."""
+        """{source name: warning} for the sources whose fingerprint differs from ``saved``."""
         changed = {}
         for name, then in saved.items():
             now = self.sources[name].fingerprint() if name in self.sources else None
             if now is None or dict(then) == now:
                 continue
             changed[name] = (
-                f"the shards of source {name!r} ({self.sources[name].spec}) have changed since the "
+                f"the files of source {name!r} ({self.sources[name].spec}) have changed since the "
                 f"checkpoint ({_describe(then)} then, {_describe(now)} now): it continues from its "
                 "position in the new data, so this run no longer repeats an uninterrupted one"
             )
@@ -334,8 +336,8 @@ class TrainStream:
 
 def _describe(fingerprint: Mapping[str, Any]) -> str:
     # The digest tells apart shards renamed or replaced by others of the same total size.
-    shards, size, digest = fingerprint["shards"], fingerprint["bytes"], fingerprint["digest"]
-    return f"{shards} shard(s), {size:,} bytes, names and sizes {digest}"
+    files, size, digest = fingerprint["files"], fingerprint["bytes"], fingerprint["digest"]
+    return f"{files} file(s), {size:,} bytes, names and sizes {digest}"
 
 
 PrefetchMode = Literal["inline", "thread", "process"]
