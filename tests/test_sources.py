@@ -387,9 +387,23 @@ def test_lenient_counts_accumulate_per_reason_and_reset_per_pass(tmp_path: Path)
         list(LlavaReader(path))
 
 
+def test_a_damaged_json_array_keeps_the_records_before_the_damage(tmp_path: Path) -> None:
+    """A cut download: strict stops at the damaged record; lenient keeps the records before it and counts
+    the rest of the file as one bad_json (nothing after a syntax error can be trusted to start a record)."""
+    path = _write_llava_file(tmp_path, [GOOD, GOOD, GOOD], ".json")
+    text = path.read_text()
+    path.write_text(text[: text.rindex("{") + 10])  # the third record cut short
+    with pytest.raises(SourceError) as caught:
+        list(LlavaReader(path))
+    assert caught.value.location == "record 2" and caught.value.reason == "bad_json"
+    assert "invalid JSON" in str(caught.value) and "the rest of the file is not read" in str(caught.value)
+    lenient = LlavaReader(path, strict=False)
+    assert len(list(lenient)) == 2 and lenient.skipped.as_dict() == {"bad_json": 1}
+
+
 def test_unusable_files_raise_even_when_lenient(tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
-    broken.write_text("[{")
+    broken.write_text("<html>")
     with pytest.raises(SourceError, match="not a JSON file"):
         list(LlavaReader(broken, strict=False))
     obj = tmp_path / "obj.json"

@@ -392,7 +392,12 @@ def _json_array(path: Path) -> Iterator[Any]:
     index: int | None = None  # the record being read, once inside the array
 
     def fail(reason: str, detail: str) -> SourceError:
-        return SourceError(path, "file" if index is None else f"record {index}", reason, detail)
+        # Before the array opens the file is unusable; inside it, one record is broken.
+        if index is None:
+            return SourceError(
+                path, "file", reason, f"not a JSON file ({detail})" if reason == "bad_json" else detail
+            )
+        return SourceError(path, f"record {index}", reason, f"invalid JSON ({detail})")
 
     with path.open(encoding="utf-8-sig", newline="") as f:
         text, pos, dropped, eof = "", 0, 0, False
@@ -405,9 +410,7 @@ def _json_array(path: Path) -> Iterator[Any]:
             try:
                 chunk = f.read(max(size, _JSON_CHUNK))
             except UnicodeDecodeError as err:
-                raise fail(
-                    "bad_json", f"not a JSON file (not UTF-8 near character {dropped + len(text)}: {err})"
-                ) from None
+                raise fail("bad_json", f"not UTF-8 near character {dropped + len(text)}: {err}") from None
             if not chunk:
                 eof = True
                 return False
@@ -427,7 +430,7 @@ def _json_array(path: Path) -> Iterator[Any]:
             found = repr(text[pos : pos + 20]) if pos < len(text) else "the end of the file"
             return fail(
                 "bad_json",
-                f"not a JSON file (expected {expected} at character {dropped + pos}, found {found})",
+                f"expected {expected} at character {dropped + pos}, found {found}",
             )
 
         first = peek()
@@ -452,9 +455,7 @@ def _json_array(path: Path) -> Iterator[Any]:
                         # as is held keeps a record larger than a chunk linear to parse.
                         if more(len(text) - pos):
                             continue
-                        raise fail(
-                            "bad_json", f"not a JSON file ({err.msg} at character {dropped + err.pos})"
-                        ) from None
+                        raise fail("bad_json", f"{err.msg} at character {dropped + err.pos}") from None
                     # A number cut by the chunk's end parses as a shorter one ("0." as 0, "1e" as 1):
                     # while nothing but number characters follows the value, it may go on.
                     if _JSON_NUMBER_TAIL.fullmatch(text, end) and more():
@@ -478,13 +479,25 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
     """(record index, location, record) of a JSON array file or a JSONL file.
 
     A JSONL line that is not JSON yields a ``_Malformed`` as its record, so the caller can count it and
-    go on; a ``.json`` file that does not parse is one unusable input and raises.
+    go on. In a ``.json`` array a syntax error yields one ``_Malformed`` and ends the file (the records
+    before it are yielded); a ``.json`` file that is not an array at all is one unusable input and raises.
     """
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix.lower() == ".json":
-        for index, record in enumerate(_json_array(path)):
-            yield index, f"record {index}", record
+        count = 0
+        try:
+            for record in _json_array(path):
+                yield count, f"record {count}", record
+                count += 1
+        except SourceError as err:
+            if err.location == "file":  # not an array at all: one unusable input
+                raise
+            # Damage inside the array (a cut download, an edit gone wrong): the records before it are
+            # read; nothing after it can be trusted to start a record, so the rest is one bad record,
+            # raised by a strict reader and counted by a lenient one.
+            detail = f"{err.detail}; the rest of the file is not read"
+            yield count, err.location, _Malformed(err.reason, detail)
         return
     index = 0
     with path.open("rb") as f:  # bytes, so one bad line is one bad record rather than a failed file
