@@ -71,6 +71,21 @@ def test_the_answer_streams_piece_by_piece(model_dir: Path, tmp_path: Path) -> N
     assert len(pieces) > 5 and "".join(pieces) == answer + "\n"
 
 
+@pytest.mark.parametrize(
+    ("answer", "shown"),
+    [("", "[the model's answer has no text]"), ("   ", "   [the model answered only spaces]")],
+)
+def test_an_answer_without_text_says_so(model_dir: Path, tmp_path: Path, answer: str, shown: str) -> None:
+    """An untrained model often ends its turn at once: a bare blank line would look like a hang."""
+    model = MM15Model.from_pretrained(model_dir)
+    pieces: list[str] = []
+    session = terminal.ChatSession(model, GenerationConfig(max_new_tokens=30), tmp_path, write=pieces.append)
+    with scripted_answer(model, answer):
+        said, _ = session.ask("what is it?")
+    assert said == answer and "".join(pieces) == shown + "\n"
+    assert session.turns[-1].text == answer  # the conversation keeps what the model said
+
+
 def test_a_box_in_the_answer_is_drawn(
     model_dir: Path, picture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -169,8 +169,14 @@ class ChatSession:
                 if deltas[0]:
                     pieces.append(deltas[0])
                     self.write(deltas[0])
-        self.write("\n")
         answer = "".join(pieces)
+        if not answer.strip():
+            # Otherwise a blank line, which reads as a hang or a display fault (an untrained model's
+            # first token is often its end-of-turn).
+            self.write(
+                "[the model's answer has no text]" if not answer else "[the model answered only spaces]"
+            )
+        self.write("\n")
         self.turns += [turn, Turn("assistant", answer)]
         self.pending, self.pending_video = [], []
         return answer, self._draw(answer, images)
