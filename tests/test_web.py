@@ -139,3 +139,26 @@ def test_a_video_file_is_sent_as_video_url(page_url: str, browser: Any, tmp_path
     assert page.locator("#canvas").get_attribute("data-boxes") == "0"
     assert not errors, errors
     page.close()
+
+
+def test_an_answer_without_text_says_so(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """An untrained model often ends its turn at once; the page says so instead of an empty bubble."""
+    model = MM15Model.from_pretrained(build_test_model(tmp_path_factory.mktemp("web-empty") / "model"))
+    with scripted_answer(model, ""), Engine(model) as engine:
+        server = start_server(
+            create_app(
+                engine, ServeSettings(model_name="tiny-web", max_tokens_limit=64, default_max_tokens=64)
+            )
+        )
+        try:
+            page = browser.new_page()
+            page.goto(server.url)
+            wait_for_model_name(page)
+            page.fill("#question", "anything?")
+            page.fill("#maxTokens", "8")
+            page.click("#send")
+            answer = page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+            assert answer.text_content() == "[the model's answer has no text]"
+            page.close()
+        finally:
+            server.stop()
