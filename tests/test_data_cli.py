@@ -159,8 +159,34 @@ def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     lenient = runner.invoke(app, [*args, "--lenient"])
     assert lenient.exit_code == 0, lenient.output
     assert "{'missing_image': 1, 'bad_image': 1, 'bad_region': 1}" in lenient.output
-    assert "wrote 1 samples in 1 shards" in " ".join(lenient.output.split()), lenient.output
+    flat = " ".join(lenient.output.split())
+    assert "wrote 1 samples in 1 shards" in flat, lenient.output
+    # Each reason lists its first records, so they can be found and fixed.
+    assert "missing_image, first 1:" in flat and "(id 'gone'): missing_image" in flat, lenient.output
+    assert "(id 'frame'): bad_region" in flat, lenient.output
     assert [s.id for s in ShardReader(tmp_path / "o")] == ["ok"]
+    # --dry-run reads and checks everything and writes nothing; without it --out is needed.
+    check = [a for a in args if a not in ("--out", str(tmp_path / "o"))]
+    dry = runner.invoke(app, [*check, "--dry-run", "--lenient"])
+    flat = " ".join(dry.output.split())
+    assert dry.exit_code == 0 and "would write 1 samples in 1 shards (dry run: nothing written)" in flat, flat
+    assert "{'missing_image': 1, 'bad_image': 1, 'bad_region': 1}" in flat
+    strict_dry = runner.invoke(app, [*check, "--dry-run"])
+    assert strict_dry.exit_code == 2 and "missing_image" in strict_dry.output
+    # Every record skipped: an error (exit 2) with the skips listed, not an empty folder and exit 0.
+    gone = tmp_path / "gone.json"
+    gone.write_text(json.dumps([records[1]]))
+    for extra in (["--out", str(tmp_path / "none")], ["--dry-run"]):
+        nothing = runner.invoke(
+            app, ["data", "pack", str(gone), "--images", str(tmp_path), *extra, "--lenient"]
+        )
+        flat = " ".join(nothing.output.split())
+        assert nothing.exit_code == 2 and "(id 'gone'): missing_image" in flat, nothing.output
+        assert "no samples to write" in flat or "no record of 1 file(s) could be packed" in flat, flat
+    gone.unlink()
+    no_out = runner.invoke(app, check)
+    assert no_out.exit_code == 2 and "--out is needed" in " ".join(no_out.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "data.json", "notes.png", "o"]
 
 
 def test_pack_text_and_interleaved_files(tmp_path: Path) -> None:

@@ -628,6 +628,14 @@ def test_shards_of_an_earlier_run_are_refused_or_replaced_whole(tmp_path: Path) 
     write_shards([_text_sample(9)], tmp_path, samples_per_shard=2, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-000000.tar", "shard-000000.tar"]
     assert [s.id for s in ShardReader(tmp_path / "shard-000000.tar")] == ["s9"]
+    # No samples at all replace nothing: the earlier shards stay, and no new folder is made.
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=r"no samples to write .* its earlier shards are kept"):
+        write_shards([], tmp_path, overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == kept
+    with pytest.raises(ValueError, match="no samples to write"):
+        write_shards(iter([]), tmp_path / "new")
+    assert not (tmp_path / "new").exists()
 
 
 def test_invalid_sample_is_refused_before_writing(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from rich.table import Table
 from mm15.data.sample import CATEGORIES, Sample
 
 if TYPE_CHECKING:
-    from mm15.data.sources import ShardReader
+    from mm15.data.sources import ShardReader, SkipCounter
 
 app = typer.Typer(help="Data: synthesise, pack, show and count samples.", no_args_is_help=True)
 console = Console()
@@ -86,7 +86,7 @@ PACK_FORMATS = ("llava", "interleaved", "text")
 @app.command()
 def pack(
     annotations: Annotated[list[Path], typer.Argument(help="JSON or JSONL files of one format.")],
-    out: Annotated[Path, typer.Option(help="Folder for the shards.")],
+    out: Annotated[Path | None, typer.Option(help="Folder for the shards.")] = None,
     images: Annotated[
         Path | None, typer.Option(help="Folder the image paths are relative to (llava, interleaved).")
     ] = None,
@@ -110,10 +110,18 @@ def pack(
     ] = False,
     per_shard: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = 500,
     overwrite: Annotated[bool, typer.Option(help=OVERWRITE_HELP)] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            help="Read and check every record and image header, write nothing: what would be packed."
+        ),
+    ] = False,
 ) -> None:
     """Pack LLaVA, interleaved or text JSON/JSONL records (and their images) into WebDataset shards."""
     from mm15.data.sources import InterleavedReader, LlavaReader, SourceError, TextReader, write_shards
 
+    if out is None and not dry_run:
+        raise typer.BadParameter("--out is needed (or --dry-run, to check the records without writing)")
     if kind not in PACK_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}, got {kind!r}")
     if images is not None and not images.is_dir():
@@ -122,10 +130,10 @@ def pack(
         raise typer.BadParameter(f"--images is needed for {kind} records: image paths are relative to it")
     if kind == "interleaved" and category not in (None, "interleaved"):
         raise typer.BadParameter(f"interleaved documents are category interleaved, not {category!r}")
+    reader: LlavaReader | InterleavedReader | TextReader | None = None
     try:
         # Every image's header is read here, once, so a file that is not an image (or boxes in another
         # frame than its pixels) is refused now rather than found by a training run.
-        reader: LlavaReader | InterleavedReader | TextReader
         if kind == "llava":
             reader = LlavaReader(
                 annotations, images, category=category or "general", strict=not lenient, check_images=True
@@ -137,7 +145,8 @@ def pack(
         packed = 0
         with _progress() as progress:
             # The records' total is unknown until the files are read (they are streamed): a count.
-            task = progress.add_task(f"packing {len(annotations)} file(s)", total=None)
+            verb = "checking" if dry_run else "packing"
+            task = progress.add_task(f"{verb} {len(annotations)} file(s)", total=None)
 
             def counted() -> Iterator[Sample]:
                 nonlocal packed
@@ -146,15 +155,40 @@ def pack(
                     packed += 1
                     progress.advance(task)
 
-            shards = write_shards(
-                counted(), out, samples_per_shard=per_shard, prefix="packed", overwrite=overwrite
-            )
+            if dry_run:
+                for _ in counted():
+                    pass
+            else:
+                assert out is not None
+                shards = write_shards(
+                    counted(), out, samples_per_shard=per_shard, prefix="packed", overwrite=overwrite
+                )
     except (SourceError, ValueError, FileExistsError, FileNotFoundError) as err:
+        if reader is not None:  # what lenient reading skipped before the error
+            _report_pack_skips(reader.skipped)
         _fail(err)
-    console.print(f"wrote {packed} samples in {len(shards)} shards to {out}")
-    skipped = reader.skipped.as_dict()
-    if skipped:
-        console.print(f"skipped (counted): {skipped}", soft_wrap=True)
+    if not packed:  # a dry run where every record was skipped (write_shards refuses to write none)
+        _report_pack_skips(reader.skipped)
+        _fail(ValueError(f"no record of {len(annotations)} file(s) could be packed"))
+    if dry_run:
+        console.print(
+            f"would write {packed} samples in {-(-packed // per_shard)} shards (dry run: nothing written)"
+        )
+    else:
+        console.print(f"wrote {packed} samples in {len(shards)} shards to {out}")
+    _report_pack_skips(reader.skipped)
+
+
+def _report_pack_skips(skipped: SkipCounter) -> None:
+    """The skip counts per reason and the first records of each, so they can be found and fixed."""
+    if not skipped.total:
+        return
+    console.print(f"skipped (counted): {skipped.as_dict()}", soft_wrap=True)
+    for reason, examples in skipped.examples.items():
+        more = skipped[reason] - len(examples)
+        console.print(f"  {reason}, first {len(examples)}" + (f" ({more} more)" if more else "") + ":")
+        for example in examples:
+            console.print(f"    {example}", soft_wrap=True)
 
 
 def _check_shard_folder(directory: Path) -> None:

@@ -854,7 +854,8 @@ def write_shards(
     Shards of the same prefix already in ``out_dir`` (an earlier run's) raise ``FileExistsError``
     before anything is written: replacing some of them would lose data, and keeping the ones past this
     run's count would mix two runs in one folder. With ``overwrite=True`` the new shards replace them
-    and the earlier run's extra shards are deleted once every new shard is written.
+    and the earlier run's extra shards are deleted once every new shard is written. No samples at all
+    raise ``ValueError`` and leave ``out_dir`` as it was (not created, earlier shards kept).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -867,13 +868,13 @@ def write_shards(
         raise FileExistsError(
             f"{out} already holds {len(earlier)} shard(s) named {prefix}-NNNNNN.tar from an earlier run"
         )
-    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     writer: _ShardWriter | None = None
     count = 0
     try:
         for sample in samples:
             if writer is None:
+                out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
                 writer = _ShardWriter(out / f"{prefix}-{len(written):06d}.tar")
             writer.add(f"{count:09d}", sample)  # keys have no dots, as WebDataset grouping needs
             count += 1
@@ -886,6 +887,11 @@ def write_shards(
     finally:
         if writer is not None:
             writer.abort()
+    if not written:
+        # Nothing replaces the earlier run's shards, so they stay: an empty pass must not erase data.
+        raise ValueError(
+            f"no samples to write to {out}" + ("; its earlier shards are kept" if earlier else "")
+        )
     for stale in set(earlier) - set(written):
         stale.unlink()
     return written
