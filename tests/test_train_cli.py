@@ -315,6 +315,38 @@ def test_every_stage_is_checked_against_the_world_size_before_the_first_trains(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> None:
+    """Checkpoints record the stage's settings; a resume under other settings (here a longer run and
+    another learning rate) names each change, and an unchanged one says nothing."""
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    recipe, run = tmp_path / "recipe.yaml", tmp_path / "run"
+    recipe.write_text(ONE_STAGE)
+    first = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), "--max-steps", "4"])
+    assert first.exit_code == 0, first.output
+    shutil.rmtree(run / "pretrain" / "final")  # as if stopped after its last checkpoint
+    same = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), "--max-steps", "4", "--resume"])
+    assert same.exit_code == 0 and "resumed from" in same.output and "has changed" not in same.output
+    shutil.rmtree(run / "pretrain" / "final")
+    recipe.write_text(ONE_STAGE.replace("lr: 1.0e-3", "lr: 2.0e-3"))
+    longer = CliRunner().invoke(
+        app, ["train", str(recipe), "--out", str(run), "--max-steps", "6", "--resume"]
+    )
+    flat = " ".join(longer.output.split())
+    assert longer.exit_code == 0, longer.output
+    assert (
+        "stage 'pretrain' has changed since step-00000004: max_steps: 4 -> 6; optimizer.lr: 0.001 -> 0.002"
+        in flat
+    )
+    assert "no longer repeats an uninterrupted run" in flat
+    steps = [
+        json.loads(line)["step"] for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(6))
+
+
 def test_a_later_stage_without_its_parent_says_to_train_the_parent_first(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -290,6 +290,27 @@ def _save_or_stop(
         ) from None
 
 
+def stage_settings(stage: StageConfig) -> dict[str, Any]:
+    """The stage's settings as plain JSON data (tuples as lists), as a checkpoint records them."""
+    return json.loads(json.dumps(dataclasses.asdict(stage), default=str))
+
+
+def _changed_settings(then: Any, now: Any, path: str = "") -> list[str]:
+    """``"field: old -> new"`` for every setting that differs between two ``stage_settings`` (none when
+    ``then`` is None: a checkpoint from before stages were recorded)."""
+    if then is None and not path:
+        return []
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [
+            change
+            for key in sorted(then.keys() | now.keys())
+            for change in _changed_settings(
+                then.get(key, "(unset)"), now.get(key, "(unset)"), f"{path}.{key}" if path else key
+            )
+        ]
+    return [] if then == now else [f"{path}: {then!r} -> {now!r}"]
+
+
 def _load_newest_readable(
     ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, console: Console
 ) -> tuple[Path, int, dict[str, Any]] | None:
@@ -383,6 +404,15 @@ def run_stage(
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
+        changed = _changed_settings(extra.get("stage"), stage_settings(stage))  # older checkpoints: none
+        if changed:
+            console.print(
+                f"[yellow]warning:[/yellow] stage {stage.name!r} has changed since {latest.name}: "
+                f"{'; '.join(changed)}. The run goes on with the recipe as it is now (a learning-rate "
+                "schedule follows the new max_steps and warm-up from this step on), so it no longer "
+                "repeats an uninterrupted run.",
+                soft_wrap=True,
+            )
     data = Prefetcher(stream, mode=prefetch_mode(stage.data.prefetch))
     # Evaluation runs on rank 0 with the replicated model; a sharded (FSDP2) model would need every rank.
     evaluating = stage.eval_every > 0 and strategy != "fsdp2"
@@ -445,6 +475,7 @@ def run_stage(
                     "data": {"ranks": D.gather_objects(data.state_dict())},
                     "history": history,
                     "evals": evals,
+                    "stage": stage_settings(stage),
                 }
                 _save_or_stop(ckpt_dir, done, stage, model, optimizer, scheduler, extra)
     finally:
