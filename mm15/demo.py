@@ -336,7 +336,9 @@ def _train_and_evaluate(
     ]
     for number, stage in enumerate(config.stages, start=3):
         console.rule(f"{number}. stage {stage.name}, then the same evaluation")
-        run_recipe(config, console, stage_name=stage.name, out=run_dir)
+        # resume: a demo stopped mid-stage (Ctrl+C) continues from that stage's last checkpoint when run
+        # again, exactly as it would have gone on; a stage with no checkpoint starts afresh.
+        run_recipe(config, console, stage_name=stage.name, out=run_dir, resume=True)
         final = MM15Model.from_pretrained(run_dir / stage.name / "final")
         checkpoints.append(evaluate_checkpoint(final, f"after {stage.name}", out, console, limit))
     console.rule("live answers")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,15 @@ def test_demo_on_a_reduced_budget_writes_the_report(tmp_path: Path) -> None:
     grounding = probe_rows[2].split(" | ")[2]
     assert grounding in ("0%", "100%")  # one item: preferred or not
     assert "demo finished in" in console.export_text()
+
+    # Run again after a stop in SFT (its checkpoint kept, no final model): finished stages are kept and
+    # SFT resumes from its checkpoint, rather than refusing to train over it.
+    shutil.rmtree(out / "tiny" / "sft" / "final")
+    again = Console(record=True, width=160)
+    run_demo(out, again, [ROOT / "tests" / "fixtures" / "seeclick_calendar.png"], path, limit=1)
+    text = " ".join(again.export_text().split())
+    assert "pretrain: done already" in text and "ocr: done already" in text
+    assert "sft: resumed from" in text and "demo finished in" in text, text
 
 
 def test_bad_demo_arguments_stop_before_anything_runs(

@@ -346,6 +346,15 @@ def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> No
     ]
     assert steps == list(range(6))
 
+    # Without --resume, a stage with an earlier run's checkpoints is not trained afresh over them.
+    shutil.rmtree(run / "pretrain" / "final")
+    before = sorted(p.name for p in (run / "pretrain" / "checkpoints").iterdir())
+    again = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), "--max-steps", "6"])
+    flat = " ".join(again.output.split())
+    assert again.exit_code == 2, again.output
+    assert "stage 'pretrain' has checkpoints of an earlier run" in flat and "add --resume" in flat, flat
+    assert sorted(p.name for p in (run / "pretrain" / "checkpoints").iterdir()) == before
+
 
 def test_a_later_stage_without_its_parent_says_to_train_the_parent_first(tmp_path: Path) -> None:
     from typer.testing import CliRunner

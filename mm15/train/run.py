@@ -508,6 +508,23 @@ def run_stage(
     }
 
 
+def _refuse_to_restart_over_checkpoints(run_dir: Path, stages: list[StageConfig]) -> None:
+    """A stage still to run that has an earlier run's checkpoints needs ``--resume`` (or to be moved away).
+
+    Starting it afresh would write its new checkpoints among the old ones, and pruning to ``keep_last``
+    would then delete whichever sort first: an interrupted day of training lost to a forgotten flag.
+    """
+    for stage in stages:
+        if (run_dir / stage.name / "final" / "config.json").is_file():
+            continue  # done: it will not run
+        found = complete_checkpoints(run_dir / stage.name / "checkpoints")
+        if found:
+            raise ValueError(
+                f"stage {stage.name!r} has checkpoints of an earlier run (the latest is {found[-1]}): add "
+                f"--resume to continue it, or move {run_dir / stage.name} away to start the stage over"
+            )
+
+
 def run_recipe(
     recipe: RecipeConfig,
     console: Console,
@@ -544,6 +561,8 @@ def run_recipe(
     # Rank 0 writes every file of the run; another training process writing the same directory would
     # prune its checkpoints and interleave its logs, so one run directory has one writer at a time.
     with run_dir_lock(run_dir) if info.is_main else contextlib.nullcontext():
+        if not resume:
+            _refuse_to_restart_over_checkpoints(run_dir, stages)
         for stage in stages:
             if (run_dir / stage.name / "final" / "config.json").is_file():
                 console.print(f"[bold]{stage.name}[/bold]: done already ({run_dir / stage.name / 'final'})")
