@@ -203,6 +203,10 @@ def train(
         console.print(
             f"{s['stage']}: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} over {s['steps']} steps"
         )
+        if s["skipped"]:
+            console.print(f"  skipped (counted): {s['skipped']}", soft_wrap=True)
+            for example in s.get("skip_examples", []):
+                console.print(f"    {example}", soft_wrap=True)
 
 
 @app.command("eval")

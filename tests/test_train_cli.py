@@ -406,3 +406,35 @@ def test_a_malformed_shard_record_stops_the_run_with_the_readers_error(tmp_path:
     message = " ".join(output.split())  # the console wraps long lines
     assert "error:" in message and "shard-000001.tar" in message and "bad_json" in message, output
     assert "TypeError" not in output and "Traceback" not in output
+
+
+def test_skipped_samples_are_named_at_the_end_of_the_stage(tmp_path: Path) -> None:
+    """Samples whose images do not decode are counted and, the first few, named (source and id) in the
+    closing lines and in summary.md, so they can be found in the data; the worker process passes them on."""
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+    from mm15.data.sources import write_shards
+    from mm15.data.synth import generate
+
+    samples = [generate("general-color", i) for i in range(6)]
+    samples[1].images = [b"\x89PNG\r\n\x1a\n not the rest of a PNG"]
+    shards = tmp_path / "shards"
+    write_shards(samples, shards, samples_per_shard=6)
+    recipe = (
+        ONE_STAGE.replace("mixture: {caption: 1, text: 1}", "mixture: {shards: 1}")
+        .replace('sources: {text: "synth:text-only"}', f'sources: {{shards: "shards:{shards}"}}')
+        .replace("seq_length: 1024", "seq_length: 1024\n      prefetch: process\n      shuffle_buffer: 0")
+        .replace("    keep_last: 2", "    keep_last: 2\n    max_corrupt_fraction: 0.5")
+    )
+    (tmp_path / "recipe.yaml").write_text(recipe)
+    run = tmp_path / "run"
+    result = CliRunner().invoke(
+        app, ["train", str(tmp_path / "recipe.yaml"), "--out", str(run), "--max-steps", "2"]
+    )
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    named = f"corrupt: source 'shards', sample '{samples[1].id}'"
+    assert "skipped (counted): {'corrupt': 1}" in flat and named in flat, flat
+    summary = (run / "summary.md").read_text()
+    assert "Skipped samples" in summary and f"- pretrain: {named}" in summary, summary

@@ -174,6 +174,10 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
     stream = shard_stream(model, tmp_path)
     micros = [stream.next_micro() for _ in range(2)]
     assert stream.skipped["corrupt"] == 2 and stream.seen == 8  # 6 used, the 2 corrupt ones counted
+    # ... and named, so they can be found in the data.
+    assert [e.split(":")[0:2] for e in stream.skip_examples] == [
+        ["corrupt", f" source 'shards', sample '{samples[i].id}'"] for i in (2, 5)
+    ]
     assert [s.sample_id for m in micros for s in m.samples] == [samples[i].id for i in (0, 1, 3, 4, 6, 7)]
     # A third micro-batch starts the second pass: the pass length is known and carried by the state,
     # and a stream restored from that state continues with the same samples.
@@ -184,6 +188,9 @@ def test_a_shard_with_corrupt_images_is_skipped_and_counted(tmp_path: Path) -> N
     restored = shard_stream(model, tmp_path)
     assert restored.load_state_dict(state) == []  # the same shards: nothing to warn about
     assert restored.sources["shards"].pass_length == 8
+    assert (
+        restored.skip_examples == state["skip_examples"] and len(state["skip_examples"]) == 3
+    )  # pass 2: again
     assert [s.sample_id for s in restored.next_micro().samples] == fourth
     # The folder moved: the same shards, so the resume is exact and says nothing.
     moved = tmp_path.parent / f"{tmp_path.name}-moved"

@@ -43,6 +43,8 @@ from mm15.data.sample import Sample
 from mm15.data.sources import ShardReader
 from mm15.image import ImageError, ImageProcessor, load_image
 
+MAX_SKIP_EXAMPLES = 10  # skipped samples a stream names (the rest are counted)
+
 
 class CorruptDataError(RuntimeError):
     """Too many samples could not be used."""
@@ -223,6 +225,7 @@ class TrainStream:
         self.packed = packed
         self.max_corrupt_fraction = max_corrupt_fraction
         self.skipped: Counter[str] = Counter()
+        self.skip_examples: list[str] = []  # the first MAX_SKIP_EXAMPLES skipped samples, named
         self.seen = 0
         # Balanced sampling (OCR stage): names come a micro-batch at a time, each source equally often.
         self.balanced = balanced
@@ -250,11 +253,11 @@ class TrainStream:
             try:
                 pictures = [load_image(ref, name=f"{sample.id}[{i}]") for i, ref in enumerate(sample.images)]
                 encoded = self.encoder.encode(sample, [(p.height, p.width) for p in pictures])
-            except SampleTooLong:
-                self.skipped["too_long"] += 1
+            except SampleTooLong as err:
+                self._skip("too_long", name, sample, err)
                 continue
-            except ImageError:
-                self.skipped["corrupt"] += 1
+            except ImageError as err:
+                self._skip("corrupt", name, sample, err)
                 if self.skipped["corrupt"] > self.max_corrupt_fraction * max(self.seen, 100):
                     raise CorruptDataError(
                         f"{self.skipped['corrupt']} of {self.seen} samples had images that do not decode, "
@@ -262,6 +265,12 @@ class TrainStream:
                     ) from None
                 continue
             return encoded, pictures, name
+
+    def _skip(self, reason: str, source: str, sample: Sample, error: Exception) -> None:
+        """Count a sample that cannot be used, and keep the first few so they can be found."""
+        self.skipped[reason] += 1
+        if len(self.skip_examples) < MAX_SKIP_EXAMPLES:
+            self.skip_examples.append(f"{reason}: source {source!r}, sample {sample.id!r}: {error}")
 
     def next_micro(self) -> MicroBatch:
         drawn = [self._next_encoded() for _ in range(self.samples_per_micro)]
@@ -291,6 +300,7 @@ class TrainStream:
                 name: source.pass_length for name, source in self.sources.items() if source.pass_length
             },
             "skipped": dict(self.skipped),
+            "skip_examples": list(self.skip_examples),
             "seen": self.seen,
             "queue": list(self._queue),
             "fingerprints": {
@@ -315,6 +325,7 @@ class TrainStream:
         for name, position in state["positions"].items():
             self.sources[name].seek(int(position))
         self.skipped = Counter(state.get("skipped", {}))
+        self.skip_examples = list(state.get("skip_examples", []))
         self.seen = int(state.get("seen", 0))
         self._queue = list(state.get("queue", []))
         return list(changed.values())
@@ -435,6 +446,11 @@ class Prefetcher:
     @property
     def skipped(self) -> Counter[str]:
         return self.stream.skipped if self.mode == "inline" else self._skipped
+
+    @property
+    def skip_examples(self) -> list[str]:
+        """The first skipped samples, as of the last micro-batch handed out (as ``skipped``)."""
+        return list(self._state.get("skip_examples", []))
 
     def close(self) -> None:
         if self.mode == "inline":

@@ -51,7 +51,7 @@ from mm15.train.checkpoint import (
     save_checkpoint,
 )
 from mm15.train.config import RecipeConfig, StageConfig
-from mm15.train.data import Prefetcher, PrefetchMode, TrainStream
+from mm15.train.data import MAX_SKIP_EXAMPLES, Prefetcher, PrefetchMode, TrainStream
 from mm15.train.trainer import MODULES, NonFiniteLoss, build_optimizer, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -487,6 +487,7 @@ def run_stage(
     skipped: Counter[str] = Counter()
     for counts in D.gather_objects(dict(data.skipped)):
         skipped.update(counts)
+    skip_examples = [e for rank_examples in D.gather_objects(data.skip_examples) for e in rank_examples]
     if skipped_steps:
         skipped["nonfinite_steps"] = skipped_steps
     if main:
@@ -501,6 +502,7 @@ def run_stage(
         "tokens_per_s": sum(h["tokens_per_s"] for h in history) / len(history),
         "data_wait": sum(h["data_wait"] for h in history) / len(history),
         "skipped": dict(skipped),
+        "skip_examples": skip_examples[:MAX_SKIP_EXAMPLES],
         "mixture": sampler.realised(),
         "world_size": world,
         "strategy": strategy,
@@ -642,6 +644,10 @@ def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str
         for s in evaluated:
             cells = [f"{s['eval'].get(f'category/{c}', float('nan')):.1f}" for c in categories]
             lines.append(f"| {s['stage']} | {s['eval']['step']} | " + " | ".join(cells) + " |")
+    named = [s for s in summaries if s.get("skip_examples")]
+    if named:
+        lines += ["", f"Skipped samples (the first {MAX_SKIP_EXAMPLES} per stage):", ""]
+        lines += [f"- {s['stage']}: {example}" for s in named for example in s["skip_examples"]]
     lines += [
         "",
         "Loss curves: " + ", ".join(f"[{s['stage']}]({s['stage']}/loss.png)" for s in summaries),
