@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -354,6 +355,24 @@ def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> No
     assert again.exit_code == 2, again.output
     assert "stage 'pretrain' has checkpoints of an earlier run" in flat and "add --resume" in flat, flat
     assert sorted(p.name for p in (run / "pretrain" / "checkpoints").iterdir()) == before
+
+
+def test_a_later_stages_missing_data_stops_the_run_before_the_first_stage_trains(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    data = yaml.safe_load(ONE_STAGE)
+    second = copy.deepcopy(data["stages"][0])
+    second.update(name="sft", parent="pretrain")
+    second["data"]["sources"]["caption"] = f"shards:{tmp_path / 'nowhere'}"
+    data["stages"].append(second)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert f"stage 'sft', data source 'caption' (shards:{tmp_path / 'nowhere'}): " in flat, flat
+    assert not (tmp_path / "run").exists()  # nothing trained, nothing written
 
 
 def test_a_later_stage_without_its_parent_says_to_train_the_parent_first(tmp_path: Path) -> None:

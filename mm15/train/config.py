@@ -10,9 +10,9 @@ pre-training on OCR data and SFT (mm15-spec.md section 3); ``recipes/*.yaml`` ho
 data is touched (design principle 3): unknown keys, types, ranges, stage order, mixture weights and
 sources, batch-size arithmetic, image-plan overrides against the preset. Every error is a ``ValueError``
 naming the field by its path, e.g. ``recipe.stages[1].optimizer.lr: must be > 0, got -1``. What cannot be
-known at load time is checked when training starts: the world size (``StageConfig.grad_accum``) and that
-data paths and checkpoint directories exist (paths are only checked for syntax here, so the GPU recipes
-load on any machine).
+known at load time is checked by ``mm15.train.run.run_recipe`` before the first stage trains: the world
+size (``StageConfig.grad_accum``) and that data paths exist; a parent checkpoint directory when its stage
+starts (paths are only checked for syntax here, so the GPU recipes load on any machine).
 
 Sources. A mixture leaf is resolved to a data source by ``DataConfig.resolve_sources``:
 

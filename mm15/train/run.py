@@ -51,7 +51,7 @@ from mm15.train.checkpoint import (
     save_checkpoint,
 )
 from mm15.train.config import RecipeConfig, StageConfig
-from mm15.train.data import MAX_SKIP_EXAMPLES, Prefetcher, PrefetchMode, TrainStream
+from mm15.train.data import MAX_SKIP_EXAMPLES, Prefetcher, PrefetchMode, SampleSource, TrainStream
 from mm15.train.trainer import MODULES, NonFiniteLoss, build_optimizer, train_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -510,6 +510,16 @@ def run_stage(
     }
 
 
+def _check_sources(stage: StageConfig) -> None:
+    """Open each of the stage's data sources (a listing, no reading): a missing folder or file, or a
+    folder without shards, is an error naming the stage and source."""
+    for name, spec in stage.data.resolve_sources().items():
+        try:
+            SampleSource(spec)
+        except (ValueError, OSError) as err:
+            raise ValueError(f"stage {stage.name!r}, data source {name!r} ({spec}): {err}") from None
+
+
 def _refuse_to_restart_over_checkpoints(run_dir: Path, stages: list[StageConfig]) -> None:
     """A stage still to run that has an earlier run's checkpoints needs ``--resume`` (or to be moved away).
 
@@ -549,8 +559,11 @@ def run_recipe(
     run_dir = Path(out) if out is not None else recipe.run_dir
     stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
     for stage in stages:
-        # What the recipe could not check alone, for every stage before the first one trains.
+        # What the recipe could not check alone, for every stage before the first one trains: a later
+        # stage's misfit should not surface hours into the run.
         stage.grad_accum(world_size=info.world_size)
+        if not (run_dir / stage.name / "final" / "config.json").is_file():
+            _check_sources(stage)
         if chosen == "fsdp2" and stage.optimizer.name == "adafactor":
             # torch's Adafactor reduces its factored statistics over a dimension FSDP2 shards.
             raise ValueError(
