@@ -373,6 +373,16 @@ def test_a_later_stages_missing_data_stops_the_run_before_the_first_stage_trains
     assert result.exit_code == 2, result.output
     assert f"stage 'sft', data source 'caption' (shards:{tmp_path / 'nowhere'}): " in flat, flat
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    # The same for a parent given as a model directory that holds no model.
+    second["data"]["sources"]["caption"] = "synth:caption"
+    second["parent"] = str(tmp_path / "elsewhere" / "final")
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")])
+    flat = " ".join(result.output.split())
+    assert (
+        result.exit_code == 2 and f"its parent '{second['parent']}' has no model (no config.json" in flat
+    ), flat
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_later_stage_without_its_parent_says_to_train_the_parent_first(tmp_path: Path) -> None:

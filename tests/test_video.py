@@ -429,7 +429,7 @@ def test_train_parent_option_repoints_the_recipe(tmp_path: Path) -> None:
         app,
         ["train", str(ROOT / "recipes/video.yaml"), "--parent", str(missing), "--out", str(tmp_path / "r")],
     )
-    assert result.exit_code == 3
+    assert result.exit_code == 2  # found before anything trains: a usage error
     assert f"its parent '{missing}' has no model" in " ".join(result.output.split())
     result = CliRunner().invoke(app, ["train", str(ROOT / "recipes/tiny.yaml"), "--parent", str(missing)])
     assert result.exit_code == 2 and "no stage of 'tiny' starts from a model directory" in result.output

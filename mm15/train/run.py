@@ -564,6 +564,13 @@ def run_recipe(
         stage.grad_accum(world_size=info.world_size)
         if not (run_dir / stage.name / "final" / "config.json").is_file():
             _check_sources(stage)
+            # A parent given as a model directory (not init, not a stage of this recipe) must exist.
+            path_parent = stage.parent not in {"init", *(s.name for s in recipe.stages)}
+            if path_parent and not (Path(stage.parent).expanduser() / "config.json").is_file():
+                raise ValueError(
+                    f"stage {stage.name!r}: its parent {stage.parent!r} has no model "
+                    f"(no config.json in {Path(stage.parent).expanduser()})"
+                )
         if chosen == "fsdp2" and stage.optimizer.name == "adafactor":
             # torch's Adafactor reduces its factored statistics over a dimension FSDP2 shards.
             raise ValueError(
