@@ -133,15 +133,22 @@ def test_spec_parsing() -> None:
         parse_task_specs(" , ")
 
 
-def test_groups_options_and_errors() -> None:
+def test_groups_options_and_errors(tmp_path: Path) -> None:
     general = resolve_task_specs("general:limit=3,max_new_tokens=2")
     assert [name for name, _, _ in general] == [n for n in task_names("general") if n.startswith("synth-")]
     assert all(options["limit"] == 3 and options["max_new_tokens"] == 2 for _, _, options in general)
     synth = [name for name, _, _ in resolve_task_specs("synth")]
     assert set(SYNTH_TASKS) <= set(synth) and all(name.startswith("synth-") for name in synth)
-    ((_, task, options),) = resolve_task_specs("textvqa:path=/d/val.json")
-    assert options["path"] == Path("/d/val.json") and options["images"] is None
+    val = tmp_path / "val.json"
+    val.write_text("[]")
+    ((_, task, options),) = resolve_task_specs(f"textvqa:path={val}")
+    assert options["path"] == val and options["images"] is None
     assert task.generation_for(options).max_new_tokens == task.generation.max_new_tokens
+    # Path options must exist: found when the specs resolve, before any task runs.
+    with pytest.raises(TaskError, match=r"task textvqa: option images=/d/img: no such file or folder"):
+        resolve_task_specs(f"textvqa:path={val},images=/d/img")
+    with pytest.raises(TaskError, match=r"option path=/d/val.json: no such file or folder"):
+        resolve_task_specs([TaskSpec("textvqa", {"path": Path("/d/val.json")})])
 
     with pytest.raises(TaskError, match=r"unknown task 'nope'; choose a task .* a category"):
         resolve_task_specs("nope")

@@ -373,6 +373,19 @@ def test_a_later_stages_missing_data_stops_the_run_before_the_first_stage_trains
     assert result.exit_code == 2, result.output
     assert f"stage 'sft', data source 'caption' (shards:{tmp_path / 'nowhere'}): " in flat, flat
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
+    # And for a file an evaluation task reads: the recipe loads (only syntax is checked away from
+    # the data), the run stops before training.
+    from mm15.train.config import RecipeConfig
+
+    second["data"]["sources"]["caption"] = "synth:caption"
+    second.update(eval_every=2, eval_tasks=f"textvqa:path={tmp_path / 'val.json'}")
+    RecipeConfig.from_dict(data)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 2 and "task textvqa: option path=" in flat and "no such file" in flat, flat
+    assert not (tmp_path / "run").exists()
+    second.update(eval_every=0)
     # The same for a parent given as a model directory that holds no model.
     second["data"]["sources"]["caption"] = "synth:caption"
     second["parent"] = str(tmp_path / "elsewhere" / "final")

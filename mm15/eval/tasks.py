@@ -145,11 +145,13 @@ class TaskOption:
     default: Any = None
     required: bool = False
 
-    def convert(self, task: str, value: Any) -> Any:
+    def convert(self, task: str, value: Any, check_files: bool = True) -> Any:
         if not isinstance(value, str):
             # Options given from Python (TaskSpec) rather than a command line: check the type only.
             accepted: tuple[type, ...] = (int, float) if self.kind is float else (self.kind,)
             if isinstance(value, accepted) and (self.kind is bool or not isinstance(value, bool)):
+                if self.kind is Path and check_files:
+                    return self._existing(task, value)
                 return float(value) if self.kind is float else value
             raise TaskError(f"task {task}: option {self.name} must be {self.kind.__name__}, got {value!r}")
         if self.kind is bool:
@@ -160,11 +162,19 @@ class TaskOption:
                 return False
             raise TaskError(f"task {task}: option {self.name} must be true or false, got {value!r}")
         try:
-            return self.kind(value)
+            converted = self.kind(value)
         except ValueError:
             raise TaskError(
                 f"task {task}: option {self.name} must be {self.kind.__name__}, got {value!r}"
             ) from None
+        return self._existing(task, converted) if self.kind is Path and check_files else converted
+
+    def _existing(self, task: str, path: Path) -> Path:
+        # Every path option names input (an annotation file, an image folder): a missing one is found
+        # when the specs are resolved, before any task runs, not after the tasks listed before it.
+        if not path.expanduser().exists():
+            raise TaskError(f"task {task}: option {self.name}={path}: no such file or folder")
+        return path
 
 
 # Options every task accepts; the runner reads them, sources never see them.
@@ -223,7 +233,7 @@ class Task:
         """Whether the task has required options (a real benchmark's annotation file)."""
         return any(o.required for o in self.options)
 
-    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+    def resolve_options(self, given: Mapping[str, Any], check_files: bool = True) -> dict[str, Any]:
         """Checked and converted options, defaults filled in; an unknown or missing one raises TaskError."""
         accepted = {o.name: o for o in (*self.options, *COMMON_OPTIONS)}
         unknown = sorted(set(given) - set(accepted))
@@ -235,7 +245,7 @@ class Task:
         resolved: dict[str, Any] = {}
         for option in accepted.values():
             if option.name in given:
-                resolved[option.name] = option.convert(self.name, given[option.name])
+                resolved[option.name] = option.convert(self.name, given[option.name], check_files)
             elif option.required:
                 raise TaskError(f"task {self.name}: option {option.name}=... is required ({option.help})")
             else:
@@ -372,12 +382,16 @@ def _add_option(current: tuple[str, dict[str, str]], text: str) -> None:
     current[1][key] = value.strip()
 
 
-def resolve_task_specs(specs: str | Iterable[str | TaskSpec]) -> list[tuple[str, Task, dict[str, Any]]]:
+def resolve_task_specs(
+    specs: str | Iterable[str | TaskSpec], check_files: bool = True
+) -> list[tuple[str, Task, dict[str, Any]]]:
     """``(result name, task, resolved options)`` for every spec, groups expanded, in the order given.
 
     A category name expands to that category's tasks that need no files, ``synth`` to every synthetic
     task and ``all`` to every task that needs no files; options given to a group apply to each task.
     Two results with one name (the same task twice) raise TaskError: give one of them ``name=``.
+    ``check_files``: path options must exist (off where only the syntax is checked, e.g. a recipe loaded
+    away from its data).
     """
     resolved: list[tuple[str, Task, dict[str, Any]]] = []
     for spec in parse_task_specs(specs):
@@ -397,7 +411,7 @@ def resolve_task_specs(specs: str | Iterable[str | TaskSpec]) -> list[tuple[str,
                 f"({', '.join(CATEGORIES)}), 'synth' or 'all'"
             )
         for task in group:
-            options = task.resolve_options(spec.options)
+            options = task.resolve_options(spec.options, check_files)
             resolved.append((options["name"] or task.name, task, options))
     names = [name for name, _, _ in resolved]
     repeated = sorted({n for n in names if names.count(n) > 1})

@@ -548,7 +548,7 @@ class StageConfig:
             from mm15.eval.tasks import TaskError, resolve_task_specs
 
             try:
-                resolve_task_specs(self.eval_tasks)
+                resolve_task_specs(self.eval_tasks, check_files=False)  # syntax: files are checked at start
             except TaskError as err:
                 raise _FieldError("eval_tasks", str(err)) from None
         _check(

@@ -564,6 +564,10 @@ def run_recipe(
         stage.grad_accum(world_size=info.world_size)
         if not (run_dir / stage.name / "final" / "config.json").is_file():
             _check_sources(stage)
+            if stage.eval_every > 0:  # the files of its evaluation tasks
+                from mm15.eval.tasks import resolve_task_specs
+
+                resolve_task_specs(stage.eval_tasks)
             # A parent given as a model directory (not init, not a stage of this recipe) must exist.
             path_parent = stage.parent not in {"init", *(s.name for s in recipe.stages)}
             if path_parent and not (Path(stage.parent).expanduser() / "config.json").is_file():
