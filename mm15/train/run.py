@@ -520,6 +520,40 @@ def _check_sources(stage: StageConfig) -> None:
             raise ValueError(f"stage {stage.name!r}, data source {name!r} ({spec}): {err}") from None
 
 
+def _stage_done(run_dir: Path, stage: StageConfig) -> bool:
+    """Whether the stage has exported its final model (a run skips it)."""
+    return (run_dir / stage.name / "final" / "config.json").is_file()
+
+
+def _check_before_training(
+    recipe: RecipeConfig, stages: list[StageConfig], run_dir: Path, world_size: int, strategy: str
+) -> None:
+    """What the recipe could not check alone, for every stage before the first one trains: a later
+    stage's mistake should not surface hours into the run. ``ValueError`` names the stage."""
+    from mm15.eval.tasks import resolve_task_specs
+
+    stage_names = {s.name for s in recipe.stages}
+    for stage in stages:
+        stage.grad_accum(world_size=world_size)
+        if strategy == "fsdp2" and stage.optimizer.name == "adafactor":
+            # torch's Adafactor reduces its factored statistics over a dimension FSDP2 shards.
+            raise ValueError(
+                f"stage {stage.name!r}: optimizer adafactor does not support FSDP2 sharded parameters "
+                "in torch; use adamw for this stage or --strategy ddp"
+            )
+        if _stage_done(run_dir, stage):
+            continue
+        _check_sources(stage)
+        if stage.eval_every > 0:
+            resolve_task_specs(stage.eval_tasks)  # the files its evaluation tasks read
+        # A parent given as a model directory (not init, not a stage of this recipe) must hold a model.
+        parent = Path(stage.parent).expanduser()
+        if stage.parent not in {"init", *stage_names} and not (parent / "config.json").is_file():
+            raise ValueError(
+                f"stage {stage.name!r}: its parent {stage.parent!r} has no model (no config.json in {parent})"
+            )
+
+
 def _refuse_to_restart_over_checkpoints(run_dir: Path, stages: list[StageConfig]) -> None:
     """A stage still to run that has an earlier run's checkpoints needs ``--resume`` (or to be moved away).
 
@@ -527,8 +561,8 @@ def _refuse_to_restart_over_checkpoints(run_dir: Path, stages: list[StageConfig]
     would then delete whichever sort first: an interrupted day of training lost to a forgotten flag.
     """
     for stage in stages:
-        if (run_dir / stage.name / "final" / "config.json").is_file():
-            continue  # done: it will not run
+        if _stage_done(run_dir, stage):
+            continue  # it will not run
         found = complete_checkpoints(run_dir / stage.name / "checkpoints")
         if found:
             raise ValueError(
@@ -558,29 +592,7 @@ def run_recipe(
         console.print(f"{info.world_size} ranks, strategy {chosen}")
     run_dir = Path(out) if out is not None else recipe.run_dir
     stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
-    for stage in stages:
-        # What the recipe could not check alone, for every stage before the first one trains: a later
-        # stage's misfit should not surface hours into the run.
-        stage.grad_accum(world_size=info.world_size)
-        if not (run_dir / stage.name / "final" / "config.json").is_file():
-            _check_sources(stage)
-            if stage.eval_every > 0:  # the files of its evaluation tasks
-                from mm15.eval.tasks import resolve_task_specs
-
-                resolve_task_specs(stage.eval_tasks)
-            # A parent given as a model directory (not init, not a stage of this recipe) must exist.
-            path_parent = stage.parent not in {"init", *(s.name for s in recipe.stages)}
-            if path_parent and not (Path(stage.parent).expanduser() / "config.json").is_file():
-                raise ValueError(
-                    f"stage {stage.name!r}: its parent {stage.parent!r} has no model "
-                    f"(no config.json in {Path(stage.parent).expanduser()})"
-                )
-        if chosen == "fsdp2" and stage.optimizer.name == "adafactor":
-            # torch's Adafactor reduces its factored statistics over a dimension FSDP2 shards.
-            raise ValueError(
-                f"stage {stage.name!r}: optimizer adafactor does not support FSDP2 sharded parameters "
-                "in torch; use adamw for this stage or --strategy ddp"
-            )
+    _check_before_training(recipe, stages, run_dir, info.world_size, chosen)
     check_output_dir(run_dir, "run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     summaries, model = [], None
@@ -590,7 +602,7 @@ def run_recipe(
         if not resume:
             _refuse_to_restart_over_checkpoints(run_dir, stages)
         for stage in stages:
-            if (run_dir / stage.name / "final" / "config.json").is_file():
+            if _stage_done(run_dir, stage):
                 console.print(f"[bold]{stage.name}[/bold]: done already ({run_dir / stage.name / 'final'})")
                 model = None
                 continue
