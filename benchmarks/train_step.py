@@ -95,6 +95,8 @@ def equal_token_config(cfg: MM15Config) -> MM15Config:
 
 
 def mm15_stream(model: MM15Model, shard_dir: Path, samples_per_step: int, seq_length: int) -> TrainStream:
+    # File order (shuffle_buffer 0, TrainStream's default; recipes default to 256): the reference steps
+    # through the same samples in that order, so both models are timed on the same batches.
     return TrainStream(
         MixtureSampler(MixtureNode.from_dict({"sft": 1}), seed=0),
         {"sft": f"shards:{shard_dir}"},
