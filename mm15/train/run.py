@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from mm15.chat import ChatEncoder
 from mm15.data.mixture import MixtureSampler
@@ -430,6 +437,8 @@ def run_stage(
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),  # from the recent steps' pace: long stages need it more than short ones
         TextColumn("{task.fields[info]}"),
     )
     progress = Progress(*columns, console=console, disable=not main)
