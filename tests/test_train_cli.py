@@ -372,6 +372,7 @@ def test_a_later_stages_missing_data_stops_the_run_before_the_first_stage_trains
     flat = " ".join(result.output.split())
     assert result.exit_code == 2, result.output
     assert f"stage 'sft', data source 'caption' (shards:{tmp_path / 'nowhere'}): " in flat, flat
+    assert "no such shard or shard folder" in flat, flat
     assert not (tmp_path / "run").exists()  # nothing trained, nothing written
     # And for a file an evaluation task reads: the recipe loads (only syntax is checked away from
     # the data), the run stops before training.

@@ -1009,7 +1009,9 @@ class ShardReader(IterableDataset):
             raise ValueError(f"no shards found in {paths_or_dir}")
         for shard in shards:
             if not shard.is_file():
-                raise FileNotFoundError(f"{shard}: no such shard")
+                # A shard source names a folder or a shard; the message must not suggest only the latter.
+                what = "no such shard or shard folder" if not shard.exists() else "not a shard file"
+                raise FileNotFoundError(f"{shard}: {what}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         if (worker is None) != (num_workers is None):
