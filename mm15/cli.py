@@ -139,6 +139,13 @@ def train(
             "'distributed', auto = DDP with several ranks)."
         ),
     ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            help="Run the start-up checks (recipe, data sources, parents, checkpoints) and print what each "
+            "stage would do, without training."
+        ),
+    ] = False,
 ) -> None:
     """Train a recipe's stages in order: checkpoints, resume, TensorBoard logs, loss plots, a summary.
 
@@ -149,7 +156,7 @@ def train(
     from mm15.train import distributed
     from mm15.train.config import load_recipe
     from mm15.train.data import CorruptDataError
-    from mm15.train.run import StageFailed, run_recipe
+    from mm15.train.run import StageFailed, check_recipe, run_recipe
 
     try:
         config = load_recipe(recipe)
@@ -177,6 +184,19 @@ def train(
                     )
                 )
             config = dataclasses.replace(config, stages=tuple(stages))
+        if check:
+            rows = check_recipe(config, stage_name=stage, resume=resume, out=out, strategy=strategy)
+            console.print(f"[bold]{config.name}[/bold]: the checks passed; what each stage would do:")
+            for row in rows:  # a block per stage: the sources alone are wider than a terminal
+                console.print(f"[bold]{row['stage']}[/bold]: {row['action']}")
+                console.print(
+                    f"  parent {row['parent']}; {row['steps']} steps; batch {row['batch']} (global = micro x "
+                    f"accumulation x ranks); sequence {row['seq_length']}; lr {row['lr']}; trainable "
+                    f"{row['trainable']}",
+                    soft_wrap=True,
+                )
+                console.print(f"  data: {row['sources']}", soft_wrap=True)
+            return
         summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out, strategy=strategy)
     except (ValueError, FileNotFoundError) as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)

@@ -481,3 +481,33 @@ def test_skipped_samples_are_named_at_the_end_of_the_stage(tmp_path: Path) -> No
     assert "skipped (counted): {'corrupt': 1}" in flat and named in flat, flat
     summary = (run / "summary.md").read_text()
     assert "Skipped samples" in summary and f"- pretrain: {named}" in summary, summary
+
+
+def test_check_runs_the_start_up_checks_and_says_what_each_stage_would_do(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    recipe, run = tmp_path / "recipe.yaml", tmp_path / "run"
+    recipe.write_text(ONE_STAGE)
+    base = ["train", str(recipe), "--out", str(run), "--max-steps", "4"]
+
+    def check(*extra: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, [*base, "--check", *extra])
+        return result.exit_code, " ".join(result.output.split())
+
+    code, text = check()
+    assert code == 0 and "pretrain: train from step 0" in text, text
+    assert (
+        "4 steps; batch 2 = 2 x 1 x 1" in text
+        and "data: caption: synth:caption, text: synth:text-only" in text
+    )
+    assert not run.exists()  # nothing written
+    assert CliRunner().invoke(app, base).exit_code == 0
+    code, text = check()
+    assert code == 0 and "pretrain: done already" in text, text
+    shutil.rmtree(run / "pretrain" / "final")  # stopped after its last checkpoint
+    code, text = check("--resume")
+    assert code == 0 and "pretrain: resume at step 4" in text, text
+    code, text = check()  # without --resume: the refusal a real run would give
+    assert code == 2 and "has checkpoints of an earlier run" in text, text

@@ -477,6 +477,14 @@ def complete_checkpoints(directory: str | Path) -> list[Path]:
     return [path for _, path in _complete_checkpoints(Path(directory))]
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step a checkpoint directory (``step-XXXXXXXX``) holds."""
+    match = _STEP_RE.match(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step-XXXXXXXX)")
+    return int(match.group(1))
+
+
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The complete checkpoint with the highest step in ``directory``, or None if there is none."""
     complete = complete_checkpoints(directory)

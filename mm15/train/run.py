@@ -51,6 +51,7 @@ from mm15.paths import check_output_dir
 from mm15.train import distributed as D
 from mm15.train.checkpoint import (
     CorruptCheckpointError,
+    checkpoint_step,
     complete_checkpoints,
     export_final,
     latest_checkpoint,
@@ -561,6 +562,49 @@ def _check_before_training(
             raise ValueError(
                 f"stage {stage.name!r}: its parent {stage.parent!r} has no model (no config.json in {parent})"
             )
+
+
+def check_recipe(
+    recipe: RecipeConfig,
+    stage_name: str | None = None,
+    resume: bool = False,
+    out: Path | None = None,
+    strategy: str | None = None,
+) -> list[dict[str, Any]]:
+    """What ``run_recipe`` would do, without training: its start-up checks (which raise as they would),
+    then one row per stage: what happens to it, its steps, batch, sequence length, lr and data sources.
+    The world size is ``torchrun``'s (``WORLD_SIZE``), 1 outside it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    chosen = resolve_strategy(strategy or recipe.distributed, world)
+    run_dir = Path(out) if out is not None else recipe.run_dir
+    stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
+    _check_before_training(recipe, stages, run_dir, world, chosen)
+    check_output_dir(run_dir, "run directory")
+    if not resume:
+        _refuse_to_restart_over_checkpoints(run_dir, stages)
+    rows = []
+    for stage in stages:
+        latest = latest_checkpoint(run_dir / stage.name / "checkpoints")
+        if _stage_done(run_dir, stage):
+            action = "done already"
+        elif resume and latest is not None:
+            action = f"resume at step {checkpoint_step(latest)}"
+        else:
+            action = "train from step 0"
+        rows.append(
+            {
+                "stage": stage.name,
+                "parent": stage.parent,
+                "action": action,
+                "steps": stage.max_steps,
+                "batch": f"{stage.global_batch} = {stage.micro_batch} x {stage.grad_accum(world)} x {world}",
+                "seq_length": stage.data.seq_length,
+                "lr": stage.optimizer.lr,
+                "trainable": ", ".join(stage.trainable),
+                "sources": ", ".join(f"{n}: {spec}" for n, spec in stage.data.resolve_sources().items()),
+            }
+        )
+    return rows
 
 
 def _refuse_to_restart_over_checkpoints(run_dir: Path, stages: list[StageConfig]) -> None:
