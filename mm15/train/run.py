@@ -564,6 +564,18 @@ def _check_before_training(
             )
 
 
+def _checked_plan(
+    recipe: RecipeConfig, stage_name: str | None, out: Path | None, strategy: str | None, world_size: int
+) -> tuple[str, Path, list[StageConfig]]:
+    """(strategy, run directory, stages to consider) after every start-up check that writes nothing."""
+    chosen = resolve_strategy(strategy or recipe.distributed, world_size)
+    run_dir = Path(out) if out is not None else recipe.run_dir
+    stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
+    _check_before_training(recipe, stages, run_dir, world_size, chosen)
+    check_output_dir(run_dir, "run directory")
+    return chosen, run_dir, stages
+
+
 def check_recipe(
     recipe: RecipeConfig,
     stage_name: str | None = None,
@@ -575,11 +587,7 @@ def check_recipe(
     then one row per stage: what happens to it, its steps, batch, sequence length, lr and data sources.
     The world size is ``torchrun``'s (``WORLD_SIZE``), 1 outside it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    chosen = resolve_strategy(strategy or recipe.distributed, world)
-    run_dir = Path(out) if out is not None else recipe.run_dir
-    stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
-    _check_before_training(recipe, stages, run_dir, world, chosen)
-    check_output_dir(run_dir, "run directory")
+    _, run_dir, stages = _checked_plan(recipe, stage_name, out, strategy, world)
     if not resume:
         _refuse_to_restart_over_checkpoints(run_dir, stages)
     rows = []
@@ -638,15 +646,11 @@ def run_recipe(
     own slice of the data, and only rank 0 prints, logs and writes files.
     """
     info = D.init_distributed()
-    chosen = resolve_strategy(strategy or recipe.distributed, info.world_size)
     if not info.is_main:
         console = Console(quiet=True)
-    elif info.is_distributed:
+    chosen, run_dir, stages = _checked_plan(recipe, stage_name, out, strategy, info.world_size)
+    if info.is_distributed:
         console.print(f"{info.world_size} ranks, strategy {chosen}")
-    run_dir = Path(out) if out is not None else recipe.run_dir
-    stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
-    _check_before_training(recipe, stages, run_dir, info.world_size, chosen)
-    check_output_dir(run_dir, "run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     summaries, model = [], None
     # Rank 0 writes every file of the run; another training process writing the same directory would
