@@ -316,6 +316,21 @@ def test_every_stage_is_checked_against_the_world_size_before_the_first_trains(
     assert not (tmp_path / "run").exists()
 
 
+def test_a_moved_data_folder_is_not_a_changed_setting() -> None:
+    """Source paths are not compared on resume (the data's own fingerprints are); the rest are."""
+    from mm15.train.config import RecipeConfig
+    from mm15.train.run import resume_setting_changes, stage_settings
+
+    data = yaml.safe_load(ONE_STAGE)
+    data["stages"][0]["data"]["sources"]["text"] = "shards:/data/old"
+    saved = stage_settings(RecipeConfig.from_dict(data).stages[0])
+    data["stages"][0]["data"]["sources"]["text"] = "shards:/data/moved"
+    assert resume_setting_changes(saved, RecipeConfig.from_dict(data).stages[0]) == []
+    data["stages"][0]["max_steps"] = 9
+    assert resume_setting_changes(saved, RecipeConfig.from_dict(data).stages[0]) == ["max_steps: 8 -> 9"]
+    assert resume_setting_changes(None, RecipeConfig.from_dict(data).stages[0]) == []  # older checkpoints
+
+
 def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> None:
     """Checkpoints record the stage's settings; a resume under other settings (here a longer run and
     another learning rate) names each change, and an unchanged one says nothing."""

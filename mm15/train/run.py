@@ -319,6 +319,16 @@ def _changed_settings(then: Any, now: Any, path: str = "") -> list[str]:
     return [] if then == now else [f"{path}: {then!r} -> {now!r}"]
 
 
+def resume_setting_changes(saved: dict[str, Any] | None, stage: StageConfig) -> list[str]:
+    """The stage's settings that differ from a checkpoint's record (none for older checkpoints).
+
+    Source specs are left out: where the data lives may change (a moved folder resumes exactly), and
+    what it holds is checked by the stream's own fingerprints (``TrainStream.load_state_dict``).
+    """
+    changes = _changed_settings(saved, stage_settings(stage))
+    return [change for change in changes if not change.startswith("data.sources")]
+
+
 def _load_newest_readable(
     ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, console: Console
 ) -> tuple[Path, int, dict[str, Any]] | None:
@@ -412,7 +422,7 @@ def run_stage(
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
-        changed = _changed_settings(extra.get("stage"), stage_settings(stage))  # older checkpoints: none
+        changed = resume_setting_changes(extra.get("stage"), stage)
         if changed:
             console.print(
                 f"[yellow]warning:[/yellow] stage {stage.name!r} has changed since {latest.name}: "
