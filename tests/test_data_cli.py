@@ -160,7 +160,7 @@ def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     assert lenient.exit_code == 0, lenient.output
     assert "{'missing_image': 1, 'bad_image': 1, 'bad_region': 1}" in lenient.output
     flat = " ".join(lenient.output.split())
-    assert "wrote 1 samples in 1 shards" in flat, lenient.output
+    assert "wrote 1 sample in 1 shard to" in flat, lenient.output
     # Each reason lists its first records, so they can be found and fixed.
     assert "missing_image, first 1:" in flat and "(id 'gone'): missing_image" in flat, lenient.output
     assert "(id 'frame'): bad_region" in flat, lenient.output
@@ -169,7 +169,7 @@ def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     check = [a for a in args if a not in ("--out", str(tmp_path / "o"))]
     dry = runner.invoke(app, [*check, "--dry-run", "--lenient"])
     flat = " ".join(dry.output.split())
-    assert dry.exit_code == 0 and "would write 1 samples in 1 shards (dry run: nothing written)" in flat, flat
+    assert dry.exit_code == 0 and "would write 1 sample in 1 shard (dry run: nothing written)" in flat, flat
     assert "{'missing_image': 1, 'bad_image': 1, 'bad_region': 1}" in flat
     strict_dry = runner.invoke(app, [*check, "--dry-run"])
     assert strict_dry.exit_code == 2 and "missing_image" in strict_dry.output

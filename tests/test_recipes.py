@@ -233,8 +233,10 @@ def test_missing_and_default_fields() -> None:
 def test_load_errors_name_the_file(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
-    with pytest.raises(ValueError, match="not valid YAML"):
+    with pytest.raises(ValueError, match="not valid YAML") as raised:
         load_recipe(bad)
+    assert str(raised.value).startswith(f"{bad}: not valid YAML: line 2, column 1: ")
+    assert "<unicode string>" not in str(raised.value)
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ValueError, match=r"^recipe: must be a mapping"):
         load_recipe(bad)

@@ -25,6 +25,11 @@ console = Console()
 OVERWRITE_HELP = "Replace the shards an earlier run of this command wrote to --out (else it stops)."
 
 
+def _count(n: int, noun: str) -> str:
+    """ "1 sample", "2 samples": counts in messages."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _fail(err: Exception) -> NoReturn:
     hint = ": pass --overwrite to replace them, or another --out" if isinstance(err, FileExistsError) else ""
     console.print(f"[red]error:[/red] {err}{hint}", soft_wrap=True)
@@ -77,7 +82,7 @@ def synth(
             )
         except (ValueError, FileExistsError) as err:
             _fail(err)
-    console.print(f"wrote {n} samples in {len(shards)} shards to {out}")
+    console.print(f"wrote {_count(n, 'sample')} in {_count(len(shards), 'shard')} to {out}")
 
 
 PACK_FORMATS = ("llava", "interleaved", "text")
@@ -172,10 +177,11 @@ def pack(
         _fail(ValueError(f"no record of {len(annotations)} file(s) could be packed"))
     if dry_run:
         console.print(
-            f"would write {packed} samples in {-(-packed // per_shard)} shards (dry run: nothing written)"
+            f"would write {_count(packed, 'sample')} in {_count(-(-packed // per_shard), 'shard')} "
+            "(dry run: nothing written)"
         )
     else:
-        console.print(f"wrote {packed} samples in {len(shards)} shards to {out}")
+        console.print(f"wrote {_count(packed, 'sample')} in {_count(len(shards), 'shard')} to {out}")
     _report_pack_skips(reader.skipped)
 
 
@@ -232,7 +238,7 @@ def show(
     out.parent.mkdir(parents=True, exist_ok=True)
     sheet, broken = contact_sheet(samples, columns=columns)
     sheet.save(out)
-    console.print(f"drew {len(samples)} samples to {out}")
+    console.print(f"drew {_count(len(samples), 'sample')} to {out}")
     if broken:
         console.print(f"images that do not decode (grey on the sheet) in {len(broken)} samples: {broken}")
 

@@ -801,5 +801,16 @@ def load_recipe(path: str | Path) -> RecipeConfig:
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from None
+        raise ValueError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     return RecipeConfig.from_dict(data)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's problem and its line and column, without its quote of an unnamed "<unicode string>"."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is None or problem is None:
+        return str(err)
+    context = getattr(err, "context", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}"
+    return f"{where}: {context + ', ' if context else ''}{problem}"
