@@ -156,7 +156,7 @@ def train(
     from mm15.train import distributed
     from mm15.train.config import load_recipe
     from mm15.train.data import CorruptDataError
-    from mm15.train.run import StageFailed, check_recipe, run_recipe
+    from mm15.train.run import StageFailed, StopRequested, check_recipe, run_recipe
 
     try:
         config = load_recipe(recipe)
@@ -204,14 +204,14 @@ def train(
     except (StageFailed, CorruptDataError) as err:
         console.print(f"[red]stopped:[/red] {err}", soft_wrap=True)
         raise typer.Exit(3) from None
-    except KeyboardInterrupt:
+    except StopRequested as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all
-            # The same command line (so --stage, --max-steps and --out carry over) with --resume.
-            again = [a for a in sys.argv[1:] if a != "--no-resume"]
-            again += [] if "--resume" in again else ["--resume"]
+            console.print(f"[yellow]{err}.[/yellow] Continue with: {_resume_command()}", soft_wrap=True)
+        raise typer.Exit(128 + err.signum) from None
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
             console.print(
-                f"[yellow]interrupted.[/yellow] Continue from the last checkpoint with: "
-                f"mm15 {shlex.join(again)}",
+                f"[yellow]interrupted.[/yellow] Continue from the last checkpoint with: {_resume_command()}",
                 soft_wrap=True,
             )
         raise typer.Exit(130) from None
@@ -296,6 +296,13 @@ def eval_(
     )
 
 
+def _resume_command() -> str:
+    """This process's ``mm15`` command line with ``--resume``: --stage, --max-steps and --out carry over."""
+    again = [a for a in sys.argv[1:] if a != "--no-resume"]
+    again += [] if "--resume" in again else ["--resume"]
+    return f"mm15 {shlex.join(again)}"
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Where the demo writes its outputs.")] = Path("runs/demo"),
@@ -304,12 +311,21 @@ def demo(
 ) -> None:
     """Run the main job at toy scale: image plans, the tiny three-stage recipe, live answers."""
     from mm15.demo import DemoInputError, run_demo
+    from mm15.train.run import StopRequested
 
+    command = shlex.join(["mm15", *sys.argv[1:]])
+    again = f"The same command ({command}; make demo runs it) continues from the last checkpoint."
     try:
         run_demo(out, console, image, recipe)
     except DemoInputError as err:
         console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(2) from None
+    except StopRequested as err:
+        console.print(f"[yellow]{err}.[/yellow] {again}", soft_wrap=True)
+        raise typer.Exit(128 + err.signum) from None
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted.[/yellow] {again}", soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 if __name__ == "__main__":

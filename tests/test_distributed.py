@@ -451,3 +451,56 @@ def test_resolve_strategy() -> None:
         resolve_strategy("ddp", 1)
     with pytest.raises(ValueError, match="unknown strategy 'zero3'"):
         resolve_strategy("zero3", 2)
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path: Path) -> None:
+    """A scheduler's SIGTERM reaching one rank first: all ranks stop after the same step, a checkpoint of
+    it is written, and a resume on 2 ranks repeats the uninterrupted run's losses exactly."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    stage = recipe["stages"][0]
+    stage.update(max_steps=8, save_every=1000, keep_last=3, schedule={"warmup_steps": 1, "min_lr_ratio": 0.1})
+    recipe["stages"] = [stage]
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    whole = _train(tmp_path, path, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-4000:]
+
+    run = tmp_path / "stopped"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(_free_port()), "-m", "mm15.cli", "train", str(path), "--out", str(run)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        metrics = run / "pretrain" / "metrics.jsonl"
+        deadline = time.time() + TIMEOUT
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
+            assert proc.poll() is None, proc.communicate()
+            assert time.time() < deadline, "not 3 steps in time"
+            time.sleep(0.05)
+        (rank1,) = [
+            pid
+            for pid in _descendants(proc.pid)
+            if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()
+            and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(proc.pid)
+        ]
+        os.kill(rank1, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    finally:
+        for pid in [proc.pid, *_descendants(proc.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    steps = len(_losses(run))
+    assert 3 <= steps < 8 and proc.returncode != 0, stdout[-3000:] + stderr[-3000:]
+    assert f"stopped on SIGTERM after step {steps} of 8" in " ".join(stdout.split()), stdout[-3000:]
+    checkpoint = run / "pretrain" / "checkpoints" / f"step-{steps:08d}"
+    assert (checkpoint / "meta.json").is_file()
+
+    resumed = _train(tmp_path, path, run, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert _losses(run) == _losses(tmp_path / "whole")

@@ -143,11 +143,25 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_losses(tmp_path: Path) -> 
     assert "resume with the recipe it was written with" in flat and "Traceback" not in output
 
 
-def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
+def _wait_for_steps(process: subprocess.Popen, run: Path, steps: int) -> None:
+    """Until ``run``'s pretrain stage has logged ``steps`` steps (the process must still be running)."""
+    metrics = run / "pretrain" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= steps):
+        assert process.poll() is None, process.communicate()[0]
+        assert time.time() < deadline, f"not {steps} steps in time"
+        time.sleep(0.05)
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(tmp_path: Path) -> None:
     recipe = tmp_path / "long.yaml"
-    recipe.write_text(ONE_STAGE.replace("max_steps: 8", "max_steps: 100000"))
+    recipe.write_text(
+        ONE_STAGE.replace("max_steps: 8", "max_steps: 100000").replace("save_every: 2", "save_every: 1000")
+    )
     run = tmp_path / "run"
-    # A shell that starts the tests in the background ignores SIGINT, and children inherit that.
+    # A shell that starts the tests in the background ignores SIGINT, and children inherit that. Its own
+    # session, so that the signal goes to the process group as a terminal's Ctrl+C does: the data worker
+    # gets it too and must live on until the training process has finished its step.
     process = mm15(
         "train",
         str(recipe),
@@ -156,19 +170,48 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(tmp_path: Path) -> None:
         "--max-steps",
         "5000",
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        start_new_session=True,
     )
-    deadline = time.time() + 300
-    while not (run / "pretrain" / "checkpoints" / "step-00000002" / "meta.json").is_file():
-        assert process.poll() is None, process.communicate()[0]
-        assert time.time() < deadline, "no checkpoint in time"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    output, _ = process.communicate(timeout=60)
+    _wait_for_steps(process, run, 3)
+    os.killpg(process.pid, signal.SIGINT)
+    output, _ = process.communicate(timeout=120)
     assert process.returncode == 130, output
+    steps = len(losses(run))
     flat = " ".join(output.split())
-    expected = f"mm15 train {recipe} --out {run} --max-steps 5000 --resume"
-    assert "interrupted." in flat and expected in flat, output
-    assert "Traceback" not in output
+    assert f"stopped on SIGINT after step {steps} of 5000 of stage 'pretrain'" in flat, output
+    assert f"mm15 train {recipe} --out {run} --max-steps 5000 --resume" in flat, output
+    assert "Traceback" not in output and "data worker" not in output
+    # save_every is 1000: the only checkpoint is the one the signal asked for.
+    checkpoints = run / "pretrain" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == [f"step-{steps:08d}"]
+    with pytest.raises(ProcessLookupError):  # nothing of the process group is left behind
+        os.killpg(process.pid, 0)
+
+
+def test_sigterm_mid_stage_stops_with_a_checkpoint_and_resumes_exactly(tmp_path: Path) -> None:
+    recipe = tmp_path / "termtest.yaml"
+    recipe.write_text(ONE_STAGE.replace("save_every: 2", "save_every: 1000"))
+    straight = tmp_path / "straight"
+    done = mm15("train", str(recipe), "--out", str(straight))
+    output, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, output
+
+    stopped = tmp_path / "stopped"
+    process = mm15("train", str(recipe), "--out", str(stopped))
+    _wait_for_steps(process, stopped, 3)
+    process.send_signal(signal.SIGTERM)  # as a cluster scheduler preempts a job
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    steps = len(losses(stopped))
+    assert 3 <= steps < 8, output
+    assert f"stopped on SIGTERM after step {steps} of 8" in " ".join(output.split()), output
+    assert not (stopped / "pretrain" / "final").exists()
+
+    resumed = mm15("train", str(recipe), "--out", str(stopped), "--resume")
+    output, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, output
+    assert f"at step {steps}" in " ".join(output.split()), output
+    assert losses(stopped) == losses(straight)  # exactly: same data, same RNG, same arithmetic
 
 
 def test_a_checkpoint_that_cannot_be_written_stops_the_stage_and_its_data_worker(
@@ -526,3 +569,38 @@ def test_check_runs_the_start_up_checks_and_says_what_each_stage_would_do(tmp_pa
     assert code == 0 and "pretrain: resume at step 4" in text, text
     code, text = check()  # without --resume: the refusal a real run would give
     assert code == 2 and "has checkpoints of an earlier run" in text, text
+
+
+def test_stop_signals_ask_once_then_interrupt_and_restore_the_handlers() -> None:
+    from rich.console import Console
+
+    from mm15.train.run import StopSignals
+
+    before = signal.getsignal(signal.SIGTERM)
+    console = Console(record=True, width=200)
+    with StopSignals(console) as stop:
+        assert stop.agreed() is None
+        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+        assert stop.agreed() == signal.SIGTERM
+        assert "SIGTERM: stopping after this step, with a checkpoint" in console.export_text()
+        with pytest.raises(KeyboardInterrupt):  # a second signal does not wait for the step
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # not reached: the handler raises first
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_stop_signals_leave_an_ignored_signal_ignored() -> None:
+    from rich.console import Console
+
+    from mm15.train.run import StopSignals
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a shell's background job
+    try:
+        with StopSignals(Console(quiet=True)) as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)
+            assert stop.agreed() is None
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)

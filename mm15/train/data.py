@@ -27,6 +27,7 @@ import os
 import pickle
 import queue
 import random
+import signal
 import threading
 import traceback
 from collections import Counter
@@ -461,7 +462,7 @@ class Prefetcher:
         if self._worker is not None:
             self._worker.join(timeout=10)
             if self._worker.is_alive():
-                self._worker.terminate()
+                self._worker.kill()  # not terminate(): the worker ignores SIGTERM (see _produce)
                 self._worker.join(timeout=10)
             self._queue.close()
             self._queue.cancel_join_thread()  # micro-batches left in the pipe are not waited for
@@ -515,6 +516,10 @@ def _produce(stream: TrainStream, out: Any, stop: Any, parent: int | None) -> No
 
     if in_worker:
         torch.set_num_threads(1)  # the training process's threads have the other cores
+        # Ctrl+C in a terminal signals the whole process group. The training process finishes its step
+        # and closes this worker (mm15.train.run.StopSignals), which must live until then.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
     while running():
         try:
             item: Any = (stream.next_micro(), stream.state_dict())

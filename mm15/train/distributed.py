@@ -145,6 +145,15 @@ def all_ranks_have_data(flag: bool) -> bool:
     return bool(value.item())
 
 
+def max_across_ranks(value: int) -> int:
+    """The largest ``value`` of all ranks (``value`` itself without a process group)."""
+    if not is_distributed():
+        return int(value)
+    largest = torch.tensor([int(value)], dtype=torch.long, device=_device())
+    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+    return int(largest.item())
+
+
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
     """The element-wise sum of ``values`` over all ranks (``values`` itself without a process group)."""
     if not is_distributed():

@@ -22,12 +22,15 @@ import fcntl
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import warnings
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -57,6 +60,7 @@ from mm15.train.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    step_dir_name,
 )
 from mm15.train.config import RecipeConfig, StageConfig
 from mm15.train.data import MAX_SKIP_EXAMPLES, Prefetcher, PrefetchMode, SampleSource, TrainStream
@@ -98,6 +102,62 @@ LOCK_NAME = ".lock"
 
 class StageFailed(RuntimeError):
     """A stage stopped (non-finite loss, unusable data); its last good checkpoint is kept."""
+
+
+class StopRequested(Exception):
+    """SIGTERM or Ctrl+C stopped the run between two steps, after a checkpoint of the last one."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopSignals:
+    """While active, SIGTERM or a first Ctrl+C (SIGINT) asks the run to stop after the current step.
+
+    Why: a cluster scheduler preempts a job with SIGTERM (torchrun passes it on to every rank) and kills
+    it some seconds later, and a person stops a run with Ctrl+C; either way a run that stopped where it
+    was would lose every step since its last ``save_every`` checkpoint. With this, the step finishes, a
+    checkpoint of it is written and the run ends with ``StopRequested``; ``--resume`` continues exactly.
+    A second signal interrupts at once (``KeyboardInterrupt``, no checkpoint), for a step that takes too
+    long. Every rank must call ``agreed()`` at the same point: a signal on one rank stops them all there.
+
+    Handlers are installed only on the main thread (Python delivers signals there alone), never over a
+    signal the process ignores (a shell's background job ignores SIGINT), and restored on exit.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, console: Console) -> None:
+        self.signum: int | None = None
+        self._console = console
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        self._console.print(
+            f"[yellow]{signal.Signals(signum).name}: stopping after this step, with a checkpoint "
+            "(a second Ctrl+C or SIGTERM stops at once, without one)[/yellow]",
+            soft_wrap=True,
+        )
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def agreed(self) -> int | None:
+        """The signal received, by this rank or any other (a collective under torchrun), else None."""
+        return D.max_across_ranks(self.signum or 0) or None
 
 
 def _seed_everything(seed: int) -> None:
@@ -361,8 +421,13 @@ def run_stage(
     console: Console,
     resume: bool,
     strategy: str = "none",
+    stop: StopSignals | None = None,
 ) -> dict[str, Any]:
-    """Train one stage; every rank calls it, only rank 0 writes logs, plots and the final model."""
+    """Train one stage; every rank calls it, only rank 0 writes logs, plots and the final model.
+
+    With ``stop``, a signal it caught ends the stage after the current step with a checkpoint of that
+    step (``StopRequested``); a signal during the last step lets the stage finish.
+    """
     rank, world = D.rank(), D.world_size()
     main = rank == 0
     stage_dir = run_dir / stage.name
@@ -453,6 +518,17 @@ def run_stage(
         TextColumn("{task.fields[info]}"),
     )
     progress = Progress(*columns, console=console, disable=not main)
+
+    def save(done: int) -> None:
+        # Every rank's data position, so that a resume on the same world size is exact.
+        extra = {
+            "data": {"ranks": D.gather_objects(data.state_dict())},
+            "history": history,
+            "evals": evals,
+            "stage": stage_settings(stage),
+        }
+        _save_or_stop(ckpt_dir, done, stage, model, optimizer, scheduler, extra)
+
     task = progress.add_task(f"{stage.name}", total=stage.max_steps, completed=start, info="")
     try:
         progress.start()
@@ -489,15 +565,19 @@ def run_stage(
                 scores = {"step": done, **evaluate_during_training(model, stage, done)}
                 evals.append(scores)
                 log.evaluation(scores, done)
-            if done % stage.save_every == 0 or done == stage.max_steps:
-                # Every rank's data position, so that a resume on the same world size is exact.
-                extra = {
-                    "data": {"ranks": D.gather_objects(data.state_dict())},
-                    "history": history,
-                    "evals": evals,
-                    "stage": stage_settings(stage),
-                }
-                _save_or_stop(ckpt_dir, done, stage, model, optimizer, scheduler, extra)
+            saved = done % stage.save_every == 0 or done == stage.max_steps
+            if saved:
+                save(done)
+            signum = stop.agreed() if stop is not None else None
+            if signum is not None and done < stage.max_steps:
+                if not saved:
+                    save(done)
+                raise StopRequested(
+                    signum,
+                    f"stopped on {signal.Signals(signum).name} after step {done} of {stage.max_steps} of "
+                    f"stage {stage.name!r}, with a checkpoint of that step "
+                    f"({ckpt_dir / step_dir_name(done)})",
+                )
     finally:
         # Also on an error or Ctrl+C: the data worker and the TensorBoard writer never outlive the stage.
         progress.stop()
@@ -662,26 +742,49 @@ def run_recipe(
     if info.is_distributed:
         console.print(f"{info.world_size} ranks, strategy {chosen}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    summaries, model = [], None
+    summaries: list[dict[str, Any]] = []
     # Rank 0 writes every file of the run; another training process writing the same directory would
     # prune its checkpoints and interleave its logs, so one run directory has one writer at a time.
-    with run_dir_lock(run_dir) if info.is_main else contextlib.nullcontext():
+    with run_dir_lock(run_dir) if info.is_main else contextlib.nullcontext(), StopSignals(console) as stop:
         if not resume:
             _refuse_to_restart_over_checkpoints(run_dir, stages)
-        for stage in stages:
-            if _stage_done(run_dir, stage):
-                console.print(f"[bold]{stage.name}[/bold]: done already ({run_dir / stage.name / 'final'})")
-                model = None
-                continue
-            model = _model_for(recipe, stage, run_dir, model)
-            summaries.append(run_stage(recipe, stage, run_dir, model, console, resume, chosen))
-            if chosen != "none":
-                # A wrapped or sharded model is not reused: the next stage loads this stage's export.
-                model = None
-        if summaries and info.is_main:
-            _write_summary(run_dir, recipe, summaries)
+        try:
+            _train_stages(recipe, stages, run_dir, console, resume, chosen, stop, summaries)
+        finally:  # a stopped run keeps the summary of the stages it finished
+            if summaries and info.is_main:
+                _write_summary(run_dir, recipe, summaries)
     D.barrier()
     return summaries
+
+
+def _train_stages(
+    recipe: RecipeConfig,
+    stages: list[StageConfig],
+    run_dir: Path,
+    console: Console,
+    resume: bool,
+    strategy: str,
+    stop: StopSignals,
+    summaries: list[dict[str, Any]],
+) -> None:
+    """``run_recipe``'s loop: each stage not done yet, in order; each stage's summary into ``summaries``."""
+    model = None
+    for index, stage in enumerate(stages):
+        if _stage_done(run_dir, stage):
+            console.print(f"[bold]{stage.name}[/bold]: done already ({run_dir / stage.name / 'final'})")
+            model = None
+            continue
+        if index and (signum := stop.agreed()) is not None:  # caught in the previous stage's last step
+            raise StopRequested(
+                signum,
+                f"stopped on {signal.Signals(signum).name} after stage {stages[index - 1].name!r}, "
+                f"before stage {stage.name!r}",
+            )
+        model = _model_for(recipe, stage, run_dir, model)
+        summaries.append(run_stage(recipe, stage, run_dir, model, console, resume, strategy, stop))
+        if strategy != "none":
+            # A wrapped or sharded model is not reused: the next stage loads this stage's export.
+            model = None
 
 
 @contextlib.contextmanager
