@@ -376,30 +376,33 @@ def test_a_shuffled_shard_source_is_reproducible_per_rank_and_on_resume(tmp_path
     assert ids(SampleSource(f"shards:{moved}", seed=1, shuffle_buffer=8), 60) == stream
 
 
-def _train(tmp: Path, recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+def _train_command(recipe: Path, out: Path, *extra: str) -> list[str]:
+    """``mm15 train`` under ``torchrun`` on 2 ranks (a fresh port each time)."""
     torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    command += ["--master_port", str(_free_port()), "-m", "mm15.cli", "train", str(recipe), "--out", str(out)]
+    return [*command, *extra]
+
+
+TRAIN_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def _train(tmp: Path, recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     for _attempt in range(3):
-        command = [
-            str(torchrun),
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(_free_port()),
-            "-m",
-            "mm15.cli",
-            "train",
-            str(recipe),
-            "--out",
-            str(out),
-            *extra,
-        ]
-        done = run_bounded(command, env)
+        done = run_bounded(_train_command(recipe, out, *extra), TRAIN_ENV)
         if done.returncode == 0 or "address already in use" not in (done.stdout + done.stderr).lower():
             break
     return done
+
+
+def _first_stage_recipe(path: Path, **fields: Any) -> Path:
+    """recipes/tiny.yaml's first stage alone, with ``fields`` changed, written to ``path``."""
+    import yaml
+
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
+    recipe["stages"] = [{**recipe["stages"][0], **fields}]
+    path.write_text(yaml.safe_dump(recipe))
+    return path
 
 
 def _losses(run: Path) -> list[float]:
@@ -409,14 +412,13 @@ def _losses(run: Path) -> list[float]:
 
 def test_mm15_train_under_torchrun_ddp_resumes_exactly(tmp_path: Path) -> None:
     """``mm15 train`` on 2 ranks: the loss falls, and a resume from step 2 repeats steps 3-4 exactly."""
-    import yaml
-
-    recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
-    stage = recipe["stages"][0]
-    stage.update(max_steps=4, save_every=2, keep_last=3, schedule={"warmup_steps": 1, "min_lr_ratio": 0.1})
-    recipe["stages"] = [stage]
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    fields = {
+        "max_steps": 4,
+        "save_every": 2,
+        "keep_last": 3,
+        "schedule": {"warmup_steps": 1, "min_lr_ratio": 0.1},
+    }
+    path = _first_stage_recipe(tmp_path / "recipe.yaml", **fields)
 
     whole = _train(tmp_path, path, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-4000:]
@@ -436,9 +438,10 @@ def test_mm15_train_under_torchrun_ddp_resumes_exactly(tmp_path: Path) -> None:
 
     fsdp = _train(tmp_path, path, tmp_path / "fsdp", "--strategy", "fsdp2")
     assert fsdp.returncode == 0, fsdp.stderr[-4000:]  # FSDP2 with AdamW trains; with AdaFactor it is refused:
-    recipe["stages"][0]["optimizer"] = {"name": "adafactor", "lr": 1e-3}
-    path.write_text(yaml.safe_dump(recipe))
-    refused = _train(tmp_path, path, tmp_path / "bad2", "--strategy", "fsdp2")
+    adafactor = _first_stage_recipe(
+        tmp_path / "adafactor.yaml", **fields, optimizer={"name": "adafactor", "lr": 1e-3}
+    )
+    refused = _train(tmp_path, adafactor, tmp_path / "bad2", "--strategy", "fsdp2")
     assert refused.returncode != 0 and "adafactor does not support FSDP2" in refused.stdout
 
 
@@ -457,24 +460,19 @@ def test_resolve_strategy() -> None:
 def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(tmp_path: Path) -> None:
     """A scheduler's SIGTERM reaching one rank first: all ranks stop after the same step, a checkpoint of
     it is written, and a resume on 2 ranks repeats the uninterrupted run's losses exactly."""
-    import yaml
-
-    recipe = yaml.safe_load((ROOT / "recipes" / "tiny.yaml").read_text())
-    stage = recipe["stages"][0]
-    stage.update(max_steps=8, save_every=1000, keep_last=3, schedule={"warmup_steps": 1, "min_lr_ratio": 0.1})
-    recipe["stages"] = [stage]
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    schedule = {"warmup_steps": 1, "min_lr_ratio": 0.1}
+    path = _first_stage_recipe(tmp_path / "recipe.yaml", max_steps=8, save_every=1000, schedule=schedule)
     whole = _train(tmp_path, path, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-4000:]
 
     run = tmp_path / "stopped"
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-    command += ["--master_port", str(_free_port()), "-m", "mm15.cli", "train", str(path), "--out", str(run)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
     proc = subprocess.Popen(
-        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _train_command(path, run),
+        cwd=ROOT,
+        env=TRAIN_ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         metrics = run / "pretrain" / "metrics.jsonl"

@@ -60,6 +60,14 @@ def losses(run: Path) -> list[float]:
     ]
 
 
+def train_to_the_end(recipe: Path, out: Path, *extra: str) -> str:
+    """``mm15 train`` run to completion (exit code 0); its output."""
+    process = mm15("train", str(recipe), "--out", str(out), *extra)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output
+    return output
+
+
 def test_tiny_recipe_three_stages_on_a_reduced_budget(tmp_path: Path) -> None:
     process = mm15("train", "recipes/tiny.yaml", "--out", str(tmp_path), "--max-steps", "5")
     output, _ = process.communicate(timeout=600)
@@ -95,9 +103,7 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_losses(tmp_path: Path) -> 
     recipe = tmp_path / "killtest.yaml"
     recipe.write_text(ONE_STAGE)
     straight = tmp_path / "straight"
-    done = mm15("train", str(recipe), "--out", str(straight))
-    output, _ = done.communicate(timeout=600)
-    assert done.returncode == 0, output
+    train_to_the_end(recipe, straight)
 
     killed = tmp_path / "killed"
     process = mm15("train", str(recipe), "--out", str(killed))
@@ -192,9 +198,7 @@ def test_sigterm_mid_stage_stops_with_a_checkpoint_and_resumes_exactly(tmp_path:
     recipe = tmp_path / "termtest.yaml"
     recipe.write_text(ONE_STAGE.replace("save_every: 2", "save_every: 1000"))
     straight = tmp_path / "straight"
-    done = mm15("train", str(recipe), "--out", str(straight))
-    output, _ = done.communicate(timeout=600)
-    assert done.returncode == 0, output
+    train_to_the_end(recipe, straight)
 
     stopped = tmp_path / "stopped"
     process = mm15("train", str(recipe), "--out", str(stopped))
@@ -207,9 +211,7 @@ def test_sigterm_mid_stage_stops_with_a_checkpoint_and_resumes_exactly(tmp_path:
     assert f"stopped on SIGTERM after step {steps} of 8" in " ".join(output.split()), output
     assert not (stopped / "pretrain" / "final").exists()
 
-    resumed = mm15("train", str(recipe), "--out", str(stopped), "--resume")
-    output, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, output
+    output = train_to_the_end(recipe, stopped, "--resume")
     assert f"at step {steps}" in " ".join(output.split()), output
     assert losses(stopped) == losses(straight)  # exactly: same data, same RNG, same arithmetic
 

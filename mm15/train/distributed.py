@@ -127,31 +127,28 @@ def _device() -> torch.device:
 # ------------------------------------------------------------------------------------------- collectives
 
 
+def _reduce_int(value: int, op: Any) -> int:
+    """One integer reduced over all ranks with ``op`` (``value`` itself without a process group)."""
+    if not is_distributed():
+        return int(value)
+    reduced = torch.tensor([int(value)], dtype=torch.long, device=_device())
+    dist.all_reduce(reduced, op=op)
+    return int(reduced.item())
+
+
 def global_token_count(local: int) -> int:
     """The sum of ``local`` over all ranks (``local`` itself without a process group)."""
-    if not is_distributed():
-        return int(local)
-    total = torch.tensor([int(local)], dtype=torch.long, device=_device())
-    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return int(total.item())
+    return _reduce_int(local, dist.ReduceOp.SUM)
 
 
 def all_ranks_have_data(flag: bool) -> bool:
     """True only if ``flag`` is true on every rank: ask before each step and stop together on False."""
-    if not is_distributed():
-        return bool(flag)
-    value = torch.tensor([1 if flag else 0], dtype=torch.long, device=_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MIN)
-    return bool(value.item())
+    return bool(_reduce_int(1 if flag else 0, dist.ReduceOp.MIN))
 
 
 def max_across_ranks(value: int) -> int:
     """The largest ``value`` of all ranks (``value`` itself without a process group)."""
-    if not is_distributed():
-        return int(value)
-    largest = torch.tensor([int(value)], dtype=torch.long, device=_device())
-    dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-    return int(largest.item())
+    return _reduce_int(value, dist.ReduceOp.MAX)
 
 
 def sum_across_ranks(values: torch.Tensor) -> torch.Tensor:
