@@ -32,6 +32,9 @@ from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.model.mm15 import IMAGE_TOKEN, image_span_ids
 
 IGNORE = -100
+# Stands for a turn's content when its rendering is searched for where the content begins (Unicode
+# private-use characters: no tokenizer's template or real text carries them).
+CONTENT_MARK = "\ue000mm15-content\ue000"
 # Categories trained as a plain stream (MM1.5's pre-training and OCR continual pre-training data).
 PLAIN_CATEGORIES = frozenset({"caption", "interleaved", "text", "ocr"})
 FALLBACK_CHAT_TEMPLATE = (
@@ -125,20 +128,25 @@ class ChatEncoder:
             return pieces
         messages = [{"role": role, "content": content} for role, content in turns]
 
-        def render(upto: int, generation_prompt: bool = False) -> str:
-            if upto == 0:
+        def render(conversation: list[dict[str, str]]) -> str:
+            if not conversation:
                 return ""
-            return self.tokenizer.apply_chat_template(
-                messages[:upto],
-                chat_template=self.template,
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-            )
+            template = self.template
+            return self.tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
+
+        def head_of(i: int) -> str:
+            """The rendering up to turn ``i``'s content: where its supervised text begins. Found by rendering
+            a marker as the content, not from ``add_generation_prompt``: a first turn has no earlier
+            rendering to extend, and the template may put a default system prompt before it."""
+            text = render([*messages[:i], {"role": messages[i]["role"], "content": CONTENT_MARK}])
+            if text.count(CONTENT_MARK) != 1 or CONTENT_MARK in messages[i]["content"]:
+                raise ValueError(f"sample {sample.id}: cannot find where turn {i}'s content begins")
+            return text[: text.index(CONTENT_MARK)]
 
         pieces, done = [], ""
         for i, (role, _) in enumerate(turns):
-            head = render(i, generation_prompt=role == "assistant") if role == "assistant" else done
-            full = render(i + 1)
+            head = head_of(i) if role == "assistant" else done
+            full = render(messages[: i + 1])
             if not (head.startswith(done) and full.startswith(head)):
                 raise ValueError(
                     f"sample {sample.id}: the chat template does not render conversations prefix by prefix, "

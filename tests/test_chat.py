@@ -73,6 +73,38 @@ def test_labels_cover_exactly_the_assistant_turns(which: str, request: pytest.Fi
     assert "And the point [250, 250]?" in text and text.count("<|im_start|>assistant") == 2
 
 
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+def test_a_conversation_that_starts_with_the_assistant_learns_only_its_text(
+    which: str, request: pytest.FixtureRequest
+) -> None:
+    """A text-only record (``mm15 data pack --format text``) is one assistant turn: its role header, and
+    SmolLM2's default system prompt that the template puts before it, are not learned."""
+    tokenizer = request.getfixturevalue(f"{which}_tokenizer")
+    sample = Sample(
+        id="t1",
+        category="text-only",
+        source="test",
+        turns=[
+            Turn("assistant", "Paris is the capital."),
+            Turn("user", "And Spain?"),
+            Turn("assistant", "Madrid."),
+        ],
+    )
+    encoded = ChatEncoder(tokenizer, preset("tiny").image, max_length=4096).encode(sample, [])
+    assert supervised_text(encoded, tokenizer) == "Paris is the capital.<|im_end|>\nMadrid.<|im_end|>\n"
+    text = tokenizer.decode(encoded.input_ids)
+    assert text.startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant" if which == "smol" else "<|im_start|>assistant"
+    )
+
+
+def test_a_template_that_drops_the_content_is_refused(tiny_tokenizer) -> None:
+    encoder = ChatEncoder(tiny_tokenizer, preset("tiny").image, max_length=4096)
+    encoder.template = "{% for message in messages %}<|im_start|>{{ message['role'] }}<|im_end|>{% endfor %}"
+    with pytest.raises(ValueError, match="cannot find where turn 1's content begins"):
+        encoder.encode(conversation(), [(400, 200)])
+
+
 def test_plain_stream_for_pretraining_categories(tiny_tokenizer) -> None:
     sample = Sample(
         id="doc",
