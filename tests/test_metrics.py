@@ -1025,6 +1025,7 @@ def test_cider_errors(call, message: str) -> None:
         ("{'pred': 'yes'}", ("no", 0)),
         ("{'pred': 'yes', 'score': 'high'}", ("no", 0)),
         ("{'pred': 'NO', 'score': 1}", ("no", 1)),
+        ("{'pred': 'yes', 'score': 1e999}", ("no", 0)),  # an infinite score: a failure, not a crash
     ],
 )
 def test_judge_parse(reply: str, parsed: tuple[str, int]) -> None:

@@ -1588,7 +1588,16 @@ def parse_judge_reply(review: str) -> tuple[str, int]:
         parsed = ast.literal_eval("{" + review.split("{")[1].split("}")[0] + "}")
         score = int(parsed["score"])
         pred = str(parsed["pred"]).lower()
-    except (IndexError, KeyError, TypeError, ValueError, SyntaxError, MemoryError, RecursionError):
+    except (
+        IndexError,
+        KeyError,
+        TypeError,
+        ValueError,
+        SyntaxError,
+        MemoryError,
+        RecursionError,
+        OverflowError,  # int(1e999)
+    ):
         return "no", 0
     if "yes" in pred:
         return "yes", score

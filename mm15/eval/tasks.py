@@ -459,8 +459,13 @@ def similarity_score(prediction: str, item: TaskItem) -> float:
 
 
 def relaxed_score(prediction: str, item: TaskItem) -> float:
-    # Chart and table answers often end the sentence with a period ("16."); the 5 % rule needs a number.
-    return metrics.relaxed_accuracy(prediction.rstrip("."), list(item.answers))
+    """ChartQA's relaxed accuracy of the answer as given, or with a sentence's final period dropped.
+
+    Answers often end the sentence with a period ("16."), and the 5 % rule needs a number; but the
+    period can be part of the answer ("U.S.", "Zoe B."), so the answer as given counts too.
+    """
+    answers = list(item.answers)
+    return max(metrics.relaxed_accuracy(p, answers) for p in {prediction, prediction.rstrip(".")})
 
 
 def choice_score(prediction: str, item: TaskItem) -> float:
