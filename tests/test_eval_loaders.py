@@ -332,6 +332,11 @@ def test_textvqa_format(tmp_path: Path) -> None:
     assert load_textvqa(path, require_answers=False)[0].answers == []
     with pytest.raises(LoaderError, match=r"0\.5\.1_test\.json: record 0 \(question_id=34602\).*'answers'"):
         load_textvqa(path)
+    data["data"][0]["answers"] = []  # the unlabelled split written with an empty list
+    path = _write(tmp_path / "TextVQA_0.5.1_test.json", data)
+    assert load_textvqa(path, require_answers=False)[0].answers == []
+    with pytest.raises(LoaderError, match="'answers' is empty"):
+        load_textvqa(path)
     with pytest.raises(LoaderError, match='"data" list'):
         load_textvqa(_write(tmp_path / "x.json", [1, 2]))
 

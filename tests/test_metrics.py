@@ -504,6 +504,14 @@ def test_mc_shared_rng_mimics_one_global_generator() -> None:
         ("", ""),
         ("Cats and dogs", ""),  # "cat" is not a whole word here; "dog" neither
         ("猫 (B)", "B"),
+        # A label or a bracketed letter in lower case (MVBench's checker accepts "(b)" for "(B) ...").
+        ("(b)", "B"),
+        ("b.", "B"),
+        ("b) dog", "B"),
+        ("Answer: (c)", "C"),
+        ("I pick (d), the horse", "D"),
+        ("(a) or (b)", ""),
+        ("a big dog", "B"),  # "a" is an article here, not option A: the text names the dog
     ],
 )
 def test_mc_canonical_ours(response: str, expected: str) -> None:

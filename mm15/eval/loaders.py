@@ -274,7 +274,11 @@ def load_textvqa(path: PathLike, *, require_answers: bool = True) -> EvalSet:
     items = []
     for index, raw in enumerate(_data_list(p, data)):
         rec = _Record(raw, p, index, ("question_id",))
-        answers = rec.str_list("answers") if require_answers or rec.has("answers") else []
+        answers = (
+            rec.str_list("answers", allow_empty=not require_answers)
+            if require_answers or rec.has("answers")
+            else []
+        )
         image_id = rec.text("image_id")
         meta: dict[str, Any] = {"image_id": image_id}
         for src, dst in (("set_name", "set_name"), ("image_width", "width"), ("image_height", "height")):
@@ -297,7 +301,11 @@ def load_docvqa(path: PathLike, *, require_answers: bool = True) -> EvalSet:
     items = []
     for index, raw in enumerate(_data_list(p, data)):
         rec = _Record(raw, p, index, ("questionId",))
-        answers = rec.str_list("answers") if require_answers or rec.has("answers") else []
+        answers = (
+            rec.str_list("answers", allow_empty=not require_answers)
+            if require_answers or rec.has("answers")
+            else []
+        )
         image = None
         for key in ("image", "image_local_name"):
             if rec.has(key):

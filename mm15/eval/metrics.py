@@ -685,8 +685,10 @@ def _lmms_eval_mcq_extract(response: str, letters: Sequence[str]) -> str:
 
 _BLINK_LETTER = re.compile(r"[\(\s]*([A-Z])[\)\.\s]*", re.IGNORECASE)
 _CANON_ANSWER = re.compile(r"(?i:\banswer\b)\s*(?:(?i:is)\s*)?[:：]?\s*[\(\[]?\s*([A-Z])(?![A-Za-z0-9])")
-_CANON_LEADING = re.compile(r"^[\(\[]?\s*([A-Z])\s*(?:[.):\]]|$)")
-_CANON_PAREN = re.compile(r"\(\s*([A-Z])\s*\)")
+# A label or a bracketed letter is an option in either case ("(b)", "b)"); a bare letter only as a
+# capital ("a" is an article), and so is the letter after "answer is" ("the answer is a dog").
+_CANON_LEADING = re.compile(r"^[\(\[]?\s*([A-Z])\s*(?:[.):\]]|$)", re.IGNORECASE)
+_CANON_PAREN = re.compile(r"\(\s*([A-Z])\s*\)", re.IGNORECASE)
 _CANON_LETTER = re.compile(r"(?<![A-Za-z0-9'])([A-Z])(?![A-Za-z0-9'])")
 
 
@@ -699,11 +701,12 @@ def _canonical_choice(response: str, index2ans: dict[str, str]) -> str:
     if explicit:
         return explicit[-1]
     leading = _CANON_LEADING.match(text)
-    bracketed = {m.group(1) for m in _CANON_PAREN.finditer(text)} & set(index2ans)
-    if leading and leading.group(1) in index2ans and bracketed <= {leading.group(1)}:
-        return leading.group(1)
+    label = leading.group(1).upper() if leading else None
+    bracketed = {m.group(1).upper() for m in _CANON_PAREN.finditer(text)} & set(index2ans)
+    if label in index2ans and bracketed <= {label}:
+        return label
     for pattern in (_CANON_PAREN, _CANON_LETTER):
-        letters = {m.group(1) for m in pattern.finditer(text)} & set(index2ans)
+        letters = {m.group(1).upper() for m in pattern.finditer(text)} & set(index2ans)
         if len(letters) == 1:
             return letters.pop()
         if letters:
@@ -732,9 +735,9 @@ def extract_choice(
     Modes:
 
     * ``"canonical"``: deterministic, unmatched = ``""`` (scored wrong). In order: a whole response
-      that is one option letter (any case); the last ``answer [is|:] X`` / ``answer: (X)``; a leading
-      label ``X.``, ``X)``, ``X:``, ``(X)``, ``[X]`` (unless another option also appears as ``(Y)``);
-      one distinct ``(X)``; one distinct standalone
+      that is one option letter (any case); the last ``answer [is|:] X`` / ``answer: (X)`` (capital
+      ``X``); a leading label ``X.``, ``X)``, ``X:``, ``(X)``, ``[X]`` in either case (unless another
+      option also appears as ``(Y)``); one distinct ``(X)`` in either case; one distinct standalone
       capital option letter; one option text contained as a phrase (case-insensitive). Emphasis
       markers ``* _ ` `` are ignored. Two different letters at the same step give ``""``.
     * ``"mmmu"``: MMMU official ``parse_multi_choice_response``: ``(X)`` candidates, else ``" X "``,
