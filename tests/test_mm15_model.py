@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -211,6 +212,62 @@ def test_save_and_load_give_identical_outputs(
         b = loaded(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
     assert torch.equal(a, b)
     assert loaded.image_token_id == model.image_token_id
+
+
+def test_a_bf16_model_and_an_encoders_own_normalisation_survive_save_and_load(tmp_path: Path) -> None:
+    """from_pretrained once built the LLM in float32 whatever the saved dtype, and the encoder with its
+    kind's mean/std instead of those its pretrained directory gave."""
+    import json
+
+    from mm15.image import ImageProcessor
+    from mm15.model.vision import VisionConfig, VisionEncoder
+
+    base = preset("tiny")
+    torch.manual_seed(0)
+    encoder_dir = tmp_path / "encoder"
+    VisionEncoder(base.vision).save_pretrained(encoder_dir)
+    (encoder_dir / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3})
+    )
+    cfg = dataclasses.replace(
+        base,
+        vision=VisionConfig(kind="clip", pretrained=str(encoder_dir)),
+        llm=dataclasses.replace(base.llm, dtype="bfloat16"),
+    )
+    model = MM15Model.build(cfg).eval()
+    assert model.vision.image_mean == (0.5, 0.5, 0.5) and next(model.llm.parameters()).dtype == torch.bfloat16
+    model.save_pretrained(tmp_path / "model")
+    loaded = MM15Model.from_pretrained(tmp_path / "model")
+    assert (loaded.vision.image_mean, loaded.vision.image_std) == ((0.5,) * 3, (0.25,) * 3)
+    assert {p.dtype for p in loaded.llm.parameters()} == {torch.bfloat16}
+    images = [picture(120, 90, 10)]
+    batch = MM15Processor.for_model(model)(["x <image> y"], [images])
+    again = MM15Processor.for_model(loaded)(["x <image> y"], [images])
+    assert torch.equal(batch["pixel_values"], again["pixel_values"])
+    tiles = ImageProcessor(cfg.image, dtype=torch.uint8)(images).pixel_values  # what training feeds
+    with torch.no_grad():
+        assert torch.equal(model.vision(tiles), loaded.vision(tiles))
+        a = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        b = loaded(again["input_ids"], again["attention_mask"], again["pixel_values"]).logits
+    assert torch.equal(a, b)
+
+
+def test_vision_config_normalisation_is_checked() -> None:
+
+    arch = preset("tiny").vision
+    assert dataclasses.replace(arch, image_mean=[0, 0.5, 1], image_std=[1, 1, 1]).image_mean == (
+        0.0,
+        0.5,
+        1.0,
+    )
+    for mean, std, message in [
+        ((0.5,) * 3, None, "given together"),
+        ((0.5,) * 2, (1.0,) * 2, "image_mean must be 3 finite numbers"),
+        ((0.5,) * 3, (1.0, 0.0, 1.0), "image_std must be > 0"),
+        ((0.5, float("nan"), 0.5), (1.0,) * 3, "image_mean must be 3 finite numbers"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            dataclasses.replace(arch, image_mean=mean, image_std=std)
 
 
 def test_a_damaged_model_directory_is_a_clear_error(model: MM15Model, tmp_path: Path) -> None:

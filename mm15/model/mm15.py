@@ -258,6 +258,9 @@ class MM15Model(nn.Module):
             hidden_act=str(hf_vision.hidden_act),
             layer_norm_eps=float(hf_vision.layer_norm_eps),
             feature_layer=self.cfg.vision.feature_layer,
+            # A pretrained encoder's normalisation came from its directory, which loading does not read.
+            image_mean=self.vision.image_mean,
+            image_std=self.vision.image_std,
         )
         saved_cfg = dataclasses.replace(self.cfg, vision=vision_arch)
         document = {
@@ -294,7 +297,7 @@ class MM15Model(nn.Module):
         cfg = MM15Config.from_dict(document["config"])
         llm_config = dict(document["llm_config"])
         hf_config = AutoConfig.for_model(llm_config.pop("model_type", None), **llm_config)
-        llm = AutoModelForCausalLM.from_config(hf_config)
+        llm = AutoModelForCausalLM.from_config(hf_config).to(cfg.llm.torch_dtype)  # from_config gives float32
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:

@@ -131,6 +131,10 @@ class VisionConfig:
     ``image_size`` is the resolution the weights were trained at; ``input_size`` the tile size the encoder
     runs on (default: ``image_size``); the positional embedding is interpolated from one to the other.
     ``feature_layer`` picks the hidden state (module docstring; -1 = last block, no post-layernorm).
+    ``image_mean`` and ``image_std`` (both or neither) set the pixel normalisation the encoder expects;
+    by default it is the checkpoint's ``preprocessor_config.json``, else the kind's (CLIP's or SigLIP's).
+    ``MM15Model.save_pretrained`` records them, so a model trained from an encoder with its own
+    normalisation loads with it.
     """
 
     kind: VisionKind = "clip"
@@ -145,10 +149,13 @@ class VisionConfig:
     layer_norm_eps: float | None = None
     feature_layer: int = -1
     input_size: int | None = None
+    image_mean: tuple[float, ...] | None = None
+    image_std: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in get_args(VisionKind):
             raise ValueError(f"VisionConfig.kind must be one of {get_args(VisionKind)}, got {self.kind!r}")
+        self._check_normalisation()
         if not _is_int(self.feature_layer):
             raise ValueError(f"VisionConfig.feature_layer must be an integer, got {self.feature_layer!r}")
         if self.input_size is not None and (not _is_int(self.input_size) or self.input_size < 1):
@@ -193,6 +200,22 @@ class VisionConfig:
         _check_feature_layer(self.feature_layer, self.num_layers)
         if self.input_size is not None:
             _check_input_size(self.input_size, self.patch_size)
+
+    def _check_normalisation(self) -> None:
+        if (self.image_mean is None) != (self.image_std is None):
+            raise ValueError("VisionConfig.image_mean and image_std must be given together")
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            numbers = isinstance(value, list | tuple) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value
+            )
+            if not numbers or len(value) != 3:
+                raise ValueError(f"VisionConfig.{name} must be 3 finite numbers, got {value!r}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))  # JSON gives a list
+        if self.image_std is not None and min(self.image_std) <= 0:
+            raise ValueError(f"VisionConfig.image_std must be > 0, got {self.image_std!r}")
 
     @classmethod
     def dfn5b_vit_h14_378(cls, **changes: Any) -> VisionConfig:
@@ -417,7 +440,9 @@ class VisionEncoder(nn.Module):
 
     @staticmethod
     def _norm_stats(cfg: VisionConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
-        """The checkpoint's preprocessor_config.json mean/std when it has them, else the kind's."""
+        """The config's mean/std, else the checkpoint's preprocessor_config.json ones, else the kind's."""
+        if cfg.image_mean is not None and cfg.image_std is not None:
+            return cfg.image_mean, cfg.image_std
         defaults = _KIND_DEFAULTS[cfg.kind]
         if cfg.pretrained is not None:
             path = Path(cfg.pretrained) / "preprocessor_config.json"
