@@ -250,6 +250,11 @@ def test_a_bf16_model_and_an_encoders_own_normalisation_survive_save_and_load(tm
         a = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
         b = loaded(again["input_ids"], again["attention_mask"], again["pixel_values"]).logits
     assert torch.equal(a, b)
+    # A directory saved before the vision config recorded it: the document's top-level copy is used.
+    document = json.loads((tmp_path / "model" / "config.json").read_text())
+    del document["config"]["vision"]["image_mean"], document["config"]["vision"]["image_std"]
+    (tmp_path / "model" / "config.json").write_text(json.dumps(document))
+    assert MM15Model.from_pretrained(tmp_path / "model").vision.image_std == (0.25,) * 3
 
 
 def test_vision_config_normalisation_is_checked() -> None:

@@ -295,6 +295,12 @@ class MM15Model(nn.Module):
         if not isinstance(document.get("config"), dict) or not isinstance(document.get("llm_config"), dict):
             raise ValueError(f"{path}/{CONFIG_NAME}: needs the 'config' and 'llm_config' objects")
         cfg = MM15Config.from_dict(document["config"])
+        if cfg.vision.image_mean is None and "image_mean" in document and "image_std" in document:
+            # Saved before VisionConfig recorded the normalisation: the document's copy has it.
+            vision = dataclasses.replace(
+                cfg.vision, image_mean=document["image_mean"], image_std=document["image_std"]
+            )
+            cfg = dataclasses.replace(cfg, vision=vision)
         llm_config = dict(document["llm_config"])
         hf_config = AutoConfig.for_model(llm_config.pop("model_type", None), **llm_config)
         llm = AutoModelForCausalLM.from_config(hf_config).to(cfg.llm.torch_dtype)  # from_config gives float32
