@@ -86,6 +86,22 @@ def test_an_answer_without_text_says_so(model_dir: Path, tmp_path: Path, answer:
     assert session.turns[-1].text == answer  # the conversation keeps what the model said
 
 
+def test_an_answer_that_writes_an_image_placeholder_does_not_end_the_chat(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    """The placeholder in the model's own answer once made the stored turn claim an image it did not
+    have, and the chat ended with a traceback; the conversation now keeps the text, defused."""
+    model = MM15Model.from_pretrained(model_dir)
+    pieces: list[str] = []
+    session = terminal.ChatSession(model, GenerationConfig(max_new_tokens=30), tmp_path, write=pieces.append)
+    with scripted_answer(model, "see <image> here"):
+        said, _ = session.ask("describe")
+        again, _ = session.ask("and again?")  # the next prompt renders the earlier answer
+    assert said == again == "see <image> here" and "".join(pieces).count("see <image> here") == 2
+    assert [turn.images for turn in session.turns] == [[], [], [], []]
+    assert session.turns[1].text == "see <\u200bimage> here"
+
+
 def test_a_box_in_the_answer_is_drawn(
     model_dir: Path, picture: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

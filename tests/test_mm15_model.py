@@ -145,6 +145,27 @@ def test_left_padded_batch_generates_as_rows_alone(model: MM15Model, processor: 
         generate(model, processor(prompts, images, padding_side="right"), cfg)
 
 
+def test_a_tiny_temperature_samples_the_top_token_instead_of_failing() -> None:
+    """logits / 1e-40 overflowed to +-inf, the softmax was NaN and ``torch.multinomial`` raised: in the
+    server, for every request of the batch."""
+    from mm15.model.generate import pick_next_token
+
+    logits = torch.tensor([[0.5, 2.0, -1.0, 1.99], [3.0, 3.0, -5.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    for temperature in (1e-40, 1e-6):
+        picks = {
+            tuple(pick_next_token(logits, GenerationConfig(temperature=temperature), generator).tolist())
+            for _ in range(50)
+        }
+        assert {row[0] for row in picks} == {1}  # the largest logit
+        assert {row[1] for row in picks} <= {0, 1}  # a tie: either of the two, never another
+    # A usual temperature still samples from softmax(logits / T).
+    counts = torch.zeros(4)
+    for _ in range(2000):
+        counts[pick_next_token(logits[:1], GenerationConfig(temperature=1.0), generator)] += 1
+    torch.testing.assert_close(counts / 2000, torch.softmax(logits[0], dim=0), atol=0.03, rtol=0)
+
+
 def test_streaming_sampling_and_stop_strings(model: MM15Model, processor: MM15Processor) -> None:
     batch = processor(["tell me"], [[]])
     sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=3)

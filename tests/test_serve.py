@@ -374,6 +374,18 @@ def test_a_client_leaving_mid_stream_does_not_disturb_the_server(
     assert answer.choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_data_url_at_the_byte_limit_is_accepted() -> None:
+    """The size is the decoded one: base64's "=" padding is not counted as bytes."""
+    png = png_bytes(40, 30)
+    png += b"\0" * ((1 - len(png)) % 3)  # a length whose base64 ends in "=="
+    assert data_url(png).endswith("==")
+    exact = ServeSettings(max_image_bytes=len(png))
+    assert image_from_url(data_url(png), exact, "p").size == (40, 30)
+    with pytest.raises(APIError, match=f"the image is {len(png)} bytes") as over:
+        image_from_url(data_url(png), ServeSettings(max_image_bytes=len(png) - 1), "p")
+    assert over.value.status == 413
+
+
 def test_local_files_and_remote_urls_only_when_allowed(tmp_path: Path) -> None:
     picture = tmp_path / "small.png"
     picture.write_bytes(png_bytes(30, 20))
@@ -577,6 +589,11 @@ def hostile_cases() -> list[tuple[str, str, str, bytes | None, dict[str, str], i
         400,
     )
     post("a megabyte of text", base_request(messages=[{"role": "user", "content": "a" * MiB}]), 400)
+    post("seed over int64", base_request(seed=2**64), 400)  # was a 500 for every request batched with it
+    post("seed under int64", base_request(seed=-(2**63) - 1), 400)
+    post("stream_options without stream", base_request(stream_options={"include_usage": True}), 400)
+    post("lone surrogate", base_request(messages=[{"role": "user", "content": "hi \ud800"}]), 400)
+    post("tiny temperature", base_request(temperature=1e-40, max_tokens=3), 200)  # nearly greedy, not NaN
     # Image URLs.
     for name, url, status in [
         ("bad base64", "data:image/png;base64,!!!not-base64!!!", 400),

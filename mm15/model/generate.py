@@ -51,7 +51,10 @@ def pick_next_token(
     """Next token per row from (rows, vocab) logits."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / cfg.temperature
+    # The largest logit moved to 0 first: a tiny temperature (1e-40) then sends the others to -inf
+    # (nearly greedy) instead of every logit to +-inf, whose softmax is NaN.
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / cfg.temperature
     if cfg.top_k:
         kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

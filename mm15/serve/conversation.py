@@ -48,14 +48,32 @@ def check_user_text(text: str, where: str) -> None:
     """Refuse text that would be read as an image slot: placeholders come only from real images.
 
     A literal ``<image>`` would shift every later image onto the wrong placeholder, and the image token
-    itself would give the model more image positions than features.
+    itself would give the model more image positions than features. Text that is not valid Unicode (a
+    lone surrogate, which JSON's ``\\ud800`` escapes can carry) cannot be tokenised.
     """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(
+            f"{where}: the text is not valid Unicode (a lone surrogate at character {err.start})"
+        ) from None
     for reserved in (IMAGE_PLACEHOLDER, IMAGE_TOKEN):
         if reserved in text:
             raise ValueError(
                 f"{where}: the text contains {reserved!r}, which is reserved for images; "
                 "attach images as images instead"
             )
+
+
+def answer_turn(answer: str) -> Turn:
+    """The model's answer as an assistant turn of the conversation it continues.
+
+    An answer may write ``<image>`` or the image token as text (an untrained or confused model does);
+    kept verbatim they would read as image slots without images, so a zero-width space splits them.
+    """
+    for reserved in (IMAGE_PLACEHOLDER, IMAGE_TOKEN):
+        answer = answer.replace(reserved, reserved[0] + "\u200b" + reserved[1:])
+    return Turn("assistant", answer)
 
 
 def question_turn(question: str, images: Sequence[Image.Image] = ()) -> Turn:

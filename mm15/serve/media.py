@@ -72,10 +72,12 @@ def _data_url_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = 
             400, f"{param}: media type {media_type!r} is not {article} {kind}", param=param, code=bad_url
         )
     payload = "".join(payload.split())  # some encoders wrap base64 into lines
-    # Base64 carries 3 bytes per 4 characters: refuse an oversize file before decoding it.
+    # Base64 carries 3 bytes per 4 characters, less one per "=" of padding: refuse an oversize file
+    # before decoding it.
     limit = _limit(settings, kind)
-    if len(payload) * 3 // 4 > limit:
-        raise _too_large(param, len(payload) * 3 // 4, limit, kind)
+    size = len(payload) * 3 // 4 - payload[-2:].count("=")
+    if size > limit:
+        raise _too_large(param, size, limit, kind)
     try:
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):

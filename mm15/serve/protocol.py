@@ -91,7 +91,7 @@ class ChatCompletionRequest(_Strict):
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None  # OpenAI's range: an int64
     n: int | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
@@ -113,6 +113,12 @@ class ChatCompletionRequest(_Strict):
     functions: Annotated[list[Any], Field(max_length=0)] | None = None
     function_call: Literal["none"] | None = None
     modalities: list[Literal["text"]] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> ChatCompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
 
     @field_validator("n")
     @classmethod

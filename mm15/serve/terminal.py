@@ -29,7 +29,7 @@ from mm15.hardware import autocast
 from mm15.image import ImageError, load_image
 from mm15.model.generate import GenerationConfig, parse_grounding, stream
 from mm15.model.mm15 import MM15Model, MM15Processor
-from mm15.serve.conversation import Turn, has_video, question_turn, render_prompt, video_turn
+from mm15.serve.conversation import Turn, answer_turn, has_video, question_turn, render_prompt, video_turn
 from mm15.serve.engine import PromptTooLong, encode_prompt
 from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
 
@@ -177,7 +177,7 @@ class ChatSession:
                 "[the model's answer has no text]" if not answer else "[the model answered only spaces]"
             )
         self.write("\n")
-        self.turns += [turn, Turn("assistant", answer)]
+        self.turns += [turn, answer_turn(answer)]
         self.pending, self.pending_video = [], []
         return answer, self._draw(answer, images)
 
