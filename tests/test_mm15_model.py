@@ -166,6 +166,21 @@ def test_a_tiny_temperature_samples_the_top_token_instead_of_failing() -> None:
     torch.testing.assert_close(counts / 2000, torch.softmax(logits[0], dim=0), atol=0.03, rtol=0)
 
 
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": float("inf")}, "temperature must be a finite number"),
+        ({"seed": 2**64}, r"seed must be in \[-2\*\*63, 2\*\*64\)"),
+        ({"seed": -(2**63) - 1}, "seed must be in"),
+    ],
+)
+def test_generation_config_refuses_what_sampling_cannot_use(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**changes)
+    assert GenerationConfig(seed=2**64 - 1).seed == 2**64 - 1  # the largest seed torch takes
+
+
 def test_streaming_sampling_and_stop_strings(model: MM15Model, processor: MM15Processor) -> None:
     batch = processor(["tell me"], [[]])
     sampled = GenerationConfig(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.9, seed=3)

@@ -300,6 +300,37 @@ def test_engine_rows_keep_their_own_settings(served: Served) -> None:
     assert results[2][0] == full[2]
 
 
+def test_a_row_whose_token_choice_fails_ends_alone(served: Served, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once any error choosing one row's token was a 500 for every row of the batch."""
+    import mm15.serve.engine as engine_module
+
+    model = served.reference
+    turns = [question_turn("first"), question_turn("second one")]
+    expected = alone(model, [turns[1]], 6)
+    choose = engine_module.pick_next_token
+
+    def fails_for_top_k_7(logits: Any, config: GenerationConfig, generator: Any) -> Any:
+        if config.top_k == 7:
+            raise RuntimeError("this row's sampling broke")
+        return choose(logits, config, generator)
+
+    monkeypatch.setattr(engine_module, "pick_next_token", fails_for_top_k_7)
+    configs = [
+        GenerationConfig(max_new_tokens=6, temperature=1.0, top_k=7),
+        GenerationConfig(max_new_tokens=6),
+    ]
+    with Engine(model, max_batch=8, batch_window_s=0.5) as engine:
+        handles = [
+            engine.submit(engine.encode(*render_prompt(model.tokenizer, [turn])), config)
+            for turn, config in zip(turns, configs, strict=True)
+        ]
+        with pytest.raises(RuntimeError, match="internal error while generating"):
+            wait_for(handles[0], timeout=60)
+        text, done = wait_for(handles[1], timeout=60)
+        assert engine.stats.prefills == 1 and engine.stats.largest_batch == 2
+    assert done.kind == "done" and text == expected
+
+
 def test_requests_join_a_running_batch_and_answer_as_alone(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:

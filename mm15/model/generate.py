@@ -11,6 +11,7 @@ multiple choice, diagnostics).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,14 +36,18 @@ class GenerationConfig:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"GenerationConfig.temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails both
+            raise ValueError(
+                f"GenerationConfig.temperature must be a finite number >= 0, got {self.temperature}"
+            )
         if self.top_k < 0:
             raise ValueError(f"GenerationConfig.top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
         if any(not s for s in self.stop):
             raise ValueError("GenerationConfig.stop must not contain empty strings")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
+            raise ValueError(f"GenerationConfig.seed must be in [-2**63, 2**64), got {self.seed}")
 
 
 def pick_next_token(

@@ -40,7 +40,10 @@ def chat(
     from mm15.model.generate import GenerationConfig
     from mm15.serve.terminal import run_chat
 
-    config = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    try:
+        config = GenerationConfig(max_new_tokens=max_tokens, temperature=temperature, seed=seed)
+    except ValueError as err:  # a seed out of range, a temperature of nan or inf
+        raise typer.BadParameter(str(err)) from None
     code = run_chat(model, prompt, list(image or []), config, out, max_images, video, frames)
     if code:
         raise typer.Exit(code)

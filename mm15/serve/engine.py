@@ -540,10 +540,16 @@ class Engine:
                 row.done = True  # nobody is reading: no more events for it
                 self.stats.cancelled += 1
             else:
-                token = int(
-                    pick_next_token(running.logits[index : index + 1], row.handle.config, row.generator)[0]
-                )
-                self._advance(row, token)
+                try:
+                    token = int(
+                        pick_next_token(running.logits[index : index + 1], row.handle.config, row.generator)[
+                            0
+                        ]
+                    )
+                    self._advance(row, token)
+                except Exception:  # one row's sampling or decoding must not end the batch's other rows
+                    self._fail([row.handle], "choosing a token")
+                    row.done, token = True, self._pad
             next_tokens.append(token)
         live = [index for index, row in enumerate(rows) if not row.done]
         if not live:
