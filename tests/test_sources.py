@@ -291,6 +291,9 @@ MALFORMED = [
     ("bad_record", _record(image=7)),
     ("bad_record", _record(id=["x"])),
     ("bad_record", _record(truth=[1])),
+    # Half of a surrogate pair (an emoji cut in two): json.loads accepts it, UTF-8 cannot hold it.
+    ("bad_record", _record(conversations=[{"from": "human", "value": "<image> x \ud83d"}, ANSWER])),
+    ("bad_record", _record(truth={"\udc00": 1})),
 ]
 
 

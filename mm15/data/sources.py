@@ -512,6 +512,29 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
             index += 1
 
 
+def _check_unicode(value: Any, where: str) -> None:
+    """Refuse a string that is not valid Unicode anywhere in a record.
+
+    JSON's escapes can write half of a surrogate pair (``"\\ud83d"``: an emoji cut in two by a
+    scraper); ``json.loads`` accepts it, but it cannot be encoded, so the shard writer and the
+    tokenizer would fail on the record long after it was read.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise _Malformed(
+                "bad_record", f"{where} is not valid Unicode (a lone surrogate at character {err.start})"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, f"a key of {where}")
+            _check_unicode(item, f"{where}[{key!r}]")
+    elif isinstance(value, list):
+        for position, item in enumerate(value):
+            _check_unicode(item, f"{where}[{position}]")
+
+
 class _JsonReader(abc.ABC):
     """Shared loop of the JSON / JSONL readers: parse each record, then raise or count what is wrong."""
 
@@ -541,6 +564,7 @@ class _JsonReader(abc.ABC):
                     if not isinstance(record, dict):
                         raise _Malformed("bad_record", f"expected a JSON object, got {type(record).__name__}")
                     sample_id = _record_id(record, f"{path.stem}-{index}")
+                    _check_unicode(record, "the record")
                     sample = self._parse(record, path, sample_id)
                 except _Malformed as bad:
                     # Name the record by its own id only: a made-up one would not be found in the file.
