@@ -120,15 +120,24 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB with the documented rules (alpha over white, 16-bit scaled)."""
+    """Convert any PIL mode to RGB with the documented rules (alpha over white, 16-bit scaled).
+
+    Transparency comes as an alpha band, as a palette with alpha, or as one transparent colour (a PNG
+    ``tRNS`` chunk, in RGB and 16-bit images too): each is composited over ``ALPHA_BACKGROUND``.
+    """
     mode = image.mode
-    if mode == "RGB":
+    transparent = image.has_transparency_data
+    if mode == "RGB" and not transparent:
         return image
     if mode in ("F", "I") or mode.startswith("I;16"):
-        return _high_bit_depth_to_rgb(image)
+        rgb = _high_bit_depth_to_rgb(image)
+        if "transparency" in image.info:  # one transparent sample value
+            clear = np.asarray(image) == image.info["transparency"]
+            rgb.paste(ALPHA_BACKGROUND, mask=Image.fromarray(clear.astype(np.uint8) * 255, mode="L"))
+        return rgb
     if mode == "La":  # premultiplied alpha, which PIL converts only to LA
         image, mode = image.convert("LA"), "LA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or transparent:
         return _composite(image.convert("RGBA"))
     return image.convert("RGB")
 
@@ -189,7 +198,11 @@ def image_size(
             orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         except (OSError, SyntaxError, ValueError):  # a damaged EXIF block: load_image will report it
             orientation = 1
-        return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+        # Pillow's TIFF plugin reports the upright size at open already (its stored size is
+        # ``_tile_size``); the other formats report the stored one, which the orientation transposes.
+        stored = getattr(image, "_tile_size", (width, height))
+        transposes = orientation in (5, 6, 7, 8) and tuple(stored) == (width, height)
+        return (height, width) if transposes else (width, height)
 
 
 def load_image(

@@ -219,11 +219,16 @@ def test_image_size_checks_the_pixel_limit_from_the_header(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_image_size_is_upright_under_exif_orientation(tmp_path: Path, orientation: int) -> None:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    path = tmp_path / f"orientation-{orientation}.jpg"
-    Image.new("RGB", (60, 40), WHITE).save(path, exif=exif)
+@pytest.mark.parametrize("fmt", ["jpg", "png", "webp", "tif"])
+def test_image_size_is_upright_under_exif_orientation(tmp_path: Path, orientation: int, fmt: str) -> None:
+    """TIFF too, whose Pillow plugin reports the upright size at open: it was swapped a second time."""
+    path = tmp_path / f"orientation-{orientation}.{fmt}"
+    if fmt == "tif":
+        Image.new("RGB", (60, 40), WHITE).save(path, tiffinfo={0x0112: orientation})
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", (60, 40), WHITE).save(path, exif=exif)
     assert image_size(path) == load_image(path).size == ((40, 60) if orientation >= 5 else (60, 40))
 
 
@@ -560,6 +565,31 @@ def test_to_rgb_accepts_every_mode(mode: str) -> None:
     assert out.mode == "RGB"
     assert out.size == (5, 3)
     assert load_image(image).mode == "RGB"  # PIL images go through the same path
+
+
+def _png(image: Image.Image, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", **options)
+    return buffer.getvalue()
+
+
+def test_a_transparent_colour_is_background_in_rgb_16_bit_and_palette_images() -> None:
+    """A tRNS colour key in an RGB or 16-bit PNG, and an in-memory palette with alpha, were kept as
+    their colour instead of composited over white (an L image with tRNS always was)."""
+    rgb = Image.new("RGB", (4, 4), (0, 0, 0))
+    rgb.putpixel((3, 3), (10, 20, 30))
+    deep = Image.fromarray(np.array([[0, 65535], [30000, 0]], dtype=np.uint16))  # mode I;16
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.putpixel((3, 3), (255, 0, 0, 255))
+    palette = rgba.quantize()  # mode P, its alpha in the palette, no "transparency" in info
+    for source in (_png(rgb, transparency=(0, 0, 0)), _png(deep, transparency=0), palette):
+        image = load_image(source)
+        assert image.getpixel((0, 0)) == WHITE
+    assert load_image(_png(rgb, transparency=(0, 0, 0))).getpixel((3, 3)) == (10, 20, 30)
+    assert load_image(_png(deep, transparency=0)).getpixel((1, 0)) == (255, 255, 255)  # 65535, opaque
+    assert load_image(_png(deep, transparency=0)).getpixel((0, 1)) == (117, 117, 117)  # 30000 / 257
+    assert load_image(palette).getpixel((3, 3)) == (255, 0, 0)
+    assert load_image(_png(rgb)).getpixel((0, 0)) == (0, 0, 0)  # no tRNS: black stays black
 
 
 def test_premultiplied_la_is_composited_like_la() -> None:

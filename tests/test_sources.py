@@ -6,6 +6,7 @@ import io
 import json
 import math
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from mm15.data.sources import (
     write_llava,
     write_shards,
 )
+from mm15.image import load_image
 
 
 def _pixels(seed: int, size: tuple[int, int] = (24, 16), mode: str = "RGB") -> Image.Image:
@@ -179,6 +181,18 @@ def test_shard_round_trip_loses_nothing(tmp_path: Path, samples: list[Sample]) -
     assert [s.id for s in ShardReader(paths)] == [s.id for s in samples]
     again = write_shards(samples, tmp_path / "again", samples_per_shard=2)
     assert [p.read_bytes() for p in again] == [p.read_bytes() for p in paths]
+
+
+def test_a_pil_image_with_an_exif_orientation_is_written_upright(tmp_path: Path) -> None:
+    """PNG keeps no EXIF: the shard once held the stored pixels, and the image came back sideways."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees to view
+    Image.new("RGB", (40, 20), (200, 10, 10)).save(tmp_path / "o.jpg", exif=exif)
+    opened = Image.open(tmp_path / "o.jpg")
+    sample = Sample("o", [Turn("user", "<image>"), Turn("assistant", "a")], "general", "s", images=[opened])
+    write_shards([sample], tmp_path / "shards")
+    (read,) = list(ShardReader(tmp_path / "shards"))
+    assert load_image(read.images[0]).size == load_image(opened).size == (20, 40)
 
 
 def test_shards_of_llava_samples_keep_the_file_bytes(tmp_path: Path, samples: list[Sample]) -> None:
@@ -631,6 +645,16 @@ def test_shards_of_an_earlier_run_are_refused_or_replaced_whole(tmp_path: Path) 
     write_shards([_text_sample(9)], tmp_path, samples_per_shard=2, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-000000.tar", "shard-000000.tar"]
     assert [s.id for s in ShardReader(tmp_path / "shard-000000.tar")] == ["s9"]
+    # A replacing run that fails part-way leaves the earlier run whole, not its first shards replaced.
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def failing() -> Iterator[Sample]:
+        yield from (_text_sample(i) for i in range(20, 25))
+        raise RuntimeError("source died")
+
+    with pytest.raises(RuntimeError, match="source died"):
+        write_shards(failing(), tmp_path, samples_per_shard=1, overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == kept  # no staged file left either
     # No samples at all replace nothing: the earlier shards stay, and no new folder is made.
     kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(ValueError, match=r"no samples to write .* its earlier shards are kept"):

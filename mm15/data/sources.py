@@ -98,7 +98,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, REGION_PATTERN, ImageRef, Region, Sample, Turn
@@ -741,8 +741,13 @@ def _sniff(data: bytes) -> str | None:
 
 
 def _encode_image(ref: ImageRef, sample_id: str, index: int) -> tuple[bytes, str]:
-    """(encoded bytes, extension) of one image: original bytes for paths and bytes, PNG for PIL images."""
+    """(encoded bytes, extension) of one image: original bytes for paths and bytes, PNG for PIL images.
+
+    A PIL image is written upright: PNG keeps no EXIF orientation, which ``load_image`` would apply.
+    """
     if isinstance(ref, Image.Image):
+        with contextlib.suppress(OSError, SyntaxError, ValueError, KeyError):  # damaged EXIF: as stored
+            ref = ImageOps.exif_transpose(ref)
         buffer = io.BytesIO()
         try:
             ref.save(buffer, format="PNG")
@@ -805,13 +810,15 @@ class _AtomicFile:
         self.temp = final.with_name(f".{final.name}.partial-{os.getpid()}")
         self.file = self.temp.open("wb")
 
-    def commit(self) -> Path:
+    def commit(self, name: Path | None = None) -> Path:
+        """Close and rename to ``final`` (or to ``name``, a staging name); the path it now has."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.temp, self.final)
-        _fsync_dir(self.final.parent)
-        return self.final
+        target = name or self.final
+        os.replace(self.temp, target)
+        _fsync_dir(target.parent)
+        return target
 
     def abort(self) -> None:
         self.file.close()
@@ -851,9 +858,9 @@ class _ShardWriter:
             self._add(name, data)
         self.count += 1
 
-    def commit(self) -> Path:
+    def commit(self, name: Path | None = None) -> Path:
         self.tar.close()
-        return self.out.commit()
+        return self.out.commit(name)
 
     def abort(self) -> None:
         # The temp file is deleted next, so a failure to finish the tar does not matter.
@@ -877,9 +884,10 @@ def write_shards(
 
     Shards of the same prefix already in ``out_dir`` (an earlier run's) raise ``FileExistsError``
     before anything is written: replacing some of them would lose data, and keeping the ones past this
-    run's count would mix two runs in one folder. With ``overwrite=True`` the new shards replace them
-    and the earlier run's extra shards are deleted once every new shard is written. No samples at all
-    raise ``ValueError`` and leave ``out_dir`` as it was (not created, earlier shards kept).
+    run's count would mix two runs in one folder. With ``overwrite=True`` the new shards are staged
+    under hidden names and replace the earlier run's only once every one is written (its extra shards
+    are deleted then): a failure part-way leaves the earlier run whole. No samples at all raise
+    ``ValueError`` and leave ``out_dir`` as it was (not created, earlier shards kept).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -893,8 +901,18 @@ def write_shards(
             f"{out} already holds {len(earlier)} shard(s) named {prefix}-NNNNNN.tar from an earlier run"
         )
     written: list[Path] = []
+    staged: list[Path] = []  # when replacing an earlier run: the new shards until all are written
     writer: _ShardWriter | None = None
     count = 0
+
+    def commit(shard: _ShardWriter) -> None:
+        final = shard.out.final
+        if earlier:
+            staged.append(shard.commit(final.with_name(f".{final.name}.staged-{os.getpid()}")))
+        else:
+            shard.commit()
+        written.append(final)
+
     try:
         for sample in samples:
             if writer is None:
@@ -903,11 +921,15 @@ def write_shards(
             writer.add(f"{count:09d}", sample)  # keys have no dots, as WebDataset grouping needs
             count += 1
             if writer.count == samples_per_shard:
-                written.append(writer.commit())
+                commit(writer)
                 writer = None
         if writer is not None:
-            written.append(writer.commit())
+            commit(writer)
             writer = None
+    except BaseException:
+        for path in staged:
+            path.unlink(missing_ok=True)
+        raise
     finally:
         if writer is not None:
             writer.abort()
@@ -916,6 +938,10 @@ def write_shards(
         raise ValueError(
             f"no samples to write to {out}" + ("; its earlier shards are kept" if earlier else "")
         )
+    if staged:  # every new shard is written: now they replace the earlier run's
+        for path, final in zip(staged, written, strict=True):
+            os.replace(path, final)
+        _fsync_dir(out)
     for stale in set(earlier) - set(written):
         stale.unlink()
     return written
