@@ -69,6 +69,20 @@ def test_synth_never_mixes_runs_in_one_folder(tmp_path: Path) -> None:
     assert sorted(s.id for s in ShardReader(out)) == ["general-color/train/9/0", "general-count/train/9/0"]
 
 
+def test_stats_has_a_row_per_source_and_category(tmp_path: Path) -> None:
+    """One source with two categories was one row counting every sample under its first category."""
+    turns = [Turn("user", "q"), Turn("assistant", "a")]
+    categories = ["general", "ocr", "ocr", "ocr"]
+    write_shards([Sample(f"s{i}", turns, c, "mix") for i, c in enumerate(categories)], tmp_path)
+    result = runner.invoke(app, ["data", "stats", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    rows = [line.split("│")[1:4] for line in result.output.splitlines() if line.count("│") > 3]
+    assert [[cell.strip() for cell in row] for row in rows] == [
+        ["mix", "general", "1"],
+        ["mix", "ocr", "3"],
+    ]
+
+
 def test_stats_streams_the_folder(tmp_path: Path) -> None:
     """``data stats`` holds one sample at a time: its peak memory does not grow with the folder."""
     import tracemalloc

@@ -248,18 +248,16 @@ def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) 
     """Count the samples of a shard folder by category and source, with images, turns and regions."""
     reader = _lenient_reader(directory)
     # Streamed: one sample at a time is held, so a folder of any size can be counted.
-    totals: dict[str, Counter[str]] = {}
-    category_of: dict[str, str] = {}
+    totals: dict[tuple[str, str], Counter[str]] = {}  # by (source, category): a source can hold several
     by_category: Counter[str] = Counter()
     with _progress() as progress:
         task = progress.add_task(f"reading {directory}", total=None)
         for sample in reader:
-            counts = totals.setdefault(sample.source, Counter())
+            counts = totals.setdefault((sample.source, sample.category), Counter())
             counts["samples"] += 1
             counts["images"] += len(sample.images)
             counts["turns"] += len(sample.turns)
             counts["regions"] += len(sample.regions)
-            category_of.setdefault(sample.source, sample.category)
             by_category[sample.category] += 1
             progress.advance(task)
     total = sum(by_category.values())
@@ -269,11 +267,11 @@ def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) 
     table = Table(title=f"{total} samples in {directory}")
     for column in ("source", "category", "samples", "images/sample", "turns/sample", "regions/sample"):
         table.add_column(column)
-    for source, counts in sorted(totals.items()):
+    for (source, category), counts in sorted(totals.items()):
         n = counts["samples"]
         table.add_row(
             source,
-            category_of[source],
+            category,
             str(n),
             f"{counts['images'] / n:.2f}",
             f"{counts['turns'] / n:.2f}",
