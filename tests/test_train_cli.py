@@ -382,6 +382,7 @@ def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> No
     from typer.testing import CliRunner
 
     from mm15.cli import app
+    from mm15.train.config import load_recipe
 
     recipe, run = tmp_path / "recipe.yaml", tmp_path / "run"
     recipe.write_text(ONE_STAGE)
@@ -402,10 +403,12 @@ def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> No
         in flat
     )
     assert "no longer repeats an uninterrupted run" in flat
-    steps = [
-        json.loads(line)["step"] for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()
-    ]
-    assert steps == list(range(6))
+    records = [json.loads(line) for line in (run / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(6))
+    # ... and it does: the new peak on the new schedule's length (the checkpoint's optimizer state
+    # once brought back the old peak, and the old schedule's floor for the first resumed step).
+    schedule = load_recipe(recipe).stages[0].schedule
+    assert [r["lr"] for r in records[4:]] == pytest.approx([2.0e-3 * schedule.factor(s, 6) for s in (4, 5)])
 
     # Without --resume, a stage with an earlier run's checkpoints is not trained afresh over them.
     shutil.rmtree(run / "pretrain" / "final")
@@ -415,6 +418,13 @@ def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> No
     assert again.exit_code == 2, again.output
     assert "stage 'pretrain' has checkpoints of an earlier run" in flat and "add --resume" in flat, flat
     assert sorted(p.name for p in (run / "pretrain" / "checkpoints").iterdir()) == before
+
+    # Another optimizer's state cannot continue: the resume is refused, naming both.
+    recipe.write_text(ONE_STAGE.replace("{name: adamw, lr: 1.0e-3}", "{name: adafactor, lr: 1.0e-3}"))
+    other = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), "--max-steps", "6", "--resume"])
+    flat = " ".join(other.output.split())
+    assert other.exit_code == 2, other.output
+    assert "written with optimizer adamw, the recipe's stage 'pretrain' now uses adafactor" in flat, flat
 
 
 def test_a_later_stages_missing_data_stops_the_run_before_the_first_stage_trains(tmp_path: Path) -> None:

@@ -114,6 +114,41 @@ def test_nan_loss_stops_before_the_update() -> None:
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward whose backward overflows, as a mixed-precision backward can."""
+
+    @staticmethod
+    def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_a_finite_loss_with_an_infinite_gradient_is_not_applied(max_grad_norm: float) -> None:
+    """Only the loss was checked: clipping then turned the infinite gradient into NaN weights."""
+    model, stream, optimizer, scheduler = setup()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    common = {"accum": 1, "dtype": torch.float32, "max_grad_norm": max_grad_norm, "peak_flops": 1e11}
+    with pytest.raises(NonFiniteLoss, match=r"step 0: the gradient norm is (inf|nan)"):
+        train_step(model, stream, optimizer, scheduler, step=0, loss_hook=_InfiniteGradient.apply, **common)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    metrics = train_step(
+        model,
+        stream,
+        optimizer,
+        scheduler,
+        step=1,
+        loss_hook=_InfiniteGradient.apply,
+        nan_policy="skip",
+        **common,
+    )
+    assert metrics.skipped and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not train_step(model, stream, optimizer, scheduler, step=2, **common).skipped  # then trains on
+
+
 def test_corrupt_images_are_skipped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
     real_next = SampleSource.next
 

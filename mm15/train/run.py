@@ -389,6 +389,38 @@ def resume_setting_changes(saved: dict[str, Any] | None, stage: StageConfig) -> 
     return [change for change in changes if not change.startswith("data.sources")]
 
 
+def _check_same_optimizer(saved: dict[str, Any] | None, stage: StageConfig, checkpoint: Path) -> None:
+    """An optimizer's state (AdamW's moments, Adafactor's factored ones) cannot continue another's."""
+    then = ((saved or {}).get("optimizer") or {}).get("name")
+    if then is not None and then != stage.optimizer.name:
+        raise ValueError(
+            f"{checkpoint}: written with optimizer {then}, the recipe's stage {stage.name!r} now uses "
+            f"{stage.optimizer.name}, whose state cannot continue it; resume with {then}, or move "
+            f"{checkpoint.parent} away to start the stage over"
+        )
+
+
+def _apply_recipe_hyperparameters(
+    optimizer: torch.optim.Optimizer, scheduler: Any, stage: StageConfig, step: int
+) -> None:
+    """After a resume, the recipe's learning rates, weight decay, betas and eps, not the checkpoint's.
+
+    Loading an optimizer's state restores its groups' hyperparameters as they were saved; a recipe
+    changed since (its lr, its schedule's length) would be ignored, although the run says it goes on
+    with the recipe as it is now. With an unchanged recipe the values are the ones loaded, bit for bit:
+    the learning rate is the same product ``LambdaLR`` computes.
+    """
+    for group in optimizer.param_groups:
+        peak = stage.optimizer.lr_for(group["name"])
+        group["initial_lr"] = peak
+        group["lr"] = peak * stage.schedule.factor(step, stage.max_steps)
+        group["weight_decay"] = stage.optimizer.weight_decay
+        if stage.optimizer.name == "adamw":
+            group["betas"] = tuple(stage.optimizer.betas)
+            group["eps"] = stage.optimizer.eps
+    scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+
+
 def _load_newest_readable(
     ckpt_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, console: Console
 ) -> tuple[Path, int, dict[str, Any]] | None:
@@ -484,6 +516,8 @@ def run_stage(
                 ) from None
             for change in changes:
                 console.print(f"[yellow]warning:[/yellow] {change}", soft_wrap=True)
+        _check_same_optimizer(extra.get("stage"), stage, latest)
+        _apply_recipe_hyperparameters(optimizer, scheduler, stage, start)
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")

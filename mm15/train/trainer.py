@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import resource
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -219,18 +220,26 @@ def train_step(
         patches += micro_patches
         image_tokens += micro_image_tokens
     all_finite = D.all_ranks_have_data(finite)  # a logical AND over ranks: stop (or skip) together
+    where = f"the loss is {bad_value}" if not finite else "the loss is not finite on another rank"
+    if all_finite:
+        # A finite loss can still give an infinite or NaN gradient (an overflow in backward); clipping
+        # would then write NaN into every weight. The norm is global, so the ranks agree on it.
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        norm = D.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+        all_finite = D.all_ranks_have_data(math.isfinite(norm))
+        where = f"the gradient norm is {norm}"
     if not all_finite:
         optimizer.zero_grad(set_to_none=True)
         if nan_policy != "skip":
-            where = f"the loss is {bad_value}" if not finite else "the loss is not finite on another rank"
             raise NonFiniteLoss(f"step {step}: {where}; stopped before the update")
     else:
-        if max_grad_norm > 0:
-            D.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     lr = optimizer.param_groups[0]["lr"]
-    scheduler.step()
+    with warnings.catch_warnings():
+        # A skipped step still counts in the schedule; torch warns when the first one has no update.
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        scheduler.step()
     counts = torch.tensor([loss_total, tokens, images, patches, image_tokens], dtype=torch.float64)
     totals = D.sum_across_ranks(torch.cat([counts, source_stats.flatten()]))
     loss_total, tokens, images, patches, image_tokens = float(totals[0]), *(int(t) for t in totals[1:5])
