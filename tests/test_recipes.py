@@ -182,6 +182,12 @@ BAD = [
     ("moe value", "model.overrides", {"moe": {"top_k": 9, "num_experts": 4}}, "model.overrides.moe: "),
     ("moe type", "model.overrides", {"moe": 4}, "model.overrides.moe: must be a mapping"),
     ("missing data", "stages.0.data", None, "stages[0].data: must be a mapping"),
+    (
+        "routers of a dense model",
+        "stages.2.trainable",
+        ["routers"],
+        "stages[2].trainable: only 'routers', but",
+    ),
 ]
 
 
@@ -213,6 +219,14 @@ def test_moe_overrides_add_or_remove_experts() -> None:
     assert RecipeConfig.from_dict(data).model.build().moe == MoEConfig()
     dense = ModelSpec.from_dict({"preset": "mm15-3b-moe", "overrides": {"moe": None}})
     assert dense.build().moe is None
+    # Routers alone train on a MoE model, and on a stage whose model comes from a directory (it may have
+    # them); on the dense recipe's own model they are refused (test_bad_recipe_names_the_field).
+    data["model"]["overrides"] = {"moe": {"num_experts": 4}}
+    data["stages"][2]["trainable"] = ["routers"]
+    assert RecipeConfig.from_dict(data).stages[2].trainable == ("routers",)
+    data = _tiny()
+    data["stages"] = [{**data["stages"][0], "parent": "./runs/moe/sft/final", "trainable": ["routers"]}]
+    assert RecipeConfig.from_dict(data).stages[0].parent == "./runs/moe/sft/final"
 
 
 def test_missing_and_default_fields() -> None:

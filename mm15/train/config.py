@@ -709,6 +709,7 @@ class RecipeConfig:
         _check(bool(self.stages), "stages", "must list at least one stage")
         _check_choice("distributed", self.distributed, DISTRIBUTED_STRATEGIES)
         seen: list[str] = []
+        from_spec: dict[str, bool] = {}  # stage -> whether its model is the recipe's model spec
         names = [s.name for s in self.stages]
         for i, stage in enumerate(self.stages):
             where = f"stages[{i}]"
@@ -728,6 +729,17 @@ class RecipeConfig:
                 )
             seen.append(stage.name)
             self._check_image(i, stage)
+            # A stage that starts from a model directory trains whatever that model is (it may have MoE).
+            from_spec[stage.name] = parent == "init" or from_spec.get(parent, False)
+            if (
+                from_spec[stage.name]
+                and set(stage.trainable) == {"routers"}
+                and self.model.build().moe is None
+            ):
+                raise _FieldError(
+                    f"{where}.trainable",
+                    "only 'routers', but the model has no mixture-of-experts layers (so nothing would train)",
+                )
 
     def _check_image(self, index: int, stage: StageConfig) -> None:
         where = f"stages[{index}].image"
