@@ -109,6 +109,28 @@ def test_the_llava_next_reference_is_counted_as_mm15_is() -> None:
     )
 
 
+@pytest.mark.parametrize("feature_layer", [-1, -2])
+def test_mm15_encoder_counts_only_the_blocks_that_run(feature_layer: int) -> None:
+    """The encoder runs its blocks up to the feature layer and never its post-layernorm; counting all of
+    them overstated MFU (by 42% of the tiny encoder's weights at feature layer -2)."""
+    import dataclasses
+
+    from mm15.model.mm15 import MM15Model
+    from mm15.model.presets import preset
+
+    cfg = preset("tiny")
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, feature_layer=feature_layer))
+    model = MM15Model.build(cfg)
+    hf = model.vision.model
+    width = cfg.vision.hidden_size
+    blocks = hf.encoder.layers
+    ran = blocks[: len(blocks) + 1 + feature_layer]
+    per_block = sum(p.numel() for p in blocks[0].parameters())
+    patch_conv = 3 * cfg.vision.patch_size**2 * width
+    expected = patch_conv + width + 2 * width + len(ran) * per_block  # + the CLS vector and the pre-norm
+    assert mm15_flop_weights(model).encoder == expected
+
+
 def test_step_flops_multiply_each_group_by_its_positions() -> None:
     weights = FlopWeights(decoder=100, head=10, encoder=7, connector_per_patch=3, connector_per_image_token=5)
     work = StepWork(tokens=50, supervised=4, patches=20, image_tokens=8)

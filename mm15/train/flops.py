@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from mm15.model.connector import CAbstractor, MLPConnector
 from mm15.model.moe import moe_layers
+from mm15.train.distributed import never_used_parameters
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,12 @@ def mm15_flop_weights(model: nn.Module) -> FlopWeights:
     """The ``FlopWeights`` of an ``MM15Model`` (encoder, connector, decoder, head)."""
     decoder, head = causal_lm_weights(model.llm)
     per_patch, per_token = connector_weights(model.connector)
+    # The encoder runs only the blocks up to its feature layer, and never its post-layernorm.
+    unused = sum(p.numel() for _, p in never_used_parameters(model))
     return FlopWeights(
         decoder=decoder,
         head=head,
-        encoder=matmul_weights(model.vision),
+        encoder=matmul_weights(model.vision) - unused,
         connector_per_patch=per_patch,
         connector_per_image_token=per_token,
     )
