@@ -448,21 +448,34 @@ JSON_VALUES = st.recursive(
     indent=st.sampled_from([None, 0, 2]),
     chunk=st.integers(1, 9),
     cut=st.integers(0, 10**6),
+    escaped=st.booleans(),
 )
 def test_a_json_array_streams_as_json_loads_reads_it(
-    tmp_path_factory: pytest.TempPathFactory, records: list, indent: int | None, chunk: int, cut: int
+    tmp_path_factory: pytest.TempPathFactory,
+    records: list,
+    indent: int | None,
+    chunk: int,
+    cut: int,
+    escaped: bool,
 ) -> None:
-    """Chunks of a few characters put every boundary inside records; a cut file must still fail."""
+    """Chunks of a few bytes put every boundary inside records, and inside multi-byte characters when
+    the text is written unescaped; a cut file must still fail."""
     import mm15.data.sources as sources
 
     path = tmp_path_factory.mktemp("json") / "a.json"
-    text = json.dumps(records, indent=indent)
+    text = json.dumps(records, indent=indent, ensure_ascii=escaped)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which only an escape can write
+        data = json.dumps(records, indent=indent).encode()
     old, sources._JSON_CHUNK = sources._JSON_CHUNK, chunk
     try:
-        path.write_text(text)
+        path.write_bytes(data)
         assert list(sources._json_array(path)) == records
-        cut_text = text[: cut % len(text)]  # every proper prefix of an array is invalid JSON
-        path.write_text(cut_text)
+        cut_text = data.decode()[
+            : cut % len(data.decode())
+        ]  # every proper prefix of an array is invalid JSON
+        path.write_text(cut_text, encoding="utf-8")
         with pytest.raises(SourceError):
             list(sources._json_array(path))
     finally:
@@ -509,11 +522,39 @@ def test_a_json_array_is_read_a_chunk_at_a_time(tmp_path: Path, monkeypatch: pyt
     records = sources._json_array(path)
     assert next(records) == record
     handle = records.gi_frame.f_locals["f"]  # the generator's open file
-    assert handle.buffer.tell() < size // 20, (handle.buffer.tell(), size)
+    assert handle.tell() < size // 20, (handle.tell(), size)
     assert sum(1 for _ in records) == 4999
     path.write_bytes(b'[{"a": "\xff"}]')
     with pytest.raises(SourceError, match="not UTF-8"):
         list(sources._json_array(path))
+
+
+def test_invalid_utf8_costs_only_the_record_it_is_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stray Latin-1 byte once discarded the whole chunk of text it was read with: the valid records
+    before it were lost, and in a small file even a lenient reader failed on the file."""
+    import mm15.data.sources as sources
+
+    monkeypatch.setattr(sources, "_JSON_CHUNK", 4096)
+    records = [{"id": f"r{i}", "text": "é" * 50} for i in range(200)]  # two-byte characters
+    data = json.dumps(records, ensure_ascii=False).encode()
+    bad = data.index(b'"r150"') + 2
+    path = tmp_path / "big.json"
+    path.write_bytes(data[:bad] + b"\xe9" + data[bad + 1 :])  # a Latin-1 e-acute instead of "1"
+    read = []
+    with pytest.raises(SourceError) as caught:
+        for record in sources._json_array(path):
+            read.append(record)
+    assert [r["id"] for r in read] == [f"r{i}" for i in range(150)]
+    assert caught.value.location == "record 150" and "not UTF-8 at character" in str(caught.value)
+    offset = int(str(caught.value).split("not UTF-8 at character ")[1].split()[0])
+    assert offset == len(data[:bad].decode())  # characters, as the other messages count them
+    # A small file (one chunk): a lenient reader keeps the record before the bad byte.
+    small = tmp_path / "small.json"
+    _pixels(0).save(tmp_path / "a.png")
+    text = json.dumps([GOOD, {**GOOD, "id": "bad"}, GOOD]).encode()
+    small.write_bytes(text.replace(b'"bad"', b'"b\xe9d"'))
+    reader = LlavaReader(small, strict=False)
+    assert [s.id for s in reader] == ["good"] and reader.skipped.as_dict() == {"bad_json": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------

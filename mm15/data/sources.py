@@ -83,6 +83,7 @@ than bad records: a missing file, a ``.json`` file that is not JSON or not an ar
 from __future__ import annotations
 
 import abc
+import codecs
 import contextlib
 import glob
 import io
@@ -372,7 +373,7 @@ def _check_regions_inside(regions: list[Region], sizes: list[tuple[int, int]]) -
             )
 
 
-_JSON_CHUNK = 1 << 20  # characters read at a time from a .json array
+_JSON_CHUNK = 1 << 20  # bytes read at a time from a .json array
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
 _JSON_NUMBER_TAIL = re.compile(r"[0-9eE.+\-]*")
 _JSON_KINDS = {"{": "an object", '"': "a string", "t": "a boolean", "f": "a boolean", "n": "null"}
@@ -399,21 +400,43 @@ def _json_array(path: Path) -> Iterator[Any]:
             )
         return SourceError(path, f"record {index}", reason, f"invalid JSON ({detail})")
 
-    with path.open(encoding="utf-8-sig", newline="") as f:
+    with path.open("rb") as f:
         text, pos, dropped, eof = "", 0, 0, False
+        pending = b""  # bytes of a character the last read cut in two
+        first_read = True
+        invalid: str | None = None  # invalid UTF-8 after the text held: raised when the parser gets there
 
         def more(size: int = _JSON_CHUNK) -> bool:
-            """Append at least ``size`` characters (fewer at the end of the file); False at its end."""
-            nonlocal text, pos, dropped, eof
+            """Append about ``size`` more bytes' worth of text; False at the end of the file.
+
+            Bytes are decoded here, not by a text-mode file, so that invalid UTF-8 costs only what
+            follows it: the text before it is parsed (its records are yielded) and the error is
+            raised for the record it falls in.
+            """
+            nonlocal text, pos, dropped, eof, pending, first_read, invalid
+            if invalid is not None:
+                raise fail("bad_json", invalid)
             if eof:
                 return False
-            try:
-                chunk = f.read(max(size, _JSON_CHUNK))
-            except UnicodeDecodeError as err:
-                raise fail("bad_json", f"not UTF-8 near character {dropped + len(text)}: {err}") from None
-            if not chunk:
+            read = f.read(max(size, _JSON_CHUNK))
+            data = pending + read
+            if first_read and data.startswith(codecs.BOM_UTF8):  # json.loads accepts a BOM: so do we
+                data = data[len(codecs.BOM_UTF8) :]
+            first_read = False
+            if not data:
                 eof = True
                 return False
+            try:
+                chunk, pending = data.decode("utf-8"), b""
+            except UnicodeDecodeError as err:
+                chunk = data[: err.start].decode("utf-8")
+                # A character the read cut in two (not the file's end): the next read completes it.
+                cut = read and err.end == len(data) and err.reason == "unexpected end of data"
+                if cut:
+                    pending = data[err.start :]
+                else:
+                    where = dropped + len(text) + len(chunk)
+                    invalid = f"not UTF-8 at character {where} (byte {data[err.start]:#04x})"
             dropped += pos
             text, pos = text[pos:] + chunk, 0
             return True
