@@ -18,6 +18,25 @@ def test_packed_segments_split_at_position_zero_and_merge_padding() -> None:
     positions = torch.tensor([[0, 1, 2, 0, 1, 0, 0, 0], [0, 1, 2, 3, 4, 5, 6, 7]])
     assert packed_segments(positions) == [[(0, 3), (3, 5), (5, 8)], [(0, 8)]]
     assert packed_segments(torch.tensor([[0, 1, 0]])) == [[(0, 2), (2, 3)]]
+    # One-token samples inside a row stay apart (merged, the second attended to the first); only the
+    # row's final run of one-token spans, its padding, is one span.
+    assert packed_segments(torch.tensor([[0, 1, 0, 0, 0, 1, 0, 0]])) == [
+        [(0, 2), (2, 3), (3, 4), (4, 6), (6, 8)]
+    ]
+    assert packed_segments(torch.tensor([[0, 0, 0]])) == [[(0, 3)]]
+
+
+def test_adjacent_one_token_samples_attend_to_themselves_alone() -> None:
+    from mm15.model.attention import block_causal_mask, packed_attention
+
+    torch.manual_seed(0)
+    positions = torch.tensor([[0, 1, 0, 0, 0, 1, 0, 0]])  # samples of 2, 1, 1, 2 tokens, then padding
+    q, k, v = torch.randn(1, 4, 8, 8), torch.randn(1, 2, 8, 8), torch.randn(1, 2, 8, 8)  # GQA
+    out, _ = packed_attention(torch.nn.Module().eval(), q, k, v, None, packed_position_ids=positions)
+    dense = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=block_causal_mask(positions), enable_gqa=True
+    ).transpose(1, 2)
+    torch.testing.assert_close(out[:, :6], dense[:, :6])  # the real tokens (padding outputs are unused)
 
 
 @pytest.fixture(scope="module")

@@ -123,6 +123,10 @@ def test_sigkill_mid_stage_then_resume_gives_the_same_losses(tmp_path: Path) -> 
     assert "resumed from" in output
     assert losses(killed) == losses(straight)  # exactly: same data, same RNG, same arithmetic
     assert len(losses(killed)) == 8
+    # The realised mixture of the trained micro-batches (caption : text = 1 : 1), whichever process made
+    # them: the data worker's draws once never reached the summary, which said 0 for every source.
+    (row,) = json.loads((straight / "summary.json").read_text())
+    assert set(row["mixture"]) == {"caption", "text"} and sum(row["mixture"].values()) == pytest.approx(1)
 
     # The newest checkpoint damaged after it was written (say, a bad disk or copy): --resume reports it,
     # falls back to the one before and replays the steps since, with the same losses.

@@ -32,22 +32,21 @@ Segments = list[list[tuple[int, int]]]
 def packed_segments(position_ids: torch.Tensor) -> Segments:
     """Per row, the ``(start, end)`` spans of its samples: a new sample starts where the position is 0.
 
-    Padding at the end of a row (position 0 everywhere) gives runs of one-token spans; a run is merged
-    into one span, since padding outputs are never used and must only not touch real samples.
+    Padding at the end of a row (position 0 everywhere) gives a run of one-token spans, merged into one
+    span: padding outputs are never used, and causal attention keeps the run's first token (perhaps a
+    real one-token sample) to itself. Only the row's final run is merged: one-token samples elsewhere
+    in the row stay apart, each attending to itself alone.
     """
     rows: Segments = []
     length = position_ids.shape[1]
     for starts in (row.nonzero().flatten().tolist() for row in position_ids == 0):
-        merged: list[tuple[int, int]] = []
-        last_is_pad = False
-        for start, end in zip(starts, [*starts[1:], length], strict=True):
-            is_pad = end - start == 1
-            if is_pad and last_is_pad:
-                merged[-1] = (merged[-1][0], end)  # grow the padding run
-            else:
-                merged.append((start, end))
-            last_is_pad = is_pad
-        rows.append(merged)
+        spans = list(zip(starts, [*starts[1:], length], strict=True))
+        first_pad = len(spans)
+        while first_pad > 0 and spans[first_pad - 1][1] - spans[first_pad - 1][0] == 1:
+            first_pad -= 1
+        if first_pad < len(spans) - 1:
+            spans[first_pad:] = [(spans[first_pad][0], length)]
+        rows.append(spans)
     return rows
 
 

@@ -637,7 +637,7 @@ def run_stage(
         "data_wait": sum(h["data_wait"] for h in history) / len(history),
         "skipped": dict(skipped),
         "skip_examples": skip_examples[:MAX_SKIP_EXAMPLES],
-        "mixture": sampler.realised(),
+        "mixture": data.sampler.realised(),  # the handed-out micro-batches', not the producer's
         "world_size": world,
         "strategy": strategy,
         "eval": evals[-1] if evals else None,
