@@ -144,3 +144,17 @@ def test_loads_a_model_directory(adapter: MM15LMM, tmp_path: Path) -> None:
     loaded = MM15LMM(pretrained=str(tmp_path / "m"), batch_size="3", max_new_tokens="2")
     assert loaded.batch_size == 3 and loaded.max_new_tokens == 2 and not loaded.model.training
     assert loaded.rank == 0 and loaded.world_size == 1
+
+
+def test_pil_visuals_are_decoded_as_mm15_decodes_images() -> None:
+    """A transparent PNG with black ink was shown black on black (``convert("RGB")``); mm15 composites
+    alpha over white everywhere else, so the adapter must too."""
+    from mm15.image import load_image
+
+    ink = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
+    ink.paste((0, 0, 0, 255), (10, 10, 40, 20))
+    (shown,), is_video = MM15LMM._images([ink])
+    assert (
+        not is_video and shown.getpixel((0, 0)) == (255, 255, 255) and shown.getpixel((15, 15)) == (0, 0, 0)
+    )
+    assert shown.tobytes() == load_image(ink).tobytes()

@@ -228,6 +228,27 @@ def test_item_cache_ignores_damaged_lines(tmp_path: Path) -> None:
     path.write_text(path.read_text() + "not json\n[1, 2]\n")
     reread = ItemCache(path)
     assert reread.get("k1") == "out 1" and reread.get("k2") == "out\n2" and reread.get("k3") is None
+    # A half-written last line (a kill mid-write): the next record starts on a line of its own.
+    path.write_text(path.read_text() + '{"key": "k9", "outp')
+    ItemCache(path).put([("k3", "c", "out 3")])
+    assert ItemCache(path).get("k3") == "out 3"
+    # Line separators other than "\n" inside an output (JSON writes them raw) do not split its record.
+    ItemCache(path).put([("k4", "d", "two\u2028lines\u0085and\u2029more")])
+    assert ItemCache(path).get("k4") == "two\u2028lines\u0085and\u2029more"
+
+
+def test_answers_of_another_compute_dtype_are_not_reused(
+    model: MM15Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 autocast rounds differently from float32: its answers are not the float32 run's."""
+    from mm15.hardware import compute_dtype
+
+    counter = CountingGenerate(monkeypatch)
+    with compute_dtype(torch.float32):
+        first = evaluate(model, FEW[:1], limit=2, out_dir=tmp_path, progress=False)
+    with compute_dtype(torch.bfloat16):
+        evaluate(model, FEW[:1], limit=2, out_dir=tmp_path, progress=False)
+    assert counter.prompts == 4 and first.model["compute_dtype"] == "float32"
 
 
 # --------------------------------------------------------------------------------------------------

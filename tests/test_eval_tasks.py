@@ -330,6 +330,23 @@ def test_screenspot_and_refcoco_items(tmp_path: Path) -> None:
     assert task.render(item) == '<image>\nWhere is "add an event"? Answer in [x1, y1, x2, y2] format.'
     assert task.score("[169, 60]", item) == 1.0 and task.score("[900, 900]", item) == 0.0
 
+    # A screenshot stored sideways with an EXIF orientation: scored in the upright image the model sees.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (100, 60), (9, 9, 9)).save(tmp_path / "rotated.jpg", exif=exif)
+    record = {
+        "img_filename": "rotated.jpg",
+        "bbox": [10, 70, 20, 20],
+        "instruction": "tap",
+        "data_type": "icon",
+        "data_source": "ios",
+    }
+    path.write_text(json.dumps([record]))
+    ((_, task, options),) = resolve_task_specs(f"screenspot:path={path},images={tmp_path}")
+    (item,) = task.items(options)
+    assert (item.meta["width"], item.meta["height"]) == (60, 100)
+    assert task.score("[166, 700, 500, 900]", item) == 1.0
+
     refs = REAL / "vqav2_refcocog_tiny" / "refcocog_refs_umd.json"
     instances = REAL / "vqav2_refcocog_tiny" / "refcocog_instances.json"
     ((_, task, options),) = resolve_task_specs(f"refcoco:path={refs},instances={instances},split=val")

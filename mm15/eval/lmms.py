@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from mm15.image import load_image
 from mm15.model.generate import GenerationConfig, continuation_logprobs
 from mm15.model.mm15 import IMAGE_PLACEHOLDER, MM15Model, MM15Processor
 
@@ -130,7 +131,8 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
         if not all(isinstance(v, Image.Image) for v in visuals):
             kinds = sorted({type(v).__name__ for v in visuals})
             raise ValueError(f"visuals must be PIL images or video paths, got {kinds}")
-        return [v.convert("RGB") for v in visuals], False
+        # The same decoding as mm15's own paths: alpha over white, EXIF orientation, 16-bit scaled.
+        return [load_image(v) for v in visuals], False
 
     @staticmethod
     def _user_text(context: str, count: int) -> str:

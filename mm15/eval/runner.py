@@ -10,7 +10,8 @@ model (a trained one from disk, or the one a training loop holds) and task specs
   under ``mm15.hardware.autocast()``, with each task's ``GenerationConfig`` (greedy by default), so the
   same settings give the same outputs. The model is put in eval mode and restored afterwards.
 * **Cache.** With ``out_dir``, every generated output is appended at once to
-  ``out_dir/cache/<task>.jsonl`` under a key hashing the model identity (config and weight hashes),
+  ``out_dir/cache/<task>.jsonl`` under a key hashing the model identity (config and weight hashes,
+  and the compute dtype, since bf16 autocast rounds differently),
   the task's name, version and options, the item id, the prompt and the generation settings. A rerun
   (after an interruption, or with more tasks) takes what it finds there and generates the rest; change
   anything in the key and the item is generated again. Scores are always recomputed from the outputs.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -43,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from mm15.eval.report import EvalReport, TaskResult
 from mm15.eval.tasks import Task, TaskError, TaskItem, TaskSpec, resolve_task_specs
-from mm15.hardware import autocast
+from mm15.hardware import autocast, fast_dtype
 from mm15.image import ImageError, load_image
 from mm15.model.generate import GenerationConfig, generate
 from mm15.model.mm15 import MM15Model, MM15Processor
@@ -132,7 +134,8 @@ class ItemCache:
         self.path = path
         self.outputs: dict[str, str] = {}
         if path is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            # Split at "\n" only: an output may hold U+2028 or U+0085, which splitlines() splits at.
+            for line in path.read_text(encoding="utf-8").split("\n"):
                 try:
                     record = json.loads(line)
                     self.outputs[record["key"]] = record["output"]
@@ -150,9 +153,18 @@ class ItemCache:
             lines.append(json.dumps({"key": key, "id": item_id, "output": output}, ensure_ascii=False))
         if self.path is not None and lines:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            # After a kill mid-write the file ends inside a line: end it, or the first new record
+            # would be glued to it and lost.
+            cut = self.path.is_file() and self.path.stat().st_size > 0 and not _ends_with_newline(self.path)
             with self.path.open("a", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
+                f.write("\n" * cut + "\n".join(lines) + "\n")
                 f.flush()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def _file_name(name: str) -> str:
@@ -394,6 +406,8 @@ def evaluate(
         check_output_dir(out, "the results directory")
     started, clock = datetime.now(UTC), time.perf_counter()
     identity = model_identity(model, model_path, model_id)
+    # Answers depend on the compute dtype too (bf16 autocast rounds differently): part of the key.
+    identity["compute_dtype"] = str(fast_dtype()).removeprefix("torch.")
     model_key = json.dumps({k: v for k, v in identity.items() if k not in ("path", "name")}, sort_keys=True)
     processor = MM15Processor.for_model(model)
     counts = {"generated": 0, "cached": 0}

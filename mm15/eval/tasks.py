@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-from PIL import Image
-
 from mm15.data.sample import IMAGE_PLACEHOLDER, ImageRef, Sample
 from mm15.eval import loaders, metrics
+from mm15.image import image_size
 from mm15.model.generate import GenerationConfig
 
 __all__ = [
@@ -692,11 +691,10 @@ def _images_root(options: Mapping[str, Any]) -> Path:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels."""
+    """(width, height) of the image as the model sees it (EXIF-upright), from its header alone."""
     try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, ValueError) as err:
+        return image_size(path)
+    except (OSError, ValueError) as err:  # ImageError is a ValueError
         raise TaskError(f"cannot read the image {path}: {err}") from None
 
 
