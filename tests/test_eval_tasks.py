@@ -308,22 +308,23 @@ def test_multiple_choice_prompt_lists_the_options(tmp_path: Path) -> None:
     assert task.score("B", text_only) == 1.0 and task.score("A", text_only) == 0.0
 
 
+def _screenspot(
+    image: str, bbox: list[int], instruction: str, kind: str = "icon", source: str = "ios"
+) -> dict:
+    """One ScreenSpot record (its box is x, y, width, height in the image's pixels)."""
+    return {
+        "img_filename": image,
+        "bbox": bbox,
+        "instruction": instruction,
+        "data_type": kind,
+        "data_source": source,
+    }
+
+
 def test_screenspot_and_refcoco_items(tmp_path: Path) -> None:
     calendar = Path(__file__).parent / "fixtures" / "seeclick_calendar.png"
     path = tmp_path / "screenspot_mobile.json"
-    path.write_text(
-        json.dumps(
-            [
-                {
-                    "img_filename": calendar.name,
-                    "bbox": [300, 50, 200, 100],
-                    "instruction": "add an event",
-                    "data_type": "icon",
-                    "data_source": "ios",
-                }
-            ]
-        )
-    )
+    path.write_text(json.dumps([_screenspot(calendar.name, [300, 50, 200, 100], "add an event")]))
     ((_, task, options),) = resolve_task_specs(f"screenspot:path={path},images={calendar.parent}")
     (item,) = task.items(options)
     assert (item.meta["width"], item.meta["height"]) == (2360, 1640)
@@ -334,14 +335,7 @@ def test_screenspot_and_refcoco_items(tmp_path: Path) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6
     Image.new("RGB", (100, 60), (9, 9, 9)).save(tmp_path / "rotated.jpg", exif=exif)
-    record = {
-        "img_filename": "rotated.jpg",
-        "bbox": [10, 70, 20, 20],
-        "instruction": "tap",
-        "data_type": "icon",
-        "data_source": "ios",
-    }
-    path.write_text(json.dumps([record]))
+    path.write_text(json.dumps([_screenspot("rotated.jpg", [10, 70, 20, 20], "tap")]))
     ((_, task, options),) = resolve_task_specs(f"screenspot:path={path},images={tmp_path}")
     (item,) = task.items(options)
     assert (item.meta["width"], item.meta["height"]) == (60, 100)
@@ -364,14 +358,7 @@ def test_screenspot_and_refcoco_items(tmp_path: Path) -> None:
 
 def test_missing_image_folder_is_reported_when_read(tmp_path: Path) -> None:
     path = tmp_path / "screenspot_web.json"
-    record = {
-        "img_filename": "missing.png",
-        "bbox": [1, 1, 2, 2],
-        "instruction": "x",
-        "data_type": "text",
-        "data_source": "web",
-    }
-    path.write_text(json.dumps([record]))
+    path.write_text(json.dumps([_screenspot("missing.png", [1, 1, 2, 2], "x", "text", "web")]))
     ((_, task, options),) = resolve_task_specs(f"screenspot:path={path}")
     with pytest.raises(TaskError, match="cannot read the image"):
         task.items(options)[0]
