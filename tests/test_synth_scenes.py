@@ -30,7 +30,7 @@ from scipy import ndimage
 import mm15.data.synth.scenes as scenes
 from mm15.boxes import format_box, format_point, parse_boxes, parse_points
 from mm15.data.sample import IMAGE_PLACEHOLDER, REGION_PATTERN, Sample
-from mm15.data.synth import _REGISTRY, Split, sample_seed
+from mm15.data.synth import _REGISTRY, Split, draw, sample_seed
 from mm15.data.synth.render import COLORS
 
 NAMES = (
@@ -57,8 +57,7 @@ SIZE_FRACTIONS = {"small", "medium", "large"}
 
 def make(name: str, index: int, split: Split = "train", seed: int = 0) -> Sample:
     """``mm15.data.synth.generate`` without importing the other generator modules."""
-    rng = random.Random(sample_seed(name, split, index, seed))
-    sample = _REGISTRY[name].fn(rng, index)
+    sample = draw(_REGISTRY[name], random.Random(sample_seed(name, split, index, seed)), index, split)
     sample.id = f"{name}/{split}/{seed}/{index}"
     sample.source = f"synth/{name}"
     sample.validate()
@@ -306,6 +305,11 @@ def check_refer_ground(sample: Sample, pix: list[Pixels]) -> None:
         if qa["task"] == "ground-multi":
             color = objects[qa["targets"][0]]["color"]
             assert pix[0].blobs(color) == len(qa["targets"]) >= 2
+            # Listed in reading order, which the image shows (the order of placement does not).
+            centres = [(b[1] + b[3], b[0]) for b in (objects[k]["box"] for k in qa["targets"])]
+            assert centres == sorted(centres)
+            firsts = [int(r) for r in REGION_PATTERN.findall(assistant)]
+            assert firsts == qa["answer_regions"]  # the text lists them in that order too
 
 
 def check_multi_image(sample: Sample, pix: list[Pixels]) -> None:
@@ -538,6 +542,20 @@ def test_train_and_eval_never_share_a_sample(name: str, corpus: dict[str, dict[s
     assert not train & held_out
     # Within a split too: a generator with a tiny output space would repeat itself.
     assert len(train) == len(held_out) == SPLIT_INDICES[name]
+
+
+def test_text_only_train_and_eval_never_share_a_text() -> None:
+    """Made-up words of a few syllables and small products: 3% of the first 2,000 held-out texts were
+    word for word among the first 20,000 training ones, although their seeds differ."""
+    from mm15.data.synth import text_split_of
+
+    def text(sample: Sample) -> tuple[tuple[str, str], ...]:
+        return tuple((turn.role, turn.content) for turn in sample.turns)
+
+    train = {text(make("text-only", i)) for i in range(20_000)}
+    held_out = [make("text-only", i, split="eval") for i in range(2_000)]
+    assert not [s.id for s in held_out if text(s) in train]
+    assert {text_split_of(s) for s in held_out} == {"eval"}
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -2,9 +2,13 @@
 
 A generator is a function ``(rng: random.Random, index: int) -> Sample`` registered under a name with
 ``@register(name, category)``; the sample carries its ground truth in ``Sample.truth``. Train and
-held-out evaluation data come from disjoint seed streams (``sample_seed``), so no evaluation sample is
-ever a training sample. Modules register their generators when imported; ``generators()`` imports
-them all.
+held-out evaluation data come from disjoint seed streams (``sample_seed``). A generator whose samples
+are text alone, from a small space (``text-only``: made-up words of a few syllables, small products),
+would still repeat a training sample in the held-out split now and then; it is registered with
+``text_split=True`` and its samples are split by their text as well: a hash of the conversation puts
+each one in the train or the eval split, and ``generate`` draws again until the sample's text
+belongs to the split asked for. Modules register their generators when imported; ``generators()``
+imports them all.
 """
 
 from __future__ import annotations
@@ -31,13 +35,17 @@ class Generator:
     category: str
     fn: GeneratorFn
     description: str
+    text_split: bool = False
 
 
 _REGISTRY: dict[str, Generator] = {}
 
 
-def register(name: str, category: str) -> Callable[[GeneratorFn], GeneratorFn]:
-    """Register ``fn`` as generator ``name`` of MM1.5 category ``category``; its docstring describes it."""
+def register(name: str, category: str, *, text_split: bool = False) -> Callable[[GeneratorFn], GeneratorFn]:
+    """Register ``fn`` as generator ``name`` of MM1.5 category ``category``; its docstring describes it.
+
+    ``text_split``: split its samples between train and eval by their text too (module docstring).
+    """
     if category not in CATEGORIES:
         raise ValueError(f"generator {name!r}: unknown category {category!r} (one of {CATEGORIES})")
 
@@ -45,7 +53,7 @@ def register(name: str, category: str) -> Callable[[GeneratorFn], GeneratorFn]:
         if name in _REGISTRY:
             raise ValueError(f"generator {name!r} is registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = Generator(name, category, fn, doc[0] if doc else "")
+        _REGISTRY[name] = Generator(name, category, fn, doc[0] if doc else "", text_split)
         return fn
 
     return wrap
@@ -80,13 +88,26 @@ def sample_seed(name: str, split: Split, index: int, seed: int = 0) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
+def text_split_of(sample: Sample) -> Split:
+    """The split a sample's text belongs to, for ``text_split`` generators: one in ten texts is eval's."""
+    text = "\n".join(f"{turn.role}: {turn.content}" for turn in sample.turns)
+    return "eval" if hashlib.sha256(text.encode()).digest()[0] < 26 else "train"
+
+
+def draw(generator: Generator, rng: random.Random, index: int, split: Split) -> Sample:
+    """``generator``'s sample from ``rng``; for a ``text_split`` one, the first whose text is ``split``'s."""
+    sample = generator.fn(rng, index)
+    while generator.text_split and text_split_of(sample) != split:  # about 1 in 10 texts is eval's
+        sample = generator.fn(rng, index)
+    return sample
+
+
 def generate(name: str, index: int, split: Split = "train", seed: int = 0) -> Sample:
     """Sample ``index`` of generator ``name`` in ``split``: the same arguments always give the same sample."""
     registry = generators()
     if name not in registry:
         raise ValueError(f"unknown generator {name!r}; choose one of {sorted(registry)}")
-    rng = random.Random(sample_seed(name, split, index, seed))
-    sample = registry[name].fn(rng, index)
+    sample = draw(registry[name], random.Random(sample_seed(name, split, index, seed)), index, split)
     sample.id = f"{name}/{split}/{seed}/{index}"
     sample.source = f"synth/{name}"
     sample.validate()

@@ -729,7 +729,12 @@ def refer_ground(rng: random.Random, index: int) -> Sample:
             targets, user_regions, answer_regions = [k], [], [r]
         elif task == "ground-multi":
             color = rng.choice(colors)
-            targets = [k for k, o in enumerate(objs) if o.color == color]
+            # Listed in reading order (top to bottom, then left to right), which the image shows: the
+            # order they were placed in is invisible, and the held-out task scores the first box.
+            targets = sorted(
+                (k for k, o in enumerate(objs) if o.color == color),
+                key=lambda k: (objs[k].box[1] + objs[k].box[3], objs[k].box[0]),  # centre row, then left edge
+            )
             question = rng.choice(("Find all the {c} objects.", "Where are the {c} shapes?")).format(c=color)
             answer_regions = [box_of(k) for k in targets]
             items = [
@@ -1122,7 +1127,7 @@ def _facts(rng: random.Random) -> dict[str, Any]:
     return {"task": "facts", "facts": chosen, "prompt": prompt, "answer": answer}
 
 
-@register("text-only", "text-only")
+@register("text-only", "text-only", text_split=True)
 def text_only(rng: random.Random, index: int) -> Sample:
     """No image: a word problem, a sorting task, a string operation or fact questions; exact answers."""
     task = rng.choice((_word_problem, _sorting, _string_op, _facts))(rng)
