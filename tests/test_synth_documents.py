@@ -475,6 +475,38 @@ def test_science_diagram_labels_leaders_and_options() -> None:
     assert len(templates) == len(docs.DIAGRAMS)
 
 
+def test_no_leader_line_points_at_two_parts() -> None:
+    """A leader that ran over another part's dot (the nucleolus's, through the nucleus's) or crossed
+    another leader made two labels point at one part, and some questions had two right answers."""
+    import math
+
+    def distance(point: tuple[float, float], line: tuple[float, ...]) -> float:
+        (px, py), (ax, ay, bx, by) = point, line
+        t = max(
+            0.0, min(1.0, ((px - ax) * (bx - ax) + (py - ay) * (by - ay)) / ((bx - ax) ** 2 + (by - ay) ** 2))
+        )
+        return math.hypot(ax + t * (bx - ax) - px, ay + t * (by - ay) - py)
+
+    for split in ("train", "eval"):
+        for index in range(150):
+            parts = generate("science-diagram", index, split).truth["parts"]
+            for p in parts:
+                for q in parts:
+                    if p is not q:
+                        assert distance(q["anchor"], p["leader"]) >= 6, (split, index, p["name"], q["name"])
+                        # Crossing: the two segments' ends lie on opposite sides of each other.
+                        (a, b), (c, d) = (
+                            (p["leader"][:2], p["leader"][2:]),
+                            (q["leader"][:2], q["leader"][2:]),
+                        )
+
+                        def side(o: tuple, u: tuple, v: tuple) -> float:
+                            return (u[0] - o[0]) * (v[1] - o[1]) - (u[1] - o[1]) * (v[0] - o[0])
+
+                        crossing = side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0
+                        assert not crossing, (split, index, p["name"], q["name"])
+
+
 def test_code_screenshot_compiles_and_lines_match() -> None:
     for sample, arr in samples("code-screenshot", 6):
         truth = sample.truth

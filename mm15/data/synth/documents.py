@@ -1565,39 +1565,23 @@ def _render_diagram(rng: random.Random, template: int) -> tuple[Image.Image, Tru
     )
     side = round(width * 0.22)
     area = (side, title_box[3] + 40, width - side, height - 36)
-    parts = make(draw, area, rng)
-    parts = rng.sample(parts, min(len(parts), rng.randint(4, 6)))
+    every_part = make(draw, area, rng)
     names = "123456" if rng.random() < 0.5 else "PQRSTU"
-    labels = rng.sample(names, len(parts))
     label_font = font("sans-bold", rng.randrange(20, 27))
     lc = (40, 40, 40)
-    # Labels go in the left or right margin, on their anchor's side, spread to at least 40 px apart.
-    mid = (area[0] + area[2]) / 2
-    for part, label in zip(parts, labels, strict=True):
-        part["label"] = label
-        part["side"] = "left" if part["anchor"][0] < mid else "right"
-    for side_name in ("left", "right"):
-        group = sorted((p for p in parts if p["side"] == side_name), key=lambda p: p["anchor"][1])
-        lo, hi = area[1] + 10, height - 30
-        ys = []
-        for p in group:
-            want = min(max(p["anchor"][1], lo), hi)
-            ys.append(max(want, ys[-1] + 40) if ys else want)
-        overflow = ys[-1] - hi if ys else 0
-        if overflow > 0:
-            ys = [y - overflow for y in ys]
-        for p, y in zip(group, ys, strict=True):
-            ext = _ink_extent(p["label"], label_font)
-            # The label's ink ends 8 px short of its leader line and is centred on it vertically.
-            if side_name == "left":
-                x, end = area[0] - 34 - ext[2], (area[0] - 26, y)
-            else:
-                x, end = area[2] + 34 - ext[0], (area[2] + 26, y)
-            p["origin"] = (x, y - (ext[1] + ext[3]) // 2)
-            ax, ay = p["anchor"]
-            draw.line((ax, ay, *end), fill=lc, width=2)
-            _ellipse(draw, (ax - 3, ay - 3, ax + 4, ay + 4), fill=lc)
-            p["leader"] = (ax, ay, *end)
+    # A leader that passes over another part's dot, or crosses another leader, makes two labels point
+    # at one part: such a choice of parts is drawn again (a few tries always find a clear one).
+    for _ in range(_LAYOUT_TRIES):
+        parts = rng.sample(every_part, min(len(every_part), rng.randint(4, 6)))
+        _lay_out_labels(parts, rng.sample(names, len(parts)), area, height, label_font)
+        if _leaders_are_clear(parts):
+            break
+    else:
+        raise RuntimeError(f"diagram {title!r}: no clear label layout in {_LAYOUT_TRIES} tries")
+    for p in parts:
+        ax, ay = p["anchor"]
+        draw.line(p["leader"], fill=lc, width=2)
+        _ellipse(draw, (ax - 3, ay - 3, ax + 4, ay + 4), fill=lc)
     # Text last, so no leader line is ever drawn over a label.
     for p in parts:
         p["label_box"] = _text(img, p.pop("origin"), p["label"], label_font, lc)
@@ -1612,6 +1596,70 @@ def _render_diagram(rng: random.Random, template: int) -> tuple[Image.Image, Tru
         "parts": [{k: v for k, v in p.items() if k != "side"} for p in parts],
     }
     return img, truth
+
+
+_LAYOUT_TRIES = 50
+_DOT_CLEARANCE = 6.0  # px between a leader line and another part's dot
+
+
+def _lay_out_labels(
+    parts: list[Part], labels: Sequence[str], area: Box, height: int, label_font: Any
+) -> None:
+    """Labels in the left or right margin, on their anchor's side, spread to at least 40 px apart: sets
+    each part's ``label``, ``origin`` (where its text goes) and ``leader`` (anchor -> margin)."""
+    mid = (area[0] + area[2]) / 2
+    for part, label in zip(parts, labels, strict=True):
+        part["label"] = label
+        part["side"] = "left" if part["anchor"][0] < mid else "right"
+    for side_name in ("left", "right"):
+        group = sorted((p for p in parts if p["side"] == side_name), key=lambda p: p["anchor"][1])
+        lo, hi = area[1] + 10, height - 30
+        ys: list[int] = []
+        for p in group:
+            want = min(max(p["anchor"][1], lo), hi)
+            ys.append(max(want, ys[-1] + 40) if ys else want)
+        overflow = ys[-1] - hi if ys else 0
+        if overflow > 0:
+            ys = [y - overflow for y in ys]
+        for p, y in zip(group, ys, strict=True):
+            ext = _ink_extent(p["label"], label_font)
+            # The label's ink ends 8 px short of its leader line and is centred on it vertically.
+            if side_name == "left":
+                x, end = area[0] - 34 - ext[2], (area[0] - 26, y)
+            else:
+                x, end = area[2] + 34 - ext[0], (area[2] + 26, y)
+            p["origin"] = (x, y - (ext[1] + ext[3]) // 2)
+            p["leader"] = (*p["anchor"], *end)
+
+
+def _distance_to_segment(point: tuple[float, float], segment: tuple[float, ...]) -> float:
+    (px, py), (ax, ay, bx, by) = point, segment
+    dx, dy = bx - ax, by - ay
+    t = max(0.0, min(1.0, ((px - ax) * dx + (py - ay) * dy) / max(dx * dx + dy * dy, 1e-9)))
+    return math.hypot(ax + t * dx - px, ay + t * dy - py)
+
+
+def _segments_cross(p: tuple[float, ...], q: tuple[float, ...]) -> bool:
+    (x1, y1, x2, y2), (x3, y3, x4, y4) = p, q
+    d = (x2 - x1) * (y4 - y3) - (y2 - y1) * (x4 - x3)
+    if d == 0:
+        return False
+    t = ((x3 - x1) * (y4 - y3) - (y3 - y1) * (x4 - x3)) / d
+    u = ((x3 - x1) * (y2 - y1) - (y3 - y1) * (x2 - x1)) / d
+    return 0 < t < 1 and 0 < u < 1
+
+
+def _leaders_are_clear(parts: list[Part]) -> bool:
+    """No leader passes within ``_DOT_CLEARANCE`` of another part's dot, and no two leaders cross."""
+    for p in parts:
+        for q in parts:
+            if p is q:
+                continue
+            if _distance_to_segment(q["anchor"], p["leader"]) < _DOT_CLEARANCE:
+                return False
+            if _segments_cross(p["leader"], q["leader"]):
+                return False
+    return True
 
 
 @register("science-diagram", "science")
