@@ -156,6 +156,24 @@ def test_streaming_equals_whole_answer(served: Served) -> None:
     assert finish == "stop" and usage is not None and usage.total_tokens > usage.completion_tokens
 
 
+def test_an_answer_that_writes_an_image_placeholder_can_be_sent_back(served: Served) -> None:
+    """The openai client's multi-turn pattern sends the returned message back: an answer holding
+    "<image>" was refused (400) as if a user had written an image slot; it stays text."""
+    api = client(served.url)
+    messages: list[Any] = [{"role": "user", "content": "describe"}]
+    with scripted_answer(served.engine.model, "see <image> here"):
+        first = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=20)
+        assert first.choices[0].message.content == "see <image> here"
+        messages += [first.choices[0].message, {"role": "user", "content": "and again?"}]
+        again = api.chat.completions.create(model=MODEL, messages=messages, max_tokens=20)
+    assert again.choices[0].message.content == "see <image> here"
+    # A user's "<image>" is still refused: images come only as images.
+    with pytest.raises(openai.BadRequestError, match="reserved for images"):
+        api.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "<image>"}], max_tokens=2
+        )
+
+
 def test_base64_image(served: Served) -> None:
     png = png_bytes(120, 80, (200, 40, 40))
     result = client(served.url).chat.completions.create(

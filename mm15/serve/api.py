@@ -39,7 +39,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mm15.model.generate import GenerationConfig
 from mm15.model.mm15 import IMAGE_PLACEHOLDER
-from mm15.serve.conversation import Turn, check_user_text, has_video, render_prompt
+from mm15.serve.conversation import (
+    Turn,
+    check_unicode,
+    check_user_text,
+    defuse_image_slots,
+    has_video,
+    render_prompt,
+)
 from mm15.serve.engine import EncodedPrompt, Engine, EngineBusy, EngineStopped, PromptTooLong, RequestHandle
 from mm15.serve.errors import APIError, error_body
 from mm15.serve.media import image_from_url, video_from_url
@@ -201,12 +208,19 @@ def _turns(request: ChatCompletionRequest, settings: ServeSettings) -> list[Turn
                     video = True
                 else:
                     pieces.append((part.text, f"{where}.text"))
-        for text, where in pieces:
-            if where is not None:
-                try:
+        for k, (text, where) in enumerate(pieces):
+            if where is None:
+                continue
+            try:
+                if role == "assistant":
+                    # An earlier answer sent back as the client got it (the openai client's usual
+                    # multi-turn pattern): what the model wrote stays text, even "<image>".
+                    check_unicode(text, where)
+                    pieces[k] = (defuse_image_slots(text), where)
+                else:
                     check_user_text(text, where)
-                except ValueError as err:
-                    raise APIError(400, str(err), param=where, code="invalid_value") from None
+            except ValueError as err:
+                raise APIError(400, str(err), param=where, code="invalid_value") from None
         # Parts are joined line by line: an image then a text part is "<image>\nquestion", as in training.
         turns.append(Turn(role, "\n".join(text for text, _ in pieces), pictures, video=video))
     return turns

@@ -44,19 +44,24 @@ class Turn:
             )
 
 
-def check_user_text(text: str, where: str) -> None:
-    """Refuse text that would be read as an image slot: placeholders come only from real images.
-
-    A literal ``<image>`` would shift every later image onto the wrong placeholder, and the image token
-    itself would give the model more image positions than features. Text that is not valid Unicode (a
-    lone surrogate, which JSON's ``\\ud800`` escapes can carry) cannot be tokenised.
-    """
+def check_unicode(text: str, where: str) -> None:
+    """Refuse text that is not valid Unicode (a lone surrogate, which JSON's ``\\ud800`` escapes can
+    carry): it cannot be tokenised."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise ValueError(
             f"{where}: the text is not valid Unicode (a lone surrogate at character {err.start})"
         ) from None
+
+
+def check_user_text(text: str, where: str) -> None:
+    """Refuse text that would be read as an image slot: placeholders come only from real images.
+
+    A literal ``<image>`` would shift every later image onto the wrong placeholder, and the image token
+    itself would give the model more image positions than features. Text must be valid Unicode too.
+    """
+    check_unicode(text, where)
     for reserved in (IMAGE_PLACEHOLDER, IMAGE_TOKEN):
         if reserved in text:
             raise ValueError(
@@ -65,15 +70,20 @@ def check_user_text(text: str, where: str) -> None:
             )
 
 
-def answer_turn(answer: str) -> Turn:
-    """The model's answer as an assistant turn of the conversation it continues.
+def defuse_image_slots(text: str) -> str:
+    """``<image>`` and the image token written as text split by a zero-width space: they stay text.
 
-    An answer may write ``<image>`` or the image token as text (an untrained or confused model does);
-    kept verbatim they would read as image slots without images, so a zero-width space splits them.
+    A model's answer may write them (an untrained or confused model does); kept verbatim in the
+    conversation it continues, they would read as image slots without images.
     """
     for reserved in (IMAGE_PLACEHOLDER, IMAGE_TOKEN):
-        answer = answer.replace(reserved, reserved[0] + "\u200b" + reserved[1:])
-    return Turn("assistant", answer)
+        text = text.replace(reserved, reserved[0] + "\u200b" + reserved[1:])
+    return text
+
+
+def answer_turn(answer: str) -> Turn:
+    """The model's answer as an assistant turn of the conversation it continues (image slots defused)."""
+    return Turn("assistant", defuse_image_slots(answer))
 
 
 def question_turn(question: str, images: Sequence[Image.Image] = ()) -> Turn:
