@@ -246,6 +246,20 @@ def test_damaged_files_raise_corrupt_checkpoint_and_change_nothing(
     assert fresh[1].state_dict()["state"] == {}  # the optimizer was not touched either
 
 
+def test_a_scheduler_state_without_its_position_is_refused(tmp_path: Path) -> None:
+    """Readable JSON that lacks "last_epoch" loaded silently and restarted the schedule's warm-up."""
+    import json
+
+    run = make_run(seed=0)
+    train(run, 2)
+    path = save(run, tmp_path, 2)
+    state = json.loads((path / "scheduler.json").read_text())
+    del state["last_epoch"]
+    (path / "scheduler.json").write_text(json.dumps(state))
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"scheduler state lacks \['last_epoch'\]"):
+        load_checkpoint(path, *make_run(seed=5))
+
+
 def test_non_json_state_is_refused_before_writing(tmp_path: Path) -> None:
     run = make_run(seed=0)
     with pytest.raises(TypeError, match=r"extra_state: value at metrics\.loss is a torch\.Tensor"):

@@ -530,6 +530,12 @@ def load_checkpoint(
         _validate_optimizer_state(optim_state, optimizer, folder)
     if scheduler is not None and scheduler_state is None:
         raise ValueError(f"{folder} holds no scheduler state, but a scheduler was given to restore")
+    if scheduler is not None:
+        # load_state_dict only updates the keys it is given: a state without "last_epoch" would restart
+        # the schedule (warm-up again) silently.
+        missing = sorted(set(scheduler.state_dict()) - set(scheduler_state))
+        if missing:
+            raise CorruptCheckpointError(f"{folder}: the scheduler state lacks {missing}")
 
     if sharded:
         from torch.distributed.checkpoint.state_dict import (
