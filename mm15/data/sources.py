@@ -99,7 +99,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, REGION_PATTERN, ImageRef, Region, Sample, Turn
@@ -770,7 +770,9 @@ def _encode_image(ref: ImageRef, sample_id: str, index: int) -> tuple[bytes, str
     """
     if isinstance(ref, Image.Image):
         with contextlib.suppress(OSError, SyntaxError, ValueError, KeyError):  # damaged EXIF: as stored
-            ref = ImageOps.exif_transpose(ref)
+            # Only when rotated: exif_transpose copies even an upright image, and synth writes many.
+            if ref.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+                ref = ImageOps.exif_transpose(ref)
         buffer = io.BytesIO()
         try:
             ref.save(buffer, format="PNG")
