@@ -400,24 +400,24 @@ def _check_same_optimizer(saved: dict[str, Any] | None, stage: StageConfig, chec
         )
 
 
-def _apply_recipe_hyperparameters(
-    optimizer: torch.optim.Optimizer, scheduler: Any, stage: StageConfig, step: int
+def _restore_recipe_hyperparameters(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    recipe_groups: list[dict[str, Any]],
+    stage: StageConfig,
+    step: int,
 ) -> None:
-    """After a resume, the recipe's learning rates, weight decay, betas and eps, not the checkpoint's.
+    """After a resume, the hyperparameters the recipe built the optimizer with, not the checkpoint's.
 
-    Loading an optimizer's state restores its groups' hyperparameters as they were saved; a recipe
-    changed since (its lr, its schedule's length) would be ignored, although the run says it goes on
-    with the recipe as it is now. With an unchanged recipe the values are the ones loaded, bit for bit:
-    the learning rate is the same product ``LambdaLR`` computes.
+    Loading an optimizer's state restores its groups' hyperparameters (lr, weight decay, betas, eps) as
+    they were saved; a recipe changed since (its lr, its schedule's length) would be ignored, although
+    the run says it goes on with the recipe as it is now. ``recipe_groups`` are the groups as
+    ``build_optimizer`` and the scheduler set them, taken before loading. With an unchanged recipe the
+    values are the ones loaded, bit for bit: the learning rate is the product ``LambdaLR`` computes.
     """
-    for group in optimizer.param_groups:
-        peak = stage.optimizer.lr_for(group["name"])
-        group["initial_lr"] = peak
-        group["lr"] = peak * stage.schedule.factor(step, stage.max_steps)
-        group["weight_decay"] = stage.optimizer.weight_decay
-        if stage.optimizer.name == "adamw":
-            group["betas"] = tuple(stage.optimizer.betas)
-            group["eps"] = stage.optimizer.eps
+    for group, built in zip(optimizer.param_groups, recipe_groups, strict=True):
+        group.update(built)
+        group["lr"] = group["initial_lr"] * stage.schedule.factor(step, stage.max_steps)
     scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
 
 
@@ -501,6 +501,7 @@ def run_stage(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: stage.schedule.factor(s, stage.max_steps)
     )
+    recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     start, history, evals = 0, [], []
     resumed = _load_newest_readable(ckpt_dir, model, optimizer, scheduler, console) if resume else None
     if resumed is not None:
@@ -517,7 +518,7 @@ def run_stage(
             for change in changes:
                 console.print(f"[yellow]warning:[/yellow] {change}", soft_wrap=True)
         _check_same_optimizer(extra.get("stage"), stage, latest)
-        _apply_recipe_hyperparameters(optimizer, scheduler, stage, start)
+        _restore_recipe_hyperparameters(optimizer, scheduler, recipe_groups, stage, start)
         history = extra["history"]
         evals = extra.get("evals", [])
         console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
