@@ -378,6 +378,35 @@ def test_moe_model_saves_loads_and_reports_aux(tmp_path: Path) -> None:
     assert torch.equal(again(*args).logits, moe(*args).logits)
 
 
+def test_packed_rows_keep_padding_out_of_the_moe_aux_losses() -> None:
+    # Packed rows pass a 4-D attention mask, which cannot mark padding; the row padding the collator
+    # adds must still stay out of the router statistics, as it does for one padded sample per row.
+    from dataclasses import replace
+
+    from mm15.chat import EncodedSample
+    from mm15.data.packing import collate
+    from mm15.model.moe import MoEConfig, moe_layers
+
+    torch.manual_seed(2)
+    cfg = replace(preset("tiny"), moe=MoEConfig(num_experts=4, top_k=2, every=2))
+    moe = MM15Model.build(cfg).eval()
+
+    def sample(n: int) -> EncodedSample:
+        ids = torch.randint(1, 200, (n,)).tolist()
+        return EncodedSample(ids, ids, [], "x", "src", "c")
+
+    samples = [sample(12), sample(5), sample(4)]
+    aux = {}
+    for packed in (True, False):
+        batch = collate(samples, pad_id=0, max_length=12, packed=packed)
+        with torch.no_grad():
+            aux[packed] = moe(**batch.model_inputs()).aux
+        assert [int(m.last_expert_counts.sum()) for m in moe_layers(moe.llm)] == [2 * 21, 2 * 21]
+    assert batch.real_tokens == 21
+    for name in ("load_balance", "router_z"):
+        torch.testing.assert_close(aux[True][name], aux[False][name], rtol=1e-4, atol=1e-6)
+
+
 def test_loss_on_supervised_positions_equals_the_full_head_loss(
     model: MM15Model, processor: MM15Processor
 ) -> None:

@@ -33,7 +33,7 @@ from mm15.model.attention import PACKED_ATTENTION, block_causal_mask, register_p
 from mm15.model.connector import ConnectorConfig, build_connector
 from mm15.model.head_loss import head_token_losses
 from mm15.model.llm import LLMConfig, load_llm
-from mm15.model.moe import MoEConfig, moe_aux_loss, moe_layers, upcycle_llm
+from mm15.model.moe import PADDING_MASK_KWARG, MoEConfig, moe_aux_loss, moe_layers, upcycle_llm
 from mm15.model.vision import VisionConfig, VisionEncoder
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -204,6 +204,9 @@ class MM15Model(nn.Module):
         if packed:
             if position_ids is None or past_key_values is not None:
                 raise ValueError("packed rows need position_ids and cannot use a KV cache")
+            if self.has_moe and attention_mask is not None and attention_mask.dim() == 2:
+                # The 4-D mask below cannot tell padding apart; the MoE aux losses must skip it.
+                extra[PADDING_MASK_KWARG] = attention_mask
             if self.packed_attention:
                 extra["packed_position_ids"] = position_ids
                 # A broadcast view of one element: a 4-D mask stops transformers from building an

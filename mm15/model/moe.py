@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
+    "PADDING_MASK_KWARG",
     "MoEConfig",
     "SparseMoE",
     "moe_aux_loss",
@@ -290,7 +291,9 @@ def set_moe_token_mask(model: nn.Module, mask: Tensor | None) -> None:
     """Set (or clear, with None) the token mask that every MoE layer uses for its aux statistics.
 
     The mask stays until it is changed. So with gradient checkpointing the forward pass recomputed during
-    backward sees the same mask as the original one.
+    backward sees the same mask as the original one. A decoder prepared by ``upcycle_llm`` sets it anew
+    from every call (its ``attention_mask``, or a ``moe_padding_mask`` keyword); this is for calling the
+    MoE layers some other way.
     """
     for m in moe_layers(model):
         m.token_mask = mask
@@ -310,18 +313,26 @@ def moe_token_mask(model: nn.Module, mask: Tensor | None) -> Iterator[None]:
             m.token_mask = p
 
 
-def _mask_from_call(decoder: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: take the token mask for the aux losses from the model's ``attention_mask``.
+# A keyword a caller of the decoder may add to give the MoE layers the padding mask itself, when its
+# ``attention_mask`` cannot carry it (packed rows pass a 4-D one). The pre-hook removes it again.
+PADDING_MASK_KWARG = "moe_padding_mask"
 
-    The mask is used only if it is a 2-D (batch, keys) padding mask. Its last T columns are kept, where T
-    is the number of new tokens, so incremental decoding with a KV cache also works. A 4-D or missing
-    mask, for example with packed sequences, clears it, and then every token counts.
+
+def _mask_from_call(decoder: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: take the token mask for the aux losses from the call.
+
+    A ``moe_padding_mask`` keyword (``PADDING_MASK_KWARG``, removed before the decoder sees it) wins;
+    otherwise the model's ``attention_mask`` is used if it is a 2-D (batch, keys) padding mask. Its last
+    T columns are kept, where T is the number of new tokens, so incremental decoding with a KV cache also
+    works. With neither (a 4-D or missing mask and no keyword) the mask is cleared, and every token
+    counts.
     """
+    explicit = kwargs.pop(PADDING_MASK_KWARG, None)
     try:
         bound = inspect.signature(decoder.forward).bind_partial(*args, **kwargs).arguments
     except TypeError:
         bound = kwargs
-    am = bound.get("attention_mask")
+    am = explicit if explicit is not None else bound.get("attention_mask")
     ref = bound.get("input_ids")
     if ref is None:
         ref = bound.get("inputs_embeds")
@@ -330,7 +341,13 @@ def _mask_from_call(decoder: nn.Module, args: tuple, kwargs: dict) -> None:
         t = ref.shape[1]
         if am.shape[0] == ref.shape[0] and am.shape[1] >= t:
             mask = am[:, am.shape[1] - t :].bool()
+    if explicit is not None and mask is None:
+        raise ValueError(
+            f"{PADDING_MASK_KWARG} must be a 2-D (batch, positions) mask matching the input, got shape "
+            f"{tuple(explicit.shape) if isinstance(explicit, Tensor) else type(explicit).__name__}"
+        )
     set_moe_token_mask(decoder, mask)
+    return args, kwargs
 
 
 def upcycle_llm(model: nn.Module, cfg: MoEConfig | None = None) -> nn.Module:
