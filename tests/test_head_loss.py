@@ -77,6 +77,22 @@ def test_under_bf16_autocast_it_matches_the_autocast_reference() -> None:
         torch.testing.assert_close(g, e, rtol=0.05, atol=0.02)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_under_bf16_the_blocks_equal_the_direct_path_and_no_loss_is_negative(bias: bool) -> None:
+    # Confident predictions (target logits near 100, where one bf16 step is 0.5): the target logit must
+    # be the one the log-sum-exp saw, or the loss drifts by a bf16 step and goes below zero.
+    gen = torch.Generator().manual_seed(3)
+    weight = torch.randn(VOCAB, WIDTH, generator=gen) * 0.3
+    targets = torch.randint(0, VOCAB, (ROWS,), generator=gen)
+    hidden = weight[targets] * 40 + 0.01 * torch.randn(ROWS, WIDTH, generator=gen)
+    b = torch.randn(VOCAB, generator=gen) * 0.1 if bias else None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        blocks = head_token_losses(hidden, weight, targets, b, block_elements=ROWS * 10, direct_elements=0)
+        direct = head_token_losses(hidden, weight, targets, b, direct_elements=ROWS * VOCAB)
+    assert direct.min() >= 0 and blocks.min() >= 0
+    torch.testing.assert_close(blocks, direct, rtol=0, atol=1e-4)
+
+
 def test_no_positions_give_no_losses_and_zero_gradients() -> None:
     hidden, weight, bias, _, _ = operands()
     # Zero logits are always at most direct_elements: the plain path runs, as for any small batch.

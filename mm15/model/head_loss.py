@@ -109,10 +109,14 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 logits - new_max[:, None]
             ).sum(dim=1)
             running_max = new_max
-        # The target logits as the product would give them: a dot product rounded to ``dtype``.
-        target_logit = (h.to(acc) * weight[targets].to(acc)).sum(dim=1).to(dtype).to(acc)
+        # The target logits as the blocks gave them: the weight rows, the dot product and the bias sum
+        # rounded to ``dtype``. (Unrounded weights put the target logit up to a bf16 step away from the
+        # one the log-sum-exp saw, and a confident token's loss below zero.)
+        rows = weight[targets].to(dtype).to(acc)
+        target_logit = (h.to(acc) * rows).sum(dim=1).to(dtype)
         if bias is not None:
-            target_logit += bias[targets].to(acc)
+            target_logit += bias[targets].to(dtype)
+        target_logit = target_logit.to(acc)
         lse = running_max + running_sum.log()
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.dtype, ctx.block = dtype, block
@@ -161,12 +165,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
 def _block_logits(
     h: Tensor, weight: Tensor, bias: Tensor | None, start: int, end: int, dtype: torch.dtype
 ) -> Tensor:
-    """(N, end - start) logits of vocabulary rows ``start:end``: the product in ``dtype``, the result in
-    float32 (float64 for float64 operands)."""
-    logits = (h @ weight[start:end].to(dtype).t()).to(_softmax_dtype(dtype))
+    """(N, end - start) logits of vocabulary rows ``start:end``: the product and the bias added in
+    ``dtype``, as ``F.linear`` gives them (the direct path), the result in float32 (float64 for float64
+    operands)."""
+    logits = h @ weight[start:end].to(dtype).t()
     if bias is not None:
-        logits += bias[start:end].to(logits.dtype)
-    return logits
+        logits += bias[start:end].to(dtype)
+    return logits.to(_softmax_dtype(dtype))
 
 
 def head_token_losses(
