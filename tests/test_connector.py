@@ -36,8 +36,8 @@ def n_params(module: torch.nn.Module) -> int:
         (tiny(pos_emb=False, num_queries=1), 16, 1),
         (tiny(num_queries=16), 16, 16),  # pooling to the same grid
         (tiny(kind="mlp"), 16, 4),
-        (tiny(kind="mlp", mlp_pool=False), 16, 16),
-        (tiny(kind="mlp", mlp_pool=False), 7, 7),  # no pooling: any L
+        (tiny(kind="mlp", mlp_pool=False, num_queries=16), 16, 16),
+        (tiny(kind="mlp", mlp_pool=False, num_queries=16), 7, 7),  # no pooling: any L
     ],
 )
 def test_output_shapes(cfg: ConnectorConfig, num_tokens: int, expected_tokens: int) -> None:
@@ -45,6 +45,12 @@ def test_output_shapes(cfg: ConnectorConfig, num_tokens: int, expected_tokens: i
     out = module(torch.randn(3, num_tokens, cfg.vision_dim))
     assert out.shape == (3, expected_tokens, cfg.llm_dim)
     assert cfg.num_output_tokens(num_tokens) == expected_tokens
+
+
+def test_an_mlp_without_pooling_must_keep_every_patch() -> None:
+    # Without pooling the connector returns every patch; a smaller query count would misplace features.
+    with pytest.raises(ValueError, match=r"num_queries \(4\) must equal num_patches \(16\)"):
+        tiny(kind="mlp", mlp_pool=False)
 
 
 def test_build_connector_kinds() -> None:

@@ -107,6 +107,16 @@ def test_count_mismatch_names_both_counts(model: MM15Model, processor: MM15Proce
         processor(["<image><image>"], [[picture(64, 64, 7)]])
 
 
+def test_a_connector_giving_another_feature_count_is_an_error(
+    model: MM15Model, processor: MM15Processor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batch = processor(["<image> q"], [[picture(64, 64, 3)]])
+    encode = model.encode_images  # as if the connector returned twice the tokens it promised
+    monkeypatch.setattr(model, "encode_images", lambda x: torch.cat([encode(x), encode(x)], dim=1))
+    with pytest.raises(ValueError, match="connector gave"):
+        model.embed(batch["input_ids"], batch["pixel_values"])
+
+
 def test_kv_cache_decoding_matches_full_forward(model: MM15Model, processor: MM15Processor) -> None:
     batch = processor(["look <image> here", "hi"], [[picture(100, 150, 8)], []], padding_side="left")
     ids, mask = batch["input_ids"], batch["attention_mask"]

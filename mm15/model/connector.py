@@ -89,6 +89,12 @@ class ConnectorConfig:
                 f"ConnectorConfig.num_queries ({self.num_queries}) must be <= "
                 f"num_patches ({self.num_patches})"
             )
+        if self.kind == "mlp" and not self.mlp_pool and self.num_queries != self.num_patches:
+            # Without pooling every patch becomes a token: any other query count misplaces features.
+            raise ValueError(
+                f"ConnectorConfig.num_queries ({self.num_queries}) must equal num_patches "
+                f"({self.num_patches}) for the MLP connector without pooling (mlp_pool=False)"
+            )
         if self.kind == "c-abstractor":
             # The squeeze-excite bottleneck has round(0.25 * in_chs) channels; zero would be an empty conv.
             for name in ("vision_dim", "hidden_dim"):

@@ -172,6 +172,11 @@ class MM15Model(nn.Module):
         if tiles == 0:
             return embeds
         image_embeds = self.encode_images(pixel_values).reshape(-1, embeds.shape[-1])
+        if image_embeds.shape[0] != positions:  # a connector that returns another count than it promised
+            raise ValueError(
+                f"the batch has {positions} image-token positions but the connector gave "
+                f"{image_embeds.shape[0]} image features for {tiles} tiles"
+            )
         return embeds.masked_scatter(is_image.unsqueeze(-1), image_embeds.to(embeds.dtype))
 
     def forward(
