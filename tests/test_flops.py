@@ -40,16 +40,16 @@ def llama(tied: bool) -> LlamaForCausalLM:
 
 
 def decoder_formula() -> int:
-    """Per layer: q and o (d x d), k and v (d x kv_heads * head_dim), the MLP 3 x d x FFN, two RMSNorms; the
-    final norm. The embedding table is a lookup and is not in it."""
+    """Per layer: q and o (d x d), k and v (d x kv_heads * head_dim), the MLP 3 x d x FFN. The norms are
+    elementwise and the embedding table is a lookup, so neither is in it."""
     kv = KV_HEADS * (D // HEADS)
-    layer = 2 * D * D + 2 * D * kv + 3 * D * FFN + 2 * D
-    return LAYERS * layer + D
+    layer = 2 * D * D + 2 * D * kv + 3 * D * FFN
+    return LAYERS * layer
 
 
-def test_matmul_weights_leave_out_embedding_tables_and_count_ties_once() -> None:
-    module = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
-    assert matmul_weights(module) == 4 * 3 + 3
+def test_matmul_weights_leave_out_embedding_tables_and_vectors_and_count_ties_once() -> None:
+    module = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3), nn.LayerNorm(3), nn.Conv2d(3, 2, 3))
+    assert matmul_weights(module) == 4 * 3 + 3 * 2 * 3 * 3  # no bias, norm or table
     tied = nn.ModuleDict({"embed": nn.Embedding(7, 5), "head": nn.Linear(5, 7, bias=False)})
     tied["head"].weight = tied["embed"].weight
     assert matmul_weights(tied) == 0  # the only weight is the table
@@ -67,18 +67,24 @@ def test_moe_layers_count_only_the_routed_experts() -> None:
     assert causal_lm_weights(model) == (expected, V * D)
 
 
-def test_c_abstractor_weights_add_up_to_its_parameter_formula() -> None:
+def test_c_abstractor_weights_are_its_per_position_products() -> None:
     cfg = ConnectorConfig(vision_dim=24, llm_dim=32, hidden_dim=40, num_queries=4, num_patches=16, depth=2)
     per_patch, per_token = connector_weights(CAbstractor(cfg))
-    # Everything but the positional embedding (an addition) is a product, split at the pooling.
-    assert per_patch + per_token + cfg.num_patches * cfg.vision_dim == c_abstractor_param_count(cfg)
-    readout = 40 * 32 + 32 + 32 * 32 + 32
-    assert per_token > readout and per_patch > 0
+
+    # A block (c_in -> c) multiplies each position by its 1x1 convs (c_in x c, c x c), the depthwise 3x3
+    # (9c) and a projecting shortcut (c_in x c) if c_in != c. Its squeeze-excite gate runs once per tile
+    # on the pooled channels; norms, biases and the positional embedding are elementwise.
+    def block(c_in: int, c: int) -> int:
+        return c_in * c + 9 * c + c * c + (c_in * c if c_in != c else 0)
+
+    assert per_patch == block(24, 40) + block(40, 40) == 7_440
+    assert per_token == 2 * block(40, 40) + 40 * 32 + 32 * 32 == 9_424  # stage 2 and the readout
+    assert per_patch + per_token < c_abstractor_param_count(cfg)
 
 
 def test_mlp_connector_weights_run_per_image_token() -> None:
     cfg = ConnectorConfig(kind="mlp", vision_dim=24, llm_dim=32, num_queries=4, num_patches=16)
-    assert connector_weights(MLPConnector(cfg)) == (0, 24 * 32 + 32 + 32 * 32 + 32)
+    assert connector_weights(MLPConnector(cfg)) == (0, 24 * 32 + 32 * 32)
     with pytest.raises(TypeError, match="no FLOP count for connector Linear"):
         connector_weights(nn.Linear(2, 2))
 
@@ -97,15 +103,14 @@ def test_the_llava_next_reference_is_counted_as_mm15_is() -> None:
         image_token_index=V - 1,
     )
     weights = llava_next_flop_weights(LlavaNextForConditionalGeneration(config))
-    # CLIP without its position table: patch conv 3*16*16*8, the CLS vector (a bare parameter, so it
-    # counts; 8 weights), pre-norm, one layer (q, k, v, o with biases, the MLP with biases, two norms),
-    # post-norm.
-    layer = 4 * (8 * 8 + 8) + (8 * 12 + 12) + (12 * 8 + 8) + 2 * 2 * 8
+    # CLIP without its position table: the patch conv 3*16*16*8 and one layer's matrices (q, k, v, o and
+    # the MLP's two); the CLS vector, the norms and the biases are elementwise.
+    layer = 4 * 8 * 8 + 8 * 12 + 12 * 8
     assert weights == FlopWeights(
         decoder=decoder_formula(),
         head=V * D,
-        encoder=3 * 16 * 16 * 8 + 8 + 2 * 8 + layer + 2 * 8,
-        connector_per_image_token=(8 * D + D) + (D * D + D),  # the two-layer projector
+        encoder=3 * 16 * 16 * 8 + layer,
+        connector_per_image_token=8 * D + D * D,  # the two-layer projector
     )
 
 
@@ -125,9 +130,10 @@ def test_mm15_encoder_counts_only_the_blocks_that_run(feature_layer: int) -> Non
     width = cfg.vision.hidden_size
     blocks = hf.encoder.layers
     ran = blocks[: len(blocks) + 1 + feature_layer]
-    per_block = sum(p.numel() for p in blocks[0].parameters())
+    per_block = sum(p.numel() for p in blocks[0].parameters() if p.dim() == 2)
+    assert per_block == 4 * width * width + 2 * width * hf.config.intermediate_size
     patch_conv = 3 * cfg.vision.patch_size**2 * width
-    expected = patch_conv + width + 2 * width + len(ran) * per_block  # + the CLS vector and the pre-norm
+    expected = patch_conv + len(ran) * per_block
     assert mm15_flop_weights(model).encoder == expected
 
 

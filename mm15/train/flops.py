@@ -16,8 +16,10 @@ trained on every position; here each group of weights is multiplied by the posit
 * connector: a C-Abstractor's first RegNet stage x the patch tokens (it runs before the pooling), its
   second stage and readout x the image tokens it emits; an MLP connector's weights x the image tokens.
 
-Elementwise work (norms, activations, the optimizer) is not counted: MFU measures how much of the
-machine's matmul rate goes into the model's products.
+Elementwise work (norms, biases, activations, the optimizer) is not counted, so only weight matrices
+are (parameters of two or more dimensions): MFU measures how much of the machine's matmul rate goes
+into the model's products. Squeeze-excite gates, which run once per tile on pooled channels, are left
+out too.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from mm15.model.connector import CAbstractor, MLPConnector
+from mm15.model.connector import CAbstractor, MLPConnector, SqueezeExcite
 from mm15.model.moe import moe_layers
 from mm15.train.distributed import never_used_parameters
 
@@ -61,13 +63,19 @@ class FlopWeights:
         )
 
 
-def matmul_weights(module: nn.Module) -> int:
-    """Parameters of ``module`` that multiply activations: all but embedding tables, ties counted once.
+def matmul_weights(module: nn.Module, once_per_tile: tuple[type[nn.Module], ...] = ()) -> int:
+    """Entries of ``module``'s weight matrices (parameters of two or more dimensions: linear and
+    convolution weights, stacked experts), ties counted once. Embedding tables are gathers, and biases,
+    norm scales and other vectors are elementwise work, so none of them count (module docstring).
 
-    In MoE layers only the experts a token is routed to count (``top_k`` of ``num_experts``).
+    In MoE layers only the experts a token is routed to count (``top_k`` of ``num_experts``). Submodules
+    of the ``once_per_tile`` types are left out: they run on a pooled vector, not per position.
     """
-    tables = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
-    total = sum(p.numel() for p in module.parameters() if id(p) not in tables)
+    skipped = {id(m.weight) for m in module.modules() if isinstance(m, nn.Embedding)}
+    for m in module.modules():
+        if once_per_tile and isinstance(m, once_per_tile):
+            skipped |= {id(p) for p in m.parameters()}
+    total = sum(p.numel() for p in module.parameters() if id(p) not in skipped and p.dim() >= 2)
     inactive = sum((m.num_experts - m.top_k) * m.expert_numel() for m in moe_layers(module))
     return total - inactive
 
@@ -83,9 +91,10 @@ def causal_lm_weights(llm: nn.Module) -> tuple[int, int]:
 def connector_weights(connector: nn.Module) -> tuple[int, int]:
     """``(per patch, per image token)`` weights of an mm15 connector."""
     if isinstance(connector, CAbstractor):
-        return matmul_weights(connector.stage1), matmul_weights(connector.stage2) + matmul_weights(
-            connector.readout
-        )
+        # The squeeze-excite gates run once per tile on the pooled channels: negligible, not per patch.
+        per_patch = matmul_weights(connector.stage1, once_per_tile=(SqueezeExcite,))
+        per_token = matmul_weights(connector.stage2, once_per_tile=(SqueezeExcite,))
+        return per_patch, per_token + matmul_weights(connector.readout)
     if isinstance(connector, MLPConnector):
         return 0, matmul_weights(connector.readout)
     raise TypeError(f"no FLOP count for connector {type(connector).__name__}")
@@ -96,7 +105,7 @@ def mm15_flop_weights(model: nn.Module) -> FlopWeights:
     decoder, head = causal_lm_weights(model.llm)
     per_patch, per_token = connector_weights(model.connector)
     # The encoder runs only the blocks up to its feature layer, and never its post-layernorm.
-    unused = sum(p.numel() for _, p in never_used_parameters(model))
+    unused = sum(p.numel() for _, p in never_used_parameters(model) if p.dim() >= 2)
     return FlopWeights(
         decoder=decoder,
         head=head,
