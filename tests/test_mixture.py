@@ -278,3 +278,21 @@ def test_balanced_batches_across_ranks() -> None:
     again = MixtureSampler(ocr_mixture(), seed=9, rank=1, world_size=world)
     fresh = MixtureSampler(ocr_mixture(), seed=9, rank=1, world_size=world)
     assert [again.next_batch(8) for _ in range(5)] == [fresh.next_batch(8) for _ in range(5)]
+
+
+@pytest.mark.parametrize(("world", "batch_size"), [(2, 2), (2, 1), (2, 3), (4, 1)])
+def test_every_rank_draws_every_source_evenly(world: int, batch_size: int) -> None:
+    # When batch_size * world is a multiple of the 4 sources, a fixed split of each global batch gave
+    # every rank the same sources forever (rank 0 never read half of them); with 3 per batch and 2 ranks
+    # a rank's totals drifted 2:1.
+    samplers = [MixtureSampler(ocr_mixture(), seed=5, rank=r, world_size=world) for r in range(world)]
+    totals = [Counter[str]() for _ in range(world)]
+    for _ in range(40):
+        batches = [s.next_batch(batch_size) for s in samplers]
+        union = Counter(x for b in batches for x in b)
+        n = batch_size * world
+        assert max(union.values()) - min(union[s] for s in OCR_SOURCES) <= (0 if n % 4 == 0 else 1)
+        for total, batch in zip(totals, batches, strict=True):
+            total.update(batch)
+            assert max(total.values()) - min(total[s] for s in OCR_SOURCES) <= 1
+    assert all(set(total) == set(OCR_SOURCES) for total in totals)

@@ -290,7 +290,7 @@ class MixtureSampler:
         self._order = sorted(self._table, key=lambda s: hashlib.blake2b(s.encode(), key=shared).digest())
         self._step = 0  # draws made by next()
         self._batch = 0  # calls of next_batch()
-        self._slot = 0  # global cycle slots consumed by next_batch() over all ranks
+        self._slot = 0  # where rank 0's next next_batch() window starts in the balanced cycle
         self._counts = dict.fromkeys(self.probs, 0)
 
     # -- drawing
@@ -317,14 +317,18 @@ class MixtureSampler:
         """Source names for this rank's next batch, balanced across sources (MM1.5's OCR stage).
 
         Exact rule: the K sources of positive weight are put in one fixed order derived from the seed (the
-        same on every rank) and repeated cyclically. Call ``b`` forms a global batch of
-        N = batch_size * world_size consecutive slots of that cycle, starting where call ``b - 1`` stopped;
-        rank r takes slots [r * batch_size, (r + 1) * batch_size) of it, shuffled (by a hash of
-        (seed, rank, b)) so sources do not arrive in a fixed pattern. Consequences: in every batch, of one
-        rank or of all ranks together, each source appears floor(n / K) or ceil(n / K) times (exactly n / K
-        when K divides n), and the sources that get the extra slots rotate, so running totals never differ by
-        more than 1. All ranks must call with the same ``batch_size``. Needs equal effective weights, which
-        is what "sampled equally per batch" means; ``next()`` serves unequal mixtures.
+        same on every rank) and repeated cyclically. Each rank walks that cycle ``batch_size`` slots per
+        call, rank r ``r * batch_size`` slots ahead of rank 0: call ``b`` of rank r takes slots
+        [(b + r) * batch_size, (b + r + 1) * batch_size), shuffled (by a hash of (seed, rank, b)) so
+        sources do not arrive in a fixed pattern. Consequences: every rank's calls are consecutive windows
+        of the cycle, so its running totals per source never differ by more than 1 and every rank draws
+        every source (each rank reads only its own slice of a source, so a rank that never drew a source
+        would leave that slice unread); the ranks' batches of one call together are N = batch_size *
+        world_size consecutive slots, so in every batch, of one rank or of all ranks together, each source
+        appears floor(n / K) or ceil(n / K) times (exactly n / K when K divides n). With one rank this is
+        the cycle read straight through. All ranks must call with the same ``batch_size``. Needs equal
+        effective weights, which is what "sampled equally per batch" means; ``next()`` serves unequal
+        mixtures.
         """
         batch_size = _check_int("batch_size", batch_size, 1)
         probs = [self.probs[s] for s in self._table]
@@ -340,7 +344,7 @@ class MixtureSampler:
         for i in range(batch_size - 1, 0, -1):
             j = _hash64(self._key, _TAG_SHUFFLE, self._batch, i) % (i + 1)
             out[i], out[j] = out[j], out[i]
-        self._slot += batch_size * self.world_size
+        self._slot += batch_size  # rank 0's next window; rank r stays r windows ahead
         self._batch += 1
         for source in out:
             self._counts[source] += 1
