@@ -167,6 +167,49 @@ def test_corrupt_images_are_skipped_and_counted(monkeypatch: pytest.MonkeyPatch)
         steps(*strict, 0, 3)
 
 
+def short_stream(over_budget: str = "drop") -> TrainStream:
+    """Text-only samples and grounding samples, in 72 tokens: no image sample fits (one needs >= 80)."""
+    model = MM15Model.build(preset("tiny"))
+    return TrainStream(
+        MixtureSampler(MixtureNode.from_dict({"text": 1, "ground": 1}), seed=0),
+        {"text": "synth:text-only", "ground": "synth:refer-ground"},
+        ChatEncoder(model.tokenizer, model.cfg.image, max_length=72),
+        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
+        samples_per_micro=2,
+        pad_id=model.tokenizer.pad_token_id,
+        over_budget=over_budget,  # type: ignore[arg-type]
+    )
+
+
+def test_skips_are_counted_per_source_and_the_mixture_over_what_trained() -> None:
+    # The draws are half grounding, but none of those fits: the realised mixture must say so (it
+    # counted draws and reported 50%), and a source that never yields a sample stops the stream.
+    stream = short_stream()
+    for _ in range(5):
+        stream.next_micro()
+    assert stream.realised_mixture() == {"ground": 0.0, "text": 1.0}
+    assert stream.used == {"text": 10}
+    skipped = stream.skipped_sources  # some text-only samples are too long as well
+    assert skipped["ground"] > 0 and sum(skipped.values()) == stream.skipped["too_long"]
+    assert stream.sampler.realised()["ground"] > 0.2  # the draws, by contrast
+    state = stream.state_dict()
+    again = short_stream()
+    again.load_state_dict(state)
+    assert again.used == stream.used and again.skipped_sources == stream.skipped_sources
+    with pytest.raises(CorruptDataError, match=r"none of the 100 samples drawn from source 'ground'"):
+        for _ in range(200):
+            stream.next_micro()
+
+
+def test_over_budget_error_stops_at_the_first_sample_too_long() -> None:
+    message = r"source '(ground|text)', sample .* over the budget of 72.*over_budget"
+    with pytest.raises(CorruptDataError, match=message):
+        for _ in range(5):
+            short_stream("error").next_micro()
+    with pytest.raises(ValueError, match="over_budget must be"):
+        short_stream("truncate")
+
+
 def test_resume_from_a_checkpoint_continues_the_same_losses(tmp_path: Path) -> None:
     model, stream, optimizer, scheduler = setup()
     steps(model, stream, optimizer, scheduler, 0, 3)
@@ -362,6 +405,11 @@ def test_evaluation_during_training_generates_in_the_stage_dtype(
     assert seen == [dtype] and model.training
 
 
+def reference_mixture(state: dict) -> dict[str, float]:
+    used = state["used"]
+    return {name: used.get(name, 0) / sum(used.values()) for name in ("general", "ground")}
+
+
 def stream_start_state(seed: int) -> dict:
     return setup(seed=seed)[1].state_dict()
 
@@ -385,6 +433,7 @@ def test_prefetcher_hands_out_the_stream_order_and_state(mode: PrefetchMode) -> 
             assert data.state_dict() == state  # the position after the last micro-batch handed out
             assert data.sampler.state_dict() == state["mixture"]  # the realised mixture the log reads
             assert dict(data.skipped) == state["skipped"]
+            assert data.realised_mixture() == reference_mixture(state)
     finally:
         data.close()
 

@@ -3,9 +3,13 @@
 ``TrainStream`` draws a source name per sample from a ``MixtureSampler``, takes that source's next
 sample, encodes it (``ChatEncoder``: chat template, assistant-only labels, length budget), loads its
 images, and packs encoded samples into micro-batches (``collate``). What cannot be used is skipped and
-counted, never silently lost: samples over the length budget (``too_long``) and samples with an image
-that does not decode (``corrupt``); past ``max_corrupt_fraction`` of the samples seen the stream stops
-with an error, since a data set that broken should not train quietly.
+counted, by reason and by source, never silently lost: samples over the length budget (``too_long``,
+or an error with ``over_budget="error"``) and samples with an image that does not decode (``corrupt``);
+past ``max_corrupt_fraction`` of the samples seen the stream stops with an error, since a data set that
+broken should not train quietly, and so does a source none of whose first ``DEAD_SOURCE_DRAWS`` drawn
+samples could be used (a ``seq_length`` too small for its images, say: the other sources would fill the
+batches and that part of the mixture would vanish). The realised mixture is counted over the samples
+that went into micro-batches, not over the draws.
 
 A source is named by a spec: ``synth:<generator>`` or ``synth:<category>`` (the category's generators
 in turn), ``shards:<folder>`` (WebDataset shards from ``mm15 data``, read pass after pass, each pass in a
@@ -45,10 +49,11 @@ from mm15.data.sources import ShardReader
 from mm15.image import ImageError, ImageProcessor, load_image
 
 MAX_SKIP_EXAMPLES = 10  # skipped samples a stream names (the rest are counted)
+DEAD_SOURCE_DRAWS = 100  # draws of one source, none usable, after which the stream stops
 
 
 class CorruptDataError(RuntimeError):
-    """Too many samples could not be used."""
+    """Too many samples could not be used, or one that the recipe says must not be skipped."""
 
 
 def buffer_shuffle(samples: Iterable[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
@@ -205,7 +210,10 @@ class TrainStream:
         seed: int = 0,
         balanced: bool = False,
         shuffle_buffer: int = 0,
+        over_budget: Literal["drop", "error"] = "drop",
     ) -> None:
+        if over_budget not in ("drop", "error"):
+            raise ValueError(f"over_budget must be 'drop' or 'error', got {over_budget!r}")
         self.sampler = sampler
         self.source_names = sorted(sources)
         # Each rank reads its own slice of every source; the sampler's rank gives the slice.
@@ -225,7 +233,10 @@ class TrainStream:
         self.pad_id = pad_id
         self.packed = packed
         self.max_corrupt_fraction = max_corrupt_fraction
-        self.skipped: Counter[str] = Counter()
+        self.over_budget = over_budget
+        self.skipped: Counter[str] = Counter()  # per reason
+        self.skipped_sources: Counter[str] = Counter()  # the same samples per source
+        self.used: Counter[str] = Counter()  # samples per source that went into micro-batches
         self.skip_examples: list[str] = []  # the first MAX_SKIP_EXAMPLES skipped samples, named
         self.seen = 0
         # Balanced sampling (OCR stage): names come a micro-batch at a time, each source equally often.
@@ -255,6 +266,11 @@ class TrainStream:
                 pictures = [load_image(ref, name=f"{sample.id}[{i}]") for i, ref in enumerate(sample.images)]
                 encoded = self.encoder.encode(sample, [(p.height, p.width) for p in pictures])
             except SampleTooLong as err:
+                if self.over_budget == "error":
+                    raise CorruptDataError(
+                        f"source {name!r}, {err}; the stage's data.over_budget is 'error' (raise "
+                        "seq_length, or set over_budget: drop to skip and count such samples)"
+                    ) from None
                 self._skip("too_long", name, sample, err)
                 continue
             except ImageError as err:
@@ -265,13 +281,25 @@ class TrainStream:
                         f"over max_corrupt_fraction={self.max_corrupt_fraction}"
                     ) from None
                 continue
+            self.used[name] += 1
             return encoded, pictures, name
 
     def _skip(self, reason: str, source: str, sample: Sample, error: Exception) -> None:
         """Count a sample that cannot be used, and keep the first few so they can be found."""
         self.skipped[reason] += 1
+        self.skipped_sources[source] += 1
         if len(self.skip_examples) < MAX_SKIP_EXAMPLES:
             self.skip_examples.append(f"{reason}: source {source!r}, sample {sample.id!r}: {error}")
+        if self.used[source] == 0 and self.skipped_sources[source] >= DEAD_SOURCE_DRAWS:
+            raise CorruptDataError(
+                f"none of the {self.skipped_sources[source]} samples drawn from source {source!r} could be "
+                f"used ({reason} the last time: {error}); is seq_length ({self.encoder.max_length}) too "
+                "small for it, or its data broken?"
+            )
+
+    def realised_mixture(self) -> dict[str, float]:
+        """Share of the samples that went into micro-batches per source (all 0 before the first)."""
+        return _shares(self.used, self.sampler.probs)
 
     def next_micro(self) -> MicroBatch:
         drawn = [self._next_encoded() for _ in range(self.samples_per_micro)]
@@ -301,6 +329,8 @@ class TrainStream:
                 name: source.pass_length for name, source in self.sources.items() if source.pass_length
             },
             "skipped": dict(self.skipped),
+            "skipped_sources": dict(self.skipped_sources),
+            "used": dict(self.used),
             "skip_examples": list(self.skip_examples),
             "seen": self.seen,
             "queue": list(self._queue),
@@ -326,6 +356,8 @@ class TrainStream:
         for name, position in state["positions"].items():
             self.sources[name].seek(int(position))
         self.skipped = Counter(state.get("skipped", {}))
+        self.skipped_sources = Counter(state.get("skipped_sources", {}))  # older checkpoints: none
+        self.used = Counter(state.get("used", {}))
         self.skip_examples = list(state.get("skip_examples", []))
         self.seen = int(state.get("seen", 0))
         self._queue = list(state.get("queue", []))
@@ -344,6 +376,11 @@ class TrainStream:
                 "position in the new data, so this run no longer repeats an uninterrupted one"
             )
         return changed
+
+
+def _shares(used: Mapping[str, int], sources: Iterable[str]) -> dict[str, float]:
+    total = sum(used.values())
+    return {name: (used.get(name, 0) / total if total else 0.0) for name in sources}
 
 
 def _describe(fingerprint: Mapping[str, Any]) -> str:
@@ -452,6 +489,15 @@ class Prefetcher:
     def skip_examples(self) -> list[str]:
         """The first skipped samples, as of the last micro-batch handed out (as ``skipped``)."""
         return list(self._state.get("skip_examples", []))
+
+    @property
+    def skipped_sources(self) -> Counter[str]:
+        """Skipped samples per source, as of the last micro-batch handed out (as ``skipped``)."""
+        return Counter(self._state.get("skipped_sources", {}))
+
+    def realised_mixture(self) -> dict[str, float]:
+        """``TrainStream.realised_mixture`` as of the last micro-batch handed out."""
+        return _shares(self._state.get("used", {}), self._sampler.probs)
 
     def close(self) -> None:
         if self.mode == "inline":

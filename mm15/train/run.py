@@ -485,6 +485,7 @@ def run_stage(
         seed=recipe.seed,
         balanced=stage.data.sampling == "balanced",
         shuffle_buffer=stage.data.shuffle_buffer,
+        over_budget=stage.data.over_budget,
     )
     speed_options(model, compile=stage.compile, grad_checkpointing=stage.grad_checkpointing)
     wrapped = D.wrap_model(model, strategy, trainable=stage.trainable)
@@ -622,6 +623,9 @@ def run_stage(
     skipped: Counter[str] = Counter()
     for counts in D.gather_objects(dict(data.skipped)):
         skipped.update(counts)
+    skipped_sources: Counter[str] = Counter()
+    for counts in D.gather_objects(dict(data.skipped_sources)):
+        skipped_sources.update(counts)
     skip_examples = [e for rank_examples in D.gather_objects(data.skip_examples) for e in rank_examples]
     if skipped_steps:
         skipped["nonfinite_steps"] = skipped_steps
@@ -638,7 +642,9 @@ def run_stage(
         "data_wait": sum(h["data_wait"] for h in history) / len(history),
         "skipped": dict(skipped),
         "skip_examples": skip_examples[:MAX_SKIP_EXAMPLES],
-        "mixture": data.sampler.realised(),  # the handed-out micro-batches', not the producer's
+        # The samples of the handed-out micro-batches (not the producer's, nor the skipped draws).
+        "mixture": data.realised_mixture(),
+        "skipped_sources": dict(skipped_sources),
         "world_size": world,
         "strategy": strategy,
         "eval": evals[-1] if evals else None,
@@ -885,6 +891,13 @@ def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str
         for s in evaluated:
             cells = [f"{s['eval'].get(f'category/{c}', float('nan')):.1f}" for c in categories]
             lines.append(f"| {s['stage']} | {s['eval']['step']} | " + " | ".join(cells) + " |")
+    by_source = [s for s in summaries if s.get("skipped_sources")]
+    if by_source:
+        lines += ["", "Skipped samples per source:", ""]
+        lines += [
+            f"- {s['stage']}: " + ", ".join(f"{k} {v}" for k, v in sorted(s["skipped_sources"].items()))
+            for s in by_source
+        ]
     named = [s for s in summaries if s.get("skip_examples")]
     if named:
         lines += ["", f"Skipped samples (the first {MAX_SKIP_EXAMPLES} per stage):", ""]

@@ -264,5 +264,5 @@ def train_step(
         peak_rss_gib=_peak_rss_gib(),
         supervised_tokens=total_supervised,
         skipped=not all_finite,
-        mixture=stream.sampler.realised(),
+        mixture=stream.realised_mixture(),
     )
