@@ -16,8 +16,9 @@ start and end are covered symmetrically. **Shorter videos** (``T < N``) give eve
 ``0 .. T-1``: no frame is duplicated to pad the count, because a repeated frame says nothing new and
 would make a static clip look longer; the sample simply has fewer images (and fewer image tokens).
 
-**Reading** (``read_video``). Frames are decoded in order from the first video stream and the
-sampled ones kept (seeking is not used: it lands on key frames and is inexact for many codecs,
+**Reading** (``read_video``). Frames are decoded in order from the first video stream (cover art, a
+stream FFmpeg marks ``attached_pic`` as in an MP3 or M4A, is not a video stream) and the sampled ones
+kept (seeking is not used: it lands on key frames and is inexact for many codecs,
 while sequential decoding always gives frame ``k`` as the ``k``-th decoded frame). Decoding stops
 after the last sampled frame. The frame count ``T``:
 
@@ -25,15 +26,26 @@ after the last sampled frame. The frame count ``T``:
 * is found by decoding and counting every frame first when the container does not (some WebM / MKV
   streams), and the selected frames are then decoded in a second pass;
 * is corrected when the declared count is too large (a truncated file): the frames actually decoded
-  become ``T``, the indices are recomputed and the missing frames decoded again.
+  become ``T``, the indices are recomputed and the missing frames decoded again. A decoding error
+  after at least one frame (a file cut inside a frame's data, or damaged from some point on) ends the
+  stream there the same way; only a stream of which no frame decodes is an error.
+
+Sampling is by frame index, not by time: for a variable-frame-rate video (a phone or screen
+recording) the sampled frames are evenly spaced in frames, and ``VideoClip.timestamps()`` gives their
+real times, read from each frame's own timestamp.
+
+Frames are converted to RGB as ``mm15.image`` converts images (``to_rgb``): a frame with an alpha
+channel (PNG or QuickTime Animation in MOV, VP9 with alpha, a GIF's transparency) is composited over
+white, not shown black where it is transparent.
 
 Rotation metadata (a phone video shot in portrait carries a display matrix) is not applied: frames
 come as stored.
 
 **Errors** are ``VideoError`` (a ``ValueError``) naming the file and the reason: a missing file, an
-empty (zero-byte) file, a file FFmpeg cannot open or decode (corrupt or not a video), a file with no
-video stream, a stream with no decodable frame, or frames over ``max_pixels`` (the same
-decompression-bomb guard as ``mm15.image.load_image``).
+empty (zero-byte) file, a file FFmpeg cannot open or decode (corrupt or not a video), a still image or
+a text file (which FFmpeg would read as a one-frame or rendered-text "video"), a file with no video
+stream (audio only, or audio with cover art), a stream with no decodable frame, or frames over
+``max_pixels`` (the same decompression-bomb guard as ``mm15.image.load_image``).
 """
 
 from __future__ import annotations
@@ -46,16 +58,24 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from mm15.image import DEFAULT_MAX_PIXELS
+from mm15.image import DEFAULT_MAX_PIXELS, to_rgb
 from mm15.paths import not_a_file_reason
 
 if TYPE_CHECKING:  # PyAV is imported when a video is read, so importing mm15.video stays cheap
     from av.container import InputContainer
+    from av.video.frame import VideoFrame
+    from av.video.stream import VideoStream
 
 # MM1.5-Video's frame count: 24 uniformly sampled frames per clip.
 DEFAULT_NUM_FRAMES = 24
 
 VideoSource = str | os.PathLike
+
+# FFmpeg demuxers that present something other than a video as a video stream: still images (image2,
+# image2pipe and the per-format readers png_pipe, jpeg_pipe, webp_pipe, ..., all ``*_pipe``) and text
+# rendered as pictures (tty for .txt / .nfo / ANSI art; bintext's bin, xbin, adf and idf). Animated
+# formats (gif, apng) have demuxers of their own and stay videos.
+_NOT_VIDEO_DEMUXERS = frozenset({"image2", "image2pipe", "tty", "bin", "xbin", "adf", "idf"})
 
 
 class VideoError(ValueError):
@@ -78,7 +98,9 @@ class VideoClip:
     ``frames[k]`` is decoded frame ``indices[k]`` (0-based, in decoding order) of the ``total_frames``
     frames of the video's first video stream. ``fps`` is the stream's average frame rate (None when the
     container does not say). ``counted`` is True when ``total_frames`` was found by decoding (the
-    container declared no count, or a wrong one) rather than read from the container.
+    container declared no count, or a wrong one) rather than read from the container. ``times[k]`` is
+    frame ``indices[k]``'s own presentation time in seconds from the first frame's (None when a frame
+    carries no timestamp).
     """
 
     path: str
@@ -89,6 +111,7 @@ class VideoClip:
     width: int
     height: int
     counted: bool
+    times: tuple[float, ...] | None = None
 
     @property
     def duration(self) -> float | None:
@@ -96,7 +119,14 @@ class VideoClip:
         return self.total_frames / self.fps if self.fps else None
 
     def timestamps(self) -> list[float] | None:
-        """Each sampled frame's time in seconds from the first frame (None without a frame rate)."""
+        """Each sampled frame's time in seconds from the first frame.
+
+        The frames' own timestamps (``times``), which stay right for variable-frame-rate video (phone and
+        screen recordings), where ``index / fps`` drifts from the real time; ``index / fps`` only for
+        frames without timestamps, and None when there is no frame rate either.
+        """
+        if self.times is not None:
+            return list(self.times)
         return [index / self.fps for index in self.indices] if self.fps else None
 
 
@@ -124,21 +154,56 @@ def _open(path: Path) -> InputContainer:
         raise VideoError(str(path), f"not a readable video file ({err})") from None
 
 
-def _decode(path: Path, wanted: Collection[int], max_pixels: int) -> tuple[dict[int, Image.Image], int, bool]:
+def _video_stream(container: InputContainer, path: Path) -> VideoStream:
+    """The first real video stream: not a still image or text file, not cover art (``VideoError``)."""
+    from av.stream import Disposition
+
+    demuxers = container.format.name.split(",")  # e.g. "mov,mp4,m4a,3gp,3g2,mj2"
+    if any(name in _NOT_VIDEO_DEMUXERS or name.endswith("_pipe") for name in demuxers):
+        raise VideoError(
+            str(path), f"not a video: FFmpeg reads it as a still image or text ({container.format.name})"
+        )
+    # Cover art (an MP3's ID3 picture, an M4A's artwork) is a one-picture "video stream" beside the
+    # audio; it is no more a video than a still image is.
+    streams = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]
+    if not streams:
+        art = " (only cover art)" if container.streams.video else ""
+        raise VideoError(str(path), f"the file has no video stream{art}")
+    return streams[0]
+
+
+def _frame_image(frame: VideoFrame) -> Image.Image:
+    """The frame as an RGB image, alpha composited over white as ``mm15.image.to_rgb`` does."""
+    if frame.format.has_palette or any(c.is_alpha for c in frame.format.components):
+        # rgb24 (to_image's format) drops alpha, leaving transparent pixels' colour (often black).
+        return to_rgb(Image.fromarray(frame.to_ndarray(format="rgba"), mode="RGBA"))
+    return frame.to_image()
+
+
+@dataclass
+class _Decoded:
+    """What one decoding pass found: the kept frames and their times (by index), how many frames
+    decoded, and whether the stream ended (rather than decoding stopping after the last wanted frame)."""
+
+    frames: dict[int, Image.Image]
+    times: dict[int, float | None]
+    count: int
+    ended: bool
+
+
+def _decode(path: Path, wanted: Collection[int], max_pixels: int) -> _Decoded:
     """Decode the first video stream in order, keeping frames whose index is in ``wanted``.
 
-    Returns (kept frames by index, frames decoded, whether the stream ended). With ``wanted`` empty the
-    whole stream is decoded and counted; otherwise decoding stops after the last wanted frame.
+    With ``wanted`` empty the whole stream is decoded and counted; otherwise decoding stops after the
+    last wanted frame. A decoding error after at least one frame ends the stream (module docstring).
     """
     import av
 
     last = max(wanted) if wanted else None
-    kept: dict[int, Image.Image] = {}
-    decoded = 0
+    out = _Decoded({}, {}, 0, ended=True)
+    start: float | None = None  # the first frame's time: kept times are relative to it
     with _open(path) as container:
-        if not container.streams.video:
-            raise VideoError(str(path), "the file has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, path)
         try:
             for frame in container.decode(stream):
                 if frame.width * frame.height > max_pixels:
@@ -146,22 +211,28 @@ def _decode(path: Path, wanted: Collection[int], max_pixels: int) -> tuple[dict[
                         str(path),
                         f"frames of {frame.width}x{frame.height} pixels exceed max_pixels={max_pixels}",
                     )
-                if decoded in wanted:
-                    kept[decoded] = frame.to_image().convert("RGB")
-                decoded += 1
-                if last is not None and decoded > last:
-                    return kept, decoded, False
+                time = frame.time
+                if out.count == 0:
+                    start = time
+                if out.count in wanted:
+                    out.frames[out.count] = _frame_image(frame)
+                    out.times[out.count] = None if time is None or start is None else time - start
+                out.count += 1
+                if last is not None and out.count > last:
+                    out.ended = False
+                    return out
         except av.FFmpegError as err:
-            raise VideoError(str(path), f"the video stream does not decode ({err})") from None
-    return kept, decoded, True
+            # A truncated or damaged file: FFmpeg fails on the first packet that is cut short or broken.
+            # The frames before it are the video there is, as when a truncated file simply ends.
+            if out.count == 0:
+                raise VideoError(str(path), f"the video stream does not decode ({err})") from None
+    return out
 
 
 def _stream_info(path: Path) -> tuple[int, float | None, int, int]:
     """(declared frame count or 0, average fps or None, width, height) of the first video stream."""
     with _open(path) as container:
-        if not container.streams.video:
-            raise VideoError(str(path), "the file has no video stream")
-        stream = container.streams.video[0]
+        stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else None
         return int(stream.frames or 0), fps, int(stream.width or 0), int(stream.height or 0)
@@ -190,23 +261,29 @@ def read_video(
     counted = declared == 0
     total = declared
     if counted:  # no count in the container: decode and count, then decode the chosen frames
-        _, total, _ = _decode(file, (), max_pixels)
+        total = _decode(file, (), max_pixels).count
         if total == 0:
             raise VideoError(str(file), "the video stream has no decodable frames")
     indices = sample_frame_indices(total, num_frames)
-    kept, decoded, ended = _decode(file, set(indices), max_pixels)
-    if ended and decoded < total:
+    decoded = _decode(file, set(indices), max_pixels)
+    kept, times = decoded.frames, decoded.times
+    if decoded.ended and decoded.count < total:
         # The container promised more frames than decode (a truncated file): sample what is there.
-        if decoded == 0:
+        if decoded.count == 0:
             raise VideoError(str(file), "the video stream has no decodable frames")
-        total, counted = decoded, True
+        total, counted = decoded.count, True
         indices = sample_frame_indices(total, num_frames)
         missing = [i for i in indices if i not in kept]
         if missing:
-            kept.update(_decode(file, set(missing), max_pixels)[0])
+            again = _decode(file, set(missing), max_pixels)
+            kept.update(again.frames)
+            times.update(again.times)
     frames = [kept[i] for i in indices]
     if frames and not (width and height):
         width, height = frames[0].size
+    # A frame without a timestamp (some raw streams) leaves the times unknown: timestamps() falls
+    # back to index / fps for all of them rather than mixing the two.
+    known = [t for i in indices if (t := times[i]) is not None]
     return VideoClip(
         path=str(file),
         frames=frames,
@@ -216,6 +293,7 @@ def read_video(
         width=width,
         height=height,
         counted=counted,
+        times=tuple(known) if len(known) == len(indices) else None,
     )
 
 

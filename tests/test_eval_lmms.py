@@ -153,8 +153,42 @@ def test_pil_visuals_are_decoded_as_mm15_decodes_images() -> None:
 
     ink = Image.new("RGBA", (96, 64), (0, 0, 0, 0))
     ink.paste((0, 0, 0, 255), (10, 10, 40, 20))
-    (shown,), is_video = MM15LMM._images([ink])
-    assert (
-        not is_video and shown.getpixel((0, 0)) == (255, 255, 255) and shown.getpixel((15, 15)) == (0, 0, 0)
-    )
+    (shown,), is_video, counts = MM15LMM._images([ink])
+    assert not is_video and counts == [1]
+    assert shown.getpixel((0, 0)) == (255, 255, 255) and shown.getpixel((15, 15)) == (0, 0, 0)
     assert shown.tobytes() == load_image(ink).tobytes()
+
+
+def test_a_video_is_one_visual_whose_placeholder_expands_to_its_frames(
+    adapter: MM15LMM, tmp_path: Path
+) -> None:
+    """lmms-eval's video tasks write one ``<image>`` for the clip; counting frames instead of visuals
+    refused that context ("1 <image> placeholders but 10 visuals")."""
+    from mm15.video import read_video, write_video
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255)]
+    clip = write_video(tmp_path / "five.mp4", [Image.new("RGB", (64, 48), c) for c in colours])
+    adapter.task_dict["clips"] = {"test": [{"video": str(clip)}]}
+    frames = read_video(clip).frames
+    assert len(frames) == 5
+    model, cfg = adapter.model, adapter.generation_config({"max_new_tokens": 3})
+
+    def video_request(context: str) -> FakeInstance:
+        args = (context, {"max_new_tokens": 3}, lambda doc: [doc["video"]], 0, "clips", "test")
+        return FakeInstance("generate_until", args)
+
+    for context, user in [
+        ("<image>\nWhat happens?", "<image>" * 5 + "\nWhat happens?"),
+        ("Watch <image> then say what happens.", "Watch " + "<image>" * 5 + " then say what happens."),
+        ("What happens?", "<image>" * 5 + "\nWhat happens?"),  # no placeholder: all frames in front
+    ]:
+        (out,) = adapter.generate_until([video_request(context)])
+        prompt = chat_prompt(model.tokenizer, user)
+        assert out == generate_texts(model, [prompt], [frames], cfg, video=True)[0].strip()
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 visuals"):
+        adapter.generate_until([video_request("<image><image> what?")])
+    # Each visual's placeholder becomes its own images: two clips of 5 and 3 frames, or images (1 each).
+    assert MM15LMM._user_text("A <image> B <image> C", [5, 3]) == f"A {'<image>' * 5} B {'<image>' * 3} C"
+    assert MM15LMM._user_text("x <image> y <image>", [1, 1]) == "x <image> y <image>"
+    assert MM15LMM._user_text("q", [5, 3]) == "<image>" * 8 + "\nq"
+    assert MM15LMM._user_text("q", []) == "q"

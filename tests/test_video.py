@@ -151,6 +151,159 @@ def test_unusable_files_raise_video_error(videos: Path, name: str, reason: str) 
     assert name in str(info.value) and isinstance(info.value, ValueError)
 
 
+def noise_h264(path: Path, count: int = 20) -> Path:
+    """An H.264 MP4 of ``count`` 32x32 noise frames, index at the front (``faststart``) as streamed files
+    have it, so a cut file still opens and declares every frame. Noise spreads the frames' data evenly."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for _ in range(count):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def decode_until_error(path: Path) -> tuple[list[Image.Image], bool]:
+    """Every frame PyAV decodes before its first error, and whether an error came."""
+    import av
+
+    frames: list[Image.Image] = []
+    with av.open(str(path)) as container:
+        try:
+            for frame in container.decode(video=0):
+                frames.append(frame.to_image())
+        except av.FFmpegError:
+            return frames, True
+    return frames, False
+
+
+def test_a_truncated_h264_file_is_sampled_over_the_frames_that_decode(tmp_path: Path) -> None:
+    """The libx264 decoder fails on the first frame cut short (FFmpegError) instead of ending cleanly as
+    MPEG-4 Part 2 does; the frames before it are the clip, as for any truncated file."""
+    data = noise_h264(tmp_path / "whole.mp4").read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) * 7 // 10])
+    raw, failed = decode_until_error(cut)
+    assert failed and 4 < len(raw) < 20  # the case under test: an error after some frames decoded
+    clip = read_video(cut, num_frames=4)
+    assert (clip.total_frames, clip.counted) == (len(raw), True)
+    assert clip.indices == sample_frame_indices(len(raw), 4)
+    assert [f.tobytes() for f in clip.frames] == [raw[i].tobytes() for i in clip.indices]
+    # Cut inside the first frame's data: nothing decodes, which is still an error.
+    mdat = data.index(b"mdat")
+    cut.write_bytes(data[: mdat + 60])
+    assert decode_until_error(cut) == ([], True)
+    with pytest.raises(VideoError, match="the video stream does not decode"):
+        read_video(cut)
+
+
+def test_stills_text_and_cover_art_are_not_videos(tmp_path: Path) -> None:
+    """FFmpeg reads a PNG or JPEG as a one-frame video, renders a text file (its tty demuxer) and shows
+    an MP3's cover art as a video stream; none of them is a video to sample."""
+    import av
+    import numpy as np
+
+    Image.new("RGB", (64, 48), COLORS[0]).save(tmp_path / "still.png")
+    Image.new("RGB", (64, 48), COLORS[0]).save(tmp_path / "still.jpg")
+    (tmp_path / "notes.txt").write_text("hello, this is a text file\n" * 20)
+    with av.open(str(tmp_path / "plain.mp3"), "w") as container:  # 0.5 s of silence
+        stream = container.add_stream("libmp3lame", rate=44100)
+        for k in range(20):
+            audio = av.AudioFrame.from_ndarray(np.zeros((1, 1152), np.int16), format="s16", layout="mono")
+            audio.sample_rate, audio.pts = 44100, k * 1152
+            for packet in stream.encode(audio):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    # The same MP3 behind an ID3v2.3 tag holding a JPEG cover (an APIC frame), as music files carry it.
+    jpeg = (tmp_path / "still.jpg").read_bytes()
+    # Text encoding, MIME type, picture type 3 (front cover), an empty description, the picture.
+    apic = b"\x00image/jpeg\x00\x03\x00" + jpeg
+    frame = b"APIC" + len(apic).to_bytes(4, "big") + b"\x00\x00" + apic
+    size = bytes((len(frame) >> shift) & 0x7F for shift in (21, 14, 7, 0))  # ID3's 7-bit "syncsafe" size
+    audio = (tmp_path / "plain.mp3").read_bytes()
+    (tmp_path / "song.mp3").write_bytes(b"ID3\x03\x00\x00" + size + frame + audio)
+    with av.open(str(tmp_path / "song.mp3")) as container:  # the cover is there, as a video stream
+        assert [s.type for s in container.streams] == ["audio", "video"]
+    for name in ("still.png", "still.jpg", "notes.txt"):
+        with pytest.raises(VideoError, match=re.escape(f"{name}: not a video: FFmpeg reads it as a still")):
+            read_video(tmp_path / name)
+    with pytest.raises(VideoError, match=re.escape("song.mp3: the file has no video stream (only cover")):
+        read_video(tmp_path / "song.mp3")
+    with pytest.raises(VideoError, match=re.escape("plain.mp3: the file has no video stream")):
+        read_video(tmp_path / "plain.mp3")
+    # An animated GIF is a video (TGIF-QA clips are GIFs): its demuxer is not an image reader's.
+    colours = [Image.new("RGB", (64, 48), COLORS[k]) for k in range(3)]
+    colours[0].save(tmp_path / "anim.gif", save_all=True, append_images=colours[1:], duration=100)
+    assert [which_frame(f) for f in read_video(tmp_path / "anim.gif").frames] == [0, 1, 2]
+
+
+def test_variable_frame_rate_timestamps_are_the_frames_own_times(tmp_path: Path) -> None:
+    """Five frames 10 ms apart, then five 1 s apart: ``index / average fps`` puts the sampled frames
+    at evenly spread times, far from when they are shown."""
+    from fractions import Fraction
+
+    import av
+
+    base = Fraction(1, 1000)
+    shown = [0, 10, 20, 30, 40, 1040, 2040, 3040, 4040, 5040]  # milliseconds
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = stream.time_base = base
+        for k, pts in enumerate(shown):
+            frame = av.VideoFrame.from_image(Image.new("RGB", (64, 48), COLORS[k]))
+            frame.pts, frame.time_base = pts, base
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    clip = read_video(path, num_frames=4)
+    assert clip.indices == [1, 3, 6, 8]  # still sampled by frame index
+    assert [which_frame(f) for f in clip.frames] == [1, 3, 6, 8]
+    assert clip.timestamps() == pytest.approx([0.01, 0.03, 2.04, 4.04])
+    assert clip.times == pytest.approx((0.01, 0.03, 2.04, 4.04))
+
+
+def test_transparent_frames_are_composited_over_white_as_images_are(tmp_path: Path) -> None:
+    """PNG frames in a MOV keep an alpha channel; converting to RGB straight drops it and shows the
+    transparent pixels' colour (black) instead of the white ``mm15.image`` composites onto."""
+    import av
+    import numpy as np
+
+    from mm15.image import to_rgb
+
+    pixels = np.zeros((48, 64, 4), np.uint8)  # transparent black
+    pixels[:20, :20] = (255, 0, 0, 255)  # opaque red
+    pixels[30:, 40:] = (0, 0, 255, 128)  # half-transparent blue
+    path = tmp_path / "alpha.mov"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("png", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "rgba"
+        for _ in range(3):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgba")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    clip = read_video(path)
+    assert len(clip.frames) == 3
+    expected = to_rgb(Image.fromarray(pixels, mode="RGBA"))
+    for frame in clip.frames:
+        assert frame.mode == "RGB" and frame.tobytes() == expected.tobytes()  # PNG is lossless
+    first = clip.frames[0]
+    assert first.getpixel((60, 10)) == (255, 255, 255)
+    assert first.getpixel((5, 5)) == (255, 0, 0)
+    assert first.getpixel((50, 40)) == expected.getpixel((50, 40)) != (0, 0, 128)
+
+
 def test_a_directory_is_not_a_video(tmp_path: Path) -> None:
     folder = tmp_path / "clip.mp4"
     folder.mkdir()
@@ -275,6 +428,56 @@ def test_reader_counts_or_raises_bad_records(videos: Path, tmp_path: Path) -> No
     with pytest.raises(SourceError, match="missing_video") as info:
         list(VideoQAReader(annotations, video_root=videos, num_frames=2))
     assert info.value.location == "line 2"
+
+
+def test_a_lone_surrogate_is_a_bad_record_on_every_path(videos: Path, tmp_path: Path) -> None:
+    """``"\\ud83d"`` (half an emoji) parses as JSON but makes the tokenizer raise a TypeError in
+    training; iteration counted it as a bad record while ``sample`` and ``sample_at`` let it through."""
+    good = {"id": "good", "video": "ten.mp4", "question": "q?", "answer": "a"}
+    annotations = tmp_path / "sur.jsonl"
+    bad_line = '{"id": "s", "video": "ten.mp4", "question": "What is \\ud83d here?", "answer": "a"}'
+    annotations.write_text(bad_line + "\n" + json.dumps(good) + "\n")
+    message = re.escape("line 1 (id 's'): bad_record: the record['question'] is not valid Unicode")
+    strict = VideoQAReader(annotations, video_root=videos, num_frames=2)
+    with pytest.raises(SourceError, match=message):
+        list(strict)
+    with pytest.raises(SourceError, match=message):
+        strict.sample(*strict.records()[0])
+    with pytest.raises(SourceError, match=message):
+        strict.sample_at(0)
+    lenient = VideoQAReader(annotations, video_root=videos, num_frames=2, strict=False)
+    assert lenient.sample_at(0).id == "good"  # the next usable record stands in, as for any bad one
+    assert lenient.skipped.as_dict() == {"bad_record": 1}
+    assert [s.id for s in lenient] == ["good"] and lenient.skipped.as_dict() == {"bad_record": 1}
+
+
+def test_default_ids_are_the_same_on_every_path_and_unique_across_files(videos: Path, tmp_path: Path) -> None:
+    """A record without an id is ``{file stem}-{index in its file}``, as ``LlavaReader`` names it, whether
+    it is iterated, taken by ``sample_at`` or by ``sample`` (which evaluation calls with the index in
+    ``records()``); files sharing a stem are told apart by their folder."""
+    from mm15.data.sources import LlavaReader
+
+    record = {
+        "video": str(videos / "three.mp4"),
+        "conversations": [{"from": "human", "value": "What happens?"}, {"from": "gpt", "value": "Colours."}],
+    }
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_records(tmp_path / "a" / "train.jsonl", [record, {**record, "id": 7}])
+    (tmp_path / "a" / "train.jsonl").write_text(first.read_text() + "\n" + json.dumps(record) + "\n")
+    second = write_records(tmp_path / "b" / "train.jsonl", [record])
+    other = write_records(tmp_path / "other.jsonl", [record, record])
+    reader = VideoQAReader([first, second, other], num_frames=2)
+    expected = ["a/train-0", "7", "a/train-2", "b/train-0", "other-0", "other-1"]
+    assert [s.id for s in reader] == expected
+    assert [reader.sample_at(k).id for k in range(6)] == expected
+    fresh = VideoQAReader([first, second, other], num_frames=2)
+    assert [fresh.sample(*entry, index).id for index, entry in enumerate(fresh.records())] == expected
+    # Without the listing (records() not called) the record's place in its file is read again.
+    assert VideoQAReader([first, second], num_frames=2).sample(second, "line 1", record).id == "b/train-0"
+    # One file, or files with distinct stems: exactly LlavaReader's ids.
+    assert [s.id for s in VideoQAReader(other, num_frames=2)] == [s.id for s in LlavaReader(other)]
+    assert [s.id for s in VideoQAReader([first], num_frames=2)] == [s.id for s in LlavaReader(first)]
 
 
 def test_video_source_kind_streams_samples_by_index(videos: Path, tmp_path: Path) -> None:

@@ -33,8 +33,12 @@ Every sample has ``is_video=True``, one ``<image>`` per sampled frame, and ``tru
 (``"conversation"``, ``"multiple-choice"`` or ``"open-ended"``), ``video`` (the file as given in the record),
 ``frame_indices``, ``total_frames`` and ``fps``.
 
-The reader is a ``mm15.data.sources`` JSON reader (it reuses that module's record loop and field checks),
-so its records, ids and errors behave exactly like ``LlavaReader``'s. Video paths are relative to
+The reader is a ``mm15.data.sources`` JSON reader (it reuses that module's record reading and field
+checks), so its records and errors behave like ``LlavaReader``'s, and so do its default ids: a record
+without ``"id"`` is ``{file stem}-{index of the record in its file}``, the same whether it is read by
+iterating, by ``sample_at`` or by ``sample``. Files that share a stem (``a/train.jsonl`` and
+``b/train.jsonl``) are named by their path from their common folder instead (``a/train-0``), so
+default ids are unique across the reader's files. Video paths are relative to
 ``video_root`` (default: the annotation file's folder). Frames are decoded while reading
 (``mm15.video.read_video``: ``num_frames`` uniformly sampled frames, every frame of a shorter video).
 Errors and skips follow ``mm15.data.sources``: a malformed record raises ``SourceError`` when ``strict``,
@@ -45,11 +49,17 @@ else it is skipped and counted in ``skipped`` under its reason, which is one of 
 
 Evaluation decodes one item at a time instead: ``records()`` lists the records without decoding any
 video, and ``sample(...)`` turns one of them into a Sample, raising ``SourceError`` for a bad one.
+Iteration, ``sample`` and ``sample_at`` go through the same steps, so a record is the same Sample (same
+id, same checks: a string that is not valid Unicode is a ``bad_record`` on every path) whichever way
+it is read.
 """
 
 from __future__ import annotations
 
+import os
 import string
+from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +69,7 @@ from mm15.data.sources import (
     Paths,
     SourceError,
     _category,
+    _check_unicode,
     _conversation_turns,
     _JsonReader,
     _Malformed,
@@ -99,6 +110,35 @@ def _answer_index(answer: Any, options: list[str]) -> int:
     if isinstance(answer, str) and answer in options:
         return options.index(answer)
     raise _Malformed("bad_record", f"'answer' {answer!r} is neither a candidate nor a candidate index")
+
+
+def _not_a_record(path: Path, location: str, record: Any) -> SourceError | None:
+    """The error for an entry of ``_records`` that is not a JSON object (bad JSON included), else None."""
+    if isinstance(record, dict):
+        return None
+    if isinstance(record, _Malformed):
+        return SourceError(path, location, record.reason, record.detail)
+    return SourceError(path, location, "bad_record", f"expected a JSON object, got {type(record).__name__}")
+
+
+def _id_prefixes(paths: list[Path]) -> dict[Path, str]:
+    """The start of each file's default ids: its stem, as ``LlavaReader`` names records.
+
+    Files sharing a stem are named by their path from their common folder instead, so their ids do not
+    collide: ``a/train`` and ``b/train``, or ``x.json`` and ``x.jsonl`` when only the suffix differs.
+    """
+    stems = Counter(path.stem for path in paths)
+    prefixes = {path: path.stem for path in paths}
+    shared = [path for path in paths if stems[path.stem] > 1]
+    if shared:
+        full = [path.absolute() for path in shared]
+        root = Path(os.path.commonpath([str(f.parent) for f in full]))
+        relative = [f.relative_to(root) for f in full]
+        names = Counter(r.with_suffix("").as_posix() for r in relative)
+        for path, rel in zip(shared, relative, strict=True):
+            short = rel.with_suffix("").as_posix()
+            prefixes[path] = short if names[short] == 1 else rel.as_posix()
+    return prefixes
 
 
 def _place_frames(turns: list[Turn], frames: int) -> list[Turn]:
@@ -143,8 +183,40 @@ class VideoQAReader(_JsonReader):
         self.video_root = Path(video_root) if video_root is not None else None
         self.num_frames = num_frames
         self.category = category
-        self._listing: list[tuple[Path, str, dict[str, Any]]] | None = None  # sample_at's records
+        self._listing: list[tuple[Path, int, str, dict[str, Any]]] | None = None  # sample_at's records
         self._bad: set[int] = set()  # records sample_at found unusable
+        self._prefixes = _id_prefixes(self.paths)
+        self._positions: dict[tuple[Path, str], int] = {}  # (file, location) -> index in the file
+
+    def __iter__(self) -> Iterator[Sample]:
+        """Every usable record's Sample in file order, read as it goes (the same steps as ``sample``)."""
+        self.skipped.clear()
+        for path in self.paths:
+            for index, location, record in _records(path):
+                try:
+                    if (error := _not_a_record(path, location, record)) is not None:
+                        raise error
+                    sample = self._sample(path, index, location, record)
+                except SourceError as error:
+                    if self.strict:
+                        raise
+                    self.skipped.add(error)
+                    continue
+                yield sample
+
+    def _entries(self) -> list[tuple[Path, int, str, dict[str, Any]]]:
+        """Every record as ``(file, index in the file, location, record)``; bad ones raise or are counted."""
+        self.skipped.clear()
+        out = []
+        for path in self.paths:
+            for index, location, record in _records(path):
+                if (error := _not_a_record(path, location, record)) is None:
+                    out.append((path, index, location, record))
+                elif self.strict:
+                    raise error
+                else:
+                    self.skipped.add(error)
+        return out
 
     def records(self) -> list[tuple[Path, str, dict[str, Any]]]:
         """Every record as ``(file, location, record)``, reading JSON only (no video is decoded).
@@ -152,32 +224,38 @@ class VideoQAReader(_JsonReader):
         For evaluation, which decodes one item at a time. A line that is not JSON or not an object
         raises ``SourceError`` (strict) or is counted in ``skipped``.
         """
-        self.skipped.clear()
-        out = []
-        for path in self.paths:
-            for _, location, record in _records(path):
-                if isinstance(record, dict):
-                    out.append((path, location, record))
-                    continue
-                bad = record if isinstance(record, _Malformed) else None
-                reason, detail = (
-                    (bad.reason, bad.detail)
-                    if bad
-                    else ("bad_record", f"expected a JSON object, got {type(record).__name__}")
-                )
-                error = SourceError(path, location, reason, detail)
-                if self.strict:
-                    raise error
-                self.skipped.add(error)
-        return out
+        entries = self._entries()
+        # sample() is given (file, location): note each record's index in its file for its default id.
+        self._positions.update(((path, location), index) for path, index, location, _ in entries)
+        return [(path, location, record) for path, _, location, record in entries]
 
-    def sample(self, path: Path, location: str, record: dict[str, Any], index: int = 0) -> Sample:
-        """One record of ``records()`` -> a Sample with its frames; anything wrong raises SourceError."""
+    def sample(self, path: Path, location: str, record: dict[str, Any], index: int | None = None) -> Sample:
+        """One record of ``records()`` -> a Sample with its frames; anything wrong raises SourceError.
+
+        ``index`` is not used (callers pass the record's position in ``records()``): the default id
+        comes from the record's index in its own file, as iteration and ``sample_at`` name it.
+        """
+        return self._sample(path, self._position(path, location), location, record)
+
+    def _position(self, path: Path, location: str) -> int:
+        """The index in ``path`` of the record at ``location`` (noted by ``records()``, else read)."""
+        if (path, location) not in self._positions:
+            self._positions.update(((path, where), index) for index, where, _ in _records(path))
+        try:
+            return self._positions[(path, location)]
+        except KeyError:
+            raise ValueError(f"{path}: no record at {location}") from None
+
+    def _sample(self, path: Path, index: int, location: str, record: dict[str, Any]) -> Sample:
+        """Record ``index`` of ``path`` -> a Sample; every way of reading a record comes through here."""
         sample_id: str | None = None
         try:
-            sample_id = _record_id(record, f"{path.stem}-{index}")
+            sample_id = _record_id(record, f"{self._prefixes.get(path, path.stem)}-{index}")
+            # A lone surrogate ("\ud83d", half an emoji) parses as JSON but fails the tokenizer later.
+            _check_unicode(record, "the record")
             return self._parse(record, path, sample_id)
         except _Malformed as bad:
+            # Name the record by its own id only: a made-up one would not be found in the file.
             own_id = sample_id if "id" in record else None
             raise SourceError(path, location, bad.reason, bad.detail, own_id) from None
 
@@ -190,7 +268,7 @@ class VideoQAReader(_JsonReader):
         the next usable record in file order stands in, so the result depends on ``index`` alone.
         """
         if self._listing is None:
-            self._listing = self.records()
+            self._listing = self._entries()
         if not self._listing:
             raise ValueError(f"{', '.join(map(str, self.paths))}: no video-QA records")
         count = len(self._listing)
@@ -198,9 +276,9 @@ class VideoQAReader(_JsonReader):
             k = (index + step) % count
             if k in self._bad:
                 continue
-            path, location, record = self._listing[k]
+            path, position, location, record = self._listing[k]
             try:
-                return self.sample(path, location, record, k)
+                return self._sample(path, position, location, record)
             except SourceError as error:
                 if self.strict:
                     raise

@@ -20,8 +20,11 @@ Request arguments (lmms-eval 0.7):
   previous_round_info=...)``, which returns ``(visuals, context, terminal, round_results, info)``.
 
 Visuals are PIL images (or video file paths, read as ``mm15.video.read_video`` frames and planned
-unsplit). A context with no ``<image>`` gets one placeholder per visual in front (lmms-eval's own
-convention); a context that already has them must have one per visual. ``gen_kwargs`` map to
+unsplit). A context with no ``<image>`` gets the visuals' placeholders in front (lmms-eval's own
+convention); a context that already has them must have one per visual, where a video is one visual
+(a prompt about one clip has one ``<image>``, not one per frame it cannot know of). Each video's
+placeholder becomes one ``<image>`` per sampled frame, as ``VideoQAReader`` expands a ``<video>``
+slot. ``gen_kwargs`` map to
 ``GenerationConfig``: ``max_new_tokens``, ``until`` (stop strings), ``temperature`` and ``do_sample``
 (greedy unless ``do_sample`` and ``temperature > 0``), ``top_p``, ``top_k``; ``num_beams`` > 1 is
 refused (generation is greedy or sampled, never beam search).
@@ -122,34 +125,40 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
         return flat
 
     @staticmethod
-    def _images(visuals: Sequence[Any]) -> tuple[list[Image.Image], bool]:
-        """PIL images in order, and whether they are video frames (read from video paths)."""
+    def _images(visuals: Sequence[Any]) -> tuple[list[Image.Image], bool, list[int]]:
+        """PIL images in order, whether they are video frames (read from video paths), and how many
+        images each visual gave (one per image, a video's sampled frames)."""
         if visuals and all(isinstance(v, str | Path) for v in visuals):
             from mm15.video import read_video
 
-            return [frame for path in visuals for frame in read_video(path).frames], True
+            clips = [read_video(path).frames for path in visuals]
+            return [frame for frames in clips for frame in frames], True, [len(f) for f in clips]
         if not all(isinstance(v, Image.Image) for v in visuals):
             kinds = sorted({type(v).__name__ for v in visuals})
             raise ValueError(f"visuals must be PIL images or video paths, got {kinds}")
         # The same decoding as mm15's own paths: alpha over white, EXIF orientation, 16-bit scaled.
-        return [load_image(v) for v in visuals], False
+        return [load_image(v) for v in visuals], False, [1] * len(visuals)
 
     @staticmethod
-    def _user_text(context: str, count: int) -> str:
-        """The context with one ``<image>`` per image: prepended when absent, checked when present."""
+    def _user_text(context: str, counts: Sequence[int]) -> str:
+        """The context with one ``<image>`` per image, where ``counts`` holds each visual's number of
+        images: prepended when absent; when present, one per visual, each expanded to its images."""
         present = context.count(IMAGE_PLACEHOLDER)
         if present == 0:
-            return IMAGE_PLACEHOLDER * count + ("\n" if count else "") + context
-        if present != count:
+            total = sum(counts)
+            return IMAGE_PLACEHOLDER * total + ("\n" if total else "") + context
+        if present != len(counts):
             raise ValueError(
-                f"the context has {present} {IMAGE_PLACEHOLDER} placeholders but {count} visuals"
+                f"the context has {present} {IMAGE_PLACEHOLDER} placeholders but {len(counts)} visuals"
             )
-        return context
+        first, *rest = context.split(IMAGE_PLACEHOLDER)
+        return first + "".join(IMAGE_PLACEHOLDER * n + text for n, text in zip(counts, rest, strict=True))
 
-    def _prompt(self, context: str, images: Sequence[Image.Image]) -> str:
+    def _prompt(self, context: str, counts: Sequence[int]) -> str:
+        """The chat prompt of ``context`` for visuals of ``counts`` images each (``_user_text``)."""
         from mm15.eval.runner import chat_prompt
 
-        return chat_prompt(self.model.tokenizer, self._user_text(context, len(images)))
+        return chat_prompt(self.model.tokenizer, self._user_text(context, counts))
 
     def generation_config(self, gen_kwargs: dict[str, Any] | None) -> GenerationConfig:
         """lmms-eval ``gen_kwargs`` -> ``GenerationConfig`` (module docstring)."""
@@ -205,10 +214,10 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
             prompts, images, video = [], [], []
             for index in indices:
                 context, _, doc_to_visual, doc_id, task, split = requests[index].args
-                pictures, is_video = self._images(
+                pictures, is_video, counts = self._images(
                     self._flatten(doc_to_visual(self._doc(task, split, doc_id)))
                 )
-                prompts.append(self._prompt(context, pictures))
+                prompts.append(self._prompt(context, counts))
                 images.append(pictures)
                 video.append(is_video)
             for index, text in zip(indices, self._generate(prompts, images, video, cfg), strict=True):
@@ -228,14 +237,14 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
             context, target, doc_to_visual, doc_id, task, split = request.args
             doc = self._doc(task, split, doc_id)
             continuation = target if isinstance(target, str) else target(doc)
-            pictures, is_video = self._images(self._flatten(doc_to_visual(doc)))
+            pictures, is_video, counts = self._images(self._flatten(doc_to_visual(doc)))
             processor = self.processor
             if is_video:
                 from mm15.eval.runner import _video_processor
 
                 processor = _video_processor(self.model)
             logprobs, greedy = continuation_logprobs(
-                self.model, processor, self._prompt(context, pictures), pictures, continuation
+                self.model, processor, self._prompt(context, counts), pictures, continuation
             )
             loss = -logprobs.mean().item() if len(logprobs) else 0.0
             results.append((float(loss), greedy))
@@ -261,8 +270,8 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
                     )
                     if terminal:
                         break
-                pictures, is_video = self._images(self._flatten(visuals))
-                answers += self._generate([self._prompt(context, pictures)], [pictures], [is_video], cfg)
+                pictures, is_video, counts = self._images(self._flatten(visuals))
+                answers += self._generate([self._prompt(context, counts)], [pictures], [is_video], cfg)
                 round_idx += 1
             results.append(tuple(answers))
         return results
