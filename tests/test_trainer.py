@@ -304,6 +304,52 @@ def test_a_video_source_is_fingerprinted_by_its_annotation_files(tmp_path: Path)
     assert SampleSource("synth:general").fingerprint() is None  # defined by its name
 
 
+def video_stream(tmp_path: Path, max_corrupt_fraction: float) -> TrainStream:
+    """One usable clip, nine records whose video is missing and a line that is not a record."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mm15.video import write_video
+
+    frames = [Image.fromarray(np.full((32, 32, 3), 40 * k, dtype=np.uint8)) for k in range(4)]
+    write_video(tmp_path / "ok.mp4", frames, fps=4)
+    records = [{"id": "good", "video": "ok.mp4", "question": "What moves?", "answer": "a ball"}]
+    records += [{"id": f"gone{k}", "video": f"gone{k}.mp4", "question": "q", "answer": "a"} for k in range(9)]
+    notes = tmp_path / "clips.jsonl"
+    notes.write_text("\n".join(map(json.dumps, records)) + "\nnot json\n")
+    model = MM15Model.build(preset("tiny"))
+    return TrainStream(
+        MixtureSampler(MixtureNode.from_dict({"video": 1}), seed=0),
+        {"video": f"video:{notes}"},
+        ChatEncoder(model.tokenizer, model.cfg.image, max_length=1024),
+        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
+        samples_per_micro=2,
+        pad_id=model.tokenizer.pad_token_id,
+        max_corrupt_fraction=max_corrupt_fraction,
+    )
+
+
+def test_unusable_video_records_are_skipped_counted_and_limited(tmp_path: Path) -> None:
+    # The reader counted them on its own and stood the good clip in for each: the stream reported no
+    # skips, and 90% of the data set could be missing without max_corrupt_fraction noticing.
+    stream = video_stream(tmp_path, max_corrupt_fraction=0.95)
+    assert stream.skipped == {"bad_json": 1}  # the line that is not a record, counted on opening
+    for _ in range(5):
+        micro = stream.next_micro()
+        assert [s.sample_id for s in micro.samples] == ["good", "good"]
+    # Ten passes over the ten records for ten good samples: nine missing videos in each of the first nine
+    # passes before its good one (record 0), then the tenth pass starts with it.
+    assert stream.skipped["missing_video"] == 9 * 9 and stream.seen == 10 + 81
+    assert stream.skipped_sources == {"video": 1 + 81}
+    assert any("missing_video: source 'video', sample 'gone0'" in e for e in stream.skip_examples)
+    strict = video_stream(tmp_path, max_corrupt_fraction=0.5)
+    with pytest.raises(CorruptDataError, match=r"could not be used.*max_corrupt_fraction=0\.5"):
+        for _ in range(5):
+            strict.next_micro()
+
+
 def _with_options(**options: bool) -> list[float]:
     from mm15.train.run import speed_options
 

@@ -184,7 +184,7 @@ class VideoQAReader(_JsonReader):
         self.num_frames = num_frames
         self.category = category
         self._listing: list[tuple[Path, int, str, dict[str, Any]]] | None = None  # sample_at's records
-        self._bad: set[int] = set()  # records sample_at found unusable
+        self._bad: dict[int, SourceError] = {}  # records sample_at found unusable, with their error
         self._prefixes = _id_prefixes(self.paths)
         self._positions: dict[tuple[Path, str], int] = {}  # (file, location) -> index in the file
 
@@ -259,32 +259,37 @@ class VideoQAReader(_JsonReader):
             own_id = sample_id if "id" in record else None
             raise SourceError(path, location, bad.reason, bad.detail, own_id) from None
 
+    def listed(self) -> int:
+        """How many records ``sample_at`` indexes, reading the annotation files (JSON only) once.
+
+        Lines that are not records raise ``SourceError`` when ``strict``; otherwise they are counted in
+        ``skipped`` and left out of the listing.
+        """
+        if self._listing is None:
+            self._listing = self._entries()
+        return len(self._listing)
+
     def sample_at(self, index: int) -> Sample:
         """Sample ``index`` of an endless pass over the records (index modulo their number), for training.
 
         Random access, so a stream decodes only the videos it uses: resuming, or taking every W-th
-        sample on each of W ranks, costs no extra decoding, and nothing is cached. A record that cannot
-        be used raises ``SourceError`` when ``strict``; otherwise it is counted in ``skipped`` (once) and
-        the next usable record in file order stands in, so the result depends on ``index`` alone.
+        sample on each of W ranks, costs no extra decoding, and no frame is cached. A record that cannot
+        be used raises ``SourceError`` (strict or not: the training stream skips and counts it, as it
+        does an image that does not decode); the reader remembers it, so a later pass raises the same
+        error without decoding its video again.
         """
-        if self._listing is None:
-            self._listing = self._entries()
-        if not self._listing:
+        count = self.listed()
+        if not count:
             raise ValueError(f"{', '.join(map(str, self.paths))}: no video-QA records")
-        count = len(self._listing)
-        for step in range(count):  # at most one pass: every record is tried once
-            k = (index + step) % count
-            if k in self._bad:
-                continue
-            path, position, location, record = self._listing[k]
-            try:
-                return self._sample(path, position, location, record)
-            except SourceError as error:
-                if self.strict:
-                    raise
-                self._bad.add(k)
-                self.skipped.add(error)
-        raise ValueError(f"{', '.join(map(str, self.paths))}: none of the {count} records is usable")
+        k = index % count
+        if k in self._bad:
+            raise self._bad[k]
+        path, position, location, record = self._listing[k]  # type: ignore[index]
+        try:
+            return self._sample(path, position, location, record)
+        except SourceError as error:
+            self._bad[k] = error
+            raise
 
     def _turns(self, record: dict[str, Any]) -> tuple[list[Turn], dict[str, Any]]:
         """The record's turns (video slot not yet expanded) and its task truth."""

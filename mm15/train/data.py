@@ -15,8 +15,10 @@ A source is named by a spec: ``synth:<generator>`` or ``synth:<category>`` (the 
 in turn), ``shards:<folder>`` (WebDataset shards from ``mm15 data``, read pass after pass, each pass in a
 new seeded order through a shuffle buffer when ``shuffle_buffer`` > 0) or ``video:<annotations>`` (video-QA
 JSON / JSONL read by ``mm15.data.video_qa.VideoQAReader``: 24 frames per video, videos relative to the
-annotation file, read by record index so only the videos used are decoded; records that cannot be used
-are counted by the reader). Its position is a counter, so
+annotation file, read by record index so only the videos used are decoded; a record whose video is
+missing or does not decode is skipped and counted like a corrupt image, under the reader's reason,
+and lines that are not records are counted once when the stream opens the file). Its position is a
+counter, so
 ``state_dict()`` (the mixture's state plus every source's counter and the skip counts) restores the
 stream exactly: a resumed run sees the same samples in the same order.
 """
@@ -45,7 +47,7 @@ from mm15.chat import ChatEncoder, EncodedSample, SampleTooLong
 from mm15.data.mixture import MixtureSampler
 from mm15.data.packing import Batch, collate
 from mm15.data.sample import Sample
-from mm15.data.sources import ShardReader
+from mm15.data.sources import ShardReader, SkipCounter, SourceError
 from mm15.image import ImageError, ImageProcessor, load_image
 
 MAX_SKIP_EXAMPLES = 10  # skipped samples a stream names (the rest are counted)
@@ -117,7 +119,8 @@ class SampleSource:
         elif kind == "video":
             from mm15.data.video_qa import VideoQAReader
 
-            # Records whose video is missing or does not decode are skipped and counted by the reader.
+            # A record that cannot be used raises SourceError from next(): TrainStream skips and counts
+            # it. Lines that are not records are left out of the listing (listing_skips).
             self.reader = VideoQAReader(target, strict=False)
         else:
             raise ValueError(
@@ -163,6 +166,14 @@ class SampleSource:
             if not count:
                 raise ValueError(f"source spec {self.spec!r}: no samples")
             self.pass_length = count
+
+    def listing_skips(self) -> SkipCounter | None:
+        """A video source's annotation lines that are not records (read now if not yet); None for the
+        other kinds, whose bad records are found as they are read."""
+        if self.kind != "video":
+            return None
+        self.reader.listed()
+        return self.reader.skipped
 
     def seek(self, position: int) -> None:
         self.position = position
@@ -242,6 +253,14 @@ class TrainStream:
         # Balanced sampling (OCR stage): names come a micro-batch at a time, each source equally often.
         self.balanced = balanced
         self._queue: list[str] = []
+        for name in self.source_names:  # counted once, here; a checkpoint carries them on
+            if (unlisted := self.sources[name].listing_skips()) is not None:
+                for reason, count in unlisted.counts.items():
+                    self.skipped[reason] += count
+                    self.skipped_sources[name] += count
+                for reason, messages in unlisted.examples.items():
+                    for message in messages:
+                        self._name_skip(f"{reason}: source {name!r}: {message}")
 
     def _next_name(self) -> str:
         if not self.balanced:
@@ -254,7 +273,6 @@ class TrainStream:
         in_a_row = 0
         while True:
             name = self._next_name()
-            sample = self.sources[name].next()
             self.seen += 1
             in_a_row += 1
             if in_a_row > 1000:
@@ -262,6 +280,12 @@ class TrainStream:
                     f"1000 samples in a row could not be used ({dict(self.skipped)}): is seq_length "
                     f"({self.encoder.max_length}) too small for source {name!r}?"
                 )
+            try:
+                sample = self.sources[name].next()
+            except SourceError as err:  # a video record whose video is missing or does not decode
+                self._skip(err.reason, name, err.record_id or err.location, err)
+                self._check_corrupt_fraction()
+                continue
             try:
                 pictures = [load_image(ref, name=f"{sample.id}[{i}]") for i, ref in enumerate(sample.images)]
                 encoded = self.encoder.encode(sample, [(p.height, p.width) for p in pictures])
@@ -271,30 +295,38 @@ class TrainStream:
                         f"source {name!r}, {err}; the stage's data.over_budget is 'error' (raise "
                         "seq_length, or set over_budget: drop to skip and count such samples)"
                     ) from None
-                self._skip("too_long", name, sample, err)
+                self._skip("too_long", name, sample.id, err)
                 continue
             except ImageError as err:
-                self._skip("corrupt", name, sample, err)
-                if self.skipped["corrupt"] > self.max_corrupt_fraction * max(self.seen, 100):
-                    raise CorruptDataError(
-                        f"{self.skipped['corrupt']} of {self.seen} samples had images that do not decode, "
-                        f"over max_corrupt_fraction={self.max_corrupt_fraction}"
-                    ) from None
+                self._skip("corrupt", name, sample.id, err)
+                self._check_corrupt_fraction()
                 continue
             self.used[name] += 1
             return encoded, pictures, name
 
-    def _skip(self, reason: str, source: str, sample: Sample, error: Exception) -> None:
+    def _skip(self, reason: str, source: str, sample_id: str | None, error: Exception) -> None:
         """Count a sample that cannot be used, and keep the first few so they can be found."""
         self.skipped[reason] += 1
         self.skipped_sources[source] += 1
-        if len(self.skip_examples) < MAX_SKIP_EXAMPLES:
-            self.skip_examples.append(f"{reason}: source {source!r}, sample {sample.id!r}: {error}")
+        self._name_skip(f"{reason}: source {source!r}, sample {sample_id!r}: {error}")
         if self.used[source] == 0 and self.skipped_sources[source] >= DEAD_SOURCE_DRAWS:
             raise CorruptDataError(
                 f"none of the {self.skipped_sources[source]} samples drawn from source {source!r} could be "
                 f"used ({reason} the last time: {error}); is seq_length ({self.encoder.max_length}) too "
                 "small for it, or its data broken?"
+            )
+
+    def _name_skip(self, message: str) -> None:
+        if len(self.skip_examples) < MAX_SKIP_EXAMPLES:
+            self.skip_examples.append(message)
+
+    def _check_corrupt_fraction(self) -> None:
+        """Stop past ``max_corrupt_fraction`` of broken samples (all skips but the too-long ones)."""
+        broken = sum(count for reason, count in self.skipped.items() if reason != "too_long")
+        if broken > self.max_corrupt_fraction * max(self.seen, 100):
+            raise CorruptDataError(
+                f"{broken} of {self.seen} samples could not be used ({dict(self.skipped)}), over "
+                f"max_corrupt_fraction={self.max_corrupt_fraction}"
             )
 
     def realised_mixture(self) -> dict[str, float]:
