@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -169,15 +170,21 @@ def test_corrupt_images_are_skipped_and_counted(monkeypatch: pytest.MonkeyPatch)
 
 def short_stream(over_budget: str = "drop") -> TrainStream:
     """Text-only samples and grounding samples, in 72 tokens: no image sample fits (one needs >= 80)."""
+    sources = {"text": "synth:text-only", "ground": "synth:refer-ground"}
+    return tiny_stream(sources, max_length=72, over_budget=over_budget)
+
+
+def tiny_stream(sources: dict[str, str], max_length: int, **options: Any) -> TrainStream:
+    """A stream of the tiny model's tokenizer and images over ``sources``, weighted equally."""
     model = MM15Model.build(preset("tiny"))
     return TrainStream(
-        MixtureSampler(MixtureNode.from_dict({"text": 1, "ground": 1}), seed=0),
-        {"text": "synth:text-only", "ground": "synth:refer-ground"},
-        ChatEncoder(model.tokenizer, model.cfg.image, max_length=72),
+        MixtureSampler(MixtureNode.from_dict(dict.fromkeys(sources, 1)), seed=0),
+        sources,
+        ChatEncoder(model.tokenizer, model.cfg.image, max_length=max_length),
         ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
         samples_per_micro=2,
         pad_id=model.tokenizer.pad_token_id,
-        over_budget=over_budget,  # type: ignore[arg-type]
+        **options,
     )
 
 
@@ -319,16 +326,8 @@ def video_stream(tmp_path: Path, max_corrupt_fraction: float) -> TrainStream:
     records += [{"id": f"gone{k}", "video": f"gone{k}.mp4", "question": "q", "answer": "a"} for k in range(9)]
     notes = tmp_path / "clips.jsonl"
     notes.write_text("\n".join(map(json.dumps, records)) + "\nnot json\n")
-    model = MM15Model.build(preset("tiny"))
-    return TrainStream(
-        MixtureSampler(MixtureNode.from_dict({"video": 1}), seed=0),
-        {"video": f"video:{notes}"},
-        ChatEncoder(model.tokenizer, model.cfg.image, max_length=1024),
-        ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
-        samples_per_micro=2,
-        pad_id=model.tokenizer.pad_token_id,
-        max_corrupt_fraction=max_corrupt_fraction,
-    )
+    sources = {"video": f"video:{notes}"}
+    return tiny_stream(sources, max_length=1024, max_corrupt_fraction=max_corrupt_fraction)
 
 
 def test_unusable_video_records_are_skipped_counted_and_limited(tmp_path: Path) -> None:
