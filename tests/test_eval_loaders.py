@@ -28,6 +28,7 @@ from mm15.eval.loaders import (
     load_screenspot,
     load_textvqa,
     load_vqav2,
+    record_splits,
 )
 from mm15.eval.metrics import (
     OCRBENCH_TYPES,
@@ -190,6 +191,19 @@ def test_vqav2_val_pair_and_mismatch(tmp_path: Path) -> None:
     bad = _write(tmp_path / "ann_bad.json", annotations)
     with pytest.raises(LoaderError, match=r"ann_bad\.json: record 0\.answers\[3\].*'answer' must be a str"):
         load_vqav2(questions, bad)
+
+
+def test_vqav2_duplicate_question_id_is_reported_as_such(tmp_path: Path) -> None:
+    # The same question listed twice finds its annotation already taken: that is a duplicate, not a
+    # question without an annotation.
+    questions = json.loads((VQA_DIR / "v2_OpenEnded_mscoco_train2014_questions.json").read_text())
+    questions["questions"].append(dict(questions["questions"][0]))
+    qid = questions["questions"][0]["question_id"]
+    path = _write(tmp_path / "questions.json", questions)
+    with pytest.raises(LoaderError, match=rf"record 53 \(question_id={qid}\): duplicate question_id {qid}$"):
+        load_vqav2(path, VQA_DIR / "v2_mscoco_train2014_annotations.json")
+    with pytest.raises(LoaderError, match=f"duplicate question_id {qid}"):
+        load_vqav2(path)  # without annotations too
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +436,7 @@ def test_multiple_choice_mmmu_ai2d_scienceqa(tmp_path: Path) -> None:
     }  # fmt: skip
     path = _write(tmp_path / "problems.json", scienceqa)
     items = load_multiple_choice(path, split="test", require_image=True)
-    assert [(i.id, i.image, i.answers) for i in items] == [("6", "6/image.png", ["B"])]
+    assert [(i.id, i.image, i.answers) for i in items] == [("6", "test/6/image.png", ["B"])]
     assert items.skipped == {"split": 1, "no_image": 1}
     assert len(load_multiple_choice(path)) == 3
 
@@ -433,3 +447,71 @@ def test_multiple_choice_mmmu_ai2d_scienceqa(tmp_path: Path) -> None:
     scienceqa["6"]["choices"] = "frog, cat"
     with pytest.raises(LoaderError, match=r"record 6: field 'choices' is a string but not a list literal"):
         load_multiple_choice(_write(tmp_path / "problems.json", scienceqa))
+
+
+def test_scienceqa_images_are_read_from_their_split_folder(tmp_path: Path) -> None:
+    # ScienceQA stores images/<split>/<pid>/image.png: a train or val question's image is not under
+    # the test folder.
+    scienceqa = {
+        "6": {"question": "Which animal is a mammal?", "choices": ["frog", "cat"], "answer": 1,
+              "image": "image.png", "split": "test"},
+        "7": {"question": "Which is a solid?", "choices": ["ice", "water"], "answer": 0, "image": "image.png",
+              "split": "train"},
+        "8": {"question": "Which is a gas?", "choices": ["air", "rock"], "answer": 0, "image": "image.png",
+              "split": "val"},
+    }  # fmt: skip
+    path = _write(tmp_path / "problems.json", scienceqa)
+    assert [item.image for item in load_multiple_choice(path)] == [
+        "test/6/image.png",
+        "train/7/image.png",
+        "val/8/image.png",
+    ]
+    train = load_multiple_choice(path, split="train")
+    assert [item.image for item in train] == ["train/7/image.png"] and train.skipped == {"split": 2}
+    assert record_splits(path) == ["test", "train", "val"]
+    assert record_splits(REFS) == ["test", "train", "val"]
+    with pytest.raises(
+        LoaderError, match=r"no record in split\(s\) \['minival'\]; the file has \['test', 'train', 'val'\]"
+    ):
+        load_multiple_choice(path, split="minival")
+
+
+SEED_IMAGE_QUESTION = {
+    "answer": "A", "choice_a": "One", "choice_b": "Two", "choice_c": "Three", "choice_d": "Four",
+    "data_id": "1454426_2591111986", "data_type": "image", "question": "How many towels are in the image?",
+    "question_id": "101669", "question_type_id": 5,
+}  # fmt: skip
+SEED_VIDEO_QUESTION = {
+    "answer": "B", "choice_a": "throwing something in the air and letting it fall",
+    "choice_b": "throwing something in the air and catching it",
+    "choice_c": "lifting up one end of something, then letting it drop down",
+    "choice_d": "poking something so that it falls over", "data_id": "94328.webm", "data_type": "video",
+    "question": "What is the action being carried out in the video?", "question_id": "v1738",
+    "question_type_id": 10,
+}  # fmt: skip
+
+
+def test_seed_bench_official_file_and_lmms_lab_records(tmp_path: Path) -> None:
+    # The layout of SEED-Bench.json as distributed (AILab-CVC/SEED-Bench DATASET.md): a "questions"
+    # list beside the question_type table, options as choice_a..choice_d, image and video questions.
+    official = {"question_type": {"Instances Counting": 5, "Action Recognition": 10},
+                "questions": [SEED_IMAGE_QUESTION, SEED_VIDEO_QUESTION]}  # fmt: skip
+    items = load_multiple_choice(_write(tmp_path / "SEED-Bench.json", official))
+    (item,) = items
+    assert (item.id, item.question, item.answers) == ("101669", "How many towels are in the image?", ["A"])
+    assert item.meta["options"] == ["One", "Two", "Three", "Four"] and item.meta["question_type_id"] == 5
+    assert item.image == "1454426_2591111986"  # the file's name in SEED-Bench-image/
+    assert items.skipped == {"video": 1}
+    # lmms-lab's records: a plain list with the same fields.
+    listed = load_multiple_choice(_write(tmp_path / "seed.json", [SEED_IMAGE_QUESTION]))
+    assert [(i.id, i.answers, i.meta["options"][1]) for i in listed] == [("101669", ["A"], "Two")]
+
+    gap = dict(SEED_IMAGE_QUESTION)
+    del gap["choice_b"]
+    with pytest.raises(
+        LoaderError, match=r"record 0 \(question_id='101669'\): choice fields must run from choice_a"
+    ):
+        load_multiple_choice(_write(tmp_path / "gap.json", [gap]))
+    other = {**SEED_IMAGE_QUESTION, "data_type": "Single Image"}
+    with pytest.raises(LoaderError, match=r"data_type must be 'image' or 'video', got 'Single Image'"):
+        load_multiple_choice(_write(tmp_path / "other.json", {"questions": [other]}))

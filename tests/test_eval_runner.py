@@ -221,6 +221,30 @@ def test_real_benchmark_files(model: MM15Model, tmp_path: Path) -> None:
         evaluate(model, f"textvqa:path={textvqa},max_new_tokens=3", progress=False)
 
 
+def test_skipped_records_are_reported_with_the_score(model: MM15Model, tmp_path: Path) -> None:
+    """What the loader left out (other splits, questions without an image) reaches results.json."""
+    problems = {
+        "1": {"question": "Which is a mammal?", "choices": ["cat", "frog"], "answer": 0, "hint": "",
+              "image": "image.png", "split": "test"},
+        "2": {"question": "Which is a solid?", "choices": ["ice", "water"], "answer": 0, "hint": "",
+              "image": "image.png", "split": "train"},
+        "3": {"question": "Which is a gas?", "choices": ["air", "rock"], "answer": 0, "hint": "",
+              "image": None, "split": "test"},
+    }  # fmt: skip
+    path = tmp_path / "problems.json"
+    path.write_text(json.dumps(problems))
+    (tmp_path / "images" / "test" / "1").mkdir(parents=True)
+    Image.new("RGB", (64, 48), "white").save(tmp_path / "images" / "test" / "1" / "image.png")
+    spec = f"scienceqa:path={path},images={tmp_path / 'images'},split=test,max_new_tokens=2"
+    report = evaluate(model, spec, out_dir=tmp_path / "out", progress=False)
+    (result,) = report.tasks
+    assert len(result.items) == 1 and result.skipped == {"split": 1, "no_image": 1}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())["tasks"]["scienceqa"]
+    assert saved["skipped"] == {"split": 1, "no_image": 1} and saved["num_items"] == 1
+    # A task that skips nothing says so.
+    assert evaluate(model, "synth-icl:max_new_tokens=2", limit=1, progress=False).tasks[0].skipped == {}
+
+
 def test_item_cache_ignores_damaged_lines(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     cache = ItemCache(path)

@@ -308,6 +308,119 @@ def test_multiple_choice_prompt_lists_the_options(tmp_path: Path) -> None:
     assert task.score("B", text_only) == 1.0 and task.score("A", text_only) == 0.0
 
 
+def _sqa(
+    question: str, choices: list[str], split: str, hint: str = "", image: str | None = "image.png"
+) -> dict:
+    """One ScienceQA problems.json record (the answer is the first choice)."""
+    return {
+        "question": question,
+        "choices": choices,
+        "answer": 0,
+        "hint": hint,
+        "image": image,
+        "split": split,
+    }
+
+
+SCIENCEQA = {
+    "6": _sqa(
+        "Which figure of speech is used in this text?",
+        ["onomatopoeia", "hyperbole"],
+        "test",
+        hint="The last time Mr. Dudley tried to start the car, it went clunk, clunk, clunk.",
+    ),
+    "7": _sqa("Which is a solid?", ["ice", "water"], "test"),
+    "8": _sqa("Which is a gas?", ["air", "rock"], "train"),
+    "9": _sqa("Which is a liquid?", ["milk", "rock"], "test", image=None),
+}
+
+
+def test_scienceqa_prompt_gives_the_hint_as_context(tmp_path: Path) -> None:
+    # lmms-eval's sqa_doc_to_text: "Context: {hint}\n" before the question when the hint is not empty.
+    path = tmp_path / "problems.json"
+    path.write_text(json.dumps(SCIENCEQA))
+    ((_, task, options),) = resolve_task_specs(f"scienceqa:path={path},split=test")
+    with_hint, without_hint = task.items(options)
+    assert task.render(with_hint) == (
+        "<image>\nContext: The last time Mr. Dudley tried to start the car, it went clunk, clunk, clunk.\n"
+        "Which figure of speech is used in this text?\nA. onomatopoeia\nB. hyperbole\n"
+        + registry.CHOICE_ANSWER
+    )
+    assert (
+        task.render(without_hint) == "<image>\nWhich is a solid?\nA. ice\nB. water\n" + registry.CHOICE_ANSWER
+    )
+    assert task.version == "2"  # the prompt changed: answers cached under version 1 are not reused
+    # The other multiple-choice tasks are prompted as before.
+    ai2d = tmp_path / "ai2d.json"
+    ai2d.write_text(json.dumps([{"question": "Which?", "options": ["a", "b"], "answer": 0, "hint": "h"}]))
+    ((_, task, options),) = resolve_task_specs(f"ai2d:path={ai2d}")
+    assert task.render(task.items(options)[0]) == "Which?\nA. a\nB. b\n" + registry.CHOICE_ANSWER
+
+
+def test_refcoco_and_scienceqa_require_a_split(tmp_path: Path) -> None:
+    # Their files hold every split, train included: without split= they would score training items.
+    refs = REAL / "vqav2_refcocog_tiny" / "refcocog_refs_umd.json"
+    instances = REAL / "vqav2_refcocog_tiny" / "refcocog_instances.json"
+    listing = r"is required \(.*refcocog_refs_umd\.json holds the splits test, train, val\)"
+    with pytest.raises(TaskError, match=r"task refcoco: option split=\.\.\. " + listing):
+        resolve_task_specs(f"refcoco:path={refs},instances={instances}")
+    task = get_task("refcoco")
+    with pytest.raises(TaskError, match=r"split=\.\.\. is required"):  # a source called without resolving
+        task.items({"path": refs, "instances": instances, "images": None, "split": None})
+    path = tmp_path / "problems.json"
+    path.write_text(json.dumps(SCIENCEQA))
+    with pytest.raises(TaskError, match=r"task scienceqa: .*holds the splits test, train\)"):
+        resolve_task_specs(f"scienceqa:path={path}")
+    # A recipe checked away from its data still needs the split; the message says the file is unreadable.
+    with pytest.raises(TaskError, match="could not be read to list its splits"):
+        resolve_task_specs(f"scienceqa:path={tmp_path / 'elsewhere.json'}", check_files=False)
+
+    ((_, task, options),) = resolve_task_specs(f"scienceqa:path={path},split=train")
+    (item,) = task.items(options)
+    assert item.meta["split"] == "train"
+    # ScienceQA's images are stored per split: images/<split>/<pid>/image.png.
+    assert item.images == (tmp_path / "train" / "8" / "image.png",)
+    assert registry.skipped_counts(task.items(options)) == {"split": 3}
+    ((_, task, options),) = resolve_task_specs(f"scienceqa:path={path},split=test,images={tmp_path}")
+    items = task.items(options)
+    assert [i.images[0] for i in items] == [tmp_path / "test" / k / "image.png" for k in ("6", "7")]
+    assert registry.skipped_counts(items) == {"split": 1, "no_image": 1}
+    ((_, task, options),) = resolve_task_specs(f"refcoco:path={refs},instances={instances},split=test")
+    items = task.items(options)
+    assert {i.meta["split"] for i in items} == {"test"} and registry.skipped_counts(items)["split"] > 0
+
+
+def test_seedbench_task_reads_the_official_file(tmp_path: Path) -> None:
+    question = {
+        "answer": "A",
+        "choice_a": "One",
+        "choice_b": "Two",
+        "choice_c": "Three",
+        "choice_d": "Four",
+        "data_id": "1454426_2591111986",
+        "data_type": "image",
+        "question": "How many towels are in the image?",
+        "question_id": "101669",
+        "question_type_id": 5,
+    }
+    video = {**question, "data_id": "94328.webm", "data_type": "video", "question_id": "v1738",
+             "question_type_id": 10}  # fmt: skip
+    path = tmp_path / "SEED-Bench.json"
+    path.write_text(json.dumps({"question_type": {"Instances Counting": 5}, "questions": [question, video]}))
+    images = tmp_path / "SEED-Bench-image"
+    images.mkdir()
+    ((_, task, options),) = resolve_task_specs(f"seedbench:path={path},images={images}")
+    items = task.items(options)
+    (item,) = items
+    assert item.images == (images / "1454426_2591111986",)
+    assert task.render(item) == (
+        "<image>\nHow many towels are in the image?\nA. One\nB. Two\nC. Three\nD. Four\n"
+        + registry.CHOICE_ANSWER
+    )
+    assert task.score("A", item) == 1.0 and task.score("B", item) == 0.0
+    assert registry.skipped_counts(items) == {"video": 1}
+
+
 def _screenspot(
     image: str, bbox: list[int], instruction: str, kind: str = "icon", source: str = "ios"
 ) -> dict:

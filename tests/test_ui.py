@@ -8,6 +8,7 @@ held-out synthetic screens and on the real SeeClick iPadOS screenshot with hand-
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from PIL import Image
 
 from mm15.chat import ChatEncoder
 from mm15.data.synth import generate
-from mm15.eval.tasks import TaskItem, get_task, resolve_task_specs
+from mm15.eval.tasks import TaskError, TaskItem, get_task, resolve_task_specs
 from mm15.eval.variant_tasks import UI_CLASSES, line_class, load_ui_elements, ui_list_f1
 from mm15.geometry import ImagePlanConfig, plan_image
 from mm15.model.presets import preset
@@ -161,8 +162,6 @@ def test_seeclick_ground_questions_and_answers() -> None:
 
 
 def test_bad_ui_elements_files_are_task_errors(tmp_path: Path) -> None:
-    from mm15.eval.tasks import TaskError
-
     data = json.loads(SEECLICK_BOXES.read_text())
     data["elements"][0]["box"] = [10, 10, 5000, 20]  # outside the image
     bad = tmp_path / "bad.json"
@@ -176,6 +175,81 @@ def test_bad_ui_elements_files_are_task_errors(tmp_path: Path) -> None:
     assert (
         run_task("ui-ocr", lambda item: item.answers[0], path=tmp_path / "ok.json", images=FIXTURES)[0] == 100
     )
+
+
+@pytest.mark.parametrize(
+    ("task", "element", "message"),
+    [
+        # A button without text: a bare KeyError when the questions were built.
+        (
+            "ui-ground",
+            {"class": "button", "box": [10, 300, 100, 350]},
+            r"\(button\): a button needs a 'text'",
+        ),
+        # A null text: asked, generated, then scoring crashed on None.
+        (
+            "ui-ocr",
+            {"class": "label", "text": None, "box": [10, 300, 100, 350]},
+            r"\(label\): 'text' must be a non-empty string, got None",
+        ),
+        (
+            "ui-ocr",
+            {"class": "label", "text": 2023, "box": [10, 300, 100, 350]},
+            r"\(label\): 'text' must be .*got 2023",
+        ),
+        # A toggle without a label: asked 'Where is the toggle for "None"?'.
+        (
+            "ui-ground",
+            {"class": "toggle", "box": [10, 300, 100, 350]},
+            r"\(toggle\): a toggle needs a 'label' or 'text'",
+        ),
+        (
+            "ui-icon",
+            {"class": "icon", "name": "", "box": [10, 300, 100, 350]},
+            r"\(icon\): 'name' must be a non-empty",
+        ),
+    ],
+)
+def test_ui_elements_without_their_names_are_task_errors_at_load(
+    tmp_path: Path, task: str, element: dict, message: str
+) -> None:
+    data = json.loads(SEECLICK_BOXES.read_text())
+    data["elements"].append(element)
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TaskError, match=rf"{re.escape(str(path))}: element 17 {message}"):
+        run_task(task, lambda item: item.answers[0], path=path, images=FIXTURES)
+    # A toggle named by its label is asked about by it.
+    data["elements"][-1] = {"class": "toggle", "label": "Wi-Fi", "box": [10, 300, 100, 350]}
+    path.write_text(json.dumps(data))
+    _, items = run_task("ui-ground", lambda item: item.answers[0], path=path, images=FIXTURES)
+    assert 'Where is the toggle for "Wi-Fi"? Answer in [x1, y1, x2, y2] format.' in {
+        i.question for i in items
+    }
+
+
+def test_ui_elements_size_must_be_the_screenshots(tmp_path: Path) -> None:
+    # The boxes are pixels of a width x height image: a wrong height (here the width typed twice)
+    # would move every reference box, so it stops the task instead.
+    data = json.loads(SEECLICK_BOXES.read_text())
+    data["height"] = 2360
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(
+        TaskError, match=r"'width' x 'height' is 2360x2360 but the screenshot .* is 2360x1640"
+    ):
+        run_task("ui-ground", lambda item: item.answers[0], path=path, images=FIXTURES)
+    # A screenshot stored sideways with an EXIF orientation is compared as the model sees it, upright.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees: the stored 100 x 60 pixels show as 60 x 100
+    Image.new("RGB", (100, 60), (240, 240, 240)).save(tmp_path / "sideways.jpg", exif=exif)
+    screen = {"image": "sideways.jpg", "width": 60, "height": 100,
+              "elements": [{"class": "button", "text": "OK", "box": [10, 70, 50, 90]}]}  # fmt: skip
+    path.write_text(json.dumps(screen))
+    assert run_task("ui-ocr", lambda item: item.answers[0], path=path)[0] == 100.0
+    path.write_text(json.dumps({**screen, "width": 100, "height": 60}))
+    with pytest.raises(TaskError, match=r"is 100x60 but the screenshot .* is 60x100"):
+        run_task("ui-ocr", lambda item: item.answers[0], path=path)
 
 
 # ------------------------------------------------------------------------ held-out synthetic screens
@@ -261,6 +335,21 @@ def test_ui_recipe_loads_and_fine_tunes_the_tiny_sft_model() -> None:
     assert plan.split and (plan.n_min, plan.n_max) == (4, 9)
     # The optimizer settings are the tiny recipe's SFT ones (MM1.5-UI reuses its SFT hyperparameters).
     assert stage.optimizer == tiny.stages[-1].optimizer
+
+
+def test_ui_recipe_comment_names_the_grids_its_plan_gives() -> None:
+    # The header comment says which grids phones and landscape tablets get; at this recipe's 64-px
+    # tiles a tablet gets 3 x 3 (2 x 3 is MM1.5's 672-px tiling, test above).
+    from mm15.train.config import load_recipe
+
+    text = (ROOT / "recipes" / "ui.yaml").read_text()
+    comment = " ".join(line.lstrip("# ").strip() for line in text.splitlines() if line.startswith("#"))
+    said = re.search(r"phones get (\d) x (\d) grids.*?landscape tablets (\d) x (\d)", comment)
+    assert said, comment
+    plan = load_recipe(ROOT / "recipes" / "ui.yaml").image_plan("sft")
+    phone, tablet = plan_image(844, 390, plan), plan_image(820, 1180, plan)
+    assert tuple(map(int, said.groups())) == (*phone.grid, *tablet.grid) == (4, 2, 3, 3)
+    assert plan_image(820, 1180, MM15).grid == (2, 3)
 
 
 @pytest.mark.slow

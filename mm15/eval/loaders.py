@@ -28,7 +28,7 @@ loader              file format                             metric (``mm15.eval.
 ``load_vqav2``      questions + annotations JSON pair       ``vqa_accuracy``
 ``load_refcoco``    refs JSON + COCO instances JSON         ``grounding_hit`` / ``_accuracy``
 ``load_screenspot`` ``[{"img_filename", "bbox", ...}]``     ``screenspot_hit``
-``load_multiple_choice``  MMMU / AI2D / ScienceQA records   ``choice_correct``
+``load_multiple_choice``  MMMU / AI2D / ScienceQA / SEED   ``choice_correct``
 ==================  ======================================  ===================================
 
 Malformed input (unreadable JSON, a missing field, a value of the wrong type, an unknown label)
@@ -66,6 +66,7 @@ __all__ = [
     "load_screenspot",
     "load_textvqa",
     "load_vqav2",
+    "record_splits",
 ]
 
 PathLike = str | Path
@@ -466,9 +467,15 @@ def load_vqav2(questions_path: PathLike, annotations_path: PathLike | None = Non
                 raise rec.error(f"duplicate annotation for question_id {qid}")
             annotations[qid] = (rec, texts, confidence)
     items = []
+    seen: set[str] = set()
     for index, raw in enumerate(_list_of_records(qp, qdata["questions"], "questions")):
         rec = _Record(raw, qp, index, ("question_id",))
         qid = rec.id("question_id")
+        # Checked before the annotation lookup: a repeated question finds its annotation already
+        # taken, which would be reported as a missing annotation instead of what it is.
+        if qid in seen:
+            raise rec.error(f"duplicate question_id {qid}")
+        seen.add(qid)
         image_id = rec.integer("image_id")
         meta: dict[str, Any] = {"image_id": image_id}
         answers: list[str] = []
@@ -490,7 +497,6 @@ def load_vqav2(questions_path: PathLike, annotations_path: PathLike | None = Non
     if annotations:
         extra = sorted(annotations)[:5]
         raise LoaderError(f"{ap}: {len(annotations)} annotation(s) without a question in {qp}, e.g. {extra}")
-    _check_unique(qp, items)
     return EvalSet(items, str(qp))
 
 
@@ -622,9 +628,22 @@ def load_screenspot(path: PathLike, *, platform: str | None = None) -> EvalSet:
 # --------------------------------------------------------------------------------------------------
 
 _ID_KEYS = ("id", "question_id", "questionId", "pid")
+# Record fields copied to meta when present (SEED-Bench's question_type_id is its dimension).
+_MC_META_KEYS = ("split", "subject", "subfield", "category", "hint", "topic_difficulty", "question_type_id")
 
 
 def _options(rec: _Record) -> list[str]:
+    if not rec.has("options") and not rec.has("choices") and rec.has("choice_a"):
+        # SEED-Bench (the official SEED-Bench.json and lmms-lab's copy) spells the options out as
+        # choice_a, choice_b, ...: read them in letter order up to the first one missing.
+        keys = [f"choice_{letter}" for letter in _LETTERS.lower()]
+        present = [key for key in keys if rec.has(key)]
+        count = next((k for k, key in enumerate(keys) if not rec.has(key)), len(keys))
+        if present != keys[:count]:
+            raise rec.error(f"choice fields must run from choice_a without a gap, got {present}")
+        if count < 2:
+            raise rec.error(f"needs at least choice_a and choice_b, got {present}")
+        return [rec.text(key) for key in keys[:count]]
     key = "options" if rec.has("options") or not rec.has("choices") else "choices"
     value = rec.get(key)
     if isinstance(value, str):
@@ -659,6 +678,37 @@ def _answer_letter(rec: _Record, n_options: int, zero_based: bool) -> str:
     return _LETTERS[index]
 
 
+def _choice_entries(path: PathLike) -> tuple[Path, list[tuple[str | None, Any]]]:
+    """The ``(mapping key or None, record)`` pairs of a multiple-choice file, in file order."""
+    p = Path(path)
+    if p.suffix.lower() == ".jsonl":
+        p, records = _read_json_lines(p)
+        return p, [(None, r) for r in _list_of_records(p, records, "records")]
+    p, data = _read_json(p)
+    if isinstance(data, list):
+        return p, [(None, r) for r in data]
+    if isinstance(data, Mapping) and isinstance(data.get("data"), list):
+        return p, [(None, r) for r in data["data"]]
+    if isinstance(data, Mapping) and isinstance(data.get("questions"), list):
+        # SEED-Bench.json: {"question_type": {name: id}, "questions": [...]}.
+        return p, [(None, r) for r in data["questions"]]
+    if isinstance(data, Mapping) and data and all(isinstance(v, Mapping) for v in data.values()):
+        return p, [(str(k), v) for k, v in data.items()]
+    raise LoaderError(
+        f"{p}: expected a list of records, a 'data' or 'questions' list, or an id -> record object"
+    )
+
+
+def record_splits(path: PathLike) -> list[str]:
+    """The sorted ``split`` values of a file's records: a multiple-choice file (any layout
+    ``load_multiple_choice`` reads) or a RefCOCO refs JSON. Records without a string ``split`` are
+    ignored. For error messages that tell the user which ``split=`` to choose."""
+    _, entries = _choice_entries(path)
+    return sorted(
+        {r["split"] for _, r in entries if isinstance(r, Mapping) and isinstance(r.get("split"), str)}
+    )
+
+
 def load_multiple_choice(
     path: PathLike,
     *,
@@ -667,46 +717,48 @@ def load_multiple_choice(
     skip_open: bool = False,
     zero_based: bool = True,
 ) -> EvalSet:
-    """Multiple-choice sets in the MMMU / AI2D / ScienceQA style.
+    """Multiple-choice sets in the MMMU / AI2D / ScienceQA / SEED-Bench style.
 
-    The file is a JSON list, an object with a ``"data"`` list, an object mapping id -> record
-    (ScienceQA ``problems.json``), or JSON lines. A record has ``question``, ``options`` (or
-    ``choices``; a list of strings, or MMMU's string repr of one) and ``answer``: an option letter
-    (``"B"``, ``"(B)"``), or an index as int or digit string (AI2D / ScienceQA; 0-based unless
+    The file is a JSON list, an object with a ``"data"`` list, an object with a ``"questions"`` list
+    (SEED-Bench.json), an object mapping id -> record (ScienceQA ``problems.json``), or JSON lines. A
+    record has ``question``, ``options`` (or ``choices``, or SEED-Bench's ``choice_a``, ``choice_b``,
+    ...; a list of strings, or MMMU's string repr of one) and ``answer``: an option letter (``"B"``,
+    ``"(B)"``), or an index as int or digit string (AI2D / ScienceQA; 0-based unless
     ``zero_based=False``). The id is ``id`` / ``question_id`` / ``questionId`` / ``pid``, else the
     mapping key, else the index. ``image`` is ``image`` (or ``image_path``, or MMMU's ``image_1``) when
-    it is a string, else ``None``; in an id -> record file (ScienceQA) it is ``"{id}/{image}"``, as the
-    images are stored.
+    it is a string, else SEED-Bench's ``data_id`` (the file name in ``SEED-Bench-image/``), else
+    ``None``; in an id -> record file (ScienceQA) it is ``"{split}/{id}/{image}"``, as the images are
+    stored (``images/<split>/<pid>/image.png``; ``"{id}/{image}"`` for a record without ``split``).
 
     ``answers == [letter]`` for ``choice_correct``; MMMU open questions (``question_type == "open"``)
     keep ``answers == [answer text]`` and ``options == []`` (for ``mmmu_open_correct``), or are
     skipped with ``skip_open=True``. Skips, counted in ``skipped``: ``"split"`` (records whose
-    ``split`` is not in ``split``; a record without ``split`` is an error then), ``"no_image"`` (no
-    image with ``require_image=True``, e.g. ScienceQA-IMG), ``"open"``.
+    ``split`` is not in ``split``; a record without ``split`` is an error then, and a split that
+    matches no record raises ``LoaderError`` naming the splits present), ``"video"`` (SEED-Bench
+    records with ``data_type == "video"``; ``data_type`` must be ``"image"`` or ``"video"``),
+    ``"no_image"`` (no image with ``require_image=True``, e.g. ScienceQA-IMG), ``"open"``.
     meta: ``options`` (list), ``answer_index`` (0-based), ``question_type``, and ``split``,
-    ``subject`` / ``subfield`` / ``category`` / ``hint`` when present.
+    ``subject`` / ``subfield`` / ``category`` / ``hint`` / ``question_type_id`` when present.
     """
-    p = Path(path)
-    if p.suffix.lower() == ".jsonl":
-        p, records = _read_json_lines(p)
-        entries: list[tuple[str | None, Any]] = [(None, r) for r in records]
-    else:
-        p, data = _read_json(p)
-        if isinstance(data, list):
-            entries = [(None, r) for r in data]
-        elif isinstance(data, Mapping) and isinstance(data.get("data"), list):
-            entries = [(None, r) for r in data["data"]]
-        elif isinstance(data, Mapping) and data and all(isinstance(v, Mapping) for v in data.values()):
-            entries = [(str(k), v) for k, v in data.items()]
-        else:
-            raise LoaderError(f"{p}: expected a list of records, a 'data' list or an id -> record object")
+    p, entries = _choice_entries(path)
     keep = _split_filter(split)
     items = []
     skipped: Counter[str] = Counter()
+    present: set[str] = set()
     for index, (key, raw) in enumerate(entries):
         rec = _Record(raw, p, key if key is not None else index, _ID_KEYS)
-        if keep is not None and rec.text("split") not in keep:
-            skipped["split"] += 1
+        if keep is not None:
+            record_split = rec.text("split")
+            present.add(record_split)
+            if record_split not in keep:
+                skipped["split"] += 1
+                continue
+        data_type = rec.text("data_type") if rec.has("data_type") else None
+        if data_type not in (None, "image", "video"):
+            raise rec.error(f"data_type must be 'image' or 'video', got {data_type!r}")
+        if data_type == "video":
+            # SEED-Bench's video dimensions (10-12) need the clips; this loader is for image questions.
+            skipped["video"] += 1
             continue
         image = None
         for image_key in ("image", "image_path", "image_1"):
@@ -717,15 +769,19 @@ def load_multiple_choice(
                     raise rec.error(f"field {image_key!r} must be a file name string, got {kind}")
                 image = value
                 break
+        if image is None and data_type == "image" and rec.has("data_id"):
+            image = rec.text("data_id")  # SEED-Bench: the file name in SEED-Bench-image/
         if image and key is not None:
-            image = f"{key}/{image}"  # ScienceQA problems.json: images/<pid>/image.png
+            # ScienceQA problems.json: the images of each split are in their own folder,
+            # images/<split>/<pid>/image.png.
+            image = f"{rec.text('split')}/{key}/{image}" if rec.has("split") else f"{key}/{image}"
         if require_image and not image:
             skipped["no_image"] += 1
             continue
         item_id = next((rec.id(k) for k in _ID_KEYS if rec.has(k)), key if key is not None else str(index))
         question_type = rec.data.get("question_type", "multiple-choice")
         meta: dict[str, Any] = {"question_type": question_type}
-        for extra in ("split", "subject", "subfield", "category", "hint", "topic_difficulty"):
+        for extra in _MC_META_KEYS:
             if rec.has(extra):
                 meta[extra] = rec.get(extra)
         if question_type == "open":
@@ -740,5 +796,7 @@ def load_multiple_choice(
             answers = [letter]
             meta.update({"options": options, "answer_index": _LETTERS.index(letter)})
         items.append(EvalItem(item_id, rec.text("question"), answers, image, meta))
+    if keep is not None and not keep & present:
+        raise LoaderError(f"{p}: no record in split(s) {sorted(keep)}; the file has {sorted(present)}")
     _check_unique(p, items)
     return EvalSet(items, str(p), skipped)

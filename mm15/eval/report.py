@@ -3,8 +3,9 @@
 ``EvalReport`` is what ``mm15.eval.runner.evaluate`` returns. ``save(out_dir)`` writes
 
 * ``results.json``: the model (name, path, config and weight hashes), every task's version, options,
-  prompt template, generation settings, metric, score and items (id, prompt, answers, raw output,
-  parsed prediction, score), the category scores and MMBase. Everything that can differ between two
+  prompt template, generation settings, metric, score, items (id, prompt, answers, raw output,
+  parsed prediction, score) and the annotation records its loader skipped by reason (``"split"``,
+  ``"no_image"``, ...), the category scores and MMBase. Everything that can differ between two
   runs with the same settings (timestamps, durations, how many items came from the cache) is under the
   one key ``"run"``, so two runs compare equal once it is removed;
 * ``results.md``: a Markdown table grouped by category, with category averages and MMBase;
@@ -34,7 +35,9 @@ SCORES_PNG = "scores.png"
 
 @dataclass
 class TaskResult:
-    """One task's outcome. ``items`` are dicts with id, prompt, answers, output, prediction, score."""
+    """One task's outcome. ``items`` are dicts with id, prompt, answers, output, prediction, score;
+    ``skipped`` counts the annotation records the task's loader left out, by reason (e.g. the other
+    splits, ScienceQA's questions without an image), so the score says what it was computed on."""
 
     name: str
     task: str
@@ -47,6 +50,7 @@ class TaskResult:
     score: float
     metrics: dict[str, float]
     items: list[dict[str, Any]] = field(default_factory=list)
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +62,7 @@ class TaskResult:
             "prompt_template": self.prompt_template,
             "generation": self.generation,
             "num_items": len(self.items),
+            "skipped": self.skipped,
             "score": self.score,
             "metrics": self.metrics,
             "items": self.items,

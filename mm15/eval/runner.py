@@ -44,7 +44,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from mm15.eval.report import EvalReport, TaskResult
-from mm15.eval.tasks import Task, TaskError, TaskItem, TaskSpec, resolve_task_specs
+from mm15.eval.tasks import Task, TaskError, TaskItem, TaskSpec, resolve_task_specs, skipped_counts
 from mm15.hardware import autocast, fast_dtype
 from mm15.image import ImageError, load_image
 from mm15.model.generate import GenerationConfig, generate
@@ -290,9 +290,11 @@ def _run_task(
     counts: dict[str, int],
 ) -> TaskResult:
     items = task.items(options)
+    skipped = skipped_counts(items)
     if not items:
         where = f" in {options['path']}" if options.get("path") else ""
-        raise TaskError(f"task {name}: no items to evaluate{where}; an empty task has no score")
+        left_out = f" (records skipped: {skipped})" if skipped else ""
+        raise TaskError(f"task {name}: no items to evaluate{where}{left_out}; an empty task has no score")
     caps = [n for n in (limit, options.get("limit")) if n is not None]
     count = min([len(items), *caps])
     cfg = task.generation_for(options)
@@ -372,6 +374,7 @@ def _run_task(
         score=score,
         metrics=aggregate,
         items=done,
+        skipped=skipped,
     )
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "COMMON_OPTIONS",
     "MMBASE_CATEGORIES",
     "VARIANT_MODULE",
+    "ItemList",
     "LazyItems",
     "Task",
     "TaskError",
@@ -52,6 +53,7 @@ __all__ = [
     "parse_task_specs",
     "register_task",
     "resolve_task_specs",
+    "skipped_counts",
     "synthetic_task",
     "task_names",
     "tasks",
@@ -133,6 +135,21 @@ class LazyItems(Sequence[TaskItem]):
         return self._make(index)
 
 
+class ItemList(list[TaskItem]):
+    """A task's items plus what its loader left out on purpose: ``skipped`` maps a reason
+    (``"split"``, ``"no_image"``, ``"video"``, ...) to a record count. The runner reports it with the
+    task's result, so a score says what it was computed on."""
+
+    def __init__(self, items: Iterable[TaskItem] = (), skipped: Mapping[str, int] | None = None) -> None:
+        super().__init__(items)
+        self.skipped: dict[str, int] = {k: int(v) for k, v in (skipped or {}).items() if v}
+
+
+def skipped_counts(items: Sequence[TaskItem]) -> dict[str, int]:
+    """The records an item source left out, by reason (``ItemList.skipped``; empty for other sources)."""
+    return dict(getattr(items, "skipped", None) or {})
+
+
 @dataclass(frozen=True)
 class TaskOption:
     """One ``key=value`` option a task accepts; ``kind`` converts the text (``str``, ``int``, ``float``,
@@ -203,7 +220,9 @@ class Task:
     """One evaluation task (module docstring). ``prompt`` is a ``str.format`` template with
     ``{question}`` and the item's ``fields``; the prompt is ``item.lead + prompt.format(...)``, sent as
     the user turn of the model's chat template. Bump ``version`` whenever the items, the prompt, the
-    parser or the metric change: cached outputs are keyed by it."""
+    parser or the metric change: cached outputs are keyed by it. ``check``, when set, is called with
+    the resolved options and raises ``TaskError`` for a combination the options alone cannot express
+    (``split=`` required for a file that holds every split)."""
 
     name: str
     category: str
@@ -217,6 +236,7 @@ class Task:
     source: ItemSource
     options: tuple[TaskOption, ...] = ()
     aggregate: Aggregator = mean_score
+    check: Callable[[Mapping[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         if self.category not in CATEGORIES:
@@ -252,6 +272,10 @@ class Task:
         for key in ("limit", "max_new_tokens"):
             if resolved[key] is not None and resolved[key] < 1:
                 raise TaskError(f"task {self.name}: {key} must be >= 1, got {resolved[key]}")
+        if self.check is not None:
+            # Here, so a bad combination stops the command with the other option errors, before any
+            # model is loaded or task run.
+            self.check(resolved)
         return resolved
 
     def generation_for(self, options: Mapping[str, Any]) -> GenerationConfig:
@@ -698,8 +722,9 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise TaskError(f"cannot read the image {path}: {err}") from None
 
 
-def from_eval_set(eval_set: loaders.EvalSet, root: Path, *, lead: str = "<image>\n") -> list[TaskItem]:
-    """Loader items as task items: the image under ``root`` (placeholder in ``lead``) when there is one."""
+def from_eval_set(eval_set: loaders.EvalSet, root: Path, *, lead: str = "<image>\n") -> ItemList:
+    """Loader items as task items: the image under ``root`` (placeholder in ``lead``) when there is one.
+    The loader's skip counts (``EvalSet.skipped``) come along as ``ItemList.skipped``."""
     out = []
     for item in eval_set:
         has_image = item.image is not None
@@ -713,7 +738,7 @@ def from_eval_set(eval_set: loaders.EvalSet, root: Path, *, lead: str = "<image>
                 meta=dict(item.meta),
             )
         )
-    return out
+    return ItemList(out, eval_set.skipped)
 
 
 PATH_HELP = "the annotation file"
@@ -741,12 +766,14 @@ def _real_task(
     aggregate: Aggregator = mean_score,
     extra_options: tuple[TaskOption, ...] = (),
     path_help: str = PATH_HELP,
+    version: str = "1",
+    check: Callable[[Mapping[str, Any]], None] | None = None,
 ) -> Task:
     return register_task(
         Task(
             name=name,
             category=category,
-            version="1",
+            version=version,
             description=description,
             prompt=prompt,
             generation=GenerationConfig(max_new_tokens=max_new_tokens),
@@ -756,6 +783,7 @@ def _real_task(
             source=source,
             options=(TaskOption("path", Path, path_help, required=True), IMAGES_OPTION, *extra_options),
             aggregate=aggregate,
+            check=check,
         )
     )
 
@@ -839,7 +867,31 @@ _real_task(
 )
 
 
+def _split_required(task: str) -> Callable[[Mapping[str, Any]], None]:
+    """A ``Task.check`` for annotation files that hold every split, train included (RefCOCO refs,
+    ScienceQA ``problems.json``): run whole, they would score training items with the test ones, so
+    ``split=`` is required. No split is picked by default: RefCOCO / RefCOCO+ have testA and testB,
+    RefCOCOg test, and no other task here chooses a split for the user either."""
+
+    def check(options: Mapping[str, Any]) -> None:
+        if options.get("split") is not None:
+            return
+        path = Path(options["path"])
+        try:
+            splits = loaders.record_splits(path)
+            held = f"{path} holds the splits {', '.join(splits)}" if splits else f"{path} names no split"
+        except (OSError, ValueError):  # unreadable here: the loader says why when the task runs
+            held = f"{path} could not be read to list its splits"
+        raise TaskError(
+            f"task {task}: option split=... is required ({held}); without it every split would be "
+            "evaluated, train included"
+        )
+
+    return check
+
+
 def _refcoco_source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
+    _split_required("refcoco")(options)  # for options that did not go through resolve_options
     split = options.get("split")
     eval_set = loaders.load_refcoco(Path(options["path"]), Path(options["instances"]), split=split)
     # The loader's meta holds the pixel box, width and height that grounding_score reads.
@@ -858,9 +910,10 @@ _real_task(
     parse=whole_answer,
     extra_options=(
         TaskOption("instances", Path, "the COCO instances JSON", required=True),
-        TaskOption("split", str, "keep refs of this split (testA, testB, val, test)"),
+        TaskOption("split", str, "the split to evaluate (required: testA, testB, val, test)"),
     ),
     path_help="the refs JSON (refs(<splitBy>).p converted to JSON)",
+    check=_split_required("refcoco"),
 )
 
 
@@ -888,12 +941,16 @@ _real_task(
 )
 
 
-def _choice_source(*, require_image: bool = False) -> ItemSource:
+def _choice_source(*, require_image: bool = False, split_required: str | None = None) -> ItemSource:
+    """Multiple-choice items; ``split_required`` names a task whose file holds every split."""
+
     def source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
+        if split_required:
+            _split_required(split_required)(options)  # for options that skipped resolve_options
         eval_set = loaders.load_multiple_choice(
             Path(options["path"]), split=options.get("split"), require_image=require_image
         )
-        items = []
+        items = ItemList(skipped=eval_set.skipped)
         for item in from_eval_set(eval_set, _images_root(options)):
             choices = item.meta.get("options") or []
             if choices:
@@ -902,28 +959,49 @@ def _choice_source(*, require_image: bool = False) -> ItemSource:
                 block += "\n" + CHOICE_ANSWER
             else:
                 block = SHORT_ANSWER
-            items.append(dataclasses.replace(item, fields={"options": block}))
+            # ScienceQA's hint is the passage many questions are about ("Which figure of speech is
+            # used in this text?"); lmms-eval (sqa_doc_to_text) puts it first as "Context: ...".
+            hint = item.meta.get("hint")
+            context = f"Context: {hint}\n" if isinstance(hint, str) and hint else ""
+            items.append(dataclasses.replace(item, fields={"options": block, "context": context}))
         return items
 
     return source
 
 
-_SPLIT_OPTION = TaskOption("split", str, "keep records of this split")
 _CHOICE_PROMPT = "{question}\n{options}"
-for _name, _category, _description, _require_image in (
-    ("ai2d", "knowledge", "AI2D test (MC records, 0-based answer index)", False),
-    ("scienceqa", "knowledge", "ScienceQA-IMG test (problems.json; split=test)", True),
-    ("mmmu", "knowledge", "MMMU val (MC and open questions; first image only)", False),
-    ("seedbench", "general", "SEED-Bench image questions (MC records)", False),
+for _name, _category, _description in (
+    ("ai2d", "knowledge", "AI2D test (MC records, 0-based answer index)"),
+    ("mmmu", "knowledge", "MMMU val (MC and open questions; first image only)"),
+    (
+        "seedbench",
+        "general",
+        "SEED-Bench image questions (SEED-Bench.json; images= SEED-Bench-image/; video items skipped)",
+    ),
 ):
     _real_task(
         _name,
         _category,
         _description,
-        _choice_source(require_image=_require_image),
+        _choice_source(),
         score=choice_score,
         metric="multiple choice (canonical); MMMU open: mmmu_open_correct",
         prompt=_CHOICE_PROMPT,
         max_new_tokens=8,
-        extra_options=(_SPLIT_OPTION,),
+        extra_options=(TaskOption("split", str, "keep records of this split"),),
     )
+# problems.json holds train, val and test: split= is required. Version 2: the hint is given as
+# context (lmms-eval's prompt) and images are read from images/<split>/<pid>/.
+_real_task(
+    "scienceqa",
+    "knowledge",
+    "ScienceQA-IMG (problems.json; split= required, e.g. test; images= the images/ folder)",
+    _choice_source(require_image=True, split_required="scienceqa"),
+    score=choice_score,
+    metric="multiple choice (canonical); MMMU open: mmmu_open_correct",
+    prompt="{context}" + _CHOICE_PROMPT,
+    max_new_tokens=8,
+    extra_options=(TaskOption("split", str, "the split to evaluate (required: test, val, train)"),),
+    version="2",
+    check=_split_required("scienceqa"),
+)

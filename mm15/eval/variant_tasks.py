@@ -52,9 +52,12 @@ file; ``tests/fixtures/seeclick_calendar_boxes.json`` is one)::
                   {"class": "icon", "name": "plus", "box": [...]}, ...]}
 
 with boxes in original pixels and ``class`` one of the generators' classes (button, text field, toggle,
-checkbox, icon, label). ``ui-ocr``, ``ui-icon``, ``ui-widget``, ``ui-ground`` (find text, icon and widget)
-and ``ui-click`` take ``path=`` (the JSON) and ``images=`` (default: the JSON's folder). Questions use the
-generators' wording, so a model fine-tuned on the synthetic UI data is asked as it was trained.
+checkbox, icon, label). Buttons, text fields and labels need a ``text``, toggles and checkboxes a
+``label`` (or ``text``), icons a ``name``, each a non-empty string; ``width`` and ``height`` must be the
+screenshot's size as the model sees it (EXIF-upright), which is checked against the image.
+``ui-ocr``, ``ui-icon``, ``ui-widget``, ``ui-ground`` (find text, icon and widget) and ``ui-click`` take
+``path=`` (the JSON) and ``images=`` (default: the JSON's folder). Questions use the generators'
+wording, so a model fine-tuned on the synthetic UI data is asked as it was trained.
 
 **Widget listing metric** (``ui_list_f1``). Every line of the answer that holds a box is one predicted
 element; its class is the first UI class named in the line (``search icon``: icon; ``toggle for "Wi-Fi"``:
@@ -92,6 +95,7 @@ from mm15.eval.tasks import (
     short_answer,
     whole_answer,
 )
+from mm15.image import image_size
 from mm15.model.generate import GenerationConfig
 from mm15.video import DEFAULT_NUM_FRAMES
 
@@ -501,8 +505,30 @@ def _box(value: Any, where: str, width: int, height: int) -> tuple[float, float,
     return float(value[0]), float(value[1]), float(value[2]), float(value[3])
 
 
-def load_ui_elements(path: Path) -> dict[str, Any]:
-    """Read and check a UI-elements JSON (module docstring); boxes become tuples of floats."""
+# What each class is named by in questions and answers (the generators' elements): buttons, text
+# fields and labels by their text, toggles and checkboxes by their label (or text), icons by name.
+_UI_NAMED_BY: dict[str, tuple[str, ...]] = {
+    "button": ("text",),
+    "text field": ("text",),
+    "label": ("text",),
+    "toggle": ("label", "text"),
+    "checkbox": ("label", "text"),
+    "icon": ("name",),
+}
+
+
+def load_ui_elements(path: Path, images: Path | None = None) -> dict[str, Any]:
+    """Read and check a UI-elements JSON (module docstring); boxes become tuples of floats.
+
+    With ``images`` (the screenshot folder), the screenshot must be there and be ``width`` x ``height``
+    as the model sees it (EXIF-upright): the boxes are pixels of that size and are written as text
+    relative to it, so a wrong size would move every reference box without any other sign. It is
+    checked before the boxes, whose bounds depend on it.
+
+    Every element's ``text`` / ``label`` / ``name``, when given, must be a non-empty string, and each
+    class needs the one it is named by (``_UI_NAMED_BY``): checked here, as a missing or null one
+    would otherwise surface as a bare ``KeyError``, a question about ``"None"``, or a crash in scoring
+    after the whole task has been generated."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -512,6 +538,19 @@ def load_ui_elements(path: Path) -> dict[str, Any]:
     width, height = data.get("width"), data.get("height")
     if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
         raise TaskError(f"{path}: 'width' and 'height' must be positive integers")
+    if images is not None:
+        image = images / data["image"]
+        if not image.is_file():
+            raise TaskError(f"{path}: the screenshot {image} does not exist")
+        try:
+            actual = image_size(image)  # as the model sees it: EXIF-upright
+        except (OSError, ValueError) as err:  # ImageError is a ValueError
+            raise TaskError(f"{path}: cannot read the screenshot {image}: {err}") from None
+        if actual != (width, height):
+            raise TaskError(
+                f"{path}: 'width' x 'height' is {width}x{height} but the screenshot {image} is "
+                f"{actual[0]}x{actual[1]} (upright, after any EXIF rotation)"
+            )
     elements = data.get("elements")
     if not isinstance(elements, list) or not elements:
         raise TaskError(f"{path}: 'elements' must be a non-empty list")
@@ -520,12 +559,18 @@ def load_ui_elements(path: Path) -> dict[str, Any]:
         where = f"{path}: element {k}"
         if not isinstance(element, dict) or element.get("class") not in UI_CLASSES:
             raise TaskError(f"{where}: needs a 'class' in {UI_CLASSES}")
+        where = f"{where} ({element['class']})"
+        for key in ("text", "label", "name"):
+            value = element.get(key)
+            if key in element and not (isinstance(value, str) and value.strip()):
+                raise TaskError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+        needed = _UI_NAMED_BY[element["class"]]
+        if not any(key in element for key in needed):
+            raise TaskError(f"{where}: a {element['class']} needs a {' or '.join(map(repr, needed))}")
         out = dict(element)
         out["box"] = _box(element.get("box"), where, width, height)
         if "text_box" in element:
             out["text_box"] = _box(element["text_box"], where, width, height)
-        if element["class"] == "icon" and not isinstance(element.get("name"), str):
-            raise TaskError(f"{where}: an icon needs a 'name'")
         checked.append(out)
     return {**data, "elements": checked}
 
@@ -553,11 +598,9 @@ def _screen_items(kind: str) -> Callable[[Mapping[str, Any]], Sequence[TaskItem]
 
     def source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
         path = Path(options["path"])
-        data = load_ui_elements(path)
         root = Path(options["images"]) if options.get("images") else path.parent
+        data = load_ui_elements(path, root)
         image = root / data["image"]
-        if not image.is_file():
-            raise TaskError(f"{path}: the screenshot {image} does not exist")
         width, height = data["width"], data["height"]
         elements = data["elements"]
 
