@@ -88,6 +88,15 @@ def test_from_dict_round_trip_and_nesting() -> None:
     assert effective_weights(scaled) == pytest.approx(effective_weights(node))
 
 
+def test_huge_weights_keep_their_ratios() -> None:
+    # Their sum overflowed to inf: every share became 0 and the sampler failed with an IndexError.
+    node = MixtureNode.from_dict(
+        {"a": 1e308, "b": 1e308, "c": {"weight": 1e308, "children": {"x": 1.5e308, "y": 0.5e308}}}
+    )
+    assert effective_weights(node) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "x": 0.25, "y": 1 / 12})
+    assert set(MixtureSampler(node, seed=0).take(50)) == {"a", "b", "x", "y"}
+
+
 def test_zero_weight_leaf_is_never_drawn() -> None:
     node = MixtureNode.from_dict({"a": 1, "b": 0, "c": 1})
     assert effective_weights(node)["b"] == 0.0

@@ -153,9 +153,16 @@ class MixtureNode:
         if self.children is None:
             yield path, self, prob
             return
-        total = sum(c.weight for c in self.children)
-        for child in self.children:
-            yield from child.leaves(f"{path}.{child.name}", prob * child.weight / total)
+        weights = [c.weight for c in self.children]
+        total = sum(weights)
+        if not math.isfinite(total):
+            # Two weights of 1e308 sum to inf and every share would become 0: divide by the largest
+            # first (only then, so every other mixture's probabilities stay bit for bit what they were).
+            largest = max(weights)
+            weights = [w / largest for w in weights]
+            total = sum(weights)
+        for child, weight in zip(self.children, weights, strict=True):
+            yield from child.leaves(f"{path}.{child.name}", prob * weight / total)
 
 
 def _parse_children(path: str, spec: Mapping[str, Any]) -> tuple[MixtureNode, ...]:
