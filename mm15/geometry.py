@@ -82,6 +82,14 @@ class ImagePlanConfig:
             if value not in allowed:
                 raise ValueError(f"ImagePlanConfig.{name} must be one of {allowed}, got {value!r}")
 
+    def min_image_tokens_per_sample(self) -> int:
+        """The fewest image tokens a sample with images can cost: one image on the smallest grid, or,
+        if fewer, the ``max_images_to_split + 1`` unsplit images past which splitting stops."""
+        if not self.split:
+            return self.tokens_per_tile
+        overview = 1 if self.overview != "none" else 0
+        return min(self.n_min + overview, self.max_images_to_split + 1) * self.tokens_per_tile
+
     def max_tokens_per_image(self) -> int:
         """Upper bound of image tokens one image can cost (1440 for MM1.5's defaults)."""
         tiles = self.n_max if self.split else 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,38 @@ def test_missing_and_default_fields() -> None:
     assert recipe.stages[0].max_corrupt_fraction == 0.01 and recipe.stages[0].nan_policy == "error"
     data["stages"][1]["parent"] = "./runs/elsewhere/pretrain"  # a checkpoint path: syntax only
     assert RecipeConfig.from_dict(data).stages[1].parent == "./runs/elsewhere/pretrain"
+
+
+def test_a_key_repeated_in_a_mapping_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    # PyYAML keeps the last of two equal keys: a stray second "caption:" silently changed the mixture.
+    text = (RECIPES / "mm15-1b.yaml").read_text()
+    flow = "mixture: {caption: 50, interleaved: 10, text: 40}"
+    assert flow in text
+    twice = text.replace(flow, "mixture: {caption: 50, interleaved: 10, text: 40, caption: 5}")
+    path = tmp_path / "twice.yaml"
+    path.write_text(twice)
+    line = twice[: twice.index(flow[:9])].count("\n") + 1
+    column = twice.split("\n")[line - 1].rindex("caption: 5") + 1
+    message = f"line {line}, column {column}: while reading a mapping (first 'caption' on line {line}), "
+    with pytest.raises(ValueError, match=re.escape(message + "key 'caption' appears twice")):
+        load_recipe(path)
+
+
+def test_a_sequence_too_short_for_any_image_is_refused_at_load() -> None:
+    # The tiny SFT plan: a single image costs at least (4 tiles + overview) x 16 tokens, and a sample of
+    # three or more images, which are never split, 3 x 16.
+    data = _tiny()
+    sft = data["stages"][2]
+    sft["data"]["seq_length"] = 47
+    with pytest.raises(ValueError, match=r"stages\[2\]\.data\.seq_length: 47 tokens cannot hold .* 48 "):
+        RecipeConfig.from_dict(data)
+    sft["data"]["seq_length"] = 48
+    RecipeConfig.from_dict(data)
+    # Text alone needs no room for an image.
+    sft["data"]["seq_length"] = 40
+    sft["data"]["mixture"] = {"text-only": 1}
+    sft["data"]["sources"] = {"text-only": "synth:text-only"}
+    RecipeConfig.from_dict(data)
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

@@ -6,12 +6,13 @@ each stage says where it starts from (``parent``), what it trains (``trainable``
 preset's image plan). MM1.5's recipe is three stages: pre-training, high-resolution continual
 pre-training on OCR data and SFT (mm15-spec.md section 3); ``recipes/*.yaml`` holds it at several sizes.
 
-``load_recipe(path)`` reads YAML (``yaml.safe_load``) and validates everything it can before any model or
-data is touched (design principle 3): unknown keys, types, ranges, stage order, mixture weights and
-sources, batch-size arithmetic, image-plan overrides against the preset. Every error is a ``ValueError``
-naming the field by its path, e.g. ``recipe.stages[1].optimizer.lr: must be > 0, got -1``. What cannot be
-known at load time is checked by ``mm15.train.run.run_recipe`` before the first stage trains: the world
-size (``StageConfig.grad_accum``) and that data paths exist; a parent checkpoint directory when its stage
+``load_recipe(path)`` reads YAML (PyYAML's safe loader, refusing a key repeated in one mapping) and
+validates everything it can before any model or data is touched (design principle 3): unknown keys,
+types, ranges, stage order, mixture weights and sources, batch-size arithmetic, image-plan overrides
+against the preset. Every error is a ``ValueError`` naming the field by its path, e.g.
+``recipe.stages[1].optimizer.lr: must be > 0, got -1``. What cannot be known at load time is checked
+by ``mm15.train.run.run_recipe`` before the first stage trains: the world size
+(``StageConfig.grad_accum``) and that data paths exist; a parent checkpoint directory when its stage
 starts (paths are only checked for syntax here, so the GPU recipes load on any machine).
 
 Sources. A mixture leaf is resolved to a data source by ``DataConfig.resolve_sources``:
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -755,6 +756,15 @@ class RecipeConfig:
             f"{plan.tile_size} is not the encoder's input size {encoder} (change the encoder with "
             "model.overrides.vision.input_size and connector.num_patches instead)",
         )
+        # A sequence that cannot hold any image would train only the text-only samples while the
+        # others are skipped as too long, and that is a typo, not a plan.
+        least = plan.min_image_tokens_per_sample()
+        _check(
+            stage.data.seq_length >= least or _text_only(stage.data.resolve_sources().values()),
+            f"stages[{index}].data.seq_length",
+            f"{stage.data.seq_length} tokens cannot hold a sample with an image under this stage's "
+            f"image plan (at least {least} image tokens)",
+        )
 
     @property
     def run_dir(self) -> Path:
@@ -803,18 +813,52 @@ class RecipeConfig:
         )
 
 
+def _text_only(specs: Iterable[str]) -> bool:
+    """Whether every source spec is a synthetic generator of text alone (their samples hold no image)."""
+    from mm15.data.synth import synth_names
+
+    text = set(synth_names("text-only"))
+    return all(
+        spec.startswith(f"{SYNTH}:") and set(synth_names(spec[len(SYNTH) + 1 :])) <= text for spec in specs
+    )
+
+
 def load_recipe(path: str | Path) -> RecipeConfig:
     """Read and validate a YAML recipe; errors name the field path (``recipe.stages[1].optimizer.lr``)."""
     file = Path(path)
     if (problem := not_a_file_reason(file)) is not None:
         raise FileNotFoundError(f"recipe {file}: {problem}")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     return RecipeConfig.from_dict(data)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key repeated in one mapping.
+
+    YAML says keys are unique, but PyYAML keeps the last one: a repeated ``caption:`` in a mixture, or a
+    second ``lr:``, would silently replace the first (50:10:40 became 9:18:73 with one stray line).
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if isinstance(key, Hashable) and key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    f"while reading a mapping (first {key!r} on line {first})",
+                    node.start_mark,
+                    f"key {key!r} appears twice",
+                    key_node.start_mark,
+                )
+            if isinstance(key, Hashable):
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
