@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,12 +133,78 @@ def test_multi_round(adapter: MM15LMM) -> None:
     def doc_to_text(doc: dict, previous_output: list[str], round_idx: int, previous_round_info: Any) -> tuple:
         seen.append((round_idx, list(previous_output)))
         terminal = round_idx == 3
-        return visuals(doc), f"Round {round_idx}: and now?", terminal, [previous_output], {"round": round_idx}
+        # round_res is the rounds' results so far, as MMSearch returns it (previous_output).
+        return visuals(doc), f"Round {round_idx}: and now?", terminal, previous_output, {"round": round_idx}
 
     args = ("First question?", {"max_new_tokens": 2}, visuals, doc_to_text, 1, "toy", "test")
     (answers,) = adapter.generate_until_multi_round([FakeInstance("generate_until_multi_round", args)])
     assert len(answers) == 3 and [r for r, _ in seen] == [1, 2, 3]
     assert [len(previous) for _, previous in seen] == [1, 2, 3]
+
+
+def test_multi_round_returns_the_round_results_doc_to_text_gives(adapter: MM15LMM) -> None:
+    """A ``round_res`` from ``doc_to_text`` is the request's result (lmms-eval's reference model):
+    MMSearch ends in round 1 when the search finds nothing, returning ``[requery, None, None]``, and its
+    ``process_results`` reads ``round_res[2]``; the adapter returned its own one answer instead
+    (``IndexError`` there)."""
+    gen_kwargs = {"max_new_tokens": 3}
+    (requery,) = adapter.generate_until([request(0, gen_kwargs, "Question 0: what is shown?")])
+
+    def early_exit(doc: dict, previous_output: list, round_idx: int, previous_round_info: Any) -> tuple:
+        return None, None, True, [previous_output[-1], None, None], None
+
+    seen: list[tuple[list, Any]] = []
+
+    def replace_then_end(doc: dict, previous_output: list, round_idx: int, previous_round_info: Any) -> tuple:
+        seen.append((list(previous_output), previous_round_info))
+        if round_idx == 1:  # the task's own record replaces the answers; the next answer is appended
+            return visuals(doc), "Question 1: what is shown?", False, ["kept", "record"], {"brief": 1}
+        return None, None, True, None, None  # None: the results so far stand
+
+    def multi_round(doc_to_text: Any) -> FakeInstance:
+        args = ("Question 0: what is shown?", gen_kwargs, visuals, doc_to_text, 0, "toy", "test")
+        return FakeInstance("generate_until_multi_round", args)
+
+    ended, replaced = adapter.generate_until_multi_round(
+        [multi_round(early_exit), multi_round(replace_then_end)]
+    )
+    assert requery and ended == (requery, None, None)  # (contexts the random model answers)
+    (round1,) = adapter.generate_until([request(0, gen_kwargs, "Question 1: what is shown?")])
+    assert round1 and replaced == ("kept", "record", round1)
+    assert seen == [([requery], None), (["kept", "record", round1], {"brief": 1})]
+
+
+def test_generate_until_decodes_images_one_batch_at_a_time(
+    adapter: MM15LMM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every request's images were decoded before anything was generated, so memory grew with the
+    task (DocVQA val: ~60 GB of pages); now only one batch's are alive, and the outputs are those of
+    each request generated alone, in request order."""
+    a, b = {"max_new_tokens": 3}, {"max_new_tokens": 2}
+    requests = [request(0, a), request(1, b), request(1, a), request(2, a), request(0, a), request(0, b)]
+    expected = [adapter.generate_until([req])[0] for req in requests]
+    made: list[weakref.ref] = []  # every image doc_to_visual handed out
+    decoded = [0]  # doc_to_visual calls
+
+    def fresh_visuals(doc: dict) -> list[Image.Image]:
+        decoded[0] += 1
+        pictures = [picture.copy() for picture in visuals(doc)]  # new images, as decoding gives
+        made.extend(weakref.ref(picture) for picture in pictures)
+        return pictures
+
+    spied = [FakeInstance(r.request_type, (*r.args[:2], fresh_visuals, *r.args[3:])) for r in requests]
+    generate, calls = adapter._generate, []
+
+    def spy(prompts: list[str], images: list, video: list[bool], cfg: GenerationConfig) -> list[str]:
+        gc.collect()
+        calls.append((decoded[0], sum(ref() is not None for ref in made), len(prompts)))
+        return generate(prompts, images, video, cfg)
+
+    monkeypatch.setattr(adapter, "_generate", spy)
+    assert adapter.generate_until(spied) == expected
+    # (doc_to_visual calls so far, images alive, batch size) at each generation: group a's requests
+    # 0 and 2, then 3 and 4 (doc 2 has no image), then group b's 1 and 5; batch_size is 2.
+    assert calls == [(2, 2, 2), (4, 1, 2), (6, 2, 2)]
 
 
 def test_loads_a_model_directory(adapter: MM15LMM, tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ Request arguments (lmms-eval 0.7):
   multiple-choice scoring (argmin) expects;
 * ``generate_until_multi_round``: ``(context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task,
   split)``; rounds after the first come from ``doc_to_text(doc, previous_output=..., round_idx=...,
-  previous_round_info=...)``, which returns ``(visuals, context, terminal, round_results, info)``.
+  previous_round_info=...)``, which returns ``(visuals, context, terminal, round_results, info)``;
+  ``round_results``, when not None, becomes the request's result so far (lmms-eval's convention).
 
 Visuals are PIL images (or video file paths, read as ``mm15.video.read_video`` frames and planned
 unsplit). A context with no ``<image>`` gets the visuals' placeholders in front (lmms-eval's own
@@ -198,11 +199,32 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
                     out[k] = text.strip()
         return out
 
+    def _generate_requests(self, requests: Sequence[Any], cfg: GenerationConfig) -> list[str]:
+        """Outputs for one batch of ``generate_until`` requests, in order. Their visuals are decoded
+        here, not before, and are dropped when this returns: only one batch's images are alive at a
+        time (``generate_until``)."""
+        prompts: list[str] = []
+        images: list[list[Image.Image]] = []
+        video: list[bool] = []
+        for request in requests:
+            context, _, doc_to_visual, doc_id, task, split = request.args
+            pictures, is_video, counts = self._images(
+                self._flatten(doc_to_visual(self._doc(task, split, doc_id)))
+            )
+            prompts.append(self._prompt(context, counts))
+            images.append(pictures)
+            video.append(is_video)
+        return self._generate(prompts, images, video, cfg)
+
     # --- the lmms interface -------------------------------------------------------------------------
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """Greedy (or sampled) continuations, in request order; requests sharing ``gen_kwargs`` are
-        batched together."""
+        batched together, ``batch_size`` at a time in the order they came.
+
+        Each batch's visuals are decoded just before it is generated (as lmms-eval's own models do),
+        so memory is bounded by ``batch_size``, not by the task: decoding a whole task first would hold
+        e.g. DocVQA val's ~5k pages (~60 GB of pixels), or 24 frames per video request."""
         groups: dict[str, list[int]] = {}
         for index, request in enumerate(requests):
             groups.setdefault(json.dumps(request.args[1] or {}, sort_keys=True, default=str), []).append(
@@ -211,17 +233,11 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
         results: list[str] = [""] * len(requests)
         for indices in groups.values():
             cfg = self.generation_config(requests[indices[0]].args[1])
-            prompts, images, video = [], [], []
-            for index in indices:
-                context, _, doc_to_visual, doc_id, task, split = requests[index].args
-                pictures, is_video, counts = self._images(
-                    self._flatten(doc_to_visual(self._doc(task, split, doc_id)))
-                )
-                prompts.append(self._prompt(context, counts))
-                images.append(pictures)
-                video.append(is_video)
-            for index, text in zip(indices, self._generate(prompts, images, video, cfg), strict=True):
-                results[index] = text
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                texts = self._generate_requests([requests[k] for k in chunk], cfg)
+                for index, text in zip(chunk, texts, strict=True):
+                    results[index] = text
         return results
 
     @torch.no_grad()
@@ -253,21 +269,29 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
     def generate_until_multi_round(self, requests: Sequence[Any]) -> list[Any]:
         """Multi-round dialogue (lmms-eval's protocol, one request at a time): round 0 answers the
         context; each later round's visuals and context come from ``doc_to_text``, until it signals the
-        end. Returns, per request, the tuple of every round's answer."""
+        end. Returns, per request, the tuple of the round results.
+
+        Those are the model's answers, except that a ``round_res`` returned by ``doc_to_text`` (not
+        None) *replaces* them, later answers being appended to it, as in lmms-eval's reference model
+        (``llava_onevision.generate_until_multi_round``): the task keeps its own record of the rounds,
+        and its ``process_results`` reads that record (MMSearch's early exit in round 1 returns
+        ``[requery, None, None]`` and scores ``round_res[0]`` and ``round_res[2]``)."""
         results: list[Any] = []
         for request in requests:
             context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
             doc = self._doc(task, split, doc_id)
             cfg = self.generation_config(gen_kwargs)
             visuals: Any = doc_to_visual(doc)
-            answers: list[str] = []
+            answers: list[Any] = []
             info: Any = None
             round_idx = 0
             while True:
                 if round_idx > 0:
-                    visuals, context, terminal, _, info = doc_to_text(
+                    visuals, context, terminal, round_res, info = doc_to_text(
                         doc, previous_output=list(answers), round_idx=round_idx, previous_round_info=info
                     )
+                    if round_res is not None:  # the task's record of the rounds is the result
+                        answers = list(round_res)
                     if terminal:
                         break
                 pictures, is_video, counts = self._images(self._flatten(visuals))
