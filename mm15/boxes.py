@@ -1,11 +1,12 @@
 """The one text format for boxes and points, and its transforms to and from image pixels.
 
-Boxes and points are written relative to the full original image (never a tile), as integers on a
-1000 x 1000 virtual canvas, the Ferret / Ferret-UI convention MM1.5 follows: ``[x1, y1, x2, y2]`` for a
-box and ``[x, y]`` for a point, comma and space between numbers. A pixel coordinate ``x`` in an image
-``W`` pixels wide becomes ``min(999, floor(x * 1000 / W))``; a text unit ``v`` decodes to the centre of
-its bin, ``(v + 0.5) * W / 1000``, so image -> text -> image moves a coordinate by at most half a
-text unit. Pixel boxes are (x1, y1, x2, y2) floats with x2/y2 as the far edges.
+Boxes and points are written relative to the full original image (never a tile), as integers (ASCII
+digits) on a 1000 x 1000 virtual canvas, the Ferret / Ferret-UI convention MM1.5 follows:
+``[x1, y1, x2, y2]`` for a box and ``[x, y]`` for a point, comma and space between numbers. A pixel
+coordinate ``x`` in an image ``W`` pixels wide becomes ``min(999, floor(x * 1000 / W))``; a text unit
+``v`` decodes to the centre of its bin, ``(v + 0.5) * W / 1000``, so image -> text -> image moves a
+coordinate by at most half a text unit. Pixel boxes are (x1, y1, x2, y2) floats with x2/y2 as the far
+edges.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ Point = tuple[float, float]
 TextBox = tuple[int, int, int, int]
 TextPoint = tuple[int, int]
 
-# Strict forms for our own output, e.g. "[12, 300, 455, 999]" and "[40, 7]".
-BOX_PATTERN = re.compile(r"\[(\d{1,3}), (\d{1,3}), (\d{1,3}), (\d{1,3})\]")
-POINT_PATTERN = re.compile(r"\[(\d{1,3}), (\d{1,3})\]")
+# Strict forms for our own output, e.g. "[12, 300, 455, 999]" and "[40, 7]". ASCII digits only: Python's
+# \d would also take other scripts' digits ("[١٠٠, ...]"), which the format does not have and the web
+# page's JavaScript (whose \d is ASCII) would not draw.
+BOX_PATTERN = re.compile(r"\[([0-9]{1,3}), ([0-9]{1,3}), ([0-9]{1,3}), ([0-9]{1,3})\]")
+POINT_PATTERN = re.compile(r"\[([0-9]{1,3}), ([0-9]{1,3})\]")
 
 
 def _check_size(height: int, width: int) -> None:

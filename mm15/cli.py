@@ -7,7 +7,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageError, load_image
-from mm15.paths import check_output_dir
+from mm15.paths import check_output_dir, shown
 from mm15.viz import check_picture_path, draw_plan
 
 app = typer.Typer(
@@ -38,6 +38,12 @@ def _register_subcommands() -> None:
 _register_subcommands()
 
 
+def _fail(err: Exception | str) -> NoReturn:
+    """The one-line ``error:`` a user can act on (its paths printed as typed, not as markup), exit 2."""
+    console.print(f"[red]error:[/red] {shown(err)}", soft_wrap=True)
+    raise typer.Exit(2) from None
+
+
 def plan_table(plan: TilePlan, title: str) -> Table:
     table = Table(title=title, show_header=True)
     for column in ("#", "kind", "row", "col", "top", "left", "marker", "tokens"):
@@ -58,7 +64,7 @@ def plan_table(plan: TilePlan, title: str) -> Table:
 
 
 def print_plan(plan: TilePlan, name: str) -> None:
-    console.print(f"[bold]{name}[/bold]: {plan.height}x{plan.width} (height x width)")
+    console.print(f"[bold]{shown(name)}[/bold]: {plan.height}x{plan.width} (height x width)")
     console.print(
         f"  grid {plan.grid[0]}x{plan.grid[1]} (rows x cols), split={plan.split}, "
         f"resized to {plan.resized[0]}x{plan.resized[1]} on a {plan.canvas[0]}x{plan.canvas[1]} canvas, "
@@ -102,17 +108,19 @@ def plan(
         picture = load_image(image)
         result = plan_image(picture.height, picture.width, cfg, images_in_sample=images_in_sample)
     except (ImageError, ValueError) as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(err)
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         print_plan(result, str(image))
     if draw is not None:
-        draw.parent.mkdir(parents=True, exist_ok=True)
-        draw_plan(picture, result).save(draw)
+        try:
+            draw.parent.mkdir(parents=True, exist_ok=True)
+            draw_plan(picture, result).save(draw)
+        except OSError as err:  # checked above; this is the folder changing since, or a full disk
+            _fail(f"cannot write --draw {draw}: {err.strerror or err}")
         if not json_out:
-            console.print(f"drew the plan to {draw}")
+            console.print(f"drew the plan to {shown(draw)}")
 
 
 @app.command()
@@ -186,32 +194,34 @@ def train(
             config = dataclasses.replace(config, stages=tuple(stages))
         if check:
             rows = check_recipe(config, stage_name=stage, resume=resume, out=out, strategy=strategy)
-            console.print(f"[bold]{config.name}[/bold]: the checks passed; what each stage would do:")
+            console.print(f"[bold]{shown(config.name)}[/bold]: the checks passed; what each stage would do:")
             for row in rows:  # a block per stage: the sources alone are wider than a terminal
-                console.print(f"[bold]{row['stage']}[/bold]: {row['action']}")
+                console.print(f"[bold]{shown(row['stage'])}[/bold]: {shown(row['action'])}")
                 console.print(
-                    f"  parent {row['parent']}; {row['steps']} steps; batch {row['batch']} (global = micro x "
-                    f"accumulation x ranks); sequence {row['seq_length']}; lr {row['lr']}; trainable "
-                    f"{row['trainable']}",
+                    f"  parent {shown(row['parent'])}; {row['steps']} steps; batch {row['batch']} (global = "
+                    f"micro x accumulation x ranks); sequence {row['seq_length']}; lr {row['lr']}; trainable "
+                    f"{shown(row['trainable'])}",
                     soft_wrap=True,
                 )
-                console.print(f"  data: {row['sources']}", soft_wrap=True)
+                console.print(f"  data: {shown(row['sources'])}", soft_wrap=True)
             return
         summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out, strategy=strategy)
     except (ValueError, FileNotFoundError) as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(err)
     except (StageFailed, CorruptDataError) as err:
-        console.print(f"[red]stopped:[/red] {err}", soft_wrap=True)
+        console.print(f"[red]stopped:[/red] {shown(err)}", soft_wrap=True)
         raise typer.Exit(3) from None
     except StopRequested as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all
-            console.print(f"[yellow]{err}.[/yellow] Continue with: {_resume_command()}", soft_wrap=True)
+            console.print(
+                f"[yellow]{shown(err)}.[/yellow] Continue with: {shown(_resume_command())}", soft_wrap=True
+            )
         raise typer.Exit(128 + err.signum) from None
     except KeyboardInterrupt:
         if os.environ.get("RANK", "0") == "0":
             console.print(
-                f"[yellow]interrupted.[/yellow] Continue from the last checkpoint with: {_resume_command()}",
+                "[yellow]interrupted.[/yellow] Continue from the last checkpoint with: "
+                f"{shown(_resume_command())}",
                 soft_wrap=True,
             )
         raise typer.Exit(130) from None
@@ -221,12 +231,12 @@ def train(
         return  # under torchrun rank 0 reports
     for s in summaries:
         console.print(
-            f"{s['stage']}: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} over {s['steps']} steps"
+            f"{shown(s['stage'])}: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} over {s['steps']} steps"
         )
         if s["skipped"]:
-            console.print(f"  skipped (counted): {s['skipped']}", soft_wrap=True)
+            console.print(f"  skipped (counted): {shown(s['skipped'])}", soft_wrap=True)
             for example in s.get("skip_examples", []):
-                console.print(f"    {example}", soft_wrap=True)
+                console.print(f"    {shown(example)}", soft_wrap=True)
 
 
 @app.command("eval")
@@ -279,19 +289,18 @@ def eval_(
             console=console,
         )
     except (TaskError, ValueError, FileNotFoundError, ImageError) as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(err)
     except KeyboardInterrupt:
         console.print(
             "[yellow]interrupted.[/yellow] The answers generated so far are cached in the results "
-            f"directory; the same command continues from them: mm15 {shlex.join(sys.argv[1:])}",
+            f"directory; the same command continues from them: mm15 {shown(shlex.join(sys.argv[1:]))}",
             soft_wrap=True,
         )
         raise typer.Exit(130) from None
     typer.echo(report.to_markdown())  # raw, so the Markdown table is never wrapped
     console.print(
         f"{report.run['generated_items']} items generated, {report.run['cached_items']} from the cache; "
-        f"results in {target}/ (results.json, results.md, scores.png)",
+        f"results in {shown(target)}/ (results.json, results.md, scores.png)",
         soft_wrap=True,
     )
 
@@ -314,14 +323,13 @@ def demo(
     from mm15.train.run import StopRequested
 
     command = shlex.join(["mm15", *sys.argv[1:]])
-    again = f"The same command ({command}; make demo runs it) continues from the last checkpoint."
+    again = f"The same command ({shown(command)}; make demo runs it) continues from the last checkpoint."
     try:
         run_demo(out, console, image, recipe)
     except DemoInputError as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise typer.Exit(2) from None
+        _fail(err)
     except StopRequested as err:
-        console.print(f"[yellow]{err}.[/yellow] {again}", soft_wrap=True)
+        console.print(f"[yellow]{shown(err)}.[/yellow] {again}", soft_wrap=True)
         raise typer.Exit(128 + err.signum) from None
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted.[/yellow] {again}", soft_wrap=True)

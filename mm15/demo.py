@@ -28,8 +28,8 @@ from rich.console import Console
 from rich.table import Table
 
 from mm15.geometry import ImagePlanConfig
-from mm15.image import ImageProcessor, image_size, load_image
-from mm15.paths import check_output_dir
+from mm15.image import ImageProcessor, load_image
+from mm15.paths import check_output_dir, shown
 from mm15.viz import draw_plan
 
 if TYPE_CHECKING:
@@ -93,7 +93,7 @@ def show_plans(out: Path, console: Console, images: list[Path]) -> None:
             raise RuntimeError(f"{name}: plan and tensor disagree on the number of tiles")
         draw_plan(image, plan).save(out / f"plan_{index}.png")
         table.add_row(
-            name,
+            shown(name),
             f"{plan.height}x{plan.width}",
             f"{plan.grid[0]}x{plan.grid[1]}",
             f"{plan.resized[0]}x{plan.resized[1]}",
@@ -176,7 +176,8 @@ def live_answers(model: Any, out: Path, console: Console) -> list[dict[str, str]
             picture.thumbnail((480, 480))
             row["image"] = f"live_{name}.png"
             picture.save(out / row["image"])
-        table.add_row(row["shows"], row["question"], row["answer"], row["truth"])
+        # The model's answer is arbitrary text, and questions hold "[image]": never markup.
+        table.add_row(*(shown(row[k]) for k in ("shows", "question", "answer", "truth")))
         rows.append(row)
     console.print(table)
     return rows
@@ -206,7 +207,7 @@ def evaluate_checkpoint(model: Any, label: str, out: Path, console: Console, lim
     )
     scores = report.category_scores
     console.print(
-        f"[bold]{label}[/bold]: "
+        f"[bold]{shown(label)}[/bold]: "
         + ", ".join(f"{c} {scores.get(c, 0.0):.1f}" for c in DEMO_CATEGORIES)
         + (f", MMBase {report.mmbase:.1f}" if report.mmbase is not None else "")
     )
@@ -336,7 +337,7 @@ def _train_and_evaluate(
         evaluate_checkpoint(MM15Model.build(config.model.build()), "untrained", out, console, limit)
     ]
     for number, stage in enumerate(config.stages, start=3):
-        console.rule(f"{number}. stage {stage.name}, then the same evaluation")
+        console.rule(f"{number}. stage {shown(stage.name)}, then the same evaluation")
         # resume: a demo stopped mid-stage (Ctrl+C) continues from that stage's last checkpoint when run
         # again, exactly as it would have gone on; a stage with no checkpoint starts afresh.
         run_recipe(config, console, stage_name=stage.name, out=run_dir, resume=True)
@@ -372,13 +373,18 @@ def run_demo(
         check_output_dir(out, "--out")
         config = load_recipe(recipe)
         for path in images or []:
-            image_size(path)  # the header: raises the ImageError load_image would
+            # Decoded, not just the header read: a file cut after its header would otherwise pass here
+            # and stop stage 1 with a traceback, leaving an empty --out behind.
+            load_image(path).close()
     except (ValueError, FileNotFoundError) as err:  # ImageError is a ValueError
         hint = ""
         if isinstance(err, FileNotFoundError) and not recipe.is_absolute() and not recipe.exists():
             hint = f" under {Path.cwd()} (run from the mm15 checkout, or give --recipe PATH)"
         raise DemoInputError(f"{err}{hint}") from None
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # checked above; this is the folder changing since
+        raise DemoInputError(f"cannot create --out {out}: {err.strerror or err}") from None
     start = time.perf_counter()
     console.rule("1. the image plan")
     show_plans(out, console, images or [])
@@ -399,7 +405,7 @@ def run_demo(
     table.add_column("MMBase", justify="right")
     for c in checkpoints:
         mmbase = f"{c.mmbase:.1f}" if c.mmbase is not None else "-"
-        table.add_row(c.label, *[f"{c.categories.get(k, 0.0):.1f}" for k in DEMO_CATEGORIES], mmbase)
+        table.add_row(shown(c.label), *[f"{c.categories.get(k, 0.0):.1f}" for k in DEMO_CATEGORIES], mmbase)
     console.print(table)
     seconds = time.perf_counter() - start
     # This process's peak plus its largest child's (the data worker): an upper bound, since the worker
@@ -409,4 +415,6 @@ def run_demo(
     report = write_report(
         out, config.name, run_dir, [s.name for s in config.stages], checkpoints, live, probes, seconds, peak
     )
-    console.print(f"demo finished in {seconds / 60:.1f} min (peak memory {peak:.2f} GiB); report: {report}")
+    console.print(
+        f"demo finished in {seconds / 60:.1f} min (peak memory {peak:.2f} GiB); report: {shown(report)}"
+    )

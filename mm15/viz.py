@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from mm15.geometry import TilePlan
+from mm15.paths import not_a_dir_reason
 
 PAD_SHADE = (200, 200, 200)
 TILE_COLOR = (230, 40, 40)
@@ -18,11 +21,23 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def check_picture_path(path: Path, option: str) -> None:
-    """Refuse, before any work is done, a picture path PIL could not save to (``option`` names the flag)."""
+    """Refuse, before any work is done, a picture path PIL could not save to (``option`` names the flag).
+
+    Its folder need not exist (it is made before saving) but must be one that can be: not under a file,
+    not read-only. A path that exists must be a writable regular file: saving to a FIFO would block.
+    """
     if path.suffix.lower() not in PICTURE_SUFFIXES:
         raise ValueError(f"{option} must end in .png, .jpg or .jpeg, got {path.name!r}")
     if path.is_dir():
         raise ValueError(f"{option} {path} is a directory; give a file name")
+    if os.path.exists(path):
+        if not os.path.isfile(path):
+            raise ValueError(f"{option} {path} exists and is not a regular file")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{option} {path} is not writable")
+    reason = not_a_dir_reason(path.parent)
+    if reason is not None:
+        raise ValueError(f"{option} {path}: its folder {path.parent} {reason}")
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -45,14 +60,17 @@ def draw_plan(image: Image.Image, plan: TilePlan, max_side: int = 1600) -> Image
     full_h = max(canvas_h if has_cells else 0, r if has_overview else 0)
     s = min(1.0, max_side / max(full_h, full_w))
     header = 40
-    sheet = Image.new("RGB", (max(1, round(full_w * s)), round(full_h * s) + header), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
-    font = _font(max(10, round(min(r * s, 400) / 12)))
     title = (
         f"{plan.height}x{plan.width} -> grid {plan.grid[0]}x{plan.grid[1]}, resized {plan.resized[0]}x"
         f"{plan.resized[1]}, {plan.num_tiles} tiles, {plan.num_image_tokens} image tokens"
     )
-    draw.text((6, 10), title, fill=(0, 0, 0), font=_font(16))
+    title_font = _font(16)
+    # A tall image scales to a narrow sheet: the sheet is widened to hold the whole title.
+    width = max(round(full_w * s), math.ceil(title_font.getlength(title)) + 12)
+    sheet = Image.new("RGB", (width, round(full_h * s) + header), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    font = _font(max(10, round(min(r * s, 400) / 12)))
+    draw.text((6, 10), title, fill=(0, 0, 0), font=title_font)
 
     def paste(size: tuple[int, int], area: tuple[int, int], x0: int) -> None:
         ah, aw = round(area[0] * s), round(area[1] * s)

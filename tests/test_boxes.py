@@ -74,3 +74,12 @@ def test_parsing_keeps_boxes_and_points_apart() -> None:
 def test_bad_input_is_a_clear_error(call, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_only_ascii_digits_are_coordinates() -> None:
+    """Python's \\d matches any script's digits; the format (and the web page's JavaScript) is ASCII."""
+    arabic_indic = "box [١٠٠, ١٠٠, ٥٠٠, ٥٠٠] and point [٢٥٠, ٧٥٠]"
+    assert parse_boxes(arabic_indic, 100, 100) == [] and parse_points(arabic_indic, 100, 100) == []
+    fullwidth = "[１００, ２００]"
+    assert parse_points(fullwidth, 100, 100) == []
+    assert parse_boxes("[100, 100, 500, 500]", 1000, 1000) == [(100.5, 100.5, 500.5, 500.5)]

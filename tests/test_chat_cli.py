@@ -221,3 +221,34 @@ def test_clear_errors(model_dir: Path, picture: Path, tmp_path: Path) -> None:
         args[1:1] = ["--image", str(picture)]
     too_many = runner.invoke(app, args)
     assert too_many.exit_code == 2 and "too many images" in too_many.stderr
+
+
+def test_an_out_folder_under_a_file_is_refused_before_the_model_loads(tmp_path: Path) -> None:
+    taken = tmp_path / "a.png"
+    taken.write_text("notes")
+    out = taken / "drawings"
+    # No model directory at all: --out is refused first, in a second rather than after the model load.
+    result = runner.invoke(app, ["chat", "--model", str(tmp_path / "model"), "--out", str(out), "hi"])
+    assert result.exit_code == 2, result.output
+    assert f"error: --out {out} cannot be created: {taken} is not a directory" in result.stderr
+
+
+def test_a_drawing_that_cannot_be_saved_is_an_error_line_and_the_chat_goes_on(
+    model_dir: Path, picture: Path, tmp_path: Path
+) -> None:
+    """The folder is checked at the start; if it becomes a file since, the drawing fails with an error
+    line (a traceback once ended the chat), and the answer is kept in the conversation."""
+    model = MM15Model.from_pretrained(model_dir)
+    out = tmp_path / "drawings"
+    out.write_text("a file now")
+    written: list[str] = []
+    session = terminal.ChatSession(model, GenerationConfig(max_new_tokens=30), out, write=written.append)
+    image = load_image(picture)
+    session.reset([image])
+    lines = iter(["where?\n", "and now?\n"])
+    with scripted_answer(model, "at [250, 250, 750, 750]"):
+        terminal.interact(session, [image], lambda: next(lines, ""))
+    text = "".join(written)
+    assert text.count("at [250, 250, 750, 750]") == 2  # both questions answered
+    assert text.count(f"error: cannot save the drawing: --out {out} exists and is not a directory") == 2
+    assert len(session.turns) == 4 and out.read_text() == "a file now"

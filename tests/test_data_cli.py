@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+import mm15.data.show as show_module
 from mm15.cli import app
 from mm15.data.sample import Sample, Turn
 from mm15.data.sources import ShardReader, write_shards
@@ -289,3 +291,43 @@ def test_show_draws_undecodable_images_and_names_their_samples(tmp_path: Path) -
     with Image.open(sheet) as picture:
         card = picture.convert("RGB").crop((520 + 8, 0, 2 * 520 + 8, 260))  # the second card
         assert (200, 200, 200) in {colour for _, colour in card.getcolors(1 << 16)}  # the grey slot
+
+
+def test_show_of_a_folder_with_no_readable_sample_is_a_clear_error(tmp_path: Path) -> None:
+    """Every record damaged: an error like stats gives, not contact_sheet's ValueError traceback."""
+    (tmp_path / "x.tar").write_bytes(b"not a tar archive at all" * 40)
+    sheet = tmp_path / "sheet.png"
+    shown = runner.invoke(app, ["data", "show", str(tmp_path), "--out", str(sheet)])
+    assert shown.exit_code == 2, shown.output
+    assert shown.exception is None or isinstance(shown.exception, SystemExit), shown.exception
+    assert f"{tmp_path} holds no samples" in flat(shown.output) and "{'bad_shard': 1}" in shown.output
+    assert not sheet.exists()
+
+
+def test_show_refuses_a_sheet_path_under_a_file_before_drawing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # short relative paths: Click's error box breaks long ones anywhere
+    runner.invoke(app, ["data", "synth", "--category", "general", "--n", "2", "--out", "s"])
+    taken = Path("a.png")
+    taken.write_text("notes")
+    drawn: list[int] = []
+    real = show_module.contact_sheet
+    monkeypatch.setattr(show_module, "contact_sheet", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    for sheet, why in [
+        (taken / "sheet.png", "its folder a.png exists and is not a directory"),
+        (taken / "sub" / "sheet.png", "its folder a.png/sub cannot be created: a.png is not a directory"),
+    ]:
+        shown = runner.invoke(app, ["data", "show", "s", "--out", str(sheet)])
+        assert shown.exit_code == 2, shown.output
+        assert f"--out {sheet}: {why}" in flat(shown.output), shown.output
+    assert not drawn and taken.read_text() == "notes"
+
+    # A folder that breaks after the check (or a full disk): a one-line error, not a traceback.
+    def full_disk(self: Image.Image, *args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    failed = runner.invoke(app, ["data", "show", "s", "--out", "sheet.png"])
+    assert failed.exit_code == 2, failed.output
+    assert "error: cannot write --out sheet.png: No space left on device" in flat(failed.output)

@@ -93,3 +93,25 @@ def test_bad_demo_arguments_stop_before_anything_runs(
     result = CliRunner().invoke(app, ["demo", "--out", str(out)])
     assert result.exit_code == 2
     assert "run from the mm15 checkout, or give --recipe" in " ".join(result.output.split())
+
+
+def test_an_image_cut_after_its_header_stops_the_demo_before_anything_runs(tmp_path: Path) -> None:
+    """Its header is sound, so reading the size alone passed it; stage 1 then stopped with a traceback
+    and left an empty --out. The images are decoded in the checks now."""
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    whole = tmp_path / "whole.png"
+    Image.effect_noise((64, 64), 40).convert("RGB").save(whole)
+    cut = tmp_path / "cut [draft].png"  # and a name Rich would read as markup
+    cut.write_bytes(whole.read_bytes()[:300])
+    out = tmp_path / "demo"
+    recipe = ROOT / "recipes" / "tiny.yaml"
+    result = CliRunner().invoke(
+        app, ["demo", "--out", str(out), "--image", str(cut), "--recipe", str(recipe)]
+    )
+    assert result.exit_code == 2, result.output
+    assert "cut [draft].png: corrupt or truncated image data" in " ".join(result.output.split())
+    assert "image plan" not in result.output and not out.exists()  # nothing ran, nothing was made

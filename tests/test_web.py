@@ -3,6 +3,9 @@ the streamed answer appear and its box drawn on the canvas; a screenshot goes to
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +13,7 @@ import pytest
 from PIL import Image
 from serve_helpers import build_test_model, png_bytes, scripted_answer
 
+from mm15.image import load_image
 from mm15.model.mm15 import MM15Model
 from mm15.serve.api import create_app
 from mm15.serve.engine import Engine
@@ -162,3 +166,208 @@ def test_an_answer_without_text_says_so(browser: Any, tmp_path_factory: pytest.T
             page.close()
         finally:
             server.stop()
+
+
+# An answer slowed to 70 ms a token streams for about 3 s: long enough to click "New conversation" or
+# choose an image while it streams.
+SLOW_ANSWER = "the answer goes on and on and on, slowly"
+
+
+@contextmanager
+def slowed(model: MM15Model, seconds: float) -> Iterator[None]:
+    """Each decoding step of ``model`` (inside ``scripted_answer``) takes ``seconds`` longer."""
+    step = model.llm.forward
+
+    def slow_step(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(seconds)
+        return step(*args, **kwargs)
+
+    model.llm.forward = slow_step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        model.llm.forward = step  # type: ignore[method-assign]
+
+
+@pytest.fixture(scope="module")
+def slow_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    model = MM15Model.from_pretrained(build_test_model(tmp_path_factory.mktemp("web-slow") / "model"))
+    with scripted_answer(model, SLOW_ANSWER), slowed(model, 0.07), Engine(model) as engine:
+        server = start_server(
+            create_app(
+                engine, ServeSettings(model_name="tiny-web", max_tokens_limit=64, default_max_tokens=64)
+            )
+        )
+        try:
+            yield server.url
+        finally:
+            server.stop()
+
+
+def posted(page: Any) -> list[dict[str, Any]]:
+    """The page's POST bodies, as they are sent."""
+    bodies: list[dict[str, Any]] = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.method == "POST" else None)
+    return bodies
+
+
+def test_new_conversation_while_an_answer_streams_starts_afresh(
+    slow_url: str, browser: Any, tmp_path: Path
+) -> None:
+    """The old answer is stopped and none of it (nor its question) joins the new conversation; the
+    page is free at once. It once pushed both into the new conversation when the answer ended."""
+    image = tmp_path / "square.png"
+    image.write_bytes(png_bytes(200, 100, (40, 160, 60)))
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    sent = posted(page)
+    page.goto(slow_url)
+    wait_for_model_name(page)
+    page.set_input_files("#files", str(image))
+    page.wait_for_selector("#thumbs img")
+    page.fill("#question", "first question")
+    page.fill("#maxTokens", "64")
+    page.click("#send")
+    page.wait_for_selector(".turn.assistant:not(:empty)", timeout=30_000)  # streaming
+    page.click("#reset")
+    assert page.inner_text("#log") == "" and page.locator("#thumbs img").count() == 0
+    assert page.is_enabled("#send")  # at once, not when the old answer would have ended
+    page.wait_for_timeout(4_000)  # longer than the whole old answer would take
+    assert page.inner_text("#log") == ""
+    page.fill("#question", "a new question")
+    page.click("#send")
+    page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    assert sent[-1]["messages"] == [{"role": "user", "content": [{"type": "text", "text": "a new question"}]}]
+    assert [t.text_content() for t in page.query_selector_all(".turn")] == ["a new question", SLOW_ANSWER]
+    assert not errors, errors
+    page.close()
+
+
+def test_an_image_chosen_while_an_answer_streams_goes_with_the_next_question(
+    slow_url: str, browser: Any, tmp_path: Path
+) -> None:
+    """It was dropped: the end of the answer cleared every pending file, not only the ones it sent."""
+    image = tmp_path / "square.png"
+    image.write_bytes(png_bytes(200, 100, (40, 160, 60)))
+    page = browser.new_page()
+    sent = posted(page)
+    page.goto(slow_url)
+    wait_for_model_name(page)
+    page.fill("#question", "a text-only question")
+    page.fill("#maxTokens", "64")
+    page.click("#send")
+    page.wait_for_selector(".turn.assistant:not(:empty)", timeout=30_000)
+    page.set_input_files("#files", str(image))
+    page.wait_for_selector("#thumbs img")
+    page.fill("#question", "and this image?")  # typed while the first answer streams: kept
+    assert page.locator(".turn.assistant[data-done='true']").count() == 0  # still streaming
+    page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    assert page.input_value("#question") == "and this image?"
+    page.click("#send")
+    page.wait_for_selector(".turn.assistant[data-done='true'] >> nth=1", timeout=30_000)
+    assert [part["type"] for part in sent[0]["messages"][-1]["content"]] == ["text"]
+    assert [part["type"] for part in sent[1]["messages"][-1]["content"]] == ["image_url", "text"]
+    assert "[1 image(s)] and this image?" in page.inner_text("#log")
+    page.close()
+
+
+QUADRANTS = ((220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 200, 40))
+
+
+def oriented(path: Path, orientation: int, *, xmp: bool = False) -> Path:
+    """A 48 x 24 picture of four coloured quadrants, stored with that EXIF (or XMP) orientation."""
+    picture = Image.new("RGB", (48, 24))
+    for k, colour in enumerate(QUADRANTS):
+        picture.paste(colour, ((k % 2) * 24, (k // 2) * 12, (k % 2) * 24 + 24, (k // 2) * 12 + 12))
+    options: dict[str, Any] = {"lossless": True} if path.suffix == ".webp" else {}
+    if path.suffix == ".jpg":
+        options["quality"] = 95
+    if xmp:
+        options["xmp"] = (
+            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
+            'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+            f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>'
+        ).encode()
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        options["exif"] = exif.tobytes()
+    picture.save(path, **options)
+    return path
+
+
+CANVAS_PIXEL = (
+    "([x, y]) => Array.from(document.getElementById('canvas').getContext('2d').getImageData(x, y, 1, 1).data)"
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "orientation", "xmp"),
+    [
+        *((f"o{o}.webp", o, False) for o in range(1, 9)),
+        ("o6.jpg", 6, False),
+        ("o3.jpg", 3, False),
+        ("o6.png", 6, False),
+        ("o7.png", 7, False),
+        ("xmp8.webp", 8, True),
+        ("xmp6.jpg", 6, True),
+    ],
+)
+def test_boxes_are_drawn_on_the_upright_frame_the_model_sees(
+    page_url: str, browser: Any, tmp_path: Path, name: str, orientation: int, xmp: bool
+) -> None:
+    """The server turns an image upright by its orientation (Pillow: EXIF, else XMP); chromium does not
+    for WebP (nor any browser for XMP), so the page drew the boxes on a sideways frame."""
+    path = oriented(tmp_path / name, orientation, xmp=xmp)
+    upright = load_image(path)  # what the server makes of the file
+    page = browser.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(page_url)
+    page.set_input_files("#files", str(path))
+    page.wait_for_selector("#thumbs img")
+    canvas = page.locator("#canvas")
+    assert (canvas.get_attribute("width"), canvas.get_attribute("height")) == tuple(map(str, upright.size))
+    width, height = upright.size
+    tolerance = 40 if name.endswith(".jpg") else 2
+    for x in (width // 4, 3 * width // 4):
+        for y in (height // 4, 3 * height // 4):
+            shown = page.evaluate(CANVAS_PIXEL, [x, y])[:3]
+            expected = upright.getpixel((x, y))
+            assert max(abs(a - b) for a, b in zip(shown, expected, strict=True)) <= tolerance, (x, y, shown)
+    assert not errors, errors
+    page.close()
+
+
+def test_an_unreachable_server_is_said_on_the_page(page_url: str, browser: Any) -> None:
+    """The header once stayed at "connecting..." and Ask did nothing at all."""
+    page = browser.new_page()
+    page.route("**/v1/**", lambda route: route.abort())
+    page.goto(page_url)
+    page.locator("#model", has_text="cannot reach the server").wait_for(timeout=10_000)
+    page.fill("#question", "hello")
+    page.click("#send")
+    error = page.wait_for_selector(".turn.error", timeout=10_000)
+    assert "cannot reach the server" in (error.text_content() or "")
+    assert page.is_enabled("#send")
+    page.close()
+
+
+def test_an_image_file_without_a_media_type_is_sent_as_an_image(page_url: str, browser: Any) -> None:
+    """A file without an extension has no type in the browser; its data URL said
+    application/octet-stream, which the server refuses."""
+    page = browser.new_page()
+    sent = posted(page)
+    page.goto(page_url)
+    wait_for_model_name(page)
+    page.set_input_files("#files", files=[{"name": "photo", "mimeType": "", "buffer": png_bytes(200, 100)}])
+    page.wait_for_selector("#thumbs img")
+    page.fill("#question", "where is the square?")
+    page.fill("#maxTokens", "64")
+    page.click("#send")
+    answer = page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    assert answer.text_content() == ANSWER
+    url = sent[-1]["messages"][-1]["content"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,"), url[:40]
+    page.close()

@@ -14,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from mm15.data.sample import CATEGORIES, Sample
+from mm15.paths import check_output_dir, shown
 
 if TYPE_CHECKING:
     from mm15.data.sources import ShardReader, SkipCounter
@@ -30,9 +31,10 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
-def _fail(err: Exception) -> NoReturn:
+def _fail(err: Exception | str) -> NoReturn:
+    """The one-line ``error:`` (exit 2); an earlier run's shards get the way out added."""
     hint = ": pass --overwrite to replace them, or another --out" if isinstance(err, FileExistsError) else ""
-    console.print(f"[red]error:[/red] {err}{hint}", soft_wrap=True)
+    console.print(f"[red]error:[/red] {shown(err)}{hint}", soft_wrap=True)
     raise typer.Exit(2) from None
 
 
@@ -66,6 +68,10 @@ def synth(
         names = synth_names(category)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
+    try:
+        check_output_dir(out, "--out")  # before the progress bar (write_shards checks it again)
+    except ValueError as err:
+        _fail(err)
 
     with _progress() as progress:
         task = progress.add_task(f"synth {category} ({split})", total=n)
@@ -80,9 +86,11 @@ def synth(
             shards = write_shards(
                 stream(), out, samples_per_shard=per_shard, prefix=f"{category}-{split}", overwrite=overwrite
             )
-        except (ValueError, FileExistsError) as err:
+        # OSError: the folder is checked first (write_shards), but can still fail to be made or written
+        # (changed since, a full disk); FileExistsError, an earlier run's shards, is one too.
+        except (ValueError, OSError) as err:
             _fail(err)
-    console.print(f"wrote {_count(n, 'sample')} in {_count(len(shards), 'shard')} to {out}")
+    console.print(f"wrote {_count(n, 'sample')} in {_count(len(shards), 'shard')} to {shown(out)}")
 
 
 PACK_FORMATS = ("llava", "interleaved", "text")
@@ -135,6 +143,11 @@ def pack(
         raise typer.BadParameter(f"--images is needed for {kind} records: image paths are relative to it")
     if kind == "interleaved" and category not in (None, "interleaved"):
         raise typer.BadParameter(f"interleaved documents are category interleaved, not {category!r}")
+    if out is not None and not dry_run:
+        try:
+            check_output_dir(out, "--out")  # before every record and image header is read
+        except ValueError as err:
+            _fail(err)
     reader: LlavaReader | InterleavedReader | TextReader | None = None
     try:
         # Every image's header is read here, once, so a file that is not an image (or boxes in another
@@ -168,7 +181,7 @@ def pack(
                 shards = write_shards(
                     counted(), out, samples_per_shard=per_shard, prefix="packed", overwrite=overwrite
                 )
-    except (SourceError, ValueError, FileExistsError, FileNotFoundError) as err:
+    except (SourceError, ValueError, OSError) as err:  # OSError: --out could not be made or written
         if reader is not None:  # what lenient reading skipped before the error
             _report_pack_skips(reader.skipped)
         _fail(err)
@@ -181,7 +194,7 @@ def pack(
             "(dry run: nothing written)"
         )
     else:
-        console.print(f"wrote {_count(packed, 'sample')} in {_count(len(shards), 'shard')} to {out}")
+        console.print(f"wrote {_count(packed, 'sample')} in {_count(len(shards), 'shard')} to {shown(out)}")
     _report_pack_skips(reader.skipped)
 
 
@@ -189,12 +202,12 @@ def _report_pack_skips(skipped: SkipCounter) -> None:
     """The skip counts per reason and the first records of each, so they can be found and fixed."""
     if not skipped.total:
         return
-    console.print(f"skipped (counted): {skipped.as_dict()}", soft_wrap=True)
+    console.print(f"skipped (counted): {shown(skipped.as_dict())}", soft_wrap=True)
     for reason, examples in skipped.examples.items():
         more = skipped[reason] - len(examples)
-        console.print(f"  {reason}, first {len(examples)}" + (f" ({more} more)" if more else "") + ":")
+        console.print(f"  {shown(reason)}, first {len(examples)}" + (f" ({more} more)" if more else "") + ":")
         for example in examples:
-            console.print(f"    {example}", soft_wrap=True)
+            console.print(f"    {shown(example)}", soft_wrap=True)
 
 
 def _check_shard_folder(directory: Path) -> None:
@@ -214,7 +227,9 @@ def _lenient_reader(directory: Path) -> ShardReader:
 def _report_skips(reader: ShardReader) -> None:
     skipped = reader.skipped.as_dict()
     if skipped:
-        console.print(f"skipped (counted; mm15 train would stop at the first): {skipped}", soft_wrap=True)
+        console.print(
+            f"skipped (counted; mm15 train would stop at the first): {shown(skipped)}", soft_wrap=True
+        )
 
 
 @app.command()
@@ -235,12 +250,20 @@ def show(
     reader = _lenient_reader(directory)
     samples = list(itertools.islice(iter(reader), n))
     _report_skips(reader)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not samples:  # every record damaged: nothing to draw, as stats finds nothing to count
+        raise typer.BadParameter(f"{directory} holds no samples")
     sheet, broken = contact_sheet(samples, columns=columns)
-    sheet.save(out)
-    console.print(f"drew {_count(len(samples), 'sample')} to {out}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(out)
+    except OSError as err:  # checked above; this is the folder changing since, or a full disk
+        _fail(f"cannot write --out {out}: {err.strerror or err}")
+    console.print(f"drew {_count(len(samples), 'sample')} to {shown(out)}")
     if broken:
-        console.print(f"images that do not decode (grey on the sheet) in {len(broken)} samples: {broken}")
+        console.print(
+            f"images that do not decode (grey on the sheet) in {len(broken)} samples: {shown(broken)}",
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -251,7 +274,7 @@ def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) 
     totals: dict[tuple[str, str], Counter[str]] = {}  # by (source, category): a source can hold several
     by_category: Counter[str] = Counter()
     with _progress() as progress:
-        task = progress.add_task(f"reading {directory}", total=None)
+        task = progress.add_task(f"reading {shown(directory)}", total=None)
         for sample in reader:
             counts = totals.setdefault((sample.source, sample.category), Counter())
             counts["samples"] += 1
@@ -264,19 +287,19 @@ def stats(directory: Annotated[Path, typer.Argument(help="Folder of shards.")]) 
     if not total:
         _report_skips(reader)
         raise typer.BadParameter(f"{directory} holds no samples")
-    table = Table(title=f"{total} samples in {directory}")
+    table = Table(title=f"{total} samples in {shown(directory)}")
     for column in ("source", "category", "samples", "images/sample", "turns/sample", "regions/sample"):
         table.add_column(column)
     for (source, category), counts in sorted(totals.items()):
         n = counts["samples"]
         table.add_row(
-            source,
-            category,
+            shown(source),
+            shown(category),
             str(n),
             f"{counts['images'] / n:.2f}",
             f"{counts['turns'] / n:.2f}",
             f"{counts['regions'] / n:.2f}",
         )
     console.print(table)
-    console.print("by category: " + ", ".join(f"{c} {k}" for c, k in sorted(by_category.items())))
+    console.print("by category: " + ", ".join(f"{shown(c)} {k}" for c, k in sorted(by_category.items())))
     _report_skips(reader)

@@ -29,6 +29,7 @@ from mm15.hardware import autocast
 from mm15.image import ImageError, load_image
 from mm15.model.generate import GenerationConfig, parse_grounding, stream
 from mm15.model.mm15 import MM15Model, MM15Processor
+from mm15.paths import check_output_dir, not_a_dir_reason
 from mm15.serve.conversation import Turn, answer_turn, has_video, question_turn, render_prompt, video_turn
 from mm15.serve.engine import PromptTooLong, encode_prompt
 from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
@@ -138,7 +139,11 @@ class ChatSession:
         return None if not context else int(context) - self.config.max_new_tokens
 
     def ask(self, question: str) -> tuple[str, Path | None]:
-        """Stream the answer to ``write``; returns it and the drawing's path (if it has boxes/points)."""
+        """Stream the answer to ``write``; returns it and the drawing's path (if it has boxes/points).
+
+        A drawing that cannot be saved raises ``ChatError`` after the answer has joined the conversation:
+        the question was answered, only the picture is missing.
+        """
         try:
             if self.pending_video:
                 turn = video_turn(question, self.pending_video)
@@ -189,8 +194,13 @@ class ChatSession:
         drawn, boxes, points = draw_grounding(images[-1], answer)
         if not boxes and not points:
             return None
-        path = next_free_path(self.out_dir)
-        drawn.save(path)
+        try:
+            path = next_free_path(self.out_dir)
+            drawn.save(path)
+        except OSError as err:  # --out is checked at the start; it can change (or fill up) since
+            why = not_a_dir_reason(self.out_dir)  # the likelier cause, in the start-up check's words
+            detail = f"--out {self.out_dir} {why}" if why else f"{err.strerror or err} ({self.out_dir})"
+            raise ChatError(f"cannot save the drawing: {detail}") from None
         self.write(f"[drew {boxes} box(es) and {points} point(s): {path}]\n")
         return path
 
@@ -277,6 +287,12 @@ def run_chat(
     if prompt is not None and not prompt.strip():
         # The interactive loop skips blank lines; a blank one-shot question is a mistake, not a question.
         return fail("the prompt is empty: give a question, or no prompt to chat interactively")
+    try:
+        # Drawings are made only for answers with boxes or points, after the answer: a folder that
+        # cannot be made is found now, not by the first drawing.
+        check_output_dir(out_dir, "--out")
+    except ValueError as err:
+        return fail(str(err))
     try:
         images = [open_image(path) for path in image_paths]
         video = open_video(video_path, num_frames) if video_path is not None else None
