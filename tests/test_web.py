@@ -38,10 +38,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def page_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    model = MM15Model.from_pretrained(build_test_model(tmp_path_factory.mktemp("web") / "model"))
-    with scripted_answer(model, ANSWER), Engine(model) as engine:
+def serve_page(model: MM15Model) -> Any:
+    """Serve ``model`` with the page's settings; yields the server's URL until the fixture ends."""
+    with Engine(model) as engine:
         server = start_server(
             create_app(
                 engine, ServeSettings(model_name="tiny-web", max_tokens_limit=64, default_max_tokens=64)
@@ -51,6 +50,13 @@ def page_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
             yield server.url
         finally:
             server.stop()
+
+
+@pytest.fixture(scope="module")
+def page_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    model = MM15Model.from_pretrained(build_test_model(tmp_path_factory.mktemp("web") / "model"))
+    with scripted_answer(model, ANSWER):
+        yield from serve_page(model)
 
 
 @pytest.fixture(scope="module")
@@ -192,16 +198,8 @@ def slowed(model: MM15Model, seconds: float) -> Iterator[None]:
 @pytest.fixture(scope="module")
 def slow_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
     model = MM15Model.from_pretrained(build_test_model(tmp_path_factory.mktemp("web-slow") / "model"))
-    with scripted_answer(model, SLOW_ANSWER), slowed(model, 0.07), Engine(model) as engine:
-        server = start_server(
-            create_app(
-                engine, ServeSettings(model_name="tiny-web", max_tokens_limit=64, default_max_tokens=64)
-            )
-        )
-        try:
-            yield server.url
-        finally:
-            server.stop()
+    with scripted_answer(model, SLOW_ANSWER), slowed(model, 0.07):
+        yield from serve_page(model)
 
 
 def posted(page: Any) -> list[dict[str, Any]]:
