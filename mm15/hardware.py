@@ -2,7 +2,8 @@
 about 100x slower on CPUs without them (torch then emulates bf16), so the compute dtype is measured,
 never assumed.
 
-``fast_dtype()`` is bfloat16 when a small bf16 matmul beats float32 on this machine, else float32;
+``fast_dtype()`` is float32 on an x86 CPU whose flags show no bf16 instructions (AVX512-BF16, AMX-BF16:
+torch emulates bf16 there); elsewhere bfloat16 when a small bf16 matmul beats float32, else float32;
 ``autocast()`` is the matching context manager (a no-op on float32 machines). Two overrides, the inner
 one first: ``with compute_dtype(torch.float32):`` for a block of code (a recipe that trains in float32
 is evaluated in float32 too), and ``MM15_DTYPE=float32`` or ``bfloat16`` in the environment.
@@ -70,6 +71,31 @@ def bf16_matmul_is_fast(size: int = 256, trials: int = 5) -> bool:
     return any(_seconds(a, b, repeats=1) <= fp32 for _ in range(trials))
 
 
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 instructions that compute in bf16
+
+
+def x86_cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from ``/proc/cpuinfo`` on x86 Linux (a "flags" line, which other
+    architectures do not have); None elsewhere (not known)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return None
+
+
+def bf16_is_emulated() -> bool:
+    """True on an x86 CPU without bf16 instructions, where torch emulates bf16 (several times slower
+    than float32). Read from the CPU's flags rather than timed: with the other core busy, float32's
+    two-thread products slowed down more than the emulated ones, and a timing picked bf16 here in 6
+    of 10 fresh processes (so two identical evaluations ran in different dtypes)."""
+    flags = x86_cpu_flags()
+    return flags is not None and not flags & BF16_CPU_FLAGS
+
+
 def fast_dtype() -> torch.dtype:
     """The compute dtype for autocast on this machine (see the module docstring)."""
     chosen = _OVERRIDE.get()
@@ -80,6 +106,8 @@ def fast_dtype() -> torch.dtype:
         if override not in DTYPES:
             raise ValueError(f"MM15_DTYPE must be one of {sorted(DTYPES)}, got {override!r}")
         return DTYPES[override]
+    if bf16_is_emulated():
+        return torch.float32
     return torch.bfloat16 if bf16_matmul_is_fast() else torch.float32
 
 

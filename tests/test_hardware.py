@@ -1,5 +1,6 @@
-"""The compute dtype is measured; a block (``compute_dtype``) or the environment can override it.
-Importing mm15 turns on PyTorch's huge-page allocation for large CPU tensors unless told not to."""
+"""The compute dtype comes from the CPU's flags and a measurement; a block (``compute_dtype``) or the
+environment can override it. Importing mm15 turns on PyTorch's huge-page allocation for large CPU
+tensors unless told not to."""
 
 from __future__ import annotations
 
@@ -13,13 +14,36 @@ import pytest
 import torch
 
 from mm15 import hardware
-from mm15.hardware import autocast, bf16_matmul_is_fast, compute_dtype, fast_dtype
+from mm15.hardware import autocast, compute_dtype, fast_dtype
 
 
-def test_fast_dtype_follows_the_measurement(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("flags", "measured_fast", "expected"),
+    [
+        # x86 without bf16 instructions: float32 whatever a timing says (under load the emulated bf16
+        # product won a timing in 6 of 10 processes).
+        (frozenset({"avx2", "avx512f", "avx512_vnni"}), True, torch.float32),
+        (frozenset({"avx2", "avx512f", "avx512_bf16"}), True, torch.bfloat16),
+        (frozenset({"avx2", "amx_bf16", "amx_tile"}), False, torch.float32),
+        (None, True, torch.bfloat16),  # not x86 Linux: the measurement decides
+        (None, False, torch.float32),
+    ],
+)
+def test_fast_dtype_follows_the_cpu_flags_then_the_measurement(
+    monkeypatch: pytest.MonkeyPatch, flags: frozenset[str] | None, measured_fast: bool, expected: torch.dtype
+) -> None:
     monkeypatch.delenv("MM15_DTYPE", raising=False)
-    expected = torch.bfloat16 if bf16_matmul_is_fast() else torch.float32
+    monkeypatch.setattr(hardware, "x86_cpu_flags", lambda: flags)
+    monkeypatch.setattr(hardware, "bf16_matmul_is_fast", lambda: measured_fast)
     assert fast_dtype() == expected
+
+
+def test_this_machines_flags_are_read() -> None:
+    flags = hardware.x86_cpu_flags()
+    if Path("/proc/cpuinfo").is_file() and "flags" in Path("/proc/cpuinfo").read_text():
+        assert flags is not None and "fpu" in flags
+    if flags is not None and not flags & hardware.BF16_CPU_FLAGS:
+        assert fast_dtype() == torch.float32 or os.environ.get("MM15_DTYPE") == "bfloat16"
 
 
 @pytest.mark.parametrize(("value", "dtype"), [("float32", torch.float32), ("bfloat16", torch.bfloat16)])
