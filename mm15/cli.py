@@ -306,9 +306,18 @@ def eval_(
 
 
 def _resume_command() -> str:
-    """This process's ``mm15`` command line with ``--resume``: --stage, --max-steps and --out carry over."""
+    """This process's ``mm15`` command line with ``--resume``: --stage, --max-steps and --out carry over.
+
+    Under torchrun, the torchrun command with as many processes: resuming a 2-rank checkpoint on one
+    process restarts the data streams per rank, so the losses would no longer repeat the run's.
+    """
     again = [a for a in sys.argv[1:] if a != "--no-resume"]
     again += [] if "--resume" in again else ["--resume"]
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(world))
+        nodes = "" if per_node == str(world) else f" --nnodes {world // int(per_node)} (and your rendezvous)"
+        return f"torchrun --nproc_per_node {per_node}{nodes} -m mm15.cli {shlex.join(again)}"
     return f"mm15 {shlex.join(again)}"
 
 

@@ -587,6 +587,20 @@ def test_check_runs_the_start_up_checks_and_says_what_each_stage_would_do(tmp_pa
     assert code == 2 and "has checkpoints of an earlier run" in text, text
 
 
+def test_check_refuses_a_stage_whose_parent_stage_is_not_trained(tmp_path: Path) -> None:
+    # --check passed and the real run stopped at the stage with exit 3.
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    recipe = str(ROOT / "recipes" / "tiny.yaml")
+    args = ["train", recipe, "--stage", "sft", "--out", str(tmp_path / "run"), "--check"]
+    result = CliRunner().invoke(app, args)
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "stage 'sft': its parent 'ocr' has no model at" in text, text
+    assert "--stage ocr" in text
+
+
 def test_stop_signals_ask_once_then_interrupt_and_restore_the_handlers() -> None:
     from rich.console import Console
 
@@ -620,3 +634,27 @@ def test_stop_signals_leave_an_ignored_signal_ignored() -> None:
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, "mm15 train r.yaml --out 'runs/a b' --resume"),
+        ({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, "torchrun --nproc_per_node 2 -m mm15.cli train"),
+        ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, "torchrun --nproc_per_node 2 --nnodes 2 (and your"),
+    ],
+)
+def test_the_resume_command_is_the_runs_own_launcher(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: str
+) -> None:
+    # Under torchrun the printed command was "mm15 train ... --resume": one process, which restarts the
+    # per-rank data streams, so the losses no longer repeated the run's.
+    from mm15.cli import _resume_command
+
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(sys, "argv", ["mm15", "train", "r.yaml", "--out", "runs/a b", "--no-resume"])
+    command = _resume_command()
+    assert command.startswith(expected) and command.endswith("train r.yaml --out 'runs/a b' --resume")

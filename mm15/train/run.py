@@ -687,6 +687,14 @@ def _check_before_training(
         _check_sources(stage)
         if stage.eval_every > 0:
             resolve_task_specs(stage.eval_tasks)  # the files its evaluation tasks read
+        # A parent stage that this run does not train (--stage) must have been trained already.
+        running = {s.name for s in stages}
+        if stage.parent in stage_names - running and not _stage_done(run_dir, recipe.stage(stage.parent)):
+            raise ValueError(
+                f"stage {stage.name!r}: its parent {stage.parent!r} has no model at "
+                f"{run_dir / stage.parent / 'final'}; train it first (--stage {stage.parent}) or run the "
+                "recipe without --stage"
+            )
         # A parent given as a model directory (not init, not a stage of this recipe) must hold a model.
         parent = Path(stage.parent).expanduser()
         if stage.parent not in {"init", *stage_names} and not (parent / "config.json").is_file():
