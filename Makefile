@@ -37,7 +37,7 @@ bench: $(STAMP)
 SHEET_CATEGORIES := caption interleaved ocr general text-rich refer-ground math code science multi-image icl text-only video ui
 docs-data: $(STAMP)
 	@for c in $(SHEET_CATEGORIES); do \
-		$(BIN)/mm15 data synth --category $$c --n 4 --split eval --out runs/sheets/$$c >/dev/null && \
+		$(BIN)/mm15 data synth --category $$c --n 4 --split eval --out runs/sheets/$$c --overwrite >/dev/null && \
 		$(BIN)/mm15 data show runs/sheets/$$c --n 4 --columns 4 --out docs/data/$$c.jpg || exit 1; \
 	done
 

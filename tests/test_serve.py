@@ -757,6 +757,10 @@ def test_error_messages_name_the_field(served: Served) -> None:
         served.url, "POST", "/v1/chat/completions", json.dumps(base_request(foo=1)).encode(), JSON
     )
     assert status == 400 and document["error"]["message"] == "Unrecognized request argument supplied: foo"
+    body = json.dumps(base_request(stream_options={"include_usage": True})).encode()
+    status, document = raw(served.url, "POST", "/v1/chat/completions", body, JSON)
+    assert status == 400 and document["error"]["param"] == "stream_options"  # was null: a request-level check
+    assert "only allowed when stream is true" in document["error"]["message"]
 
 
 def test_the_mm15_serve_command(served: Served) -> None:

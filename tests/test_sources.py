@@ -656,6 +656,21 @@ def test_interrupted_sample_stream_leaves_only_complete_shards(tmp_path: Path) -
     assert [s.id for s in ShardReader(tmp_path)] == ["s0", "s1"]
 
 
+def test_a_failure_before_the_first_shard_leaves_no_new_folder(tmp_path: Path) -> None:
+    # `mm15 data pack` stopping at record 1 left an empty --out folder behind.
+    def stream():
+        yield _text_sample(0)
+        raise RuntimeError("record 1 is bad")
+
+    with pytest.raises(RuntimeError, match="record 1 is bad"):
+        write_shards(stream(), tmp_path / "new" / "out", samples_per_shard=2)
+    assert not (tmp_path / "new" / "out").exists()
+    (tmp_path / "mine").mkdir()  # a folder that was there before is left where it was
+    with pytest.raises(RuntimeError, match="record 1 is bad"):
+        write_shards(stream(), tmp_path / "mine", samples_per_shard=2)
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_failure_inside_a_tar_write_leaves_no_partial_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -904,8 +904,9 @@ def write_shards(
     """Write ``samples`` as WebDataset tar shards ``{prefix}-{i:06d}.tar`` in ``out_dir``; return their paths.
 
     Each shard is written to a hidden temporary file and renamed when complete, so an exception (or a
-    kill) mid-write leaves only the shards finished before it, never a partial one. Samples are
-    validated first (``ValueError`` names a bad one).
+    kill) mid-write leaves only the shards finished before it, never a partial one (and no empty
+    folder: one this call made is removed again if nothing was finished). Samples are validated first
+    (``ValueError`` names a bad one).
 
     Shards of the same prefix already in ``out_dir`` (an earlier run's) raise ``FileExistsError``
     before anything is written: replacing some of them would lose data, and keeping the ones past this
@@ -929,6 +930,7 @@ def write_shards(
     staged: list[Path] = []  # when replacing an earlier run: the new shards until all are written
     writer: _ShardWriter | None = None
     count = 0
+    created = not out.exists()  # a folder this call makes and that stays empty is removed on failure
 
     def commit(shard: _ShardWriter) -> None:
         final = shard.out.final
@@ -954,6 +956,11 @@ def write_shards(
     except BaseException:
         for path in staged:
             path.unlink(missing_ok=True)
+        if writer is not None:
+            writer.abort()
+            writer = None
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         raise
     finally:
         if writer is not None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class _Strict(BaseModel):
@@ -114,11 +114,13 @@ class ChatCompletionRequest(_Strict):
     function_call: Literal["none"] | None = None
     modalities: list[Literal["text"]] | None = None
 
-    @model_validator(mode="after")
-    def _stream_options_need_stream(self) -> ChatCompletionRequest:
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, value: StreamOptions | None, info: ValidationInfo) -> Any:
+        # A field validator (``stream`` is declared and checked first), so the error names the field.
+        if value is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed when stream is true")
-        return self
+        return value
 
     @field_validator("n")
     @classmethod
