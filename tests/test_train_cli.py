@@ -562,7 +562,7 @@ def test_check_runs_the_start_up_checks_and_says_what_each_stage_would_do(tmp_pa
 
     from mm15.cli import app
 
-    recipe, run = tmp_path / "recipe.yaml", tmp_path / "run"
+    recipe, run = tmp_path / "recipe.yaml", tmp_path / "run [b]"  # "[b]" is Rich markup (bold) unless escaped
     recipe.write_text(ONE_STAGE)
     base = ["train", str(recipe), "--out", str(run), "--max-steps", "4"]
 
@@ -580,6 +580,9 @@ def test_check_runs_the_start_up_checks_and_says_what_each_stage_would_do(tmp_pa
     assert CliRunner().invoke(app, base).exit_code == 0
     code, text = check()
     assert code == 0 and "pretrain: done already" in text, text
+    again = CliRunner().invoke(app, base)
+    flat = "".join(again.output.split())  # the console wraps long lines
+    assert again.exit_code == 0 and "".join(f"done already ({run / 'pretrain' / 'final'})".split()) in flat
     shutil.rmtree(run / "pretrain" / "final")  # stopped after its last checkpoint
     code, text = check("--resume")
     assert code == 0 and "pretrain: resume at step 4" in text, text

@@ -50,7 +50,7 @@ from mm15.data.mixture import MixtureSampler
 from mm15.hardware import compute_dtype, fast_dtype, matmul_rate
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
-from mm15.paths import check_output_dir
+from mm15.paths import check_output_dir, shown
 from mm15.train import distributed as D
 from mm15.train.checkpoint import (
     CorruptCheckpointError,
@@ -434,7 +434,7 @@ def _load_newest_readable(
         try:
             step, extra = load_checkpoint(path, model, optimizer, scheduler)
         except CorruptCheckpointError as err:
-            console.print(f"[yellow]skipping an unreadable checkpoint: {err}[/yellow]", soft_wrap=True)
+            console.print(f"[yellow]skipping an unreadable checkpoint: {shown(err)}[/yellow]", soft_wrap=True)
             continue
         return path, step, extra
     if candidates:
@@ -517,26 +517,26 @@ def run_stage(
                     f"recipe it was written with, or move {ckpt_dir} away to start the stage over"
                 ) from None
             for change in changes:
-                console.print(f"[yellow]warning:[/yellow] {change}", soft_wrap=True)
+                console.print(f"[yellow]warning:[/yellow] {shown(change)}", soft_wrap=True)
         _check_same_optimizer(extra.get("stage"), stage, latest)
         _restore_recipe_hyperparameters(optimizer, scheduler, recipe_groups, stage, start)
         history = extra["history"]
         evals = extra.get("evals", [])
-        console.print(f"[bold]{stage.name}[/bold]: resumed from {latest} at step {start}")
+        console.print(f"[bold]{shown(stage.name)}[/bold]: resumed from {shown(latest)} at step {start}")
         changed = resume_setting_changes(extra.get("stage"), stage)
         if changed:
             console.print(
-                f"[yellow]warning:[/yellow] stage {stage.name!r} has changed since {latest.name}: "
-                f"{'; '.join(changed)}. The run goes on with the recipe as it is now (a learning-rate "
-                "schedule follows the new max_steps and warm-up from this step on), so it no longer "
-                "repeats an uninterrupted run.",
+                f"[yellow]warning:[/yellow] stage {shown(repr(stage.name))} has changed since "
+                f"{shown(latest.name)}: {shown('; '.join(changed))}. The run goes on with the recipe as "
+                "it is now (a learning-rate schedule follows the new max_steps and warm-up from this "
+                "step on), so it no longer repeats an uninterrupted run.",
                 soft_wrap=True,
             )
     data = Prefetcher(stream, mode=prefetch_mode(stage.data.prefetch))
     # Evaluation runs on rank 0 with the replicated model; a sharded (FSDP2) model would need every rank.
     evaluating = stage.eval_every > 0 and strategy != "fsdp2"
     if stage.eval_every > 0 and not evaluating:
-        console.print(f"[yellow]{stage.name}: eval_every is ignored under FSDP2[/yellow]")
+        console.print(f"[yellow]{shown(stage.name)}: eval_every is ignored under FSDP2[/yellow]")
     log = StageLog(stage_dir, stage.name, history, evals, start, active=main)
     peak = matmul_rate(dtype)  # the MFU denominator, measured once per stage
     # Replicated models must give every trainable parameter a gradient on every rank (an MoE expert no
@@ -820,7 +820,8 @@ def _train_stages(
     model = None
     for index, stage in enumerate(stages):
         if _stage_done(run_dir, stage):
-            console.print(f"[bold]{stage.name}[/bold]: done already ({run_dir / stage.name / 'final'})")
+            final = shown(run_dir / stage.name / "final")
+            console.print(f"[bold]{shown(stage.name)}[/bold]: done already ({final})")
             model = None
             continue
         if index and (signum := stop.agreed()) is not None:  # caught in the previous stage's last step
