@@ -482,7 +482,7 @@ def test_default_ids_are_the_same_on_every_path_and_unique_across_files(videos: 
 
 
 def test_video_source_kind_streams_samples_by_index(videos: Path, tmp_path: Path) -> None:
-    from mm15.train.data import SampleSource
+    from mm15.train.data import SampleSource, UnusableRecord
 
     records = [
         {"video": str(videos / "ten.mp4"), "question": "q?", "answer": "ten"},
@@ -497,8 +497,8 @@ def test_video_source_kind_streams_samples_by_index(videos: Path, tmp_path: Path
         for _ in range(n):
             try:
                 out.append(source.next().truth["answer"])
-            except SourceError as err:  # the training stream skips and counts it
-                out.append(err.reason)
+            except UnusableRecord as unusable:  # the training stream skips and counts it
+                out.append(unusable.error.reason)
         return out
 
     # The unusable record raises each time it comes round (the stream counts a skip per draw).

@@ -58,6 +58,16 @@ class CorruptDataError(RuntimeError):
     """Too many samples could not be used, or one that the recipe says must not be skipped."""
 
 
+class UnusableRecord(Exception):
+    """A video source's record that cannot be used (its video is missing or does not decode):
+    ``TrainStream`` skips and counts it. Shard sources are read strictly, so their ``SourceError``
+    stops the run with the reader's message instead."""
+
+    def __init__(self, error: SourceError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def buffer_shuffle(samples: Iterable[Sample], size: int, rng: random.Random) -> Iterator[Sample]:
     """``samples`` in a random order: hold ``size`` of them and emit a random one as each new one arrives.
 
@@ -138,7 +148,10 @@ class SampleSource:
             name = self.names[index % len(self.names)]
             return generate(name, index // len(self.names), split=self.split, seed=self.seed)  # type: ignore[arg-type]
         if self.kind == "video":
-            return self.reader.sample_at(index)  # random access: decodes only this rank's videos
+            try:
+                return self.reader.sample_at(index)  # random access: decodes only this rank's videos
+            except SourceError as err:
+                raise UnusableRecord(err) from None
         if self._iter is None:
             # Resuming: shards are streamed, so skipping what was consumed means reading it; with the
             # pass length known, only the current pass is read up to the position.
@@ -282,7 +295,8 @@ class TrainStream:
                 )
             try:
                 sample = self.sources[name].next()
-            except SourceError as err:  # a video record whose video is missing or does not decode
+            except UnusableRecord as unusable:  # a video record whose video is missing or does not decode
+                err = unusable.error
                 self._skip(err.reason, name, err.record_id or err.location, err)
                 self._check_corrupt_fraction()
                 continue
