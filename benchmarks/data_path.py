@@ -1,6 +1,6 @@
 """Where mm15's data path spends its time: ``TrainStream.next_micro`` alone, with a profile.
 
-Two workloads, each on one thread with nothing else running:
+Two workloads, each in the main thread with nothing else running (torch's operators on its default threads):
 
 * ``shards``: the SFT samples of ``benchmarks/train_step.py`` read from a WebDataset shard (PNG
   decode, MM1.5 splitting, chat template, packing), with that benchmark's equal-token tiny model;
@@ -8,7 +8,10 @@ Two workloads, each on one thread with nothing else running:
   the fly from its mixture).
 
 Usage: ``python benchmarks/data_path.py [--micros 20] [--top 10]``. Prints milliseconds per micro-batch
-of 4 samples and the functions with the most own time (cProfile); see docs/benchmarks.md.
+of 4 samples, timed over ``--micros`` micro-batches with no profiler running, then the functions with the
+most own time (cProfile) over the next ``--micros``, a breakdown only: cProfile's per-call hooks slow the
+Python-heavy parts of the path (by about a quarter in total), so its times are not the path's speed; see
+docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -55,15 +58,23 @@ def recipe_stream() -> TrainStream:
 
 
 def profile(name: str, stream: TrainStream, micros: int, top: int) -> None:
+    """Milliseconds per micro-batch over ``micros`` unprofiled micro-batches, then a profile of as many."""
     stream.next_micro()  # warm-up: tokenizer, fonts, caches
+    start = time.perf_counter()
+    for _ in range(micros):
+        stream.next_micro()
+    per_micro = (time.perf_counter() - start) / micros * 1e3
     profiler = cProfile.Profile()
     start = time.perf_counter()
     profiler.enable()
     for _ in range(micros):
         stream.next_micro()
     profiler.disable()
-    per_micro = (time.perf_counter() - start) / micros * 1e3
-    print(f"\n## {name}: {per_micro:.1f} ms per micro-batch of {stream.samples_per_micro} samples")
+    profiled = (time.perf_counter() - start) / micros * 1e3
+    print(
+        f"\n## {name}: {per_micro:.1f} ms per micro-batch of {stream.samples_per_micro} samples "
+        f"(no profiler; {profiled:.1f} ms under cProfile, whose breakdown follows)"
+    )
     pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(top)
 
 
@@ -77,7 +88,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        write_shards(workload(4 * (args.micros + 1)), Path(tmp))
+        # A warm-up micro-batch, then new samples for the timed pass and for the profiled one.
+        write_shards(workload(4 * (2 * args.micros + 1)), Path(tmp))
         model = MM15Model.build(equal_token_config(preset("tiny")))
         profile("shards", mm15_stream(model, Path(tmp), 4, 2048), args.micros, args.top)
     profile("recipe", recipe_stream(), args.micros, args.top)

@@ -5,8 +5,9 @@ One row of ``--length`` random tokens, every position supervised (so the LM head
 forward and backward under autocast in the compute dtype, gradient clipping and the fused AdamW mm15
 trains with; eager, then ``torch.compile`` of the whole model (warmed up before timing). MFU is model
 FLOPs (``mm15.train.flops``: decoder weights x tokens + LM head x supervised positions) over the
-median step time and the n-cubed matmul rate measured in the same run, as in
-``benchmarks/train_step.py``. It bounds what the full multimodal step of ``train_step.py`` can reach:
+median step time (every step does the same work, so this is the median of the per-step rates, the
+statistic ``benchmarks/train_step.py`` reports) and the n-cubed matmul rate measured in the same run.
+It bounds what the full multimodal step of ``train_step.py`` can reach:
 that step adds an encoder and a connector with smaller matrices.
 
 Usage: ``python benchmarks/llm_step.py [--preset smol] [--length 1024] [--steps 4]``; results in

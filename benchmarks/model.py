@@ -8,7 +8,8 @@ tiny preset's), on the same 448 x 448 image plus the same text:
   queries per tile, so the LLM sees about as many image tokens as LLaVA-NeXT's (``--connector mlp``:
   mm15's MLP baseline instead, the same connector type as the reference's projector);
 * reference: ``LlavaNextForConditionalGeneration`` with grid pinpoints for 4..9 tiles of 224 pixels
-  (the same 2x2 + base image = 5 tiles), its MLP projector, unpadding and row-newline tokens.
+  (the same 2x2 + base image = 5 tiles), its MLP projector, unpadding and row-newline tokens, and its
+  LM head tied to its input embeddings as mm15's is (checked).
 
 Figures, in the compute dtype ``mm15.hardware.fast_dtype()`` picks for this machine (bf16 autocast
 where bf16 matmuls are fast, else float32) for both models, with 2 threads: a forward+backward step
@@ -133,7 +134,7 @@ def build_llava_next(llm: LLMConfig, image_token: int) -> tuple[torch.nn.Module,
             num_attention_heads=llm.num_heads,
             num_key_value_heads=llm.num_kv_heads,
             max_position_embeddings=llm.max_position_embeddings,
-            tie_word_embeddings=True,
+            tie_word_embeddings=llm.tie_word_embeddings,
             eos_token_id=2,
             pad_token_id=2,
             bos_token_id=1,
@@ -142,8 +143,13 @@ def build_llava_next(llm: LLMConfig, image_token: int) -> tuple[torch.nn.Module,
         image_grid_pinpoints=grids,
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
+        # The top-level flag decides whether the LM head is tied (it defaults to False whatever the text
+        # config says): tied as mm15's is (both LLM shapes here tie theirs).
+        tie_word_embeddings=llm.tie_word_embeddings,
     )
     model = LlavaNextForConditionalGeneration(config)
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    assert tied == llm.tie_word_embeddings, f"LM head tied: LlavaNext {tied}, mm15 {llm.tie_word_embeddings}"
     processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE}, image_grid_pinpoints=grids
     )

@@ -3,10 +3,10 @@
 A diagnostic for the demo's weak visual scores. Each sample is a grey 480 x 384 image with one filled
 circle in one of eight colours, and the question "What color is the circle?". The tiny preset, random
 init, learns it with each connector variant on the same samples (batch 8, AdamW, float32, MM1.5's
-dynamic splitting), then answers 40 held-out images: the answer is the colour whose full answer has
-the lowest total negative log-likelihood, so chance is 1/8. With ``--diameter`` near the synthetic
-scenes' object sizes (30-50 px at this image size) the circle spans one or two of the 16 tokens of a
-64-pixel tile; ``--diameter 100 150`` makes it a large object, ``--solid`` fills the image.
+dynamic splitting), then answers 40 held-out images, also in float32: the answer is the colour whose
+full answer has the lowest total negative log-likelihood, so chance is 1/8. With ``--diameter`` near
+the synthetic scenes' object sizes (30-50 px at this image size) the circle spans one or two of the 16
+tokens of a 64-pixel tile; ``--diameter 100 150`` makes it a large object, ``--solid`` fills the image.
 
 ``--task box`` asks for the circle's bounding box instead ("Where is the circle?", answered
 "[x1, y1, x2, y2]" in MM1.5's text units) and scores greedy answers by Acc@IoU>=0.5, the grounding
@@ -34,6 +34,7 @@ from mm15.data.packing import Batch, collate
 from mm15.data.sample import Sample, Turn
 from mm15.eval.metrics import grounding_hit
 from mm15.eval.runner import chat_prompt, generate_texts
+from mm15.hardware import compute_dtype
 from mm15.image import ImageProcessor
 from mm15.model.connector import ConnectorKind
 from mm15.model.generate import GenerationConfig
@@ -141,7 +142,10 @@ class Probe:
         else:
             prompt = chat_prompt(self.model.tokenizer, QUESTIONS["box"])
             cfg = GenerationConfig(max_new_tokens=32)
-            (text,) = generate_texts(self.model, [prompt], [[probe.image]], cfg)
+            # generate_texts autocasts to fast_dtype() (bf16 where bf16 matmuls are fast): answer in the
+            # float32 the probe trains in, as the colour task's forward passes do.
+            with compute_dtype(torch.float32):
+                (text,) = generate_texts(self.model, [prompt], [[probe.image]], cfg)
             hit = grounding_hit(text, probe.box, probe.image.width, probe.image.height)
         self.model.train()
         return hit

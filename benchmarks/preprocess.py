@@ -15,8 +15,13 @@ same real images (a tablet screenshot, scanned pages and photographs shipped wit
   4..9 tiles, i.e. the same encoder inputs as mm15;
 * Idefics3: ``Idefics3ImageProcessor`` with its defaults (364-pixel tiles, longest edge 1456).
 
-Usage: ``python benchmarks/preprocess.py [--rounds 5]``. Prints a table of images/s, output size per
-image (millions of values) and the ratios; see docs/benchmarks.md.
+Threads: the decode floor and the PIL-based references run on one thread; mm15's rows use torch's
+intra-op threads where torch does the work (resize, normalisation), by default as many as torch picks for
+this machine (printed in the header). ``--threads N`` sets torch's thread count first: ``--threads 1``
+compares like for like, and is how ``mm15 train``'s data worker runs (one torch thread).
+
+Usage: ``python benchmarks/preprocess.py [--rounds 5] [--threads N]``. Prints a table of images/s,
+output size per image (millions of values) and the ratios; see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -126,12 +131,24 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch intra-op threads for mm15's rows (default: torch's own choice; 1 = like the PIL rows "
+        "and the training data worker)",
+    )
     args = parser.parse_args()
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be at least 1")
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     images = real_images()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), Python {platform.python_version()}"
+        f"(torch threads: {torch.get_num_threads()}"
+        f"{', set by --threads' if args.threads is not None else ', torch default'}; the PIL rows use 1), "
+        f"Python {platform.python_version()}"
     )
     for name, data in images.items():
         with Image.open(io.BytesIO(data)) as image:

@@ -17,20 +17,26 @@ to a WebDataset shard first.
   C-Abstractor pools tiles to fewer tokens). ``--recipe RECIPE`` takes the model as a recipe configures
   it instead of a bare preset (``recipes/tiny.yaml`` gives the tiny preset SmolLM2's 49,152-token
   vocabulary in place of its byte tokenizer).
-* **LlavaNext**: ``LlavaNextForConditionalGeneration`` with the same vision tower and decoder sizes, its
-  any-resolution grids for 4..9 tiles of the same size, the same text tokens and labels (image
-  positions and prompts unsupervised), batches padded to the longest sample as Hugging Face
-  collators do, ``forward(labels=...)``, backward, clipping and AdamW. Its images are preprocessed
-  *before* timing, so its step time holds no data preparation at all (in mm15's the data path is
-  included, as ``data wait``).
+* **LlavaNext**: ``LlavaNextForConditionalGeneration`` with the same vision tower and decoder sizes (its LM
+  head tied to its input embeddings, as mm15's is; checked), its any-resolution grids for 4..9 tiles of
+  the same size, the same text tokens and labels (image positions and prompts unsupervised), batches
+  padded to the longest sample as Hugging Face collators do, ``forward(labels=...)``, backward, clipping
+  and AdamW. Its images are preprocessed *before* timing, so its step time holds no data preparation at
+  all (in mm15's the data path is included, as ``data wait``).
 
-Figures per model: samples/s and real (non-padding) tokens/s over the timed steps, the step time, MFU
-(model FLOPs as ``mm15.train.flops`` counts them for both models -- decoder weights x tokens, LM head x
-supervised positions, encoder x patches, connector x its positions -- over the step time and this
-machine's matmul rate in the compute dtype, measured in the same run) and, for mm15, the fraction of
-the step spent waiting for data. ``--compile`` adds the compiled rows: mm15's per-block
-``torch.compile`` (the recipe switch ``compile: true``) and ``torch.compile`` of the whole reference
-model; both are warmed up on every timed batch shape first, so compilation is not timed.
+Figures per model, each the median over the timed steps (as ``benchmarks/llm_step.py`` takes its median
+step): the step time, samples/s, real (non-padding) tokens/s and MFU (the step's model FLOPs as
+``mm15.train.flops`` counts them for both models -- decoder weights x tokens, LM head x supervised
+positions, encoder x patches, connector x its positions -- over its time and this machine's matmul rate
+in the compute dtype, measured in the same run); tokens per sample; padding, the share of the batches'
+row slots that hold no token (``1 - real tokens / input_ids.numel()``: mm15 packs samples into rows
+but pads a micro-batch's shorter rows to its longest; the reference pads every sample to the longest);
+and, for mm15, the share of the timed time spent waiting for data. The reference's encoder patches are
+those of the tiles it encodes: a batch pads each image's tiles to the most any image has, and
+``get_image_features`` drops the padding tiles before the vision tower. ``--compile`` adds the compiled
+rows: mm15's per-block ``torch.compile`` (the recipe switch ``compile: true``) and ``torch.compile`` of
+the whole reference model; both are warmed up on every timed batch shape first, so compilation is not
+timed.
 
 Usage: ``python benchmarks/train_step.py [--preset tiny|smol | --recipe RECIPE] [--samples 4] [--steps 3]
 [--compile] [--prefetch auto|inline|thread|process]``
@@ -52,6 +58,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +115,11 @@ def mm15_stream(model: MM15Model, shard_dir: Path, samples_per_step: int, seq_le
 
 
 def build_reference(model: MM15Model) -> torch.nn.Module:
-    """LlavaNext with ``model``'s vision tower and decoder configs (random weights) and 4..9-tile grids."""
+    """LlavaNext with ``model``'s vision tower and decoder configs (random weights) and 4..9-tile grids.
+
+    Its LM head is tied to its input embeddings, as mm15's (and the decoder config's) is: the top-level
+    ``LlavaNextConfig.tie_word_embeddings`` decides, and it defaults to False.
+    """
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
 
     tile = model.cfg.image.tile_size
@@ -124,9 +135,14 @@ def build_reference(model: MM15Model) -> torch.nn.Module:
         vision_feature_select_strategy="default"
         if vision_config.model_type == "clip_vision_model"
         else "full",
+        tie_word_embeddings=model.llm.config.tie_word_embeddings,
     )
     torch.manual_seed(0)
-    return LlavaNextForConditionalGeneration(config)
+    reference = LlavaNextForConditionalGeneration(config)
+    ours_tied = model.llm.get_output_embeddings().weight is model.llm.get_input_embeddings().weight
+    ref_tied = reference.lm_head.weight is reference.get_input_embeddings().weight
+    assert ref_tied == ours_tied, f"LM head tied: mm15 {ours_tied}, LlavaNext {ref_tied}"
+    return reference
 
 
 def reference_batches(
@@ -134,6 +150,7 @@ def reference_batches(
 ) -> list[dict[str, Any]]:
     """The reference's padded batches for the samples of mm15's micro-batches (same text, same labels)."""
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
     tile = model.cfg.image.tile_size
     processor = LlavaNextImageProcessorPil(
@@ -144,9 +161,10 @@ def reference_batches(
         image_std=list(model.vision.image_std),
     )
     image_token = model.image_token_id
+    patches_per_tile = (model.cfg.vision.image_size // model.cfg.vision.patch_size) ** 2
     batches = []
     for micro in micros:
-        rows, labels, pictures = [], [], []
+        rows, labels, pictures, tiles = [], [], [], 0
         for encoded in micro.samples:
             name, split, seed, index = encoded.sample_id.split("/")
             sample = generate(name, int(index), split=split, seed=int(seed))  # type: ignore[arg-type]
@@ -163,9 +181,21 @@ def reference_batches(
             rows.append([image_token] * features[0].shape[0] + [t for t, _ in text])
             labels.append([-100] * features[0].shape[0] + [y for _, y in text])
             pictures.append(image)
+            tiles += pixels["pixel_values"].shape[1]  # one image alone: no padding tiles
         longest = max(len(r) for r in rows)
         pad = model.tokenizer.pad_token_id
         processed = processor(pictures, return_tensors="pt")
+        # The batch pads every image to the most tiles; get_image_features encodes only each image's own
+        # (image_size_to_num_patches), so only those count as encoder work.
+        encoded_tiles = sum(
+            image_size_to_num_patches(
+                image_size=size,
+                grid_pinpoints=reference.config.image_grid_pinpoints,
+                patch_size=reference.config.vision_config.image_size,
+            )
+            for size in processed["image_sizes"]
+        )
+        assert encoded_tiles == tiles, (encoded_tiles, tiles)
         batches.append(
             {
                 "input_ids": torch.tensor([r + [pad] * (longest - len(r)) for r in rows]),
@@ -175,8 +205,7 @@ def reference_batches(
                 "image_sizes": processed["image_sizes"],
                 "real_tokens": sum(len(r) for r in rows),
                 "image_tokens": sum(r.count(image_token) for r in rows),
-                "patches": int(processed["pixel_values"].shape[0] * processed["pixel_values"].shape[1])
-                * (model.cfg.vision.image_size // model.cfg.vision.patch_size) ** 2,
+                "patches": int(encoded_tiles) * patches_per_tile,
             }
         )
     return batches
@@ -193,18 +222,34 @@ def mm15_work(model: MM15Model, micros: list[MicroBatch]) -> StepWork:
     )
 
 
-def speed_row(
-    times: list[float], samples: int, tokens: int, flop_count: float, peak: float, wait: float | None
-) -> dict[str, Any]:
-    """One table row from per-step seconds: throughput, median step, MFU and the data-wait fraction."""
-    total = sum(times)
+def padding(micros: list[MicroBatch]) -> float:
+    """Padding slots over all slots of the micro-batches' rows (packed rows are padded to the longest)."""
+    return 1 - sum(m.batch.real_tokens for m in micros) / sum(m.batch.input_ids.numel() for m in micros)
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One timed step: its seconds and what it processed (samples, real tokens, model FLOPs)."""
+
+    seconds: float
+    samples: int
+    tokens: int
+    flops: float
+
+
+def speed_row(steps: list[Step], peak: float, wait: float | None, pad: float) -> dict[str, Any]:
+    """One table row from the timed steps: the median step time and the median of the per-step rates
+    (samples/s, tokens/s, MFU), as ``benchmarks/llm_step.py`` takes its median step, so that one slow
+    step (a stray stall on a shared machine) does not move the figures; tokens per sample over all
+    steps; the data-wait fraction and the padding fraction as measured by the caller."""
     return {
-        "samples_s": samples / total,
-        "tokens_s": tokens / total,
-        "tokens_per_sample": tokens / samples,
-        "step_s": statistics.median(times),
-        "mfu": flop_count / total / peak,
+        "samples_s": statistics.median(s.samples / s.seconds for s in steps),
+        "tokens_s": statistics.median(s.tokens / s.seconds for s in steps),
+        "tokens_per_sample": sum(s.tokens for s in steps) / sum(s.samples for s in steps),
+        "step_s": statistics.median(s.seconds for s in steps),
+        "mfu": statistics.median(s.flops / s.seconds for s in steps) / peak,
         "wait": wait,
+        "padding": pad,
     }
 
 
@@ -252,24 +297,24 @@ def run_mm15(
         data.close()
         data = timed_data
         seen.clear()
-    times, waits, tokens, images = [], [], 0, 0
+    weights = mm15_flop_weights(model)
+    steps, waits = [], []
     profiler = operator_profiler() if args.profile else contextlib.nullcontext()
     with profiler:
         for step in range(args.steps):
             metrics = train_step(model, data, optimizer, scheduler, 1, warm + step, dtype, 1.0, peak)
             micro = seen[-1]
             seconds = micro.batch.real_tokens / metrics.tokens_per_s
-            times.append(seconds)
+            flops = weights.step_flops(mm15_work(model, [micro]))
+            steps.append(Step(seconds, len(micro.samples), micro.batch.real_tokens, flops))
             waits.append(metrics.data_wait)
-            tokens += micro.batch.real_tokens
-            images += micro.images
     data.close()
     if args.profile:
         print_profile(profiler, "mm15's step with its data path")
     timed = seen[-args.steps :]
-    flop_count = mm15_flop_weights(model).step_flops(mm15_work(model, timed))
-    wait = sum(w * t for w, t in zip(waits, times, strict=True)) / sum(times)
-    return speed_row(times, args.samples * args.steps, tokens, flop_count, peak, wait), model, timed
+    # The fraction of all timed time spent waiting for data (each step's fraction weighted by its time).
+    wait = sum(w * s.seconds for w, s in zip(waits, steps, strict=True)) / sum(s.seconds for s in steps)
+    return speed_row(steps, peak, wait, padding(timed)), model, timed
 
 
 def operator_profiler() -> torch.profiler.profile:
@@ -294,17 +339,27 @@ class Replay:
     def __init__(self, micros: list[MicroBatch], stream: TrainStream) -> None:
         self.micros = iter(micros)
         self.source_names = stream.source_names
-        self.sampler = stream.sampler  # for the realised mixture train_step logs
+        self.sources = list(stream.sampler.probs)  # the keys of TrainStream.realised_mixture
+        self.used: Counter[str] = Counter()
 
     def next_micro(self) -> MicroBatch:
-        return next(self.micros)
+        micro = next(self.micros)
+        # Each sample's source, read from the micro-batch's per-token tags (every sample has tokens).
+        for i in range(len(micro.samples)):
+            (source, *_) = micro.token_source[micro.token_sample == i].tolist()
+            self.used[self.source_names[source]] += 1
+        return micro
+
+    def realised_mixture(self) -> dict[str, float]:
+        """``TrainStream.realised_mixture`` over the samples replayed so far (replays counted again)."""
+        total = sum(self.used.values())
+        return {name: self.used[name] / total if total else 0.0 for name in self.sources}
 
 
 def run_mm15_step_only(
     model: MM15Model,
     micros: list[MicroBatch],
     stream: TrainStream,
-    samples: int,
     dtype: torch.dtype,
     peak: float,
     profile: bool = False,
@@ -316,18 +371,19 @@ def run_mm15_step_only(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     data = Replay([micros[0], *micros], stream)
     train_step(model, data, optimizer, scheduler, 1, 0, dtype, 1.0, peak)
-    times = []
+    weights = mm15_flop_weights(model)
+    steps = []
     profiler = operator_profiler() if profile else contextlib.nullcontext()
     with profiler:
-        for step in range(1, len(micros) + 1):
+        for step, micro in enumerate(micros, start=1):
             start = time.perf_counter()
             train_step(model, data, optimizer, scheduler, 1, step, dtype, 1.0, peak)
-            times.append(time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            flops = weights.step_flops(mm15_work(model, [micro]))
+            steps.append(Step(seconds, len(micro.samples), micro.batch.real_tokens, flops))
     if profile:
         print_profile(profiler, "mm15's step replayed without the data path")
-    work = mm15_work(model, micros)
-    flop_count = mm15_flop_weights(model).step_flops(work)
-    return speed_row(times, samples * len(micros), work.tokens, flop_count, peak, None)
+    return speed_row(steps, peak, None, padding(micros))
 
 
 def run_reference(
@@ -351,24 +407,22 @@ def run_reference(
 
     for batch in batches if compiled else batches[:1]:
         step(batch)
-    times = []
+    weights = llava_next_flop_weights(reference)
+    steps = []
     for batch in batches:
         start = time.perf_counter()
         step(batch)
-        times.append(time.perf_counter() - start)
-    work = StepWork(
-        tokens=sum(b["real_tokens"] for b in batches),
-        supervised=sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
-        patches=sum(b["patches"] for b in batches),
-        image_tokens=sum(b["image_tokens"] for b in batches),
-    )
-    samples = sum(b["input_ids"].shape[0] for b in batches)
-    padded = sum(b["input_ids"].numel() for b in batches)
-    flop_count = llava_next_flop_weights(reference).step_flops(work)
-    return {
-        **speed_row(times, samples, work.tokens, flop_count, peak, None),
-        "padding": 1 - work.tokens / padded,
-    }
+        seconds = time.perf_counter() - start
+        work = StepWork(
+            tokens=batch["real_tokens"],
+            supervised=int((batch["labels"][:, 1:] != -100).sum()),
+            patches=batch["patches"],
+            image_tokens=batch["image_tokens"],
+        )
+        steps.append(Step(seconds, batch["input_ids"].shape[0], work.tokens, weights.step_flops(work)))
+    real = sum(b["real_tokens"] for b in batches)
+    pad = 1 - real / sum(b["input_ids"].numel() for b in batches)
+    return speed_row(steps, peak, None, pad)
 
 
 def main() -> None:
@@ -421,7 +475,7 @@ def main() -> None:
         if args.profile:
             _, model, micros = run_mm15(equal, shard_dir, args, dtype, peak, False)
             stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-            run_mm15_step_only(model, micros, stream, args.samples, dtype, peak, profile=True)
+            run_mm15_step_only(model, micros, stream, dtype, peak, profile=True)
             return
         for compiled in (False, True) if args.compile else (False,):
             tag = " compiled" if compiled else ""
@@ -432,7 +486,7 @@ def main() -> None:
             rows += [(f"mm15{tag}", ours), (f"LlavaNext{tag}", ref)]
             if not compiled:
                 stream = mm15_stream(model, shard_dir, args.samples, args.seq_length)
-                step_only = run_mm15_step_only(model, micros, stream, args.samples, dtype, peak)
+                step_only = run_mm15_step_only(model, micros, stream, dtype, peak)
                 del stream
                 rows.append(("mm15 (step only)", step_only))
                 rows.append(("mm15 (preset)", run_mm15(shipped, shard_dir, args, dtype, peak, False)[0]))
@@ -449,10 +503,9 @@ def main() -> None:
     for name, r in rows:
         reference = references[" compiled" if "compiled" in name else ""]
         wait = "-" if r["wait"] is None else f"{r['wait']:.1%}"
-        padding = f"{r['padding']:.0%}" if "padding" in r else "0% (packed)"
         print(
             f"| {name} | {r['samples_s']:.2f} | {r['tokens_s']:.0f} | {r['tokens_per_sample']:.0f} | "
-            f"{r['step_s']:.2f} | {r['mfu']:.1%} | {wait} | {padding} | "
+            f"{r['step_s']:.2f} | {r['mfu']:.1%} | {wait} | {r['padding']:.1%} | "
             f"{r['samples_s'] / reference['samples_s']:.2f}x | {r['tokens_s'] / reference['tokens_s']:.2f}x |"
         )
 
