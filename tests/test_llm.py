@@ -92,11 +92,10 @@ def test_tiny_model_shapes(tiny) -> None:
     assert (c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim) == (2, 4, 2, 16)
     assert c.rope_parameters["rope_theta"] == 100_000.0
     assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
-    assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (
-        tokenizer.bos_token_id,
-        tokenizer.eos_token_id,
-        tokenizer.pad_token_id,
-    )
+    assert (c.bos_token_id, c.eos_token_id) == (tokenizer.bos_token_id, tokenizer.eos_token_id)
+    # The tokenizer pads with <|im_end|>, but the config names no pad id: Llama would make it the
+    # embedding's padding_idx, which never learns (test_the_end_of_turn_token_learns_from_its_inputs).
+    assert c.pad_token_id is None and tokenizer.pad_token_id == tokenizer.eos_token_id
     ids = torch.randint(0, TINY_TOKENIZER_SIZE, (2, 7))
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=torch.ones_like(ids))
@@ -284,6 +283,33 @@ def test_hf_dir_round_trip(tiny, tmp_path: Path) -> None:
     )
     bf16, _ = load_llm(LLMConfig(source="hf", path=tmp_path, dtype="bfloat16"))
     assert bf16.dtype == torch.bfloat16
+
+
+def test_hf_dir_without_a_pad_token_pads_with_its_eos(tiny, tmp_path: Path) -> None:
+    # Llama 2 / 3.2 tokenizers have no pad token: collating the first batch failed on pad_id None.
+    model, tokenizer = tiny
+    model.save_pretrained(tmp_path)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    _, loaded = load_llm(LLMConfig(source="hf", path=tmp_path))
+    assert loaded.pad_token == loaded.eos_token == "<|im_end|>"
+    assert loaded.pad_token_id == loaded.eos_token_id
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_end_of_turn_token_learns_from_its_inputs(tied: bool) -> None:
+    # <|im_end|> was the decoder's padding_idx: its input embedding started at zero and its input
+    # occurrences gave it no gradient (with untied embeddings it never learnt at all).
+    torch.manual_seed(0)
+    model, tokenizer = load_llm(dataclasses.replace(TINY, tie_word_embeddings=tied))
+    table = model.get_input_embeddings()
+    assert table.padding_idx is None
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert table.weight[im_end].norm() > 0
+    batch = chat_inputs(tokenizer)
+    assert (batch["input_ids"] == im_end).any()
+    model(**batch).logits.sum().backward()
+    assert table.weight.grad[im_end].norm() > 0
 
 
 def test_hf_dir_refuses_pickled_weights(tiny, tmp_path: Path) -> None:

@@ -456,6 +456,22 @@ def test_config_mismatches_are_named() -> None:
         preset("mm15-2b")
 
 
+@pytest.mark.parametrize("name", ["mm15-1b", "mm15-3b", "mm15-7b", "mm15-3b-moe"])
+def test_a_full_size_preset_has_one_dtype_with_or_without_its_weights(name: str) -> None:
+    # With llm_path the decoder loaded in float32, twice its random stand-in's (bf16) memory.
+    assert preset(name).llm.dtype == preset(name, llm_path="/models/llm").llm.dtype == "bfloat16"
+
+
+def test_the_image_token_joins_the_tokenizers_own_special_tokens() -> None:
+    from mm15.model.llm import LLMConfig, load_llm
+    from mm15.model.mm15 import add_image_token
+
+    llm, tokenizer = load_llm(LLMConfig())
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|box|>", "<|ref|>"]})
+    add_image_token(tokenizer, llm)
+    assert {"<|box|>", "<|ref|>", IMAGE_TOKEN} <= set(tokenizer.all_special_tokens)
+
+
 @pytest.mark.parametrize(
     ("name", "llm_millions"),
     [("mm15-1b", 1235.8), ("mm15-3b", 3212.7), ("mm15-7b", 6738.4), ("mm15-3b-moe", 69804.3)],

@@ -420,6 +420,21 @@ def test_save_pretrained_roundtrip(tmp_path: Path, cfg: VisionConfig) -> None:
     assert (loaded.image_size, loaded.num_patches, loaded.hidden_size) == (28, 4, 32)
 
 
+def test_save_pretrained_keeps_the_encoders_normalisation_and_takes_a_path(tmp_path: Path) -> None:
+    # The saved directory reloaded with the kind's default mean and std (CLIP's), so the same uint8
+    # tiles gave other features; and VisionConfig refused a pathlib.Path.
+    cfg = dataclasses.replace(TINY_CLIP, image_mean=(0.5, 0.5, 0.5), image_std=(0.25, 0.25, 0.25))
+    enc = build(cfg)
+    enc.save_pretrained(tmp_path)
+    reloaded = VisionConfig(kind="clip", pretrained=tmp_path)  # a Path, stored as a string
+    assert reloaded.pretrained == str(tmp_path)
+    loaded = load_vision_encoder(reloaded).eval()
+    assert (loaded.image_mean, loaded.image_std) == ((0.5,) * 3, (0.25,) * 3)
+    tiles = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    with torch.no_grad():
+        assert torch.equal(loaded(tiles), enc.eval()(tiles))
+
+
 def test_pretrained_full_clip_checkpoint(tmp_path: Path) -> None:
     # A full CLIP checkpoint (text tower, projections): only the vision tower is loaded.
     from transformers import CLIPConfig, CLIPModel

@@ -1,8 +1,10 @@
 """The decoder LLM: a random-init Llama-style model, the bundled SmolLM2-135M-Instruct, or any local HF dir.
 
 ``load_llm(LLMConfig(...))`` returns ``(model, tokenizer)``: a transformers causal LM (in eval mode, as
-``from_pretrained`` leaves it) and its tokenizer, with a ChatML chat template and bos/eos/pad tokens. The
-three sources (``LLMConfig.source``):
+``from_pretrained`` leaves it) and its tokenizer, with bos/eos/pad tokens (a local directory's tokenizer
+without a pad token pads with its eos) and, for the tiny and SmolLM2 sources, a ChatML chat template (a
+local directory keeps its own; ``mm15.chat`` falls back to ChatML when it has none). The three sources
+(``LLMConfig.source``):
 
 * ``"tiny"``: a ``LlamaForCausalLM`` built from the config's size fields with random weights (the torch
   global RNG: seed it for reproducible weights), and ``build_tiny_tokenizer()``. For tests and the demo.
@@ -347,7 +349,9 @@ def build_tiny_llm(cfg: LLMConfig, smol_dir: Path | None = None) -> PreTrainedMo
         rms_norm_eps=_RMS_NORM_EPS,
         bos_token_id=specials[IM_START],
         eos_token_id=specials[IM_END],
-        pad_token_id=specials[IM_END],
+        # No pad_token_id: Llama makes it the embedding's padding_idx, whose row is zeroed and gets no
+        # gradient, and padding is the tokenizer's <|im_end|>, which must learn (the attention mask and
+        # the labels keep padding out anyway).
     )
     model = LlamaForCausalLM(hf_config).to(cfg.torch_dtype)
     if smol_dir is not None:
@@ -406,6 +410,12 @@ def _load_local_dir(
             "they would be left randomly initialised"
         )
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        # Many base decoders (Llama 2, Llama 3.2) ship no pad token; batches need one. Padding is
+        # masked out of attention and labels, so the end-of-sequence token serves, as usual.
+        if tokenizer.eos_token is None:
+            raise ValueError(f"{what}: the tokenizer in {path} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 

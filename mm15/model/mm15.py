@@ -100,7 +100,9 @@ class MM15Output:
 def add_image_token(tokenizer: Any, llm: nn.Module) -> int:
     """Register the image token as a special token, grow the embeddings if needed, return its id."""
     if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+        # The list replaces the tokenizer's extra special tokens, so its own (<|box|>-style) ones go in too.
+        own = list(getattr(tokenizer, "extra_special_tokens", None) or [])
+        tokenizer.add_special_tokens({"additional_special_tokens": [*own, IMAGE_TOKEN]})
     token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     if token_id >= llm.get_input_embeddings().num_embeddings:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)

@@ -114,7 +114,7 @@ def _full(size: str, vision_path: str | None, llm_path: str | None, moe: MoEConf
     )
     shape = _LLM_SHAPES[size]
     llm = (
-        LLMConfig(source="hf", path=llm_path)
+        LLMConfig(source="hf", path=llm_path, dtype="bfloat16")  # the stand-in's dtype: one preset, one
         if llm_path
         else LLMConfig(
             source="tiny",
