@@ -29,7 +29,7 @@ from typing import Any
 from mm15.boxes import format_box, format_point
 from mm15.data.sample import IMAGE_PLACEHOLDER, REGION_PATTERN, Sample
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
-from mm15.model.mm15 import IMAGE_TOKEN, image_span_ids
+from mm15.model.mm15 import IMAGE_TOKEN, image_span_ids, text_token_ids
 
 IGNORE = -100
 # Stands for a turn's content when its rendering is searched for where the content begins (Unicode
@@ -175,7 +175,7 @@ class ChatEncoder:
                     ids += span
                     labels += [IGNORE] * len(span)
                 if part:
-                    tokens = self.tokenizer(part, add_special_tokens=False)["input_ids"]
+                    tokens = text_token_ids(part, self.tokenizer, self.image_token_id)
                     ids += tokens
                     labels += tokens if supervised else [IGNORE] * len(tokens)
         if len(ids) > self.max_length:

@@ -121,6 +121,23 @@ def test_plain_stream_for_pretraining_categories(tiny_tokenizer) -> None:
     assert "(1, 0, 0)" in markers  # image 1's overview marker, unsupervised
 
 
+def test_text_holding_the_image_token_is_refused_not_counted_as_an_image(tiny_tokenizer) -> None:
+    # The literal token became an 81st image position for 80 image features: the model raised on the
+    # count mismatch, and in training the whole packed batch failed.
+    from mm15.model.mm15 import MM15Processor, ReservedTokenError
+
+    sample = conversation()
+    sample.turns[1] = Turn("assistant", f"It is at <region0>, see {IMAGE_TOKEN}.")
+    encoder = ChatEncoder(tiny_tokenizer, preset("tiny").image, max_length=4096)
+    with pytest.raises(ReservedTokenError, match="reserved image token"):
+        encoder.encode(sample, [(400, 200)])
+    processor = MM15Processor(tiny_tokenizer, preset("tiny").image, (0.5,) * 3, (0.5,) * 3)
+    from PIL import Image
+
+    with pytest.raises(ReservedTokenError, match="reserved image token"):
+        processor([f"<image> what is {IMAGE_TOKEN}?"], [[Image.new("RGB", (40, 30))]])
+
+
 def test_over_budget_is_dropped_with_counts_never_cut(tiny_tokenizer) -> None:
     encoder = ChatEncoder(tiny_tokenizer, preset("tiny").image, max_length=100)
     with pytest.raises(SampleTooLong, match="images alone") as error:

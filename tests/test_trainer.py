@@ -217,6 +217,26 @@ def test_over_budget_error_stops_at_the_first_sample_too_long() -> None:
         short_stream("truncate")
 
 
+def test_a_sample_holding_the_image_token_is_skipped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mm15.data.sample import Turn
+    from mm15.model.mm15 import IMAGE_TOKEN
+
+    real_next = SampleSource.next
+
+    def with_token(self: SampleSource) -> Sample:
+        sample = real_next(self)
+        if self.position % 2 == 0:
+            last = sample.turns[-1]
+            sample.turns[-1] = Turn(last.role, f"{last.content} {IMAGE_TOKEN}")
+        return sample
+
+    monkeypatch.setattr(SampleSource, "next", with_token)
+    _, stream, _, _ = setup(max_corrupt_fraction=0.9)
+    micro = stream.next_micro()
+    assert stream.skipped["reserved_token"] >= 1 and len(micro.samples) == 2
+    assert any(e.startswith("reserved_token: source") for e in stream.skip_examples)
+
+
 def test_resume_from_a_checkpoint_continues_the_same_losses(tmp_path: Path) -> None:
     model, stream, optimizer, scheduler = setup()
     steps(model, stream, optimizer, scheduler, 0, 3)

@@ -357,6 +357,20 @@ def image_span_ids(plan: TilePlan, tokenizer: Any, image_token_id: int) -> list[
     return ids
 
 
+class ReservedTokenError(ValueError):
+    """Text holds the image token itself (``<|image_patch|>``): it would add an image position that no
+    image fills, and the batch's counts would no longer match."""
+
+
+def text_token_ids(text: str, tokenizer: Any, image_token_id: int) -> list[int]:
+    """Token ids of a piece of text with no image in it; ``ReservedTokenError`` if it holds the image
+    token (every text that reaches the model is tokenized here)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if image_token_id in ids:
+        raise ReservedTokenError(f"the text contains the reserved image token {IMAGE_TOKEN!r}")
+    return ids
+
+
 def tokenize_with_images(
     text: str, plans: Sequence[TilePlan], tokenizer: Any, image_token_id: int
 ) -> list[int]:
@@ -371,7 +385,7 @@ def tokenize_with_images(
         if index > 0:
             ids += image_span_ids(plans[index - 1], tokenizer, image_token_id)
         if part:
-            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+            ids += text_token_ids(part, tokenizer, image_token_id)
     return ids
 
 

@@ -40,7 +40,7 @@ from PIL import Image
 from mm15.geometry import TilePlan, plan_image
 from mm15.hardware import autocast
 from mm15.model.generate import GenerationConfig, cut_at_stop, pick_next_token, visible_text
-from mm15.model.mm15 import IMAGE_PLACEHOLDER, IMAGE_TOKEN, MM15Model, MM15Processor, tokenize_with_images
+from mm15.model.mm15 import IMAGE_PLACEHOLDER, MM15Model, MM15Processor, tokenize_with_images
 
 log = logging.getLogger("mm15.serve")
 
@@ -123,9 +123,6 @@ def encode_prompt(
         ids = tokenize_with_images(prompt, plans, processor.tokenizer, image_token_id)
     if max_tokens is not None and len(ids) > max_tokens:
         raise PromptTooLong(len(ids), max_tokens)
-    expected = sum(plan.num_image_tokens for plan in plans)
-    if ids.count(image_token_id) != expected:
-        raise ValueError(f"the prompt text contains the reserved image token {IMAGE_TOKEN!r}")
     pixel_values = processor.images(list(images), plans).pixel_values if images else None
     return EncodedPrompt(ids, pixel_values)
 

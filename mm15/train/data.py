@@ -4,7 +4,8 @@
 sample, encodes it (``ChatEncoder``: chat template, assistant-only labels, length budget), loads its
 images, and packs encoded samples into micro-batches (``collate``). What cannot be used is skipped and
 counted, by reason and by source, never silently lost: samples over the length budget (``too_long``,
-or an error with ``over_budget="error"``) and samples with an image that does not decode (``corrupt``);
+or an error with ``over_budget="error"``), samples with an image that does not decode (``corrupt``) and
+samples whose text holds the image token itself (``reserved_token``);
 past ``max_corrupt_fraction`` of the samples seen the stream stops with an error, since a data set that
 broken should not train quietly, and so does a source none of whose first ``DEAD_SOURCE_DRAWS`` drawn
 samples could be used (a ``seq_length`` too small for its images, say: the other sources would fill the
@@ -49,6 +50,7 @@ from mm15.data.packing import Batch, collate
 from mm15.data.sample import Sample
 from mm15.data.sources import ShardReader, SkipCounter, SourceError
 from mm15.image import ImageError, ImageProcessor, load_image
+from mm15.model.mm15 import ReservedTokenError
 
 MAX_SKIP_EXAMPLES = 10  # skipped samples a stream names (the rest are counted)
 DEAD_SOURCE_DRAWS = 100  # draws of one source, none usable, after which the stream stops
@@ -313,6 +315,10 @@ class TrainStream:
                 continue
             except ImageError as err:
                 self._skip("corrupt", name, sample.id, err)
+                self._check_corrupt_fraction()
+                continue
+            except ReservedTokenError as err:  # its text holds the image token itself
+                self._skip("reserved_token", name, sample.id, err)
                 self._check_corrupt_fraction()
                 continue
             self.used[name] += 1
