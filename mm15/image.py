@@ -257,10 +257,13 @@ class ProcessedImages:
 class ImageProcessor:
     """Images + tile plans -> normalised tile tensors: one resize per encoder view, one pass per tile.
 
-    Resizing is torch's antialiased bicubic interpolation on uint8 pixels (the same filter as PIL's
-    BICUBIC to within 2 levels, multi-threaded, and 2-3x faster here). The resized image is pasted at the
-    top-left of a uint8 canvas filled with the pad colour; the canvas is cut into tiles by a view and
-    converted and normalised straight into the output tensor. ``pad_color`` is public: it is the
+    Resizing is torch's antialiased bicubic interpolation on uint8 pixels (PIL's BICUBIC filter,
+    multi-threaded, and 2-3x faster here). The two libraries round to 8 bits between their horizontal
+    and vertical passes in a different order: most values agree within 2 levels, but on strongly
+    downscaled, tall, high-contrast images (text screenshots) a value can differ by up to about 20
+    levels, and neither is closer than the other to an exact float64 resize. The resized image is
+    pasted at the top-left of a uint8 canvas filled with the pad colour; the canvas is cut into tiles
+    by a view and converted and normalised straight into the output tensor. ``pad_color`` is public: it is the
     documented padding value. ``dtype=torch.uint8`` skips the normalisation (the encoder does it).
     """
 
