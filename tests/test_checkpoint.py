@@ -276,9 +276,46 @@ def test_export_final(tmp_path: Path) -> None:
 
     class WithPretrained(TinyLM):
         def save_pretrained(self, path: Path) -> None:
-            Path(path).mkdir(parents=True)
+            Path(path).mkdir(parents=True, exist_ok=True)
             (Path(path) / "config.json").write_text("{}")
 
     assert (export_final(WithPretrained(), tmp_path / "hf") / "config.json").is_file()
     export_final(model, tmp_path / "other", rank=1)  # only rank 0 writes
     assert not (tmp_path / "other").exists()
+
+
+def test_an_export_killed_part_way_leaves_no_final_directory(tmp_path: Path) -> None:
+    # save_pretrained wrote config.json first, straight into final/: a kill before the weights left a
+    # final/ that later runs took for a finished stage.
+    class DiesMidway(TinyLM):
+        def save_pretrained(self, path: Path) -> None:
+            (Path(path) / "config.json").write_text("{}")
+            raise KeyboardInterrupt  # as a kill would stop it, after the config
+
+    with pytest.raises(KeyboardInterrupt):
+        export_final(DiesMidway(), tmp_path / "final")
+    assert list(tmp_path.iterdir()) == []  # neither final/ nor its staging directory
+    out = export_final(make_run(seed=0)[0], tmp_path / "final")
+    assert (out / "model.safetensors").is_file() and oct(out.stat().st_mode & 0o777) == "0o755"
+    export_final(make_run(seed=1)[0], out)  # a second export replaces the first whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_an_adafactor_checkpoint_resumes(tmp_path: Path) -> None:
+    # Adafactor's factored second moments keep the factored dimension with size 1 ([n, 1], [1, m]); the
+    # shape check refused every Adafactor checkpoint (the tiny recipe's OCR stage, the paper's stages
+    # 2 and 3).
+    def adafactor_run(seed: int) -> Run:
+        torch.manual_seed(seed)
+        model = TinyLM()
+        optimizer = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+        return model, optimizer, LambdaLR(optimizer, lambda s: 1.0)
+
+    seed_all(0)
+    run = adafactor_run(0)
+    train(run, 2)
+    save(run, tmp_path, 2)
+    expected = train(run, 3)
+    fresh = adafactor_run(5)
+    load_checkpoint(latest_checkpoint(tmp_path), *fresh)
+    assert train(fresh, 3) == expected

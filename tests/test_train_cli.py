@@ -378,6 +378,10 @@ def test_a_moved_data_folder_is_not_a_changed_setting() -> None:
     data["stages"][0]["max_steps"] = 9
     assert resume_setting_changes(saved, RecipeConfig.from_dict(data).stages[0]) == ["max_steps: 8 -> 9"]
     assert resume_setting_changes(None, RecipeConfig.from_dict(data).stages[0]) == []  # older checkpoints
+    # Every prefetch mode hands out the same micro-batches: changing it is no reason to warn.
+    saved = stage_settings(RecipeConfig.from_dict(data).stages[0])
+    data["stages"][0]["data"]["prefetch"] = "inline"
+    assert resume_setting_changes(saved, RecipeConfig.from_dict(data).stages[0]) == []
 
 
 def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> None:
@@ -393,6 +397,10 @@ def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> No
     first = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), "--max-steps", "4"])
     assert first.exit_code == 0, first.output
     shutil.rmtree(run / "pretrain" / "final")  # as if stopped after its last checkpoint
+    # A --max-steps below the checkpoint's step trained nothing and closed the stage at step 4.
+    short = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), "--max-steps", "3", "--resume"])
+    assert short.exit_code == 2 and "past the stage's max_steps 3" in " ".join(short.output.split())
+    assert not (run / "pretrain" / "final").exists()
     same = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), "--max-steps", "4", "--resume"])
     assert same.exit_code == 0 and "resumed from" in same.output and "has changed" not in same.output
     shutil.rmtree(run / "pretrain" / "final")
@@ -588,6 +596,24 @@ def test_check_runs_the_start_up_checks_and_says_what_each_stage_would_do(tmp_pa
     assert code == 0 and "pretrain: resume at step 4" in text, text
     code, text = check()  # without --resume: the refusal a real run would give
     assert code == 2 and "has checkpoints of an earlier run" in text, text
+
+
+def test_a_full_disk_reported_by_safetensors_stops_the_stage_cleanly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # safetensors reports ENOSPC as its own SafetensorError, which is not an OSError: a traceback.
+    from safetensors import SafetensorError
+
+    from mm15.train import run
+    from mm15.train.config import RecipeConfig
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(run, "save_checkpoint", full_disk)
+    stage = RecipeConfig.from_dict(yaml.safe_load(ONE_STAGE)).stages[0]
+    with pytest.raises(run.StageFailed, match=r"cannot write the checkpoint of step 2 .*No space left"):
+        run._save_or_stop(tmp_path, 2, stage, None, None, None, {})  # type: ignore[arg-type]
 
 
 def test_check_refuses_a_stage_whose_parent_stage_is_not_trained(tmp_path: Path) -> None:

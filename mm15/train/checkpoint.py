@@ -547,7 +547,10 @@ def load_checkpoint(
         options = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, model_state, options=options)
         if optimizer is not None:
-            set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+            # Not strict: AdamW keeps no state for parameters that never had a gradient (the encoder's
+            # post-layernorm, after the feature layer), and strict loading refused every FSDP2 resume.
+            loose = StateDictOptions(full_state_dict=True, strict=False)
+            set_optimizer_state_dict(model, optimizer, optim_state, options=loose)
     else:
         model.load_state_dict(model_state, strict=True)
         if optimizer is not None:
@@ -581,9 +584,14 @@ def _validate_optimizer_state(
             raise ValueError(f"{folder}: optimizer state for parameter {key!r}, which no param group lists")
         param = param_of[key]
         for name, value in per_param.items():
-            # Same-rank state (Adam moments, momentum) must match the parameter; lower-rank state (scalars,
-            # factored second moments) is the optimizer's business.
-            if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape != param.shape:
+            # Same-rank state (Adam moments, momentum) must match the parameter, except in dimensions of 1
+            # (Adafactor's factored second moments keep the factored-out dimension with size 1); lower-rank
+            # state (scalars) is the optimizer's business.
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim() == param.dim()
+                and not all(s in (p, 1) for s, p in zip(value.shape, param.shape, strict=True))
+            ):
                 raise ValueError(
                     f"{folder}: optimizer state {key}.{name} has shape {list(value.shape)}, "
                     f"its parameter {list(param.shape)}"
@@ -616,11 +624,27 @@ def export_final(model: nn.Module, out_dir: str | Path, rank: int | None = None)
         plain = type(model).build(model.cfg)  # type: ignore[attr-defined]
         plain.load_state_dict(full_state)
         model = plain
-    save_pretrained = getattr(model, "save_pretrained", None)
-    if callable(save_pretrained):
-        save_pretrained(out)
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        save_model(model, str(out / MODEL_NAME))
+    # Written beside ``out`` and renamed into place when complete: a kill mid-export left a final/
+    # with config.json and half the weights, which later runs took for a finished stage.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_pretrained = getattr(model, "save_pretrained", None)
+        if callable(save_pretrained):
+            save_pretrained(staging)
+        else:
+            save_model(model, str(staging / MODEL_NAME))
+        for path in staging.rglob("*"):
+            if path.is_file():
+                _fsync(path)
+        _fsync_dir(staging)
+        if out.exists():
+            shutil.rmtree(out)  # an earlier export of this stage (or a partial one): replaced whole
+        staging.chmod(0o755)  # mkdtemp's 0700 would hide the exported model from other users
+        os.replace(staging, out)
+        _fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     _barrier()
     return out

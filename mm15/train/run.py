@@ -44,6 +44,7 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from safetensors import SafetensorError
 
 from mm15.chat import ChatEncoder
 from mm15.data.mixture import MixtureSampler
@@ -351,7 +352,8 @@ def _save_or_stop(
     """``save_checkpoint``; a write that fails (a full disk, a lost mount) stops the stage cleanly."""
     try:
         save_checkpoint(ckpt_dir, step, model, optimizer, scheduler, extra, keep_last=stage.keep_last)
-    except OSError as err:  # the previous checkpoint is intact: saves are atomic
+    except (OSError, SafetensorError) as err:  # the previous checkpoint is intact: saves are atomic
+        # (safetensors reports a full disk as its own SafetensorError, not an OSError)
         raise StageFailed(
             f"stage {stage.name!r}: cannot write the checkpoint of step {step} ({err}); the last complete "
             f"one is {latest_checkpoint(ckpt_dir)}; fix that and continue with --resume"
@@ -383,10 +385,13 @@ def resume_setting_changes(saved: dict[str, Any] | None, stage: StageConfig) -> 
     """The stage's settings that differ from a checkpoint's record (none for older checkpoints).
 
     Source specs are left out: where the data lives may change (a moved folder resumes exactly), and
-    what it holds is checked by the stream's own fingerprints (``TrainStream.load_state_dict``).
+    what it holds is checked by the stream's own fingerprints (``TrainStream.load_state_dict``); so is
+    the prefetch mode, under which every mode gives the same micro-batches.
     """
     changes = _changed_settings(saved, stage_settings(stage))
-    return [change for change in changes if not change.startswith("data.sources")]
+    # The prefetch mode only moves the data work between processes: every mode resumes exactly.
+    ignored = ("data.sources", "data.prefetch")
+    return [change for change in changes if not change.startswith(ignored)]
 
 
 def _check_same_optimizer(saved: dict[str, Any] | None, stage: StageConfig, checkpoint: Path) -> None:
@@ -519,6 +524,11 @@ def run_stage(
             for change in changes:
                 console.print(f"[yellow]warning:[/yellow] {shown(change)}", soft_wrap=True)
         _check_same_optimizer(extra.get("stage"), stage, latest)
+        if start > stage.max_steps:  # range(start, max_steps) would be empty and the stage "done"
+            raise ValueError(
+                f"{latest} is at step {start}, past the stage's max_steps {stage.max_steps}: resume without "
+                f"a smaller --max-steps, or move {ckpt_dir} away to start the stage over"
+            )
         _restore_recipe_hyperparameters(optimizer, scheduler, recipe_groups, stage, start)
         history = extra["history"]
         evals = extra.get("evals", [])
