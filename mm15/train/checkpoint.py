@@ -218,6 +218,22 @@ def _capture_rng() -> dict[str, Any]:
     return state
 
 
+def _check_rng_state(state: Any, folder: Path) -> None:
+    """``CorruptCheckpointError`` unless ``state`` can be restored, checked before the model is touched
+    (a damaged rng file failed only after the weights were loaded, and with no fall-back)."""
+    try:
+        version, internal, _ = state["python"]
+        random.Random().setstate((version, tuple(internal), None))
+        keys = state["numpy"]["keys"]
+        if len(keys) != 624:  # MT19937's state words
+            raise ValueError(f"numpy's state has {len(keys)} words, not 624")
+        torch_state = state["torch_cpu"]
+        if not isinstance(torch_state, torch.Tensor) or torch_state.shape != torch.get_rng_state().shape:
+            raise ValueError("torch's CPU generator state has the wrong size")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptCheckpointError(f"{folder}: the RNG state cannot be restored ({err})") from None
+
+
 def _restore_rng(state: Mapping[str, Any]) -> None:
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
@@ -536,6 +552,7 @@ def load_checkpoint(
         missing = sorted(set(scheduler.state_dict()) - set(scheduler_state))
         if missing:
             raise CorruptCheckpointError(f"{folder}: the scheduler state lacks {missing}")
+    _check_rng_state(rng_state, folder)
 
     if sharded:
         from torch.distributed.checkpoint.state_dict import (
