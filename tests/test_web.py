@@ -80,14 +80,28 @@ def wait_for_model_name(page: Any) -> None:
     page.locator("#model", has_text="tiny-web").wait_for()
 
 
+def posted(page: Any) -> list[dict[str, Any]]:
+    """The page's POST bodies, as they are sent."""
+    bodies: list[dict[str, Any]] = []
+    page.on("request", lambda r: bodies.append(r.post_data_json) if r.method == "POST" else None)
+    return bodies
+
+
+def open_page(browser: Any, url: str, **options: Any) -> tuple[Any, list[str], list[dict[str, Any]]]:
+    """A new page at ``url`` once the model's name shows: (page, its script errors, its POST bodies)."""
+    page = browser.new_page(**options)
+    errors: list[str] = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    sent = posted(page)
+    page.goto(url)
+    wait_for_model_name(page)
+    return page, errors, sent
+
+
 def test_upload_ask_stream_and_draw(page_url: str, browser: Any, tmp_path: Path) -> None:
     image = tmp_path / "square.png"
     image.write_bytes(png_bytes(200, 100, (40, 160, 60)))
-    page = browser.new_page(viewport={"width": 1200, "height": 800})
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(page_url)
-    wait_for_model_name(page)
+    page, errors, _ = open_page(browser, page_url, viewport={"width": 1200, "height": 800})
     page.set_input_files("#files", str(image))
     page.wait_for_selector("#thumbs img")
     page.fill("#question", "where is the square?")
@@ -115,9 +129,7 @@ def test_upload_ask_stream_and_draw(page_url: str, browser: Any, tmp_path: Path)
 
 
 def test_a_server_error_is_shown_on_the_page(page_url: str, browser: Any) -> None:
-    page = browser.new_page()
-    page.goto(page_url)
-    wait_for_model_name(page)
+    page, _, _ = open_page(browser, page_url)
     page.fill("#question", "say <image> here")  # refused by the server: reserved text
     page.fill("#maxTokens", "64")
     page.click("#send")
@@ -129,13 +141,7 @@ def test_a_server_error_is_shown_on_the_page(page_url: str, browser: Any) -> Non
 def test_a_video_file_is_sent_as_video_url(page_url: str, browser: Any, tmp_path: Path) -> None:
     frames = [Image.new("RGB", (64, 48), colour) for colour in ((200, 40, 40), (40, 200, 40), (40, 40, 200))]
     clip = write_video(tmp_path / "clip.mp4", frames, fps=3)
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    sent: list[dict[str, Any]] = []
-    page.on("request", lambda r: sent.append(r.post_data_json) if r.method == "POST" else None)
-    page.goto(page_url)
-    wait_for_model_name(page)
+    page, errors, sent = open_page(browser, page_url)
     page.set_input_files("#files", str(clip))
     page.wait_for_selector("#thumbs .video")
     page.fill("#question", "what moves?")
@@ -202,13 +208,6 @@ def slow_url(tmp_path_factory: pytest.TempPathFactory) -> Any:
         yield from serve_page(model)
 
 
-def posted(page: Any) -> list[dict[str, Any]]:
-    """The page's POST bodies, as they are sent."""
-    bodies: list[dict[str, Any]] = []
-    page.on("request", lambda r: bodies.append(r.post_data_json) if r.method == "POST" else None)
-    return bodies
-
-
 def test_new_conversation_while_an_answer_streams_starts_afresh(
     slow_url: str, browser: Any, tmp_path: Path
 ) -> None:
@@ -216,12 +215,7 @@ def test_new_conversation_while_an_answer_streams_starts_afresh(
     page is free at once. It once pushed both into the new conversation when the answer ended."""
     image = tmp_path / "square.png"
     image.write_bytes(png_bytes(200, 100, (40, 160, 60)))
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    sent = posted(page)
-    page.goto(slow_url)
-    wait_for_model_name(page)
+    page, errors, sent = open_page(browser, slow_url)
     page.set_input_files("#files", str(image))
     page.wait_for_selector("#thumbs img")
     page.fill("#question", "first question")
@@ -248,10 +242,7 @@ def test_an_image_chosen_while_an_answer_streams_goes_with_the_next_question(
     """It was dropped: the end of the answer cleared every pending file, not only the ones it sent."""
     image = tmp_path / "square.png"
     image.write_bytes(png_bytes(200, 100, (40, 160, 60)))
-    page = browser.new_page()
-    sent = posted(page)
-    page.goto(slow_url)
-    wait_for_model_name(page)
+    page, _, sent = open_page(browser, slow_url)
     page.fill("#question", "a text-only question")
     page.fill("#maxTokens", "64")
     page.click("#send")
@@ -319,10 +310,7 @@ def test_boxes_are_drawn_on_the_upright_frame_the_model_sees(
     for WebP (nor any browser for XMP), so the page drew the boxes on a sideways frame."""
     path = oriented(tmp_path / name, orientation, xmp=xmp)
     upright = load_image(path)  # what the server makes of the file
-    page = browser.new_page()
-    errors: list[str] = []
-    page.on("pageerror", lambda err: errors.append(str(err)))
-    page.goto(page_url)
+    page, errors, _ = open_page(browser, page_url)
     page.set_input_files("#files", str(path))
     page.wait_for_selector("#thumbs img")
     canvas = page.locator("#canvas")
@@ -355,10 +343,7 @@ def test_an_unreachable_server_is_said_on_the_page(page_url: str, browser: Any) 
 def test_an_image_file_without_a_media_type_is_sent_as_an_image(page_url: str, browser: Any) -> None:
     """A file without an extension has no type in the browser; its data URL said
     application/octet-stream, which the server refuses."""
-    page = browser.new_page()
-    sent = posted(page)
-    page.goto(page_url)
-    wait_for_model_name(page)
+    page, _, sent = open_page(browser, page_url)
     page.set_input_files("#files", files=[{"name": "photo", "mimeType": "", "buffer": png_bytes(200, 100)}])
     page.wait_for_selector("#thumbs img")
     page.fill("#question", "where is the square?")
