@@ -74,6 +74,7 @@ def bf16_matmul_is_fast(size: int = 256, trials: int = 5) -> bool:
 BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # x86 instructions that compute in bf16
 
 
+@functools.cache  # fast_dtype() runs per autocast block: read the file once
 def x86_cpu_flags() -> frozenset[str] | None:
     """The CPU's feature flags from ``/proc/cpuinfo`` on x86 Linux (a "flags" line, which other
     architectures do not have); None elsewhere (not known)."""
