@@ -300,7 +300,6 @@ class TrainStream:
             except UnusableRecord as unusable:  # a video record whose video is missing or does not decode
                 err = unusable.error
                 self._skip(err.reason, name, err.record_id or err.location, err)
-                self._check_corrupt_fraction()
                 continue
             try:
                 pictures = [load_image(ref, name=f"{sample.id}[{i}]") for i, ref in enumerate(sample.images)]
@@ -315,17 +314,16 @@ class TrainStream:
                 continue
             except ImageError as err:
                 self._skip("corrupt", name, sample.id, err)
-                self._check_corrupt_fraction()
                 continue
             except ReservedTokenError as err:  # its text holds the image token itself
                 self._skip("reserved_token", name, sample.id, err)
-                self._check_corrupt_fraction()
                 continue
             self.used[name] += 1
             return encoded, pictures, name
 
     def _skip(self, reason: str, source: str, sample_id: str | None, error: Exception) -> None:
-        """Count a sample that cannot be used, and keep the first few so they can be found."""
+        """Count a sample that cannot be used, keep the first few so they can be found, and stop when
+        too many are broken (every reason but ``too_long``) or a source yields nothing at all."""
         self.skipped[reason] += 1
         self.skipped_sources[source] += 1
         self._name_skip(f"{reason}: source {source!r}, sample {sample_id!r}: {error}")
@@ -335,6 +333,8 @@ class TrainStream:
                 f"used ({reason} the last time: {error}); is seq_length ({self.encoder.max_length}) too "
                 "small for it, or its data broken?"
             )
+        if reason != "too_long":
+            self._check_corrupt_fraction()
 
     def _name_skip(self, message: str) -> None:
         if len(self.skip_examples) < MAX_SKIP_EXAMPLES:
