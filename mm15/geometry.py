@@ -87,14 +87,16 @@ class ImagePlanConfig:
         if fewer, the ``max_images_to_split + 1`` unsplit images past which splitting stops."""
         if not self.split:
             return self.tokens_per_tile
-        overview = 1 if self.overview != "none" else 0
-        return min(self.n_min + overview, self.max_images_to_split + 1) * self.tokens_per_tile
+        return min(self.encoder_inputs(self.n_min), self.max_images_to_split + 1) * self.tokens_per_tile
 
     def max_tokens_per_image(self) -> int:
         """Upper bound of image tokens one image can cost (1440 for MM1.5's defaults)."""
-        tiles = self.n_max if self.split else 1
-        overview = 1 if self.split and self.overview != "none" else 0
-        return (tiles + overview) * self.tokens_per_tile
+        return (self.encoder_inputs(self.n_max) if self.split else 1) * self.tokens_per_tile
+
+    def encoder_inputs(self, cells: int) -> int:
+        """Encoder inputs of a split image whose grid has ``cells`` cells: the cells and the overview,
+        which a 1x1 grid omits (its one cell already shows the whole image)."""
+        return cells + (1 if self.overview != "none" and cells > 1 else 0)
 
 
 @dataclass(frozen=True)
@@ -282,9 +284,12 @@ def plan_image(
         for i in range(1, rows + 1)
         for j in range(1, cols + 1)
     )
-    if cfg.overview == "after":
+    # A 1x1 grid's one cell is the whole image fitted into a tile, which is what the overview would
+    # repeat, so it has none (mm15-spec.md section 2.2); only n_min = 1 can choose that grid.
+    with_overview = cfg.overview != "none" and len(cells) > 1
+    if with_overview and cfg.overview == "after":
         tiles = (*cells, overview)
-    elif cfg.overview == "before":
+    elif with_overview and cfg.overview == "before":
         tiles = (overview, *cells)
     else:
         tiles = cells
@@ -294,7 +299,7 @@ def plan_image(
         tile_size=r,
         grid=(rows, cols),
         resized=fit_size(height, width, rows * r, cols * r),
-        overview_resized=None if cfg.overview == "none" else overview_resized,
+        overview_resized=overview_resized if with_overview else None,
         tokens_per_tile=cfg.tokens_per_tile,
         split=True,
         tiles=tiles,

@@ -89,7 +89,9 @@ def test_token_counts_and_tile_layout(h: int, w: int, cfg: ImagePlanConfig, n_im
         overviews = [t for t in plan.tiles if t.is_overview]
         if split:
             assert len(cells) == plan.grid[0] * plan.grid[1]
-            assert len(overviews) == (0 if cfg.overview == "none" else 1)
+            one_cell = plan.grid == (1, 1)
+            assert len(overviews) == (0 if cfg.overview == "none" or one_cell else 1)
+            assert (plan.overview_resized is None) == (not overviews)
             if overviews:
                 assert plan.tiles.index(overviews[0]) == (0 if cfg.overview == "before" else len(cells))
             # Cells are row-major and cover the canvas exactly once.
@@ -146,6 +148,33 @@ def test_mm15_defaults_cost_at_most_1440_tokens() -> None:
     assert plan_image(1640, 2360).num_image_tokens == 1440  # 3x3 + overview
     assert plan_image(1000, 1000).num_image_tokens == 720  # 2x2 + overview
     assert plan_image(1000, 1000, images_in_sample=3).num_image_tokens == 144  # no splitting at 3 images
+
+
+@settings(max_examples=200, deadline=None)
+@given(cfg=configs)
+def test_token_bounds_are_the_extreme_grids(cfg: ImagePlanConfig) -> None:
+    # Brute force over the sizes that pick each grid's extremes: a square image takes the fewest cells
+    # that fit it, a 1 x (n_max * tile) strip the most; the bounds must be reached, never exceeded.
+    r = cfg.tile_size
+    fewest = plan_image(r, r * cfg.n_min, cfg) if cfg.n_min > 1 else plan_image(r, r, cfg)
+    most = plan_image(r, r * cfg.n_max, cfg)
+    assert most.num_image_tokens == cfg.max_tokens_per_image()
+    assert fewest.num_image_tokens == cfg.min_image_tokens_per_sample() or cfg.max_images_to_split + 1 < (
+        fewest.num_tiles
+    )
+
+
+def test_single_cell_grid_has_no_overview() -> None:
+    # mm15-spec.md 2.2: the overview of a 1x1 grid would repeat its one cell, so it is left out.
+    cfg = ImagePlanConfig(tile_size=32, n_min=1, n_max=4)
+    plan = plan_image(20, 30, cfg)
+    assert plan.grid == (1, 1)
+    assert [t.marker for t in plan.tiles] == ["(0, 1, 1)"]
+    assert plan.overview_resized is None and plan.num_image_tokens == 144
+    assert cfg.min_image_tokens_per_sample() == 144
+    assert ImagePlanConfig(tile_size=32, n_min=1, n_max=1).max_tokens_per_image() == 144
+    # Larger grids of the same config keep theirs.
+    assert len(plan_image(32, 128, cfg).tiles) == 5
 
 
 def test_one_pixel_wide_plan_is_consistent() -> None:
