@@ -206,7 +206,7 @@ def train(
                 console.print(f"  data: {shown(row['sources'])}", soft_wrap=True)
             return
         summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out, strategy=strategy)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # OSError: an output the start-up checks could not foresee
         _fail(err)
     except (StageFailed, CorruptDataError) as err:
         console.print(f"[red]stopped:[/red] {shown(err)}", soft_wrap=True)
@@ -288,7 +288,7 @@ def eval_(
             model_path=model,
             console=console,
         )
-    except (TaskError, ValueError, FileNotFoundError, ImageError) as err:
+    except (TaskError, ValueError, OSError, ImageError) as err:
         _fail(err)
     except KeyboardInterrupt:
         console.print(

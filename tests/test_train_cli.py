@@ -343,6 +343,24 @@ def test_an_out_path_that_is_a_file_is_refused_before_training(tmp_path: Path) -
     assert taken.read_text() == "someone's notes\n"
 
 
+def test_a_stage_directory_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    (tmp_path / "recipe.yaml").write_text(ONE_STAGE)
+    run = tmp_path / "run"
+    run.mkdir()
+    taken = run / "pretrain"  # where the stage would write: a mkdir there raised FileExistsError unhandled
+    taken.write_text("someone's notes\n")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "recipe.yaml"), "--out", str(run)])
+    assert result.exit_code == 2, result.output
+    assert f"the directory of stage 'pretrain' {taken} exists and is not a directory" in " ".join(
+        result.output.split()
+    )
+    assert taken.read_text() == "someone's notes\n"
+
+
 def test_every_stage_is_checked_against_the_world_size_before_the_first_trains(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -722,6 +722,8 @@ def _checked_plan(
     stages = [recipe.stage(stage_name)] if stage_name else list(recipe.stages)
     _check_before_training(recipe, stages, run_dir, world_size, chosen)
     check_output_dir(run_dir, "run directory")
+    for stage in stages:
+        check_output_dir(run_dir / stage.name, f"the directory of stage {stage.name!r}")
     return chosen, run_dir, stages
 
 
