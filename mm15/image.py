@@ -5,17 +5,23 @@ the source. What it does with awkward files:
 
 * EXIF orientation is applied, so the pixels are upright as a viewer shows them.
 * Every mode becomes RGB. Transparency (RGBA, LA, PA, P or L with a transparent colour) is composited
-  over ``ALPHA_BACKGROUND`` (white, as documents and screenshots usually are). 16-bit integer images
+  over ``ALPHA_BACKGROUND`` (white, as documents and screenshots usually are); a PNG's transparent
+  colour (``tRNS``) is matched exactly at every bit depth, 2- and 4-bit grey and 16-bit RGB included,
+  though Pillow decodes those to other values than the key's. 16-bit integer images
   (I;16*, I) are scaled from [0, 65535] to 8 bits; float images (F) are read as [0, 1] when their
   maximum is at most 1, else as [0, 255], and clipped.
 * Animated images (GIF, APNG, WebP) give their first frame.
 * Images over ``max_pixels`` are refused from the header alone, before any pixel is decoded
   (``ImageTooLargeError``), so a small file claiming huge dimensions cannot exhaust memory.
+  ``max_pixels`` may exceed Pillow's own limit (``Image.MAX_IMAGE_PIXELS``, which it enforces at open
+  at twice its value); Pillow's global is never changed. Pillow's TIFF decoder and GIF frames repeat its
+  check while decoding, so those need its limit raised for the process too.
 * Empty, truncated, corrupt or non-image files raise ``ImageDecodeError``.
 
 ``ImageProcessor`` turns images and their ``TilePlan`` into encoder inputs: the image is resized once
 (antialiased bicubic), pasted at the top-left of the padded canvas, cut into tiles by a tensor view and
-converted and normalised with the encoder's mean and std straight into the output. Padding is the
+converted and normalised with the encoder's mean and std straight into the output (in float32, and
+rounded once for a bfloat16 or float16 output). Padding is the
 8-bit colour nearest the encoder's mean, so it normalises to (almost exactly) zero. With
 ``dtype=torch.uint8`` it returns the raw 8-bit tiles instead and the encoder normalises them
 (``normalize_pixels``, the same arithmetic, so the encoder sees the same values bit for bit): a quarter of
@@ -26,21 +32,24 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.paths import not_a_file_reason
 
 DEFAULT_MAX_PIXELS = 64_000_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALPHA_BACKGROUND = (255, 255, 255)
 # Mean and std of OpenAI CLIP / DFN-CLIP preprocessing, the encoder family MM1.5 uses.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -60,14 +69,28 @@ def pixel_affine(
     return scale, shift
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the normalisation is computed in for a ``dtype`` output: at least float32.
+
+    In bfloat16 or float16 the scale, the shift and each of the two steps would round on their own
+    (bfloat16 keeps 8 significant bits), so those outputs are computed in float32 and rounded once.
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def normalize_pixels(
     pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """uint8 tiles (..., 3, r, r) -> normalised ``dtype`` tiles, as ``ImageProcessor`` computes them."""
+    """uint8 tiles (..., 3, r, r) -> normalised ``dtype`` tiles, as ``ImageProcessor`` computes them.
+
+    Computed in float32 (float64 for a float64 ``dtype``) and cast to ``dtype`` once at the end.
+    """
     if pixels.dtype != torch.uint8:
         raise TypeError(f"normalize_pixels expects uint8 pixels, got {pixels.dtype}")
-    scale, shift = pixel_affine(mean, std, dtype)
-    return pixels.to(dtype).mul_(scale.to(pixels.device)).add_(shift.to(pixels.device))
+    compute = _compute_dtype(dtype)
+    scale, shift = pixel_affine(mean, std, compute)
+    out = pixels.to(compute).mul_(scale.to(pixels.device)).add_(shift.to(pixels.device))
+    return out.to(dtype)
 
 
 class ImageError(ValueError):
@@ -123,7 +146,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to RGB with the documented rules (alpha over white, 16-bit scaled).
 
     Transparency comes as an alpha band, as a palette with alpha, or as one transparent colour (a PNG
-    ``tRNS`` chunk, in RGB and 16-bit images too): each is composited over ``ALPHA_BACKGROUND``.
+    ``tRNS`` chunk, in RGB and 16-bit images too): each is composited over ``ALPHA_BACKGROUND``. The
+    key of a 2- or 4-bit grey or 16-bit RGB PNG is in the file's sample values, which the decoded image
+    no longer holds: ``load_image`` matches it before decoding, this cannot.
     """
     mode = image.mode
     transparent = image.has_transparency_data
@@ -142,8 +167,41 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _open(src: str | os.PathLike | bytes, source: str) -> Image.Image:
-    """``Image.open`` of a path or bytes: reads the header only; every failure is an ``ImageError``."""
+def _open_past_pillow_limit(fp: str | io.BytesIO) -> ImageFile.ImageFile:
+    """``Image.open`` without Pillow's pixel-count check, for a ``max_pixels`` above Pillow's own limit.
+
+    Pillow reads its limit from the global ``Image.MAX_IMAGE_PIXELS`` at every check. Raising it for one
+    call would loosen it for every thread of the process while the call runs (and a concurrent change to
+    it would be undone), so the limit is left alone: this runs Pillow's format detection itself (its
+    registered openers in its order, as ``Image.open`` does) and leaves the size to ``_check_size``,
+    which the callers run at once. ``fp`` is a path (the opener then owns and closes the file) or bytes.
+    """
+    if isinstance(fp, str):
+        with open(fp, "rb") as file:
+            prefix = file.read(16)
+    else:
+        fp.seek(0)
+        prefix = fp.read(16)
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        verdict = accept(prefix) if accept is not None else True
+        if isinstance(verdict, str) or not verdict:  # a string says why the format does not apply
+            continue
+        if not isinstance(fp, str):
+            fp.seek(0)
+        try:
+            return factory(fp, fp if isinstance(fp, str) else None)
+        except (SyntaxError, IndexError, TypeError, struct.error):  # not this format: try the next
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def _open(src: str | os.PathLike | bytes, source: str, max_pixels: int) -> Image.Image:
+    """``Image.open`` of a path or bytes: reads the header only; every failure is an ``ImageError``.
+
+    A ``max_pixels`` above Pillow's own limit replaces it (see ``_open_past_pillow_limit``).
+    """
     if isinstance(src, bytes):
         if not src:
             raise ImageDecodeError(source, "empty data (0 bytes)")
@@ -156,10 +214,15 @@ def _open(src: str | os.PathLike | bytes, source: str) -> Image.Image:
             raise ImageDecodeError(source, "empty file (0 bytes)")
         fp = os.fspath(path)
     try:
-        image = Image.open(fp)
+        pillow_limit = Image.MAX_IMAGE_PIXELS
+        if pillow_limit is not None and max_pixels > pillow_limit:
+            image = _open_past_pillow_limit(fp)
+        else:
+            image = Image.open(fp)
     except UnidentifiedImageError:
         raise ImageDecodeError(source, "not a recognised image format") from None
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # The warning arrives as an exception where warnings are errors.
         raise ImageTooLargeError(source, str(err)) from None
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(source, f"cannot read image header ({err})") from None
@@ -176,6 +239,66 @@ def _check_size(image: Image.Image, source: str, max_pixels: int) -> None:
         )
 
 
+# Text chunks whose keyword names a source of EXIF orientation for Pillow: EXIF itself, EXIF as hex
+# text (ImageMagick's "Raw profile type exif") and XMP.
+_PNG_EXIF_KEYWORDS = frozenset({b"exif", b"Raw profile type exif", b"XML:com.adobe.xmp"})
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and the CRC-32 of type + data."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_exif_chunks(fp: IO[bytes]) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """(type, data) of the chunks a PNG's EXIF orientation can come from, in file order, wherever they
+    are, and whether any of them follows the pixel data.
+
+    Pillow reads the chunks after the pixel data (where eXIf often is) only when it decodes the pixels;
+    this walk reads chunk headers and seeks past every other chunk, the pixel data above all. It stops
+    where decoding stops reading: at IEND, at the second animation frame (an fcTL after image data),
+    or at damage (a chunk cut short or a malformed type), which only decoding reports.
+    """
+    size = fp.seek(0, os.SEEK_END)
+    position = len(_PNG_SIGNATURE)
+    found: list[tuple[bytes, bytes]] = []
+    after_pixels = any_after = False
+    while position + 12 <= size:
+        fp.seek(position)
+        length, kind = struct.unpack(">I4s", fp.read(8))
+        end = position + 12 + length  # length, type, data, CRC
+        if not kind.isalpha() or end > size or kind == b"IEND" or (after_pixels and kind == b"fcTL"):
+            break
+        if kind == b"eXIf":
+            found.append((kind, fp.read(length)))
+            any_after = any_after or after_pixels
+        elif kind in (b"tEXt", b"zTXt", b"iTXt"):
+            head = fp.read(min(length, 80))  # a keyword is 1 to 79 bytes, then a NUL
+            if head.split(b"\0", 1)[0] in _PNG_EXIF_KEYWORDS:
+                found.append((kind, head + fp.read(length - len(head))))
+                any_after = any_after or after_pixels
+        after_pixels = after_pixels or kind in (b"IDAT", b"fdAT")
+        position = end
+    return found, any_after
+
+
+def _png_orientation(image: Image.Image, src: str | os.PathLike | bytes) -> int:
+    """The EXIF orientation ``load_image`` applies to the PNG ``image`` opened from ``src``, found
+    without decoding its pixels."""
+    with io.BytesIO(src) if isinstance(src, bytes) else open(src, "rb", buffering=0) as fp:
+        chunks, any_after_pixels = _png_exif_chunks(fp)
+    if not any_after_pixels:
+        # Open has read them all. The base method reads what open found; PngImageFile's would decode the
+        # pixels to look for more.
+        return Image.Image.getexif(image).get(ExifTags.Base.Orientation, 1)
+    # Pillow parses the chunks itself, so the keys, text decoding and limits and the merging of EXIF, EXIF
+    # as text and XMP stay its own: a 1x1 stand-in carries them before its (absent) pixel data, where it
+    # reads them at open. Its CRCs are fresh: decoding does not check those of chunks after the pixels.
+    ihdr = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)  # 1x1, 8-bit grey
+    parts = [_PNG_SIGNATURE, _png_chunk(b"IHDR", ihdr), *(_png_chunk(k, d) for k, d in chunks)]
+    with Image.open(io.BytesIO(b"".join([*parts, _png_chunk(b"IEND", b"")])), formats=["PNG"]) as stand_in:
+        return Image.Image.getexif(stand_in).get(ExifTags.Base.Orientation, 1)
+
+
 def image_size(
     src: str | os.PathLike | bytes,
     *,
@@ -187,22 +310,63 @@ def image_size(
     The size is the upright one: an EXIF orientation that transposes (5 to 8) swaps the stored sides,
     as ``load_image`` does. Raises the ``ImageError`` that ``load_image`` would for a missing or 0-byte
     file, unrecognised data, a corrupt header, no pixels or too many, without decoding pixels (tens of
-    microseconds): the check ``mm15 data pack`` runs on every image. Damage past the header (a truncated
-    body) shows only when the pixels are decoded.
+    microseconds; a PNG's chunk list is walked, headers only, since its EXIF may follow the pixel data:
+    about a microsecond a chunk more): the check ``mm15 data pack`` runs on every image. Damage past the
+    header (a truncated body, a chunk list cut short, a damaged EXIF block) shows only when the pixels
+    are decoded; here the EXIF it hides or spoils counts as absent (orientation 1).
     """
     source = _source_name(src, name)
-    with _open(src, source) as image:
+    with _open(src, source, max_pixels) as image:
         _check_size(image, source, max_pixels)
         width, height = image.size
         try:
-            orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
-        except (OSError, SyntaxError, ValueError):  # a damaged EXIF block: load_image will report it
+            if image.format == "PNG":  # Pillow's PNG getexif() decodes the pixels to look past them
+                orientation = _png_orientation(image, src)
+            else:
+                orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        except (OSError, SyntaxError, ValueError, struct.error):  # a damaged EXIF block
             orientation = 1
         # Pillow's TIFF plugin reports the upright size at open already (its stored size is
         # ``_tile_size``); the other formats report the stored one, which the orientation transposes.
         stored = getattr(image, "_tile_size", (width, height))
         transposes = orientation in (5, 6, 7, 8) and tuple(stored) == (width, height)
         return (height, width) if transposes else (width, height)
+
+
+def _png_low_bytes(image: Image.Image) -> np.ndarray:
+    """(H, W, 3) low bytes of a 16-bit RGB PNG's samples, which Pillow drops: a second decode of the same
+    data by the little-endian unpacker, whose "high" byte is the big-endian low one. Before ``load()``."""
+    assert image.fp is not None
+    image.fp.seek(0)  # Image.open reads from the start; load() seeks to the pixel data itself
+    with _open_past_pillow_limit(io.BytesIO(image.fp.read())) as twin:  # its size is checked already
+        twin.tile = [tile._replace(args="RGB;16L") for tile in twin.tile]
+        twin.load()
+        return np.asarray(twin)
+
+
+def _png_key_opaque(image: Image.Image) -> np.ndarray | None:
+    """(H, W) bool, False at the pixels of a PNG's tRNS colour key where Pillow would miss them; else None.
+
+    Pillow keeps the key in the file's sample scale but compares it with decoded pixels: 2- and 4-bit
+    grey are scaled to 8 bits (v * 85, v * 17) and 16-bit RGB keeps its high bytes, so a keyed pixel
+    stays opaque (and in 16-bit RGB the key's low bytes match other pixels' high bytes). Call it before
+    ``image.load()``: the decoder's raw mode is known only until then. It loads the image.
+    """
+    key = image.info.get("transparency")
+    if not isinstance(image, PngImagePlugin.PngImageFile) or key is None or not image.tile:
+        return None
+    rawmode = image.tile[0].args
+    if rawmode in ("L;2", "L;4") and isinstance(key, int):
+        step = 255 // ((1 << int(rawmode[-1])) - 1)  # Pillow's 8-bit value of one step
+        image.load()
+        return np.asarray(image) != key * step
+    if rawmode == "RGB;16B" and isinstance(key, tuple):
+        low = _png_low_bytes(image)
+        image.load()
+        high = np.asarray(image)
+        keyed = (high == [k >> 8 for k in key]) & (low == [k & 0xFF for k in key])
+        return ~keyed.all(axis=-1)
+    return None
 
 
 def load_image(
@@ -213,24 +377,30 @@ def load_image(
 ) -> Image.Image:
     """Decode ``src`` (path, bytes or PIL image) into an upright RGB image; see the module docstring."""
     source = _source_name(src, name)
-    image = src if isinstance(src, Image.Image) else _open(src, source)
+    image = src if isinstance(src, Image.Image) else _open(src, source, max_pixels)
     result: Image.Image | None = None
     try:
         _check_size(image, source, max_pixels)
         image.seek(0)  # the first frame of an animation
+        opaque = _png_key_opaque(image)
         image.load()
         upright = image
+        if opaque is not None:  # the key as an alpha band, which to_rgb composites as any other
+            alpha = Image.fromarray(opaque.astype(np.uint8) * 255)
+            upright = Image.merge("LA" if image.mode == "L" else "RGBA", (*image.split(), alpha))
+            # The rest of the info (EXIF, XMP) goes along, for exif_transpose.
+            upright.info = {k: v for k, v in image.info.items() if k != "transparency"}
         if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
-            upright = ImageOps.exif_transpose(image)
+            upright = ImageOps.exif_transpose(upright)
         result = to_rgb(upright)
         if result is image and getattr(image, "n_frames", 1) > 1:
             result = image.copy()  # an animation keeps its file open for the other frames: detach
         return result
     except ImageError:
         raise
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLargeError(source, str(err)) from None
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
         raise ImageDecodeError(source, f"corrupt or truncated image data ({err})") from None
     finally:
         # Close what we opened unless it is the image we return (then PIL already closed its file).
@@ -263,7 +433,8 @@ class ImageProcessor:
     downscaled, tall, high-contrast images (text screenshots) a value can differ by up to about 20
     levels, and neither is closer than the other to an exact float64 resize. The resized image is
     pasted at the top-left of a uint8 canvas filled with the pad colour; the canvas is cut into tiles
-    by a view and converted and normalised straight into the output tensor. ``pad_color`` is public: it is the
+    by a view and converted and normalised straight into the output tensor (through a float32 buffer for a
+    bfloat16 or float16 output, rounded once). ``pad_color`` is public: it is the
     documented padding value. ``dtype=torch.uint8`` skips the normalisation (the encoder does it).
     """
 
@@ -281,9 +452,10 @@ class ImageProcessor:
         self.std = tuple(float(s) for s in std)
         self.dtype = dtype
         self.pad_color = tuple(round(m * 255) for m in self.mean)
-        # x_normalised = x_uint8 * scale + shift, per channel (unused for uint8 output).
-        affine_dtype = torch.float32 if dtype == torch.uint8 else dtype
-        self._scale, self._shift = pixel_affine(self.mean, self.std, affine_dtype)
+        # x_normalised = x_uint8 * scale + shift, per channel, computed in at least float32 (unused for
+        # uint8 output).
+        self._compute = _compute_dtype(torch.float32 if dtype == torch.uint8 else dtype)
+        self._scale, self._shift = pixel_affine(self.mean, self.std, self._compute)
 
     def plan(self, image: Image.Image, image_index: int = 0, images_in_sample: int = 1) -> TilePlan:
         return plan_image(
@@ -312,9 +484,13 @@ class ImageProcessor:
         r = self.cfg.tile_size
         rows, cols = chw.shape[1] // r, chw.shape[2] // r
         tiles = out.view(rows, cols, 3, r, r)
-        tiles.copy_(chw.reshape(3, rows, r, cols, r).permute(1, 3, 0, 2, 4))
-        if out.dtype != torch.uint8:  # the same two in-place steps as normalize_pixels
-            tiles.mul_(self._scale).add_(self._shift)
+        cut = chw.reshape(3, rows, r, cols, r).permute(1, 3, 0, 2, 4)
+        if out.dtype in (torch.uint8, self._compute):
+            tiles.copy_(cut)
+            if out.dtype != torch.uint8:  # the same two in-place steps as normalize_pixels
+                tiles.mul_(self._scale).add_(self._shift)
+        else:  # bfloat16 or float16: the same steps in float32, rounded once into the output
+            tiles.copy_(cut.to(self._compute).mul_(self._scale).add_(self._shift))
 
     def __call__(
         self, images: Sequence[Image.Image], plans: Sequence[TilePlan] | None = None

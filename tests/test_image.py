@@ -32,7 +32,7 @@ import pytest
 import skimage.data
 import torch
 import torch.nn.functional as F
-from PIL import Image, features
+from PIL import Image, ImageFile, features
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import (
@@ -322,6 +322,163 @@ def test_refused_file_is_closed(tmp_path: Path) -> None:
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
 
 
+def with_chunks_before_iend(png: bytes, *chunks: bytes) -> bytes:
+    """``png`` with ``chunks`` inserted before its IEND (the last 12 bytes), i.e. after the pixel data."""
+    assert png[-8:-4] == b"IEND"
+    return png[:-12] + b"".join(chunks) + png[-12:]
+
+
+def with_chunks_after_ihdr(png: bytes, *chunks: bytes) -> bytes:
+    """``png`` with ``chunks`` inserted after its IHDR, i.e. before the pixel data."""
+    ihdr_end = len(PNG_SIGNATURE) + 25
+    return png[:ihdr_end] + b"".join(chunks) + png[ihdr_end:]
+
+
+def exif_chunk(orientation: int) -> bytes:
+    """An eXIf chunk holding ``orientation`` (its data is the TIFF header on, without ``Exif\\0\\0``)."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return png_chunk(b"eXIf", exif.tobytes()[6:])
+
+
+def xmp_chunk(orientation: int) -> bytes:
+    """An iTXt XMP chunk whose ``tiff:Orientation`` is ``orientation``."""
+    xmp = (
+        f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description tiff:Orientation="{orientation}"/></x:xmpmeta>'
+    )
+    return png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode())
+
+
+def refuse_to_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every pixel decode fail loudly (an AssertionError, which no code under test catches)."""
+
+    def load(self: ImageFile.ImageFile) -> None:
+        raise AssertionError(f"pixels of a {self.format} image were decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_image_size_finds_png_exif_after_the_pixel_data_without_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, orientation: int
+) -> None:
+    """Pillow's PNG getexif() decodes every pixel to look for an eXIf chunk after the pixel data (where
+    some writers put it), so image_size decoded such PNGs and every PNG without EXIF."""
+    plain = encode(noise_image(200, 300), "PNG")  # 180 kB of incompressible pixels in several IDATs
+    assert plain.count(b"IDAT") > 1
+    data = with_chunks_before_iend(plain, exif_chunk(orientation))
+    path = tmp_path / "exif-last.png"
+    path.write_bytes(data)
+    upright = (200, 300) if orientation >= 5 else (300, 200)
+    assert load_image(path).size == load_image(data).size == upright
+    refuse_to_decode(monkeypatch)
+    assert image_size(path) == image_size(data) == upright
+    assert image_size(plain) == (300, 200)  # no EXIF at all: not decoded either
+
+
+@pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning")
+def test_image_size_reads_png_metadata_as_load_image_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """XMP after the pixel data, EXIF before it, both (EXIF wins, as in Pillow), and damage after it."""
+    plain = encode(noise_image(20, 30), "PNG")
+    exif_last = with_chunks_before_iend(plain, exif_chunk(6))
+    cases = {
+        "xmp-last": with_chunks_before_iend(plain, xmp_chunk(8)),
+        "exif-first": with_chunks_after_ihdr(plain, exif_chunk(6)),
+        "exif-first-xmp-last": with_chunks_after_ihdr(
+            with_chunks_before_iend(plain, xmp_chunk(6)), exif_chunk(1)
+        ),
+        "text-and-exif-last": with_chunks_before_iend(
+            plain, png_chunk(b"tEXt", b"Comment\0hi"), exif_chunk(5)
+        ),
+        # An IFD cut short: Pillow warns and finds no orientation.
+        "short-exif": with_chunks_before_iend(plain, png_chunk(b"eXIf", b"MM\0*\0\0\0\x08\0\x09")),
+        # Decoding stops at a chunk type that is not letters, so the EXIF after it is not seen.
+        "exif-after-bad-type": with_chunks_before_iend(plain, png_chunk(b"\1\2\3\4", b""), exif_chunk(6)),
+    }
+    expected = {name: load_image(data).size for name, data in cases.items()}
+    assert expected == {
+        "xmp-last": (20, 30),
+        "exif-first": (20, 30),
+        "exif-first-xmp-last": (30, 20),
+        "text-and-exif-last": (20, 30),
+        "short-exif": (30, 20),
+        "exif-after-bad-type": (30, 20),
+    }
+    # Damage after the header, which only decoding reports: the EXIF it hides (or follows) counts as absent.
+    damaged = {
+        "cut-in-exif": (exif_last[:-20], (30, 20)),
+        "cut-in-pixels": (exif_last[: len(plain) // 2], (30, 20)),
+        "huge-length": (
+            with_chunks_before_iend(plain, struct.pack(">I", 2**31) + b"tEXt", exif_chunk(6)),
+            (30, 20),
+        ),
+        "garbage-exif": (with_chunks_before_iend(plain, png_chunk(b"eXIf", b"garbage")), (30, 20)),
+        "undecodable-pixels": (
+            with_chunks_before_iend(crafted_png(30, 20, b"not zlib"), exif_chunk(6)),
+            (20, 30),
+        ),
+    }
+    for name, (data, _) in damaged.items():
+        with pytest.raises(ImageDecodeError):
+            load_image(data, name=name)
+    refuse_to_decode(monkeypatch)
+    path = tmp_path / "case.png"
+    for name, data in cases.items():
+        path.write_bytes(data)
+        assert image_size(data) == image_size(path) == expected[name], name
+    for name, (data, size) in damaged.items():
+        path.write_bytes(data)
+        assert image_size(data) == image_size(path) == size, name
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured() -> None:
+    """Pillow refuses more than twice ``Image.MAX_IMAGE_PIXELS`` (178,956,970) at open, whatever
+    ``max_pixels`` says; its global limit is not raised for it (other threads rely on it)."""
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    assert pillow_limit is not None and 2 * pillow_limit < 200_000_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no DecompressionBombWarning either
+        assert image_size(crafted_png(20_000, 10_000, b"garbage"), max_pixels=300_000_000) == (20_000, 10_000)
+        assert image_size(crafted_png(20_000, 20_000, b"garbage"), max_pixels=400_000_000) == (20_000, 20_000)
+        with pytest.raises(
+            ImageTooLargeError, match="20000x20000 = 400000000 pixels exceeds the limit of 399999999"
+        ):
+            image_size(crafted_png(20_000, 20_000, b"garbage"), max_pixels=399_999_999)
+    assert pillow_limit == Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLargeError):  # within Pillow's limit, the default path, as before
+        image_size(crafted_png(20_000, 10_000, b"garbage"))
+
+
+def test_images_past_pillows_limit_decode_when_max_pixels_allows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole load, small: Pillow's limit lowered to 1000 pixels, a 100 x 100 image, every error case."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    image = noise_image(100, 100)
+    path = tmp_path / "noise.png"
+    image.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.array_equal(np.asarray(load_image(path, max_pixels=10_000)), np.asarray(image))
+        assert np.array_equal(np.asarray(load_image(path.read_bytes(), max_pixels=10_000)), np.asarray(image))
+        assert image_size(path, max_pixels=10_000) == (100, 100)
+        with pytest.raises(ImageTooLargeError, match="exceeds the limit of 9999"):
+            load_image(path, max_pixels=9_999)
+        with pytest.raises(ImageTooLargeError):  # under Pillow's limit: refused by Pillow's check first
+            load_image(path, max_pixels=999)
+    # Format detection past Pillow's check gives the same errors as Image.open.
+    for case, (make, reason) in DECODE_ERRORS.items():
+        (tmp_path / case).mkdir()
+        bad = make(tmp_path / case)
+        with pytest.raises(ImageDecodeError) as info:
+            load_image(bad, max_pixels=10**12)
+        assert info.value.source == str(bad)
+        if reason is not None:
+            assert reason in info.value.reason, case
+
+
 # --------------------------------------------------------------------------------------------------
 # Corpus 2: awkward but valid files and their documented conversion to RGB
 # --------------------------------------------------------------------------------------------------
@@ -590,6 +747,79 @@ def test_a_transparent_colour_is_background_in_rgb_16_bit_and_palette_images() -
     assert load_image(_png(deep, transparency=0)).getpixel((0, 1)) == (117, 117, 117)  # 30000 / 257
     assert load_image(palette).getpixel((3, 3)) == (255, 0, 0)
     assert load_image(_png(rgb)).getpixel((0, 0)) == (0, 0, 0)  # no tRNS: black stays black
+
+
+def raw_png(width: int, height: int, depth: int, colour_type: int, scanlines: bytes, *chunks: bytes) -> bytes:
+    """A PNG of ``scanlines`` (each row: its filter type byte, then its packed samples), with ``chunks``
+    (tRNS) before the pixel data: bit depths and keys that Pillow cannot write."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour_type, 0, 0, 0)
+    idat = zlib.compress(scanlines)
+    return (
+        PNG_SIGNATURE
+        + png_chunk(b"IHDR", ihdr)
+        + b"".join(chunks)
+        + png_chunk(b"IDAT", idat)
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def pack_samples(values: list[int], depth: int) -> bytes:
+    """Grey samples of ``depth`` < 8 bits packed into bytes, the first in the high bits."""
+    per_byte = 8 // depth
+    padded = values + [0] * (-len(values) % per_byte)
+    return bytes(
+        sum(v << (8 - depth * (j + 1)) for j, v in enumerate(padded[i : i + per_byte]))
+        for i in range(0, len(padded), per_byte)
+    )
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_low_bit_depth_grey_colour_key_is_background(tmp_path: Path, depth: int) -> None:
+    """Pillow scales 2- and 4-bit grey to 8 bits but keeps the tRNS key unscaled: keyed pixels stayed grey."""
+    levels = list(range(1 << depth))
+    key = levels[-2]  # 2 of 0..3, 14 of 0..15
+    trns = png_chunk(b"tRNS", struct.pack(">H", key))
+    data = raw_png(len(levels), 1, depth, 0, b"\0" + pack_samples(levels, depth), trns)
+    path = tmp_path / f"grey{depth}-key.png"
+    path.write_bytes(data)
+    step = 255 // levels[-1]  # 85 or 17
+    expected = [WHITE if v == key else (v * step,) * 3 for v in levels]
+    with Image.open(path) as raw:
+        assert raw.mode == "L" and raw.info["transparency"] == key  # the key as the file states it
+        from_pil = load_image(raw)  # unloaded, as Image.open returns it
+    for image in (from_pil, load_image(path), load_image(data)):
+        assert [image.getpixel((x, 0)) for x in range(len(levels))] == expected
+
+
+def test_16_bit_rgb_colour_key_is_background(tmp_path: Path) -> None:
+    """Pillow keeps the high bytes of 16-bit RGB and compared the key's low bytes with them: the keyed
+    pixel stayed, and a pixel whose high bytes equal the key's low bytes went white. A pixel that
+    differs from the key only in its low bytes is opaque (the key is exact)."""
+    key = (0x1234, 0x5678, 0x9ABC)
+    pixels = [
+        (key, WHITE),
+        ((0x1200, 0x5600, 0x9A00), (0x12, 0x56, 0x9A)),  # same high bytes as the key
+        ((0x34FF, 0x7800, 0xBC11), (0x34, 0x78, 0xBC)),  # high bytes = the key's low bytes
+        ((0xFFFF, 0, 0), (255, 0, 0)),
+    ]
+    # Two rows, the second filtered with "sub" (each byte minus the one 6 bytes, a pixel, before it), so
+    # the decode must know a pixel is 6 bytes.
+    row = b"".join(struct.pack(">HHH", *p) for p, _ in pixels)
+    sub = bytes((row[i] - (row[i - 6] if i >= 6 else 0)) % 256 for i in range(len(row)))
+    trns = png_chunk(b"tRNS", struct.pack(">HHH", *key))
+    data = raw_png(len(pixels), 2, 16, 2, b"\0" + row + b"\1" + sub, trns)
+    path = tmp_path / "rgb16-key.png"
+    path.write_bytes(data)
+    with Image.open(path) as raw:
+        assert raw.mode == "RGB" and raw.info["transparency"] == key
+        image = load_image(raw)
+    expected = np.array([[colour for _, colour in pixels]] * 2)
+    assert np.array_equal(as_array(image), expected)
+    assert np.array_equal(as_array(load_image(path)), expected)
+    assert np.array_equal(as_array(load_image(data)), expected)
+    # Without tRNS the same pixels are just their high bytes.
+    plain = data.replace(trns, b"")
+    assert load_image(plain).getpixel((0, 0)) == (0x12, 0x56, 0x9A)
 
 
 def test_premultiplied_la_is_composited_like_la() -> None:
@@ -931,6 +1161,25 @@ def test_bfloat16_output(images: dict[str, Image.Image]) -> None:
     assert half.pixel_values.dtype == torch.bfloat16
     assert half.pixel_values.shape == full.pixel_values.shape
     assert torch.allclose(half.pixel_values.float(), full.pixel_values, atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_output_is_the_float32_output_rounded_once(
+    images: dict[str, Image.Image], dtype: torch.dtype
+) -> None:
+    """Normalising in bfloat16 rounded the scale, the shift and each step: 61% of the values of
+    grace-hopper differed from the float32 output rounded to bfloat16, by up to 0.0156 (2 bfloat16 steps)."""
+    cfg = ImagePlanConfig(tile_size=32)
+    batch = [images["grace-hopper"], images["noise-37x53"]]
+    full = ImageProcessor(cfg)(batch).pixel_values
+    low = ImageProcessor(cfg, dtype=dtype)(batch).pixel_values
+    assert low.dtype == dtype
+    assert torch.equal(low, full.to(dtype))
+    raw = ImageProcessor(cfg, dtype=torch.uint8)(batch).pixel_values
+    assert torch.equal(normalize_pixels(raw, CLIP_MEAN, CLIP_STD, dtype), full.to(dtype))
+    levels = torch.arange(256, dtype=torch.uint8).expand(3, 1, 256)  # every 8-bit value in every channel
+    expected = normalize_pixels(levels, CLIP_MEAN, CLIP_STD).to(dtype)
+    assert torch.equal(normalize_pixels(levels, CLIP_MEAN, CLIP_STD, dtype), expected)
 
 
 def test_uint8_output_normalises_to_the_float_output_bit_for_bit(images: dict[str, Image.Image]) -> None:
