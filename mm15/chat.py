@@ -17,6 +17,9 @@
 * **Budget.** Image tokens are counted first, from the plans alone; a sample longer than
   ``max_length`` raises ``SampleTooLong`` (the data pipeline drops and counts it). Nothing is ever
   truncated, so no image span is ever cut.
+
+``stop_token_ids`` gives the tokens generation and serving stop at: eos, and the template's end-of-turn
+token that training supervises (not always eos: Llama 3's ``<|eot_id|>``).
 """
 
 from __future__ import annotations
@@ -43,6 +46,66 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+# The fallback template's turn markers: ``mm15.model.mm15.add_chat_tokens`` makes them special tokens of a
+# tokenizer that has no template of its own, so a turn ends with one token generation can stop at.
+FALLBACK_TURN_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+
+def chat_template(tokenizer: Any) -> str:
+    """The template conversations are rendered with: the tokenizer's own, or ``FALLBACK_CHAT_TEMPLATE``."""
+    return getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+
+
+def _is_special(tokenizer: Any, token_id: int) -> bool:
+    if token_id in tokenizer.all_special_ids:
+        return True
+    # Llama 3 lists <|eot_id|> only among its added tokens (special=True), not as a named special token.
+    added = (getattr(tokenizer, "added_tokens_decoder", None) or {}).get(token_id)
+    return bool(getattr(added, "special", False))
+
+
+def end_of_turn_token_id(tokenizer: Any) -> int | None:
+    """The token the chat template ends an assistant turn with, when it is one special token (SmolLM2's
+    and Qwen's ``<|im_end|>``, Llama 3's ``<|eot_id|>``); None when the turn ends with plain text.
+
+    Found as ``ChatEncoder`` finds turn boundaries: a one-turn conversation is rendered with a marker as
+    the assistant's content, and the first token after the marker is the one training supervises.
+    """
+    conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": CONTENT_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(
+            conversation, chat_template=chat_template(tokenizer), tokenize=False
+        )
+    except Exception:  # a template that refuses this conversation: no marker to stop at, only eos
+        return None
+    if not isinstance(text, str) or text.count(CONTENT_MARK) != 1:
+        return None
+    tail = text[text.index(CONTENT_MARK) + len(CONTENT_MARK) :].lstrip()
+    first = tokenizer(tail, add_special_tokens=False)["input_ids"][:1] if tail else []
+    return int(first[0]) if first and _is_special(tokenizer, int(first[0])) else None
+
+
+def stop_token_ids(tokenizer: Any, llm: Any = None) -> frozenset[int]:
+    """The tokens that end an answer: the tokenizer's eos, the LLM's ``generation_config`` eos ids (an
+    id or a list; Llama 3 Instruct lists several), and the chat template's end-of-turn token.
+
+    Generation (``mm15.model.generate``) and serving (``mm15.serve.engine``) both stop at these. The
+    end-of-turn token is what ``ChatEncoder`` supervises at the end of every assistant turn; it differs
+    from eos for e.g. Llama 3 (``<|eot_id|>`` vs ``<|end_of_text|>``) and Qwen2.5 base (``<|im_end|>``
+    vs ``<|endoftext|>``).
+    """
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    configured = getattr(getattr(llm, "generation_config", None), "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif isinstance(configured, list | tuple):
+        ids.update(int(i) for i in configured if isinstance(i, int))
+    turn_end = end_of_turn_token_id(tokenizer)
+    if turn_end is not None:
+        ids.add(turn_end)
+    return frozenset(ids)
 
 
 class SampleTooLong(ValueError):
@@ -103,7 +166,7 @@ class ChatEncoder:
         self.image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         if self.image_token_id is None or self.image_token_id == tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token: build the model (MM15Model) first")
-        self.template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
+        self.template = chat_template(tokenizer)
 
     def plans(self, sample: Sample, image_sizes: Sequence[tuple[int, int]]) -> list[TilePlan]:
         if len(image_sizes) != len(sample.images):

@@ -137,6 +137,7 @@ def answer_live(model: Any, name: str, index: int) -> tuple[str, str, str, list[
     """(question, answer, truth, images) for held-out sample ``index`` of generator ``name``."""
     from mm15.chat import render_regions
     from mm15.data.synth import generate
+    from mm15.eval.runner import chat_prompt
     from mm15.hardware import autocast
     from mm15.model.generate import GenerationConfig
     from mm15.model.generate import generate as generate_answers
@@ -147,9 +148,7 @@ def answer_live(model: Any, name: str, index: int) -> tuple[str, str, str, list[
     sizes = [(p.height, p.width) for p in pictures]
     question = render_regions(sample.turns[0].content, sample, sizes)
     truth = render_regions(sample.turns[1].content, sample, sizes)
-    prompt = model.tokenizer.apply_chat_template(
-        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
-    )
+    prompt = chat_prompt(model.tokenizer, question)
     with autocast():
         batch = MM15Processor.for_model(model)([prompt], [pictures])
         answer = generate_answers(model, batch, GenerationConfig(max_new_tokens=64))[0]

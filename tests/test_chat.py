@@ -183,3 +183,31 @@ def test_bad_samples_get_clear_errors(tiny_tokenizer) -> None:
         Turn("narrator", "hi")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="exactly one of box or point"):
         Region(0)
+
+
+def test_stop_tokens_are_the_eos_tokens_and_the_templates_end_of_turn() -> None:
+    """Generation stopped only at the tokenizer's eos, while training supervises the template's end of
+    turn: with a decoder whose two differ, answers ran on into the next turn."""
+    from types import SimpleNamespace
+
+    from mm15.chat import end_of_turn_token_id, stop_token_ids
+    from mm15.model.llm import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert stop_token_ids(tokenizer) == {im_end}  # SmolLM2's ChatML: eos is the end of turn
+    tokenizer.eos_token = "<|endoftext|>"  # Qwen2.5 base: eos <|endoftext|>, turns end with <|im_end|>
+    assert end_of_turn_token_id(tokenizer) == im_end
+    assert stop_token_ids(tokenizer) == {endoftext, im_end}
+    # The LLM's generation config may name more (Llama 3 Instruct lists three), as a list or one id.
+    llm = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[5, 7]))
+    assert stop_token_ids(tokenizer, llm) == {endoftext, im_end, 5, 7}
+    llm.generation_config.eos_token_id = 9
+    assert stop_token_ids(tokenizer, llm) == {endoftext, im_end, 9}
+    # A turn ending in plain text, or a template refusing the conversation, adds nothing to eos.
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n\\n' }}{% endfor %}"
+    )
+    assert end_of_turn_token_id(tokenizer) is None and stop_token_ids(tokenizer) == {endoftext}
+    tokenizer.chat_template = "{{ raise_exception('a system message is required') }}"
+    assert stop_token_ids(tokenizer) == {endoftext}

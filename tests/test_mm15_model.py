@@ -239,6 +239,183 @@ def test_stream_holds_back_partial_stop_strings() -> None:
     assert visible_text("caf\ufffd", ()) == ("caf", False)
 
 
+def test_one_stop_string_is_one_stop_not_its_characters(model: MM15Model, processor: MM15Processor) -> None:
+    """``stop="END"`` was iterated letter by letter: the answer was cut at its first E, N or D."""
+    from serve_helpers import scripted_answer
+
+    assert GenerationConfig(stop="END").stop == ("END",)  # a bare string, as OpenAI's stop takes
+    assert GenerationConfig(stop=["END", "\n"]).stop == ("END", "\n")
+    for bad in (None, 3, b"END", [b"END"], ["END", 3], {"END"}):
+        with pytest.raises(ValueError, match=r"GenerationConfig\.stop must be a string or a sequence"):
+            GenerationConfig(stop=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"GenerationConfig\.stop must not contain empty strings"):
+        GenerationConfig(stop="")
+    with scripted_answer(model, "Done. The answer is 42 END extra"):
+        answer = generate(model, processor(["q"]), GenerationConfig(max_new_tokens=40, stop="END"))
+    assert answer == ["Done. The answer is 42 "]
+
+
+def test_no_decoder_pass_runs_after_the_last_token(model: MM15Model, processor: MM15Processor) -> None:
+    """A decoding step ran after the budget was spent, for logits nobody read."""
+    from serve_helpers import scripted_answer
+
+    calls: list[int] = []
+    hook = model.llm.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        for budget, passes in ((1, 0), (4, 3), (20, 6)):  # 20: "abcdef" then the end-of-turn token
+            calls.clear()
+            with scripted_answer(model, "abcdef"):
+                text = generate(model, processor(["q"]), GenerationConfig(max_new_tokens=budget))[0]
+            assert (text, len(calls)) == ("abcdef"[:budget], passes)
+    finally:
+        hook.remove()
+
+
+def test_an_empty_prompt_is_refused_naming_its_row(model: MM15Model, processor: MM15Processor) -> None:
+    """It was an IndexError, a "needs left-padded prompts" error, or a RuntimeError when scored."""
+    from mm15.serve.conversation import question_turn, render_prompt
+
+    cfg = GenerationConfig(max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt 0 of the batch has no tokens"):
+        generate(model, processor([""]), cfg)
+    with pytest.raises(ValueError, match="prompt 0 of the batch has no tokens"):
+        generate(model, processor(["", "hi"]), cfg)
+    with pytest.raises(ValueError, match="prompt 1 of the batch has no tokens"):
+        list(stream(model, processor(["hi", ""]), cfg))
+    with pytest.raises(ValueError, match="the prompt has no tokens"):
+        continuation_logprobs(model, processor, "", [], "abc")
+    # An empty user message is not an empty prompt: the template still writes the turn's markers.
+    prompt, _ = render_prompt(model.tokenizer, [question_turn("")])
+    assert len(generate(model, processor([prompt]), cfg)) == 1
+    assert continuation_logprobs(model, processor, prompt, [], "abc")[0].numel() == 3
+
+
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' + m['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+
+def llama3_style_model(path: Path, chat_template: str | None) -> MM15Model:
+    """The tiny preset on a local Hugging Face Llama whose byte-level tokenizer is Llama 3's kind: eos
+    ``<|end_of_text|>``, and (with ``chat_template``) turns that end with ``<|eot_id|>``. The vocabulary
+    has no spare rows, so every token mm15 adds grows the embeddings."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from mm15.model.llm import LLMConfig, _bytes_to_unicode
+
+    vocab = {token: i for i, token in enumerate(LLAMA3_SPECIALS)}
+    vocab.update({char: len(LLAMA3_SPECIALS) + byte for byte, char in _bytes_to_unicode().items()})
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=LLAMA3_SPECIALS[0],
+        eos_token=LLAMA3_SPECIALS[1],
+        chat_template=chat_template,
+        clean_up_tokenization_spaces=False,
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=128,  # the tiny preset's connector width
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return MM15Model.build(
+        dataclasses.replace(preset("tiny"), llm=LLMConfig(source="hf", path=str(path)))
+    ).eval()
+
+
+def trained_answer(model: MM15Model) -> list[int]:
+    """The supervised tokens of a one-turn conversation answered "Paris": what training teaches."""
+    from mm15.chat import IGNORE, ChatEncoder
+    from mm15.data.sample import Sample, Turn
+
+    sample = Sample(
+        id="s",
+        category="general",
+        source="test",
+        turns=[Turn("user", "Capital?"), Turn("assistant", "Paris")],
+    )
+    encoded = ChatEncoder(model.tokenizer, model.cfg.image, 4096).encode(sample, [])
+    return [label for label in encoded.labels if label != IGNORE]
+
+
+def test_generation_stops_at_the_chat_templates_end_of_turn_not_only_at_eos(tmp_path: Path) -> None:
+    """A Llama-3-style decoder ends turns with <|eot_id|>, not its eos <|end_of_text|>: answers ran on
+    to max_new_tokens and wrote the next turn's header and question."""
+    from serve_helpers import scripted_answer
+
+    from mm15.chat import stop_token_ids
+    from mm15.serve.conversation import question_turn, render_prompt
+
+    model = llama3_style_model(tmp_path, LLAMA3_TEMPLATE)
+    tokenizer = model.tokenizer
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    assert tokenizer.eos_token == "<|end_of_text|>"
+    assert stop_token_ids(tokenizer, model.llm) == {tokenizer.eos_token_id, eot}
+    assert trained_answer(model) == [*tokenizer("Paris", add_special_tokens=False)["input_ids"], eot]
+    prompt, _ = render_prompt(tokenizer, [question_turn("Capital of France?")])
+    batch = MM15Processor.for_model(model)([prompt])
+    with scripted_answer(model, "Paris<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nAnd Spain?"):
+        assert generate(model, batch, GenerationConfig(max_new_tokens=40)) == ["Paris"]
+
+
+def test_a_tokenizer_without_a_chat_template_gets_the_fallbacks_turn_tokens(tmp_path: Path) -> None:
+    """The fallback template's <|im_end|> was learnt as plain text pieces, never one token to stop at."""
+    from serve_helpers import scripted_answer
+
+    from mm15.chat import stop_token_ids
+    from mm15.serve.conversation import question_turn, render_prompt
+
+    model = llama3_style_model(tmp_path / "llm", None)
+    tokenizer = model.tokenizer
+    im_start, im_end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert tokenizer("<|im_start|>a<|im_end|>", add_special_tokens=False)["input_ids"][::2] == [
+        im_start,
+        im_end,
+    ]
+    assert {"<|im_start|>", "<|im_end|>", IMAGE_TOKEN} <= set(tokenizer.all_special_tokens)
+    assert model.llm.get_input_embeddings().num_embeddings == len(tokenizer)  # grown for all three
+    assert stop_token_ids(tokenizer, model.llm) == {tokenizer.eos_token_id, im_end}
+    newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
+    assert trained_answer(model) == [
+        *tokenizer("Paris", add_special_tokens=False)["input_ids"],
+        im_end,
+        *newline,
+    ]
+    prompt, _ = render_prompt(tokenizer, [question_turn("Capital of France?")])
+    batch = MM15Processor.for_model(model)([prompt])
+    with scripted_answer(model, "Paris<|im_end|>\n<|im_start|>user\nAnd Spain?"):
+        assert generate(model, batch, GenerationConfig(max_new_tokens=40)) == ["Paris"]
+    # Saved and loaded, the markers stay special tokens with the same ids, and the weights fit.
+    model.save_pretrained(tmp_path / "mm15")
+    loaded = MM15Model.from_pretrained(tmp_path / "mm15")
+    assert loaded.tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [im_start, im_end]
+    assert loaded.image_token_id == model.image_token_id
+    assert stop_token_ids(loaded.tokenizer, loaded.llm) == {tokenizer.eos_token_id, im_end}
+    assert loaded.tokenizer(prompt, add_special_tokens=False)["input_ids"] == batch["input_ids"][0].tolist()
+
+
 def test_grounding_parse_returns_original_pixels() -> None:
     parsed = parse_grounding("the button [100, 250, 300, 500] and [10, 20]", 1640, 2360)
     assert parsed["boxes"] == [(236.0 + 1.18, 410.0 + 0.82, 708.0 + 1.18, 820.0 + 0.82)]

@@ -33,7 +33,7 @@ from mm15.model.mm15 import MM15Model, MM15Processor
 from mm15.serve.api import create_app
 from mm15.serve.commands import default_model_id
 from mm15.serve.conversation import Turn, question_turn, render_prompt
-from mm15.serve.engine import Engine, wait_for
+from mm15.serve.engine import Engine, RequestHandle, wait_for
 from mm15.serve.errors import APIError
 from mm15.serve.media import image_from_url
 from mm15.serve.server import RunningServer, start_server
@@ -174,6 +174,43 @@ def test_an_answer_that_writes_an_image_placeholder_can_be_sent_back(served: Ser
         )
 
 
+def test_a_returned_message_sent_back_with_model_dump_is_accepted(served: Served) -> None:
+    """``completion.choices[0].message.model_dump()`` carries null ``refusal``, ``annotations``,
+    ``audio``, ``function_call`` and ``tool_calls``: it was refused as unrecognized arguments."""
+    from openai.types.chat import ChatCompletionMessage
+
+    api = client(served.url)
+    question = {"role": "user", "content": "and then?"}
+    first = {"role": "user", "content": "hi"}
+    returned = ChatCompletionMessage(role="assistant", content="an earlier answer").model_dump()
+    assert {"refusal", "annotations", "audio", "function_call", "tool_calls"} <= returned.keys()
+    plain = {"role": "assistant", "content": "an earlier answer"}
+    expected = api.chat.completions.create(model=MODEL, messages=[first, plain, question], max_tokens=4)
+    again = api.chat.completions.create(model=MODEL, messages=[first, returned, question], max_tokens=4)
+    assert again.choices[0].message.content == expected.choices[0].message.content
+    # A null content (OpenAI allows it on assistant messages) counts as "", and tool_calls may be [].
+    empty = ChatCompletionMessage(role="assistant", content=None).model_dump() | {"tool_calls": []}
+    expected = api.chat.completions.create(
+        model=MODEL, messages=[first, {"role": "assistant", "content": ""}, question], max_tokens=4
+    )
+    again = api.chat.completions.create(model=MODEL, messages=[first, empty, question], max_tokens=4)
+    assert again.choices[0].message.content == expected.choices[0].message.content
+    # Anything that is not null is refused, naming the field: this server has no tools or refusals.
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for field, value in [("refusal", "no"), ("tool_calls", [call]), ("audio", {"id": "a"})]:
+        with pytest.raises(openai.BadRequestError, match="not supported") as refused:
+            api.chat.completions.create(
+                model=MODEL, messages=[first, returned | {field: value}, question], max_tokens=1
+            )
+        assert refused.value.param == f"messages[1].{field}"
+    # Only assistant messages carry them, and only an assistant message's content may be null.
+    with pytest.raises(openai.BadRequestError, match="Unrecognized request argument"):
+        api.chat.completions.create(model=MODEL, messages=[first | {"refusal": None}], max_tokens=1)
+    with pytest.raises(openai.BadRequestError) as refused:
+        api.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": None}], max_tokens=1)
+    assert refused.value.param == "messages[0].content"
+
+
 def test_base64_image(served: Served) -> None:
     png = png_bytes(120, 80, (200, 40, 40))
     result = client(served.url).chat.completions.create(
@@ -222,6 +259,24 @@ def test_api_key(served: Served) -> None:
     assert answer.choices[0].finish_reason in ("stop", "length")
     status, _ = raw(served.keyed_url, "GET", "/health", None, {})
     assert status == 200  # liveness probes need no key
+
+
+def test_an_api_key_read_with_a_trailing_newline_still_matches(served: Served) -> None:
+    """A configured key read from a secret file ending in a newline could never match: the client's
+    token was stripped, the configured key was not."""
+    assert ServeSettings(api_key=f" {KEY}\n").api_key == KEY
+    for bad in [" \n", "sk-a\nb"]:
+        with pytest.raises(ValueError, match="api_key"):
+            ServeSettings(api_key=bad)
+    server = start_server(
+        create_app(served.engine, ServeSettings(**{**SETTINGS.__dict__, "api_key": KEY + "\n"}))
+    )
+    try:
+        assert [m.id for m in client(server.url, KEY).models.list().data] == [MODEL]
+        with pytest.raises(openai.AuthenticationError):
+            client(server.url, "wrong").models.list()
+    finally:
+        server.stop()
 
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(served: Served) -> None:
@@ -349,6 +404,19 @@ def test_a_row_whose_token_choice_fails_ends_alone(served: Served, monkeypatch: 
     assert done.kind == "done" and text == expected
 
 
+def test_the_engine_stops_at_the_templates_end_of_turn_not_only_at_eos(served: Served) -> None:
+    """Qwen2.5 base's eos is <|endoftext|> but its turns end with <|im_end|>: the engine stopped only at
+    eos, so an answer ran on to max_tokens and wrote the next turn."""
+    model = MM15Model.from_pretrained(served.model_dir)
+    model.tokenizer.eos_token = "<|endoftext|>"
+    model.llm.generation_config.eos_token_id = model.tokenizer.eos_token_id
+    prompt = render_prompt(model.tokenizer, [question_turn("Capital of France?")])
+    with scripted_answer(model, "Paris<|im_end|>\n<|im_start|>user\nAnd Spain?"), Engine(model) as engine:
+        text, done = wait_for(engine.submit(engine.encode(*prompt), GenerationConfig(max_new_tokens=40)), 60)
+    assert (text, done.finish_reason) == ("Paris", "stop")
+    assert done.completion_tokens == len(model.tokenizer("Paris", add_special_tokens=False)["input_ids"])
+
+
 def test_requests_join_a_running_batch_and_answer_as_alone(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -379,6 +447,47 @@ def test_requests_join_a_running_batch_and_answer_as_alone(
         assert engine.stats.prefills >= 2 and engine.stats.largest_batch >= 2
     monkeypatch.undo()
     assert results == expected
+
+
+def test_a_batch_that_never_empties_stays_as_wide_as_its_longest_row(served: Served) -> None:
+    """Rows that left kept their padding in the batch: with rows always joining, the KV cache and mask
+    grew by a column every step (past the model's context under steady load). The width now stays
+    within the live rows' prompt plus generated tokens, and every row still answers as alone.
+
+    The engine's loop is run by hand (prefill, join, step), so the schedule is the same every time.
+    """
+    model = served.reference
+    questions = ["a", "a much longer question than the first one", "one of middle size"]
+    budgets = [5, 9, 7]
+    expected = [alone(model, [question_turn(q)], n) for q, n in zip(questions, budgets, strict=True)]
+    assert len(set(expected)) == 3  # a mix-up between rows would show
+    engine = Engine(model)  # not started: this test is its engine thread
+    prompts = [engine.encode(*render_prompt(model.tokenizer, [question_turn(q)])) for q in questions]
+    handles: list[RequestHandle] = []
+    running = None
+    widths, joined_a_running_batch = [], 0
+    for step in range(200):
+        if step % 3 == 0 and len(handles) < 20:
+            k = len(handles)
+            handles.append(
+                RequestHandle(k, prompts[k % 3], GenerationConfig(max_new_tokens=budgets[k % 3]), None)
+            )
+            joining = engine._prefill([handles[-1]])
+            joined_a_running_batch += running is not None
+            running = joining if running is None else engine._merge(running, joining)
+        if running is None:
+            break
+        width = running.attention_mask.shape[1]
+        assert all(layer.keys.shape[-2] == width for layer in running.cache.layers)
+        longest = max(row.handle.prompt.num_tokens + len(row.generated) for row in running.rows)
+        assert width <= longest, f"step {step}: width {width}, longest live row {longest}"
+        widths.append(width)
+        running = engine._step(running)
+    assert running is None and len(handles) == 20
+    assert joined_a_running_batch >= 15  # the batch hardly ever emptied
+    assert max(widths) <= max(p.num_tokens for p in prompts) + max(budgets)
+    answers = [wait_for(handle, timeout=5)[0] for handle in handles]
+    assert answers == [expected[k % 3] for k in range(20)]
 
 
 def test_a_full_queue_is_a_429(served: Served) -> None:
@@ -416,6 +525,40 @@ def test_a_client_leaving_mid_stream_does_not_disturb_the_server(
     while served.engine.stats.cancelled == cancelled and time.monotonic() < deadline:
         time.sleep(0.05)
     assert served.engine.stats.cancelled == cancelled + 1  # its row stopped being generated
+    monkeypatch.undo()
+    answer = client(served.url).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "after"}], max_tokens=2
+    )
+    assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_client_leaving_before_a_whole_answer_cancels_its_row(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A non-streaming client that gave up still had its whole answer generated, for nobody."""
+    step = served.engine.model.llm.forward
+
+    def slow_step(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.03)  # 64 steps take about 2 s: the client leaves after 0.5 s
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(served.engine.model.llm, "forward", slow_step)
+    host, port = served.url.removeprefix("http://").split(":")
+    cancelled, steps = served.engine.stats.cancelled, served.engine.stats.decode_steps
+    connection = http.client.HTTPConnection(host, int(port), timeout=0.5)
+    connection.request(
+        "POST", "/v1/chat/completions", body=json.dumps(base_request(max_tokens=64)).encode(), headers=JSON
+    )
+    with pytest.raises(TimeoutError):
+        connection.getresponse()
+    assert connection.sock is not None
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    deadline = time.monotonic() + 5
+    while served.engine.stats.cancelled == cancelled and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert served.engine.stats.cancelled == cancelled + 1  # its row stopped being generated
+    assert served.engine.stats.decode_steps - steps < 48  # far from the 64 of a whole answer
     monkeypatch.undo()
     answer = client(served.url).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "after"}], max_tokens=2
@@ -468,6 +611,36 @@ def test_local_files_and_remote_urls_only_when_allowed(tmp_path: Path) -> None:
     finally:
         files.shutdown()
         files.server_close()
+
+
+def test_a_local_file_is_read_no_further_than_the_limit() -> None:
+    """A file that states size 0 (``/proc`` files do) was read whole, whatever the byte limit."""
+    assert Path("/proc/self/maps").stat().st_size == 0
+    with pytest.raises(APIError, match="over this server's limit of 1000 bytes") as refused:
+        image_from_url("/proc/self/maps", ServeSettings(allow_local_files=True, max_image_bytes=1000), "p")
+    assert (refused.value.status, refused.value.code) == (413, "image_too_large")
+
+
+def test_a_malformed_url_is_a_400_naming_it(served: Served) -> None:
+    """``urlsplit`` raises on an unclosed or invalid IPv6 host: that was a 500 with a traceback."""
+    malformed = ["http://[::1/x.png", "data://[x", "https://[bad]/a.png", "file://[::1/etc/passwd"]
+    for url in malformed:
+        status, document = raw(
+            served.url, "POST", "/v1/chat/completions", json.dumps(with_image(url)).encode(), JSON
+        )
+        assert (status, document["error"]["code"]) == (400, "invalid_image_url"), (url, document)
+        assert document["error"]["param"] == "messages[0].content[0].image_url.url"
+    video = [{"type": "video_url", "video_url": {"url": "http://[::1/v.mp4"}}]
+    status, document = raw(
+        served.url, "POST", "/v1/chat/completions", json.dumps(with_content(video)).encode(), JSON
+    )
+    assert (status, document["error"]["code"]) == (400, "invalid_video_url"), document
+    # With remote URLs and local files allowed, the URL is still refused before any fetch or read.
+    allowed = ServeSettings(allow_local_files=True, allow_remote_images=True)
+    for url in malformed:
+        with pytest.raises(APIError, match="malformed") as refused:
+            image_from_url(url, allowed, "p")
+        assert (refused.value.status, refused.value.code) == (400, "invalid_image_url")
 
 
 # --- hostile requests --------------------------------------------------------------------------------

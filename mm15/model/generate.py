@@ -3,7 +3,8 @@
 The prompt (with its image features) is prefilled once; every later step feeds only the new token
 and reuses the cache. Left padding keeps every row's last prompt token in the last column, and the
 position ids count only real tokens, so a padded row decodes exactly as it would alone. A row stops at
-the tokenizer's end-of-sequence token or when its text reaches a stop string (cut before the stop).
+a stop token (``mm15.chat.stop_token_ids``: the tokenizer's and the LLM's end-of-sequence tokens and
+the chat template's end-of-turn token) or when its text reaches a stop string (cut before the stop).
 ``stream`` yields each row's new text as it is produced; ``generate`` collects it.
 ``continuation_logprobs`` scores a given continuation instead of generating one (likelihood-based
 multiple choice, diagnostics).
@@ -19,18 +20,23 @@ from typing import Any
 import torch
 
 from mm15.boxes import Box, Point, parse_boxes, parse_points
+from mm15.chat import stop_token_ids
 from mm15.model.mm15 import MM15Model
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """``temperature == 0`` is greedy; otherwise softmax sampling with optional top-k / top-p."""
+    """``temperature == 0`` is greedy; otherwise softmax sampling with optional top-k / top-p.
+
+    ``stop`` takes a sequence of non-empty strings, or one string (as OpenAI's ``stop`` does); it is kept
+    as a tuple.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] | str = ()
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -44,8 +50,15 @@ class GenerationConfig:
             raise ValueError(f"GenerationConfig.top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"GenerationConfig.top_p must be in (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        # A bare string was once iterated character by character: any single letter of it stopped.
+        if not isinstance(stop, Sequence) or not all(isinstance(s, str) for s in stop):
+            raise ValueError(
+                f"GenerationConfig.stop must be a string or a sequence of strings, got {self.stop!r}"
+            )
+        if any(not s for s in stop):
             raise ValueError("GenerationConfig.stop must not contain empty strings")
+        object.__setattr__(self, "stop", tuple(stop))
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:  # what torch.Generator takes
             raise ValueError(f"GenerationConfig.seed must be in [-2**63, 2**64), got {self.seed}")
 
@@ -101,10 +114,13 @@ def stream(
     """
     cfg = cfg or GenerationConfig()
     input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    empty = [row for row, length in enumerate(attention_mask.sum(-1).tolist()) if length == 0]
+    if empty:
+        raise ValueError(f"prompt {empty[0]} of the batch has no tokens: generation needs at least one")
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation needs left-padded prompts (MM15Processor(..., padding_side='left'))")
     tokenizer = model.tokenizer
-    eos = tokenizer.eos_token_id
+    stops = stop_token_ids(tokenizer, model.llm)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = input_ids.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -124,14 +140,14 @@ def stream(
     def final_text(row: int) -> str:
         return cut_at_stop(tokenizer.decode(generated[row], skip_special_tokens=True), cfg.stop)[0]
 
-    for _ in range(cfg.max_new_tokens):
+    for step in range(cfg.max_new_tokens):
         token = pick_next_token(logits, cfg, generator)
         deltas = []
         for row in range(rows):
             if done[row]:
                 deltas.append("")
                 continue
-            if int(token[row]) == eos:
+            if int(token[row]) in stops:
                 done[row] = True
                 deltas.append(final_text(row)[len(shown[row]) :])  # release anything held back
                 continue
@@ -143,8 +159,8 @@ def stream(
             shown[row] += delta
             deltas.append(delta)
         yield deltas
-        if all(done):
-            return
+        if all(done) or step == cfg.max_new_tokens - 1:
+            break  # no forward pass for a token that will never be chosen
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(rows, 1)], dim=1)
         position_ids = position_ids[:, -1:] + 1
         out = model.llm(
@@ -188,6 +204,8 @@ def continuation_logprobs(
     device = next(model.parameters()).device
     batch = processor([prompt], [list(images)], padding_side="right")
     prompt_ids = batch["input_ids"]
+    if prompt_ids.shape[1] == 0:
+        raise ValueError("the prompt has no tokens: a continuation needs at least one token to follow")
     input_ids = torch.cat([prompt_ids, torch.tensor([cont], dtype=torch.long)], dim=1).to(device)
     pixel_values = batch["pixel_values"].to(device) if batch["pixel_values"] is not None else None
     with autocast():

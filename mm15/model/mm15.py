@@ -109,6 +109,30 @@ def add_image_token(tokenizer: Any, llm: nn.Module) -> int:
     return int(token_id)
 
 
+def add_chat_tokens(tokenizer: Any, llm: nn.Module) -> None:
+    """A tokenizer with no chat template of its own is rendered with ``mm15.chat.FALLBACK_CHAT_TEMPLATE``
+    (ChatML): make its ``<|im_start|>`` and ``<|im_end|>`` special tokens, growing the embeddings if
+    needed, so a turn ends with one token that generation stops at instead of text pieces.
+
+    Called when a model is built, not when one is loaded: the saved tokenizer keeps them, and a model
+    saved before them keeps the tokenisation it was trained with.
+    """
+    from mm15.chat import FALLBACK_TURN_TOKENS  # mm15.chat imports this module
+
+    if getattr(tokenizer, "chat_template", None):
+        return
+    special = set(tokenizer.all_special_tokens)
+    missing = [token for token in FALLBACK_TURN_TOKENS if token not in special]
+    if not missing:
+        return
+    # The list replaces the tokenizer's extra special tokens, so its own ones go in too (add_image_token).
+    own = list(getattr(tokenizer, "extra_special_tokens", None) or [])
+    tokenizer.add_special_tokens({"additional_special_tokens": [*own, *missing]})
+    largest = max(tokenizer.convert_tokens_to_ids(token) for token in FALLBACK_TURN_TOKENS)
+    if largest >= llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+
+
 class MM15Model(nn.Module):
     """Encoder, connector and LLM; ``forward`` places image features at the image-token positions."""
 
@@ -149,6 +173,7 @@ class MM15Model(nn.Module):
         """Build from a config: encoder and LLM loaded or randomly initialised, MoE upcycled if set."""
         vision = VisionEncoder(cfg.vision)
         llm, tokenizer = load_llm(cfg.llm)
+        add_chat_tokens(tokenizer, llm)
         if cfg.moe is not None:
             upcycle_llm(llm, cfg.moe)
         return cls(cfg, vision, build_connector(cfg.connector), llm, tokenizer)

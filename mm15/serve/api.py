@@ -47,7 +47,15 @@ from mm15.serve.conversation import (
     has_video,
     render_prompt,
 )
-from mm15.serve.engine import EncodedPrompt, Engine, EngineBusy, EngineStopped, PromptTooLong, RequestHandle
+from mm15.serve.engine import (
+    EncodedPrompt,
+    Engine,
+    EngineBusy,
+    EngineStopped,
+    Event,
+    PromptTooLong,
+    RequestHandle,
+)
 from mm15.serve.errors import APIError, error_body
 from mm15.serve.media import image_from_url, video_from_url
 from mm15.serve.protocol import (
@@ -472,37 +480,57 @@ def create_app(engine: Engine, settings: ServeSettings) -> FastAPI:
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
-        text: list[str] = []
+        # The whole answer, unless the client leaves first: then its row is cancelled at once rather
+        # than generated to the end for nobody.
+        answer = asyncio.ensure_future(_whole_answer(handle))
+        left = asyncio.ensure_future(_disconnected(request))
         try:
-            async for event in handle.aevents():
-                if event.kind == "delta":
-                    text.append(event.text)
-                elif event.kind == "error":
-                    raise APIError(500, event.text, type="server_error", code="generation_failed")
-                else:
-                    usage = Usage(
-                        prompt_tokens=event.prompt_tokens,
-                        completion_tokens=event.completion_tokens,
-                        total_tokens=event.prompt_tokens + event.completion_tokens,
-                    )
-                    completion = ChatCompletion(
-                        id=completion_id,
-                        created=created,
-                        model=settings.model_name,
-                        choices=[
-                            Choice(
-                                message=AssistantMessage(content="".join(text)),
-                                finish_reason=event.finish_reason,
-                            )
-                        ],
-                        usage=usage,
-                    )
-                    return JSONResponse(completion.model_dump())
+            await asyncio.wait({answer, left}, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            left.cancel()
+            if not answer.done():
+                answer.cancel()
             handle.cancel()  # a no-op once finished; frees the batch row if the request was abandoned
-        raise APIError(500, "the request ended without an answer", type="server_error")  # pragma: no cover
+        if not answer.done():
+            log.info("the client left before its answer was complete; its row is cancelled")
+            return Response(status_code=499)  # nobody reads it: the connection is gone
+        text, event = answer.result()
+        if event.kind == "error":
+            raise APIError(500, event.text, type="server_error", code="generation_failed")
+        usage = Usage(
+            prompt_tokens=event.prompt_tokens,
+            completion_tokens=event.completion_tokens,
+            total_tokens=event.prompt_tokens + event.completion_tokens,
+        )
+        completion = ChatCompletion(
+            id=completion_id,
+            created=created,
+            model=settings.model_name,
+            choices=[Choice(message=AssistantMessage(content=text), finish_reason=event.finish_reason)],
+            usage=usage,
+        )
+        return JSONResponse(completion.model_dump())
 
     return app
+
+
+async def _whole_answer(handle: RequestHandle) -> tuple[str, Event]:
+    """A handle's text and its final event (``done`` or ``error``)."""
+    text: list[str] = []
+    async for event in handle.aevents():
+        if event.kind == "delta":
+            text.append(event.text)
+        else:
+            return "".join(text), event
+    raise RuntimeError("the request ended without a final event")  # pragma: no cover - aevents() ends on one
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else arrives before that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 async def _stream_events(

@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from mm15.chat import FALLBACK_CHAT_TEMPLATE
+from mm15.chat import chat_template
 from mm15.model.mm15 import IMAGE_PLACEHOLDER, IMAGE_TOKEN
 
 ROLES = ("system", "user", "assistant")
@@ -109,9 +109,8 @@ def render_prompt(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[Imag
     """The prompt text, ending with the assistant's generation header, and its images in order."""
     if not turns:
         raise ValueError("a conversation needs at least one message")
-    template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
     messages = [{"role": turn.role, "content": turn.text} for turn in turns]
     prompt = tokenizer.apply_chat_template(
-        messages, chat_template=template, tokenize=False, add_generation_prompt=True
+        messages, chat_template=chat_template(tokenizer), tokenize=False, add_generation_prompt=True
     )
     return prompt, [image for turn in turns for image in turn.images]

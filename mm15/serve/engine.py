@@ -6,13 +6,15 @@ thread, so the engine thread only runs the model) and hand them to ``Engine.subm
 requests (up to ``max_batch``, after ``batch_window_s`` for more to arrive) and prefills them
 together, left-padded; between decoding steps, requests that arrived meanwhile are prefilled and join
 the running batch (their KV caches and masks left-padded to a common length), and finished or
-cancelled rows leave it. After every step each row's new text goes to its own handle, read with
+cancelled rows leave it (with the padding columns no remaining row needs, so the batch is never wider
+than its longest live row). After every step each row's new text goes to its own handle, read with
 ``events()`` (threads) or ``aevents()`` (asyncio).
 
 Each row keeps its own ``GenerationConfig``: its token budget, stop strings, temperature and seed.
-Tokens are chosen and stop strings applied with ``mm15.model.generate``'s own rules, and left padding
-with real-token position ids keeps a row's greedy answer equal to ``generate()`` on it alone. A seeded
-row samples from its own generator, so its answer does not depend on the other rows of its batch.
+Tokens are chosen, and stop tokens (``mm15.chat.stop_token_ids``) and stop strings applied, with
+``mm15.model.generate``'s own rules, and left padding with real-token position ids keeps a row's
+greedy answer equal to ``generate()`` on it alone. A seeded row samples from its own generator, so
+its answer does not depend on the other rows of its batch.
 
 Image handling is one function, ``encode_prompt``: a video arrives as its sampled frames with
 ``video=True``, which plans every image of the prompt as one unsplit tile (MM1.5-Video), and the
@@ -37,6 +39,7 @@ from typing import Any, Literal
 import torch
 from PIL import Image
 
+from mm15.chat import stop_token_ids
 from mm15.geometry import TilePlan, plan_image
 from mm15.hardware import autocast
 from mm15.model.generate import GenerationConfig, cut_at_stop, pick_next_token, visible_text
@@ -252,6 +255,28 @@ def _left_pad(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
+def _drop_unused_columns(cache: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Drop the leading columns that no row of the batch attends to, from the mask and the KV cache.
+
+    When rows leave, the padding that lined the others up with them stays; as each step adds a column
+    and joining rows are padded to the batch's width, a batch that never empties would otherwise grow
+    by one column per step, without bound. Positions are per row, so dropping masked columns changes
+    no row's answer. Only plain dynamic caches (``_joinable``) whose length matches the mask are
+    trimmed; the trimmed mask is returned.
+    """
+    used = attention_mask.any(dim=0)
+    if attention_mask.shape[1] == 0 or bool(used[0]) or not bool(used.any()) or not _joinable(cache):
+        return attention_mask
+    width = attention_mask.shape[1]
+    if any(layer.keys.shape[-2] != width or layer.values.shape[-2] != width for layer in cache.layers):
+        return attention_mask
+    first = int(used.to(torch.int8).argmax())
+    for layer in cache.layers:
+        layer.keys = layer.keys[..., first:, :]
+        layer.values = layer.values[..., first:, :]
+    return attention_mask[:, first:]
+
+
 class Engine:
     """Owns the model; ``start()`` launches the batching thread, ``close()`` stops it."""
 
@@ -274,7 +299,7 @@ class Engine:
         self.stats = EngineStats()
         eos = self.tokenizer.eos_token_id
         pad = self.tokenizer.pad_token_id
-        self._eos = eos
+        self._stop_ids = stop_token_ids(self.tokenizer, model.llm)  # as mm15.model.generate stops
         self._pad = pad if pad is not None else (eos if eos is not None else 0)
         # Fast tokenizers are not safe to call from two threads at once ("Already borrowed"): request
         # threads encode while the engine thread decodes, so every tokenizer call takes this lock.
@@ -463,7 +488,7 @@ class Engine:
     def _advance(self, row: _Row, token: int) -> None:
         """Apply one chosen token to a row, as ``mm15.model.generate.stream`` does."""
         config = row.handle.config
-        if token == self._eos:
+        if token in self._stop_ids:
             self._finish(row, "stop")
             return
         row.generated.append(token)
@@ -559,6 +584,9 @@ class Engine:
             rows = [rows[index] for index in live]
             next_tokens = [next_tokens[index] for index in live]
             attention_mask, last_positions = attention_mask[keep], last_positions[keep]
+        # The padding that lined the remaining rows up with the ones that left goes too, or the batch's
+        # width (and each step's cost) would grow for as long as it never empties.
+        attention_mask = _drop_unused_columns(cache, attention_mask)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         last_positions = last_positions + 1
         with autocast():

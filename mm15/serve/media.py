@@ -24,7 +24,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 from PIL import Image
 
@@ -38,6 +38,16 @@ log = logging.getLogger("mm15.serve")
 Kind = Literal["image", "video"]
 # An example data URL of each kind, for error messages.
 _EXAMPLE = {"image": "data:image/png;base64,...", "video": "data:video/mp4;base64,..."}
+
+
+def _split(url: str, param: str, kind: Kind) -> SplitResult:
+    """``urlsplit``, with a malformed URL (``http://[::1/x``: an unclosed or invalid IPv6 host) a 400."""
+    try:
+        return urlsplit(url)
+    except ValueError as err:
+        raise APIError(
+            400, f"{param}: the {kind} URL is malformed ({err})", param=param, code=f"invalid_{kind}_url"
+        ) from None
 
 
 def _limit(settings: ServeSettings, kind: Kind) -> int:
@@ -102,9 +112,9 @@ _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HTTPOnly
 
 
 def _remote_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "mm15-serve"})
     limit = _limit(settings, kind)
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": "mm15-serve"})
         with _OPENER.open(request, timeout=settings.remote_fetch_timeout_s) as response:
             data = response.read(limit + 1)
     except (urllib.error.URLError, OSError, ValueError) as err:
@@ -117,20 +127,35 @@ def _remote_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = "i
 
 
 def _local_bytes(location: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
-    path = Path(unquote(urlsplit(location).path) if location.startswith("file:") else location)
+    path = Path(unquote(_split(location, param, kind).path) if location.startswith("file:") else location)
     if not path.is_file():
         raise APIError(400, f"{param}: no such file on the server", param=param, code=f"invalid_{kind}_url")
-    size = path.stat().st_size
     limit = _limit(settings, kind)
-    if size > limit:
-        raise _too_large(param, size, limit, kind)
-    return path.read_bytes()
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise _too_large(param, size, limit, kind)
+        # The size stated is not a bound (a /proc file states 0): read no more than one byte over.
+        with path.open("rb") as file:
+            data = file.read(limit + 1)
+    except OSError as err:
+        raise APIError(
+            400, f"{param}: could not read the file ({err.strerror})", param=param, code=f"invalid_{kind}_url"
+        ) from None
+    if len(data) > limit:
+        raise APIError(
+            413,
+            f"{param}: the {kind} is over this server's limit of {limit} bytes",
+            param=param,
+            code=f"{kind}_too_large",
+        )
+    return data
 
 
 def image_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
     """The bytes behind an image (or ``kind="video"``) URL, or an ``APIError`` naming ``param`` and
     the rule it broke."""
-    scheme = urlsplit(url).scheme.lower() if ":" in url else ""
+    scheme = _split(url, param, kind).scheme.lower() if ":" in url else ""
     if scheme == "data":
         return _data_url_bytes(url, settings, param, kind)
     if scheme in ("http", "https"):

@@ -7,7 +7,10 @@ What the server accepts, explicitly (``docs/serving.md`` has the table):
   ``max_tokens`` / ``max_completion_tokens``, ``temperature``, ``top_p``, ``stop`` (string or list),
   ``seed``, ``n`` (only 1), ``stream``, ``stream_options.include_usage``.
 * Accepted and ignored (bookkeeping that does not change the answer): ``user``, ``store``,
-  ``metadata``, ``service_tier``, ``parallel_tool_calls``, a message's ``name``, an image's ``detail``.
+  ``metadata``, ``service_tier``, ``parallel_tool_calls``, a message's ``name``, an image's ``detail``,
+  and an assistant message's ``refusal``, ``annotations``, ``audio``, ``function_call`` and
+  ``tool_calls`` when null or empty (a returned message sent back with ``model_dump()``; its null
+  ``content`` counts as "").
 * Accepted only at their neutral value (anything else is a 400 naming the field): penalties at 0,
   ``logprobs`` false, ``logit_bias`` empty, ``response_format`` text, no tools or functions,
   ``modalities`` ["text"].
@@ -20,6 +23,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Strict(BaseModel):
@@ -57,11 +61,46 @@ class VideoPart(_Strict):
 ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
+# The fields of an assistant message as the openai client returns it (``ChatCompletionMessage``): a
+# returned message sent back with ``message.model_dump()`` carries them, null. They are accepted (and
+# ignored) on assistant messages when null or empty; this server has no tools, audio or refusals.
+ASSISTANT_EXTRAS = ("refusal", "annotations", "audio", "function_call", "tool_calls")
+
+
 class Message(_Strict):
     # "developer" is OpenAI's newer name for the system role.
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[ContentPart], Field(min_length=1)]
+    # Null only in an assistant message (as OpenAI allows), where it counts as "".
+    content: str | Annotated[list[ContentPart], Field(min_length=1)] | None
     name: str | None = None
+    refusal: None = None
+    annotations: None = None
+    audio: None = None
+    function_call: None = None
+    tool_calls: None = None
+
+    @field_validator("content")
+    @classmethod
+    def _null_content_only_from_assistants(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        if info.data.get("role") == "assistant":
+            return ""
+        raise ValueError(
+            "content must be a string or a list of parts; only an assistant message's may be null"
+        )
+
+    @field_validator(*ASSISTANT_EXTRAS, mode="before")
+    @classmethod
+    def _assistant_extras_when_empty(cls, value: Any, info: ValidationInfo) -> None:
+        if info.data.get("role") != "assistant":
+            raise PydanticCustomError("extra_forbidden", "Extra inputs are not permitted")
+        if value is None or (value == [] and info.field_name in ("annotations", "tool_calls")):
+            return None
+        raise ValueError(
+            f"{info.field_name} is not supported (this server has no tools, audio or refusals): it may "
+            "only be null" + (" or empty" if info.field_name in ("annotations", "tool_calls") else "")
+        )
 
     @model_validator(mode="after")
     def _images_only_from_users(self) -> Message:

@@ -57,5 +57,13 @@ class ServeSettings:
                 f"ServeSettings.default_max_tokens ({self.default_max_tokens}) is over max_tokens_limit "
                 f"({self.max_tokens_limit})"
             )
-        if self.api_key is not None and not self.api_key:
-            raise ValueError("ServeSettings.api_key must not be empty (use None for no key)")
+        if self.api_key is not None:
+            # A key read from a secret file or an environment variable often ends in a newline, which
+            # no client can send in its header: the key is what is left without the surrounding space.
+            object.__setattr__(self, "api_key", self.api_key.strip())
+            if not self.api_key:
+                raise ValueError("ServeSettings.api_key must not be empty (use None for no key)")
+            if any(ord(c) < 32 or ord(c) == 127 for c in self.api_key):
+                raise ValueError(
+                    "ServeSettings.api_key must not contain control characters (a client cannot send them)"
+                )
