@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import pickle
 import random
 from collections.abc import Iterator
@@ -91,6 +93,25 @@ def seed_all(seed: int) -> None:
 def save(run: Run, directory: Path, step: int, keep_last: int = 3, **extra: object) -> Path:
     model, optimizer, scheduler = run
     return save_checkpoint(directory, step, model, optimizer, scheduler, {"step": step, **extra}, keep_last)
+
+
+def edit_meta(path: Path, **changes: object) -> None:
+    """Change meta.json's entries; a value None removes the entry."""
+    meta = json.loads((path / "meta.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+def rewrite(path: Path, name: str, data: bytes | str) -> None:
+    """Replace a checkpoint file and its recorded checksum: as if the checkpoint had been written so."""
+    target = path / name
+    target.write_text(data) if isinstance(data, str) else target.write_bytes(data)
+    sums = json.loads((path / "meta.json").read_text())["sha256"]
+    edit_meta(path, sha256={**sums, name: hashlib.sha256(target.read_bytes()).hexdigest()})
 
 
 def test_resume_continues_the_identical_loss_curve(tmp_path: Path) -> None:
@@ -218,6 +239,7 @@ def test_mismatches_raise_clearly_and_change_nothing(tmp_path: Path) -> None:
         load_checkpoint(path, *make_run(seed=0, one_group=True))
 
 
+@pytest.mark.parametrize("checksums", [True, False], ids=["checksums", "no-checksums"])
 @pytest.mark.parametrize(
     ("damaged", "how"),
     [
@@ -229,18 +251,24 @@ def test_mismatches_raise_clearly_and_change_nothing(tmp_path: Path) -> None:
     ],
 )
 def test_damaged_files_raise_corrupt_checkpoint_and_change_nothing(
-    tmp_path: Path, damaged: str, how: str
+    tmp_path: Path, damaged: str, how: str, checksums: bool
 ) -> None:
-    """A checkpoint complete when written but damaged since: its own error type, nothing changed."""
+    """A checkpoint complete when written but damaged since: its own error type, nothing changed. The
+    SHA-256 check names the file; a checkpoint from before the checksums fails when the file is read."""
     run = make_run(seed=0)
     train(run, 1)
     path = save(run, tmp_path, 1)
+    if not checksums:
+        edit_meta(path, sha256=None)
     target = path / damaged
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2] if how == "truncate" else b"\xff\x00" + data[2:])
     fresh = make_run(seed=5)
     before = {k: v.clone() for k, v in fresh[0].state_dict().items()}
-    with pytest.raises(ckpt.CorruptCheckpointError, match=f"{path.name}: a checkpoint file cannot be read"):
+    message = (
+        f"{path.name}: {damaged} is damaged" if checksums else f"{path.name}: a checkpoint file cannot be"
+    )
+    with pytest.raises(ckpt.CorruptCheckpointError, match=message):
         load_checkpoint(path, *fresh)
     assert all(torch.equal(v, before[k]) for k, v in fresh[0].state_dict().items())
     assert fresh[1].state_dict()["state"] == {}  # the optimizer was not touched either
@@ -262,7 +290,7 @@ def test_an_rng_state_that_cannot_be_restored_is_corrupt_before_anything_changes
         rng["numpy"]["keys"] = rng["numpy"]["keys"][:100]
     else:
         del rng["python"]
-    (path / "rng.json").write_text(json.dumps(rng))
+    rewrite(path, "rng.json", json.dumps(rng))
     fresh = make_run(seed=5)
     before = {k: v.clone() for k, v in fresh[0].state_dict().items()}
     with pytest.raises(ckpt.CorruptCheckpointError, match="the RNG state cannot be restored"):
@@ -279,7 +307,7 @@ def test_a_scheduler_state_without_its_position_is_refused(tmp_path: Path) -> No
     path = save(run, tmp_path, 2)
     state = json.loads((path / "scheduler.json").read_text())
     del state["last_epoch"]
-    (path / "scheduler.json").write_text(json.dumps(state))
+    rewrite(path, "scheduler.json", json.dumps(state))
     with pytest.raises(ckpt.CorruptCheckpointError, match=r"scheduler state lacks \['last_epoch'\]"):
         load_checkpoint(path, *make_run(seed=5))
 
@@ -342,4 +370,132 @@ def test_an_adafactor_checkpoint_resumes(tmp_path: Path) -> None:
     expected = train(run, 3)
     fresh = adafactor_run(5)
     load_checkpoint(latest_checkpoint(tmp_path), *fresh)
+    assert train(fresh, 3) == expected
+
+
+# ------------------------------------------------------------------------------------------- checksums
+
+
+def test_a_garbled_block_in_the_weights_fails_its_checksum(tmp_path: Path) -> None:
+    # 4 KiB XOR-ed in the middle of the tensor data leave a file that parses: it was loaded and trained on.
+    run = make_run(seed=0, hidden=1024)  # ~70 KB of weights, so the block lies inside one tensor's data
+    train(run, 1)
+    path = save(run, tmp_path, 1)
+    target = path / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    middle = (header_end + len(data)) // 2
+    assert middle - 2048 > header_end + 1024
+    data[middle - 2048 : middle + 2048] = bytes(b ^ 0x5A for b in data[middle - 2048 : middle + 2048])
+    target.write_bytes(bytes(data))
+
+    assert latest_checkpoint(tmp_path) == path  # listing does not hash; loading does
+    fresh = make_run(seed=5, hidden=1024)
+    before = {k: v.clone() for k, v in fresh[0].state_dict().items()}
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"step-00000001: model\.safetensors is damaged"):
+        load_checkpoint(path, *fresh)
+    assert all(torch.equal(v, before[k]) for k, v in fresh[0].state_dict().items())
+    assert fresh[1].state_dict()["state"] == {}
+
+    edit_meta(path, sha256=None)  # without the checksum the damage goes unnoticed, as it did
+    load_checkpoint(path, *fresh)
+    assert any(not torch.equal(v, run[0].state_dict()[k]) for k, v in fresh[0].state_dict().items())
+
+
+def test_a_checkpoint_without_checksums_still_loads_exactly(tmp_path: Path) -> None:
+    seed_all(0)
+    run = make_run(seed=0)
+    train(run, 2)
+    path = save(run, tmp_path, 2)
+    meta = json.loads((path / "meta.json").read_text())
+    assert sorted(meta["sha256"]) == meta["files"]
+    assert all(
+        meta["sha256"][n] == hashlib.sha256((path / n).read_bytes()).hexdigest() for n in meta["files"]
+    )
+    expected = train(run, 3)
+    edit_meta(path, sha256=None)  # as written before the checksums existed
+    fresh = make_run(seed=5)
+    assert load_checkpoint(path, *fresh)[0] == 2
+    assert train(fresh, 3) == expected
+
+
+def test_checkpoints_get_the_modes_the_umask_gives(tmp_path: Path) -> None:
+    # mkdtemp's 0700 and safetensors' 0600 hid checkpoints from the group that shares a run directory.
+    run = make_run(seed=0)
+    train(run, 1)
+    old = os.umask(0o027)
+    try:
+        path = save(run, tmp_path, 1)
+    finally:
+        os.umask(old)
+    assert oct(path.stat().st_mode & 0o777) == "0o750"
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in path.iterdir()}
+    assert set(modes.values()) == {"0o640"}, modes
+    assert "model.safetensors" in modes and "optimizer.safetensors" in modes
+
+
+# -------------------------------------------------------------------------------- optimizer key translation
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo's
+def test_optimizer_state_translates_between_name_and_index_keys() -> None:
+    """FSDP2 saves optimizer state keyed by parameter name, one process and DDP by index: each converts
+    into the other exactly, a parameter without state (it never had a gradient) included."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    seed_all(0)
+    model, optimizer, scheduler = make_run(seed=0)
+    train((model, optimizer, scheduler), 1)
+    loss = model(torch.randint(0, VOCAB, (2, 5))).square().mean()
+    optimizer.zero_grad()
+    loss.backward()
+    model.mlp[0].bias.grad = None  # this step leaves it out: it keeps its state from step 1
+    optimizer.step()
+    fresh_model, fresh_optimizer, _ = make_run(seed=0)
+    stateless = fresh_model.mlp[3].bias
+    fresh_model(torch.randint(0, VOCAB, (2, 5))).square().mean().backward()
+    stateless.grad = None  # never stepped: AdamW keeps no state for it
+    fresh_optimizer.step()
+
+    for mdl, opt in [(model, optimizer), (fresh_model, fresh_optimizer)]:
+        by_index = opt.state_dict()
+        by_name = get_optimizer_state_dict(mdl, opt)  # what FSDP2 saves (full state, same names)
+        assert isinstance(next(iter(by_name["state"])), str)
+        to_index = ckpt._rekey_optimizer_state(by_name, "fqn", mdl, opt, "index")
+        assert to_index == by_index
+        assert ckpt._rekey_optimizer_state(to_index, "index", mdl, opt, "fqn") == by_name
+        assert ckpt._rekey_optimizer_state(by_name, None, mdl, opt, "fqn") == by_name  # keys told apart
+        # A compiled module's names carry _orig_mod.; the canonical ones do not.
+        compiled = torch.compile(mdl)
+        assert ckpt._rekey_optimizer_state(by_name, "fqn", compiled, opt, "index") == by_index
+    names = ckpt._parameter_names(fresh_model)
+    assert names[id(stateless)] not in get_optimizer_state_dict(fresh_model, fresh_optimizer)["state"]
+    assert names[id(fresh_model.head.weight)] == "embed.weight"  # tied: its first name, once
+
+    renamed = get_optimizer_state_dict(model, optimizer)
+    renamed["param_groups"][1]["params"][0] = "mlp.9.bias"
+    with pytest.raises(ValueError, match=r"group 1 lists other parameters .*\['mlp\.9\.bias'\]"):
+        ckpt._rekey_optimizer_state(renamed, "fqn", model, optimizer, "index")
+
+
+def test_a_name_keyed_checkpoint_resumes_on_one_process(tmp_path: Path) -> None:
+    """A checkpoint whose optimizer state is keyed by name (FSDP2's) resumes a one-process run exactly;
+    it was refused ("keyed by parameter fqn")."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    seed_all(0)
+    run = make_run(seed=0)
+    train(run, 2)
+    path = save(run, tmp_path, 2)
+    for name in ("optimizer.json", "optimizer.safetensors"):
+        (path / name).unlink()
+    ckpt._write_component(path, "optimizer", get_optimizer_state_dict(run[0], run[1]), {})
+    expected = train(run, 3)
+    sums = {
+        n: hashlib.sha256((path / n).read_bytes()).hexdigest()
+        for n in json.loads((path / "meta.json").read_text())["files"]
+    }
+    edit_meta(path, optimizer_keys="fqn", sha256=sums)
+    fresh = make_run(seed=5)
+    assert load_checkpoint(path, *fresh)[0] == 2
     assert train(fresh, 3) == expected

@@ -9,7 +9,8 @@ Tolerances (3 AdamW steps of the tiny model, losses ~5.8 -> 4.9): fp32 DDP and F
 rtol 1e-5 on every step's global loss (measured: ~1e-7; the ranks pack different rows and sum gradients
 in a different order, so bit-equality is not expected) and rtol 1e-6 on the parameter checksum;
 FSDP2 with bf16 parameters / fp32 reduction rtol 2e-3 (measured ~4e-4); checkpoint resume across
-world sizes rtol 1e-5 against the uninterrupted run's next-step loss.
+world sizes and strategies (one process, DDP, FSDP2, either way) rtol 1e-5 against the uninterrupted
+run's next-step loss.
 """
 
 from __future__ import annotations
@@ -251,24 +252,33 @@ def test_fsdp2_bf16_mixed_precision_stays_close(single: dict, tmp_path: Path) ->
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("save", "load"), [("ddp", "none"), ("none", "ddp")])
+@pytest.mark.parametrize(
+    ("save", "load"),
+    [("ddp", "none"), ("none", "ddp"), ("fsdp2", "none"), ("none", "fsdp2"), ("fsdp2", "ddp")],
+)
 def test_checkpoint_crosses_world_sizes(single: dict, tmp_path: Path, save: str, load: str) -> None:
-    """Save after 2 steps on one world size, resume on the other: step 3 equals the uninterrupted run's."""
+    """Save after 2 steps on one world size, resume on the other: step 3 equals the uninterrupted run's.
+
+    FSDP2 keys its optimizer state by parameter name, one process and DDP by index: loading translates
+    (it refused FSDP2 <-> the others), so a sharded run's checkpoint resumes replicated and back."""
     ckpt = tmp_path / "ckpt"
     saved = run_worker(
         tmp_path,
         f"save-{save}",
         *("--strategy", save, "--steps", "2", "--save-dir", str(ckpt), "--save-at", "2"),
-        procs=2 if save == "ddp" else 1,
+        procs=1 if save == "none" else 2,
     )
     torch.testing.assert_close(saved["losses"], single["losses"][:2], rtol=FP32_RTOL, atol=0)
     resumed = run_worker(
         tmp_path,
         f"load-{load}",
         *("--strategy", load, "--steps", "1", "--load", str(ckpt / "step-00000002")),
-        procs=2 if load == "ddp" else 1,
+        procs=1 if load == "none" else 2,
     )
     assert resumed["start_step"] == 2
+    assert json.loads((ckpt / "step-00000002" / "meta.json").read_text())["optimizer_keys"] == (
+        "fqn" if save == "fsdp2" else "index"
+    )
     torch.testing.assert_close(resumed["losses"], single["losses"][2:], rtol=FP32_RTOL, atol=0)
     assert resumed["checksum"] == pytest.approx(single["checksum"], rel=1e-6)
 

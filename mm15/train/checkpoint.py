@@ -9,7 +9,8 @@ A checkpoint is one directory ``<directory>/step-<step:08d>/``::
     rng.json                 Python ``random`` and NumPy legacy generator states
     rng.safetensors          torch CPU (and CUDA, if present) generator states as uint8 tensors
     extra_state.json         caller's state: data/mixture position, metrics so far, config
-    meta.json                format version, step, file list; written last = the completeness marker
+    meta.json                format version, step, file list and each file's SHA-256; written last =
+                             the completeness marker
 
 Nothing is ``torch.save``d: tensors go to safetensors and everything else to JSON, so loading a checkpoint
 from an untrusted source cannot execute code. JSON cannot tell a tuple from a list or an ``int`` dict key
@@ -21,7 +22,25 @@ Atomicity: everything is written into ``.tmp-step-<step>-<random>/`` next to the
 file is fsynced, ``meta.json`` goes last, and the directory is renamed into place. A crash at any point
 leaves either no ``step-*`` directory or a complete one; ``latest_checkpoint`` additionally only accepts
 directories whose ``meta.json`` exists and lists files that exist. Stale temp directories from a killed
-save are removed by the next successful save.
+save are removed by the next successful save. Files and directory get the modes the umask gives any new
+file (``mkdtemp`` and safetensors would leave them 0700 / 0600).
+
+Integrity: ``meta.json`` records each file's SHA-256 (``"sha256": {name: hex digest}``, hashed after the
+file is written and fsynced), and ``load_checkpoint`` checks every file against it before it reads or
+changes anything: a file damaged since (a flipped block that still parses) raises
+``CorruptCheckpointError`` naming it. Checkpoints written before the checksums existed (no ``"sha256"``)
+load unchecked. ``latest_checkpoint`` / ``complete_checkpoints`` do not hash (they only list): a damaged
+checkpoint is found when it is loaded, and ``mm15 train --resume`` then falls back to the one before.
+
+Optimizer keys. A replicated run's ``optimizer.state_dict()`` keys per-parameter state by integer index
+(the position in the param groups); FSDP2's ``get_optimizer_state_dict`` by parameter name (FQN).
+``meta.json`` records which (``"optimizer_keys": "index" | "fqn"``), and ``load_checkpoint`` translates
+to what the loading run needs, using the live model's parameter names in the optimizer's param-group order
+(wrapper components such as DDP's ``module.`` and ``torch.compile``'s ``_orig_mod.`` left out, as
+FSDP2's names leave them out): index -> name by position, name -> index by name, so a name-keyed state
+must list the same parameters per group as the live optimizer. Parameters without state (AdamW keeps
+none for a parameter that never had a gradient) stay without. Hence any of one process, DDP and FSDP2
+resumes any other's checkpoint, and the two keyings are still read as written.
 
 Distributed use. Call ``save_checkpoint`` on every rank: in the replicated case (single process, DDP) only
 rank 0 writes and the others return at once; ranks then meet at a barrier so that nobody reads a
@@ -38,6 +57,7 @@ every rank; runs that need distinct per-rank streams should derive them from a p
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
@@ -194,6 +214,57 @@ def _read_component(folder: Path, name: str) -> Any:
     tensor_file = folder / f"{name}.safetensors"
     tensors = load_file(str(tensor_file)) if tensor_file.is_file() else {}
     return _decode(document, tensors, name)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_checksums(folder: Path, meta: Mapping[str, Any]) -> None:
+    """``CorruptCheckpointError`` naming the first file whose SHA-256 differs from the one in meta.json.
+
+    Checkpoints from before the checksums (no ``"sha256"`` in meta.json) pass unchecked.
+    """
+    sums = meta.get("sha256")
+    if sums is None:
+        return
+    if not isinstance(sums, dict):
+        raise CorruptCheckpointError(f"{folder}: {META_NAME}'s sha256 entry is not a mapping")
+    for name in meta["files"]:
+        expected = sums.get(name)
+        if not isinstance(expected, str):
+            raise CorruptCheckpointError(f"{folder}: {META_NAME} records no SHA-256 for {name}")
+        with _reading(folder):
+            actual = _sha256(folder / name)
+        if actual != expected:
+            raise CorruptCheckpointError(
+                f"{folder}: {name} is damaged: its SHA-256 differs from the one {META_NAME} recorded "
+                "when it was written"
+            )
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask's set-and-restore races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(folder: Path, files: list[str]) -> None:
+    """Give ``folder`` (from mkdtemp, 0700) and its ``files`` (safetensors writes 0600) the usual modes."""
+    mask = _umask()
+    for name in files:
+        os.chmod(folder / name, 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
 
 
 # ------------------------------------------------------------------------------------------- RNG states
@@ -411,16 +482,20 @@ def save_checkpoint(
         files += _write_component(tmp, "scheduler", scheduler_state, None)
         files += _write_component(tmp, "rng", rng_state, {})
         files += _write_component(tmp, "extra_state", dict(extra_state), None)
+        files.sort()
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "step": step,
-            # Sharded runs key optimizer state by name, replicated ones by index: not interchangeable.
+            # Sharded runs key optimizer state by name, replicated ones by index; loading translates.
             "optimizer_keys": "fqn" if sharded else "index",
-            "files": sorted(files),
+            "files": files,
+            # Read back from the page cache at ~1 GB/s: hundreds of MB add a fraction of a second.
+            "sha256": {name: _sha256(tmp / name) for name in files},
             "torch_version": torch.__version__,
         }
         _write_json(tmp / META_NAME, meta)
+        _apply_umask(tmp, [*files, META_NAME])
         _fsync_dir(tmp)
         _move_into_place(tmp, final)
     except BaseException:
@@ -516,8 +591,10 @@ def load_checkpoint(
     """Restore model, optimizer, scheduler and RNG states from ``path``; return ``(step, extra_state)``.
 
     Everything is read and validated before anything is changed, so a mismatch (shapes, parameter groups,
-    missing state) raises ``ValueError``, and files that cannot be read ``CorruptCheckpointError``, and
-    either leaves the model and optimizer as they were. Pass
+    missing state) raises ``ValueError``, and files that cannot be read or fail their SHA-256 check
+    ``CorruptCheckpointError``, and either leaves the model and optimizer as they were. The optimizer
+    state is translated between index and name keys as this run needs (module docstring), so a
+    checkpoint of one process, DDP or FSDP2 resumes under any of them. Pass
     ``optimizer=None`` / ``scheduler=None`` to load weights only. Call on every rank.
     """
     folder = Path(path)
@@ -527,6 +604,7 @@ def load_checkpoint(
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: unsupported checkpoint format_version {meta.get('format_version')!r}")
     sharded = _is_sharded(model)
+    _verify_checksums(folder, meta)
 
     with _reading(folder):
         model_state = _read_model_state(folder, model)
@@ -537,12 +615,9 @@ def load_checkpoint(
     if optimizer is not None:
         if optim_state is None:
             raise ValueError(f"{folder} holds no optimizer state, but an optimizer was given to restore")
-        if meta["optimizer_keys"] != ("fqn" if sharded else "index"):
-            raise ValueError(
-                f"{folder}: optimizer state is keyed by parameter {meta['optimizer_keys']} (sharded runs use "
-                "fqn, replicated ones index) and cannot be loaded into this run's optimizer; "
-                "load weights only (optimizer=None)"
-            )
+        optim_state = _rekey_optimizer_state(
+            optim_state, meta.get("optimizer_keys"), model, optimizer, "fqn" if sharded else "index", folder
+        )
         _validate_optimizer_state(optim_state, optimizer, folder)
     if scheduler is not None and scheduler_state is None:
         raise ValueError(f"{folder} holds no scheduler state, but a scheduler was given to restore")
@@ -576,6 +651,116 @@ def load_checkpoint(
         scheduler.load_state_dict(scheduler_state)
     _restore_rng(rng_state)
     return int(meta["step"]), extra_state
+
+
+# --------------------------------------------------------------------------------------- optimizer keys
+
+# Attribute names under which wrappers hold the wrapped module: not part of a parameter's canonical name.
+_WRAPPER_ATTRS = frozenset({"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"})
+
+
+def _parameter_names(model: nn.Module) -> dict[int, str]:
+    """``id(parameter) -> name`` as FSDP2's ``get_optimizer_state_dict`` keys it: the first name of each
+    parameter (tied ones once), without wrapper components (DDP's ``module.``, ``torch.compile``'s
+    ``_orig_mod.``, activation checkpointing's ``_checkpoint_wrapped_module.``)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    names: dict[int, str] = {}
+    for name, param in model.named_parameters():
+        module, kept = model, []
+        *path, leaf = name.split(".")
+        for part in path:
+            is_wrapper = part in _WRAPPER_ATTRS or (
+                part == "module" and isinstance(module, (DistributedDataParallel, DataParallel))
+            )
+            if not is_wrapper:
+                kept.append(part)
+            module = getattr(module, part)
+        names.setdefault(id(param), ".".join([*kept, leaf]))
+    return names
+
+
+def _stored_keys(state: Mapping[str, Any], recorded: Any, folder: Path) -> str:
+    if recorded in ("index", "fqn"):
+        return recorded
+    if recorded is not None:
+        raise ValueError(f"{folder}: unknown optimizer_keys {recorded!r} in {META_NAME} (index or fqn)")
+    params = [p for group in state["param_groups"] for p in group["params"]]
+    return "fqn" if params and all(isinstance(p, str) for p in params) else "index"
+
+
+def _rekey_optimizer_state(
+    state: Mapping[str, Any],
+    stored: Any,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    wanted: str,
+    folder: Path | str = "optimizer state",
+) -> dict[str, Any]:
+    """``state`` (keyed by index or name, ``stored`` says which; None: tell by the keys) keyed as ``wanted``.
+
+    Index -> name goes by position in the param groups (what ``Optimizer.load_state_dict`` does); name ->
+    index and name -> name by name, so a name-keyed state must list, per group, the parameters of the
+    live optimizer's group (in any order); the result lists them in the live order. Per-parameter
+    state values and group settings are passed through unchanged; parameters without state stay without.
+    """
+    stored = _stored_keys(state, stored, folder)
+    if stored == wanted == "index":
+        return dict(state)  # as written: no names needed
+    saved_groups, groups = state["param_groups"], optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(
+            f"{folder}: checkpoint optimizer has {len(saved_groups)} param groups, "
+            f"this optimizer {len(groups)}"
+        )
+    names = _parameter_names(model)
+    live: list[list[str]] = []
+    for i, group in enumerate(groups):
+        foreign = sum(id(p) not in names for p in group["params"])
+        if foreign:
+            raise ValueError(
+                f"{folder}: optimizer param group {i} holds {foreign} tensors that are not parameters of "
+                "the model, so its state cannot be matched by parameter name"
+            )
+        live.append([names[id(p)] for p in group["params"]])
+
+    # Key by name, groups in the live order.
+    name_of: dict[Any, str] = {}
+    by_name_groups = []
+    for i, (saved, here) in enumerate(zip(saved_groups, live, strict=True)):
+        if len(saved["params"]) != len(here):
+            raise ValueError(
+                f"{folder}: optimizer param group {i} has {len(saved['params'])} parameters in the "
+                f"checkpoint, {len(here)} here"
+            )
+        if stored == "index":
+            name_of.update(zip(saved["params"], here, strict=True))
+        else:
+            only_saved = sorted(set(saved["params"]) - set(here))
+            only_here = sorted(set(here) - set(saved["params"]))
+            if only_saved or only_here:
+                raise ValueError(
+                    f"{folder}: optimizer param group {i} lists other parameters in the checkpoint than "
+                    f"here (only in the checkpoint: {only_saved[:5]}; only here: {only_here[:5]})"
+                )
+            name_of.update((n, n) for n in here)
+        by_name_groups.append({**saved, "params": here})
+    by_name_state = {}
+    for key, per_param in state["state"].items():
+        if key not in name_of:
+            raise ValueError(f"{folder}: optimizer state for parameter {key!r}, which no param group lists")
+        by_name_state[name_of[key]] = per_param
+    if wanted == "fqn":
+        return {"state": by_name_state, "param_groups": by_name_groups}
+
+    # Name -> index: the running position over the live groups, as Optimizer.state_dict() numbers them.
+    index_of = {n: i for i, n in enumerate(chain.from_iterable(live))}
+    return {
+        "state": {index_of[n]: per_param for n, per_param in by_name_state.items()},
+        "param_groups": [
+            {**group, "params": [index_of[n] for n in group["params"]]} for group in by_name_groups
+        ],
+    }
 
 
 def _validate_optimizer_state(
