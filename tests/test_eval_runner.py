@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from mm15.cli import app
 from mm15.eval import runner as runner_module
 from mm15.eval import tasks as registry
-from mm15.eval.report import EvalReport
+from mm15.eval.report import EvalReport, TaskResult
 from mm15.eval.runner import ItemCache, evaluate
 from mm15.eval.tasks import MMBASE_CATEGORIES, TaskError
 from mm15.model.mm15 import MM15Model
@@ -95,7 +95,7 @@ def test_every_category_is_scored_and_written(full_run: tuple[EvalReport, Path, 
     assert data["categories"] == report.category_scores and data["mmbase"] == report.mmbase
     assert data["run"]["generated_items"] == 2 * len(SYNTH) and data["run"]["cached_items"] == 0
     markdown = (out / "results.md").read_text()
-    assert "| **knowledge** | **average** |" in markdown and "MMBase" in markdown
+    assert "| **knowledge** | | **average** (3 benchmarks) |" in markdown and "MMBase" in markdown
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     flat = report.scores()
     assert (
@@ -243,6 +243,120 @@ def test_skipped_records_are_reported_with_the_score(model: MM15Model, tmp_path:
     assert saved["skipped"] == {"split": 1, "no_image": 1} and saved["num_items"] == 1
     # A task that skips nothing says so.
     assert evaluate(model, "synth-icl:max_new_tokens=2", limit=1, progress=False).tasks[0].skipped == {}
+
+
+def _result(name: str, task: str, category: str, score: float, items: int = 10, **kw: str) -> TaskResult:
+    return TaskResult(
+        name=name,
+        task=task,
+        category=category,
+        version="1",
+        metric="m",
+        options={},
+        prompt_template="",
+        generation={},
+        score=score,
+        metrics={},
+        items=[{"id": str(k)} for k in range(items)],
+        **kw,
+    )
+
+
+def test_category_scores_average_benchmarks_not_splits(tmp_path: Path) -> None:
+    """POPE's three splits are one benchmark (the mean of their F1), RefCOCO's splits one (their mean),
+    ChartQA's two sets one (the score over their union); a category averages benchmarks."""
+    report = EvalReport(
+        model={"name": "m"},
+        tasks=[
+            _result("pope-random", "pope", "general", 90.0),
+            _result("pope-popular", "pope", "general", 80.0, items=30),
+            _result("pope-adv", "pope", "general", 70.0),
+            _result("vqav2", "vqav2", "general", 50.0),
+            _result("chartqa-human", "chartqa", "text-rich", 40.0, items=10),
+            _result("chartqa-augmented", "chartqa", "text-rich", 80.0, items=30),
+            _result("textvqa", "textvqa", "text-rich", 20.0),
+            _result("refcoco-testA", "refcoco", "refer-ground", 60.0),
+            _result("refcoco+-testA", "refcoco", "refer-ground", 40.0, items=40),
+            _result("refcocog-test", "refcoco", "refer-ground", 20.0),
+            _result("synth-refer", "synth-refer", "refer-ground", 100.0),
+        ],
+    )
+    assert report.category_scores == {"general": 65.0, "text-rich": 45.0, "refer-ground": 70.0}
+    assert report.benchmark_scores == {
+        "general": {"pope": 80.0, "vqav2": 50.0},
+        "text-rich": {"chartqa": 70.0, "textvqa": 20.0},  # (10 x 40 + 30 x 80) / 40
+        "refer-ground": {"refcoco": 40.0, "synth-refer": 100.0},
+    }
+    flat = report.scores()
+    assert flat["benchmark/pope"] == 80.0 and flat["task/pope-adv"] == 70.0
+    assert "benchmark/vqav2" not in flat  # a benchmark of one result is its task score
+
+    paths = report.save(tmp_path)
+    data = json.loads(paths["json"].read_text())
+    assert data["tasks"]["pope-adv"]["benchmark"] == "pope" and data["tasks"]["vqav2"]["benchmark"] == "vqav2"
+    assert data["benchmarks"]["general"]["pope"] == {
+        "score": 80.0,
+        "results": ["pope-random", "pope-popular", "pope-adv"],
+        "combined": "mean of 3 splits",
+    }
+    assert data["benchmarks"]["text-rich"]["chartqa"]["combined"] == "mean over the items of 2 splits"
+    assert data["categories"] == report.category_scores
+    markdown = paths["markdown"].read_text()
+    for row in (  # every split keeps its row, followed by the benchmark's score
+        "| general | pope | pope-random | m | 10 | 90.00 |",
+        "| general | pope | pope-adv | m | 10 | 70.00 |",
+        "| general | pope | *mean of 3 splits* | | 50 | *80.00* |",
+        "| **general** | | **average** (2 benchmarks) | | | **65.00** |",
+    ):
+        assert row in markdown
+
+    # An explicit benchmark groups results of other names; synthetic tasks are each their own, so
+    # their categories are the plain mean of their scores.
+    mixed = EvalReport(
+        model={},
+        tasks=[
+            _result("video-mc-a", "video-mc", "video", 10.0, benchmark="mvbench"),
+            _result("video-mc-b", "video-mc", "video", 30.0, benchmark="mvbench"),
+            _result("video-mc-c", "video-mc", "video", 80.0),
+        ],
+    )
+    assert mixed.benchmark_scores == {"video": {"mvbench": 20.0, "video-mc-c": 80.0}}
+    synth = EvalReport(
+        model={},
+        tasks=[
+            _result(name, name, registry.get_task(name).category, 10.0 * k) for k, name in enumerate(SYNTH)
+        ],
+    )
+    for category, score in synth.category_scores.items():
+        own = [t.score for t in synth.tasks if t.category == category]
+        assert score == pytest.approx(sum(own) / len(own))
+        assert set(synth.benchmark_scores[category]) == {
+            t.name for t in synth.tasks if t.category == category
+        }
+
+
+def test_results_of_one_benchmark_are_grouped_end_to_end(
+    model: MM15Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two POPE runs are splits of one benchmark in results.json; benchmark= changes no cache key."""
+    pope = REAL / "pope_coco" / "coco_pope_random.json"
+    images = tmp_path / "val2014"
+    images.mkdir()
+    for line in pope.read_text().splitlines()[:1]:
+        Image.new("RGB", (80, 60), (120, 30, 30)).save(images / json.loads(line)["image"])
+    common = f"path={pope},images={images},limit=1,max_new_tokens=2"
+    specs = [f"pope:{common},name=pope-a", f"pope:{common},name=pope-b", "synth-icl:max_new_tokens=2"]
+    report = evaluate(model, specs, limit=1, out_dir=tmp_path / "out", progress=False)
+    assert [t.group for t in report.tasks] == ["pope", "pope", "synth-icl"]
+    general = report.benchmark_scores["general"]
+    assert general["pope"] == pytest.approx((report.tasks[0].score + report.tasks[1].score) / 2)
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["benchmarks"]["general"]["pope"]["results"] == ["pope-a", "pope-b"]
+    counter = CountingGenerate(monkeypatch)
+    again = evaluate(
+        model, "synth-icl:max_new_tokens=2,benchmark=icl", limit=1, out_dir=tmp_path / "out", progress=False
+    )
+    assert counter.prompts == 0 and again.tasks[0].group == "icl"
 
 
 def test_item_cache_ignores_damaged_lines(tmp_path: Path) -> None:

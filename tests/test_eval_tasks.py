@@ -210,16 +210,30 @@ def test_the_reference_answer_scores_full_marks(name: str) -> None:
     assert not wrong, wrong
 
 
-def test_relaxed_score_drops_a_sentences_period_but_keeps_one_that_belongs_to_the_answer() -> None:
+def test_relaxed_score_is_pix2struct_relaxed_accuracy_and_nothing_more() -> None:
+    from mm15.eval.metrics import relaxed_correctness
     from mm15.eval.tasks import relaxed_score
 
     def item(answer: str) -> TaskItem:
         return TaskItem(id="q", question="?", answers=(answer,))
 
-    assert relaxed_score("U.S.", item("U.S.")) == 1.0  # ChartQA test_human record 5480.png
-    assert relaxed_score("16.", item("16")) == 1.0
-    assert relaxed_score("16.5.", item("17")) == 1.0  # within 5 %
-    assert relaxed_score("U.S", item("U.S.")) == 0.0
+    cases = [
+        ("U.S.", "U.S.", 1.0),  # ChartQA test_human record 5480.png
+        ("16.", "16", 1.0),  # float("16.") is 16: the number rule
+        ("Yes.", "Yes", 0.0),  # the string rule: a word's period is not dropped
+        ("No.", "no", 0.0),
+        ("Asia.", "Asia", 0.0),
+        ("16.5.", "17", 0.0),  # not a number, and not the string
+        ("U.S", "U.S.", 0.0),
+        ("asia", "Asia", 1.0),
+    ]
+    for prediction, answer, expected in cases:
+        assert relaxed_score(prediction, item(answer)) == expected, (prediction, answer)
+        assert relaxed_score(prediction, item(answer)) == float(relaxed_correctness(prediction, answer))
+    # Its tasks name exactly that metric, and their version says the scoring changed.
+    users = [t for t in registry.tasks() if t.score is relaxed_score]
+    assert {t.name for t in users} == {"chartqa", "synth-chart-qa", "synth-table-qa", "synth-math-chart"}
+    assert all(t.metric == "relaxed accuracy (pix2struct)" and t.version == "2" for t in users)
 
 
 def test_synthetic_items_are_deterministic_and_seeded() -> None:
@@ -467,6 +481,46 @@ def test_screenspot_and_refcoco_items(tmp_path: Path) -> None:
     assert task.score(truth, items[0]) == 1.0
     with pytest.raises(TaskError, match=r"refcoco: option instances=\.\.\. is required"):
         resolve_task_specs(f"refcoco:path={refs}")
+
+
+def test_screenspot_reports_accuracy_per_platform_and_target_type(tmp_path: Path) -> None:
+    calendar = Path(__file__).parent / "fixtures" / "seeclick_calendar.png"
+    records = [
+        _screenspot(calendar.name, [300, 50, 200, 100], "add an event", "text"),
+        _screenspot(calendar.name, [300, 50, 200, 100], "add an event icon", "icon"),
+        _screenspot(calendar.name, [300, 50, 200, 100], "the plus", "icon"),
+    ]
+    path = tmp_path / "screenspot_desktop.json"
+    path.write_text(json.dumps(records))
+    ((_, task, options),) = resolve_task_specs(f"screenspot:path={path},images={calendar.parent}")
+    items = list(task.items(options))
+    predictions = ["[169, 60]", "[169, 60]", "[900, 900]"]
+    scores = [task.score(p, item) for p, item in zip(predictions, items, strict=True)]
+    result = task.aggregate(predictions, items, scores)
+    assert result == {
+        "score": pytest.approx(200 / 3),  # the headline: every item alike
+        "accuracy/desktop/icon": 50.0,
+        "items/desktop/icon": 2.0,
+        "accuracy/desktop/text": 100.0,
+        "items/desktop/text": 1.0,
+    }
+
+
+def test_benchmarks_and_how_their_splits_combine() -> None:
+    """Category scores average benchmarks: each task names the benchmark its results are splits of."""
+    assert (get_task("pope").benchmark, get_task("pope").split_mean) == ("pope", "splits")
+    assert (get_task("refcoco").benchmark, get_task("refcoco").split_mean) == ("refcoco", "splits")
+    assert (get_task("chartqa").benchmark, get_task("chartqa").split_mean) == ("chartqa", "items")
+    for name in SYNTH_TASKS:
+        assert get_task(name).benchmark == name
+    # Generic formats whose files may be different benchmarks: each result counts alone by default.
+    assert get_task("video-mc").benchmark is None and get_task("ui-click").benchmark is None
+    assert get_task("video-mc").split_mean == "splits"  # MVBench: the mean of its tasks' accuracies
+    with pytest.raises(TaskError, match="split_mean must be one of"):
+        Task(**{**_task("x").__dict__, "split_mean": "tokens"})
+    # benchmark= is an option of every task.
+    ((_, _, options),) = resolve_task_specs("synth-icl:benchmark=icl-all")
+    assert options["benchmark"] == "icl-all"
 
 
 def test_missing_image_folder_is_reported_when_read(tmp_path: Path) -> None:

@@ -594,20 +594,109 @@ def test_open_ended_video_task_with_a_plugged_in_judge(qa_file: Path) -> None:
     from mm15.eval.tasks import TaskError
     from mm15.eval.variant_tasks import LLMJudge, register_judge
 
-    prompts: list[str] = []
+    requests: list[list[dict[str, str]]] = []
 
-    def complete(prompt: str) -> str:  # a stand-in for a GPT client: "yes, 4" when red is right
-        prompts.append(prompt)
-        right = "Correct answer: red\nPredicted answer: red" in prompt
+    def complete(messages: list[dict[str, str]]) -> str:  # a stand-in for a chat client
+        requests.append(messages)
+        right = "Correct Answer: red\nPredicted Answer: red\n" in messages[-1]["content"]
         return "{'pred': 'yes', 'score': 4}" if right else "{'pred': 'no', 'score': 1}"
 
     register_judge("fake-gpt", LLMJudge(complete, "fake-gpt (test)"), replace=True)
     result, _ = run_task("video-qa", lambda item: "red", path=qa_file, judge="fake-gpt")
     assert result["score"] == 50.0 and result["accuracy [fake-gpt (test)]"] == 50.0
     assert result["mean score 0-5 [fake-gpt (test)]"] == 2.5
-    assert len(prompts) == 2  # verdicts are cached: aggregation did not ask again
+    assert result["unparsed verdicts [fake-gpt (test)]"] == 0
+    assert len(requests) == 2  # verdicts are cached: aggregation did not ask again
     with pytest.raises(TaskError, match="unknown judge"):
         run_task("video-qa", str, path=qa_file, judge="nobody")
+
+
+# ActivityNet-QA's judge messages as Video-ChatGPT (evaluate_activitynet_qa.py) and lmms-eval
+# (tasks/activitynetqa/utils.py) send them, character for character (eval-metrics.md 1.10).
+ACTIVITYNET_SYSTEM = (
+    "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
+    "question-answer pairs. Your task is to compare the predicted answer with the correct answer and "
+    "determine if they match meaningfully. Here's how you can accomplish the task:------##INSTRUCTIONS: "
+    "- Focus on the meaningful match between the predicted answer and the correct answer.\n- Consider "
+    "synonyms or paraphrases as valid matches.\n- Evaluate the correctness of the prediction compared "
+    "to the answer."
+)
+ACTIVITYNET_USER = (
+    "Please evaluate the following video-based question-answer pair:\n\nQuestion: {q}\nCorrect Answer: "
+    "{a}\nPredicted Answer: {pred}\n\nProvide your evaluation only as a yes/no and score where the "
+    "score is an integer value between 0 and 5, with 5 indicating the highest meaningful match. Please "
+    "generate the response in the form of a Python dictionary string with keys 'pred' and 'score', "
+    "where value of 'pred' is  a string of 'yes' or 'no' and value of 'score' is in INTEGER, not "
+    "STRING.DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary "
+    "string. For example, your response should look like this: {'pred': 'yes', 'score': 4.8}."
+)
+
+
+def test_llm_judge_sends_activitynet_messages_and_aggregates_yes_over_yes_and_no() -> None:
+    from mm15.eval import metrics
+    from mm15.eval.tasks import TaskItem
+    from mm15.eval.variant_tasks import LLMJudge, judged_aggregate, judged_score, register_judge
+
+    replies = {
+        "p1": "{'pred': 'yes', 'score': 5}",
+        "p2": "{'pred': 'no', 'score': 1}",
+        "p3": "Sure! {'pred': 'Yes', 'score': 3}",
+        "p4": "{'pred': 'maybe', 'score': 3}",  # neither yes nor no: not in the accuracy
+    }
+    sent: list[list[dict[str, str]]] = []
+
+    def complete(messages: list[dict[str, str]]) -> str:
+        sent.append(messages)
+        return replies[messages[1]["content"].split("Predicted Answer: ")[1].split("\n")[0]]
+
+    register_judge("fake-activitynet", LLMJudge(complete, "fake (test)"), replace=True)
+    question = "What is {answer} doing?"  # braces in the question are not template fields
+    meta = {"judge": "fake-activitynet", "question_text": question}
+    items = [TaskItem(id=str(k), question="q", answers=("a cat",), meta=meta) for k in range(4)]
+    predictions = list(replies)
+    scores = [judged_score(p, item) for p, item in zip(predictions, items, strict=True)]
+    assert scores == [1.0, 0.0, 1.0, 0.0]
+    result = judged_aggregate(predictions, items, scores)
+    reference = metrics.judge_aggregate([metrics.parse_judge_reply(replies[p]) for p in predictions])
+    assert result["score"] == pytest.approx(200 / 3) == reference["accuracy"]  # 2 yes / (2 yes + 1 no)
+    assert result["accuracy [fake (test)]"] == result["score"]
+    assert result["unparsed verdicts [fake (test)]"] == 1
+    assert result["mean score 0-5 [fake (test)]"] == reference["score"] == 3.0
+    assert [m["role"] for m in sent[0]] == ["system", "user"]
+    assert sent[0][0]["content"] == ACTIVITYNET_SYSTEM
+    filled = ACTIVITYNET_USER.replace("{q}", question).replace("{a}", "a cat").replace("{pred}", "p1")
+    assert sent[0][1]["content"] == filled
+    # The offline fallback goes through the same aggregate; it gives no 0-5 score.
+    plain = [TaskItem(id="x", question="q", answers=("a cat",), meta=dict(meta, judge="exact-match"))]
+    result = judged_aggregate(["A cat."], plain, [judged_score("A cat.", plain[0])])
+    assert result["score"] == 100.0 and not any(key.startswith("mean score") for key in result)
+
+
+def test_video_tasks_count_the_records_they_leave_out(videos: Path) -> None:
+    from mm15.eval.tasks import resolve_task_specs, skipped_counts
+
+    conversation = [
+        {"from": "human", "value": "<video>\nWhat happens?"},
+        {"from": "gpt", "value": "Colours."},
+    ]
+    records = [
+        {"video": "ten.mp4", "question": "First colour?", "candidates": ["blue", "red"], "answer": 1},
+        {"video": "ten.mp4", "question": "Last colour?", "candidates": ["orange", "red"], "answer": 0},
+        {"video": "three.mp4", "question": "What colour comes first?", "answer": "red"},
+        {"video": "ten.mp4", "conversations": conversation},
+    ]
+    path = write_records(videos / "mixed.jsonl", records)
+    ((_, mc, options),) = resolve_task_specs(f"video-mc:path={path},frames=2")
+    listed = mc.items(options)
+    assert len(listed) == 2 and skipped_counts(listed) == {"conversation": 1, "open_ended": 1}
+    ((_, qa, options),) = resolve_task_specs(f"video-qa:path={path},frames=2")
+    listed = qa.items(options)
+    assert len(listed) == 1 and skipped_counts(listed) == {"conversation": 1, "multiple_choice": 2}
+    # A file of one kind skips nothing.
+    ((_, mc, options),) = resolve_task_specs(
+        f"video-mc:path={write_records(videos / 'mc.jsonl', records[:2])}"
+    )
+    assert skipped_counts(mc.items(options)) == {}
 
 
 # ------------------------------------------------------------------------------------------ recipe

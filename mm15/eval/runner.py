@@ -106,14 +106,13 @@ def model_identity(
 
 def chat_prompt(tokenizer: Any, user_text: str) -> str:
     """``user_text`` as one user turn in the tokenizer's chat template, ready for the reply."""
-    from mm15.chat import FALLBACK_CHAT_TEMPLATE
+    from mm15.chat import chat_template
 
-    template = getattr(tokenizer, "chat_template", None) or FALLBACK_CHAT_TEMPLATE
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}],
         tokenize=False,
         add_generation_prompt=True,
-        chat_template=template,
+        chat_template=chat_template(tokenizer),
     )
 
 
@@ -299,7 +298,8 @@ def _run_task(
     count = min([len(items), *caps])
     cfg = task.generation_for(options)
     generation = dataclasses.asdict(cfg)
-    key_options = _jsonable({k: v for k, v in options.items() if k not in ("limit", "name")})
+    # limit, name and benchmark change no answer: not part of the cache key.
+    key_options = _jsonable({k: v for k, v in options.items() if k not in ("limit", "name", "benchmark")})
     base_key = json.dumps(
         {
             "model": model_key,
@@ -375,6 +375,8 @@ def _run_task(
         metrics=aggregate,
         items=done,
         skipped=skipped,
+        benchmark=options.get("benchmark") or task.benchmark or name,
+        split_mean=task.split_mean,
     )
 
 

@@ -15,7 +15,8 @@ options into a sequence of ``TaskItem``. ``register_task`` adds one, ``get_task(
 
 Options are written after the name: ``textvqa:path=/data/TextVQA_0.5.1_val.json,images=/data/img``
 (see ``parse_task_specs``). Every task accepts ``limit=N`` (the first N items), ``max_new_tokens=N``
-(override the generation budget) and ``name=LABEL`` (the result's name, to run one task twice).
+(override the generation budget), ``name=LABEL`` (the result's name, to run one task twice) and
+``benchmark=NAME`` (the benchmark the result counts toward in its category score; ``Task.benchmark``).
 
 Variant tasks (``video``, ``ui``) live in ``mm15.eval.variant_tasks``, written separately: the registry
 imports that module, if it exists, on the first lookup (``VARIANT_MODULE``), and the module calls
@@ -41,6 +42,7 @@ __all__ = [
     "CATEGORIES",
     "COMMON_OPTIONS",
     "MMBASE_CATEGORIES",
+    "SPLIT_MEANS",
     "VARIANT_MODULE",
     "ItemList",
     "LazyItems",
@@ -110,11 +112,15 @@ class TaskItem:
 
 
 class LazyItems(Sequence[TaskItem]):
-    """A sequence whose items are built on access (a synthetic image is rendered only when needed)."""
+    """A sequence whose items are built on access (a synthetic image is rendered only when needed).
+    ``skipped`` counts the records its source left out, by reason, as ``ItemList.skipped`` does."""
 
-    def __init__(self, count: int, make: Callable[[int], TaskItem]) -> None:
+    def __init__(
+        self, count: int, make: Callable[[int], TaskItem], skipped: Mapping[str, int] | None = None
+    ) -> None:
         self._count = count
         self._make = make
+        self.skipped: dict[str, int] = {k: int(v) for k, v in (skipped or {}).items() if v}
 
     def __len__(self) -> int:
         return self._count
@@ -198,7 +204,15 @@ COMMON_OPTIONS: tuple[TaskOption, ...] = (
     TaskOption("limit", int, "evaluate only the first N items"),
     TaskOption("max_new_tokens", int, "override the task's generation budget"),
     TaskOption("name", str, "the result's name (to run one task twice with other options)"),
+    TaskOption(
+        "benchmark",
+        str,
+        "the benchmark the result counts toward in its category score (default: the task's); "
+        "results of one benchmark are its splits",
+    ),
 )
+# How the results of one benchmark (its splits) make the benchmark's score (Task.split_mean).
+SPLIT_MEANS: tuple[str, ...] = ("items", "splits")
 
 ItemSource = Callable[[Mapping[str, Any]], Sequence[TaskItem]]
 AnswerParser = Callable[[str, TaskItem], str]
@@ -222,7 +236,15 @@ class Task:
     the user turn of the model's chat template. Bump ``version`` whenever the items, the prompt, the
     parser or the metric change: cached outputs are keyed by it. ``check``, when set, is called with
     the resolved options and raises ``TaskError`` for a combination the options alone cannot express
-    (``split=`` required for a file that holds every split)."""
+    (``split=`` required for a file that holds every split).
+
+    ``benchmark`` names the benchmark the task's results count toward: a category score is the
+    unweighted mean over benchmarks, each benchmark's results (its splits, e.g. POPE's three files)
+    first combined into one score by ``split_mean``: ``"items"``, the mean over the union of the
+    splits' items (each split's score weighted by its item count: ChartQA's overall over human and
+    augmented), or ``"splits"``, the unweighted mean of the split scores (POPE's F1 per split, RefCOCO's
+    Acc@0.5 per split). ``None`` makes every result its own benchmark (tasks on a generic format whose
+    files may be different benchmarks); the ``benchmark=`` option overrides it per result."""
 
     name: str
     category: str
@@ -237,10 +259,16 @@ class Task:
     options: tuple[TaskOption, ...] = ()
     aggregate: Aggregator = mean_score
     check: Callable[[Mapping[str, Any]], None] | None = None
+    benchmark: str | None = None
+    split_mean: str = "items"
 
     def __post_init__(self) -> None:
         if self.category not in CATEGORIES:
             raise TaskError(f"task {self.name}: unknown category {self.category!r}; choose from {CATEGORIES}")
+        if self.split_mean not in SPLIT_MEANS:
+            raise TaskError(
+                f"task {self.name}: split_mean must be one of {SPLIT_MEANS}, got {self.split_mean!r}"
+            )
         if not self.name or any(c in self.name for c in ":,= "):
             raise TaskError(f"task name {self.name!r} must be non-empty, without ':', ',', '=' or spaces")
         clash = {o.name for o in self.options} & {o.name for o in COMMON_OPTIONS}
@@ -482,13 +510,12 @@ def similarity_score(prediction: str, item: TaskItem) -> float:
 
 
 def relaxed_score(prediction: str, item: TaskItem) -> float:
-    """ChartQA's relaxed accuracy of the answer as given, or with a sentence's final period dropped.
+    """ChartQA's relaxed accuracy (pix2struct ``relaxed_correctness``, 5 %; the best over the answers).
 
-    Answers often end the sentence with a period ("16."), and the 5 % rule needs a number; but the
-    period can be part of the answer ("U.S.", "Zoe B."), so the answer as given counts too.
+    Nothing else: a number with a final period ("16.") parses as one, but a word does not lose it
+    ("Yes." is not "Yes", as in pix2struct and lmms-eval).
     """
-    answers = list(item.answers)
-    return max(metrics.relaxed_accuracy(p, answers) for p in {prediction, prediction.rstrip(".")})
+    return metrics.relaxed_accuracy(prediction, list(item.answers))
 
 
 def choice_score(prediction: str, item: TaskItem) -> float:
@@ -659,6 +686,7 @@ def synthetic_task(
             TaskOption("seed", int, "the eval split's seed", 0),
             TaskOption("size", int, "items in the held-out set", SYNTH_SIZE),
         ),
+        benchmark=name or SYNTH_PREFIX + generator,
     )
 
 
@@ -683,7 +711,15 @@ _SYNTHETIC: tuple[tuple[str, str, Scorer, str, AnswerParser, int], ...] = (
 for _generator, _category, _score, _metric, _parse, _budget in _SYNTHETIC:
     register_task(
         synthetic_task(
-            _generator, _category, score=_score, metric=_metric, parse=_parse, max_new_tokens=_budget
+            _generator,
+            _category,
+            score=_score,
+            metric=_metric,
+            parse=_parse,
+            max_new_tokens=_budget,
+            # Version 1 of the relaxed-accuracy tasks also accepted an answer with its final period
+            # dropped ("Yes." for "Yes"), which pix2struct's rule does not.
+            version="2" if _score is relaxed_score else "1",
         )
     )
 # MM1.5's refer & ground category averages grounding (RefCOCO, Flickr30k: Acc@IoU) with referring
@@ -768,7 +804,10 @@ def _real_task(
     path_help: str = PATH_HELP,
     version: str = "1",
     check: Callable[[Mapping[str, Any]], None] | None = None,
+    split_mean: str = "items",
 ) -> Task:
+    """A real benchmark, the benchmark of its results (``Task.benchmark``): results of one task on
+    several files or splits are that benchmark's splits, combined by ``split_mean``."""
     return register_task(
         Task(
             name=name,
@@ -784,6 +823,8 @@ def _real_task(
             options=(TaskOption("path", Path, path_help, required=True), IMAGES_OPTION, *extra_options),
             aggregate=aggregate,
             check=check,
+            benchmark=name,
+            split_mean=split_mean,
         )
     )
 
@@ -822,6 +863,8 @@ _real_task(
     _simple_source(loaders.load_chartqa),
     score=relaxed_score,
     metric="relaxed accuracy (pix2struct)",
+    version="2",  # version 1 also accepted the answer with a final period dropped ("Yes." for "Yes")
+    split_mean="items",  # the overall is the mean over the union of test_human and test_augmented
 )
 _real_task(
     "ocrbench",
@@ -847,6 +890,7 @@ _real_task(
     max_new_tokens=8,
     parse=whole_answer,
     aggregate=pope_aggregate,
+    split_mean="splits",  # F1 per split and their mean (random, popular, adversarial)
 )
 
 
@@ -914,6 +958,9 @@ _real_task(
     ),
     path_help="the refs JSON (refs(<splitBy>).p converted to JSON)",
     check=_split_required("refcoco"),
+    # Acc@0.5 per split and the mean of the splits: MM1.5-style tables average RefCOCO, RefCOCO+ and
+    # RefCOCOg's splits into one RefCOCO number.
+    split_mean="splits",
 )
 
 
@@ -928,6 +975,23 @@ def _screenspot_source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
     return LazyItems(len(items), lambda index: with_size(items[index]))
 
 
+def screenspot_aggregate(
+    predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
+) -> dict[str, float]:
+    """The mean click accuracy x100, and accuracy and item count per platform x {text, icon}, as
+    SeeClick reports ScreenSpot (``accuracy/mobile/icon``, ``items/mobile/icon``; the platform is the
+    file's: mobile, desktop or web, left out when the file name does not say)."""
+    cells: dict[str, list[float]] = {}
+    for item, score in zip(items, scores, strict=True):
+        key = "/".join(str(v) for v in (item.meta.get("platform"), item.meta.get("data_type")) if v)
+        cells.setdefault(key or "all", []).append(score)
+    out = mean_score(predictions, items, scores)
+    for key in sorted(cells):
+        out[f"accuracy/{key}"] = 100.0 * sum(cells[key]) / len(cells[key])
+        out[f"items/{key}"] = float(len(cells[key]))
+    return out
+
+
 _real_task(
     "screenspot",
     "ui",
@@ -938,6 +1002,7 @@ _real_task(
     prompt='Where is "{question}"? Answer in [x1, y1, x2, y2] format.',
     max_new_tokens=32,
     parse=whole_answer,
+    aggregate=screenspot_aggregate,
 )
 
 

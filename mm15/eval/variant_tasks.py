@@ -22,9 +22,15 @@ Open-ended answers are judged by a pluggable ``VideoJudge``: a callable ``(quest
 prediction) -> JudgeVerdict`` with a ``label``. MM1.5 judges ActivityNet-QA with GPT-3.5; a network
 judge cannot run here, so the default judge is ``exact-match``, normalised exact match, whose label
 ``exact-match (offline fallback, not a GPT judge)`` is in the metric name of every result it produces.
-``LLMJudge`` wraps any text-completion callable (an API client, a local model) with the
-ActivityNet-QA protocol (a yes/no verdict and a 0-5 score read by ``metrics.parse_judge_reply``);
+``LLMJudge`` wraps any chat-completion callable ``complete(messages) -> reply`` (an OpenAI-compatible
+client, a local model) with ActivityNet-QA's protocol: Video-ChatGPT's system and user messages
+verbatim (``JUDGE_SYSTEM``, ``JUDGE_USER``), the reply read by ``metrics.parse_judge_reply`` (yes / no
+and a 0-5 score), accuracy = #yes / (#yes + #no) and the mean score by ``metrics.judge_aggregate``;
 ``register_judge("gpt-3.5", LLMJudge(my_complete, "gpt-3.5-turbo-0125"))`` then ``judge=gpt-3.5``.
+
+``video-mc`` and ``video-qa`` read the same annotation files and each keeps one kind of record; the
+records they leave out are counted by reason with the result (``"open_ended"`` / ``"multiple_choice"``:
+the other task's records; ``"conversation"``: free-form conversations, which neither task scores).
 
 **UI** (category ``ui``; the Ferret-UI elementary tasks of MM1.5-UI). Held-out synthetic screens of the
 ``ui-*`` generators, phones (tall) and tablets (wide), any aspect ratio through the image plan:
@@ -101,12 +107,15 @@ from mm15.video import DEFAULT_NUM_FRAMES
 
 __all__ = [
     "FALLBACK_JUDGE_LABEL",
+    "JUDGE_SYSTEM",
+    "JUDGE_USER",
     "UI_CLASSES",
     "ExactMatchJudge",
     "JudgeVerdict",
     "LLMJudge",
     "VideoJudge",
     "get_judge",
+    "judge_messages",
     "load_ui_elements",
     "register_judge",
     "ui_list_f1",
@@ -128,9 +137,11 @@ FALLBACK_JUDGE_LABEL = "exact-match (offline fallback, not a GPT judge)"
 
 @dataclass(frozen=True)
 class JudgeVerdict:
-    """A judge's decision on one answer: right or wrong, and a 0-5 score when the judge gives one."""
+    """A judge's decision on one answer: right (True) or wrong (False), or ``None`` when its reply said
+    neither yes nor no (left out of the accuracy, #yes / (#yes + #no)), and a 0-5 score when the judge
+    gives one."""
 
-    correct: bool
+    correct: bool | None
     score: float | None = None
 
 
@@ -153,24 +164,66 @@ class ExactMatchJudge:
         return JudgeVerdict(correct=same)
 
 
-JUDGE_PROMPT = (
-    "You are checking answers to questions about a video. Decide whether the predicted answer means "
-    "the same as the correct answer; accept synonyms and paraphrases, reject contradictions.\n"
-    "Question: {question}\nCorrect answer: {answer}\nPredicted answer: {prediction}\n"
-    "Reply with only a Python dictionary, e.g. {{'pred': 'yes', 'score': 4}}: 'pred' is 'yes' if the "
-    "prediction matches and 'no' otherwise, 'score' an integer from 0 (no match) to 5 (exact match)."
+# ActivityNet-QA's judge messages, verbatim from Video-ChatGPT ``evaluate_activitynet_qa.py`` and
+# lmms-eval ``tasks/activitynetqa/utils.py`` (identical in both, the two spaces in "is  a string" and
+# the missing space after "STRING." included). Fill JUDGE_USER with str.replace, not str.format: a
+# question or answer may hold braces.
+JUDGE_SYSTEM = (
+    "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for "
+    "question-answer pairs. "
+    "Your task is to compare the predicted answer with the correct answer and determine if they match "
+    "meaningfully. Here's how you can accomplish the task:"
+    "------"
+    "##INSTRUCTIONS: "
+    "- Focus on the meaningful match between the predicted answer and the correct answer.\n"
+    "- Consider synonyms or paraphrases as valid matches.\n"
+    "- Evaluate the correctness of the prediction compared to the answer."
+)
+JUDGE_USER = (
+    "Please evaluate the following video-based question-answer pair:\n\n"
+    "Question: {question}\n"
+    "Correct Answer: {answer}\n"
+    "Predicted Answer: {prediction}\n\n"
+    "Provide your evaluation only as a yes/no and score where the score is an integer value between 0 "
+    "and 5, with 5 indicating the highest meaningful match. "
+    "Please generate the response in the form of a Python dictionary string with keys 'pred' and "
+    "'score', where value of 'pred' is  a string of 'yes' or 'no' and value of 'score' is in INTEGER, "
+    "not STRING."
+    "DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. "
+    "For example, your response should look like this: {'pred': 'yes', 'score': 4.8}."
 )
 
 
-class LLMJudge:
-    """ActivityNet-QA's protocol over any completion function ``complete(prompt) -> reply``.
+def judge_messages(question: str, answer: str, prediction: str) -> list[dict[str, str]]:
+    """ActivityNet-QA's judge request as chat messages (OpenAI's shape): the system message, then the
+    user message with the question, the correct answer and the prediction filled in."""
+    # One pass over the three fields, so a question holding "{answer}" is not filled in again.
+    fields = {"{question}": question, "{answer}": answer, "{prediction}": prediction}
+    parts = re.split(r"(\{question\}|\{answer\}|\{prediction\})", JUDGE_USER)
+    user = "".join(fields.get(part, part) for part in parts)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
-    The reply is read with ``metrics.parse_judge_reply`` (``{'pred': 'yes', 'score': 4}``; anything
-    unreadable is ``no`` with score 0). Verdicts are cached by (question, answer, prediction), so
-    scoring and aggregation call the model once per item.
+
+class LLMJudge:
+    """ActivityNet-QA's protocol over a chat-completion function ``complete(messages) -> reply``.
+
+    ``messages`` is ``judge_messages(...)``, a system and a user message in OpenAI's shape, so an
+    OpenAI-compatible client (or ``mm15 serve``) is called as it is::
+
+        def complete(messages):
+            reply = client.chat.completions.create(
+                model="gpt-3.5-turbo-0125", messages=messages, temperature=0, max_tokens=64
+            )
+            return reply.choices[0].message.content
+
+    (lmms-eval's settings: temperature 0, 64 tokens.) The reply is read with
+    ``metrics.parse_judge_reply`` (``{'pred': 'yes', 'score': 4}``; a reply with no readable dict is
+    ``no`` with score 0, as in lmms-eval; a ``pred`` that is neither yes nor no is no verdict).
+    Verdicts are cached by (question, answer, prediction), so scoring and aggregation call the model
+    once per item.
     """
 
-    def __init__(self, complete: Callable[[str], str], label: str) -> None:
+    def __init__(self, complete: Callable[[list[dict[str, str]]], str], label: str) -> None:
         self.complete = complete
         self.label = label
         self._cache: dict[tuple[str, str, str], JudgeVerdict] = {}
@@ -178,11 +231,15 @@ class LLMJudge:
     def __call__(self, question: str, answer: str, prediction: str) -> JudgeVerdict:
         key = (question, answer, prediction)
         if key not in self._cache:
-            reply = self.complete(
-                JUDGE_PROMPT.format(question=question, answer=answer, prediction=prediction)
-            )
+            reply = self.complete(judge_messages(question, answer, prediction))
+            if not isinstance(reply, str):
+                raise TypeError(
+                    f"judge {self.label!r}: complete(messages) must return the reply text, got "
+                    f"{type(reply).__name__}"
+                )
             pred, score = metrics.parse_judge_reply(reply)
-            self._cache[key] = JudgeVerdict(correct=pred == "yes", score=float(score))
+            correct = True if pred == "yes" else False if pred == "no" else None
+            self._cache[key] = JudgeVerdict(correct=correct, score=float(score))
         return self._cache[key]
 
 
@@ -260,11 +317,16 @@ def _video_file_items(
         if options["frames"] < 1:
             raise TaskError(f"task {task}: frames must be >= 1, got {options['frames']}")
         reader = VideoQAReader(options["path"], options.get("videos"), num_frames=options["frames"])
-        wanted = [
-            (index, entry)
-            for index, entry in enumerate(reader.records())
-            if ("candidates" in entry[2]) == (kind == "multiple-choice") and "conversations" not in entry[2]
-        ]
+        wanted = []
+        skipped = {"conversation": 0, "open_ended" if kind == "multiple-choice" else "multiple_choice": 0}
+        for index, entry in enumerate(reader.records()):
+            record = entry[2]
+            if "conversations" in record:
+                skipped["conversation"] += 1
+            elif ("candidates" in record) != (kind == "multiple-choice"):
+                skipped["multiple_choice" if "candidates" in record else "open_ended"] += 1
+            else:
+                wanted.append((index, entry))
         extra = {"judge": options["judge"]} if judge else {}
         if judge:
             get_judge(options["judge"])  # an unknown judge fails before any video is decoded
@@ -279,7 +341,7 @@ def _video_file_items(
             question = sample.truth["question"]
             return dataclasses.replace(item, meta={**item.meta, "question_text": question})
 
-        return LazyItems(len(wanted), make)
+        return LazyItems(len(wanted), make, skipped)
 
     return source
 
@@ -290,25 +352,40 @@ def video_choice_score(prediction: str, item: TaskItem) -> float:
 
 
 def judged_score(prediction: str, item: TaskItem) -> float:
+    """1 for a yes verdict, else 0 (the item's record; the task's accuracy leaves out no-verdicts)."""
     judge = get_judge(item.meta["judge"])
-    return float(judge(item.meta["question_text"], item.answers[0], prediction).correct)
+    return float(judge(item.meta["question_text"], item.answers[0], prediction).correct is True)
+
+
+def _verdict_word(verdict: JudgeVerdict) -> str:
+    """The verdict as ``metrics.judge_aggregate`` counts it: "yes", "no", or neither."""
+    if verdict.correct is None:
+        return "neither"
+    return "yes" if verdict.correct else "no"
 
 
 def judged_aggregate(
     predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
 ) -> dict[str, float]:
-    """Accuracy x100, also under a key naming the judge (so the fallback is labelled in every result),
-    and the mean 0-5 judge score when the judge gives scores."""
+    """ActivityNet-QA's aggregate (``metrics.judge_aggregate``): accuracy = #yes / (#yes + #no) x100,
+    also under a key naming the judge (so the fallback is labelled in every result); the number of
+    verdicts that were neither yes nor no (``unparsed verdicts``, left out of the accuracy); and the
+    mean 0-5 judge score when the judge gives scores."""
     if not items:
         return {"score": 0.0}
     judge = get_judge(items[0].meta["judge"])
-    accuracy = 100.0 * sum(scores) / len(scores)
-    out = {"score": accuracy, f"accuracy [{judge.label}]": accuracy}
     verdicts = [
         judge(i.meta["question_text"], i.answers[0], p) for p, i in zip(predictions, items, strict=True)
     ]
+    parsed = [(_verdict_word(v), int(v.score or 0)) for v in verdicts]
+    result = metrics.judge_aggregate(parsed)
+    out = {
+        "score": result["accuracy"],
+        f"accuracy [{judge.label}]": result["accuracy"],
+        f"unparsed verdicts [{judge.label}]": float(sum(v.correct is None for v in verdicts)),
+    }
     if all(v.score is not None for v in verdicts):
-        out[f"mean score 0-5 [{judge.label}]"] = sum(v.score for v in verdicts) / len(verdicts)  # type: ignore[misc]
+        out[f"mean score 0-5 [{judge.label}]"] = result["score"]
     return out
 
 
@@ -340,6 +417,9 @@ register_task(
         metric="multiple choice accuracy (canonical letter extraction)",
         source=_video_file_items("video-mc", "multiple-choice"),
         options=_video_options(),
+        # Each file its own benchmark unless benchmark= groups several (MVBench's 20 task files), whose
+        # score is then the mean of the files' accuracies, as MVBench reports its average.
+        split_mean="splits",
     )
 )
 register_task(
