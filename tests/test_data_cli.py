@@ -15,6 +15,7 @@ from mm15.data.sample import Sample, Turn
 from mm15.data.sources import ShardReader, write_shards
 
 runner = CliRunner()
+ANSWER = {"from": "gpt", "value": "a"}
 
 
 def test_synth_stats_and_show(tmp_path: Path) -> None:
@@ -126,6 +127,47 @@ def test_show_and_stats_count_a_damaged_shard_instead_of_stopping(tmp_path: Path
     shown = runner.invoke(app, ["data", "show", str(tmp_path), "--out", str(tmp_path / "sheet.png")])
     assert shown.exit_code == 0, shown.output
     assert f"drew {readable} samples" in shown.output and "{'bad_shard': 1}" in shown.output
+
+
+def test_stats_counts_a_zero_filled_hole_in_a_shard(tmp_path: Path) -> None:
+    """A zero block inside a shard (a crash, an interrupted preallocated download) read to tarfile as the
+    end of the archive: stats counted the samples before it as the whole shard, with no skip."""
+    samples = [Sample(f"s{i}", [Turn("user", "q"), Turn("assistant", "a")], "text", "t") for i in range(5)]
+    (shard,) = write_shards(samples, tmp_path, samples_per_shard=5)
+    data = bytearray(shard.read_bytes())
+    data[2048 : 2048 + 512] = bytes(512)  # the header of sample 2 (one header + one data block each)
+    shard.write_bytes(bytes(data))
+    counted = runner.invoke(app, ["data", "stats", str(tmp_path)])
+    assert counted.exit_code == 0, counted.output
+    assert "text 2" in counted.output and "{'bad_shard': 1}" in counted.output
+
+
+def test_a_pack_that_fails_part_way_writes_no_shard(tmp_path: Path) -> None:
+    """A strict pack stopping at record 3 left the shards of records 1 and 2 in --out, which read as a
+    complete data set, and a rerun was refused ('already holds 2 shard(s)')."""
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
+    good = [
+        {"id": f"r{i}", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}, ANSWER]}
+        for i in range(3)
+    ]
+    half = tmp_path / "half.jsonl"
+    half.write_text("\n".join(json.dumps(r) for r in [good[0], good[1], {"id": "bad"}, good[2]]))
+    out = tmp_path / "part"
+    args = ["data", "pack", str(half), "--images", str(tmp_path), "--out", str(out), "--per-shard", "1"]
+    failed = runner.invoke(app, args)
+    assert failed.exit_code == 2 and "(id 'bad'): bad_conversations" in failed.output, failed.output
+    assert not out.exists()  # no shard, and no folder this run made
+    out.mkdir()
+    assert runner.invoke(app, args).exit_code == 2 and list(out.iterdir()) == []  # a folder that was there
+    fixed = tmp_path / "fixed.jsonl"
+    fixed.write_text("\n".join(json.dumps(r) for r in good))
+    rerun = runner.invoke(app, [*args[:2], str(fixed), *args[3:]])
+    assert rerun.exit_code == 0 and "wrote 3 samples in 3 shards" in rerun.output, rerun.output
+    # Replacing that run with one that fails part-way leaves it whole: the same staging.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    replaced = runner.invoke(app, [*args, "--overwrite"])
+    assert replaced.exit_code == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [s.id for s in ShardReader(out)] == ["r0", "r1", "r2"]
 
 
 def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:

@@ -25,7 +25,9 @@ from mm15.data.sources import (
     write_llava,
     write_shards,
 )
+from mm15.data.video_qa import VideoQAReader
 from mm15.image import load_image
+from mm15.video import write_video
 
 
 def _pixels(seed: int, size: tuple[int, int] = (24, 16), mode: str = "RGB") -> Image.Image:
@@ -347,6 +349,9 @@ CHECKED_MALFORMED = [
         "bad_region",
         _record(regions=[{"image": 0, "box": [0.1, 0.2, 0.5, 0.9]}, {"image": 0, "box": [0, 0, 900, 9]}]),
     ),
+    # Normalised (0-1) coordinates stay inside any image; they used to be packed as a box near (0, 0).
+    ("bad_region", _record(regions=[{"image": 0, "box": [0.12, 0.25, 0.58, 0.9]}])),
+    ("bad_region", _record(regions=[{"image": 0, "point": [0.5, 1]}])),
 ]
 
 
@@ -379,6 +384,30 @@ def test_check_images_takes_regions_in_the_upright_frame(tmp_path: Path) -> None
     assert "(16x24 pixels)" in reader.skipped.examples["bad_region"][0]
 
 
+def test_normalised_regions_are_told_by_their_values_on_images_over_4_pixels(tmp_path: Path) -> None:
+    _pixels(3, size=(100, 80)).save(tmp_path / "big.png")
+    _pixels(4, size=(4, 9)).save(tmp_path / "thin.png")  # 4 px wide: a fraction of a pixel is plausible
+    boxes = {
+        "normalised": ("big.png", [0.12, 0.25, 0.58, 0.9]),
+        "corner-pixel": ("big.png", [0, 0, 1, 1]),  # whole numbers: a pixel box, kept
+        "one-px": ("big.png", [0.0, 0.0, 1.0, 1.0]),  # floats, but whole
+        "past-1": ("big.png", [0.5, 0.5, 1.5, 1.5]),  # not all in [0, 1]: pixels
+        "thin": ("thin.png", [0.1, 0.2, 0.5, 0.9]),
+    }
+    records = [
+        _record(id=name, image=image, regions=[{"image": 0, "box": box}])
+        for name, (image, box) in boxes.items()
+    ]
+    path = _write_llava_file(tmp_path, records, ".jsonl")
+    reader = LlavaReader(path, strict=False, check_images=True)
+    assert [s.id for s in reader] == ["corner-pixel", "one-px", "past-1", "thin"]
+    assert reader.skipped.as_dict() == {"bad_region": 1}
+    message = reader.skipped.examples["bad_region"][0]
+    assert "(id 'normalised')" in message and "(100x80 pixels): normalised coordinates?" in message
+    assert "regions are in pixels of the original image" in message
+    assert len(list(LlavaReader(path))) == 5  # only the image's size tells, so only check_images
+
+
 def test_check_images_in_interleaved_documents(tmp_path: Path) -> None:
     _pixels(2).save(tmp_path / "a.png")
     (tmp_path / "notes.png").write_text("not an image")
@@ -388,6 +417,49 @@ def test_check_images_in_interleaved_documents(tmp_path: Path) -> None:
     reader = InterleavedReader(path, strict=False, check_images=True)
     assert [s.id for s in reader] == ["docs-0"] and reader.skipped.as_dict() == {"bad_image": 1}
     assert len(list(InterleavedReader(path))) == 2
+
+
+def test_null_fields_are_absent_fields(tmp_path: Path) -> None:
+    """Columnar exports write every field of their schema, null where a record has none. Some nulls were
+    read as absent (id, image, regions), others refused, one with a wrong message ('both image and
+    images given'); now every optional field's null is its default."""
+    question = {"from": "human", "value": "<image> <region0> <region1>"}
+    regions = [{"image": None, "box": [1, 2, 3, 4], "point": None}, {"box": None, "point": [5, 6]}]
+    nulls = {k: None for k in ("images", "category", "source", "truth", "is_video")}
+    full = {"id": "full", "image": "a.png", "conversations": [question, ANSWER], "regions": regions, **nulls}
+    no_id = {**GOOD, "id": None, "regions": None}
+    path = _write_llava_file(tmp_path, [full, no_id], ".jsonl")
+    first, second = LlavaReader(path, category="math")
+    assert first.regions == [Region(0, box=(1, 2, 3, 4)), Region(0, point=(5, 6))]
+    assert (first.category, first.source, first.truth, first.is_video) == ("math", "data", {}, False)
+    assert second.id == "data-1" and second.regions == []
+    # A required field's null is a missing field, with the same message (and no made-up id).
+    missing = [{**GOOD, "conversations": None}, {**GOOD, "id": None, "image": "a.png", "conversations": None}]
+    path = _write_llava_file(tmp_path, missing, ".jsonl")
+    reader = LlavaReader(path, strict=False)
+    assert list(reader) == [] and reader.skipped.as_dict() == {"bad_conversations": 2}
+    first_error, second_error = reader.skipped.examples["bad_conversations"]
+    assert first_error.endswith("(id 'good'): bad_conversations: 'conversations' must be a non-empty list")
+    assert second_error == f"{path}: line 2: bad_conversations: 'conversations' must be a non-empty list"
+    # The other readers take nulls the same way.
+    chat = tmp_path / "chat.jsonl"
+    records = [
+        {"messages": None, "prompt": "p", "response": "r", "system": None, "text": None, "category": None},
+        {"messages": None, "prompt": None, "response": None, "text": "t", "source": None, "truth": None},
+    ]
+    chat.write_text("\n".join(json.dumps(r) for r in records))
+    qa, text = TextReader(chat)
+    assert qa.turns == [Turn("user", "p"), Turn("assistant", "r")] and qa.category == "text-only"
+    assert text.turns == [Turn("assistant", "t")] and text.source == "chat"
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text(
+        json.dumps({"texts": ["x", None], "images": [None, "a.png"], "source": None, "truth": None})
+    )
+    (doc,) = InterleavedReader(docs)
+    assert doc.source == "docs" and doc.images == [tmp_path / "a.png"]
+    meta = _meta(["k.0.png"], regions=None, truth=None, is_video=None, id=None)
+    (sample,) = ShardReader(_tar(tmp_path / "s.tar", [("k.json", meta), ("k.0.png", _png())]))
+    assert (sample.id, sample.regions, sample.truth, sample.is_video) == ("k", [], {}, False)
 
 
 def test_lenient_counts_accumulate_per_reason_and_reset_per_pass(tmp_path: Path) -> None:
@@ -416,6 +488,24 @@ def test_a_damaged_json_array_keeps_the_records_before_the_damage(tmp_path: Path
     assert "invalid JSON" in str(caught.value) and "the rest of the file is not read" in str(caught.value)
     lenient = LlavaReader(path, strict=False)
     assert len(list(lenient)) == 2 and lenient.skipped.as_dict() == {"bad_json": 1}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xef\xbb\xbf\n{line}\n{line}\n",  # a BOM, then a blank line
+        b"\xef\xbb\xbf\r\n\n{line}\r\n{line}\r\n",
+        b"\xef\xbb\xbf  \n{line}\n\n{line}",
+        b"\xef\xbb\xbf{line}\n{line}\n",
+        b"\xef\xbb\xbf",  # only a BOM: an empty file
+        b"\xef\xbb\xbf\n",
+    ],
+)
+def test_a_utf8_bom_starts_a_jsonl_file_before_any_blank_line(tmp_path: Path, data: bytes) -> None:
+    _pixels(0).save(tmp_path / "a.png")
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(data.replace(b"{line}", json.dumps(GOOD).encode()))
+    assert [s.id for s in LlavaReader(path)] == ["good"] * data.count(b"{line}")
 
 
 def test_unusable_files_raise_even_when_lenient(tmp_path: Path) -> None:
@@ -640,20 +730,63 @@ def test_truncated_shard(tmp_path: Path, cut: int, before: list[str]) -> None:
     assert reader.skipped.as_dict() == {"bad_shard": 1}
 
 
+def test_a_zero_block_inside_a_shard_is_damage_not_the_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tarfile takes any zero block for the end of the archive: a zero-filled hole (a crash, an interrupted
+    preallocated download) used to end the shard quietly, losing every sample after it."""
+    monkeypatch.setattr("mm15.data.sources._TAIL_CHUNK", 700)  # the tail is read a chunk at a time
+    (shard,) = write_shards((_text_sample(i) for i in range(5)), tmp_path / "holed", samples_per_shard=5)
+    data = bytearray(shard.read_bytes())
+    assert data[2048 : 2048 + 14] == b"000000002.json"  # sample 2's header (see test_truncated_shard)
+    data[2048 : 2048 + 512] = bytes(512)
+    shard.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=r"bad_shard.*data follows at byte 2560") as info:
+        list(ShardReader(shard))
+    assert info.value.location == "after member 000000001.json"
+    reader = ShardReader(shard, strict=False)
+    assert [s.id for s in reader] == ["s0", "s1"] and reader.skipped.as_dict() == {"bad_shard": 1}
+    assert str(shard) in reader.skipped.examples["bad_shard"][0]
+    # Two archives end to end: the second's samples would be dropped the same way.
+    first, second = (write_shards([_text_sample(i)], tmp_path / f"part{i}")[0] for i in (0, 1))
+    joined = tmp_path / "joined.tar"
+    joined.write_bytes(first.read_bytes() + second.read_bytes())
+    reader = ShardReader(joined, strict=False)
+    assert [s.id for s in reader] == ["s0"] and reader.skipped.as_dict() == {"bad_shard": 1}
+    # Real padding is zeros of any length: tarfile's 10240-byte records, or larger ones.
+    padded = tmp_path / "padded.tar"
+    padded.write_bytes(first.read_bytes() + bytes(3 * 10240 + 512))
+    assert len(first.read_bytes()) == 10240
+    assert [s.id for s in ShardReader(first)] == [s.id for s in ShardReader(padded)] == ["s0"]
+    data = bytearray(padded.read_bytes())
+    data[-1] = 1  # one byte past several chunks of zeros
+    padded.write_bytes(bytes(data))
+    with pytest.raises(SourceError, match=f"data follows at byte {len(data) - 1}"):
+        list(ShardReader(padded))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Atomic writes
 
 
-def test_interrupted_sample_stream_leaves_only_complete_shards(tmp_path: Path) -> None:
+def test_an_interrupted_write_leaves_no_shard(tmp_path: Path) -> None:
+    """All or nothing: the shards finished before the failure used to stay, and read as a complete data
+    set (and made a rerun stop at 'already holds'). Now they are staged and deleted with the rest."""
+
     def stream():
-        for i in range(3):
+        for i in range(5):
             yield _text_sample(i)
         raise RuntimeError("source died")
 
     with pytest.raises(RuntimeError, match="source died"):
         write_shards(stream(), tmp_path, samples_per_shard=2)
-    assert [p.name for p in tmp_path.iterdir()] == ["shard-000000.tar"]
-    assert [s.id for s in ShardReader(tmp_path)] == ["s0", "s1"]
+    assert list(tmp_path.iterdir()) == []  # no shard, no staged or partial file
+    with pytest.raises(RuntimeError, match="source died"):
+        write_shards(stream(), tmp_path / "new", samples_per_shard=2)
+    assert not (tmp_path / "new").exists()
+    written = write_shards((_text_sample(i) for i in range(5)), tmp_path, samples_per_shard=2)  # a rerun
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in written]
+    assert [s.id for s in ShardReader(tmp_path)] == ["s0", "s1", "s2", "s3", "s4"]
 
 
 def test_a_failure_before_the_first_shard_leaves_no_new_folder(tmp_path: Path) -> None:
@@ -797,3 +930,56 @@ def test_text_only_records(tmp_path: Path) -> None:
     assert {s.category for s in pretrain} == {"text"}
     with pytest.raises(SourceError, match=r"line 4: unknown_role"):
         list(TextReader(path))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Every reader's samples pass Sample.validate
+
+
+def test_a_video_record_referring_to_a_region_is_refused(tmp_path: Path) -> None:
+    """VideoQAReader yielded "<region0>" with no regions, which failed training in the chat renderer."""
+    write_video(tmp_path / "v.mp4", [_pixels(k) for k in range(3)], fps=10)
+    records = [
+        {
+            "id": "conv",
+            "video": "v.mp4",
+            "conversations": [{"from": "human", "value": "<video> <region0>?"}, ANSWER],
+        },
+        {"id": "open", "video": "v.mp4", "question": "What is at <region1>?", "answer": "x"},
+        {"id": "mc", "video": "v.mp4", "question": "Which?", "candidates": ["<region0>", "b"], "answer": 1},
+        {"id": "fine", "video": "v.mp4", "question": "What?", "answer": "x", "candidates": None},
+        {"id": "gone", "video": "gone.mp4", "question": "<region0>", "answer": "x"},  # before the file
+    ]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    reader = VideoQAReader(path, num_frames=2, strict=False)
+    assert [s.id for s in reader] == ["fine"] and reader.skipped.as_dict() == {"bad_region": 4}
+    assert "(id 'conv'): bad_region: text refers to <region0> but there are 0 regions" in str(
+        reader.skipped.examples["bad_region"][0]
+    )
+    with pytest.raises(SourceError, match=r"line 1 .*bad_region"):
+        list(VideoQAReader(path, num_frames=2))
+    fine = VideoQAReader(path, num_frames=2, strict=False).records()[3][2]
+    assert "candidates" not in fine  # records() drops null fields, as the samples are read
+
+
+def test_no_reader_yields_a_sample_that_fails_validate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The last check, behind each reader's own: a parse that misses something is a counted bad_record,
+    not a sample that fails when training encodes it."""
+    broken = Sample("broken", [Turn("user", "<region0>"), Turn("assistant", "x")], "general", "s")
+    monkeypatch.setattr(LlavaReader, "_parse", lambda self, record, path, sample_id: broken)
+    monkeypatch.setattr(ShardReader, "_parse", staticmethod(lambda meta, key, members, sample_id: broken))
+    monkeypatch.setattr(VideoQAReader, "_parse", lambda self, record, path, sample_id: broken)
+    llava = _write_llava_file(tmp_path, [GOOD], ".jsonl")
+    shard = _tar(tmp_path / "s.tar", [("k.json", _meta([]))])
+    video = tmp_path / "qa.jsonl"
+    video.write_text(json.dumps({"video": "v.mp4", "question": "q", "answer": "a"}))
+    for reader in (LlavaReader(llava, strict=False), ShardReader(shard, strict=False)):
+        assert list(reader) == [] and reader.skipped.as_dict() == {"bad_record": 1}
+        assert "inconsistent sample (sample broken: <region0> but only 0 regions)" in str(
+            reader.skipped.examples
+        )
+    with pytest.raises(SourceError, match="bad_record: inconsistent sample"):
+        VideoQAReader(video).sample_at(0)

@@ -3,7 +3,8 @@
 Four formats:
 
 * **LLaVA JSON / JSONL** (``LlavaReader``, ``write_llava``). A ``.json`` file is one array of records, any
-  other suffix (``.jsonl``) is one record per line (blank lines are not records). A record is::
+  other suffix (``.jsonl``) is one record per line (blank lines are not records; a leading UTF-8 BOM
+  is skipped, as ``json.loads`` skips one in a ``.json`` file). A record is::
 
       {"id": "x1", "image": "rel/a.jpg" | ["a.jpg", "b.jpg"],
        "conversations": [{"from": "human" | "gpt" | "system", "value": "<image>\\nWhat is <region0>?"}, ...]}
@@ -20,8 +21,14 @@ Four formats:
   in pixels of the original image, referenced from the text as ``<region0>``, ``<region1>``, ... in
   list order. Coordinates must be finite and >= 0 and boxes need x1 <= x2 and y1 <= y2 (the image size is
   unknown here; when the text is rendered, coordinates past the image's edge are clamped to it, and
-  ``check_images=True`` refuses them instead, from the image's header). Text is kept verbatim: the
-  ``<image>`` placeholders must already be in it, one per image.
+  ``check_images=True`` refuses them instead, from the image's header, as well as a region whose
+  coordinates all lie in [0, 1] with at least one not a whole number on an image more than 4 pixels
+  wide and high: normalised coordinates, not pixels). Text is kept verbatim: the ``<image>``
+  placeholders must already be in it, one per image.
+
+  A field whose value is ``null`` counts as absent, in a record and in a region (columnar exports write
+  every field of their schema, null where a record has none): an optional field then takes its default
+  and a required one is missing.
 
 * **WebDataset tar shards** (``write_shards``, ``ShardReader``). Shard ``{prefix}-{i:06d}.tar`` holds, per
   sample, a contiguous group of members sharing a key (WebDataset's convention: the key is the member
@@ -55,7 +62,8 @@ is true, and otherwise is skipped and counted in the reader's ``skipped`` (a ``S
 start of each pass; in a DataLoader worker the counter lives in that worker's process). Reason keys:
 
 * ``bad_json``: a JSONL line or shard ``.json`` member that is not JSON;
-* ``bad_record``: not an object, or a field of the wrong type / missing / inconsistent;
+* ``bad_record``: not an object, or a field of the wrong type / missing / inconsistent (including a
+  parsed sample that fails ``Sample.validate``, a last check no reader's own checks should leave to);
 * ``bad_conversations``: conversations (or messages) not a non-empty list of ``{from, value}`` strings,
   or without an assistant turn;
 * ``unknown_role``: a role that is not one of the accepted ones;
@@ -67,14 +75,17 @@ start of each pass; in a DataLoader worker the counter lives in that worker's pr
   counted there as ``corrupt``;
 * ``bad_region``: a region that is not a valid box / point, names a missing image, or a ``<region{k}>``
   reference with no region k; with ``check_images=True`` (LLaVA records) also a region beyond its
-  image's width or height;
+  image's width or height, or in normalised (0-1) coordinates;
 * ``bad_category``: a category not in ``CATEGORIES``;
 * ``bad_member``: a shard sample group without its ``.json``, missing an image it lists, or with members
   it does not list;
 * ``bad_shard``: a truncated or corrupt tar stream, including one that stops without tar's end-of-archive
-  block (tarfile itself would end such a stream quietly, losing whatever was cut off). The rest of that
-  shard cannot be read (a stream has no index to resume from), so the sample being read and any after
-  the damage are lost, and counted as this one skip; samples before it were already yielded.
+  block (tarfile itself would end such a stream quietly, losing whatever was cut off), and one with
+  anything but zero bytes after that block: a zero-filled block inside a shard (what a crash or an
+  interrupted preallocated download leaves) reads to tarfile as the end of the archive, and a second
+  archive appended to the first would be skipped the same way. The rest of that shard cannot be read
+  (a stream has no index to resume from), so the sample being read and any after the damage are lost,
+  and counted as this one skip; samples before it were already yielded.
 
 Problems with a whole input always raise, in either mode, because they are configuration mistakes rather
 than bad records: a missing file, a ``.json`` file that is not JSON or not an array, no shards found.
@@ -219,6 +230,19 @@ def _as_paths(paths: Paths) -> list[Path]:
     return [Path(p) for p in paths]
 
 
+def _without_nulls(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` without its null-valued keys: a ``null`` field is an absent one.
+
+    Columnar exports (Parquet / Arrow written out as JSON) write every field of their schema and null
+    where a record has none; read as a value, that null would be refused as the wrong type (or clash
+    with a synonym, as ``"image"`` and ``"images": null`` did). Only the top level is affected: nulls
+    inside a value (an interleaved document's ``texts``, a ``truth`` object) keep their meaning.
+    """
+    if any(value is None for value in record.values()):
+        return {key: value for key, value in record.items() if value is not None}
+    return record
+
+
 def _is_number(value: Any) -> bool:
     # JSON true/false parse as bool, which Python counts as int; a coordinate is never a bool.
     return isinstance(value, int | float) and not isinstance(value, bool)
@@ -239,6 +263,7 @@ def _parse_region(value: Any, index: int, num_images: int) -> Region:
     what = f"region {index}"
     if not isinstance(value, dict):
         raise _Malformed("bad_region", f"{what} must be an object, got {value!r}")
+    value = _without_nulls(value)
     image = value.get("image", 0)
     if not isinstance(image, int) or isinstance(image, bool) or not 0 <= image < num_images:
         raise _Malformed("bad_region", f"{what} names image {image!r} but the sample has {num_images}")
@@ -356,20 +381,32 @@ def _checked_size(path: Path) -> tuple[int, int]:
         raise _Malformed("bad_image", str(err)) from None
 
 
+# Above this many pixels on each side, a region with every coordinate in [0, 1] (one of them fractional)
+# is taken to be normalised: in pixels it would be within one pixel of the image's top-left corner.
+NORMALISED_MIN_SIDE = 4
+
+
 def _check_regions_inside(regions: list[Region], sizes: list[tuple[int, int]]) -> None:
     # Coordinates are pixels of the original image, so one past its size is the most a box edge can be.
-    # Beyond that the annotation uses another frame (0-1 floats, 0-1000 units, a resized copy), which the
-    # text format would silently clamp to the image's edge.
+    # Beyond that the annotation uses another frame (0-1000 units, a resized copy), which the text format
+    # would silently clamp to the image's edge. 0-1 floats stay inside any image, so they are told by
+    # their values instead (module docstring). 0-1000 units on an image of 1000 pixels or more cannot be
+    # told from pixels at all.
     for index, region in enumerate(regions):
         width, height = sizes[region.image]
-        coords = region.box if region.box is not None else region.point
-        xs, ys = coords[0::2], coords[1::2]  # type: ignore[index]
-        if max(xs) > width or max(ys) > height:
-            kind = "box" if region.box is not None else "point"
+        coords: tuple[float, ...] = region.box if region.box is not None else region.point  # type: ignore[assignment]
+        kind = "box" if region.box is not None else "point"
+        where = f"region {index} {kind} {list(coords)}"
+        normalised = max(coords) <= 1 and not all(v.is_integer() for v in coords)
+        if normalised and width > NORMALISED_MIN_SIDE and height > NORMALISED_MIN_SIDE:
             raise _Malformed(
                 "bad_region",
-                f"region {index} {kind} {list(coords)} lies outside its image {region.image} "  # type: ignore[arg-type]
-                f"({width}x{height} pixels)",
+                f"{where} on image {region.image} ({width}x{height} pixels): normalised coordinates? "
+                "regions are in pixels of the original image",
+            )
+        if max(coords[0::2]) > width or max(coords[1::2]) > height:
+            raise _Malformed(
+                "bad_region", f"{where} lies outside its image {region.image} ({width}x{height} pixels)"
             )
 
 
@@ -525,6 +562,8 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
     index = 0
     with path.open("rb") as f:  # bytes, so one bad line is one bad record rather than a failed file
         for lineno, line in enumerate(f, 1):
+            if lineno == 1 and line.startswith(codecs.BOM_UTF8):  # as json.loads accepts it on one line
+                line = line[len(codecs.BOM_UTF8) :]
             if not line.strip():
                 continue
             try:
@@ -558,6 +597,20 @@ def _check_unicode(value: Any, where: str) -> None:
             _check_unicode(item, f"{where}[{position}]")
 
 
+def _validated(sample: Sample) -> Sample:
+    """``sample``, or a ``bad_record`` if it fails ``Sample.validate``.
+
+    Every reader passes its samples through here: its own checks should already refuse whatever
+    ``validate`` would (with a more precise reason), and this makes sure none yields a sample that
+    training would only find to be broken when it encodes it.
+    """
+    try:
+        sample.validate()
+    except ValueError as err:
+        raise _Malformed("bad_record", f"inconsistent sample ({err})") from None
+    return sample
+
+
 class _JsonReader(abc.ABC):
     """Shared loop of the JSON / JSONL readers: parse each record, then raise or count what is wrong."""
 
@@ -586,9 +639,10 @@ class _JsonReader(abc.ABC):
                         raise record
                     if not isinstance(record, dict):
                         raise _Malformed("bad_record", f"expected a JSON object, got {type(record).__name__}")
+                    record = _without_nulls(record)
                     sample_id = _record_id(record, f"{path.stem}-{index}")
                     _check_unicode(record, "the record")
-                    sample = self._parse(record, path, sample_id)
+                    sample = _validated(self._parse(record, path, sample_id))
                 except _Malformed as bad:
                     # Name the record by its own id only: a made-up one would not be found in the file.
                     own_id = sample_id if isinstance(record, dict) and "id" in record else None
@@ -903,17 +957,20 @@ def write_shards(
 ) -> list[Path]:
     """Write ``samples`` as WebDataset tar shards ``{prefix}-{i:06d}.tar`` in ``out_dir``; return their paths.
 
-    Each shard is written to a hidden temporary file and renamed when complete, so an exception (or a
-    kill) mid-write leaves only the shards finished before it, never a partial one (and no empty
-    folder: one this call made is removed again if nothing was finished). Samples are validated first
-    (``ValueError`` names a bad one).
+    All or nothing: each shard is written to a hidden temporary file and, when complete, staged under
+    another hidden name (``.{name}.staged-{pid}``, which no ``*.tar`` glob matches); only once every
+    shard is written are they all renamed to their real names. An exception mid-write deletes the
+    staged shards, so ``out_dir`` holds no shard of this run (and no empty folder: one this call made
+    is removed again): a partial set of shards would read as a complete data set, and would make a
+    rerun stop at "already holds". A kill leaves only hidden files, which no reader takes for shards.
+    Samples are validated first (``ValueError`` names a bad one).
 
     Shards of the same prefix already in ``out_dir`` (an earlier run's) raise ``FileExistsError``
     before anything is written: replacing some of them would lose data, and keeping the ones past this
-    run's count would mix two runs in one folder. With ``overwrite=True`` the new shards are staged
-    under hidden names and replace the earlier run's only once every one is written (its extra shards
-    are deleted then): a failure part-way leaves the earlier run whole. No samples at all raise
-    ``ValueError`` and leave ``out_dir`` as it was (not created, earlier shards kept).
+    run's count would mix two runs in one folder. With ``overwrite=True`` the staged shards replace the
+    earlier run's (its extra shards are deleted then), so a failure part-way leaves the earlier run
+    whole. No samples at all raise ``ValueError`` and leave ``out_dir`` as it was (not created, earlier
+    shards kept).
     """
     if samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
@@ -926,18 +983,15 @@ def write_shards(
         raise FileExistsError(
             f"{out} already holds {len(earlier)} shard(s) named {prefix}-NNNNNN.tar from an earlier run"
         )
-    written: list[Path] = []
-    staged: list[Path] = []  # when replacing an earlier run: the new shards until all are written
+    written: list[Path] = []  # the shards' real names
+    staged: list[Path] = []  # their hidden names until every one is written
     writer: _ShardWriter | None = None
     count = 0
     created = not out.exists()  # a folder this call makes and that stays empty is removed on failure
 
     def commit(shard: _ShardWriter) -> None:
         final = shard.out.final
-        if earlier:
-            staged.append(shard.commit(final.with_name(f".{final.name}.staged-{os.getpid()}")))
-        else:
-            shard.commit()
+        staged.append(shard.commit(final.with_name(f".{final.name}.staged-{os.getpid()}")))
         written.append(final)
 
     try:
@@ -970,10 +1024,10 @@ def write_shards(
         raise ValueError(
             f"no samples to write to {out}" + ("; its earlier shards are kept" if earlier else "")
         )
-    if staged:  # every new shard is written: now they replace the earlier run's
-        for path, final in zip(staged, written, strict=True):
-            os.replace(path, final)
-        _fsync_dir(out)
+    # Every shard is written: now they take their names (replacing the earlier run's, if any).
+    for path, final in zip(staged, written, strict=True):
+        os.replace(path, final)
+    _fsync_dir(out)
     for stale in set(earlier) - set(written):
         stale.unlink()
     return written
@@ -1041,12 +1095,33 @@ def _split_name(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
+_TAIL_CHUNK = 1 << 20  # bytes read at a time when checking what follows the end-of-archive block
+
+
 def _check_end_marker(shard: Path, offset: int) -> None:
-    """Raise ``tarfile.ReadError`` unless a zero block (end of archive) follows the last member."""
+    """Raise ``tarfile.ReadError`` unless the last member is followed by zero bytes only, at least a block.
+
+    tarfile ends a stream at a missing or cut header (a shard cut at a member boundary) and at the first
+    zero block, wherever it is: a zero-filled block inside the shard (what a crash or an interrupted
+    preallocated download leaves) or the end of one archive with a second appended. A real end is a
+    zero block followed by nothing but zeros (a second block and the padding to tar's record size,
+    10240 bytes by default), so everything from ``offset`` to the end of the file is read, a chunk at
+    a time, and must be zero.
+    """
+    seen = 0
     with shard.open("rb") as f:
         f.seek(offset)
-        block = f.read(tarfile.BLOCKSIZE)
-    if block != bytes(tarfile.BLOCKSIZE):
+        while chunk := f.read(_TAIL_CHUNK):
+            rest = chunk.lstrip(b"\0")
+            if rest:
+                at = offset + seen + len(chunk) - len(rest)
+                raise tarfile.ReadError(
+                    f"a zero block at byte {offset} ends the archive, but data follows at byte {at}: "
+                    "a zero-filled block inside the shard (a crash or an interrupted download) or a "
+                    "second archive appended to it; the members after it are lost"
+                )
+            seen += len(chunk)
+    if seen < tarfile.BLOCKSIZE:
         raise tarfile.ReadError(f"no end-of-archive block at byte {offset}: the shard is truncated")
 
 
@@ -1185,7 +1260,8 @@ class ShardReader(IterableDataset):
                     members[ext] = data.read()
                     last = member.name
                 # tarfile ends a stream quietly at a missing or cut header, which is what a shard cut
-                # at (or just after) a member boundary looks like; the end-of-archive block tells.
+                # at (or just after) a member boundary looks like, and at any zero block, which is what
+                # a zero-filled hole looks like; the end-of-archive block and what follows it tell.
                 _check_end_marker(shard, tar.offset)
         except (tarfile.TarError, OSError, EOFError) as err:
             damage = SourceError(shard, f"after member {last}", "bad_shard", f"corrupt tar stream ({err})")
@@ -1213,8 +1289,9 @@ class ShardReader(IterableDataset):
                 raise _Malformed("bad_json", f"not JSON ({err})") from None
             if not isinstance(meta, dict):
                 raise _Malformed("bad_record", f"expected a JSON object, got {type(meta).__name__}")
+            meta = _without_nulls(meta)
             sample_id = _record_id(meta, key)
-            sample = self._parse(meta, key, members, sample_id)
+            sample = _validated(self._parse(meta, key, members, sample_id))
         except _Malformed as bad:
             if not salvage:
                 self._reject(SourceError(shard, location, bad.reason, bad.detail, sample_id))

@@ -29,6 +29,8 @@
 
 Optional fields in every shape: ``"id"``, ``"category"`` (default ``"video"``), ``"source"`` (default the
 reader's ``source``, else the file's stem) and ``"truth"`` (an object, merged into the sample's truth).
+A field whose value is ``null`` counts as absent (``"candidates": null`` is an open-ended record), and
+``records()`` returns records without such fields.
 Every sample has ``is_video=True``, one ``<image>`` per sampled frame, and ``truth`` with ``task``
 (``"conversation"``, ``"multiple-choice"`` or ``"open-ended"``), ``video`` (the file as given in the record),
 ``frame_indices``, ``total_frames`` and ``fps``.
@@ -44,7 +46,8 @@ default ids are unique across the reader's files. Video paths are relative to
 Errors and skips follow ``mm15.data.sources``: a malformed record raises ``SourceError`` when ``strict``,
 else it is skipped and counted in ``skipped`` under its reason, which is one of the reasons of
 ``mm15.data.sources`` (``bad_record``, ``bad_conversations``, ``unknown_role``, ``image_count``,
-``bad_category``, ``bad_json``) or one of ``VIDEO_REASONS``: ``missing_video`` (no such file) and
+``bad_region`` (a ``<regionK>`` in the text: video records have no regions), ``bad_category``,
+``bad_json``) or one of ``VIDEO_REASONS``: ``missing_video`` (no such file) and
 ``bad_video`` (empty, corrupt or undecodable: the ``VideoError`` message is kept).
 
 Evaluation decodes one item at a time instead: ``records()`` lists the records without decoding any
@@ -69,6 +72,7 @@ from mm15.data.sources import (
     Paths,
     SourceError,
     _category,
+    _check_text,
     _check_unicode,
     _conversation_turns,
     _JsonReader,
@@ -76,6 +80,8 @@ from mm15.data.sources import (
     _record_id,
     _records,
     _string_field,
+    _validated,
+    _without_nulls,
 )
 from mm15.paths import not_a_file_reason
 from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
@@ -211,7 +217,7 @@ class VideoQAReader(_JsonReader):
         for path in self.paths:
             for index, location, record in _records(path):
                 if (error := _not_a_record(path, location, record)) is None:
-                    out.append((path, index, location, record))
+                    out.append((path, index, location, _without_nulls(record)))
                 elif self.strict:
                     raise error
                 else:
@@ -249,11 +255,12 @@ class VideoQAReader(_JsonReader):
     def _sample(self, path: Path, index: int, location: str, record: dict[str, Any]) -> Sample:
         """Record ``index`` of ``path`` -> a Sample; every way of reading a record comes through here."""
         sample_id: str | None = None
+        record = _without_nulls(record)  # a null field is an absent one, as in mm15.data.sources
         try:
             sample_id = _record_id(record, f"{self._prefixes.get(path, path.stem)}-{index}")
             # A lone surrogate ("\ud83d", half an emoji) parses as JSON but fails the tokenizer later.
             _check_unicode(record, "the record")
-            return self._parse(record, path, sample_id)
+            return _validated(self._parse(record, path, sample_id))
         except _Malformed as bad:
             # Name the record by its own id only: a made-up one would not be found in the file.
             own_id = sample_id if "id" in record else None
@@ -337,8 +344,9 @@ class VideoQAReader(_JsonReader):
             raise _Malformed("bad_record", f"'truth' must be an object, got {type(extra).__name__}")
         category = _category(record, self.category)
         source = _string_field(record, "source", self.source or path.stem)
-        # Check the text before decoding anything: a bad slot is the cheaper, clearer error.
-        _place_frames(turns, 1)
+        # Check the text before decoding anything: a bad slot (or a <regionK>: a video record has no
+        # regions, so the chat renderer would fail on it) is the cheaper, clearer error.
+        _check_text(_place_frames(turns, 1), 1, 0)
         root = self.video_root if self.video_root is not None else path.parent
         file = root / video
         if (problem := not_a_file_reason(file)) is not None:
