@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -180,7 +181,8 @@ def test_held_out_items_are_never_training_items() -> None:
     for name in SYNTH_TASKS:
         task = get_task(name)
         held_out = task.items(task.resolve_options({}))
-        # synth-refer keeps some samples of the refer-ground generator; the others take every sample.
+        # synth-refer and synth-refer-ground keep some samples of the refer-ground generator (referring,
+        # grounding questions); the others take every sample.
         generator = held_out[0].id.split("/")[0]
         eval_seeds = {sample_seed(generator, "eval", i) for i in range(2000)}
         assert not eval_seeds & {sample_seed(generator, "train", i) for i in range(2000)}
@@ -189,7 +191,7 @@ def test_held_out_items_are_never_training_items() -> None:
         ]
         indices = [int(held_out[index].id.split("/")[-1]) for index in range(3)]
         assert indices == sorted(set(indices))
-        if name == f"synth-{generator}":
+        if name not in ("synth-refer", "synth-refer-ground"):
             assert indices == [0, 1, 2]
         for index in range(3):
             item = held_out[index]
@@ -233,7 +235,7 @@ def test_relaxed_score_is_pix2struct_relaxed_accuracy_and_nothing_more() -> None
     # Its tasks name exactly that metric, and their version says the scoring changed.
     users = [t for t in registry.tasks() if t.score is relaxed_score]
     assert {t.name for t in users} == {"chartqa", "synth-chart-qa", "synth-table-qa", "synth-math-chart"}
-    assert all(t.metric == "relaxed accuracy (pix2struct)" and t.version == "2" for t in users)
+    assert all(t.metric == "relaxed accuracy (pix2struct)" and int(t.version) >= 2 for t in users)
 
 
 def test_synthetic_items_are_deterministic_and_seeded() -> None:
@@ -257,6 +259,55 @@ def test_refer_ground_item_carries_its_truth_region() -> None:
     assert (item.meta["width"], item.meta["height"]) == (448, 336)
     assert task.score("[455, 241, 520, 327]", item) == 1.0
     assert task.score("[0, 0, 100, 100]", item) == 0.0
+
+
+def test_refer_ground_task_asks_only_grounding_questions() -> None:
+    """A referring question writes its object's box ("What is the object in [20, 859, 91, 912]?", eval
+    6): echoing it scored all 106 such items of the first 500 when every sample was an item. The task
+    keeps the samples whose first question is a grounding one, the first ``size`` of them in order."""
+    task = get_task("synth-refer-ground")
+    assert task.version == "2"
+    items = task.items(task.resolve_options({"size": "60"}))
+    indices = [int(item.id.split("/")[-1]) for item in items]
+    grounding = [
+        index
+        for index in range(indices[-1] + 1)
+        if generate("refer-ground", index, "eval").truth["qa"][0]["task"] in ("ground", "ground-multi")
+    ]
+    assert indices == grounding and len(items) == 60
+    for item in items:
+        assert not re.search(r"\[\d+, \d+, \d+, \d+\]", item.question), item.question
+        assert task.score(item.question, item) == 0.0  # echoing the question scores nothing
+        assert task.score(item.answers[0], item) == 1.0
+
+
+def test_read_text_scores_find_items_by_iou_and_read_items_by_anls() -> None:
+    """A "find" item's reference is a box: ANLS on its digits gave 0.85 to a box of the right size
+    below the text (IoU 0) and 0.68 to one around it (IoU 0.63). Find items are scored as grounding
+    (Acc@IoU>=0.5), read items by ANLS, each item by its own kind."""
+    task = get_task("synth-read-text")
+    assert task.version == "2" and task.category == "text-rich"
+    items = task.items(task.resolve_options({"size": "4"}))
+    read, find = items[0], items[1]  # even indices ask to read the text at a box, odd ones to find one
+    x1, y1, x2, y2 = (int(v) for v in re.findall(r"\d+", find.answers[0]))  # [649, 95, 784, 140]
+    assert task.score(f"[{x1}, {y2 + 5}, {x2}, {y2 + 50}]", find) == 0.0  # below the text
+    assert task.score(f"[{x1 - 9}, {y1 - 9}, {x2 + 9}, {y2 + 9}]", find) == 1.0  # IoU 0.63
+    assert task.score(f"[{x1}, {y1}, {x2}]", find) == 0.0
+    assert find.meta["box"] == generate("read-text", 1, "eval").regions[0].box  # the truth, in pixels
+    assert task.score(find.answers[0], find) == 1.0
+    reference = read.answers[0]
+    assert "box" not in read.meta and task.score(reference, read) == 1.0
+    assert 0.5 < task.score(reference[:-1], read) < 1.0  # ANLS: partial credit for a near miss
+    assert task.score(find.answers[0], read) == 0.0
+    scores = [1.0, 0.0, 0.5, 1.0]
+    result = task.aggregate([""] * 4, items, scores)
+    assert result == {
+        "score": 62.5,
+        "anls/read": 75.0,
+        "accuracy/find": 50.0,
+        "items/read": 2.0,
+        "items/find": 2.0,
+    }
 
 
 def test_refer_task_keeps_the_referring_questions_and_scores_the_object_name() -> None:

@@ -167,6 +167,30 @@ def test_generate_entry_point() -> None:
         assert fingerprint(sample) == fingerprint(make(name, 3, "eval"))
 
 
+def test_rendering_does_not_depend_on_raqm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow lays text out with Raqm wherever libraqm and libfribidi are installed and with its basic
+    engine elsewhere: other kerning, so other pixels and text boxes. The generators ask for the basic
+    engine, so a sample is the same on every machine: rendered here with Raqm reported present, then
+    absent."""
+    from PIL import ImageFont
+
+    from mm15.data.synth.render import FONTS, font
+
+    def render(have_raqm: bool) -> tuple[list[str], set[ImageFont.Layout]]:
+        monkeypatch.setattr(ImageFont.core, "HAVE_RAQM", have_raqm)
+        font.cache_clear()  # fonts are cached with their layout engine
+        try:
+            names = ("read-text", "doc-qa", "ocr-receipt", "chart-qa", "code-screenshot", "ui-list")
+            prints = [fingerprint(make(name, index, "eval")) for name in names for index in range(2)]
+            return prints, {font(face).layout_engine for face in FONTS}
+        finally:
+            font.cache_clear()
+
+    with_raqm, basic = render(True), render(False)
+    assert with_raqm[0] == basic[0]  # pixels, text, regions
+    assert with_raqm[1] == basic[1] == {ImageFont.Layout.BASIC}
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_samples_validate_and_regions_resolve(name: str) -> None:
     for sample, _ in samples(name, 3 if name in HEAVY else 6):

@@ -277,6 +277,8 @@ def check_refer_ground(sample: Sample, pix: list[Pixels]) -> None:
     users = [t.content for t in sample.turns if t.role == "user"]
     assistants = [t.content for t in sample.turns if t.role == "assistant"]
     assert len(users) == len(assistants) == len(sample.truth["qa"])
+    targets = [k for qa in sample.truth["qa"] for k in qa["targets"]]
+    assert len(targets) == len(set(targets)), "a later turn asks about an object already named or boxed"
     for user, assistant, qa in zip(users, assistants, sample.truth["qa"], strict=True):
         # Ferret convention: assistant turns refer to boxes only.
         for ref in REGION_PATTERN.findall(assistant):
@@ -544,18 +546,104 @@ def test_train_and_eval_never_share_a_sample(name: str, corpus: dict[str, dict[s
     assert len(train) == len(held_out) == SPLIT_INDICES[name]
 
 
+WORD_PROBLEM_SUFFIXES = (" Answer with just the number.", " Give only the final number.")
+
+
 def test_text_only_train_and_eval_never_share_a_text() -> None:
     """Made-up words of a few syllables and small products: 3% of the first 2,000 held-out texts were
-    word for word among the first 20,000 training ones, although their seeds differ."""
+    word for word among the first 20,000 training ones, although their seeds differ. Texts are compared
+    without a word problem's answer-format suffix: 4 held-out word problems were training ones with
+    the other suffix (eval 74 and train 12512, before the split ignored it)."""
     from mm15.data.synth import text_split_of
 
     def text(sample: Sample) -> tuple[tuple[str, str], ...]:
-        return tuple((turn.role, turn.content) for turn in sample.turns)
+        prompt = sample.turns[0].content
+        for suffix in WORD_PROBLEM_SUFFIXES:
+            prompt = prompt.removesuffix(suffix)
+        return (("user", prompt), *((turn.role, turn.content) for turn in sample.turns[1:]))
 
     train = {text(make("text-only", i)) for i in range(20_000)}
     held_out = [make("text-only", i, split="eval") for i in range(2_000)]
     assert not [s.id for s in held_out if text(s) in train]
     assert {text_split_of(s) for s in held_out} == {"eval"}
+
+
+class ScriptedRng(random.Random):
+    """A ``random.Random`` whose choice, sample and randint return scripted values, in order."""
+
+    def __init__(self, *values: Any) -> None:
+        super().__init__(0)
+        self.values = list(values)
+
+    def _next(self, allowed: Callable[[Any], bool]) -> Any:
+        value = self.values.pop(0)
+        assert allowed(value), value
+        return value
+
+    def choice(self, seq: Any) -> Any:
+        return self._next(lambda value: value in seq)
+
+    def sample(self, population: Any, k: int, **kwargs: Any) -> list[Any]:
+        return self._next(lambda value: len(value) == k and all(v in population for v in value))
+
+    def randint(self, a: int, b: int) -> int:
+        return self._next(lambda value: a <= value <= b)
+
+
+def test_a_word_problem_is_in_one_split_whatever_its_answer_format() -> None:
+    """The reviewer's example: eval 74 and train 12512 were this problem with two suffixes."""
+    from mm15.data.synth import text_split_of
+
+    problem = "Mateo shares 110 marbles equally among 10 friends. How many marbles does each friend get?"
+    splits = set()
+    for suffix in ("", *WORD_PROBLEM_SUFFIXES):
+        # text_only picks the word problem; it picks two names, the items, the form, a, b and the suffix.
+        rng = ScriptedRng(scenes._word_problem, ["Mateo", "Ana"], "marbles", "div", 11, 10, suffix)
+        sample = scenes.text_only(rng, 0)
+        assert not rng.values  # every scripted draw used: the script is the generator's
+        assert [t.content for t in sample.turns] == [problem + suffix, "11"]
+        splits.add(text_split_of(sample))
+    assert len(splits) == 1
+
+
+def test_refer_ground_never_asks_about_an_object_twice() -> None:
+    """A later turn asks about an object no earlier turn named or boxed (its answer would be in the
+    context already); train 16 once asked for the yellow square's box twice."""
+    turns: Counter[int] = Counter()
+    for split in ("train", "eval"):
+        for index in range(300):
+            qa = make("refer-ground", index, split).truth["qa"]
+            targets = [k for turn in qa for k in turn["targets"]]
+            assert len(targets) == len(set(targets)), (split, index, qa)
+            turns[len(qa)] += 1
+    assert set(turns) == {1, 2, 3}  # still up to three turns
+    users = [t.content for t in make("refer-ground", 16).turns if t.role == "user"]
+    assert len(users) == len(set(users))
+
+
+def _icl_decides(rule: str, objects: list[dict[str, Any]]) -> str | None:
+    """``icl_rule``'s answer, or None when the scene does not decide the rule clearly."""
+    try:
+        return icl_rule(rule, objects)
+    except AssertionError:
+        return None
+
+
+def test_icl_episodes_have_one_defensible_answer() -> None:
+    """No other rule fits every demonstration yet decides the query differently: 32 of the first 1,000
+    held-out episodes had two defensible answers (mostly 1-shot, largest-color vs topmost-color)."""
+    ambiguous = []
+    for index in range(1000):
+        truth = make("icl", index, "eval").truth
+        views = [view["objects"] for view in truth["scenes"]]
+        for other in scenes.ICL_RULES:
+            if other == truth["rule"]:
+                continue
+            demos = [_icl_decides(other, objects) for objects in views[:-1]]
+            query = _icl_decides(other, views[-1])
+            if demos == truth["answers"][:-1] and query is not None and query != truth["answer"]:
+                ambiguous.append((index, truth["rule"], other))
+    assert not ambiguous
 
 
 @pytest.mark.parametrize("name", NAMES)

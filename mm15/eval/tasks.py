@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-from mm15.data.sample import IMAGE_PLACEHOLDER, ImageRef, Sample
+from mm15.data.sample import IMAGE_PLACEHOLDER, REGION_PATTERN, ImageRef, Sample
 from mm15.eval import loaders, metrics
 from mm15.image import image_size
 from mm15.model.generate import GenerationConfig
@@ -582,7 +582,8 @@ def sample_to_item(sample: Sample) -> TaskItem:
 
     Regions are written as text for the rendered images' sizes (``mm15.chat.render_regions``). ``meta``
     holds the image sizes, the multiple-choice options when the sample has them, and for a grounding
-    sample the truth region of the first answer: its pixel box and image size.
+    sample (one with ``truth["qa"]``, or whose answer is a box region alone) the truth region of the first
+    answer: its pixel box and image size.
     """
     from mm15.chat import render_regions
     from mm15.image import load_image
@@ -605,8 +606,13 @@ def sample_to_item(sample: Sample) -> TaskItem:
     if isinstance(qa, list) and qa and qa[0].get("targets") and isinstance(objects, list):
         # The colour-and-shape phrases of the objects the first answer is about (referring tasks).
         meta["objects"] = [f"{objects[k]['color']} {objects[k]['shape']}" for k in qa[0]["targets"]]
+    answer_region: int | None = None
     if isinstance(qa, list) and qa and qa[0].get("answer_regions"):
-        region = sample.regions[qa[0]["answer_regions"][0]]
+        answer_region = qa[0]["answer_regions"][0]
+    elif bare := REGION_PATTERN.fullmatch(sample.turns[reply].content.strip()):
+        answer_region = int(bare.group(1))  # the answer is a box and nothing else (read-text's "find")
+    if answer_region is not None:
+        region = sample.regions[answer_region]
         if region.box is not None:
             height, width = sizes[region.image]
             meta.update(box=tuple(region.box), width=width, height=height)
@@ -666,6 +672,7 @@ def synthetic_task(
     name: str | None = None,
     keep: Callable[[Sample], bool] | None = None,
     description: str | None = None,
+    aggregate: Aggregator = mean_score,
 ) -> Task:
     """A held-out task on synthetic generator ``generator`` (items of the eval split, seed ``seed=``).
 
@@ -687,28 +694,94 @@ def synthetic_task(
             TaskOption("size", int, "items in the held-out set", SYNTH_SIZE),
         ),
         benchmark=name or SYNTH_PREFIX + generator,
+        aggregate=aggregate,
     )
 
 
+def read_text_score(prediction: str, item: TaskItem) -> float:
+    """Per item of the read-text generator: a "find" item (the reference is the text's box, in
+    ``meta["box"]``) is scored as grounding, Acc@IoU>=0.5 of the first box (``grounding_score``); a
+    "read" item (the reference is the text) by ANLS. ANLS on a box's digits would pay 0.85 for a box of
+    the right size nowhere near the text."""
+    return grounding_score(prediction, item) if "box" in item.meta else anls_score(prediction, item)
+
+
+def read_text_aggregate(
+    predictions: Sequence[str], items: Sequence[TaskItem], scores: Sequence[float]
+) -> dict[str, float]:
+    """The mean item score x100, and each kind's own: ``anls/read`` and ``accuracy/find`` (x100) with
+    ``items/read`` and ``items/find``."""
+    out = mean_score(predictions, items, scores)
+    for kind, metric in (("read", "anls"), ("find", "accuracy")):
+        kept = [s for item, s in zip(items, scores, strict=True) if ("box" in item.meta) == (kind == "find")]
+        if kept:
+            out[f"{metric}/{kind}"] = 100.0 * sum(kept) / len(kept)
+        out[f"items/{kind}"] = float(len(kept))
+    return out
+
+
+def is_grounding_question(sample: Sample) -> bool:
+    """Whether a refer-ground sample's first question asks for boxes (phrase -> box): the grounding
+    questions. Its referring questions write the object's box in the question (refer-box) or answer with
+    the box of the object at a point (refer-point); synth-refer scores those."""
+    return sample.truth["qa"][0]["task"] in ("ground", "ground-multi")
+
+
 EXACT = "exact match after VQA normalisation"
-# (generator, category, scorer, metric, parser, max_new_tokens). MM1.5 puts math, science and code
-# style benchmarks (MathVista, AI2D, ScienceQA, MMMU) under "knowledge".
-_SYNTHETIC: tuple[tuple[str, str, Scorer, str, AnswerParser, int], ...] = (
-    ("general-color", "general", normalized_match, EXACT, short_answer, 8),
-    ("general-count", "general", normalized_match, EXACT, short_answer, 8),
-    ("general-spatial", "general", normalized_match, EXACT, short_answer, 8),
-    ("chart-qa", "text-rich", relaxed_score, "relaxed accuracy (pix2struct)", short_answer, 16),
-    ("doc-qa", "text-rich", anls_score, "ANLS (rrc)", short_answer, 24),
-    ("table-qa", "text-rich", relaxed_score, "relaxed accuracy (pix2struct)", short_answer, 16),
-    ("read-text", "text-rich", anls_score, "ANLS (rrc)", short_answer, 32),
-    ("math-chart", "knowledge", relaxed_score, "relaxed accuracy (pix2struct)", short_answer, 16),
-    ("science-diagram", "knowledge", choice_score, "multiple choice (canonical)", short_answer, 8),
-    ("code-screenshot", "knowledge", similarity_score, "1 - normalised edit distance", whole_answer, 256),
-    ("refer-ground", "refer-ground", grounding_score, "Acc@IoU>=0.5 (first box)", whole_answer, 48),
-    ("multi-image", "multi-image", normalized_match, EXACT, short_answer, 8),
-    ("icl", "in-context", normalized_match, EXACT, short_answer, 8),
+RELAXED = "relaxed accuracy (pix2struct)"
+# (generator, category, scorer, metric, parser, max_new_tokens, version). MM1.5 puts math, science and
+# code style benchmarks (MathVista, AI2D, ScienceQA, MMMU) under "knowledge". Versions:
+# * relaxed accuracy 2: version 1 also accepted an answer with its final period dropped ("Yes." for
+#   "Yes"), which pix2struct's rule does not;
+# * every task on a document generator (text drawn with a font), +1: fonts are laid out by Pillow's
+#   basic engine (mm15.data.synth.render), where Raqm laid them out on machines that have it: other
+#   pixels and text boxes there;
+# * read-text 2: "find" items (answer: a box) are scored by Acc@IoU>=0.5, no longer by ANLS on the box's
+#   digits (read_text_score);
+# * refer-ground 2: grounding questions only (is_grounding_question): a referring question's first box
+#   is written in the question, so echoing it scored;
+# * icl 2: episodes another rule explains as well but answers differently are drawn again.
+_SYNTHETIC: tuple[tuple[str, str, Scorer, str, AnswerParser, int, str], ...] = (
+    ("general-color", "general", normalized_match, EXACT, short_answer, 8, "1"),
+    ("general-count", "general", normalized_match, EXACT, short_answer, 8, "1"),
+    ("general-spatial", "general", normalized_match, EXACT, short_answer, 8, "1"),
+    ("chart-qa", "text-rich", relaxed_score, RELAXED, short_answer, 16, "3"),
+    ("doc-qa", "text-rich", anls_score, "ANLS (rrc)", short_answer, 24, "2"),
+    ("table-qa", "text-rich", relaxed_score, RELAXED, short_answer, 16, "3"),
+    (
+        "read-text",
+        "text-rich",
+        read_text_score,
+        "ANLS (rrc) on read items, Acc@IoU>=0.5 on find items",
+        short_answer,
+        32,
+        "2",
+    ),
+    ("math-chart", "knowledge", relaxed_score, RELAXED, short_answer, 16, "3"),
+    ("science-diagram", "knowledge", choice_score, "multiple choice (canonical)", short_answer, 8, "2"),
+    (
+        "code-screenshot",
+        "knowledge",
+        similarity_score,
+        "1 - normalised edit distance",
+        whole_answer,
+        256,
+        "2",
+    ),
+    ("refer-ground", "refer-ground", grounding_score, "Acc@IoU>=0.5 (first box)", whole_answer, 48, "2"),
+    ("multi-image", "multi-image", normalized_match, EXACT, short_answer, 8, "1"),
+    ("icl", "in-context", normalized_match, EXACT, short_answer, 8, "2"),
 )
-for _generator, _category, _score, _metric, _parse, _budget in _SYNTHETIC:
+# What some synthetic tasks add to the table: a sample filter, a description, an aggregate.
+_SYNTHETIC_EXTRA: dict[str, dict[str, Any]] = {
+    "refer-ground": {
+        "keep": is_grounding_question,
+        "description": "held-out grounding questions of the refer-ground generator: the box(es) of a "
+        "named object or of every object of a colour (eval split)",
+    },
+    "read-text": {"aggregate": read_text_aggregate},
+}
+for _generator, _category, _score, _metric, _parse, _budget, _version in _SYNTHETIC:
     register_task(
         synthetic_task(
             _generator,
@@ -717,14 +790,14 @@ for _generator, _category, _score, _metric, _parse, _budget in _SYNTHETIC:
             metric=_metric,
             parse=_parse,
             max_new_tokens=_budget,
-            # Version 1 of the relaxed-accuracy tasks also accepted an answer with its final period
-            # dropped ("Yes." for "Yes"), which pix2struct's rule does not.
-            version="2" if _score is relaxed_score else "1",
+            version=_version,
+            **_SYNTHETIC_EXTRA.get(_generator, {}),
         )
     )
 # MM1.5's refer & ground category averages grounding (RefCOCO, Flickr30k: Acc@IoU) with referring
-# (LVIS-Ref: name the object at a box or point). synth-refer-ground scores the first box of every first
-# answer; synth-refer asks only the referring questions and scores the object's name.
+# (LVIS-Ref: name the object at a box or point). synth-refer-ground asks only the grounding questions
+# and scores the first box of the first answer; synth-refer asks only the referring questions and
+# scores the object's name.
 register_task(
     synthetic_task(
         "refer-ground",

@@ -5,10 +5,11 @@ A generator is a function ``(rng: random.Random, index: int) -> Sample`` registe
 held-out evaluation data come from disjoint seed streams (``sample_seed``). A generator whose samples
 are text alone, from a small space (``text-only``: made-up words of a few syllables, small products),
 would still repeat a training sample in the held-out split now and then; it is registered with
-``text_split=True`` and its samples are split by their text as well: a hash of the conversation puts
-each one in the train or the eval split, and ``generate`` draws again until the sample's text
-belongs to the split asked for. Modules register their generators when imported; ``generators()``
-imports them all.
+``text_split=True`` and its samples are split by their text as well: a hash of the conversation (or
+of ``truth["split_text"]``, the conversation without an answer-format suffix, when the sample records
+one; ``text_split_of``) puts each one in the train or the eval split, and ``generate`` draws again until
+the sample's text belongs to the split asked for. Modules register their generators when imported;
+``generators()`` imports them all.
 """
 
 from __future__ import annotations
@@ -89,8 +90,14 @@ def sample_seed(name: str, split: Split, index: int, seed: int = 0) -> int:
 
 
 def text_split_of(sample: Sample) -> Split:
-    """The split a sample's text belongs to, for ``text_split`` generators: one in ten texts is eval's."""
-    text = "\n".join(f"{turn.role}: {turn.content}" for turn in sample.turns)
+    """The split a sample's text belongs to, for ``text_split`` generators: one in ten texts is eval's.
+
+    The text is the conversation (``role: content`` lines), or ``truth["split_text"]`` when the sample
+    records one: the conversation without what does not make it another sample (a word problem's
+    answer-format suffix, "Answer with just the number."), so that its variants all fall in one split.
+    """
+    key = sample.truth.get("split_text")
+    text = key if isinstance(key, str) else "\n".join(f"{turn.role}: {turn.content}" for turn in sample.turns)
     return "eval" if hashlib.sha256(text.encode()).digest()[0] < 26 else "train"
 
 

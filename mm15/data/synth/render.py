@@ -9,7 +9,12 @@ import matplotlib
 from PIL import ImageFont
 
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"
-# DejaVu ships inside matplotlib's wheel, so rendering needs no apt step and is identical everywhere.
+# DejaVu ships inside matplotlib's wheel, so rendering needs no apt step. Fonts are loaded with Pillow's
+# basic layout engine: Pillow would otherwise use Raqm (HarfBuzz shaping, other kerning) wherever
+# libraqm/libfribidi happen to be installed, and the same sample would get other pixels and text boxes
+# on another machine. With the basic engine (always built in) the layout does not depend on the
+# system's libraries; what is left is the FreeType Pillow bundles, fixed by the Pillow version.
+LAYOUT = ImageFont.Layout.BASIC
 FONTS = {
     "sans": "DejaVuSans.ttf",
     "sans-bold": "DejaVuSans-Bold.ttf",
@@ -37,7 +42,7 @@ COLORS: dict[str, tuple[int, int, int]] = {
 
 @functools.lru_cache(maxsize=256)
 def font(name: str = "sans", size: int = 16) -> ImageFont.FreeTypeFont:
-    """A DejaVu font by short name (``FONTS``) and pixel size, cached."""
+    """A DejaVu font by short name (``FONTS``) and pixel size, cached; laid out by Pillow's basic engine."""
     if name not in FONTS:
         raise ValueError(f"unknown font {name!r}; choose one of {sorted(FONTS)}")
-    return ImageFont.truetype(str(FONT_DIR / FONTS[name]), size)
+    return ImageFont.truetype(str(FONT_DIR / FONTS[name]), size, layout_engine=LAYOUT)

@@ -682,7 +682,10 @@ def general_spatial(rng: random.Random, index: int) -> Sample:
 
 @register("refer-ground", "refer-ground")
 def refer_ground(rng: random.Random, index: int) -> Sample:
-    """1-3 Ferret-style turns: phrase -> box(es), box -> description, point -> description."""
+    """1-3 Ferret-style turns: phrase -> box(es), box -> description, point -> description.
+
+    Each turn is about objects no earlier turn asked about or answered with (its answer would be in the
+    conversation already); when none is left, the conversation ends there."""
     scene = random_scene(rng, rng.randint(3, 7))
     objs = scene.objects
     regions: list[Region] = []
@@ -705,15 +708,25 @@ def refer_ground(rng: random.Random, index: int) -> Sample:
 
     turns: list[Turn] = []
     qa: list[dict[str, Any]] = []
+    used: set[int] = set()  # objects an earlier turn asked about or answered with
     for t in range(rng.randint(1, 3)):
+        # A later turn asks about an object the conversation has not named or boxed yet (else its
+        # answer is already in the context); no such object left, no more turns.
+        fresh = [k for k in range(len(objs)) if k not in used]
+        if not fresh:
+            break
         prefix = f"{IMAGE_PLACEHOLDER}\n" if t == 0 else ""
         task = rng.choice(("ground", "ground", "ground-multi", "refer-box", "refer-point"))
         if task == "ground-multi":
-            colors = sorted({o.color for o in objs if sum(p.color == o.color for p in objs) >= 2})
+            # Colours with two or more objects, none of them used yet.
+            colors = sorted(
+                {o.color for o in objs if sum(p.color == o.color for p in objs) >= 2}
+                - {objs[k].color for k in used}
+            )
             if not colors:
                 task = "ground"
         if task == "ground":
-            k = rng.randrange(len(objs))
+            k = rng.choice(fresh)  # the same draw as rng.randrange(len(objs)) on the first turn
             question = rng.choice(
                 (
                     "Where is the {p}?",
@@ -744,7 +757,7 @@ def refer_ground(rng: random.Random, index: int) -> Sample:
             answer = f"There are {number_word(len(targets))} {color} objects: {listed}."
             user_regions = []
         elif task == "refer-box":
-            k = rng.randrange(len(objs))
+            k = rng.choice(fresh)
             r = box_of(k)
             question = rng.choice(
                 (
@@ -757,7 +770,7 @@ def refer_ground(rng: random.Random, index: int) -> Sample:
             answer = f"It is {_article(obj.size)} {obj.size} {obj.phrase} <region{r}>."
             targets, user_regions, answer_regions = [k], [r], [r]
         else:  # refer-point
-            k = rng.randrange(len(objs))
+            k = rng.choice(fresh)
             p = point_in(k)
             question = rng.choice(
                 ("What is at <region{p}>?", "What object is at the point <region{p}>?")
@@ -766,6 +779,7 @@ def refer_ground(rng: random.Random, index: int) -> Sample:
             obj = objs[k]
             answer = f"{_article(obj.size).capitalize()} {obj.size} {obj.phrase} <region{r}>."
             targets, user_regions, answer_regions = [k], [p], [r]
+        used.update(targets)
         turns += [Turn("user", prefix + question), Turn("assistant", answer)]
         qa.append(
             {"task": task, "targets": targets, "user_regions": user_regions, "answer_regions": answer_regions}
@@ -929,24 +943,41 @@ def icl_answer(rule: str, objects: Sequence[SceneObject]) -> str | None:
     return ranked[0].shape if rule == "leftmost-shape" else ranked[0].color
 
 
+def icl_ambiguous(rule: str, scenes: Sequence[Sequence[SceneObject]]) -> bool:
+    """Whether another rule of ``ICL_RULES`` gives every demonstration (all scenes but the last) the
+    answer ``rule`` gives it, yet decides the query (the last scene) differently: two defensible answers.
+    (Only the colour rules share answers: largest-color and topmost-color.)"""
+    demos, query = scenes[:-1], scenes[-1]
+    shown = [icl_answer(rule, objects) for objects in demos]
+    expected = icl_answer(rule, query)
+    for other in ICL_RULES:
+        if other == rule or [icl_answer(other, objects) for objects in demos] != shown:
+            continue
+        answer = icl_answer(other, query)
+        if answer is not None and answer != expected:
+            return True
+    return False
+
+
 @register("icl", "icl")
 def icl(rng: random.Random, index: int) -> Sample:
     """1-3 (image, question, answer) demonstrations of a hidden rule, then a query image: one sample."""
     rule = rng.choice(ICL_RULES)
     word = rng.choice(NONCE_WORDS)
     k = rng.randint(1, 3)
-    scenes: list[Scene] = []
-    answers: list[str] = []
-    while len(scenes) < k + 1:
-        sizes = (
-            ("small", "medium", "large") if rule != "largest-color" else ("small", "small", "medium", "large")
-        )
-        height, width = rng.choice(SMALL_SCENE_SIZES)
-        scene = render_scene(random_scene_spec(rng, rng.randint(2, 5), height, width, sizes=sizes))
-        answer = icl_answer(rule, scene.objects)
-        if answer is not None:
-            scenes.append(scene)
-            answers.append(answer)
+    sizes = ("small", "medium", "large") if rule != "largest-color" else ("small", "small", "medium", "large")
+    while True:  # an episode another rule explains as well but answers differently is drawn again
+        scenes: list[Scene] = []
+        answers: list[str] = []
+        while len(scenes) < k + 1:
+            height, width = rng.choice(SMALL_SCENE_SIZES)
+            scene = render_scene(random_scene_spec(rng, rng.randint(2, 5), height, width, sizes=sizes))
+            answer = icl_answer(rule, scene.objects)
+            if answer is not None:
+                scenes.append(scene)
+                answers.append(answer)
+        if not icl_ambiguous(rule, [drawn.objects for drawn in scenes]):
+            break
     question = f"What is the {word} of this image?"
     blocks = [f"Image: {IMAGE_PLACEHOLDER}\nQuestion: {question}\nAnswer: {a}" for a in answers[:-1]]
     blocks.append(f"Image: {IMAGE_PLACEHOLDER}\nQuestion: {question}\nAnswer:")
@@ -1058,7 +1089,15 @@ def _word_problem(rng: random.Random) -> dict[str, Any]:
         text = f"{name} buys {a} packs of {b} {item} and gives {c} to {other}. How many {item} are left?"
         expression, answer = f"{a} * {b} - {c}", a * b - c
     prompt = text + rng.choice(("", " Answer with just the number.", " Give only the final number."))
-    return {"task": "arithmetic", "expression": expression, "prompt": prompt, "answer": str(answer)}
+    return {
+        "task": "arithmetic",
+        "expression": expression,
+        "prompt": prompt,
+        "answer": str(answer),
+        # The train/eval split is decided on the problem without its answer-format suffix: the same
+        # problem with another suffix is the same problem (mm15.data.synth.text_split_of).
+        "split_text": f"user: {text}\nassistant: {answer}",
+    }
 
 
 def _sorting(rng: random.Random) -> dict[str, Any]:
