@@ -134,7 +134,12 @@ def train(
         Path | None, typer.Option(help="Run directory (default: the recipe's output_dir).")
     ] = None,
     max_steps: Annotated[
-        int | None, typer.Option(help="Cap every stage at this many steps (a quick, reduced run).")
+        int | None,
+        typer.Option(
+            min=1,
+            help="Cut every stage longer than this to this many steps, its schedule compressed into them "
+            "(a quick, reduced run); shorter stages run as written.",
+        ),
     ] = None,
     parent: Annotated[
         Path | None,
@@ -179,18 +184,19 @@ def train(
             )
             config = dataclasses.replace(config, stages=repointed)
         if max_steps is not None:
+            # A stage longer than --max-steps is cut to it, its schedule (warm-up, then the cosine to its
+            # floor) compressed into those steps; a stage no longer than that runs as the recipe has it.
             stages = []
             for s in config.stages:
-                steps = min(s.max_steps, max_steps)
-                warmup = min(s.schedule.warmup_steps, max(0, steps - 1))
-                stages.append(
-                    dataclasses.replace(
+                if max_steps < s.max_steps:
+                    warmup = min(s.schedule.warmup_steps, max(0, max_steps - 1))
+                    s = dataclasses.replace(
                         s,
-                        max_steps=steps,
-                        save_every=min(s.save_every, steps),
+                        max_steps=max_steps,
+                        save_every=min(s.save_every, max_steps),
                         schedule=dataclasses.replace(s.schedule, warmup_steps=warmup, total_steps=None),
                     )
-                )
+                stages.append(s)
             config = dataclasses.replace(config, stages=tuple(stages))
         if check:
             rows = check_recipe(config, stage_name=stage, resume=resume, out=out, strategy=strategy)

@@ -230,6 +230,86 @@ def test_moe_overrides_add_or_remove_experts() -> None:
     assert RecipeConfig.from_dict(data).stages[0].parent == "./runs/moe/sft/final"
 
 
+def _override_fields() -> list[tuple[str, str, Any]]:
+    """(section, field, type) of every field ``model.overrides`` reaches."""
+    import dataclasses
+    import typing
+
+    from mm15.model.moe import MoEConfig
+    from mm15.model.presets import preset
+    from mm15.train.config import _OVERRIDE_SECTIONS
+
+    cfg = preset("tiny")
+    sections = {name: getattr(cfg, name) for name in _OVERRIDE_SECTIONS if name != "moe"}
+    sections["moe"] = MoEConfig()  # what ``moe:`` gives a dense preset
+    assert set(sections) == set(_OVERRIDE_SECTIONS)
+    return [
+        (section, f.name, typing.get_type_hints(type(obj))[f.name])
+        for section, obj in sections.items()
+        for f in dataclasses.fields(obj)
+    ]
+
+
+def _wrong_values(hint: Any) -> list[Any]:
+    """Values of the wrong type for a field of type ``hint`` (YAML's usual slips among them)."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        (hint,) = args
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        return ["nope", 5]
+    if origin is tuple:
+        return ["0.5", ["x"]]
+    return {
+        bool: ["false", 1, ["x"]],
+        int: ["4", 4.5, True, ["x"]],
+        float: ["1e-3", True, ["x"]],
+        str: [5, ["x"]],
+    }[hint]
+
+
+OVERRIDE_CASES = [
+    (section, name, bad) for section, name, hint in _override_fields() for bad in _wrong_values(hint)
+]
+
+
+@pytest.mark.parametrize(
+    ("section", "name", "bad"), OVERRIDE_CASES, ids=[f"{s}.{n}={b!r}" for s, n, b in OVERRIDE_CASES]
+)
+def test_a_wrong_typed_model_override_is_refused_naming_the_field(section: str, name: str, bad: Any) -> None:
+    """Override values went to the model's configs unchecked: ``image.split: "false"`` loaded as a
+    (truthy) string, ``moe.seed: "abc"`` passed ``--check`` and crashed in training, and other wrong
+    types gave messages that did not name the field."""
+    data = _tiny()
+    data["model"]["overrides"] = {section: {name: bad}}
+    with pytest.raises(ValueError) as info:
+        RecipeConfig.from_dict(data)
+    assert str(info.value).startswith(f"recipe.model.overrides.{section}.{name}"), str(info.value)
+
+
+def test_model_overrides_of_the_right_type_load_as_the_fields_type() -> None:
+    data = _tiny()
+    data["model"]["overrides"] = {
+        "image": {"split": False},
+        "llm": {"rope_theta": 10000},  # an integer for a float field
+        "vision": {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]},  # YAML lists
+        "moe": {"num_experts": 4, "seed": 3},
+    }
+    cfg = RecipeConfig.from_dict(data).model.build()
+    assert cfg.image.split is False and cfg.llm.rope_theta == 10000.0
+    assert isinstance(cfg.llm.rope_theta, float)
+    assert cfg.vision.image_mean == (0.5, 0.5, 0.5) and cfg.vision.image_std == (0.25, 0.25, 0.25)
+    assert cfg.moe is not None and (cfg.moe.num_experts, cfg.moe.seed) == (4, 3)
+    data["model"]["overrides"] = {"image": {"split": "false"}}
+    with pytest.raises(
+        ValueError, match=r"^recipe\.model\.overrides\.image\.split: must be true or false, got 'false'"
+    ):
+        RecipeConfig.from_dict(data)
+
+
 def test_missing_and_default_fields() -> None:
     data = _tiny()
     del data["stages"][0]["name"]

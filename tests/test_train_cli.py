@@ -705,3 +705,204 @@ def test_the_resume_command_is_the_runs_own_launcher(
     monkeypatch.setattr(sys, "argv", ["mm15", "train", "r.yaml", "--out", "runs/a b", "--no-resume"])
     command = _resume_command()
     assert command.startswith(expected) and command.endswith("train r.yaml --out 'runs/a b' --resume")
+
+
+# lr 1e30: step 0 trains, and every later step's gradient norm is NaN (its loss stays finite).
+NAN_STAGE = """
+name: nanskip
+model: {preset: tiny}
+seed: 0
+stages:
+  - name: s1
+    parent: init
+    trainable: [llm]
+    optimizer: {name: adamw, lr: 1.0e+30, weight_decay: 0.0}
+    autocast: fp32
+    nan_policy: skip
+    global_batch: 2
+    micro_batch: 2
+    max_steps: 4
+    save_every: 2
+    data:
+      seq_length: 512
+      prefetch: inline
+      mixture: {text: 1}
+      sources: {text: "synth:text-only"}
+"""
+
+
+def _strict_json(line: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+@pytest.fixture(scope="module")
+def skipped_and_resumed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stage with skipped non-finite steps, interrupted after its step-2 checkpoint and resumed."""
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    tmp = tmp_path_factory.mktemp("nanskip")
+    recipe, run = tmp / "recipe.yaml", tmp / "run"
+    recipe.write_text(NAN_STAGE)
+    first = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run)])
+    assert first.exit_code == 0, first.output
+    # As if killed after the checkpoint of step 2: steps 2 and 3 are trained again on --resume.
+    shutil.rmtree(run / "s1" / "final")
+    shutil.rmtree(run / "s1" / "checkpoints" / "step-00000004")
+    resumed = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), "--resume"])
+    assert resumed.exit_code == 0 and "at step 2" in " ".join(resumed.output.split()), resumed.output
+    return run
+
+
+def test_a_resumed_stage_counts_the_steps_skipped_before_the_interruption(skipped_and_resumed: Path) -> None:
+    # The count started at 0 in every process: the summary said 2 (steps 2, 3) where 3 were skipped.
+    run = skipped_and_resumed
+    records = [_strict_json(line) for line in (run / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False, True, True, True]
+    (row,) = json.loads((run / "summary.json").read_text())
+    assert row["skipped"] == {"nonfinite_steps": 3}
+    assert "{'nonfinite_steps': 3}" in (run / "summary.md").read_text()
+
+
+def test_metrics_jsonl_is_strict_json_and_a_skipped_step_keeps_its_loss(skipped_and_resumed: Path) -> None:
+    """A skipped step was written as ``"loss": NaN`` (not JSON) although only its gradient norm was
+    not finite: its measured loss goes in, and a value that really is not finite is ``null``."""
+    from mm15.train.run import json_line
+
+    run = skipped_and_resumed
+    lines = (run / "s1" / "metrics.jsonl").read_text().splitlines()
+    records = [_strict_json(line) for line in lines]  # the lines from the checkpoint and the new ones
+    for record in records:
+        assert record["loss"] == pytest.approx(record["source_loss"]["text"], rel=1e-6), record
+    board = EventAccumulator(str(run / "s1" / "tensorboard"))
+    board.Reload()
+    assert [e.value for e in board.Scalars("s1/loss")] == pytest.approx(
+        [r["loss"] for r in records], rel=1e-6
+    )
+    assert [e.value for e in board.Scalars("s1/skipped")] == [0.0, 1.0, 1.0, 1.0]
+    nan = float("nan")
+    assert json_line({"loss": nan, "source_loss": {"a": float("inf")}, "x": [nan]}) == (
+        '{"loss": null, "source_loss": {"a": null}, "x": [null]}\n'
+    )
+
+
+def test_a_non_finite_step_before_any_checkpoint_says_there_is_none_yet(tmp_path: Path) -> None:
+    # It said "the last good checkpoint is None".
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(NAN_STAGE.replace("nan_policy: skip", "nan_policy: error").replace("save_every: 2", ""))
+    result = CliRunner().invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run")])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 3, result.output
+    assert "step 1: the gradient norm is nan; stopped before the update" in flat, flat
+    assert "there is no checkpoint of this stage yet, so a rerun (with or without --resume) trains it" in flat
+    assert "None" not in flat
+
+
+def test_the_loss_plot_shows_a_stage_of_one_step(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A line through one point draws nothing: a 1-step stage's plot was empty, and so was the curve of
+    a source present at one step only."""
+    import matplotlib.pyplot as plt
+
+    from mm15.train.run import _plot
+
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    history = [
+        {"step": 0, "loss": 2.0, "source_loss": {"a": 2.0, "b": 1.0}},
+        {"step": 1, "loss": None, "source_loss": {"a": None}},  # a step whose loss was not finite
+    ]
+    for records in (history[:1], history):
+        _plot(records, tmp_path / "loss.png", "one step")
+        (figure,) = figures
+        lines = figure.axes[0].get_lines()
+        assert len(lines) == 3
+        for line in lines:
+            shown = [y for y in line.get_ydata() if y == y]  # the finite points
+            assert len(shown) >= 2 or line.get_marker() not in (None, "None", "", " "), line.get_label()
+        figures.clear()
+    plt.close("all")
+
+
+def test_max_steps_cuts_only_the_stages_longer_than_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-steps 5 rewrote a 3-step stage's schedule (its total_steps 6 gone, warm-up clamped)."""
+    from typer.testing import CliRunner
+
+    import mm15.train.run as run_module
+    from mm15.cli import app
+    from mm15.train.config import load_recipe
+
+    data = yaml.safe_load(ONE_STAGE)
+    data["stages"][0].update(max_steps=3, save_every=100, schedule={"warmup_steps": 2, "total_steps": 6})
+    second = {**data["stages"][0], "name": "sft", "parent": "pretrain", "max_steps": 10}
+    second["schedule"] = {"warmup_steps": 4, "total_steps": 12}
+    data["stages"].append(second)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    written = load_recipe(recipe)
+    trained = []
+    monkeypatch.setattr(
+        run_module, "run_recipe", lambda config, *args, **kwargs: trained.append(config) or []
+    )
+    for cap in ("3", "5", "10"):  # no stage is longer than 10, only sft than 3 and 5
+        result = CliRunner().invoke(
+            app, ["train", str(recipe), "--out", str(tmp_path / "run"), "--max-steps", cap]
+        )
+        assert result.exit_code == 0, result.output
+    assert trained[0].stages[0] == written.stages[0]
+    short = trained[0].stages[1]
+    assert (short.max_steps, short.save_every) == (3, 3)
+    assert (short.schedule.warmup_steps, short.schedule.total_steps) == (2, None)
+    assert trained[1].stages == (written.stages[0], trained[1].stages[1])
+    assert trained[1].stages[1].max_steps == 5 and trained[1].stages[1].schedule.total_steps is None
+    assert trained[2] == written
+    zero = CliRunner().invoke(app, ["train", str(recipe), "--max-steps", "0"])
+    assert zero.exit_code == 2 and "--max-steps" in zero.output and len(trained) == 3, zero.output
+
+
+def test_a_later_stage_of_the_run_does_not_keep_the_earlier_stages_speed_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second stage reuses the first one's model: grad_checkpointing and compile, true in the first
+    and false in the second, stayed on (they could only be switched on). ``compile`` is faked (no
+    inductor): the block's call goes through ``_compiled_call_impl``, as ``Module.compile`` sets it."""
+    import torch
+    from rich.console import Console
+
+    import mm15.train.run as run_module
+    from mm15.train.config import RecipeConfig
+
+    def fake_compile(module: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        module._compiled_call_impl = module._call_impl
+
+    monkeypatch.setattr(torch.nn.Module, "compile", fake_compile)
+    seen: list[tuple[bool, bool, bool]] = []
+    real_step = run_module.train_step
+
+    def spy(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        inner = run_module.D.unwrap(model)
+        blocks = [*inner.llm.get_decoder().layers, *run_module.D.vision_blocks(inner)]
+        compiled = {getattr(b, "_compiled_call_impl", None) is not None for b in blocks}
+        assert len(compiled) == 1  # all blocks or none
+        seen.append(
+            (inner.llm.is_activation_checkpointing, inner.vision.model.is_activation_checkpointing, *compiled)
+        )
+        return real_step(model, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "train_step", spy)
+    data = yaml.safe_load(ONE_STAGE)
+    first = data["stages"][0]
+    first.update(max_steps=1, schedule={"warmup_steps": 0}, grad_checkpointing=True, compile=True)
+    data["stages"].append({**first, "name": "sft", "parent": "pretrain", "grad_checkpointing": False})
+    data["stages"][1]["compile"] = False
+    run_module.run_recipe(RecipeConfig.from_dict(data), Console(quiet=True), out=tmp_path / "run")
+    assert seen == [(True, True, True), (False, False, False)]

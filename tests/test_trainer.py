@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import shutil
@@ -148,6 +149,30 @@ def test_a_finite_loss_with_an_infinite_gradient_is_not_applied(max_grad_norm: f
     )
     assert metrics.skipped and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not train_step(model, stream, optimizer, scheduler, step=2, **common).skipped  # then trains on
+
+
+def test_a_step_skipped_for_its_gradient_records_the_loss_it_measured() -> None:
+    """The loss was finite, only the gradient norm was not: the step's loss was recorded as NaN, next to
+    finite per-source losses (metrics.jsonl and TensorBoard then disagreed with themselves)."""
+    model, stream, optimizer, scheduler = setup()
+    common = {"accum": 1, "dtype": torch.float32, "max_grad_norm": 1.0, "peak_flops": 1e11}
+    metrics = train_step(
+        model,
+        stream,
+        optimizer,
+        scheduler,
+        step=0,
+        loss_hook=_InfiniteGradient.apply,
+        nan_policy="skip",
+        **common,
+    )
+    assert metrics.skipped and math.isfinite(metrics.loss)
+    # The token mean over the sources lies between them (up to float32 sums); and it is the loss the
+    # same step reports when it is not skipped.
+    low, high = min(metrics.source_loss.values()), max(metrics.source_loss.values())
+    assert low * (1 - 1e-6) <= metrics.loss <= high * (1 + 1e-6)
+    model, stream, optimizer, scheduler = setup()
+    assert metrics.loss == train_step(model, stream, optimizer, scheduler, step=0, **common).loss
 
 
 def test_corrupt_images_are_skipped_and_counted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -380,6 +405,43 @@ def _with_options(**options: bool) -> list[float]:
 def test_gradient_checkpointing_gives_the_same_losses() -> None:
     """Recomputing activations in backward changes memory, not the numbers."""
     assert _with_options(grad_checkpointing=True) == steps(*setup(), 0, 3)
+
+
+def _fake_compile(module: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+    """``Module.compile`` without inductor: the module's call goes through ``_compiled_call_impl``."""
+    module._compiled_call_impl = module._call_impl
+
+
+def _speed_state(model: MM15Model) -> tuple[bool, bool, int, int]:
+    """(LLM checkpointed, encoder checkpointed, input-embedding hooks, compiled blocks)."""
+    from mm15.train.distributed import vision_blocks
+
+    blocks = [*model.llm.get_decoder().layers, *vision_blocks(model)]
+    return (
+        model.llm.is_activation_checkpointing,
+        model.vision.model.is_activation_checkpointing,
+        len(getattr(model.llm, "_require_grads_hooks", [])),
+        sum(getattr(b, "_compiled_call_impl", None) is not None for b in blocks),
+    )
+
+
+def test_speed_options_apply_a_stages_settings_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later stage of a run reuses the model: its grad_checkpointing and compile false must turn the
+    earlier stage's off (they were only ever switched on), and switching on twice adds nothing twice."""
+    from mm15.train.distributed import vision_blocks
+    from mm15.train.run import speed_options
+
+    monkeypatch.setattr(torch.nn.Module, "compile", _fake_compile)
+    model, stream, optimizer, scheduler = setup()
+    blocks = len(model.llm.get_decoder().layers) + len(vision_blocks(model))
+    speed_options(model, grad_checkpointing=True, compile=True)
+    assert _speed_state(model) == (True, True, 1, blocks)
+    speed_options(model, grad_checkpointing=True, compile=True)
+    assert _speed_state(model) == (True, True, 1, blocks)
+    speed_options(model, grad_checkpointing=False, compile=False)
+    assert _speed_state(model) == (False, False, 0, 0)
+    # And it trains as a model that never had them.
+    assert steps(model, stream, optimizer, scheduler, 0, 2) == steps(*setup(), 0, 2)
 
 
 @pytest.mark.slow  # inductor compiles every block type once: about 2 minutes on 2 cores

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -151,6 +153,27 @@ def _map_of(parse: Callable[[str, Any], Any]) -> Callable[[str, Any], dict[str, 
         return out
 
     return parse_map
+
+
+def _parser_for_type(hint: Any) -> Callable[[str, Any], Any]:
+    """The strict parser of a dataclass field's type: ``int``, ``float``, ``bool``, ``str``, a
+    ``Literal`` of strings, ``tuple[X, ...]`` (a YAML list) or any of those ``| None``. Another type is a
+    ``TypeError``: a field that ``model.overrides`` cannot check yet must not pass unchecked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType) and type(None) in args:
+        rest = tuple(a for a in args if a is not type(None))
+        if len(rest) == 1:
+            return _opt(_parser_for_type(rest[0]))
+    elif origin is Literal and all(isinstance(a, str) for a in args):
+        return _choice(*args)
+    elif origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return _list_of(_parser_for_type(args[0]))
+    elif hint in _SCALAR_PARSERS:
+        return _SCALAR_PARSERS[hint]
+    raise TypeError(f"no recipe parser for the field type {hint!r}")
+
+
+_SCALAR_PARSERS: dict[Any, Callable[[str, Any], Any]] = {bool: _bool, int: _int, float: _float, str: _str}
 
 
 def _plain_mapping(path: str, value: Any) -> dict[str, Any]:
@@ -666,10 +689,19 @@ class ModelSpec:
                 current = MoEConfig()
             _check(current is not None, f"overrides.{section}", f"preset {self.preset!r} has no {section}")
             known = {f.name for f in dataclasses.fields(current)}
-            for key in values:
-                _check(key in known, f"overrides.{section}.{key}", f"unknown field (one of {sorted(known)})")
+            hints = typing.get_type_hints(type(current))
+            parsed = {}
+            for key, value in values.items():
+                where = f"overrides.{section}.{key}"
+                _check(key in known, where, f"unknown field (one of {sorted(known)})")
+                # Each value as the field's type, as strictly as the rest of the recipe: YAML's "false" is
+                # a string (truthy), and a wrong type would otherwise pass until the model is built.
+                try:
+                    parsed[key] = _parser_for_type(hints[key])(where, value)
+                except ValueError as err:
+                    raise _FieldError(where, str(err).removeprefix(f"{where}: ")) from None
             try:
-                changes[section] = dataclasses.replace(current, **values)
+                changes[section] = dataclasses.replace(current, **parsed)
             except (ValueError, TypeError) as err:
                 raise _FieldError(f"overrides.{section}", str(err)) from None
         return dataclasses.replace(cfg, **changes)

@@ -20,6 +20,7 @@ import contextlib
 import dataclasses
 import fcntl
 import json
+import math
 import os
 import random
 import signal
@@ -196,6 +197,32 @@ def _model_for(
     return model
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (NaN, infinity) replaced by ``None``, in nested dicts and lists.
+
+    The standard library writes NaN as ``NaN``, which is not JSON: strict readers (``jq``, JavaScript)
+    refuse the whole file. A step's record holds such values when its loss or gradient was not finite
+    (a step skipped under ``nan_policy: skip``, which its ``skipped`` field says).
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_line(record: Any) -> str:
+    """One line of strict JSON (non-finite numbers as ``null``): ``metrics.jsonl`` and ``eval.jsonl``."""
+    return json.dumps(json_safe(record), allow_nan=False) + "\n"
+
+
+def _number(value: float | None) -> float:
+    """A logged value as a float: ``None`` (a non-finite value in strict JSON) is NaN."""
+    return math.nan if value is None else float(value)
+
+
 def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -204,10 +231,15 @@ def _plot(history: list[dict[str, Any]], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     steps = [h["step"] for h in history]
-    ax.plot(steps, [h["loss"] for h in history], label="total", color="black", linewidth=2)
+    # Markers as well as lines: a line through one point draws nothing (a 1-step stage, a source present
+    # at one step only). A non-finite value (null in metrics.jsonl) is a gap.
+    losses = [_number(h["loss"]) for h in history]
+    ax.plot(steps, losses, label="total", color="black", linewidth=2, marker="o", markersize=3)
     for source in sorted({s for h in history for s in h["source_loss"]}):
-        points = [(h["step"], h["source_loss"][source]) for h in history if source in h["source_loss"]]
-        ax.plot(*zip(*points, strict=True), label=source, alpha=0.6, linewidth=1)
+        points = [
+            (h["step"], _number(h["source_loss"][source])) for h in history if source in h["source_loss"]
+        ]
+        ax.plot(*zip(*points, strict=True), label=source, alpha=0.6, linewidth=1, marker=".", markersize=4)
     ax.set_xlabel("step")
     ax.set_ylabel("loss (per supervised token)")
     ax.set_title(title)
@@ -238,14 +270,26 @@ def speed_options(model: MM15Model, *, compile: bool = False, grad_checkpointing
     decoder layer and vision block on its own (torchtitan's per-block scheme): repeated blocks share one
     compiled graph, and the varying sequence lengths of packed batches become dynamic shapes after the
     first recompilation instead of recompiling the whole model for every new length.
+
+    Both apply either way: a model reused from the previous stage of the run (``_model_for``) arrives
+    with that stage's settings, and a stage with ``grad_checkpointing: false`` or ``compile: false``
+    turns them off again.
     """
     kwargs = {"activation_checkpointing_kwargs": {"use_reentrant": False}}
-    if grad_checkpointing:
-        model.llm.activation_checkpointing_enable(**kwargs)
-        model.vision.model.activation_checkpointing_enable(**kwargs)
-    if compile:
-        # Per-sample attention stays on: it runs between the compiled graphs (mm15.model.attention).
-        for block in [*model.llm.get_decoder().layers, *D.vision_blocks(model)]:
+    for part in (model.llm, model.vision.model):
+        part.activation_checkpointing_disable()
+        # Enabling also hooks the LLM's input embeddings (their output requires grad, for checkpointed
+        # layers); disabling leaves that hook, and enabling twice would add a second one.
+        part.disable_input_require_grads()
+        if grad_checkpointing:
+            part.activation_checkpointing_enable(**kwargs)
+    # Per-sample attention stays on: it runs between the compiled graphs (mm15.model.attention).
+    for block in [*model.llm.get_decoder().layers, *D.vision_blocks(model)]:
+        # ``Module.compile`` compiles in place: the compiled call goes to ``_compiled_call_impl`` and the
+        # module (its parameters, its state dict) stays as it was; without it the module runs eager.
+        if not compile:
+            block._compiled_call_impl = None
+        elif getattr(block, "_compiled_call_impl", None) is None:
             block.compile()
 
 
@@ -308,8 +352,8 @@ class StageLog:
         self.writer: Any = None  # set on the active rank only
         if not active:
             return
-        self.metrics_file.write_text("".join(json.dumps(h) + "\n" for h in history))
-        self.eval_file.write_text("".join(json.dumps(e) + "\n" for e in evals))
+        self.metrics_file.write_text("".join(json_line(h) for h in history))
+        self.eval_file.write_text("".join(json_line(e) for e in evals))
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=start)
@@ -318,19 +362,20 @@ class StageLog:
         if self.writer is None:
             return
         with self.metrics_file.open("a") as log:
-            log.write(json.dumps(record) + "\n")
+            log.write(json_line(record))
         for key in LOGGED_SCALARS:
-            self.writer.add_scalar(f"{self.stage}/{key}", record[key], step)
+            self.writer.add_scalar(f"{self.stage}/{key}", _number(record[key]), step)
+        self.writer.add_scalar(f"{self.stage}/skipped", float(bool(record.get("skipped"))), step)
         for source, value in record["source_loss"].items():
-            self.writer.add_scalar(f"{self.stage}/loss/{source}", value, step)
+            self.writer.add_scalar(f"{self.stage}/loss/{source}", _number(value), step)
         for key, value in record["aux"].items():
-            self.writer.add_scalar(f"{self.stage}/moe/{key}", value, step)
+            self.writer.add_scalar(f"{self.stage}/moe/{key}", _number(value), step)
 
     def evaluation(self, scores: dict[str, Any], step: int) -> None:
         if self.writer is None:
             return
         with self.eval_file.open("a") as log:
-            log.write(json.dumps(scores) + "\n")
+            log.write(json_line(scores))
         for key, value in scores.items():
             if key.startswith("category/"):
                 self.writer.add_scalar(f"{self.stage}/eval/{key[9:]}", value, step)
@@ -530,7 +575,7 @@ def run_stage(
                 f"a smaller --max-steps, or move {ckpt_dir} away to start the stage over"
             )
         _restore_recipe_hyperparameters(optimizer, scheduler, recipe_groups, stage, start)
-        history = extra["history"]
+        history = json_safe(extra["history"])  # NaN in checkpoints from before strict JSON
         evals = extra.get("evals", [])
         console.print(f"[bold]{shown(stage.name)}[/bold]: resumed from {shown(latest)} at step {start}")
         changed = resume_setting_changes(extra.get("stage"), stage)
@@ -552,7 +597,6 @@ def run_stage(
     # Replicated models must give every trainable parameter a gradient on every rank (an MoE expert no
     # token reached, the encoder on a text-only batch); see touch_unused_branches.
     loss_hook = partial(D.touch_unused_branches, wrapped) if strategy == "ddp" else None
-    skipped_steps = 0
     wrapped.train()
     columns = (
         TextColumn("{task.description}"),
@@ -596,14 +640,23 @@ def run_stage(
                 )
             except NonFiniteLoss as err:
                 kept = latest_checkpoint(ckpt_dir)
-                raise StageFailed(
-                    f"stage {stage.name!r}: {err}; the last good checkpoint is {kept}"
-                ) from None
-            skipped_steps += metrics.skipped
-            record = metrics.as_dict()
+                if kept is None:
+                    where = (
+                        "there is no checkpoint of this stage yet, so a rerun (with or without --resume) "
+                        "trains it from step 0"
+                    )
+                else:
+                    where = f"the last good checkpoint is {kept}, which --resume continues from"
+                raise StageFailed(f"stage {stage.name!r}: {err}; {where}") from None
+            # As metrics.jsonl and the checkpoint hold it: strict JSON, a non-finite value as None.
+            record = json_safe(metrics.as_dict())
             history.append(record)
             log.step(record, step)
-            info = f"loss {metrics.loss:.3f}  {metrics.tokens_per_s:.0f} tok/s  wait {metrics.data_wait:.0%}"
+            skip_note = " (skipped)" if metrics.skipped else ""
+            info = (
+                f"loss {metrics.loss:.3f}{skip_note}  {metrics.tokens_per_s:.0f} tok/s  "
+                f"wait {metrics.data_wait:.0%}"
+            )
             progress.update(task, advance=1, info=info)
             done = step + 1
             if evaluating and main and (done % stage.eval_every == 0 or done == stage.max_steps):
@@ -637,6 +690,9 @@ def run_stage(
     for counts in D.gather_objects(dict(data.skipped_sources)):
         skipped_sources.update(counts)
     skip_examples = [e for rank_examples in D.gather_objects(data.skip_examples) for e in rank_examples]
+    # Counted in the history, which a resume restores from the checkpoint: the steps skipped before an
+    # interruption count too, and a step repeated after it counts once.
+    skipped_steps = sum(1 for h in history if h.get("skipped"))
     if skipped_steps:
         skipped["nonfinite_steps"] = skipped_steps
     if main:
@@ -646,8 +702,8 @@ def run_stage(
     return {
         "stage": stage.name,
         "steps": len(history),
-        "first_loss": finite[0]["loss"],
-        "last_loss": sum(h["loss"] for h in tail) / len(tail),
+        "first_loss": _number(finite[0]["loss"]),
+        "last_loss": sum(_number(h["loss"]) for h in tail) / len(tail),
         "tokens_per_s": sum(h["tokens_per_s"] for h in history) / len(history),
         "data_wait": sum(h["data_wait"] for h in history) / len(history),
         "skipped": dict(skipped),
@@ -887,7 +943,7 @@ def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str
     by_stage = {s["stage"]: s for s in json.loads(record.read_text())} if record.is_file() else {}
     by_stage.update({s["stage"]: s for s in summaries})
     summaries = [by_stage[s.name] for s in recipe.stages if s.name in by_stage]
-    record.write_text(json.dumps(summaries, indent=1, default=str))
+    record.write_text(json.dumps(json_safe(summaries), indent=1, default=str, allow_nan=False))
     lines = [
         f"# {recipe.name}: training summary",
         "",
@@ -896,8 +952,9 @@ def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str
     ]
     for s in summaries:
         lines.append(
-            f"| {s['stage']} | {s['steps']} | {s['first_loss']:.3f} | {s['last_loss']:.3f} | "
-            f"{s['tokens_per_s']:.0f} | {s['data_wait']:.1%} | {s['skipped'] or 'none'} |"
+            f"| {s['stage']} | {s['steps']} | {_number(s['first_loss']):.3f} | "
+            f"{_number(s['last_loss']):.3f} | {s['tokens_per_s']:.0f} | {s['data_wait']:.1%} | "
+            f"{s['skipped'] or 'none'} |"
         )
     evaluated = [s for s in summaries if s.get("eval")]
     if evaluated:

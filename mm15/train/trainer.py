@@ -107,7 +107,9 @@ class StepMetrics:
     data_wait: float
     peak_rss_gib: float
     supervised_tokens: int
-    skipped: bool = False  # a non-finite step skipped under nan_policy 'skip'
+    # A step whose loss or gradient norm was not finite, not applied (nan_policy 'skip'); its ``loss``
+    # and ``source_loss`` are still the values measured (NaN where they were not finite).
+    skipped: bool = False
     mixture: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -249,7 +251,9 @@ def train_step(
     step_flops = mm15_flop_weights(unwrapped).step_flops(work)
     return StepMetrics(
         step=step,
-        loss=loss_total / total_supervised if all_finite else float("nan"),
+        # The loss measured, also on a skipped step (``skipped`` says it was not applied): a step is
+        # skipped as well when the loss is finite and only the gradient is not.
+        loss=loss_total / total_supervised,
         source_loss={
             names[i]: float(source_stats[i, 0] / source_stats[i, 1])
             for i in range(len(names))
