@@ -516,6 +516,11 @@ def test_a_damaged_model_directory_is_a_clear_error(model: MM15Model, tmp_path: 
     def write_config(document: object) -> Callable[[Path], None]:
         return lambda folder: (folder / "config.json").write_text(json.dumps(document))
 
+    llm, connector = config["llm_config"], config["config"]["connector"]
+    vocab, width, hidden = llm["vocab_size"], llm["hidden_size"], connector["hidden_dim"]
+    narrower_connector = {**connector, "hidden_dim": hidden // 2}
+    narrower = {**config, "config": {**config["config"], "connector": narrower_connector}}
+    layers_as_text = {**llm, "num_hidden_layers": str(llm["num_hidden_layers"])}
     cases = {
         "truncated-weights": (
             lambda f: (f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:1000]),
@@ -536,14 +541,97 @@ def test_a_damaged_model_directory_is_a_clear_error(model: MM15Model, tmp_path: 
             "unexpected keyword argument 'bogus'",
         ),
         "no-tokenizer": (lambda f: (f / "tokenizer.json").unlink(), "cannot load the tokenizer"),
+        # These three gave load_state_dict's RuntimeError and huggingface_hub's validation error.
+        "llm-vocab-edited": (
+            write_config({**config, "llm_config": {**llm, "vocab_size": vocab + 80}}),
+            f"is ({vocab}, {width}) in model.safetensors but ({vocab + 80}, {width}) in config.json",
+        ),
+        "connector-width-edited": (
+            write_config(narrower),
+            re.compile(
+                r"model\.safetensors does not match the architecture in .*config\.json .*connector\.\S+ is "
+                rf"\([^)]*\b{hidden}\b[^)]*\) in model\.safetensors "
+                rf"but \([^)]*\b{hidden // 2}\b[^)]*\) in config\.json"
+            ),
+        ),
+        "llm-config-wrong-type": (
+            write_config({**config, "llm_config": layers_as_text}),
+            re.compile(r"config\.json: llm_config is not a valid LLM config .*num_hidden_layers"),
+        ),
     }
     for name, (change, message) in cases.items():
-        with pytest.raises(ValueError, match=re.escape(message)):
+        pattern = message if isinstance(message, re.Pattern) else re.escape(message)
+        with pytest.raises(ValueError, match=pattern):
             MM15Model.from_pretrained(damaged(name, change))
     stage = tmp_path / "run" / "sft"  # a training stage's directory: its model is in final/
     shutil.copytree(tmp_path / "good", stage / "final")
     with pytest.raises(FileNotFoundError, match=re.escape(f"did you mean {stage / 'final'}?")):
         MM15Model.from_pretrained(stage)
+
+
+def test_the_llms_generation_config_and_its_stop_ids_survive_save_and_load(tmp_path: Path) -> None:
+    # Only the tokenizer was saved: a decoder whose generation_config.json lists extra eos ids (Llama 3
+    # Instruct's <|eot_id|> and <|eom_id|>) stopped only at config.json's eos after a reload.
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from mm15.chat import stop_token_ids
+    from mm15.model.llm import LLMConfig, build_tiny_tokenizer
+
+    sizes = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 1, "num_attention_heads": 4}
+    torch.manual_seed(0)
+    decoder = LlamaForCausalLM(LlamaConfig(vocab_size=320, eos_token_id=2, bos_token_id=1, **sizes))
+    decoder.generation_config = GenerationConfig(eos_token_id=[2, 10], bos_token_id=1)
+    decoder.save_pretrained(tmp_path / "llm")
+    build_tiny_tokenizer().save_pretrained(tmp_path / "llm")
+    built = MM15Model.build(
+        dataclasses.replace(preset("tiny"), llm=LLMConfig(source="hf", path=str(tmp_path / "llm")))
+    )
+    assert 10 in stop_token_ids(built.tokenizer, built.llm)
+    built.save_pretrained(tmp_path / "mm15")
+    loaded = MM15Model.from_pretrained(tmp_path / "mm15")
+    assert stop_token_ids(loaded.tokenizer, loaded.llm) == stop_token_ids(built.tokenizer, built.llm)
+    assert loaded.llm.generation_config.eos_token_id == [2, 10]
+    # A damaged generation_config.json is named, like the other files.
+    (tmp_path / "mm15" / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match=r"generation_config\.json cannot be read"):
+        MM15Model.from_pretrained(tmp_path / "mm15")
+
+
+def off_grid_siglip(path: Path) -> Path:
+    """google/siglip-so400m-patch14-384's geometry at a tiny width: 384 px, 14-px patches, 27x27."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    SiglipVisionModel(SiglipVisionConfig(image_size=384, patch_size=14, **sizes)).save_pretrained(path)
+    return path
+
+
+def test_a_siglip_encoder_off_the_patch_grid_builds_saves_and_loads(tmp_path: Path) -> None:
+    # siglip-so400m-patch14-384 (384 px, 14-px patches) could not be built at its default size, and at
+    # input_size=378 save_pretrained raised "VisionConfig.image_size (384) must be a multiple of
+    # patch_size (14)", so every end-of-training save failed.
+    from mm15.model.vision import VisionConfig
+
+    base = preset("tiny")
+    cfg = dataclasses.replace(
+        base,
+        vision=VisionConfig(kind="siglip", pretrained=str(off_grid_siglip(tmp_path / "siglip"))),
+        connector=dataclasses.replace(base.connector, vision_dim=32, num_patches=729),
+        image=dataclasses.replace(base.image, tile_size=378, split=False),  # one tile per image
+    )
+    torch.manual_seed(0)
+    built = MM15Model.build(cfg).eval()
+    assert (built.vision.input_size, built.vision.num_patches) == (378, 729)
+    proc = MM15Processor.for_model(built)
+    batch = proc(["a <image>"], [[picture(300, 200, 3)]])
+    assert batch["pixel_values"].shape[-2:] == (378, 378)
+    built.save_pretrained(tmp_path / "mm15")
+    loaded = MM15Model.from_pretrained(tmp_path / "mm15")
+    assert loaded.cfg.vision.image_size == loaded.vision.input_size == 378
+    args = (batch["input_ids"], batch["attention_mask"], batch["pixel_values"])
+    with torch.no_grad():
+        assert torch.equal(loaded(*args).logits, built(*args).logits)
 
 
 def test_moe_model_saves_loads_and_reports_aux(tmp_path: Path) -> None:

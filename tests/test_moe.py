@@ -136,7 +136,7 @@ def test_scratch_init_experts_differ(dense: LlamaForCausalLM) -> None:
 # ----------------------------------------------------------------------------------- layer choice
 
 
-@pytest.mark.parametrize(("every", "expected"), [(1, [0, 1, 2, 3]), (2, [1, 3]), (3, [2]), (4, [3]), (5, [])])
+@pytest.mark.parametrize(("every", "expected"), [(1, [0, 1, 2, 3]), (2, [1, 3]), (3, [2]), (4, [3])])
 def test_right_layers_replaced(dense: LlamaForCausalLM, every: int, expected: list[int]) -> None:
     assert moe_layer_indices(4, every) == expected
     model = upcycled(dense, every=every)
@@ -145,6 +145,15 @@ def test_right_layers_replaced(dense: LlamaForCausalLM, every: int, expected: li
     for i, layer in enumerate(model.model.layers):
         if i not in expected:
             assert isinstance(layer.mlp, LlamaMLP)
+
+
+def test_every_beyond_the_layer_count_is_an_error(dense: LlamaForCausalLM) -> None:
+    # every=5 on 4 layers upcycled nothing: a dense model that was still saved and reported as MoE.
+    assert moe_layer_indices(4, 5) == []
+    model = copy.deepcopy(dense)
+    with pytest.raises(ValueError, match=r"MoEConfig\.every \(5\) exceeds the LLM's 4 layers"):
+        upcycle_llm(model, small_cfg(every=5))
+    assert not any(isinstance(layer.mlp, SparseMoE) for layer in model.model.layers)
 
 
 def test_upcycle_twice_raises(dense: LlamaForCausalLM) -> None:

@@ -395,6 +395,25 @@ def test_convert_open_clip_checkpoint_file(tmp_path: Path, suffix: str) -> None:
         torch.testing.assert_close(enc(x), open_clip_reference(sd, x, heads=4)[:, 1:], rtol=0, atol=1e-5)
 
 
+def test_an_open_clip_training_checkpoint_with_ddp_keys_converts(tmp_path: Path) -> None:
+    # open_clip_train saves {"epoch", "name", "state_dict"} of the DDP-wrapped model: every key starts
+    # with "module.", which the converter refused ("no keys start with 'visual.'").
+    sd = open_clip_state_dict()
+    wrapped = {"module." + k: v for k, v in sd.items()}
+    torch.save({"epoch": 1, "name": "run", "state_dict": wrapped}, tmp_path / "epoch_1.pt")
+    cfg = convert_open_clip_checkpoint(tmp_path / "epoch_1.pt", tmp_path / "hf", num_heads=4)
+    enc = load_vision_encoder(cfg).eval()
+    x = pixels(2, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(x), open_clip_reference(sd, x, heads=4)[:, 1:], rtol=0, atol=1e-5)
+    plain = convert_open_clip_state_dict(sd)
+    assert convert_open_clip_state_dict(wrapped).keys() == plain.keys()
+    assert open_clip_vision_config(wrapped, num_heads=4) == open_clip_vision_config(sd, num_heads=4)
+    # Only a prefix every key has is the wrapper's: a lone "module." key is left alone.
+    with pytest.raises(KeyError, match="unexpected keys"):
+        convert_open_clip_state_dict({**sd, "visual.module.x": torch.zeros(1)})
+
+
 def test_bin_loading_never_unpickles_objects(tmp_path: Path) -> None:
     path = tmp_path / "evil.bin"
     torch.save({"visual.conv1.weight": torch.zeros(1), "payload": _NotATensor()}, path)
@@ -469,6 +488,50 @@ def test_pretrained_with_interpolation_and_resave(tmp_path: Path) -> None:
     assert (again.image_size, again.input_size) == (56, 56)
     with torch.no_grad():
         assert torch.equal(again(x), enc(x))
+
+
+def off_grid_checkpoint(path: Path, kind: str) -> Path:
+    """google/siglip-so400m-patch14-384's geometry at a tiny width: 384 px, 14-px patches, so a 27x27
+    table (the stride-14 convolution drops the last 6 pixels)."""
+    from transformers import CLIPVisionConfig, SiglipVisionConfig
+
+    config_cls = SiglipVisionConfig if kind == "siglip" else CLIPVisionConfig
+    sizes = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+    torch.manual_seed(0)
+    HF_CLASSES[kind](config_cls(image_size=384, patch_size=14, **sizes)).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["siglip", "clip"])
+def test_a_checkpoint_off_the_patch_grid_runs_on_whole_patches(tmp_path: Path, kind: str) -> None:
+    # It failed to build ("input_size (384) must be a multiple of the patch size (14)"); with
+    # input_size=378 the table already fitted, so image_size stayed 384 and 378-px tiles were refused.
+    path = off_grid_checkpoint(tmp_path / "ckpt", kind)
+    prefix = 1 if kind == "clip" else 0
+    for input_size in (None, 378):
+        enc = load_vision_encoder(VisionConfig(kind=kind, pretrained=str(path), input_size=input_size)).eval()
+        assert (enc.image_size, enc.input_size, enc.num_patches) == (384, 378, 729)
+        assert enc.model.embeddings.position_embedding.weight.shape[0] == prefix + 729  # not resampled
+        x = pixels(1, 378)
+        with torch.no_grad():
+            # What the checkpoint computes on a 384-px tile: the pixels past 378 never reach it.
+            padded = F.pad(x, (0, 6, 0, 6), value=9.0)
+            hf = HF_CLASSES[kind].from_pretrained(path).eval()
+            expected = hf(padded, output_hidden_states=True).hidden_states[-1][:, prefix:]
+            assert torch.equal(enc(x), expected)
+            # The wrapped model's config says 378, so transformers' own forward takes the tile too.
+            native = plain_hf(enc)(x, output_hidden_states=True).hidden_states[-1][:, prefix:]
+            assert torch.equal(native, expected)
+        with pytest.raises(ValueError, match=r"\(N, 3, 378, 378\)"):
+            enc(pixels(1, 384))
+    enc.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["image_size"] == 378
+    again = load_vision_encoder(VisionConfig(kind=kind, pretrained=str(tmp_path / "saved"))).eval()
+    assert (again.image_size, again.input_size, again.num_patches) == (378, 378, 729)
+    with torch.no_grad():
+        assert torch.equal(again(x), enc(x))
+    with pytest.raises(ValueError, match=r"input_size \(384\) must be a multiple of the patch size"):
+        load_vision_encoder(VisionConfig(kind=kind, pretrained=str(path), input_size=384))
 
 
 def test_pretrained_errors_and_preprocessor_stats(tmp_path: Path) -> None:

@@ -8,8 +8,10 @@ maps them to LLM-width tokens with the connector and writes them over the image-
 order; a count mismatch is an error naming both counts, never a silent truncation.
 
 ``save_pretrained`` writes one directory: ``config.json`` (the mm15 config plus the LLM's and the
-encoder's architecture), ``model.safetensors`` and the tokenizer files. ``from_pretrained`` rebuilds
-the architecture from those configs and loads the weights; nothing is unpickled.
+encoder's architecture), ``model.safetensors``, the LLM's ``generation_config.json`` (its eos ids are
+stop tokens) and the tokenizer files. ``from_pretrained`` rebuilds the architecture from those configs
+and loads the weights; nothing is unpickled, and a damaged or edited directory is a ValueError naming
+the file.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN = "<|image_patch|>"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"
 FORMAT_VERSION = 1
 
 
@@ -278,7 +281,8 @@ class MM15Model(nn.Module):
     # --- save and load -------------------------------------------------------------------------------
 
     def save_pretrained(self, path: str | Path) -> None:
-        """One directory: config.json, model.safetensors, tokenizer files. Loading never unpickles."""
+        """One directory: config.json, model.safetensors, generation_config.json, tokenizer files.
+        Loading never unpickles."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         hf_vision = self.vision.model.config
@@ -307,11 +311,19 @@ class MM15Model(nn.Module):
         }
         (path / CONFIG_NAME).write_text(json.dumps(document, indent=2, default=str))
         save_model(self, str(path / WEIGHTS_NAME))
+        generation = getattr(self.llm, "generation_config", None)
+        if generation is not None:
+            # Its eos ids are stop tokens (mm15.chat.stop_token_ids; Llama 3 Instruct lists several). As
+            # HF writes it, minus save_pretrained's strict validation: a finished run's save must not fail
+            # over sampling defaults it never used.
+            target = path / GENERATION_CONFIG_NAME
+            generation.to_json_file(target, use_diff=True, keys_to_pop=["compile_config"])
         self.tokenizer.save_pretrained(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> MM15Model:
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+        from huggingface_hub.errors import StrictDataclassError
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         path = Path(path)
         if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
@@ -337,8 +349,16 @@ class MM15Model(nn.Module):
             )
             cfg = dataclasses.replace(cfg, vision=vision)
         llm_config = dict(document["llm_config"])
-        hf_config = AutoConfig.for_model(llm_config.pop("model_type", None), **llm_config)
+        try:
+            hf_config = AutoConfig.for_model(llm_config.pop("model_type", None), **llm_config)
+        except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
+            raise ValueError(f"{path}/{CONFIG_NAME}: llm_config is not a valid LLM config ({err})") from None
         llm = AutoModelForCausalLM.from_config(hf_config).to(cfg.llm.torch_dtype)  # from_config gives float32
+        if (path / GENERATION_CONFIG_NAME).is_file():  # saved since generation_config.json was written
+            try:
+                llm.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+            except (OSError, ValueError, TypeError) as err:
+                raise ValueError(f"{path}/{GENERATION_CONFIG_NAME} cannot be read ({err})") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
@@ -347,6 +367,7 @@ class MM15Model(nn.Module):
             upcycle_llm(llm, dataclasses.replace(cfg.moe, upcycle=False))
         model = cls(cfg, VisionEncoder(cfg.vision), build_connector(cfg.connector), llm, tokenizer)
         try:
+            _check_weight_shapes(model, path)
             missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
         except SafetensorError as err:
             raise ValueError(f"{path}/{WEIGHTS_NAME} cannot be read (damaged or truncated: {err})") from None
@@ -365,6 +386,26 @@ class MM15Model(nn.Module):
             "llm": count(self.llm),
             "total": count(self),
         }
+
+
+def _check_weight_shapes(model: nn.Module, path: Path) -> None:
+    """ValueError naming every tensor whose shape in model.safetensors differs from the architecture
+    config.json describes (an edited vocab_size or connector width), instead of load_state_dict's
+    RuntimeError. Reads only the file's header."""
+    from safetensors import safe_open
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    wrong = []
+    with safe_open(str(path / WEIGHTS_NAME), framework="pt") as weights:
+        for name in weights.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+            shape = tuple(weights.get_slice(name).get_shape())
+            if name in expected and expected[name] != shape:
+                wrong.append(f"{name} is {shape} in {WEIGHTS_NAME} but {expected[name]} in {CONFIG_NAME}")
+    if wrong:
+        raise ValueError(
+            f"{path}/{WEIGHTS_NAME} does not match the architecture in {path}/{CONFIG_NAME} "
+            f"({len(wrong)} tensors of another shape): " + "; ".join(sorted(wrong)[:5])
+        )
 
 
 def image_span_ids(plan: TilePlan, tokenizer: Any, image_token_id: int) -> list[int]:

@@ -8,7 +8,8 @@ of a pair are sparse. The project defaults for these are:
 * **Layer selection.** With ``every = k``, the FFN of decoder layer ``i`` becomes sparse iff
   ``i % k == k - 1``. So ``every=2`` gives layers 1, 3, 5, ... and ``every=1`` gives all layers. This
   is the fairseq / NLLB-MoE / Switch convention ("the last layer of every group of k"). Layer 0 stays
-  dense, so the first block always sees a dense FFN.
+  dense, so the first block always sees a dense FFN. An ``every`` larger than the layer count is an
+  error (``upcycle_llm`` raises): no layer would be sparse.
 * **Gates.** The router takes a softmax over all E experts in float32 and keeps the top-k
   probabilities. These are then **renormalised to sum to 1** (GShard top-2 / Mixtral style). Because
   of that, a freshly upcycled layer, whose experts are all copies of the dense MLP, computes exactly the
@@ -364,12 +365,20 @@ def upcycle_llm(model: nn.Module, cfg: MoEConfig | None = None) -> nn.Module:
     to the MoE layers so that padding stays out of the aux losses. To load an MoE checkpoint, call this
     with ``upcycle=False`` and the same cfg, then ``load_state_dict``.
 
+    Raises ValueError if ``cfg.every`` exceeds the layer count (no layer would become sparse).
+
     Returns ``model`` for chaining.
     """
     cfg = cfg if cfg is not None else MoEConfig()
     decoder = _decoder(model)
     layers = decoder.layers
-    for i in moe_layer_indices(len(layers), cfg.every):
+    indices = moe_layer_indices(len(layers), cfg.every)
+    if not indices:  # a dense model that would still be saved and reported as MoE
+        raise ValueError(
+            f"MoEConfig.every ({cfg.every}) exceeds the LLM's {len(layers)} layers: no layer would become "
+            f"sparse (every must be <= {len(layers)})"
+        )
+    for i in indices:
         dense = layers[i].mlp
         if isinstance(dense, SparseMoE):
             raise ValueError(f"layer {i} is already a SparseMoE; upcycle_llm was applied twice")

@@ -37,6 +37,11 @@ pre-training and SFT each tile is 672x672, reached by interpolating the position
     the two paths timed the same within noise; their outputs are identical).
 
   At ``input_size == image_size`` nothing is touched: the module is exactly the plain HF model.
+* **Checkpoints whose size is not a multiple of the patch.** ``google/siglip-so400m-patch14-384`` is
+  384 px with 14-px patches: its convolution (stride 14) drops the last 6 pixels, so its 27x27 table is
+  that of 378 px. Such an encoder runs on 378-px tiles by default (``input_size`` defaults to
+  ``image_size`` rounded down to whole patches), with no resampling; only ``image_size`` (the
+  embeddings' and ``config.image_size``) becomes 378, and that is what ``save_pretrained`` records.
 
 Loading never unpickles arbitrary objects: HF directories are read with ``weights_only=True`` (safetensors
 preferred) and local files only, and OpenCLIP checkpoints with safetensors or
@@ -130,7 +135,9 @@ class VisionConfig:
     ``layer_norm_eps`` default to the kind's (CLIP: quick_gelu, 1e-5; SigLIP: gelu_pytorch_tanh, 1e-6).
 
     ``image_size`` is the resolution the weights were trained at; ``input_size`` the tile size the encoder
-    runs on (default: ``image_size``); the positional embedding is interpolated from one to the other.
+    runs on (default: ``image_size``, rounded down to whole patches: 378 for a 384-px checkpoint with 14-px
+    patches, whose convolution never sees the rest); the positional embedding is interpolated from one to
+    the other.
     ``feature_layer`` picks the hidden state (module docstring; -1 = last block, no post-layernorm).
     ``image_mean`` and ``image_std`` (both or neither) set the pixel normalisation the encoder expects;
     by default it is the checkpoint's ``preprocessor_config.json``, else the kind's (CLIP's or SigLIP's).
@@ -334,8 +341,18 @@ class VisionEncoder(nn.Module):
         self._num_prefix_tokens = 1 if cfg.kind == "clip" else 0
         # The resolution the weights were trained at, before any interpolation below.
         self._image_size = int(hf.image_size)
-        input_size = cfg.input_size if cfg.input_size is not None else self._image_size
-        _check_input_size(input_size, hf.patch_size)
+        if cfg.input_size is not None:
+            input_size = cfg.input_size
+            _check_input_size(input_size, hf.patch_size)
+        else:
+            # What the weights actually see: the stride-patch convolution drops the pixels past the last
+            # whole patch, so SigLIP so400m-patch14-384 (384 px, a 27x27 grid) runs on 378-px tiles.
+            input_size = self._image_size // hf.patch_size * hf.patch_size
+            if input_size < 1:
+                raise ValueError(
+                    f"vision checkpoint image_size ({self._image_size}) is smaller than its patch size "
+                    f"({hf.patch_size})"
+                )
         self._set_input_size(input_size)
         # Hidden state k is the output of block k (0: the embeddings), so only the first k blocks run.
         self._num_blocks_run = cfg.feature_layer % (hf.num_hidden_layers + 1)
@@ -380,12 +397,24 @@ class VisionEncoder(nn.Module):
         return model
 
     def _set_input_size(self, input_size: int) -> None:
-        """Make the HF model run natively at ``input_size`` by resampling its position table once."""
+        """Make the HF model run natively at ``input_size`` by resampling its position table once.
+
+        The embeddings' ``image_size`` and ``config.image_size`` are set to ``input_size`` even when the
+        table already has the right grid (a 384-px checkpoint with 14-px patches has the 27x27 table of
+        378 px), so that tiles of ``input_size`` are accepted and ``save_pretrained`` records it.
+        """
         emb = self.model.embeddings
         grid = input_size // emb.patch_size
         old = emb.position_embedding.weight
-        if old.shape[0] == self._num_prefix_tokens + grid * grid:
-            return  # already the right size: leave the plain HF model untouched
+        if old.shape[0] != self._num_prefix_tokens + grid * grid:
+            self._resample_position_table(grid)
+        emb.image_size = input_size
+        # Shared with the model, so save_pretrained records the size the table is now for.
+        self.model.config.image_size = input_size
+
+    def _resample_position_table(self, grid: int) -> None:
+        emb = self.model.embeddings
+        old = emb.position_embedding.weight
         with torch.no_grad():
             new_weight = resize_position_embedding(old.detach(), grid, self._num_prefix_tokens)
         new = nn.Embedding(new_weight.shape[0], new_weight.shape[1], device=old.device, dtype=old.dtype)
@@ -394,11 +423,8 @@ class VisionEncoder(nn.Module):
         new.weight.requires_grad_(old.requires_grad)
         emb.position_embedding = new
         emb.position_ids = torch.arange(new_weight.shape[0], device=old.device).expand((1, -1))
-        emb.image_size = input_size
         emb.num_patches = grid * grid
         emb.num_positions = new_weight.shape[0]
-        # Shared with the model, so save_pretrained records the size the table is now for.
-        self.model.config.image_size = input_size
 
     @property
     def hidden_size(self) -> int:
@@ -518,7 +544,16 @@ _OC_BLOCK_RE = re.compile(r"transformer\.resblocks\.(\d+)\.(.+)")
 _OC_HEADS_BY_WIDTH = {1280: 16, 1408: 16, 1664: 16, 1792: 16}
 
 
+def _strip_ddp_prefix(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """OpenCLIP's training checkpoints hold the DDP-wrapped model, every key under ``module.``; its own
+    loader strips that prefix, and so does this (only when every key has it)."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
 def _visual_items(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    sd = _strip_ddp_prefix(sd)
     visual = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
     if not visual:
         raise KeyError(f"not an OpenCLIP visual tower state dict: no keys start with {prefix!r}")
@@ -604,7 +639,8 @@ def convert_open_clip_state_dict(
     """Map an OpenCLIP ViT visual tower's weights to transformers ``CLIPVisionModel`` keys.
 
     ``sd`` may be the full CLIP model's state dict: only keys under ``prefix`` are read (use ``prefix=""``
-    for a bare ``model.visual.state_dict()``). Missing or unexpected keys under ``prefix`` and wrong shapes
+    for a bare ``model.visual.state_dict()``); a ``module.`` prefix on every key (OpenCLIP's DDP training
+    checkpoints) is removed first. Missing or unexpected keys under ``prefix`` and wrong shapes
     raise. The fused ``attn.in_proj_{weight,bias}`` rows are (q; k; v) as in ``nn.MultiheadAttention`` and
     are split into q/k/v_proj; ``visual.proj`` (the width x embed_dim projection into the joint CLIP space)
     is dropped. The tensors are copies, so the result can be saved with safetensors.
@@ -699,7 +735,8 @@ def convert_open_clip_checkpoint(
 
     Writes ``dst_dir/config.json`` and ``dst_dir/model.safetensors`` (vision tower only) and returns the
     ``VisionConfig`` that loads it; see the module docstring for the DFN5B walk-through and
-    ``open_clip_vision_config`` for ``num_heads``/``hidden_act``.
+    ``open_clip_vision_config`` for ``num_heads``/``hidden_act``. OpenCLIP's own training checkpoints
+    (``{"state_dict": {"module.visual...": ...}}``) are read too.
     """
     from safetensors.torch import save_file
 
