@@ -33,7 +33,7 @@ from mm15.model.mm15 import MM15Model, MM15Processor
 from mm15.serve.api import create_app
 from mm15.serve.commands import default_model_id
 from mm15.serve.conversation import Turn, question_turn, render_prompt
-from mm15.serve.engine import Engine, RequestHandle, wait_for
+from mm15.serve.engine import EncodedPrompt, Engine, RequestHandle, wait_for
 from mm15.serve.errors import APIError
 from mm15.serve.media import image_from_url
 from mm15.serve.server import RunningServer, start_server
@@ -415,6 +415,18 @@ def test_the_engine_stops_at_the_templates_end_of_turn_not_only_at_eos(served: S
         text, done = wait_for(engine.submit(engine.encode(*prompt), GenerationConfig(max_new_tokens=40)), 60)
     assert (text, done.finish_reason) == ("Paris", "stop")
     assert done.completion_tokens == len(model.tokenizer("Paris", add_special_tokens=False)["input_ids"])
+
+
+def test_an_empty_prompt_is_refused_at_submit_and_the_engine_keeps_serving(served: Served) -> None:
+    """An empty prompt reached the engine thread and failed its batch as an internal error (500)."""
+    model = MM15Model.from_pretrained(served.model_dir)
+    prompt = render_prompt(model.tokenizer, [question_turn("Capital of France?")])
+    with Engine(model) as engine:
+        with pytest.raises(ValueError, match="no tokens"):
+            engine.submit(EncodedPrompt([], None), GenerationConfig(max_new_tokens=4))
+        text, done = wait_for(engine.submit(engine.encode(*prompt), GenerationConfig(max_new_tokens=4)), 60)
+    assert done.kind == "done" and done.completion_tokens > 0 and text
+    assert engine.stats.requests == 1
 
 
 def test_requests_join_a_running_batch_and_answer_as_alone(

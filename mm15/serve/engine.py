@@ -349,6 +349,9 @@ class Engine:
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> RequestHandle:
         """Queue a request; with ``loop`` its events go to that asyncio loop (``aevents``)."""
+        if not prompt.input_ids:
+            # Refused here, not in the engine thread, where it would fail the whole decoding batch.
+            raise ValueError("the prompt has no tokens")
         handle = RequestHandle(next(self._ids), prompt, config, loop)
         with self._condition:
             if self._thread is None or self._stopping:
