@@ -3,26 +3,44 @@
 ``not_a_file_reason`` says why an input path cannot be read as a file; ``check_output_dir`` refuses an
 output directory that cannot be made or written (it exists as something else, or a folder on its way
 is a file or read-only). Both run before any work, so a mistyped path costs a second, not a training
-run. ``shown`` makes a path (or any text a user typed) safe to put into Rich markup.
+run. ``model_name_of`` names a model directory for ids and default folders. ``shown`` makes a path (or
+any text a user typed) safe to put into Rich markup.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from rich.markup import escape
 
+# The reason for a path that is not there at all: callers that word that case their own way test for it.
+NO_SUCH_FILE = "no such file"
+
 
 def not_a_file_reason(path: Path) -> str | None:
-    """Why ``path`` cannot be read as a file ("no such file", "is a directory", ...), or None if it can."""
-    if path.is_file():
+    """Why ``path`` cannot be read as a file ("no such file", "is a directory", ...), or None if it can.
+
+    Never raises: a path the OS refuses to look at (a name over the length limit, a folder on the way
+    that cannot be searched) gives the OS's reason ("File name too long", "Permission denied"), so a
+    lenient reader counts the record and a command prints one line instead of a traceback.
+    """
+    try:
+        # One stat rather than is_file / is_dir: those raise on Python 3.11 for any errno but a few.
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        # A dangling link is listed by ls; "no such file" alone would send the user looking for a typo.
+        return "is a symbolic link to a missing file" if os.path.islink(path) else NO_SUCH_FILE
+    except OSError as err:
+        return err.strerror or str(err)
+    except ValueError as err:  # an embedded NUL: no file can have that name
+        return f"not a valid path ({err})"
+    if stat.S_ISREG(mode):
         return None
-    if path.is_dir():
+    if stat.S_ISDIR(mode):
         return "is a directory, not a file"
-    if path.exists():
-        return "not a regular file"
-    return "no such file"
+    return "not a regular file"
 
 
 def not_a_dir_reason(path: Path) -> str | None:
@@ -59,3 +77,15 @@ def shown(text: object) -> str:
     raise ``MarkupError``. Every user-supplied piece interpolated into printed markup goes through here.
     """
     return escape(str(text))
+
+
+def model_name_of(model_dir: Path) -> str:
+    """A model directory's name; for ``mm15 train``'s ``<run>/<stage>/final``, ``<run>-<stage>``.
+
+    The served model's id and ``mm15 eval``'s default results folder, so that the stages of one run
+    get names of their own rather than all being called "final".
+    """
+    path = model_dir.resolve()
+    if path.name == "final" and path.parent.parent.name:
+        return f"{path.parent.parent.name}-{path.parent.name}"
+    return path.name

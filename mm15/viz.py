@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -28,10 +29,19 @@ def check_picture_path(path: Path, option: str) -> None:
     """
     if path.suffix.lower() not in PICTURE_SUFFIXES:
         raise ValueError(f"{option} must end in .png, .jpg or .jpeg, got {path.name!r}")
-    if path.is_dir():
+    try:
+        mode: int | None = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None  # not there yet: its folder is checked below
+    except OSError as err:
+        # Path.is_dir raises these (a name over the length limit, an unsearchable folder) on 3.11.
+        raise ValueError(f"{option} {path}: {err.strerror or err}") from None
+    except ValueError as err:  # an embedded NUL
+        raise ValueError(f"{option} {path!r} is not a valid path ({err})") from None
+    if mode is not None and stat.S_ISDIR(mode):
         raise ValueError(f"{option} {path} is a directory; give a file name")
-    if os.path.exists(path):
-        if not os.path.isfile(path):
+    if mode is not None:
+        if not stat.S_ISREG(mode):
             raise ValueError(f"{option} {path} exists and is not a regular file")
         if not os.access(path, os.W_OK):
             raise ValueError(f"{option} {path} is not writable")

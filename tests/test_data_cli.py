@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import Result
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -373,3 +374,105 @@ def test_show_refuses_a_sheet_path_under_a_file_before_drawing(
     failed = runner.invoke(app, ["data", "show", "s", "--out", "sheet.png"])
     assert failed.exit_code == 2, failed.output
     assert "error: cannot write --out sheet.png: No space left on device" in flat(failed.output)
+
+
+def _assert_clean_error(result: Result, message: str) -> None:
+    """Exit 2 with ``message`` in the output, and no exception but Click's exit (no traceback)."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert message in flat(result.output), result.output
+
+
+def test_stats_and_show_name_an_entry_that_is_not_a_shard(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder named x.tar or a dangling link c.tar: ShardReader's FileNotFoundError was a traceback."""
+    monkeypatch.chdir(tmp_path)  # short relative paths: Click's error box breaks long ones anywhere
+    runner.invoke(app, ["data", "synth", "--category", "general", "--n", "2", "--out", "s"])
+    Path("s/x.tar").mkdir()
+    for command in (["stats", "s"], ["show", "s", "--out", "sheet.png"]):
+        _assert_clean_error(runner.invoke(app, ["data", *command]), "s/x.tar: not a shard file")
+    Path("s/x.tar").rmdir()
+    Path("s/c.tar").symlink_to("nowhere.tar")
+    for command in (["stats", "s"], ["show", "s", "--out", "sheet.png"]):
+        _assert_clean_error(runner.invoke(app, ["data", *command]), "s/c.tar: not a shard file")
+    assert not Path("sheet.png").exists()
+
+
+def test_a_name_too_long_for_the_os_is_a_clear_error(tmp_path: Path) -> None:
+    """Path.is_file / is_dir raise OSError (ENAMETOOLONG) on Python 3.11: tracebacks and a stopped pack."""
+    long_name = str(tmp_path / ("a" * 300))
+    _assert_clean_error(runner.invoke(app, ["data", "stats", long_name]), "File name too long")
+    _assert_clean_error(
+        runner.invoke(app, ["data", "pack", long_name + ".json", "--images", str(tmp_path), "--dry-run"]),
+        "File name too long",
+    )
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
+    turns = [{"from": "human", "value": "<image>\nq"}, ANSWER]
+    records = [{"id": "long", "image": "a" * 5000 + ".png", "conversations": turns}]
+    records.append({"id": "ok", "image": "a.png", "conversations": turns})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in records))
+    pack = ["data", "pack", str(data), "--images", str(tmp_path), "--dry-run"]
+    lenient = runner.invoke(app, [*pack, "--lenient"])
+    assert lenient.exit_code == 0, lenient.output
+    assert "would write 1 sample" in flat(lenient.output) and "{'missing_image': 1}" in lenient.output
+    _assert_clean_error(runner.invoke(app, pack), "(id 'long'): missing_image")
+
+
+def test_pack_counts_json_past_pythons_limits_as_bad_json(tmp_path: Path) -> None:
+    """Deep nesting was a RecursionError traceback, a 5000-digit integer an error naming no record."""
+    Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
+    good = json.dumps({"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}, ANSWER]})
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(["[" * 100_000 + "]" * 100_000, good, '{"n": ' + "1" * 5000 + "}"]) + "\n")
+    pack = ["data", "pack", str(data), "--images", str(tmp_path), "--dry-run"]
+    lenient = runner.invoke(app, [*pack, "--lenient"])
+    assert lenient.exit_code == 0, lenient.output
+    assert "would write 1 sample" in flat(lenient.output) and "{'bad_json': 2}" in lenient.output
+    _assert_clean_error(runner.invoke(app, pack), "data.jsonl: line 1: bad_json")
+    array = tmp_path / "data.json"
+    array.write_text(f'[{good}, {{"n": {"1" * 5000}}}]')
+    _assert_clean_error(
+        runner.invoke(app, ["data", "pack", str(array), "--images", str(tmp_path), "--dry-run"]),
+        "data.json: record 1: bad_json",
+    )
+
+
+def test_pack_refuses_a_text_record_giving_two_forms(tmp_path: Path) -> None:
+    """{"text", "prompt", "response"} packed the prompt and response and silently dropped the text."""
+    data = tmp_path / "text.jsonl"
+    data.write_text(json.dumps({"text": "a", "prompt": "b", "response": "c"}) + "\n")
+    pack = ["data", "pack", str(data), "--format", "text", "--dry-run"]
+    _assert_clean_error(runner.invoke(app, pack), "line 1: bad_record: more than one form given")
+    lenient = runner.invoke(app, [*pack, "--lenient"])
+    assert lenient.exit_code == 2 and "{'bad_record': 1}" in lenient.output, lenient.output
+
+
+def test_pack_of_a_folder_says_it_is_a_folder(tmp_path: Path) -> None:
+    """A folder as the annotations file was called "no such file"."""
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    result = runner.invoke(app, ["data", "pack", str(imgs), "--images", str(imgs), "--dry-run"])
+    _assert_clean_error(result, "imgs: is a directory, not a file")
+
+
+def test_show_uses_no_more_columns_than_cards(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--columns 100000 allocated a canvas 100000 cards wide (minutes, gigabytes) for 8 cards."""
+    monkeypatch.chdir(tmp_path)
+    runner.invoke(app, ["data", "synth", "--category", "general", "--n", "2", "--out", "s"])
+    shown = runner.invoke(app, ["data", "show", "s", "--columns", "50", "--out", "sheet.png"])
+    assert shown.exit_code == 0, shown.output
+    with Image.open("sheet.png") as picture:
+        assert picture.width == 2 * (show_module.CARD_WIDTH + 8)  # the two cards, not 50 columns
+
+
+def test_show_refuses_a_sample_count_past_sys_maxsize(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--n 10**20 was an islice ValueError traceback."""
+    monkeypatch.chdir(tmp_path)
+    runner.invoke(app, ["data", "synth", "--category", "general", "--n", "2", "--out", "s"])
+    too_many = runner.invoke(app, ["data", "show", "s", "--n", str(10**20), "--out", "sheet.png"])
+    _assert_clean_error(too_many, "less than or equal to")
+    assert not Path("sheet.png").exists()

@@ -983,3 +983,87 @@ def test_no_reader_yields_a_sample_that_fails_validate(
         )
     with pytest.raises(SourceError, match="bad_record: inconsistent sample"):
         VideoQAReader(video).sample_at(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Input the readers cannot take: refused with a reason, or counted, never a traceback
+
+
+TWO_TURNS = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"text": "a", "prompt": "b", "response": "c"},
+        {"messages": TWO_TURNS, "text": "dropped"},
+        {"messages": TWO_TURNS, "prompt": "b", "response": "c"},
+    ],
+)
+def test_a_text_record_giving_two_forms_is_refused(tmp_path: Path, record: dict[str, object]) -> None:
+    """The first form found was packed and the other's text silently lost."""
+    path = tmp_path / "text.jsonl"
+    path.write_text(json.dumps(record) + "\n" + json.dumps({"text": "ok"}) + "\n")
+    with pytest.raises(SourceError, match=r"line 1: bad_record: more than one form given"):
+        list(TextReader(path))
+    reader = TextReader(path, strict=False)
+    assert [s.turns for s in reader] == [[Turn("assistant", "ok")]]
+    assert reader.skipped.as_dict() == {"bad_record": 1}
+    # A null field is an absent one, so it is no second form.
+    path.write_text(json.dumps({"text": "kept", "messages": None}) + "\n")
+    assert [s.turns for s in TextReader(path)] == [[Turn("assistant", "kept")]]
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+HUGE_INT = "1" * 5000  # past sys.get_int_max_str_digits()
+
+
+def test_json_past_pythons_limits_is_a_bad_json_record(tmp_path: Path) -> None:
+    """json raises RecursionError (deep nesting) and ValueError (a long integer), not JSONDecodeError:
+    a traceback, or an error naming no file or record, and --lenient stopped."""
+    good = json.dumps({"text": "ok"})
+    lines = tmp_path / "limits.jsonl"
+    lines.write_text("\n".join([DEEP, good, '{"text": "x", "n": ' + HUGE_INT + "}", good]) + "\n")
+    reader = TextReader(lines, strict=False)
+    assert len(list(reader)) == 2 and reader.skipped.as_dict() == {"bad_json": 2}
+    assert (
+        "line 1: bad_json: not readable JSON (nested too deeply to parse)"
+        in reader.skipped.examples["bad_json"][0]
+    )
+    assert "line 3: bad_json" in reader.skipped.examples["bad_json"][1]
+    with pytest.raises(SourceError, match=r"limits.jsonl: line 1: bad_json"):
+        list(TextReader(lines))
+    for body, location in [(DEEP, "record 0"), ('{"text": "x", "n": ' + HUGE_INT + "}", "record 1")]:
+        array = tmp_path / "limits.json"
+        array.write_text("[" + (good + ", " if location == "record 1" else "") + body + "]")
+        with pytest.raises(SourceError, match=rf"limits.json: {location}: bad_json"):
+            list(TextReader(array))
+        lenient = TextReader(array, strict=False)
+        assert len(list(lenient)) == (location == "record 1") and lenient.skipped.as_dict() == {"bad_json": 1}
+
+
+def test_an_image_name_too_long_for_the_os_is_a_missing_image(tmp_path: Path) -> None:
+    """Path.is_file raised OSError (ENAMETOOLONG) on Python 3.11: one such record stopped a lenient pack."""
+    _pixels(0).save(tmp_path / "a.png")
+    turns = [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]
+    records = [{"id": "long", "image": "a" * 5000 + ".png", "conversations": turns}]
+    records.append({"id": "ok", "image": "a.png", "conversations": turns})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records))
+    reader = LlavaReader(path, tmp_path, strict=False, check_images=True)
+    assert [s.id for s in reader] == ["ok"] and reader.skipped.as_dict() == {"missing_image": 1}
+    with pytest.raises(SourceError, match=r"\(id 'long'\): missing_image: .*File name too long"):
+        list(LlavaReader(path, tmp_path, check_images=True))
+
+
+def test_a_reader_says_why_its_input_is_not_a_file(tmp_path: Path) -> None:
+    """A folder given as the annotations file was called "no such file"."""
+    with pytest.raises(FileNotFoundError, match=r": is a directory, not a file"):
+        LlavaReader(tmp_path, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r": File name too long"):
+        TextReader(tmp_path / ("a" * 300 + ".jsonl"))
+    (tmp_path / "x.tar").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"x.tar: not a shard file \(is a directory, not a file\)"):
+        ShardReader(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"cannot be read as a shard or shard folder \(File name too"):
+        ShardReader(tmp_path / ("a" * 300))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -137,8 +138,13 @@ def pack(
         raise typer.BadParameter("--out is needed (or --dry-run, to check the records without writing)")
     if kind not in PACK_FORMATS:
         raise typer.BadParameter(f"--format must be one of {', '.join(PACK_FORMATS)}, got {kind!r}")
-    if images is not None and not images.is_dir():
-        raise typer.BadParameter(f"--images {images} is not a folder")
+    if images is not None:
+        try:
+            is_folder = images.is_dir()
+        except OSError as err:  # Path.is_dir raises on 3.11 for a name over the length limit, say
+            raise typer.BadParameter(f"--images {images}: {err.strerror or err}") from None
+        if not is_folder:
+            raise typer.BadParameter(f"--images {images} is not a folder")
     if kind != "text" and images is None:
         raise typer.BadParameter(f"--images is needed for {kind} records: image paths are relative to it")
     if kind == "interleaved" and category not in (None, "interleaved"):
@@ -211,7 +217,11 @@ def _report_pack_skips(skipped: SkipCounter) -> None:
 
 
 def _check_shard_folder(directory: Path) -> None:
-    if not directory.is_dir() or not any(directory.glob("*.tar")):
+    try:
+        is_folder = directory.is_dir()
+    except OSError as err:  # Path.is_dir raises on 3.11 for a name over the length limit, say
+        raise typer.BadParameter(f"{directory}: {err.strerror or err}") from None
+    if not is_folder or not any(directory.glob("*.tar")):
         raise typer.BadParameter(f"{directory} holds no .tar shards")
 
 
@@ -221,7 +231,10 @@ def _lenient_reader(directory: Path) -> ShardReader:
     from mm15.data.sources import ShardReader
 
     _check_shard_folder(directory)
-    return ShardReader(directory, strict=False)
+    try:
+        return ShardReader(directory, strict=False)
+    except (OSError, ValueError) as err:  # an entry named *.tar that is a folder, or a dangling link
+        raise typer.BadParameter(str(err)) from None
 
 
 def _report_skips(reader: ShardReader) -> None:
@@ -235,7 +248,8 @@ def _report_skips(reader: ShardReader) -> None:
 @app.command()
 def show(
     directory: Annotated[Path, typer.Argument(help="Folder of shards.")],
-    n: Annotated[int, typer.Option(min=1, help="Samples to draw.")] = 8,
+    # max: islice refuses a stop past sys.maxsize with a traceback.
+    n: Annotated[int, typer.Option(min=1, max=sys.maxsize, help="Samples to draw.")] = 8,
     out: Annotated[Path, typer.Option(help="PNG (or JPEG) file to write.")] = Path("sheet.png"),
     columns: Annotated[int, typer.Option(min=1, help="Cards per row.")] = 2,
 ) -> None:

@@ -100,6 +100,8 @@ def contact_sheet(samples: Sequence[Sample], columns: int = 2) -> tuple[Image.Im
     drawn = [sample_card(sample) for sample in samples]
     cards = [card for card, _ in drawn]
     broken = [sample.id for sample, (_, failed) in zip(samples, drawn, strict=True) if failed]
+    # No wider than the cards: --columns 100000 would allocate a canvas of 52 million pixels per row.
+    columns = min(columns, len(cards))
     rows = math.ceil(len(cards) / columns)
     height = max(card.height for card in cards)
     sheet = Image.new("RGB", (columns * (CARD_WIDTH + 8), rows * (height + 8)), (225, 225, 225))

@@ -115,7 +115,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from mm15.data.sample import CATEGORIES, IMAGE_PLACEHOLDER, REGION_PATTERN, ImageRef, Region, Sample, Turn
 from mm15.image import ImageError, image_size, to_rgb
-from mm15.paths import check_output_dir, not_a_file_reason
+from mm15.paths import NO_SUCH_FILE, check_output_dir, not_a_file_reason
 
 PathLike = str | os.PathLike
 Paths = PathLike | Sequence[PathLike]
@@ -516,6 +516,12 @@ def _json_array(path: Path) -> Iterator[Any]:
                         if more(len(text) - pos):
                             continue
                         raise fail("bad_json", f"{err.msg} at character {dropped + err.pos}") from None
+                    except (ValueError, RecursionError) as err:
+                        # Nesting past the parser's depth, or an integer past Python's digit limit:
+                        # the text read so far already shows it, so more of the file cannot help.
+                        raise fail(
+                            "bad_json", f"the record at character {dropped + pos}: {_json_limit(err)}"
+                        ) from None
                     # A number cut by the chunk's end parses as a shorter one ("0." as 0, "1e" as 1):
                     # while nothing but number characters follows the value, it may go on.
                     if _JSON_NUMBER_TAIL.fullmatch(text, end) and more():
@@ -535,6 +541,17 @@ def _json_array(path: Path) -> Iterator[Any]:
             raise syntax("the end of the file after the array")
 
 
+def _json_limit(err: ValueError | RecursionError) -> str:
+    """What a JSON text that is well-formed but past one of Python's limits ran into, for a message.
+
+    ``json`` raises ``RecursionError`` for arrays or objects nested too deep to parse, and ``ValueError``
+    for an integer of more digits than ``sys.get_int_max_str_digits()``; neither is a JSONDecodeError.
+    """
+    if isinstance(err, RecursionError):
+        return "nested too deeply to parse"
+    return str(err).split(";")[0]  # drop the advice to raise the limit: the data is what is wrong
+
+
 def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
     """(record index, location, record) of a JSON array file or a JSONL file.
 
@@ -542,8 +559,8 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
     go on. In a ``.json`` array a syntax error yields one ``_Malformed`` and ends the file (the records
     before it are yielded); a ``.json`` file that is not an array at all is one unusable input and raises.
     """
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    if (problem := not_a_file_reason(path)) is not None:
+        raise FileNotFoundError(f"{path}: {problem}")
     if path.suffix.lower() == ".json":
         count = 0
         try:
@@ -570,6 +587,8 @@ def _records(path: Path) -> Iterator[tuple[int, str, Any]]:
                 record: Any = json.loads(line)
             except (UnicodeDecodeError, json.JSONDecodeError) as err:
                 record = _Malformed("bad_json", f"not JSON ({err})")
+            except (ValueError, RecursionError) as err:  # valid JSON that Python will not parse
+                record = _Malformed("bad_json", f"not readable JSON ({_json_limit(err)})")
             yield index, f"line {lineno}", record
             index += 1
 
@@ -619,8 +638,9 @@ class _JsonReader(abc.ABC):
         if not self.paths:
             raise ValueError("no input files given")
         for path in self.paths:
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no such file")
+            # The reason, not just "no such file": a folder given where a file goes exists.
+            if (problem := not_a_file_reason(path)) is not None:
+                raise FileNotFoundError(f"{path}: {problem}")
         self.source = source
         self.strict = strict
         self.skipped = SkipCounter()
@@ -780,6 +800,19 @@ class TextReader(_JsonReader):
         self.category = category
 
     def _parse(self, record: dict[str, Any], path: Path, sample_id: str) -> Sample:
+        # One form per record: taking the first would silently drop the others' text (as the LLaVA
+        # reader refuses both 'image' and 'images').
+        forms = [
+            form
+            for form, keys in (
+                ("'messages'", ("messages",)),
+                ("'prompt'/'response'", ("prompt", "response")),
+                ("'text'", ("text",)),
+            )
+            if any(key in record for key in keys)
+        ]
+        if len(forms) > 1:
+            raise _Malformed("bad_record", f"more than one form given ({', '.join(forms)}): one per record")
         if "messages" in record:
             turns = _conversation_turns(record, "messages", "role", "content")
         elif "prompt" in record or "response" in record:
@@ -1158,16 +1191,22 @@ class ShardReader(IterableDataset):
         allow_idle_workers: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(paths_or_dir, str | os.PathLike) and Path(paths_or_dir).is_dir():
+        # os.path.isdir, not Path.is_dir: it is False, not an OSError, for a name over the length limit.
+        if isinstance(paths_or_dir, str | os.PathLike) and os.path.isdir(paths_or_dir):
             shards = sorted(Path(paths_or_dir).glob("*.tar"))
         else:
             shards = _as_paths(paths_or_dir)
         if not shards:
             raise ValueError(f"no shards found in {paths_or_dir}")
         for shard in shards:
-            if not shard.is_file():
+            if (problem := not_a_file_reason(shard)) is not None:
                 # A shard source names a folder or a shard; the message must not suggest only the latter.
-                what = "no such shard or shard folder" if not shard.exists() else "not a shard file"
+                if problem == NO_SUCH_FILE:
+                    what = "no such shard or shard folder"
+                elif os.path.lexists(shard):  # a folder named *.tar, a dangling link, a FIFO
+                    what = f"not a shard file ({problem})"
+                else:  # the OS refused to look (a name over the length limit)
+                    what = f"cannot be read as a shard or shard folder ({problem})"
                 raise FileNotFoundError(f"{shard}: {what}")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")

@@ -29,6 +29,7 @@ from urllib.parse import SplitResult, unquote, urlsplit
 from PIL import Image
 
 from mm15.image import ImageDecodeError, ImageTooLargeError, load_image
+from mm15.paths import not_a_file_reason
 from mm15.serve.errors import APIError
 from mm15.serve.settings import ServeSettings
 from mm15.video import VideoError, read_video
@@ -128,8 +129,11 @@ def _remote_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = "i
 
 def _local_bytes(location: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
     path = Path(unquote(_split(location, param, kind).path) if location.startswith("file:") else location)
-    if not path.is_file():
-        raise APIError(400, f"{param}: no such file on the server", param=param, code=f"invalid_{kind}_url")
+    # Never raises: a name over the length limit was a 500 from Path.is_file, not the client's 400.
+    if (problem := not_a_file_reason(path)) is not None:
+        raise APIError(
+            400, f"{param}: the file on the server: {problem}", param=param, code=f"invalid_{kind}_url"
+        )
     limit = _limit(settings, kind)
     try:
         size = path.stat().st_size
