@@ -15,7 +15,7 @@ from rich.table import Table
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageError, load_image
-from mm15.paths import check_output_dir, shown
+from mm15.paths import check_output_dir, model_name_of, shown
 from mm15.viz import check_picture_path, draw_plan
 
 app = typer.Typer(
@@ -94,6 +94,8 @@ def plan(
     ] = 1,
 ) -> None:
     """Print an image's tile plan (grid, resize, padding, tiles, markers, tokens)."""
+    if images_in_sample < 1:  # the plan's own error would name its image_index, which is no option here
+        _fail(f"--images-in-sample must be >= 1 (this image and its sample's others), got {images_in_sample}")
     try:
         cfg = ImagePlanConfig(
             tile_size=tile,
@@ -137,8 +139,10 @@ def train(
         int | None,
         typer.Option(
             min=1,
-            help="Cut every stage longer than this to this many steps, its schedule compressed into them "
-            "(a quick, reduced run); shorter stages run as written.",
+            help="Cut every stage longer than N steps to N, its schedule compressed into them (a quick, "
+            "reduced run): the warm-up keeps its share of the stage (warm-up x N / the stage's steps, "
+            "rounded half up, at most N - 1) and the cosine reaches its floor on step N, the last one; "
+            "stages of N steps or fewer run as written.",
         ),
     ] = None,
     parent: Annotated[
@@ -185,16 +189,16 @@ def train(
             config = dataclasses.replace(config, stages=repointed)
         if max_steps is not None:
             # A stage longer than --max-steps is cut to it, its schedule (warm-up, then the cosine to its
-            # floor) compressed into those steps; a stage no longer than that runs as the recipe has it.
+            # floor) compressed into those steps, so a quick run ends decayed as the full one would; a
+            # stage no longer than that runs as the recipe has it.
             stages = []
             for s in config.stages:
                 if max_steps < s.max_steps:
-                    warmup = min(s.schedule.warmup_steps, max(0, max_steps - 1))
                     s = dataclasses.replace(
                         s,
                         max_steps=max_steps,
                         save_every=min(s.save_every, max_steps),
-                        schedule=dataclasses.replace(s.schedule, warmup_steps=warmup, total_steps=None),
+                        schedule=s.schedule.compressed(s.max_steps, max_steps),
                     )
                 stages.append(s)
             config = dataclasses.replace(config, stages=tuple(stages))
@@ -259,7 +263,11 @@ def eval_(
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Evaluate at most N items per task.")] = None,
     out: Annotated[
-        Path | None, typer.Option(help="Results and cache directory (default: runs/eval/<model name>).")
+        Path | None,
+        typer.Option(
+            help="Results and cache directory (default: runs/eval/<model name>; <run>-<stage> for a "
+            "stage's final model)."
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Prompts generated together.")] = 8,
     list_tasks: Annotated[bool, typer.Option("--list", help="List the registered tasks and exit.")] = False,
@@ -282,7 +290,7 @@ def eval_(
         resolve_task_specs(tasks)  # a bad task list fails before the model is loaded
         from mm15.model.mm15 import MM15Model
 
-        target = out if out is not None else Path("runs/eval") / model.resolve().name
+        target = out if out is not None else Path("runs/eval") / model_name_of(model)
         check_output_dir(target, "the results directory")  # before the model load, which takes a while
         loaded = MM15Model.from_pretrained(model)
         report = evaluate(

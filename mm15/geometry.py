@@ -26,8 +26,10 @@ are measured on these integers, i.e. on the pixels that are actually produced.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
+from itertools import groupby
 from typing import Literal
 
 OverviewPosition = Literal["after", "before", "none"]
@@ -88,6 +90,38 @@ class ImagePlanConfig:
         if not self.split:
             return self.tokens_per_tile
         return min(self.encoder_inputs(self.n_min), self.max_images_to_split + 1) * self.tokens_per_tile
+
+    def min_image_span_tokens(self, marker_tokens: Callable[[str], int] | None = None) -> int:
+        """The fewest tokens the image spans of a sample with images can cost: its image tokens and the
+        tile markers before them (``expand_image_text``), for the same two cheapest samples as
+        ``min_image_tokens_per_sample`` (one image on a grid of ``n_min`` cells, or the
+        ``max_images_to_split + 1`` unsplit images past which splitting stops).
+
+        ``marker_tokens(marker)`` is what one marker costs; where the tokenizer is known, pass its count
+        (markers are tokenized one by one, ``mm15.model.mm15.image_span_ids``). Without it, each marker
+        costs ``marker_token_floor``, a lower bound for the tokenizers mm15 uses, so the result is a lower
+        bound too: 7 tokens per "(k, i, j)" marker where the byte and SmolLM2 tokenizers take 9.
+        """
+        count = marker_tokens or marker_token_floor
+
+        def cost(markers: Iterable[str]) -> int:
+            return sum(self.tokens_per_tile + count(m) for m in markers)
+
+        # Past max_images_to_split images no image is split; with split off, a single image is the least.
+        unsplit_images = self.max_images_to_split + 1 if self.split else 1
+        least = cost(_marker(self, k, 0, 0) for k in range(unsplit_images))
+        if self.split and self.max_images_to_split >= 1:
+            # A single image is split on a grid of at least n_min cells; any grid of exactly n_min cells
+            # may be the one chosen, and their markers differ (a separator per row or column).
+            for rows in range(1, self.n_min + 1):
+                if self.n_min % rows:
+                    continue
+                cols = self.n_min // rows
+                markers = [_marker(self, 0, i, j) for i in range(1, rows + 1) for j in range(1, cols + 1)]
+                if self.encoder_inputs(self.n_min) > self.n_min:
+                    markers.append(_marker(self, 0, 0, 0))
+                least = min(least, cost(markers))
+        return least
 
     def max_tokens_per_image(self) -> int:
         """Upper bound of image tokens one image can cost (1440 for MM1.5's defaults)."""
@@ -224,6 +258,26 @@ def select_grid(height: int, width: int, cfg: ImagePlanConfig) -> tuple[int, int
     if covering:
         return min(covering)[1]
     return min(downscaling)[1]
+
+
+def marker_token_floor(marker: str) -> int:
+    """A lower bound of the tokens one tile marker costs, for a check that has no tokenizer at hand.
+
+    A marker is tokenized on its own, so a non-empty one is at least one token. Beyond that it counts
+    one token per run of digits and one per run of other characters holding a non-space: the
+    tokenizers mm15 uses never put a digit and another character in one token (the byte tokenizer, and
+    byte-level BPEs whose pre-tokenizer splits numbers off: SmolLM2, GPT-2, Llama 3, Qwen; SentencePiece
+    splits numbers by default), except that a space may lead a number (GPT-2's " 0"), hence runs of
+    spaces alone are not counted. "(0, 0, 0)" is 7 by this count; the byte and SmolLM2 tokenizers take
+    9, GPT-2 exactly 7. Separators (":", ",", a newline) are 1.
+    """
+    if not marker:
+        return 0
+    runs = 0
+    for is_digit, group in groupby(marker, key=str.isdigit):
+        if is_digit or not "".join(group).isspace():
+            runs += 1
+    return max(1, runs)
 
 
 def _marker(cfg: ImagePlanConfig, image_index: int, row: int, col: int) -> str:

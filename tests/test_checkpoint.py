@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -499,3 +500,84 @@ def test_a_name_keyed_checkpoint_resumes_on_one_process(tmp_path: Path) -> None:
     fresh = make_run(seed=5)
     assert load_checkpoint(path, *fresh)[0] == 2
     assert train(fresh, 3) == expected
+
+
+BAD_META = [
+    # (what, meta.json changes, the reason the warning and the load give)
+    ("step not a number", {"step": "x"}, "meta.json's step must be an integer >= 0, got 'x'"),
+    ("step a bool", {"step": True}, "meta.json's step must be an integer >= 0, got True"),
+    ("negative step", {"step": -2}, "meta.json's step must be an integer >= 0, got -2"),
+    ("step of another directory", {"step": 7}, "meta.json's step 7 is not the directory's 2"),
+    ("no step", {"step": None}, "meta.json's step must be an integer >= 0, got None"),
+    ("no files", {"files": None}, "meta.json's files must be a list of file names, got None"),
+    ("files a string", {"files": "model.safetensors"}, "meta.json's files must be a list of file names"),
+    ("a path out of the folder", {"files": ["../meta.json"]}, "meta.json's files must be a list of file"),
+    ("sha256 a list", {"sha256": ["00"]}, "meta.json's sha256 entry is not a mapping"),
+    ("a file without sha256", {"sha256": {}}, "meta.json records no valid SHA-256 for extra_state.json"),
+    ("a sha256 not hex", "bad digest", "meta.json records no valid SHA-256 for model.safetensors (got 'x')"),
+    ("unknown optimizer keys", {"optimizer_keys": "names"}, "meta.json's optimizer_keys must be 'index'"),
+]
+
+
+@pytest.mark.parametrize(("what", "changes", "reason"), BAD_META, ids=[b[0] for b in BAD_META])
+def test_a_meta_with_a_bad_entry_is_an_incomplete_checkpoint(
+    tmp_path: Path, what: str, changes: dict[str, object] | str, reason: str
+) -> None:
+    """A meta.json with the right format but a step of "x" counted as complete: --resume --check promised
+    the resume, and the load then failed on int("x") instead of falling back to the step before."""
+    run = make_run(seed=0)
+    save(run, tmp_path, 1)
+    bad = save(run, tmp_path, 2)
+    if changes == "bad digest":
+        sums = json.loads((bad / "meta.json").read_text())["sha256"]
+        changes = {"sha256": {**sums, "model.safetensors": "x"}}
+    assert isinstance(changes, dict)
+    edit_meta(bad, **changes)
+    with pytest.warns(
+        UserWarning, match=re.escape(f"ignoring incomplete checkpoint directory {bad} ({reason}")
+    ):
+        assert latest_checkpoint(tmp_path) == tmp_path / "step-00000001"
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"{bad} is not a complete mm15 checkpoint ({reason}")
+    ):
+        load_checkpoint(bad, *make_run(seed=0))
+
+
+def test_resume_check_falls_back_past_a_checkpoint_with_a_bad_step(tmp_path: Path) -> None:
+    """``mm15 train R --out DIR --resume --check`` names the checkpoint the run would resume from: the
+    one before a checkpoint whose meta.json step is "x", with the reason that one is skipped."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "name": "resume",
+                "model": {"preset": "tiny"},
+                "stages": [
+                    {
+                        "name": "pretrain",
+                        "global_batch": 2,
+                        "micro_batch": 2,
+                        "max_steps": 4,
+                        "data": {"seq_length": 1024, "mixture": {"text-only": 1}},
+                    }
+                ],
+            }
+        )
+    )
+    checkpoints = tmp_path / "run" / "pretrain" / "checkpoints"
+    run = make_run(seed=0)
+    save(run, checkpoints, 1)
+    edit_meta(save(run, checkpoints, 2), step="x")
+    args = ["train", str(recipe), "--out", str(tmp_path / "run"), "--resume", "--check"]
+    with pytest.warns(
+        UserWarning, match=r"step-00000002 \(meta\.json's step must be an integer >= 0, got 'x'\)"
+    ):
+        result = CliRunner().invoke(app, args)
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 0, result.output
+    assert "pretrain: resume at step 1" in flat, flat

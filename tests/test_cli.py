@@ -71,7 +71,12 @@ def test_plan_table_output_and_help() -> None:
     [
         (["--nmin", "5", "--nmax", "4"], "n_max"),
         (["--overview", "middle"], "overview"),
-        (["--images-in-sample", "0"], "images_in_sample"),
+        # The option, not the plan's image_index (which no option sets): "image_index must be in [0, 0)".
+        (["--images-in-sample", "0"], "--images-in-sample must be >= 1"),
+        (
+            ["--images-in-sample", "-2"],
+            "--images-in-sample must be >= 1 (this image and its sample's others), got -2",
+        ),
         (["--draw", "plan.txt"], "--draw must end in .png, .jpg or .jpeg, got 'plan.txt'"),
     ],
 )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Callable
 from fractions import Fraction
 
 import pytest
@@ -11,9 +13,11 @@ from hypothesis import strategies as st
 
 from mm15.geometry import (
     ImagePlanConfig,
+    TilePlan,
     candidate_grids,
     expand_image_text,
     fit_size,
+    marker_token_floor,
     plan_image,
     select_grid,
 )
@@ -247,3 +251,63 @@ def test_to_dict_is_json_ready() -> None:
     data = json.loads(json.dumps(plan_image(1640, 2360).to_dict()))
     assert data["grid"] == [3, 3] and data["num_image_tokens"] == 1440
     assert data["tiles"][-1]["marker"] == "(0, 0, 0)" and data["padding"] == [2016 - 1401, 0]
+
+
+def _byte_count(marker: str) -> int:
+    # The tiny decoder's tokenizer: one token per UTF-8 byte, no merges.
+    return len(marker.encode("utf-8"))
+
+
+def _span_cost(plans: list[TilePlan], count: Callable[[str], int]) -> int:
+    return sum(p.num_image_tokens + sum(count(t.marker) for t in p.tiles) for p in plans)
+
+
+def test_marker_token_floor_counts_numbers_and_punctuation() -> None:
+    # Digits never share a token with punctuation in the tokenizers mm15 uses; a space may join a number.
+    assert marker_token_floor("(0, 0, 0)") == 7  # GPT-2: ( 0 , " 0" , " 0" ); byte and SmolLM2: 9
+    assert marker_token_floor("(12, 10, 3)") == 7
+    assert [marker_token_floor(m) for m in (":", ",", "\n", "")] == [1, 1, 1, 0]
+    assert all(marker_token_floor(m) <= _byte_count(m) for m in ("(0, 0, 0)", "(2, 3, 1)", ":", "\n"))
+
+
+def test_min_image_span_tokens_counts_the_markers() -> None:
+    """Three unsplit 16-token images with their "(k, 0, 0)" markers: 75 byte tokens, not 48."""
+    cfg = ImagePlanConfig(tile_size=64, n_min=4, n_max=9, tokens_per_tile=16)
+    assert cfg.min_image_tokens_per_sample() == 48
+    assert cfg.min_image_span_tokens(_byte_count) == 3 * (16 + 9) == 75
+    assert cfg.min_image_span_tokens() == 3 * (16 + 7)  # the tokenizer-free lower bound
+    # Separators: ":" before each unsplit image; a 2x2 grid has "", ",", "\n", "," and ":" for the overview.
+    separators = ImagePlanConfig(tile_size=64, n_min=4, n_max=9, tokens_per_tile=16, indicator="separators")
+    assert separators.min_image_span_tokens(_byte_count) == 3 * (16 + 1)
+    none = ImagePlanConfig(tile_size=64, n_min=4, n_max=9, tokens_per_tile=16, indicator="none")
+    assert none.min_image_span_tokens(_byte_count) == 48
+    single = ImagePlanConfig(tile_size=64, split=False, tokens_per_tile=16)
+    assert single.min_image_span_tokens(_byte_count) == 16 + 9
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    cfg=configs,
+    split=st.booleans(),
+    max_split=st.integers(0, 3),
+    count=st.sampled_from([_byte_count, marker_token_floor]),
+)
+def test_min_image_span_tokens_is_reached_and_never_undercut(
+    cfg: ImagePlanConfig, split: bool, max_split: int, count: Callable[[str], int]
+) -> None:
+    """The cheapest samples (one image on each grid of n_min cells, or 1 to max_images_to_split + 2
+    images) cost at least the bound, and one of them exactly that."""
+    cfg = dataclasses.replace(cfg, split=split, max_images_to_split=max_split)
+    r = cfg.tile_size
+    samples = [
+        [plan_image(rows * r, (cfg.n_min // rows) * r, cfg)]
+        for rows in range(1, cfg.n_min + 1)
+        if cfg.n_min % rows == 0
+    ]
+    samples += [
+        [plan_image(r, r, cfg, image_index=k, images_in_sample=m) for k in range(m)]
+        for m in range(1, max_split + 3)
+    ]
+    costs = [_span_cost(plans, count) for plans in samples]
+    least = cfg.min_image_span_tokens(count)
+    assert min(costs) == least, (costs, least)

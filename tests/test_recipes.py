@@ -341,20 +341,136 @@ def test_a_key_repeated_in_a_mapping_is_an_error_naming_both_lines(tmp_path: Pat
 
 
 def test_a_sequence_too_short_for_any_image_is_refused_at_load() -> None:
-    # The tiny SFT plan: a single image costs at least (4 tiles + overview) x 16 tokens, and a sample of
-    # three or more images, which are never split, 3 x 16.
+    # The tiny SFT plan: a single image costs at least (4 tiles + overview) x 16 image tokens, and a sample
+    # of three or more images, which are never split, 3 x 16; each tile's "(k, i, j)" marker comes on top.
+    # tiny.yaml's decoder reads SmolLM2's tokenizer, so a marker counts its lower bound of 7 tokens
+    # (SmolLM2 takes 9): 3 x (16 + 7) = 69. The image tokens alone (48) once passed.
     data = _tiny()
     sft = data["stages"][2]
-    sft["data"]["seq_length"] = 47
-    with pytest.raises(ValueError, match=r"stages\[2\]\.data\.seq_length: 47 tokens cannot hold .* 48 "):
+    for short in (64, 68):
+        sft["data"]["seq_length"] = short
+        with pytest.raises(
+            ValueError,
+            match=rf"stages\[2\]\.data\.seq_length: {short} tokens cannot hold .* 69 tokens: 48 image tokens",
+        ):
+            RecipeConfig.from_dict(data)
+    sft["data"]["seq_length"] = 69
+    RecipeConfig.from_dict(data)
+    # The tiny preset's own byte tokenizer is counted exactly: a marker is 9 bytes, 3 x (16 + 9) = 75.
+    data["model"].pop("overrides")
+    sft["data"]["seq_length"] = 74
+    with pytest.raises(ValueError, match=r"seq_length: 74 tokens cannot hold .* 75 tokens"):
         RecipeConfig.from_dict(data)
-    sft["data"]["seq_length"] = 48
+    sft["data"]["seq_length"] = 75
     RecipeConfig.from_dict(data)
     # Text alone needs no room for an image.
     sft["data"]["seq_length"] = 40
     sft["data"]["mixture"] = {"text-only": 1}
     sft["data"]["sources"] = {"text-only": "synth:text-only"}
     RecipeConfig.from_dict(data)
+
+
+def test_the_byte_tokenizer_count_is_what_the_tiny_model_spends_on_a_span() -> None:
+    """The exact count used for the tiny byte tokenizer equals the model's own span of the cheapest sample."""
+    from mm15.geometry import plan_image
+    from mm15.model.llm import build_tiny_tokenizer
+    from mm15.model.mm15 import image_span_ids
+
+    data = _tiny()
+    data["model"].pop("overrides")
+    data["stages"][2]["data"]["seq_length"] = 75
+    recipe = RecipeConfig.from_dict(data)
+    plan = recipe.image_plan("sft")
+    tokenizer = build_tiny_tokenizer()
+    spans = [plan_image(64, 64, plan, image_index=k, images_in_sample=3) for k in range(3)]
+    assert sum(len(image_span_ids(span, tokenizer, 0)) for span in spans) == 75
+
+
+def test_a_raw_json_file_named_as_shards_is_refused_at_load(tmp_path: Path) -> None:
+    """``shards:records.jsonl`` passed --check, then the first read said "corrupt tar stream"."""
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    raw = tmp_path / "records.jsonl"
+    raw.write_text('{"image": "a.png", "conversations": []}\n')
+    data = _tiny()
+    data["stages"][0]["data"]["sources"]["text"] = f"shards:{raw}"
+    message = (
+        f"recipe.stages[0].data.sources.text: {str(raw)!r} is a file but not a .tar shard: a shard source "
+        "is a folder of shards or one .tar shard. LLaVA, interleaved and text JSON/JSONL files are trained "
+        "on as shards: pack them first (mm15 data pack FILE"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        RecipeConfig.from_dict(data)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["train", str(recipe), "--check"])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 2 and "mm15 data pack" in flat and "sources.text" in flat, result.output
+    # A .tar shard, a folder and a path that is not there (checked when the stage starts) still load.
+    (tmp_path / "one.tar").write_bytes(b"")
+    for target in (tmp_path / "one.tar", tmp_path, tmp_path / "absent.jsonl"):
+        data["stages"][0]["data"]["sources"]["text"] = f"shards:{target}"
+        RecipeConfig.from_dict(data)
+
+
+def test_a_recipe_nested_too_deeply_is_a_clear_error(tmp_path: Path) -> None:
+    """5000 nested lists were a RecursionError traceback in ``mm15 train --check`` and ``mm15 demo``."""
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ValueError, match=re.escape(f"{deep}: not valid YAML (nested too deeply)")):
+        load_recipe(deep)
+    result = CliRunner().invoke(app, ["train", str(deep), "--check"])
+    flat = " ".join(result.output.split())
+    assert result.exit_code == 2 and "not valid YAML (nested too deeply)" in flat, result.output
+    assert not isinstance(result.exception, RecursionError)
+
+
+@pytest.mark.parametrize("seed", [2**70, 2**63, -(2**63) - 1])
+def test_a_seed_beyond_64_bits_is_refused_at_load(seed: int) -> None:
+    """``seed: 2**70`` passed --check, then the run stopped on "Overflow when unpacking long long"."""
+    data = _tiny()
+    data["seed"] = seed
+    with pytest.raises(ValueError, match=re.escape("recipe.seed: must fit in a 64-bit signed integer")):
+        RecipeConfig.from_dict(data)
+    for fits in (2**63 - 1, -(2**63), 0):
+        data["seed"] = fits
+        assert RecipeConfig.from_dict(data).seed == fits
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        # A string that is no number in exponent form: the YAML hint would send the user astray.
+        ("stages.0.max_steps", "10", "stages[0].max_steps: must be an integer, got '10' (str)"),
+        ("stages.0.optimizer.lr", "0.001", "stages[0].optimizer.lr: must be a number, got '0.001' (str)"),
+        ("stages.0.compile", "1e-3", "stages[0].compile: must be true or false, got '1e-3' (str)"),
+        # Exponent form in a number field: YAML 1.1 read it as a string, and the hint says how to write it.
+        (
+            "stages.0.optimizer.lr",
+            "1e-3",
+            "stages[0].optimizer.lr: must be a number, got '1e-3' (str) (YAML reads 1e-3 as a string: "
+            "write it with a dot and a signed exponent, e.g. 1.0e-3)",
+        ),
+        (
+            "stages.0.max_steps",
+            "1e3",
+            "stages[0].max_steps: must be an integer, got '1e3' (str) (YAML reads 1e3 as a string: write "
+            "the integer in full, e.g. 1000 for 1e3)",
+        ),
+    ],
+)
+def test_the_yaml_exponent_hint_only_where_it_can_be_the_cause(key: str, value: str, message: str) -> None:
+    data = _tiny()
+    _set(data, key, value)
+    with pytest.raises(ValueError) as info:
+        RecipeConfig.from_dict(data)
+    assert str(info.value) == f"recipe.{message}"
 
 
 def test_load_errors_name_the_file(tmp_path: Path) -> None:

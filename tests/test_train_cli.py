@@ -438,7 +438,9 @@ def test_a_resumed_stage_whose_settings_changed_says_which(tmp_path: Path) -> No
     # ... and it does: the new peak on the new schedule's length (the checkpoint's optimizer state
     # once brought back the old peak, and the old schedule's floor for the first resumed step).
     schedule = load_recipe(recipe).stages[0].schedule
-    assert [r["lr"] for r in records[4:]] == pytest.approx([2.0e-3 * schedule.factor(s, 6) for s in (4, 5)])
+    compressed = schedule.compressed(8, 6)  # the 8-step stage cut to 6 by --max-steps
+    assert [r["lr"] for r in records[4:]] == pytest.approx([2.0e-3 * compressed.factor(s, 6) for s in (4, 5)])
+    assert records[5]["lr"] == pytest.approx(2.0e-3 * schedule.min_lr_ratio)  # the floor on the last step
 
     # Without --resume, a stage with an earlier run's checkpoints is not trained afresh over them.
     shutil.rmtree(run / "pretrain" / "final")
@@ -861,9 +863,11 @@ def test_max_steps_cuts_only_the_stages_longer_than_it(
     assert trained[0].stages[0] == written.stages[0]
     short = trained[0].stages[1]
     assert (short.max_steps, short.save_every) == (3, 3)
-    assert (short.schedule.warmup_steps, short.schedule.total_steps) == (2, None)
+    # Compressed: warm-up 4 of 10 steps keeps its share of 3 (1), the floor on the last step (2).
+    assert (short.schedule.warmup_steps, short.schedule.total_steps) == (1, 2)
     assert trained[1].stages == (written.stages[0], trained[1].stages[1])
-    assert trained[1].stages[1].max_steps == 5 and trained[1].stages[1].schedule.total_steps is None
+    assert trained[1].stages[1].max_steps == 5
+    assert (trained[1].stages[1].schedule.warmup_steps, trained[1].stages[1].schedule.total_steps) == (2, 4)
     assert trained[2] == written
     zero = CliRunner().invoke(app, ["train", str(recipe), "--max-steps", "0"])
     assert zero.exit_code == 2 and "--max-steps" in zero.output and len(trained) == 3, zero.output

@@ -21,9 +21,11 @@ three single-key tags: ``{"__tensor__": key}``, ``{"__tuple__": [...]}`` and ``{
 Atomicity: everything is written into ``.tmp-step-<step>-<random>/`` next to the final directory, each
 file is fsynced, ``meta.json`` goes last, and the directory is renamed into place. A crash at any point
 leaves either no ``step-*`` directory or a complete one; ``latest_checkpoint`` additionally only accepts
-directories whose ``meta.json`` exists and lists files that exist. Stale temp directories from a killed
-save are removed by the next successful save. Files and directory get the modes the umask gives any new
-file (``mkdtemp`` and safetensors would leave them 0700 / 0600).
+directories whose ``meta.json`` exists, holds every entry the loader uses in its type (a ``step`` that is
+the directory's, a list of ``files``, a SHA-256 per file if any are recorded) and lists files that exist;
+any other directory is warned about with the reason, and ``mm15 train --resume`` falls back past it.
+Stale temp directories from a killed save are removed by the next successful save. Files and directory
+get the modes the umask gives any new file (``mkdtemp`` and safetensors would leave them 0700 / 0600).
 
 Integrity: ``meta.json`` records each file's SHA-256 (``"sha256": {name: hex digest}``, hashed after the
 file is written and fsynced), and ``load_checkpoint`` checks every file against it before it reads or
@@ -84,6 +86,7 @@ MODEL_NAME = "model.safetensors"
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _TMP_RE = re.compile(r"^\.tmp-step-(\d+)-")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _TENSOR, _TUPLE, _ITEMS = "__tensor__", "__tuple__", "__items__"
 _TAGS = frozenset({_TENSOR, _TUPLE, _ITEMS})
 
@@ -528,23 +531,63 @@ def _complete_checkpoints(directory: Path) -> list[tuple[int, Path]]:
         match = _STEP_RE.match(child.name)
         if not match or not child.is_dir():
             continue
-        if _is_complete(child):
+        problem = _incomplete_reason(child)
+        if problem is None:
             found.append((int(match.group(1)), child))
         else:
-            warnings.warn(
-                f"ignoring incomplete checkpoint directory {child} (no valid {META_NAME})", stacklevel=3
-            )
+            warnings.warn(f"ignoring incomplete checkpoint directory {child} ({problem})", stacklevel=3)
     return sorted(found)
 
 
 def _is_complete(folder: Path) -> bool:
+    return _incomplete_reason(folder) is None
+
+
+def _incomplete_reason(folder: Path) -> str | None:
+    """Why ``folder`` is not a complete checkpoint, or None if it is.
+
+    Every meta.json entry the loader relies on is checked here, not only the format and the files: a meta
+    with a ``"step"`` of ``"x"`` passed as complete, ``--resume --check`` promised a resume, and the load
+    then failed on ``int("x")`` instead of falling back to the checkpoint before.
+    """
     try:
         meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return f"no valid {META_NAME}"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        return False
-    return all((folder / name).is_file() for name in meta.get("files", []))
+        return f"{META_NAME} is not an mm15 checkpoint's"
+    step = meta.get("step")
+    # bool is an int subclass; JSON's true is no step.
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        return f"{META_NAME}'s step must be an integer >= 0, got {step!r}"
+    match = _STEP_RE.match(folder.name)
+    if match is not None and int(match.group(1)) != step:
+        return f"{META_NAME}'s step {step} is not the directory's {int(match.group(1))}"
+    files = meta.get("files")
+    if not isinstance(files, list) or not files or not all(_is_plain_name(name) for name in files):
+        return f"{META_NAME}'s files must be a list of file names, got {files!r}"
+    sums = meta.get("sha256")
+    # Checkpoints written before the checksums (no "sha256") load unchecked; a present entry must cover
+    # every file with a hex digest, or the load would stop on it instead of falling back.
+    if sums is not None:
+        if not isinstance(sums, dict):
+            return f"{META_NAME}'s sha256 entry is not a mapping"
+        for name in files:
+            digest = sums.get(name)
+            if not (isinstance(digest, str) and _SHA256_RE.fullmatch(digest)):
+                return f"{META_NAME} records no valid SHA-256 for {name} (got {digest!r})"
+    if meta.get("optimizer_keys") not in (None, "index", "fqn"):
+        return f"{META_NAME}'s optimizer_keys must be 'index' or 'fqn', got {meta.get('optimizer_keys')!r}"
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    return None
+
+
+def _is_plain_name(name: Any) -> bool:
+    """A file name inside the checkpoint directory (not a path out of it)."""
+    plain = isinstance(name, str) and name not in ("", ".", "..")
+    return plain and "/" not in name and "\\" not in name
 
 
 def _prune(directory: Path, keep_last: int, just_written: Path) -> None:
@@ -598,8 +641,8 @@ def load_checkpoint(
     ``optimizer=None`` / ``scheduler=None`` to load weights only. Call on every rank.
     """
     folder = Path(path)
-    if not _is_complete(folder):
-        raise FileNotFoundError(f"{folder} is not a complete mm15 checkpoint (no valid {META_NAME})")
+    if (problem := _incomplete_reason(folder)) is not None:
+        raise FileNotFoundError(f"{folder} is not a complete mm15 checkpoint ({problem})")
     meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{folder}: unsupported checkpoint format_version {meta.get('format_version')!r}")

@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import re
 import types
 import typing
 from collections.abc import Callable, Hashable, Iterable, Mapping
@@ -61,6 +63,7 @@ PATH_FORMATS: tuple[str, ...] = ("shards", "video")
 # record and image header once, instead of on every pass of every run.
 PACK_FIRST_FORMATS: tuple[str, ...] = ("llava", "interleaved", "text")
 SYNTH = "synth"
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 class _FieldError(ValueError):
@@ -77,31 +80,43 @@ class _FieldError(ValueError):
 # are strict: YAML turns "1e-3" into a string and "yes" into a bool, and both should fail loudly.
 
 
-def _type_error(path: str, expected: str, value: Any) -> ValueError:
-    hint = ""
-    if isinstance(value, str) and _looks_numeric(value):
-        hint = " (YAML reads 1e-3 as a string: write 1.0e-3)"
+def _type_error(path: str, expected: str, value: Any, hint: str = "") -> ValueError:
     return ValueError(f"{path}: must be {expected}, got {value!r} ({type(value).__name__}){hint}")
 
 
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+# A number in exponent form that YAML 1.1 (PyYAML) reads as a string: its floats need a dot and a signed
+# exponent, so "1e-3", "5e4" and "1.0e3" are strings while "1.0e-3" is a float.
+_EXPONENT_NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _exponent_hint(value: Any, integer: bool) -> str:
+    """Why a numeric field got a string, when YAML's reading of exponent notation can be the cause."""
+    if not (isinstance(value, str) and _EXPONENT_NUMBER.fullmatch(value.strip())):
+        return ""
+    if integer:
+        return f" (YAML reads {value} as a string: write the integer in full, e.g. 1000 for 1e3)"
+    return f" (YAML reads {value} as a string: write it with a dot and a signed exponent, e.g. 1.0e-3)"
 
 
 def _int(path: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _type_error(path, "an integer", value)
+        raise _type_error(path, "an integer", value, _exponent_hint(value, integer=True))
     return value
+
+
+def _int64(path: str, value: Any) -> int:
+    # torch, NumPy and the data streams take a seed as a 64-bit integer: a larger one passed --check and
+    # then stopped the run at its first draw ("Overflow when unpacking long long").
+    number = _int(path, value)
+    if not INT64_MIN <= number <= INT64_MAX:
+        raise ValueError(f"{path}: must fit in a 64-bit signed integer [-2**63, 2**63 - 1], got {number}")
+    return number
 
 
 def _float(path: str, value: Any) -> float:
     # bool is an int subclass; "lr: true" is a mistake, not 1.0.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise _type_error(path, "a number", value)
+        raise _type_error(path, "a number", value, _exponent_hint(value, integer=False))
     if not math.isfinite(value):
         raise ValueError(f"{path}: must be finite, got {value}")
     return float(value)
@@ -306,7 +321,10 @@ class OptimizerConfig:
 class ScheduleConfig:
     """Linear warm-up to the peak, then cosine decay to ``min_lr_ratio`` of the peak (MM1: 10%).
 
-    ``total_steps`` is where the cosine reaches its floor; ``None`` means the stage's ``max_steps``.
+    ``total_steps`` is the 0-based step at which the cosine reaches its floor (and stays there); ``None``
+    means the stage's ``max_steps``, so an uncut stage's last step is just above the floor. ``0`` (with no
+    warm-up) is the floor from the first step; ``mm15 train --max-steps`` uses it for a one-step cut
+    (``compressed``).
     """
 
     warmup_steps: int = 0
@@ -317,7 +335,7 @@ class ScheduleConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.total_steps is not None:
-            _check(self.total_steps >= 1, "total_steps", f"must be >= 1, got {self.total_steps}")
+            _check(self.total_steps >= 0, "total_steps", f"must be >= 0, got {self.total_steps}")
             _check(
                 self.warmup_steps <= self.total_steps,
                 "warmup_steps",
@@ -326,11 +344,29 @@ class ScheduleConfig:
 
     def factor(self, step: int, max_steps: int) -> float:
         """The multiplier of the peak LR at optimizer step ``step`` (0-based)."""
-        total = self.total_steps or max_steps
+        total = max_steps if self.total_steps is None else self.total_steps
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
-        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        if step >= total:
+            # The floor from ``total`` on, also for a cosine of no length (total == warm-up): the last step
+            # of a stage cut by --max-steps to its warm-up plus one step is at the floor, not the peak.
+            # For total > warm-up this is what the cosine gives at progress 1 (cos(pi) is exactly -1).
+            return self.min_lr_ratio
+        progress = (step - self.warmup_steps) / (total - self.warmup_steps)
         return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def compressed(self, stage_steps: int, steps: int) -> ScheduleConfig:
+        """This schedule of a ``stage_steps``-step stage squeezed into its first ``steps`` (``--max-steps``).
+
+        The warm-up keeps its share of the stage: ``warmup_steps * steps / stage_steps`` rounded half up,
+        at most ``steps - 1``; the cosine then reaches its floor on step ``steps - 1``, the last one that
+        runs (``total_steps = steps - 1``; the recipe's own ``total_steps`` is dropped), so a cut stage
+        ends at ``min_lr_ratio`` as the full stage would. A one-step stage runs that step at the floor.
+        """
+        if not 1 <= steps < stage_steps:
+            raise ValueError(f"a cut needs 1 <= steps < stage_steps, got {steps} and {stage_steps}")
+        warmup = (2 * self.warmup_steps * steps + stage_steps) // (2 * stage_steps)  # exact, halves up
+        return dataclasses.replace(self, warmup_steps=min(warmup, steps - 1), total_steps=steps - 1)
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "schedule") -> ScheduleConfig:
@@ -367,6 +403,19 @@ def _check_source_spec(field_path: str, spec: str) -> None:
         field_path,
         f"must be '<format>:<target>' with format one of {formats}, got {spec!r}",
     )
+    if kind == "shards":
+        # A shard source is a folder of .tar shards or one .tar shard, and the reader takes any file it is
+        # given for a tar: a raw JSON/JSONL file passed --check and then stopped the first read with
+        # "corrupt tar stream". Only an existing file is judged: paths may not exist where a recipe is
+        # checked, and a missing one is reported when the stage's sources are opened.
+        _check(
+            not os.path.isfile(target) or target.lower().endswith(".tar"),
+            field_path,
+            f"{target!r} is a file but not a .tar shard: a shard source is a folder of shards or one .tar "
+            f"shard. LLaVA, interleaved and text JSON/JSONL files are trained on as shards: pack them first "
+            f"(mm15 data pack FILE --format llava|interleaved|text --images DIR --out SHARDS, see "
+            f"docs/data.md) and give 'shards:SHARDS'; got {spec!r}",
+        )
     if kind == SYNTH:
         names, categories = _synth_targets()
         _check(
@@ -589,7 +638,7 @@ class StageConfig:
             "max_corrupt_fraction",
             f"must be in [0, 1], got {self.max_corrupt_fraction}",
         )
-        total = self.schedule.total_steps or self.max_steps
+        total = self.max_steps if self.schedule.total_steps is None else self.schedule.total_steps
         _check(
             self.schedule.warmup_steps <= total,
             "schedule.warmup_steps",
@@ -716,6 +765,15 @@ class ModelSpec:
         )
 
 
+def _marker_token_count(cfg: Any) -> Callable[[str], int] | None:
+    """What a tile marker costs where the model's tokenizer is known without loading anything: the tiny
+    decoder's byte tokenizer has one token per UTF-8 byte and no merges. ``None`` (other tokenizers, which
+    may be files on another machine) counts ``mm15.geometry.marker_token_floor``, a lower bound."""
+    if cfg.llm.source == "tiny" and cfg.llm.tokenizer == "bytes":
+        return lambda marker: len(marker.encode("utf-8"))
+    return None
+
+
 def _encoder_input_size(cfg: Any) -> int | None:
     vision = cfg.vision
     return vision.input_size or vision.image_size
@@ -789,13 +847,16 @@ class RecipeConfig:
             "model.overrides.vision.input_size and connector.num_patches instead)",
         )
         # A sequence that cannot hold any image would train only the text-only samples while the
-        # others are skipped as too long, and that is a typo, not a plan.
-        least = plan.min_image_tokens_per_sample()
+        # others are skipped as too long, and that is a typo, not a plan. An image span is its image
+        # tokens and the tile markers before them ("(k, i, j)" is 9 byte tokens): without the markers
+        # three unsplit 16-token images "fit" 64 tokens, and every such sample was then dropped.
+        least = plan.min_image_span_tokens(_marker_token_count(base))
         _check(
             stage.data.seq_length >= least or _text_only(stage.data.resolve_sources().values()),
             f"stages[{index}].data.seq_length",
             f"{stage.data.seq_length} tokens cannot hold a sample with an image under this stage's "
-            f"image plan (at least {least} image tokens)",
+            f"image plan (at least {least} tokens: {plan.min_image_tokens_per_sample()} image tokens and "
+            "their tile markers)",
         )
 
     @property
@@ -838,7 +899,7 @@ class RecipeConfig:
                 "name": _str,
                 "model": _nested(ModelSpec),
                 "stages": stages,
-                "seed": _int,
+                "seed": _int64,
                 "output_dir": _opt(_str),
                 "distributed": _choice(*DISTRIBUTED_STRATEGIES),
             },
@@ -866,7 +927,14 @@ def load_recipe(path: str | Path) -> RecipeConfig:
         raise ValueError(f"{path}: not a UTF-8 text file ({err})") from None
     except yaml.YAMLError as err:
         raise ValueError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
-    return RecipeConfig.from_dict(data)
+    except RecursionError:
+        # PyYAML composes nested collections recursively: a few hundred levels exhaust Python's stack.
+        raise ValueError(f"{path}: not valid YAML (nested too deeply)") from None
+    try:
+        return RecipeConfig.from_dict(data)
+    except RecursionError:
+        # The recipe's own reading of nested mappings (mixtures, overrides) is recursive as well.
+        raise ValueError(f"{path}: not a valid recipe (nested too deeply)") from None
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
