@@ -373,6 +373,16 @@ def test_item_cache_ignores_damaged_lines(tmp_path: Path) -> None:
     # Line separators other than "\n" inside an output (JSON writes them raw) do not split its record.
     ItemCache(path).put([("k4", "d", "two\u2028lines\u0085and\u2029more")])
     assert ItemCache(path).get("k4") == "two\u2028lines\u0085and\u2029more"
+    # A last line cut inside a UTF-8 character, and records of the wrong types, cost only themselves.
+    with path.open("ab") as f:
+        f.write(b'{"key": "k5", "id": "e", "output": 5}\n{"key": "k6", "id": "f", "output": "caf\xc3')
+    reread = ItemCache(path)
+    assert reread.get("k5") is None and reread.get("k6") is None
+    assert [reread.get(k) for k in ("k1", "k3", "k4")] == [
+        "out 1",
+        "out 3",
+        "two\u2028lines\u0085and\u2029more",
+    ]
 
 
 def test_answers_of_another_compute_dtype_are_not_reused(
@@ -412,6 +422,31 @@ def test_cli_eval_writes_the_results(model: MM15Model, tmp_path: Path) -> None:
         app, [*args, "--tasks", "synth-general-color:max_new_tokens=2", "--out", str(out)]
     )
     assert again.exit_code == 0 and "0 items generated, 2 from the cache" in again.output
+
+
+def test_cli_eval_default_folder_names_the_run_and_stage(
+    model: MM15Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every stage's model is ``<run>/<stage>/final``: a default folder named after the model's own
+    directory made the stages of a run overwrite each other's results in runs/eval/final."""
+    for stage in ("ocr", "sft"):
+        model.save_pretrained(tmp_path / "tiny" / stage / "final")
+    monkeypatch.chdir(tmp_path)
+    for stage in ("ocr", "sft"):
+        args = [
+            "eval",
+            "--model",
+            f"tiny/{stage}/final",
+            "--tasks",
+            "synth-icl:max_new_tokens=2",
+            "--limit",
+            "1",
+        ]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "1 items generated, 0 from the cache" in result.output
+        assert (tmp_path / "runs" / "eval" / f"tiny-{stage}" / "results.json").is_file()
+    assert not (tmp_path / "runs" / "eval" / "final").exists()
 
 
 def test_cli_eval_interrupted_says_the_same_command_continues(

@@ -163,6 +163,12 @@ def test_groups_options_and_errors(tmp_path: Path) -> None:
         resolve_task_specs("synth-icl:max_new_tokens=0")
     with pytest.raises(TaskError, match="listed twice"):
         resolve_task_specs("synth-icl,synth-icl:seed=1")
+    # A size past a C integer overflowed len() after the model had loaded.
+    with pytest.raises(TaskError, match="option size must fit in 64 bits, got 99999999999999999999999"):
+        resolve_task_specs("synth-icl:size=99999999999999999999999")
+    with pytest.raises(TaskError, match="option seed must fit in 64 bits"):
+        resolve_task_specs([TaskSpec("synth-icl", {"seed": 2**63})])
+    assert resolve_task_specs(f"synth-icl:seed={2**63 - 1}")[0][2]["seed"] == 2**63 - 1
     twice = resolve_task_specs("synth-icl,synth-icl:seed=1,name=icl-seed1")
     assert [name for name, _, _ in twice] == ["synth-icl", "icl-seed1"]
     assert twice[1][2]["seed"] == 1

@@ -30,8 +30,8 @@ from mm15.cli import app
 from mm15.hardware import autocast
 from mm15.model.generate import GenerationConfig, generate
 from mm15.model.mm15 import MM15Model, MM15Processor
+from mm15.paths import model_name_of
 from mm15.serve.api import create_app
-from mm15.serve.commands import default_model_id
 from mm15.serve.conversation import Turn, question_turn, render_prompt
 from mm15.serve.engine import EncodedPrompt, Engine, RequestHandle, wait_for
 from mm15.serve.errors import APIError
@@ -1001,7 +1001,14 @@ def test_the_mm15_serve_command(served: Served) -> None:
             app, ["serve", "--model", str(served.model_dir / "missing"), "--port", str(busy)]
         )
     assert in_use.exit_code == 2 and f"cannot listen on 127.0.0.1:{busy}" in in_use.stderr
-    assert default_model_id(Path("runs/tiny/sft/final")) == "tiny-sft"
-    assert default_model_id(Path("runs/tiny-model")) == "tiny-model"
+    # A host that is not a valid name is the address's fault, not the model's.
+    bad_host = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir), "--host", "not.a.host..."])
+    assert bad_host.exit_code == 2 and "cannot listen on not.a.host...:8000" in bad_host.stderr
+    # A model whose files the OS refuses (here: a name too long) is the model's fault, not the port's.
+    too_long = CliRunner().invoke(app, ["serve", "--model", "m" * 300, "--port", "0"])
+    assert too_long.exit_code == 2 and "cannot load the model" in too_long.stderr
+    assert "File name too long" in too_long.stderr
+    assert model_name_of(Path("runs/tiny/sft/final")) == "tiny-sft"
+    assert model_name_of(Path("runs/tiny-model")) == "tiny-model"
     bad_limit = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir), "--max-images", "-1"])
     assert bad_limit.exit_code == 2 and "max_images_per_request must be >= 0" in bad_limit.stderr

@@ -133,13 +133,17 @@ class ItemCache:
         self.path = path
         self.outputs: dict[str, str] = {}
         if path is not None and path.is_file():
-            # Split at "\n" only: an output may hold U+2028 or U+0085, which splitlines() splits at.
-            for line in path.read_text(encoding="utf-8").split("\n"):
+            # Split the bytes at b"\n" only: an output may hold U+2028 or U+0085, which splitlines()
+            # splits at, and a kill mid-write can cut the last line inside a UTF-8 character, which
+            # must cost that line only, not the whole file.
+            for line in path.read_bytes().split(b"\n"):
                 try:
-                    record = json.loads(line)
-                    self.outputs[record["key"]] = record["output"]
-                except (json.JSONDecodeError, KeyError, TypeError):
+                    record = json.loads(line.decode("utf-8"))
+                    key, output = record["key"], record["output"]
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
                     continue
+                if isinstance(key, str) and isinstance(output, str):
+                    self.outputs[key] = output
 
     def get(self, key: str) -> str | None:
         return self.outputs.get(key)

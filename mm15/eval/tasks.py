@@ -168,6 +168,13 @@ class TaskOption:
     required: bool = False
 
     def convert(self, task: str, value: Any, check_files: bool = True) -> Any:
+        converted = self._convert(task, value, check_files)
+        if self.kind is int and not -(2**63) <= converted < 2**63:
+            # Sizes, seeds and limits end up as C integers (a sequence's length, a generator's seed).
+            raise TaskError(f"task {task}: option {self.name} must fit in 64 bits, got {converted}")
+        return converted
+
+    def _convert(self, task: str, value: Any, check_files: bool) -> Any:
         if not isinstance(value, str):
             # Options given from Python (TaskSpec) rather than a command line: check the type only.
             accepted: tuple[type, ...] = (int, float) if self.kind is float else (self.kind,)

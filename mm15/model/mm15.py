@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -326,7 +327,11 @@ class MM15Model(nn.Module):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         path = Path(path)
-        if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        try:
+            complete = (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
+        except OSError as err:  # a name too long, or a parent directory that cannot be searched
+            raise ValueError(f"{path}: cannot be read as a model directory ({err.strerror})") from None
+        if not complete:
             # A training stage's directory holds its model under final/: point there.
             hint = f"; did you mean {path / 'final'}?" if (path / "final" / CONFIG_NAME).is_file() else ""
             raise FileNotFoundError(
@@ -336,6 +341,8 @@ class MM15Model(nn.Module):
             document = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"{path}/{CONFIG_NAME}: not a JSON file ({err})") from None
+        except OSError as err:
+            raise ValueError(f"{path}/{CONFIG_NAME} cannot be read ({err.strerror})") from None
         if not isinstance(document, dict) or document.get("mm15_format") != FORMAT_VERSION:
             found = document.get("mm15_format") if isinstance(document, dict) else None
             raise ValueError(f"{path}/{CONFIG_NAME}: unsupported mm15_format {found!r}")
@@ -366,11 +373,16 @@ class MM15Model(nn.Module):
         if cfg.moe is not None:
             upcycle_llm(llm, dataclasses.replace(cfg.moe, upcycle=False))
         model = cls(cfg, VisionEncoder(cfg.vision), build_connector(cfg.connector), llm, tokenizer)
+        if not os.access(path / WEIGHTS_NAME, os.R_OK):
+            # safetensors reports an unreadable file as "No such file or directory".
+            raise ValueError(f"{path}/{WEIGHTS_NAME} cannot be read (Permission denied)")
         try:
             _check_weight_shapes(model, path)
             missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
         except SafetensorError as err:
             raise ValueError(f"{path}/{WEIGHTS_NAME} cannot be read (damaged or truncated: {err})") from None
+        except OSError as err:
+            raise ValueError(f"{path}/{WEIGHTS_NAME} cannot be read ({err.strerror or err})") from None
         if missing or unexpected:
             raise ValueError(
                 f"{path}/{WEIGHTS_NAME} does not match the architecture: missing {sorted(missing)[:5]}, "

@@ -49,14 +49,6 @@ def chat(
         raise typer.Exit(code)
 
 
-def default_model_id(model_dir: Path) -> str:
-    """The directory's name; for ``mm15 train``'s ``<run>/<stage>/final``, ``<run>-<stage>``."""
-    path = model_dir.resolve()
-    if path.name == "final" and path.parent.parent.name:
-        return f"{path.parent.parent.name}-{path.parent.name}"
-    return path.name
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -102,7 +94,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions, /v1/models, /health and a web page at /."""
-    from mm15.serve.server import serve_model_dir
+    from mm15.paths import model_name_of
+    from mm15.serve.server import BindError, serve_model_dir
     from mm15.serve.settings import ServeSettings
 
     limits = {
@@ -120,7 +113,7 @@ def serve(
         given["default_max_tokens"] = min(ServeSettings.default_max_tokens, max_tokens_limit)
     try:
         settings = ServeSettings(
-            model_name=model_name or default_model_id(model),
+            model_name=model_name or model_name_of(model),
             api_key=api_key,
             allow_remote_images=allow_remote_images,
             allow_local_files=allow_local_files,
@@ -136,9 +129,9 @@ def serve(
         )
     try:
         serve_model_dir(model, settings, host, port, max_batch=max_batch)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: cannot load the model: {err}", file=sys.stderr)
+    except BindError as err:  # from binding, before the model is loaded
+        print(f"error: cannot listen on {host}:{port}: {err}", file=sys.stderr)
         raise typer.Exit(2) from None
-    except OSError as err:  # from binding, before the model is loaded
-        print(f"error: cannot listen on {host}:{port}: {err.strerror or err}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # the model directory's, once the address is bound
+        print(f"error: cannot load the model: {err}", file=sys.stderr)
         raise typer.Exit(2) from None

@@ -45,16 +45,23 @@ def _config(app: FastAPI, host: str, port: int, log_level: str) -> uvicorn.Confi
     )
 
 
+class BindError(OSError):
+    """The address cannot be listened on: a host that does not resolve, a port in use or not allowed."""
+
+
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host``:``port`` (IPv4 or IPv6, as the host resolves); ``OSError`` if not."""
-    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    """A TCP socket bound to ``host``:``port`` (IPv4 or IPv6, as the host resolves); ``BindError`` if not."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (OSError, UnicodeError) as err:  # a name that is not a valid hostname fails in its idna encoding
+        raise BindError(f"{host!r} does not resolve ({getattr(err, 'strerror', None) or err})") from None
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
-    except OSError:
+    except OSError as err:
         sock.close()
-        raise
+        raise BindError(err.strerror or str(err)) from None
     return sock
 
 
@@ -108,7 +115,8 @@ def serve_model_dir(
 ) -> None:
     """``mm15 serve``: bind, load, start the engine, serve until interrupted, stop the engine.
 
-    ``OSError`` when the address cannot be bound, before the model is loaded.
+    ``BindError`` when the address cannot be bound, before the model is loaded; the model's own
+    errors (``FileNotFoundError``, ``ValueError``, other ``OSError``) after.
     """
     sock = bind_socket(host, port)
     try:
