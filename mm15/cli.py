@@ -313,7 +313,8 @@ def eval_(
         raise typer.Exit(130) from None
     typer.echo(report.to_markdown())  # raw, so the Markdown table is never wrapped
     console.print(
-        f"{report.run['generated_items']} items generated, {report.run['cached_items']} from the cache; "
+        f"{report.run['generated_items']} item{'' if report.run['generated_items'] == 1 else 's'} generated, "
+        f"{report.run['cached_items']} from the cache; "
         f"results in {shown(target)}/ (results.json, results.md, scores.png)",
         soft_wrap=True,
     )

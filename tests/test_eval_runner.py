@@ -444,7 +444,7 @@ def test_cli_eval_default_folder_names_the_run_and_stage(
         ]
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, result.output
-        assert "1 items generated, 0 from the cache" in result.output
+        assert "1 item generated, 0 from the cache" in result.output
         assert (tmp_path / "runs" / "eval" / f"tiny-{stage}" / "results.json").is_file()
     assert not (tmp_path / "runs" / "eval" / "final").exists()
 
