@@ -238,7 +238,6 @@ def test_ddp_matches_single_process(single: dict, tmp_path: Path) -> None:
     assert_same_run(ddp, single, rtol=FP32_RTOL, checksum_rtol=1e-6)
 
 
-@pytest.mark.slow
 def test_fsdp2_matches_single_process(single: dict, tmp_path: Path) -> None:
     fsdp = run_worker(tmp_path, "fsdp2", "--strategy", "fsdp2")
     assert_same_run(fsdp, single, rtol=FP32_RTOL, checksum_rtol=1e-6)
@@ -251,10 +250,17 @@ def test_fsdp2_bf16_mixed_precision_stays_close(single: dict, tmp_path: Path) ->
     assert fsdp["losses"] != single["losses"]  # bf16 really was used
 
 
-@pytest.mark.slow
+# Two directions run by default (2 ranks -> 1 and 1 -> 2 ranks with the other key scheme); the rest
+# with the slow tests.
 @pytest.mark.parametrize(
     ("save", "load"),
-    [("ddp", "none"), ("none", "ddp"), ("fsdp2", "none"), ("none", "fsdp2"), ("fsdp2", "ddp")],
+    [
+        ("ddp", "none"),
+        pytest.param("none", "ddp", marks=pytest.mark.slow),
+        pytest.param("fsdp2", "none", marks=pytest.mark.slow),
+        ("none", "fsdp2"),
+        pytest.param("fsdp2", "ddp", marks=pytest.mark.slow),
+    ],
 )
 def test_checkpoint_crosses_world_sizes(single: dict, tmp_path: Path, save: str, load: str) -> None:
     """Save after 2 steps on one world size, resume on the other: step 3 equals the uninterrupted run's.

@@ -289,6 +289,18 @@ def test_balanced_batches_across_ranks() -> None:
     assert [again.next_batch(8) for _ in range(5)] == [fresh.next_batch(8) for _ in range(5)]
 
 
+def test_balanced_batches_are_shuffled_within_the_window() -> None:
+    """Each batch holds its window of the source cycle in a shuffled order: read straight, one rank's
+    batches of 4 would give the 4 sources in the same fixed pattern at every step."""
+    sampler = MixtureSampler(ocr_mixture(), seed=9)
+    cycle = list(sampler._order)
+    batches = [sampler.next_batch(4) for _ in range(20)]
+    assert all(sorted(b) == sorted(cycle) for b in batches)  # the window: every source once
+    orders = {tuple(b) for b in batches}
+    assert len(orders) >= 5  # 20 shuffles of 4 (24 orders) in at least 5 different orders
+    assert sum(b == cycle for b in batches) <= 5
+
+
 @pytest.mark.parametrize(("world", "batch_size"), [(2, 2), (2, 1), (2, 3), (4, 1)])
 def test_every_rank_draws_every_source_evenly(world: int, batch_size: int) -> None:
     # When batch_size * world is a multiple of the 4 sources, a fixed split of each global batch gave

@@ -495,6 +495,38 @@ def test_token_weights_count_each_sample_equally_or_by_sqrt() -> None:
         token_weights(micro, "mean")
 
 
+@pytest.mark.parametrize("weighting", ["sample", "sqrt"])
+def test_a_steps_gradient_is_the_weighted_mean_of_its_token_losses(weighting: str) -> None:
+    """train_step's gradient is that of sum(w * token loss) / sum(w) with ``token_weights``' w: a step
+    that ignored ``loss_weighting`` still trained and reported the same first loss."""
+    from mm15.train.trainer import token_weights
+
+    def gradients_of_one_step(loss_weighting: str) -> list[torch.Tensor]:
+        model, stream, optimizer, scheduler = setup()
+        seen: list[torch.Tensor] = []
+        optimizer.register_step_pre_hook(
+            lambda *_: seen.extend(p.grad.clone() for p in model.parameters() if p.grad is not None)
+        )
+        train_step(model, stream, optimizer, scheduler, accum=1, step=0, dtype=torch.float32,
+                   max_grad_norm=1e9, peak_flops=1e11, loss_weighting=loss_weighting)  # fmt: skip
+        return seen
+
+    model, stream, _, _ = setup()
+    micro = stream.next_micro()
+    weights = token_weights(micro, weighting)
+    assert not torch.allclose(weights / weights.sum(), torch.full_like(weights, 1 / len(weights)))
+    out = model(pixel_values=micro.pixel_values, **micro.batch.model_inputs())
+    ((out.token_losses * weights).sum() / weights.sum()).backward()
+    expected = [p.grad for p in model.parameters() if p.grad is not None]
+    weighted = gradients_of_one_step(weighting)
+    assert len(weighted) == len(expected)
+    for got, want in zip(weighted, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-7)
+    token_mean = gradients_of_one_step("token")
+    pairs = zip(token_mean, expected, strict=True)
+    assert any(not torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in pairs)  # the weighting matters
+
+
 def test_sample_weighting_trains_and_reports_the_token_mean() -> None:
     model, stream, optimizer, scheduler = setup()
     losses = steps(model, stream, optimizer, scheduler, 0, 6, loss_weighting="sample")

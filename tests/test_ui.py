@@ -352,7 +352,6 @@ def test_ui_recipe_comment_names_the_grids_its_plan_gives() -> None:
     assert plan_image(820, 1180, MM15).grid == (2, 3)
 
 
-@pytest.mark.slow
 def test_ui_recipe_trains_two_steps(tmp_path: Path) -> None:
     import subprocess
     import sys

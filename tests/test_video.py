@@ -736,7 +736,6 @@ def test_train_parent_option_repoints_the_recipe(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "no stage of 'tiny' starts from a model directory" in result.output
 
 
-@pytest.mark.slow
 def test_video_recipe_trains_two_steps(tmp_path: Path) -> None:
     import subprocess
     import sys
