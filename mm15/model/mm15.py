@@ -38,6 +38,7 @@ from mm15.model.head_loss import head_token_losses
 from mm15.model.llm import LLMConfig, load_llm
 from mm15.model.moe import PADDING_MASK_KWARG, MoEConfig, moe_aux_loss, moe_layers, upcycle_llm
 from mm15.model.vision import VisionConfig, VisionEncoder
+from mm15.paths import not_a_file_reason
 
 IMAGE_PLACEHOLDER = "<image>"
 IMAGE_TOKEN = "<|image_patch|>"
@@ -327,15 +328,14 @@ class MM15Model(nn.Module):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         path = Path(path)
-        try:
-            complete = (path / CONFIG_NAME).is_file() and (path / WEIGHTS_NAME).is_file()
-        except OSError as err:  # a name too long, or a parent directory that cannot be searched
-            raise ValueError(f"{path}: cannot be read as a model directory ({err.strerror})") from None
-        if not complete:
+        problem = not_a_file_reason(path / CONFIG_NAME) or not_a_file_reason(path / WEIGHTS_NAME)
+        if problem is not None:
             # A training stage's directory holds its model under final/: point there.
-            hint = f"; did you mean {path / 'final'}?" if (path / "final" / CONFIG_NAME).is_file() else ""
+            in_final = not_a_file_reason(path / "final" / CONFIG_NAME) is None
+            hint = f"; did you mean {path / 'final'}?" if in_final else ""
             raise FileNotFoundError(
-                f"{path} is not an mm15 model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}){hint}"
+                f"{path} is not an mm15 model directory (needs {CONFIG_NAME} and {WEIGHTS_NAME}: "
+                f"{problem}){hint}"
             )
         try:
             document = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
