@@ -1,4 +1,5 @@
-"""Packed attention: per-sample attention over a packed row equals the dense block-diagonal mask."""
+"""Attention: per-sample attention over a packed row equals the dense block-diagonal mask; the encoder's
+short-tile attention equals SDPA and is taken exactly where its rule says."""
 
 from __future__ import annotations
 
@@ -98,3 +99,88 @@ def test_packed_rows_need_position_ids(packed_batch) -> None:
     inputs = {**batch.model_inputs(), "position_ids": None}
     with pytest.raises(ValueError, match="position_ids"):
         model(pixel_values=pixels, **inputs)
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "length", "dim", "scale"), [(3, 4, 65, 16, None), (2, 6, 197, 64, 0.3)]
+)
+def test_short_attention_equals_sdpa_with_its_gradients(batch, heads, length, dim, scale) -> None:
+    from mm15.model.attention import short_attention
+
+    torch.manual_seed(0)
+    inputs = [
+        torch.randn(batch, heads, length, dim, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    ]
+    upstream = torch.randn(batch, heads, length, dim, dtype=torch.float64)
+    outputs, grads = [], []
+    for function in (short_attention, torch.nn.functional.scaled_dot_product_attention):
+        out = function(*inputs, scale=scale)
+        grads.append(torch.autograd.grad(out, inputs, upstream))
+        outputs.append(out)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for ours, sdpa in zip(*grads, strict=True):
+        torch.testing.assert_close(ours, sdpa, rtol=1e-10, atol=1e-12)
+
+
+def test_short_attention_refuses_grouped_keys() -> None:
+    from mm15.model.attention import short_attention
+
+    with pytest.raises(ValueError, match="4 query heads for 2 key heads"):
+        short_attention(torch.zeros(1, 4, 8, 8), torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8))
+
+
+def test_takes_short_attention_only_for_short_bf16_without_dropout() -> None:
+    from mm15.model.attention import (
+        SHORT_ATTENTION_MAX_LEN,
+        SHORT_ATTENTION_MAX_SCORES,
+        takes_short_attention,
+    )
+
+    def q(batch: int, length: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return torch.empty(1, 4, length, 16, dtype=dtype).expand(batch, -1, -1, -1)  # no memory per batch
+
+    assert takes_short_attention(q(2, 65), q(2, 65))
+    assert takes_short_attention(q(1, SHORT_ATTENTION_MAX_LEN), q(1, SHORT_ATTENTION_MAX_LEN))
+    assert not takes_short_attention(q(1, SHORT_ATTENTION_MAX_LEN + 1), q(1, SHORT_ATTENTION_MAX_LEN + 1))
+    assert not takes_short_attention(q(2, 65, torch.float32), q(2, 65, torch.float32))  # SDPA's flash is fast
+    assert not takes_short_attention(q(2, 65), q(2, 65), dropout_p=0.1)
+    # float32 queries count as bf16 where autocast would cast them for SDPA.
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert takes_short_attention(q(2, 65, torch.float32), q(2, 65, torch.float32))
+    # Too many scores to materialise: batch x heads x L x L over the cap.
+    batch = SHORT_ATTENTION_MAX_SCORES // (4 * 256 * 256) + 1
+    assert not takes_short_attention(q(batch, 256), q(batch, 256))
+    assert takes_short_attention(q(batch - 1, 256), q(batch - 1, 256))
+
+
+def test_the_encoder_takes_short_attention_in_bf16_and_matches_sdpa(monkeypatch) -> None:
+    from mm15.model import attention
+    from mm15.model.vision import VisionEncoder
+
+    torch.manual_seed(0)
+    encoder = VisionEncoder(preset("tiny").vision).eval()
+    assert encoder.model.config._attn_implementation == attention.ENCODER_ATTENTION
+    calls: list[tuple[int, ...]] = []
+    short = attention.short_attention
+
+    def counted(query: torch.Tensor, *args: object) -> torch.Tensor:
+        calls.append(tuple(query.shape))
+        return short(query, *args)
+
+    monkeypatch.setattr(attention, "short_attention", counted)
+    pixels = torch.randn(3, 3, encoder.input_size, encoder.input_size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = encoder(pixels).float()
+        encoder.model.config._attn_implementation = "sdpa"
+        sdpa = encoder(pixels).float()
+        encoder.model.config._attn_implementation = attention.ENCODER_ATTENTION
+    layers = encoder.model.config.num_hidden_layers
+    assert calls == [(3, encoder.model.config.num_attention_heads, 65, 16)] * layers
+    assert not torch.equal(ours, sdpa)  # another kernel, so other bf16 roundings
+    torch.testing.assert_close(ours, sdpa, rtol=0.05, atol=0.05)
+    with torch.no_grad():  # float32: SDPA, the same values as transformers' own path
+        calls.clear()
+        ours = encoder(pixels)
+        encoder.model.config._attn_implementation = "sdpa"
+        torch.testing.assert_close(ours, encoder(pixels), rtol=0, atol=0)
+    assert calls == []

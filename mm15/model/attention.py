@@ -1,4 +1,6 @@
-"""Packed-sequence attention: each sample of a packed row attends to itself, at its own length's cost.
+"""mm15's attention functions: per-sample attention for packed rows, short tiles in bf16 on the CPU.
+
+**Packed rows.** Each sample of a packed row attends to itself, at its own length's cost.
 
 A packed row of samples with lengths ``n_1 .. n_k`` is usually computed with one dense ``L x L``
 block-diagonal mask (``L = sum n_i``): correct, but attention then costs ``L^2`` instead of
@@ -15,6 +17,19 @@ The samples' spans come from the position ids, which restart at 0 for each packe
 (``mm15.data.packing``). They travel as that tensor, not as a Python list, and the per-sample loop runs
 outside ``torch.compile``'s graphs: a compiled decoder layer then sees only tensors of dynamic length and
 does not recompile for every packing layout.
+
+**Vision encoders: short tiles in bf16 on the CPU.** torch's CPU flash-attention kernel, which SDPA
+picks for bf16, is slow on short sequences: its forward and backward took 9-14 ms for the tiny
+encoder's 160 heads of 65 tokens and for a ViT-B/16's 30 heads of 197 tokens, where two matrix products
+and a float32 softmax take 3.6-5.5 ms (an AMD EPYC with AVX512-BF16, 2026-12-07; SDPA's own math backend,
+which upcasts to float32, was no faster; in float32 the flash kernel is as fast as the products).
+``encoder_attention``, the vision encoder's attention implementation (``ENCODER_ATTENTION``), computes
+such calls with ``short_attention``: up to ``SHORT_ATTENTION_MAX_LEN`` keys (it won by 1.5x at 385
+tokens and tied at 401) and while the scores, which it materialises and flash attention does not, stay
+under ``SHORT_ATTENTION_MAX_SCORES`` values. Longer tiles (a ViT-H/14 at 378 px has 729 patches),
+float32, dropout and masks keep SDPA. The decoder keeps SDPA: its causal kernel skips the masked half,
+and explicit products were slower on the tiny decoder's causal spans of 256-512 tokens. The choice
+depends only on shapes and dtypes, so runs stay deterministic.
 """
 
 from __future__ import annotations
@@ -25,6 +40,12 @@ import torch
 import torch.nn.functional as F
 
 PACKED_ATTENTION = "mm15_packed"
+ENCODER_ATTENTION = "mm15_encoder"
+
+# Up to this many keys, the encoder's bf16 attention on the CPU runs as matrix products (module docstring).
+SHORT_ATTENTION_MAX_LEN = 384
+# ... and only while batch x heads x queries x keys stays under this (float32 scores of 256 MB).
+SHORT_ATTENTION_MAX_SCORES = 1 << 26
 
 Segments = list[list[tuple[int, int]]]
 
@@ -121,11 +142,75 @@ def _per_sample_attention(
     return torch.cat(rows, dim=0).transpose(1, 2).contiguous()
 
 
-def register_packed_attention() -> None:
-    """Make ``PACKED_ATTENTION`` a transformers attention implementation (idempotent)."""
+def takes_short_attention(query: torch.Tensor, key: torch.Tensor, dropout_p: float = 0.0) -> bool:
+    """Whether ``encoder_attention`` computes this call with ``short_attention`` (module docstring).
+
+    The dtype that counts is the one SDPA would compute in: autocast's where it is on.
+    """
+    on_cpu = query.device.type == "cpu"
+    dtype = torch.get_autocast_dtype("cpu") if on_cpu and torch.is_autocast_enabled("cpu") else query.dtype
+    return (
+        on_cpu
+        and dtype == torch.bfloat16
+        and dropout_p == 0.0
+        and key.shape[-2] <= SHORT_ATTENTION_MAX_LEN
+        and query.shape[0] * query.shape[1] * query.shape[-2] * key.shape[-2] <= SHORT_ATTENTION_MAX_SCORES
+    )
+
+
+def short_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Unmasked attention as two matrix products and a float32 softmax: (B, H, L, D) -> (B, H, L, D).
+
+    The function of ``F.scaled_dot_product_attention(query, key, value, scale=scale)``, with as many
+    key and value heads as query heads.
+    """
+    if key.shape[1] != query.shape[1]:
+        raise ValueError(f"short_attention: {query.shape[1]} query heads for {key.shape[1]} key heads")
+    # Scaling the queries is a pass over L x D values instead of L x L scores.
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query * scale, key.transpose(-1, -2))
+    # The softmax reads the products' dtype and computes in float32 at least (no separate upcast pass).
+    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    probs = probs.to(value.dtype)
+    return torch.matmul(probs, value)
+
+
+def encoder_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The vision encoder's attention (transformers' signature): ``short_attention`` where it is faster.
+
+    A vision tower attends over a whole tile, so transformers passes no mask; a call with a mask, a
+    causal module, or one ``takes_short_attention`` refuses goes to transformers' SDPA path unchanged.
+    Returns (B, L, H, D) as transformers expects.
+    """
+    plain = attention_mask is None and not getattr(module, "is_causal", False)
+    if plain and takes_short_attention(query, key, dropout):
+        return short_attention(query, key, value, scaling).transpose(1, 2).contiguous(), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
+
+
+def register_attention() -> None:
+    """Make ``PACKED_ATTENTION`` and ``ENCODER_ATTENTION`` transformers attention implementations.
+
+    Idempotent. Masks for the calls that take SDPA's path (padding, generation) are SDPA's.
+    """
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    ALL_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, packed_attention)
-    # Masks for the unpacked calls (padding, generation) are SDPA's.
-    ALL_MASK_ATTENTION_FUNCTIONS.register(PACKED_ATTENTION, sdpa_mask)
+    for name, function in ((PACKED_ATTENTION, packed_attention), (ENCODER_ATTENTION, encoder_attention)):
+        ALL_ATTENTION_FUNCTIONS.register(name, function)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)

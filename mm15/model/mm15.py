@@ -32,7 +32,7 @@ from torch import nn
 
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
 from mm15.image import ImageProcessor
-from mm15.model.attention import PACKED_ATTENTION, block_causal_mask, register_packed_attention
+from mm15.model.attention import PACKED_ATTENTION, block_causal_mask, register_attention
 from mm15.model.connector import ConnectorConfig, build_connector
 from mm15.model.head_loss import head_token_losses
 from mm15.model.llm import LLMConfig, load_llm
@@ -154,7 +154,7 @@ class MM15Model(nn.Module):
         # Sparse layers are in place before assembly (build and from_pretrained upcycle first).
         self.has_moe = next(moe_layers(llm), None) is not None
         # Packed rows attend per sample (mm15.model.attention); other calls take the SDPA path as before.
-        register_packed_attention()
+        register_attention()
         llm.config._attn_implementation = PACKED_ATTENTION
         self.packed_attention = True  # per-sample attention for packed rows (False: the dense mask)
         self._check_sizes()

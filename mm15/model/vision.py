@@ -80,6 +80,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mm15.image import CLIP_MEAN, CLIP_STD, normalize_pixels
+from mm15.model.attention import ENCODER_ATTENTION, register_attention
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -357,6 +358,9 @@ class VisionEncoder(nn.Module):
         # Hidden state k is the output of block k (0: the embeddings), so only the first k blocks run.
         self._num_blocks_run = cfg.feature_layer % (hf.num_hidden_layers + 1)
         self._mean, self._std = self._norm_stats(cfg)
+        # SDPA, but explicit products for short tiles in bf16 on the CPU (mm15.model.attention).
+        register_attention()
+        hf._attn_implementation = ENCODER_ATTENTION
 
     @staticmethod
     def _build(cfg: VisionConfig) -> PreTrainedModel:
