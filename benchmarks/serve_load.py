@@ -1,16 +1,16 @@
 """Load test of ``mm15 serve``: N concurrent clients for a bounded time against a loopback server.
 
-By default it saves the tiny preset (random weights) to a temporary directory, starts ``mm15 serve`` on
-it as a subprocess on a free loopback port, and runs ``--clients`` threads, each sending chat
-completions one after another for ``--duration`` seconds over its own keep-alive connection. Half the
-requests carry a 320 x 240 PNG (``--images``). ``--url`` targets a server that is already running
-(loopback only) instead.
+By default it saves the tiny preset (random weights; ``--preset smol``: the bundled SmolLM2 behind a
+random encoder) to a temporary directory, starts ``mm15 serve`` on it as a subprocess on a free loopback
+port, and runs ``--clients`` threads, each sending chat completions one after another for ``--duration``
+seconds over its own keep-alive connection. Half the requests carry a 320 x 240 PNG (``--images``).
+``--url`` targets a server that is already running (loopback only) instead.
 
 It checks that every request succeeded (exit status 1 otherwise) and prints the machine, the setup
 and a table: requests, failures, p50/p95 latency, requests/s, generated tokens/s, and the mean
 number of rows the server decoded together per step (from /health).
 
-Usage: ``python benchmarks/serve_load.py [--clients 4] [--duration 30] [--max-tokens 16]
+Usage: ``python benchmarks/serve_load.py [--preset tiny|smol] [--clients 4] [--duration 30] [--max-tokens 16]
 [--images none|half|all] [--max-batch 8] [--url http://127.0.0.1:8000 --model NAME]``; see
 docs/benchmarks.md.
 """
@@ -65,16 +65,17 @@ def get_json(host: str, port: int, path: str, timeout: float = 5.0) -> dict:
         connection.close()
 
 
-def start_local_server(max_batch: int, work: Path) -> tuple[subprocess.Popen, int]:
-    """The tiny preset behind ``mm15 serve`` in a subprocess; returns once /health answers."""
+def start_local_server(name: str, max_batch: int, work: Path) -> tuple[subprocess.Popen, int]:
+    """The preset ``name`` behind ``mm15 serve`` in a subprocess, served as model id ``name``; returns once
+    /health answers."""
     from mm15.model.mm15 import MM15Model
     from mm15.model.presets import preset
 
-    model_dir = work / "tiny"
-    MM15Model.build(preset("tiny")).save_pretrained(model_dir)
+    model_dir = work / name
+    MM15Model.build(preset(name)).save_pretrained(model_dir)
     port = free_port()
     command = [sys.executable, "-m", "mm15.cli", "serve", "--model", str(model_dir), "--port", str(port)]
-    command += ["--max-batch", str(max_batch), "--model-name", "tiny"]
+    command += ["--max-batch", str(max_batch), "--model-name", name]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -157,13 +158,16 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--preset", choices=("tiny", "smol"), default="tiny", help="the model this script serves"
+    )
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of load")
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--images", choices=("none", "half", "all"), default="half")
     parser.add_argument("--max-batch", type=int, default=8, help="for the server this script starts")
     parser.add_argument("--url", help="an already running server on loopback (default: start one)")
-    parser.add_argument("--model", default="tiny", help="model id with --url")
+    parser.add_argument("--model", help="model id with --url (default: --preset)")
     parser.add_argument("--api-key", default=os.environ.get("MM15_API_KEY"))
     args = parser.parse_args()
 
@@ -175,7 +179,7 @@ def main() -> int:
             if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
                 parser.error("--url must be a loopback address: this load test only targets this machine")
         else:
-            server, port = start_local_server(args.max_batch, Path(work))
+            server, port = start_local_server(args.preset, args.max_batch, Path(work))
             host = "127.0.0.1"
         try:
             before = get_json(host, port, "/health")
@@ -184,7 +188,14 @@ def main() -> int:
 
             def work_for(index: int) -> None:
                 results[index] = run_client(
-                    host, port, args.model, deadline, args.max_tokens, args.images, index, args.api_key
+                    host,
+                    port,
+                    args.model or args.preset,
+                    deadline,
+                    args.max_tokens,
+                    args.images,
+                    index,
+                    args.api_key,
                 )
 
             threads = [threading.Thread(target=work_for, args=(i,)) for i in range(args.clients)]
@@ -206,7 +217,7 @@ def main() -> int:
     steps = after["decode_steps"] - before["decode_steps"]
     rows = after["rows_decoded"] - before["rows_decoded"]
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    target = f"at {args.url}" if args.url else f"tiny preset, max batch {args.max_batch}"
+    target = f"at {args.url}" if args.url else f"{args.preset} preset, max batch {args.max_batch}"
     print(
         f"setup: {args.clients} clients x {args.duration:.0f} s, max_tokens {args.max_tokens}, "
         f"images {args.images}, server {target}"

@@ -425,7 +425,19 @@ class Engine:
             handle.deliver(Event("error", text="internal error while generating"))
 
     def _serve_forever(self) -> None:
-        """Prefill new requests, join them to the running batch, decode a step; repeat."""
+        """Prefill new requests, join them to the running batch, decode a step; repeat.
+
+        The whole loop runs inside one autocast region. Autocast keeps the bf16 copies of the weights it
+        makes only until its outermost region ends, so a region per step (as ``_prefill`` and ``_step``
+        open on their own) cast every weight again for every token: on SmolLM2 a decoding step took
+        about 95 ms that way against 57 ms with the casts kept (a throwaway timing, AMD EPYC with
+        AVX512-BF16). The values are the same either way: the cast of a weight does not change. The
+        copies (half the weights' size in bf16) live as long as the engine thread.
+        """
+        with autocast():
+            self._loop()
+
+    def _loop(self) -> None:
         running: _Running | None = None
         while True:
             if running is None:
