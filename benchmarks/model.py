@@ -16,6 +16,8 @@ where bf16 matmuls are fast, else float32) for both models, with 2 threads: a fo
 (tokens/s over each model's whole sequence, and MFU: model FLOPs as ``mm15.train.flops`` counts them
 for both, over this machine's matmul rate in that dtype, measured in the same run), time to first
 token of greedy generation, and decode tokens/s with the KV cache.
+The two models take turns (a step of mm15, one of the reference, and so on; the same for whole
+generations) and each figure is a median, so a machine whose speed drifts during the run moves both alike.
 
 Usage: ``python benchmarks/model.py [--llm smol|tiny] [--steps 5] [--new-tokens 32]``; see
 docs/benchmarks.md.
@@ -29,8 +31,9 @@ import platform
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 from PIL import Image
@@ -45,6 +48,7 @@ from mm15.model.presets import preset
 from mm15.model.vision import VisionConfig
 from mm15.train.flops import StepWork, llava_next_flop_weights, mm15_flop_weights
 
+T = TypeVar("T")
 TILE = 224
 TEXT = "Describe the picture in detail, please, and name every object you can see in it."
 
@@ -73,15 +77,29 @@ VISION = VisionConfig(
 )
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of ``fn`` after one warm-up call."""
-    fn()
-    times = []
+def alternate(fns: Sequence[Callable[[], T]], repeats: int) -> list[list[T]]:
+    """Each function's results over ``repeats`` rounds, after one warm-up call each.
+
+    The functions take turns within each round (mm15, reference, mm15, ...), so a machine that speeds up
+    or slows down during the run (a shared 2-core VM does, by 10-30% within a minute) moves both
+    models' figures alike instead of whichever ran in that stretch.
+    """
+    for fn in fns:
+        fn()
+    results: list[list[T]] = [[] for _ in fns]
     for _ in range(repeats):
+        for fn, out in zip(fns, results, strict=True):
+            out.append(fn())
+    return results
+
+
+def seconds_of(fn: Callable[[], object]) -> Callable[[], float]:
+    def run() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return time.perf_counter() - start
+
+    return run
 
 
 def labels_for(input_ids: torch.Tensor, image_token: int) -> torch.Tensor:
@@ -222,11 +240,12 @@ def main() -> None:
 
     rows = []
     tiles = our_batch["pixel_values"].shape[0]
-    for name, step, batch, weights in (
-        ("mm15", our_step, our_batch, mm15_flop_weights(ours)),
-        ("LlavaNext", ref_step, ref_batch, llava_next_flop_weights(ref)),
+    step_times = alternate([seconds_of(our_step), seconds_of(ref_step)], args.steps)
+    for name, times, batch, weights in (
+        ("mm15", step_times[0], our_batch, mm15_flop_weights(ours)),
+        ("LlavaNext", step_times[1], ref_batch, llava_next_flop_weights(ref)),
     ):
-        seconds = timed(step, args.steps)
+        seconds = statistics.median(times)
         tokens = batch["input_ids"].shape[1]
         is_image = batch["input_ids"] == ours.image_token_id
         work = StepWork(
@@ -280,9 +299,7 @@ def main() -> None:
             )
         return stamps[1:]  # the first put is the prompt
 
-    for row, fn in zip(rows, (our_generate, ref_generate), strict=True):
-        fn()  # warm-up
-        runs = [fn() for _ in range(max(2, args.steps))]
+    for row, runs in zip(rows, alternate([our_generate, ref_generate], max(2, args.steps)), strict=True):
         row["ttft"] = statistics.median(run[0] for run in runs)
         # Median time between consecutive tokens over every run: robust to a stray slow step.
         steps = [later - earlier for run in runs for earlier, later in itertools.pairwise(run)]
