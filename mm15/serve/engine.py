@@ -432,7 +432,9 @@ class Engine:
         open on their own) cast every weight again for every token: on SmolLM2 a decoding step took
         about 95 ms that way against 57 ms with the casts kept (a throwaway timing, AMD EPYC with
         AVX512-BF16). The values are the same either way: the cast of a weight does not change. The
-        copies (half the weights' size in bf16) live as long as the engine thread.
+        copies (half the weights' size in bf16) live as long as the engine thread, so the weights must
+        not change while it runs (autocast would keep using the old copies); the server never changes
+        them.
         """
         with autocast():
             self._loop()
