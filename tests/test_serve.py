@@ -461,6 +461,18 @@ def test_the_engine_keeps_one_autocast_region_so_weights_are_cast_once(
     assert text == alone(served.reference, turns, 5)
 
 
+def test_a_bad_compute_dtype_setting_fails_start_instead_of_killing_the_engine_thread(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the dtype read inside the engine thread, MM15_DTYPE=bf16 (a typo) killed the thread at start,
+    and every request submitted after that waited forever."""
+    monkeypatch.setenv("MM15_DTYPE", "bf16")
+    engine = Engine(MM15Model.from_pretrained(served.model_dir))
+    with pytest.raises(ValueError, match="MM15_DTYPE"):
+        engine.start()
+    assert engine._thread is None
+
+
 def test_requests_join_a_running_batch_and_answer_as_alone(
     served: Served, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -41,7 +41,7 @@ from PIL import Image
 
 from mm15.chat import stop_token_ids
 from mm15.geometry import TilePlan, plan_image
-from mm15.hardware import autocast
+from mm15.hardware import autocast, fast_dtype
 from mm15.model.generate import GenerationConfig, cut_at_stop, pick_next_token, visible_text
 from mm15.model.mm15 import IMAGE_PLACEHOLDER, MM15Model, MM15Processor, tokenize_with_images
 
@@ -308,6 +308,7 @@ class Engine:
         self._condition = threading.Condition()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
+        self._dtype = torch.float32  # the compute dtype, settled by start()
         self._stopping = False
 
     @property
@@ -364,10 +365,14 @@ class Engine:
         return handle
 
     def start(self) -> Engine:
+        """Start the engine thread. The compute dtype is settled here, on the caller's thread, so a bad
+        setting (``MM15_DTYPE``) is an error for the caller instead of a dead thread that never answers."""
+        dtype = fast_dtype()
         with self._condition:
             if self._thread is not None:
                 return self
             self._stopping = False
+            self._dtype = dtype
             self._thread = threading.Thread(target=self._serve_forever, name="mm15-engine", daemon=True)
             self._thread.start()
         return self
@@ -436,7 +441,7 @@ class Engine:
         not change while it runs (autocast would keep using the old copies); the server never changes
         them.
         """
-        with autocast():
+        with autocast(self._dtype):
             self._loop()
 
     def _loop(self) -> None:
@@ -530,7 +535,7 @@ class Engine:
         attention_mask = batch["attention_mask"]
         # Positions count real tokens only, so a padded row sees the positions it would see alone.
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with autocast():
+        with autocast(self._dtype):
             out = self.model(
                 batch["input_ids"],
                 attention_mask,
@@ -606,7 +611,7 @@ class Engine:
         attention_mask = _drop_unused_columns(cache, attention_mask)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
         last_positions = last_positions + 1
-        with autocast():
+        with autocast(self._dtype):
             out = self.model.llm(
                 input_ids=torch.tensor(next_tokens, dtype=torch.long).unsqueeze(-1),
                 attention_mask=attention_mask,
