@@ -20,16 +20,18 @@ does not recompile for every packing layout.
 
 **Vision encoders: short tiles in bf16 on the CPU.** torch's CPU flash-attention kernel, which SDPA
 picks for bf16, is slow on short sequences: its forward and backward took 9-14 ms for the tiny
-encoder's 160 heads of 65 tokens and for a ViT-B/16's 30 heads of 197 tokens, where two matrix products
-and a float32 softmax take 3.6-5.5 ms (an AMD EPYC with AVX512-BF16, 2026-12-07; SDPA's own math backend,
-which upcasts to float32, was no faster; in float32 the flash kernel is as fast as the products).
-``encoder_attention``, the vision encoder's attention implementation (``ENCODER_ATTENTION``), computes
-such calls with ``short_attention``: up to ``SHORT_ATTENTION_MAX_LEN`` keys (it won by 1.5x at 385
-tokens and tied at 401) and while the scores, which it materialises and flash attention does not, stay
-under ``SHORT_ATTENTION_MAX_SCORES`` values. Longer tiles (a ViT-H/14 at 378 px has 729 patches),
-float32, dropout and masks keep SDPA. The decoder keeps SDPA: its causal kernel skips the masked half,
-and explicit products were slower on the tiny decoder's causal spans of 256-512 tokens. The choice
-depends only on shapes and dtypes, so runs stay deterministic.
+encoder's 160 heads of 65 tokens and for a ViT-B/16's 30 heads of 197 tokens, where the scores and
+softmax in float32 and the second product in bf16 take 4.8-5.6 ms (an AMD EPYC with AVX512-BF16,
+2026-12-07; SDPA's own math backend, which upcasts everything to float32, was no faster; in float32 the
+flash kernel is as fast as the products). ``encoder_attention``, the vision encoder's attention
+implementation (``ENCODER_ATTENTION``), computes such calls with ``short_attention``: up to
+``SHORT_ATTENTION_MAX_LEN`` keys (1.3x faster at 385 tokens; 577 tokens lost) and while the scores,
+which it materialises and flash attention does not, stay under ``SHORT_ATTENTION_MAX_SCORES`` values.
+It is as accurate as SDPA in bf16 (tested against float64 with scores up to 170: rounding the scores
+to bf16, as transformers' eager attention does, was 30x less accurate). Longer tiles (a ViT-H/14 at 378
+px has 729 patches), float32, dropout and masks keep SDPA. The decoder keeps SDPA: its causal kernel
+skips the masked half, and explicit products were slower on the tiny decoder's causal spans of 256-512
+tokens. The choice depends only on shapes and dtypes, so runs stay deterministic.
 """
 
 from __future__ import annotations
@@ -161,20 +163,23 @@ def takes_short_attention(query: torch.Tensor, key: torch.Tensor, dropout_p: flo
 def short_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """Unmasked attention as two matrix products and a float32 softmax: (B, H, L, D) -> (B, H, L, D).
+    """Unmasked attention, scores and softmax in float32: (B, H, L, D) -> (B, H, L, D).
 
     The function of ``F.scaled_dot_product_attention(query, key, value, scale=scale)``, with as many
     key and value heads as query heads.
     """
     if key.shape[1] != query.shape[1]:
         raise ValueError(f"short_attention: {query.shape[1]} query heads for {key.shape[1]} key heads")
-    # Scaling the queries is a pass over L x D values instead of L x L scores.
+    # The scores in float32 at least, as SDPA's kernels keep them: rounded to bf16, a score of 170 (large
+    # trained ViTs reach such values) would be off by up to 0.5 before the softmax. Scaling the queries is
+    # a pass over L x D values instead of L x L scores.
     scale = query.shape[-1] ** -0.5 if scale is None else scale
-    scores = torch.matmul(query * scale, key.transpose(-1, -2))
-    # The softmax reads the products' dtype and computes in float32 at least (no separate upcast pass).
-    probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
-    probs = probs.to(value.dtype)
-    return torch.matmul(probs, value)
+    exact = torch.promote_types(query.dtype, torch.float32)
+    with torch.autocast(query.device.type, enabled=False):
+        scores = torch.matmul(query.to(exact) * scale, key.to(exact).transpose(-1, -2))
+        probs = torch.softmax(scores, dim=-1)
+    # The second product in the values' dtype (bf16 under autocast), as SDPA's bf16 kernel computes it.
+    return torch.matmul(probs.to(value.dtype), value)
 
 
 def encoder_attention(
