@@ -435,7 +435,7 @@ def test_the_engine_keeps_one_autocast_region_so_weights_are_cast_once(
 ) -> None:
     """Prefill and every decoding step opened and closed their own autocast region, and autocast drops
     its bf16 copies of the weights when the outermost region ends: every weight was cast again for
-    every token (SmolLM2 served 14 tokens/s that way, 20-25 with one region). In bf16 each step must
+    every token (SmolLM2 served 14 tokens/s that way, 18-25 with one region). In bf16 each step must
     now run inside the engine thread's region, and answer as ``generate`` alone does."""
     monkeypatch.setenv("MM15_DTYPE", "bfloat16")
     model = MM15Model.from_pretrained(served.model_dir)
