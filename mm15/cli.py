@@ -44,6 +44,17 @@ def _fail(err: Exception | str) -> NoReturn:
     raise typer.Exit(2) from None
 
 
+@app.callback()
+def _check_settings() -> None:
+    # Runs before every command: a bad MM15_DTYPE is one line here, not a traceback (chat) or another
+    # command's error wherever the compute dtype is first asked for.
+    from mm15.hardware import DTYPES
+
+    value = os.environ.get("MM15_DTYPE")
+    if value and value not in DTYPES:
+        _fail(f"MM15_DTYPE must be one of {sorted(DTYPES)}, got {value!r}")
+
+
 def plan_table(plan: TilePlan, title: str) -> Table:
     table = Table(title=title, show_header=True)
     for column in ("#", "kind", "row", "col", "top", "left", "marker", "tokens"):

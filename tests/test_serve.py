@@ -1056,8 +1056,11 @@ def test_the_mm15_serve_command(served: Served) -> None:
     assert model_name_of(Path("runs/tiny-model")) == "tiny-model"
     bad_limit = CliRunner().invoke(app, ["serve", "--model", str(served.model_dir), "--max-images", "-1"])
     assert bad_limit.exit_code == 2 and "max_images_per_request must be >= 0" in bad_limit.stderr
-    # A bad compute-dtype setting is named as itself, before the model loads (not "cannot load the model").
-    bad_dtype = CliRunner().invoke(
-        app, ["serve", "--model", str(served.model_dir)], env={"MM15_DTYPE": "bf16"}
-    )
-    assert bad_dtype.exit_code == 2 and bad_dtype.stderr.startswith("error: MM15_DTYPE must be one of")
+    # A bad compute-dtype setting is named as itself, before the model loads (not "cannot load the model");
+    # mm15 chat printed a traceback.
+    for command in (["serve", "--model", str(served.model_dir)], ["chat", "--model", str(served.model_dir)]):
+        bad_dtype = CliRunner().invoke(app, command, env={"MM15_DTYPE": "bf16"}, input="hi\n")
+        assert bad_dtype.exit_code == 2, bad_dtype.output
+        assert bad_dtype.output.startswith(
+            "error: MM15_DTYPE must be one of ['bfloat16', 'float32'], got 'bf16'"
+        )

@@ -94,7 +94,6 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a model: OpenAI-compatible /v1/chat/completions, /v1/models, /health and a web page at /."""
-    from mm15.hardware import fast_dtype
     from mm15.paths import model_name_of
     from mm15.serve.server import BindError, serve_model_dir
     from mm15.serve.settings import ServeSettings
@@ -113,7 +112,6 @@ def serve(
     if max_tokens_limit is not None:  # a lower cap lowers the default answer length with it
         given["default_max_tokens"] = min(ServeSettings.default_max_tokens, max_tokens_limit)
     try:
-        fast_dtype()  # a bad MM15_DTYPE is an error here, before the address is bound or the model loaded
         settings = ServeSettings(
             model_name=model_name or model_name_of(model),
             api_key=api_key,
