@@ -118,7 +118,9 @@ def run_worker(tmp: Path, name: str, *args: str, procs: int = 2) -> dict:
         # other failure is reported at once.
         if done.returncode == 0 or "address already in use" not in (done.stdout + done.stderr).lower():
             break
-    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    # Long tails: a rank that aborts prints faulthandler's list of extension modules (several KB) after
+    # the error that explains it, and a 3,000-character tail once showed only that list.
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-20000:]}\n{done.stderr[-20000:]}"
     result = json.loads(out.read_text())
     result["seconds"] = time.perf_counter() - start
     return result
