@@ -25,8 +25,9 @@ softmax in float32 and the second product in bf16 take 4.8-5.6 ms (an AMD EPYC w
 2026-12-07; SDPA's own math backend, which upcasts everything to float32, was no faster; in float32 the
 flash kernel is as fast as the products). ``encoder_attention``, the vision encoder's attention
 implementation (``ENCODER_ATTENTION``), computes such calls with ``short_attention``: up to
-``SHORT_ATTENTION_MAX_LEN`` keys (1.3x faster at 385 tokens; 577 tokens lost) and while the scores,
-which it materialises and flash attention does not, stay under ``SHORT_ATTENTION_MAX_SCORES`` values.
+``SHORT_ATTENTION_MAX_LEN`` keys (2.1-2.5x faster at 65 tokens, 0.9-1.7x at 197-385:
+``benchmarks/attention.py``) and while the scores, which it materialises and flash attention does not,
+stay under ``SHORT_ATTENTION_MAX_SCORES`` values.
 It is as accurate as SDPA in bf16 (tested against float64 with scores up to 170: rounding the scores
 to bf16, as transformers' eager attention does, was 30x less accurate). Longer tiles (a ViT-H/14 at 378
 px has 729 patches), float32, dropout and masks keep SDPA. The decoder keeps SDPA: its causal kernel
