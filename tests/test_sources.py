@@ -663,7 +663,10 @@ def _tar(path: Path, members: list[tuple[str, bytes]]) -> Path:
 def _meta(images: list[str], **changes: object) -> bytes:
     meta = {
         "id": "m",
-        "turns": [{"role": "user", "content": "<image>" * len(images)}],
+        "turns": [
+            {"role": "user", "content": "<image>" * len(images)},
+            {"role": "assistant", "content": "a"},
+        ],
         "category": "general",
         "source": "s",
         "images": images,
@@ -687,8 +690,12 @@ SHARD_DEFECTS = [
     ("unknown_role", [("k.json", _meta([], turns=[{"role": "gpt4", "content": "x"}]))]),
     (
         "image_count",
-        [("k.json", _meta(["k.0.png"], turns=[{"role": "user", "content": "x"}])), ("k.0.png", _png())],
+        [("k.json", _meta(["k.0.png"], turns=[{"role": "assistant", "content": "x"}])), ("k.0.png", _png())],
     ),
+    # What the JSON readers refuse, the shard reader refuses too: no assistant turn (nothing to learn)...
+    ("bad_conversations", [("k.json", _meta([], turns=[{"role": "user", "content": "x"}]))]),
+    # ... and half a surrogate pair, which json.dumps writes as an escape and the tokenizer cannot take.
+    ("bad_record", [("k.json", _meta([], turns=[{"role": "assistant", "content": "hi \ud83d"}]))]),
     ("bad_region", [("k.json", _meta(["k.0.png"], regions=[{"box": [5, 5, 1, 1]}])), ("k.0.png", _png())]),
     ("bad_record", [("k.json", b"[1, 2]")]),
 ]

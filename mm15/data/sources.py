@@ -1330,6 +1330,9 @@ class ShardReader(IterableDataset):
                 raise _Malformed("bad_record", f"expected a JSON object, got {type(meta).__name__}")
             meta = _without_nulls(meta)
             sample_id = _record_id(meta, key)
+            # Shards from other tools can hold what the JSON readers refuse (json.dumps escapes a lone
+            # surrogate): the same check, so the tokenizer never meets it.
+            _check_unicode(meta, "the record")
             sample = _validated(self._parse(meta, key, members, sample_id))
         except _Malformed as bad:
             if not salvage:
@@ -1353,14 +1356,7 @@ class ShardReader(IterableDataset):
             raise _Malformed(
                 "bad_member", f"members not listed in the .json: {[f'{key}.{e}' for e in extra]}"
             )
-        raw_turns = meta.get("turns")
-        if not isinstance(raw_turns, list) or not raw_turns:
-            raise _Malformed("bad_conversations", "'turns' must be a non-empty list")
-        turns = []
-        for j, turn in enumerate(raw_turns):
-            if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-                raise _Malformed("bad_conversations", f"turn {j} must be an object with a string 'content'")
-            turns.append(Turn(_role(turn.get("role")), turn["content"]))  # type: ignore[arg-type]
+        turns = _conversation_turns(meta, "turns", "role", "content")
         regions = _parse_regions(meta.get("regions"), len(names))
         _check_text(turns, len(names), len(regions))
         is_video, truth = _extras(meta)
