@@ -400,7 +400,9 @@ def load_image(
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise ImageTooLargeError(source, str(err)) from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as err:
+    # Pillow's plugins raise TypeError on some corrupt structures (TIFF: a later page without
+    # dimensions, found when the page count is asked for).
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, struct.error) as err:
         raise ImageDecodeError(source, f"corrupt or truncated image data ({err})") from None
     finally:
         # Close what we opened unless it is the image we return (then PIL already closed its file).

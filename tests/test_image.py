@@ -133,6 +133,23 @@ def _corrupt_idat(tmp: Path) -> Path:
     return path
 
 
+def _tiff_broken_second_page(tmp: Path) -> Path:
+    """A valid one-page TIFF whose IFD chain goes on to a second page holding only a Compression tag.
+
+    Pillow decodes the first page, then raises TypeError ("Missing dimensions") when asked how many
+    pages there are.
+    """
+    data = bytearray(encode(noise_image(17, 23), "TIFF"))
+    first = struct.unpack_from("<I", data, 4)[0]
+    entries = struct.unpack_from("<H", data, first)[0]
+    second = len(data) + len(data) % 2  # IFDs start on a word boundary
+    data += b"\0" * (second - len(data)) + struct.pack("<HHHIII", 1, 0x0103, 3, 1, 1, 0)
+    struct.pack_into("<I", data, first + 2 + 12 * entries, second)  # the first page's next-IFD offset
+    path = tmp / "two-pages.tif"
+    path.write_bytes(bytes(data))
+    return path
+
+
 def _text_named_png(tmp: Path) -> Path:
     path = tmp / "notes.png"
     path.write_text("just some text, not an image\n")
@@ -162,6 +179,7 @@ DECODE_ERRORS: dict[str, tuple[Callable[[Path], Path], str | None]] = {
     "truncated-jpeg": (_truncated_jpeg, "corrupt or truncated image data"),
     "png-cut-after-ihdr": (_png_cut_after_ihdr, None),
     "corrupt-idat": (_corrupt_idat, "corrupt or truncated image data"),
+    "tiff-broken-second-page": (_tiff_broken_second_page, "corrupt or truncated image data"),
     "text-named-png": (_text_named_png, "not a recognised image format"),
     "missing-path": (_missing, "no such file"),
     "directory": (_directory, "is a directory, not a file"),
@@ -190,7 +208,12 @@ def test_undecodable_file_raises_decode_error_naming_the_path(
 # Failures that show in the header: image_size refuses them as load_image does. The others (truncated or
 # corrupt pixel data) pass the header check and are found only by decoding.
 HEADER_ERRORS = ("zero-byte", "png-cut-after-ihdr", "text-named-png", "missing-path", "directory", "fifo")
-BODY_ERROR_SIZES = {"truncated-png": (80, 64), "truncated-jpeg": (80, 64), "corrupt-idat": (8, 8)}
+BODY_ERROR_SIZES = {
+    "truncated-png": (80, 64),
+    "truncated-jpeg": (80, 64),
+    "corrupt-idat": (8, 8),
+    "tiff-broken-second-page": (23, 17),
+}
 
 
 @pytest.mark.parametrize("case", list(DECODE_ERRORS))
