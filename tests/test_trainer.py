@@ -394,6 +394,36 @@ def test_unusable_video_records_are_skipped_counted_and_limited(tmp_path: Path) 
             strict.next_micro()
 
 
+@pytest.mark.parametrize("first", ["good", "gone"])
+def test_lines_that_are_not_records_are_not_broken_draws(tmp_path: Path, first: str) -> None:
+    """150 lines that are not records, counted on opening, were never drawn: one missing video after
+    them must not stop the stream, neither as a corrupt fraction (it read "151 of 2 samples") nor, when
+    drawn first, as a dead source (none of "151 samples drawn" could be used)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from mm15.video import write_video
+
+    frames = [Image.fromarray(np.full((32, 32, 3), 40 * k, dtype=np.uint8)) for k in range(4)]
+    write_video(tmp_path / "ok.mp4", frames, fps=4)
+    records = [
+        {"id": "good", "video": "ok.mp4", "question": "What moves?", "answer": "a ball"},
+        {"id": "gone", "video": "gone.mp4", "question": "q", "answer": "a"},
+    ]
+    records.sort(key=lambda record: record["id"] != first)
+    notes = tmp_path / "clips.jsonl"
+    notes.write_text("\n".join(map(json.dumps, records)) + "\n{cut off" * 150 + "\n")
+    # Two broken draws are allowed: 0.02 x max(seen, 100).
+    stream = tiny_stream({"video": f"video:{notes}"}, max_length=1024, max_corrupt_fraction=0.02)
+    assert stream.skipped == {"bad_json": 150}
+    assert [s.sample_id for s in stream.next_micro().samples] == ["good", "good"]
+    missing = 1 if first == "good" else 2  # good, gone, good; or gone, good, gone, good
+    assert stream.skipped == {"bad_json": 150, "missing_video": missing} and stream.seen == 2 + missing
+    assert stream.skipped_sources == {"video": 150 + missing}  # reported with the others
+
+
 def _with_options(**options: bool) -> list[float]:
     from mm15.train.run import speed_options
 

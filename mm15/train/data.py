@@ -6,7 +6,7 @@ images, and packs encoded samples into micro-batches (``collate``). What cannot 
 counted, by reason and by source, never silently lost: samples over the length budget (``too_long``,
 or an error with ``over_budget="error"``), samples with an image that does not decode (``corrupt``) and
 samples whose text holds the image token itself (``reserved_token``);
-past ``max_corrupt_fraction`` of the samples seen the stream stops with an error, since a data set that
+past ``max_corrupt_fraction`` of the samples drawn the stream stops with an error, since a data set that
 broken should not train quietly, and so does a source none of whose first ``DEAD_SOURCE_DRAWS`` drawn
 samples could be used (a ``seq_length`` too small for its images, say: the other sources would fill the
 batches and that part of the mixture would vanish). The realised mixture is counted over the samples
@@ -18,7 +18,8 @@ new seeded order through a shuffle buffer when ``shuffle_buffer`` > 0) or ``vide
 JSON / JSONL read by ``mm15.data.video_qa.VideoQAReader``: 24 frames per video, videos relative to the
 annotation file, read by record index so only the videos used are decoded; a record whose video is
 missing or does not decode is skipped and counted like a corrupt image, under the reader's reason,
-and lines that are not records are counted once when the stream opens the file). Its position is a
+and lines that are not records are counted once when the stream opens the file, reported with the
+other skips but not drawn, so neither check counts them). Its position is a
 counter, so
 ``state_dict()`` (the mixture's state plus every source's counter and the skip counts) restores the
 stream exactly: a resumed run sees the same samples in the same order.
@@ -268,11 +269,19 @@ class TrainStream:
         # Balanced sampling (OCR stage): names come a micro-batch at a time, each source equally often.
         self.balanced = balanced
         self._queue: list[str] = []
-        for name in self.source_names:  # counted once, here; a checkpoint carries them on
+        # Lines of an annotation file that are not records are counted once, here (a checkpoint carries
+        # them on), and reported with the other skips; they were never drawn, so the checks on drawn
+        # samples (the corrupt fraction, a dead source) leave them out, as the records `mm15 data pack`
+        # skips never reach training either.
+        self._listing_skips: Counter[str] = Counter()  # per reason
+        self._listing_skips_sources: Counter[str] = Counter()
+        for name in self.source_names:
             if (unlisted := self.sources[name].listing_skips()) is not None:
                 for reason, count in unlisted.counts.items():
                     self.skipped[reason] += count
                     self.skipped_sources[name] += count
+                    self._listing_skips[reason] += count
+                    self._listing_skips_sources[name] += count
                 for reason, messages in unlisted.examples.items():
                     for message in messages:
                         self._name_skip(f"{reason}: source {name!r}: {message}")
@@ -327,9 +336,10 @@ class TrainStream:
         self.skipped[reason] += 1
         self.skipped_sources[source] += 1
         self._name_skip(f"{reason}: source {source!r}, sample {sample_id!r}: {error}")
-        if self.used[source] == 0 and self.skipped_sources[source] >= DEAD_SOURCE_DRAWS:
+        drawn_skips = self.skipped_sources[source] - self._listing_skips_sources[source]
+        if self.used[source] == 0 and drawn_skips >= DEAD_SOURCE_DRAWS:
             raise CorruptDataError(
-                f"none of the {self.skipped_sources[source]} samples drawn from source {source!r} could be "
+                f"none of the {drawn_skips} samples drawn from source {source!r} could be "
                 f"used ({reason} the last time: {error}); is seq_length ({self.encoder.max_length}) too "
                 "small for it, or its data broken?"
             )
@@ -342,10 +352,14 @@ class TrainStream:
 
     def _check_corrupt_fraction(self) -> None:
         """Stop past ``max_corrupt_fraction`` of broken samples (all skips but the too-long ones)."""
-        broken = sum(count for reason, count in self.skipped.items() if reason != "too_long")
+        broken = sum(
+            count - self._listing_skips[reason]
+            for reason, count in self.skipped.items()
+            if reason != "too_long"
+        )
         if broken > self.max_corrupt_fraction * max(self.seen, 100):
             raise CorruptDataError(
-                f"{broken} of {self.seen} samples could not be used ({dict(self.skipped)}), over "
+                f"{broken} of {self.seen} samples drawn could not be used ({dict(self.skipped)}), over "
                 f"max_corrupt_fraction={self.max_corrupt_fraction}"
             )
 
