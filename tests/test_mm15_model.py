@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Callable
@@ -437,6 +438,28 @@ def test_save_and_load_give_identical_outputs(
     assert loaded.image_token_id == model.image_token_id
 
 
+def test_an_llm_cast_after_build_loads_in_the_dtype_it_was_saved_in(
+    model: MM15Model, processor: MM15Processor, tmp_path: Path
+) -> None:
+    """config.json recorded the config's dtype (float32) for an LLM cast to bf16 after build, so it
+    loaded back in float32 and computed other logits; one in float16 cannot be kept and says so."""
+    cast = copy.deepcopy(model)
+    cast.llm.to(torch.bfloat16)
+    cast.save_pretrained(tmp_path / "bf16")
+    loaded = MM15Model.from_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in loaded.llm.parameters()} == {
+        torch.bfloat16
+    } and loaded.cfg.llm.dtype == "bfloat16"
+    batch = processor(["x <image> y"], [[picture(120, 90, 10)]])
+    with torch.no_grad():
+        a = cast(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+        b = loaded(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+    assert torch.equal(a, b)
+    cast.llm.to(torch.float16)
+    with pytest.raises(ValueError, match=r"the LLM's weights are \['torch.float16'\]"):
+        cast.save_pretrained(tmp_path / "fp16")
+
+
 def test_a_bf16_model_and_an_encoders_own_normalisation_survive_save_and_load(tmp_path: Path) -> None:
     """from_pretrained once built the LLM in float32 whatever the saved dtype, and the encoder with its
     kind's mean/std instead of those its pretrained directory gave."""
@@ -557,6 +580,28 @@ def test_a_damaged_model_directory_is_a_clear_error(model: MM15Model, tmp_path: 
         "llm-config-wrong-type": (
             write_config({**config, "llm_config": layers_as_text}),
             re.compile(r"config\.json: llm_config is not a valid LLM config .*num_hidden_layers"),
+        ),
+        # A ZeroDivisionError from transformers' own config check escaped as a traceback.
+        "llm-heads-zero": (
+            write_config({**config, "llm_config": {**llm, "num_attention_heads": 0}}),
+            re.compile(r"config\.json: llm_config is not a valid LLM config"),
+        ),
+        # Sizes that no longer fit each other: MM15Model's own check, which named no file.
+        "vision-width-edited": (
+            write_config(
+                {
+                    **config,
+                    "config": {
+                        **config["config"],
+                        "vision": {**config["config"]["vision"], "hidden_size": 32},
+                    },
+                }
+            ),
+            re.compile(r"config\.json: the model it describes cannot be built \(.*connector\.vision_dim"),
+        ),
+        "config-sub-field-wrong": (
+            write_config({**config, "config": {**config["config"], "connector": {**connector, "depth": 0}}}),
+            re.compile(r"config\.json: .*ConnectorConfig\.depth"),
         ),
     }
     for name, (change, message) in cases.items():

