@@ -39,6 +39,13 @@ def _seconds(a: torch.Tensor, b: torch.Tensor, repeats: int = 3) -> float:
     return time.perf_counter() - start
 
 
+def _operands(n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random n x n matrices from a private generator: measuring must not move torch's global
+    random state, which a resumed training run has just restored from its checkpoint."""
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(n, n, generator=generator).to(dtype) for _ in range(2))  # type: ignore[return-value]
+
+
 def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3, trials: int = 5) -> float:
     """Measured FLOP/s of an ``n``-cubed matmul in ``dtype`` on this machine (the MFU denominator).
 
@@ -49,7 +56,7 @@ def matmul_rate(dtype: torch.dtype, n: int = 1024, repeats: int = 3, trials: int
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = _operands(n, dtype)
     return 2 * n**3 * repeats / min(_seconds(a, b, repeats) for _ in range(trials))
 
 
@@ -65,7 +72,7 @@ def bf16_matmul_is_fast(size: int = 256, trials: int = 5) -> bool:
     """
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    a, b = _operands(size, torch.float32)
     fp32 = min(_seconds(a, b, repeats=1) for _ in range(trials))
     a, b = a.bfloat16(), b.bfloat16()
     return any(_seconds(a, b, repeats=1) <= fp32 for _ in range(trials))

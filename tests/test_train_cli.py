@@ -910,3 +910,65 @@ def test_a_later_stage_of_the_run_does_not_keep_the_earlier_stages_speed_options
     data["stages"][1]["compile"] = False
     run_module.run_recipe(RecipeConfig.from_dict(data), Console(quiet=True), out=tmp_path / "run")
     assert seen == [(True, True, True), (False, False, False)]
+
+
+def test_a_stage_starts_from_its_parent_and_its_own_random_state(tmp_path: Path) -> None:
+    """Two stages branching from one parent: the second branch trained on top of the first (the model
+    left in memory was reused for any parent of the recipe), and a stage started after --resume or
+    --stage continued another random state than in the whole run (MoE router jitter draws from it)."""
+    from rich.console import Console
+
+    from mm15.train.config import RecipeConfig
+    from mm15.train.run import run_recipe
+
+    data = yaml.safe_load(ONE_STAGE)
+    data["model"] = {"preset": "tiny", "overrides": {"moe": {"num_experts": 4, "router_jitter": 0.5}}}
+    base = data["stages"][0]
+    base.update(max_steps=2, save_every=2, trainable=["encoder", "connector", "llm", "routers"])
+    base["data"].update(seq_length=512, prefetch="inline")
+    branch_a = {**base, "name": "a", "parent": "pretrain", "optimizer": {"name": "adamw", "lr": 5.0e-2}}
+    branch_b = {**base, "name": "b", "parent": "pretrain", "max_steps": 3, "save_every": 3}
+    data["stages"] += [branch_a, branch_b]
+    recipe = RecipeConfig.from_dict(data)
+    whole, alone = tmp_path / "whole", tmp_path / "alone"
+    run_recipe(recipe, Console(quiet=True), out=whole)
+    alone.mkdir()
+    shutil.copytree(whole / "pretrain", alone / "pretrain")
+    run_recipe(recipe, Console(quiet=True), stage_name="b", out=alone)
+
+    def losses_of(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "b" / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses_of(whole)) == 3
+    assert losses_of(whole) == losses_of(alone)
+
+
+def test_a_parent_directory_keeps_its_own_tile_size(tmp_path: Path) -> None:
+    """A stage starting from a model directory took the recipe preset's image plan: a model whose
+    encoder takes 32-pixel tiles got the tiny preset's 64-pixel ones and the stage stopped at its first
+    batch (as `--parent` with a smol model and recipes/ui.yaml did)."""
+    import dataclasses
+
+    from rich.console import Console
+
+    from mm15.model.mm15 import MM15Model
+    from mm15.model.presets import preset
+    from mm15.train.config import RecipeConfig
+    from mm15.train.run import run_recipe
+
+    tiny = preset("tiny")
+    small_tiles = dataclasses.replace(
+        tiny,
+        vision=dataclasses.replace(tiny.vision, image_size=32),
+        connector=dataclasses.replace(tiny.connector, num_patches=16),
+        image=dataclasses.replace(tiny.image, tile_size=32),
+    )
+    MM15Model.build(small_tiles).save_pretrained(tmp_path / "parent")
+    data = yaml.safe_load(ONE_STAGE)
+    stage = data["stages"][0]
+    stage.update(parent=str(tmp_path / "parent"), max_steps=2, save_every=2)
+    stage["data"].update(prefetch="inline", mixture={"caption": 1}, sources={})
+    stage["image"] = {"split": True, "n_max": 4}  # the stage's own settings still apply over the model's
+    run_recipe(RecipeConfig.from_dict(data), Console(quiet=True), out=tmp_path / "run")
+    trained = MM15Model.from_pretrained(tmp_path / "run" / "pretrain" / "final")
+    assert (trained.cfg.image.tile_size, trained.cfg.image.split, trained.cfg.image.n_max) == (32, True, 4)

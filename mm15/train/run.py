@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import warnings
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -168,32 +169,54 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _stage_seed(seed: int, stage: str) -> int:
+    """The seed a stage after the first starts from: the recipe's, mixed with the stage's name."""
+    return (seed + zlib.crc32(stage.encode())) % 2**63
+
+
 def _model_for(
-    recipe: RecipeConfig, stage: StageConfig, run_dir: Path, previous: MM15Model | None
+    recipe: RecipeConfig,
+    stage: StageConfig,
+    run_dir: Path,
+    previous: MM15Model | None,
+    previous_stage: str | None,
 ) -> MM15Model:
+    """The model ``stage`` starts from: built (parent ``init``), the one ``previous_stage`` left in
+    memory when that stage is the parent, or loaded from the parent stage's export or directory.
+
+    Every stage starts from the same random state however the run got there (in one process with the
+    stages before it, or from ``--resume`` after them): ``init`` from the recipe's seed before the
+    model is built, the others from ``_stage_seed``. A stage resumed from a checkpoint then restores
+    the checkpoint's state instead.
+    """
+    in_recipe = stage.parent in {s.name for s in recipe.stages}
     if stage.parent == "init":
         _seed_everything(recipe.seed)
         model = MM15Model.build(recipe.model.build())
-    elif previous is not None and stage.parent in {s.name for s in recipe.stages}:
+    elif previous is not None and stage.parent == previous_stage:
         model = previous
     else:
-        parent_dir = (
-            run_dir / stage.parent / "final"
-            if stage.parent in {s.name for s in recipe.stages}
-            else Path(stage.parent).expanduser()
-        )
+        parent_dir = run_dir / stage.parent / "final" if in_recipe else Path(stage.parent).expanduser()
         if not parent_dir.is_dir():
             hint = (
                 f"; train it first (--stage {stage.parent}) or run the recipe without --stage"
-                if stage.parent in {s.name for s in recipe.stages}
+                if in_recipe
                 else ""
             )
             raise StageFailed(
                 f"stage {stage.name!r}: its parent {stage.parent!r} has no model at {parent_dir}{hint}"
             )
         model = MM15Model.from_pretrained(parent_dir)
-    # The stage's image settings (e.g. splitting on for the OCR stage) apply to this stage's data.
-    model.cfg = dataclasses.replace(model.cfg, image=recipe.image_plan(stage.name))
+    if stage.parent != "init":
+        _seed_everything(_stage_seed(recipe.seed, stage.name))
+    # The stage's image settings (e.g. splitting on for the OCR stage) apply to this stage's data: over
+    # the recipe's model preset for a model of this recipe, over its own plan for a model from elsewhere
+    # (whose encoder may take another tile size than the preset's).
+    if stage.parent == "init" or in_recipe:
+        image = recipe.image_plan(stage.name)
+    else:
+        image = stage.image.apply(model.cfg.image)
+    model.cfg = dataclasses.replace(model.cfg, image=image)
     return model
 
 
@@ -885,7 +908,8 @@ def _train_stages(
     summaries: list[dict[str, Any]],
 ) -> None:
     """``run_recipe``'s loop: each stage not done yet, in order; each stage's summary into ``summaries``."""
-    model = None
+    model: MM15Model | None = None  # the model the last stage trained in this process, and its stage
+    model_stage: str | None = None
     for index, stage in enumerate(stages):
         if _stage_done(run_dir, stage):
             final = shown(run_dir / stage.name / "final")
@@ -898,7 +922,8 @@ def _train_stages(
                 f"stopped on {signal.Signals(signum).name} after stage {stages[index - 1].name!r}, "
                 f"before stage {stage.name!r}",
             )
-        model = _model_for(recipe, stage, run_dir, model)
+        model = _model_for(recipe, stage, run_dir, model, model_stage)
+        model_stage = stage.name
         summaries.append(run_stage(recipe, stage, run_dir, model, console, resume, strategy, stop))
         if strategy != "none":
             # A wrapped or sharded model is not reused: the next stage loads this stage's export.
