@@ -4,7 +4,8 @@
 output directory that cannot be made or written (it exists as something else, or a folder on its way
 is a file or read-only). Both run before any work, so a mistyped path costs a second, not a training
 run. ``model_name_of`` names a model directory for ids and default folders. ``shown`` makes a path (or
-any text a user typed) safe to put into Rich markup.
+any text a user typed) safe to put into Rich markup. ``write_text_atomic`` writes a small file so that
+an interrupted process leaves the old one or the new one, never half of either.
 """
 
 from __future__ import annotations
@@ -89,3 +90,13 @@ def model_name_of(model_dir: Path) -> str:
     if path.name == "final" and path.parent.parent.name:
         return f"{path.parent.parent.name}-{path.parent.name}"
     return path.name
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

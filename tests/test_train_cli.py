@@ -327,6 +327,13 @@ def test_summary_keeps_the_rows_of_stages_run_separately(tmp_path: Path) -> None
     table = [line for line in (tmp_path / "summary.md").read_text().splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0] for line in table[1:]] == ["| pretrain", "| sft"]  # recipe order
     assert "| sft | 2 | 4.000 |" in "\n".join(table)
+    # A summary.json cut short (written in place before, so a kill could leave half of it) stopped the
+    # next run after its stage had trained, with a JSON error naming no file.
+    (tmp_path / "summary.json").write_text('[{"stage": "pretrain", "steps"')
+    with pytest.warns(UserWarning, match=r"summary\.json cannot be read .*rewritten with this run's stages"):
+        _write_summary(tmp_path, recipe, [row("sft", 6.0)])
+    assert [r["stage"] for r in json.loads((tmp_path / "summary.json").read_text())] == ["sft"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json", "summary.md"]  # no temporary left
 
 
 def test_an_out_path_that_is_a_file_is_refused_before_training(tmp_path: Path) -> None:

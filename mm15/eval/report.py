@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from mm15.eval.tasks import CATEGORIES, MMBASE_CATEGORIES, Task, TaskError, get_task
+from mm15.paths import write_text_atomic
 
 __all__ = ["FORMAT_VERSION", "EvalReport", "TaskResult"]
 
@@ -256,8 +257,8 @@ class EvalReport:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / RESULTS_JSON, "markdown": out / RESULTS_MD, "plot": out / SCORES_PNG}
-        _write_atomic(paths["json"], self.to_json())
-        _write_atomic(paths["markdown"], self.to_markdown())
+        write_text_atomic(paths["json"], self.to_json())
+        write_text_atomic(paths["markdown"], self.to_markdown())
         self.plot(paths["plot"])
         return paths
 
@@ -281,10 +282,3 @@ def _combine(results: list[TaskResult]) -> float:
         total = sum(len(t.items) for t in results)
         return sum(t.score * len(t.items) for t in results) / total
     return sum(t.score for t in results) / len(results)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file then rename, so an interrupted run never leaves half a results file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

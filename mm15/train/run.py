@@ -53,7 +53,7 @@ from mm15.data.mixture import MixtureSampler
 from mm15.hardware import compute_dtype, fast_dtype, matmul_rate
 from mm15.image import ImageProcessor
 from mm15.model.mm15 import MM15Model
-from mm15.paths import check_output_dir, shown
+from mm15.paths import check_output_dir, shown, write_text_atomic
 from mm15.train import distributed as D
 from mm15.train.checkpoint import (
     CorruptCheckpointError,
@@ -962,13 +962,31 @@ def run_dir_lock(run_dir: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _earlier_summaries(record: Path) -> list[dict[str, Any]]:
+    """The stage rows an earlier call wrote to ``record``; none, with a warning naming it, if it cannot
+    be read (a file from before these writes were atomic, cut by a kill, say): this run's rows are
+    written anyway, and a finished stage's own files hold its figures."""
+    if not record.is_file():
+        return []
+    try:
+        rows = json.loads(record.read_text(encoding="utf-8"))
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "stage" in r for r in rows):
+            raise ValueError("not a list of stage rows")
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        warnings.warn(
+            f"{record} cannot be read ({err}); it is rewritten with this run's stages only", stacklevel=2
+        )
+        return []
+    return rows
+
+
 def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str, Any]]) -> None:
     # Stages run in separate calls (--stage, or a resumed run) keep their rows: merge with summary.json.
     record = run_dir / "summary.json"
-    by_stage = {s["stage"]: s for s in json.loads(record.read_text())} if record.is_file() else {}
+    by_stage = {s["stage"]: s for s in _earlier_summaries(record)}
     by_stage.update({s["stage"]: s for s in summaries})
     summaries = [by_stage[s.name] for s in recipe.stages if s.name in by_stage]
-    record.write_text(json.dumps(json_safe(summaries), indent=1, default=str, allow_nan=False))
+    write_text_atomic(record, json.dumps(json_safe(summaries), indent=1, default=str, allow_nan=False))
     lines = [
         f"# {recipe.name}: training summary",
         "",
@@ -1010,4 +1028,4 @@ def _write_summary(run_dir: Path, recipe: RecipeConfig, summaries: list[dict[str
         "Loss curves: " + ", ".join(f"[{s['stage']}]({s['stage']}/loss.png)" for s in summaries),
         "",
     ]
-    (run_dir / "summary.md").write_text("\n".join(lines))
+    write_text_atomic(run_dir / "summary.md", "\n".join(lines))
