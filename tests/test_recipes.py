@@ -290,6 +290,45 @@ def test_a_wrong_typed_model_override_is_refused_naming_the_field(section: str, 
     assert str(info.value).startswith(f"recipe.model.overrides.{section}.{name}"), str(info.value)
 
 
+SIZE_MISFITS = [
+    (
+        {"image": {"tokens_per_tile": 4}},
+        "MM15Config.image.tokens_per_tile is 4 but connector.num_queries is 16",
+    ),
+    (
+        {"connector": {"vision_dim": 32}},
+        "MM15Config.connector.vision_dim is 32 but the encoder's hidden size is 64",
+    ),
+    ({"connector": {"llm_dim": 64}}, "MM15Config.connector.llm_dim is 64 but the LLM's hidden size is 128"),
+    (
+        {"vision": {"image_size": 32}},
+        "MM15Config.connector.num_patches is 64 but the encoder's patches per tile is 16",
+    ),
+    ({"moe": {"every": 99}}, "MM15Config.moe.every is 99 but the LLM has 4 layers"),
+    ({"vision": {"hidden_act": "nope"}}, "VisionConfig.hidden_act must be a transformers activation name"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), SIZE_MISFITS, ids=[m for _, m in SIZE_MISFITS])
+def test_model_parts_that_do_not_fit_are_refused_when_the_recipe_loads(overrides: dict, message: str) -> None:
+    """They passed `mm15 train --check` and stopped the run when the model was built, naming no field."""
+    data = _tiny()
+    data["model"]["overrides"] = overrides
+    with pytest.raises(ValueError) as info:
+        RecipeConfig.from_dict(data)
+    assert str(info.value).startswith("recipe.model.overrides") and message in str(info.value), str(
+        info.value
+    )
+    # Changed together, the same sizes fit.
+    data["model"]["overrides"] = {
+        "vision": {"image_size": 32},
+        "connector": {"num_patches": 16},
+        "image": {"tile_size": 32},
+        "moe": {"every": 4},
+    }
+    RecipeConfig.from_dict(data)
+
+
 def test_model_overrides_of_the_right_type_load_as_the_fields_type() -> None:
     data = _tiny()
     data["model"]["overrides"] = {

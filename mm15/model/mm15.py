@@ -138,6 +138,54 @@ def add_chat_tokens(tokenizer: Any, llm: nn.Module) -> None:
         llm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
 
 
+def size_mismatches(
+    cfg: MM15Config,
+    encoder_dim: int | None,
+    encoder_patches: int | None,
+    encoder_input: int | None,
+    llm_dim: int | None,
+) -> list[str]:
+    """Where ``cfg``'s parts do not fit each other, given the encoder's and the LLM's sizes (None: not
+    known, not checked); one message per mismatch."""
+    c, image = cfg.connector, cfg.image
+    checks = [
+        ("connector.vision_dim", c.vision_dim, "the encoder's hidden size", encoder_dim),
+        ("connector.num_patches", c.num_patches, "the encoder's patches per tile", encoder_patches),
+        ("connector.llm_dim", c.llm_dim, "the LLM's hidden size", llm_dim),
+        ("image.tokens_per_tile", image.tokens_per_tile, "connector.num_queries", c.num_queries),
+        ("image.tile_size", image.tile_size, "the encoder's input size", encoder_input),
+    ]
+    return [
+        f"MM15Config.{name} is {value} but {other} is {expected}"
+        for name, value, other, expected in checks
+        if expected is not None and value != expected
+    ]
+
+
+def config_problems(cfg: MM15Config) -> list[str]:
+    """What building ``cfg`` would refuse that the config alone shows, before any weight is loaded.
+
+    Sizes come from the config where it fixes them: a randomly initialised encoder's, and the tiny
+    decoder's (a pretrained part's come from its directory and are checked when it loads); and MoE
+    layers need a decoder deeper than ``moe.every`` - 1 layers.
+    """
+    v, llm = cfg.vision, cfg.llm
+    encoder_dim = encoder_patches = encoder_input = None
+    if v.pretrained is None:
+        encoder_input = v.input_size or v.image_size
+        encoder_dim, encoder_patches = v.hidden_size, (encoder_input // v.patch_size) ** 2
+    random_llm = llm.source == "tiny"
+    problems = size_mismatches(
+        cfg, encoder_dim, encoder_patches, encoder_input, llm.hidden_size if random_llm else None
+    )
+    if random_llm and cfg.moe is not None and cfg.moe.every > llm.num_layers:
+        problems.append(
+            f"MM15Config.moe.every is {cfg.moe.every} but the LLM has {llm.num_layers} layers: no layer "
+            "would be sparse"
+        )
+    return problems
+
+
 class MM15Model(nn.Module):
     """Encoder, connector and LLM; ``forward`` places image features at the image-token positions."""
 
@@ -160,18 +208,11 @@ class MM15Model(nn.Module):
         self._check_sizes()
 
     def _check_sizes(self) -> None:
-        c, v, image = self.cfg.connector, self.vision, self.cfg.image
+        v = self.vision
         llm_dim = self.llm.get_input_embeddings().embedding_dim
-        checks = [
-            ("connector.vision_dim", c.vision_dim, "the encoder's hidden size", v.hidden_size),
-            ("connector.num_patches", c.num_patches, "the encoder's patches per tile", v.num_patches),
-            ("connector.llm_dim", c.llm_dim, "the LLM's hidden size", llm_dim),
-            ("image.tokens_per_tile", image.tokens_per_tile, "connector.num_queries", c.num_queries),
-            ("image.tile_size", image.tile_size, "the encoder's input size", v.input_size),
-        ]
-        for name, value, other, expected in checks:
-            if value != expected:
-                raise ValueError(f"MM15Config.{name} is {value} but {other} is {expected}")
+        problems = size_mismatches(self.cfg, v.hidden_size, v.num_patches, v.input_size, llm_dim)
+        if problems:
+            raise ValueError(problems[0])
 
     @classmethod
     def build(cls, cfg: MM15Config) -> MM15Model:

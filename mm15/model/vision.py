@@ -171,10 +171,14 @@ class VisionConfig:
             raise ValueError(
                 f"VisionConfig.input_size must be an integer >= 1 or None, got {self.input_size!r}"
             )
-        if self.hidden_act is not None and (not isinstance(self.hidden_act, str) or not self.hidden_act):
-            raise ValueError(
-                f"VisionConfig.hidden_act must be a non-empty string or None, got {self.hidden_act!r}"
-            )
+        if self.hidden_act is not None:
+            from transformers.activations import ACT2FN
+
+            if not isinstance(self.hidden_act, str) or self.hidden_act not in ACT2FN:
+                raise ValueError(
+                    f"VisionConfig.hidden_act must be a transformers activation name or None, got "
+                    f"{self.hidden_act!r}"
+                )
         eps = self.layer_norm_eps
         if eps is not None and (isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0):
             raise ValueError(f"VisionConfig.layer_norm_eps must be a number > 0 or None, got {eps!r}")
@@ -264,12 +268,8 @@ def hf_vision_config(cfg: VisionConfig) -> PretrainedConfig:
     """The transformers vision config of an architecture ``cfg``, at its ``image_size`` (no interpolation)."""
     if cfg.pretrained is not None:
         raise ValueError("hf_vision_config needs architecture fields; VisionConfig.pretrained is set")
-    from transformers.activations import ACT2FN
-
     defaults = _KIND_DEFAULTS[cfg.kind]
-    hidden_act = cfg.hidden_act or defaults["hidden_act"]
-    if hidden_act not in ACT2FN:
-        raise ValueError(f"VisionConfig.hidden_act {hidden_act!r} is not a transformers activation")
+    hidden_act = cfg.hidden_act or defaults["hidden_act"]  # checked by VisionConfig
     kwargs: dict[str, Any] = {
         "image_size": cfg.image_size,
         "patch_size": cfg.patch_size,

@@ -712,7 +712,14 @@ class ModelSpec:
     overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.build()
+        from mm15.model.mm15 import config_problems
+
+        # The parts' sizes must fit each other: a mismatch found here names the recipe, not the first
+        # step of a run (or, with --check, passes for a recipe that cannot train).
+        problems = config_problems(self.build())
+        if problems:
+            where = "overrides" if self.overrides else "preset"
+            raise _FieldError(where, "; ".join(problems))
 
     def build(self) -> Any:
         """The ``MM15Config`` this describes (no weights are loaded)."""
