@@ -59,6 +59,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -350,10 +351,11 @@ class Replay:
             self.used[self.source_names[source]] += 1
         return micro
 
-    def realised_mixture(self) -> dict[str, float]:
-        """``TrainStream.realised_mixture`` over the samples replayed so far (replays counted again)."""
-        total = sum(self.used.values())
-        return {name: self.used[name] / total if total else 0.0 for name in self.sources}
+    def mixture_of(self, used: Mapping[str, int]) -> dict[str, float]:
+        """``TrainStream.mixture_of`` (``train_step`` passes the samples replayed so far, replays counted
+        again)."""
+        total = sum(used.values())
+        return {name: used.get(name, 0) / total if total else 0.0 for name in self.sources}
 
 
 def run_mm15_step_only(

@@ -186,6 +186,7 @@ def train(
     from mm15.train.data import CorruptDataError
     from mm15.train.run import StageFailed, StopRequested, check_recipe, run_recipe
 
+    together = False  # every rank leaves together (finished or stopped): then they wait for each other
     try:
         config = load_recipe(recipe)
         if parent is not None:
@@ -227,12 +228,14 @@ def train(
                 console.print(f"  data: {shown(row['sources'])}", soft_wrap=True)
             return
         summaries = run_recipe(config, console, stage_name=stage, resume=resume, out=out, strategy=strategy)
+        together = True
     except (ValueError, OSError) as err:  # OSError: an output the start-up checks could not foresee
         _fail(err)
     except (StageFailed, CorruptDataError) as err:
         console.print(f"[red]stopped:[/red] {shown(err)}", soft_wrap=True)
         raise typer.Exit(3) from None
     except StopRequested as err:
+        together = True  # the ranks agreed on the signal (StopSignals.agreed)
         if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 speaks for all
             console.print(
                 f"[yellow]{shown(err)}.[/yellow] Continue with: {shown(_resume_command())}", soft_wrap=True
@@ -247,7 +250,7 @@ def train(
             )
         raise typer.Exit(130) from None
     finally:
-        distributed.cleanup()
+        distributed.cleanup(wait=together)
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun rank 0 reports
     for s in summaries:

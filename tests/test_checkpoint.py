@@ -156,6 +156,29 @@ def test_rng_states_are_restored(tmp_path: Path) -> None:
     assert draws() == after_save
 
 
+def test_each_rank_gets_its_own_random_state_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0's states alone were saved and restored on every rank: ranks that had drawn different
+    amounts of random numbers (MoE router jitter) did not resume exactly. On another world size every
+    rank takes rank 0's."""
+    run = make_run(seed=1)
+    seed_all(7)
+    rank1 = ckpt._capture_rng()
+    seed_all(3)
+    rank0 = ckpt._capture_rng()
+    monkeypatch.setattr(ckpt, "_gather_rng", lambda state: [state, rank1])  # as 2 ranks would gather
+    path = save(run, tmp_path, 1)
+    monkeypatch.undo()
+
+    monkeypatch.setattr(ckpt, "_dist_initialised", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    for world, expected in ((2, rank1), (3, rank0)):
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda world=world: world)
+        seed_all(99)
+        load_checkpoint(path, *make_run(seed=2))
+        assert torch.equal(torch.get_rng_state(), expected["torch_cpu"]), world
+        assert random.getstate()[1] == tuple(expected["python"][1]), world
+
+
 def test_keep_last_n_and_stale_temp_dirs(tmp_path: Path) -> None:
     run = make_run(seed=0)
     stale = tmp_path / ".tmp-step-00000002-killed"  # what a save killed by SIGKILL leaves behind

@@ -529,3 +529,79 @@ def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint
     resumed = _train(tmp_path, path, run, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert _losses(run) == _losses(tmp_path / "whole")
+
+
+def test_a_data_error_on_one_rank_ends_the_run_instead_of_hanging(tmp_path: Path) -> None:
+    """A sample over the budget (``over_budget: error``) stops the rank that draws it. That rank waited
+    in a barrier on its way out while the other waited in the step's all-reduce: both sat there until
+    gloo's 30-minute timeout. Now it leaves at once, exit 3, and torchrun stops the other rank."""
+    import yaml
+
+    recipe = yaml.safe_load(ONE_RANK_OVER_BUDGET)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    started = time.monotonic()
+    done = _train(tmp_path, path, tmp_path / "run")
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and "over the budget of 512" in output, output[-4000:]
+    assert time.monotonic() - started < TIMEOUT / 2, "the ranks waited for each other"
+    steps = len(_losses(tmp_path / "run"))
+    assert steps < 10, "no sample over the budget: the test needs one"
+
+
+ONE_RANK_OVER_BUDGET = """
+name: over-budget
+model: {preset: tiny}
+seed: 0
+stages:
+  - name: pretrain
+    parent: init
+    trainable: [encoder, connector, llm]
+    optimizer: {name: adamw, lr: 1.0e-3}
+    autocast: fp32
+    schedule: {warmup_steps: 1}
+    global_batch: 4
+    micro_batch: 2
+    max_steps: 10
+    eval_every: 0
+    save_every: 10
+    data:
+      seq_length: 512
+      prefetch: inline
+      over_budget: error
+      mixture: {caption: 50, interleaved: 10, text: 40}
+      sources: {text: "synth:text-only"}
+    image: {split: false}
+"""
+
+
+def test_a_moe_run_on_two_ranks_resumes_exactly_and_sums_its_mixture_over_ranks(tmp_path: Path) -> None:
+    """Router jitter draws from each rank's generator: with rank 0's RNG restored on both ranks the
+    resumed losses drifted (5.017347 against 5.017329). And the summary's realised mixture was rank
+    0's samples alone; it is every rank's."""
+    import yaml
+
+    recipe = yaml.safe_load(ONE_RANK_OVER_BUDGET)
+    recipe["model"] = {"preset": "tiny", "overrides": {"moe": {"num_experts": 4, "router_jitter": 0.2}}}
+    stage = recipe["stages"][0]
+    stage.update(max_steps=4, save_every=2, keep_last=3, trainable=["encoder", "connector", "llm", "routers"])
+    stage["data"].update(seq_length=1024, over_budget="drop", mixture={"caption": 1, "text": 1})
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    whole = _train(tmp_path, path, tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-4000:]
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "pretrain" / "final")
+    shutil.rmtree(tmp_path / "cut" / "pretrain" / "checkpoints" / "step-00000004")
+    resumed = _train(tmp_path, path, tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert _losses(tmp_path / "cut") == _losses(tmp_path / "whole")
+
+    last = tmp_path / "whole" / "pretrain" / "checkpoints" / "step-00000004" / "extra_state.json"
+    used: dict[str, int] = {}
+    for rank in json.loads(last.read_text())["data"]["ranks"]:
+        for name, count in rank["used"].items():
+            used[name] = used.get(name, 0) + count
+    assert sum(used.values()) == 4 * 4  # steps x global batch
+    summary = json.loads((tmp_path / "whole" / "summary.json").read_text())[0]
+    assert summary["mixture"] == pytest.approx({name: count / 16 for name, count in used.items()})

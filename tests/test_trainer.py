@@ -96,6 +96,32 @@ def test_moe_aux_losses_are_reported_per_step_without_autograd_warnings() -> Non
     assert aux["total"] == pytest.approx(aux["load_balance"] + aux["router_z"], rel=1e-6)
 
 
+def test_the_logged_aux_losses_are_the_mean_over_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """They were rank 0's alone. Two ranks whose figures sum to three times this one's (the other rank's
+    twice as large): the step reports the mean over ranks, 1.5 times this rank's aux losses."""
+    import dataclasses
+
+    import mm15.train.trainer as trainer_module
+    from mm15.model.moe import MoEConfig
+
+    _, stream, _, _ = setup()
+    torch.manual_seed(0)
+    model = MM15Model.build(dataclasses.replace(preset("tiny"), moe=MoEConfig(num_experts=4))).train()
+    modules = ["encoder", "connector", "llm", "routers"]
+    optimizer = build_optimizer(model, modules, dict.fromkeys(modules, 0.0))  # no update: same aux again
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    state = stream.state_dict()
+    alone = train_step(model, stream, optimizer, scheduler, 1, 0, torch.float32, 1.0, 1e11).aux
+    stream.load_state_dict(state)
+    monkeypatch.setattr(trainer_module.D, "world_size", lambda: 2)
+    monkeypatch.setattr(trainer_module.D, "sum_across_ranks", lambda t: t * 3)
+    monkeypatch.setattr(trainer_module.D, "global_token_count", lambda n: n * 3)
+    both = train_step(model, stream, optimizer, scheduler, 1, 1, torch.float32, 1.0, 1e11).aux
+    assert set(both) == set(alone) and alone["total"] > 0
+    for key in alone:
+        assert both[key] == pytest.approx(1.5 * alone[key], rel=1e-6), key
+
+
 def test_loss_falls_and_metrics_are_reported() -> None:
     model, stream, optimizer, scheduler = setup()
     losses = steps(model, stream, optimizer, scheduler, 0, 12)
@@ -199,11 +225,15 @@ def short_stream(over_budget: str = "drop") -> TrainStream:
     return tiny_stream(sources, max_length=72, over_budget=over_budget)
 
 
-def tiny_stream(sources: dict[str, str], max_length: int, **options: Any) -> TrainStream:
+def tiny_stream(
+    sources: dict[str, str], max_length: int, rank: int = 0, world_size: int = 1, **options: Any
+) -> TrainStream:
     """A stream of the tiny model's tokenizer and images over ``sources``, weighted equally."""
     model = MM15Model.build(preset("tiny"))
     return TrainStream(
-        MixtureSampler(MixtureNode.from_dict(dict.fromkeys(sources, 1)), seed=0),
+        MixtureSampler(
+            MixtureNode.from_dict(dict.fromkeys(sources, 1)), seed=0, rank=rank, world_size=world_size
+        ),
         sources,
         ChatEncoder(model.tokenizer, model.cfg.image, max_length=max_length),
         ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
@@ -356,7 +386,9 @@ def test_a_video_source_is_fingerprinted_by_its_annotation_files(tmp_path: Path)
     assert SampleSource("synth:general").fingerprint() is None  # defined by its name
 
 
-def video_stream(tmp_path: Path, max_corrupt_fraction: float) -> TrainStream:
+def video_stream(
+    tmp_path: Path, max_corrupt_fraction: float, rank: int = 0, world_size: int = 1
+) -> TrainStream:
     """One usable clip, nine records whose video is missing and a line that is not a record."""
     import json
 
@@ -372,7 +404,16 @@ def video_stream(tmp_path: Path, max_corrupt_fraction: float) -> TrainStream:
     notes = tmp_path / "clips.jsonl"
     notes.write_text("\n".join(map(json.dumps, records)) + "\nnot json\n")
     sources = {"video": f"video:{notes}"}
-    return tiny_stream(sources, max_length=1024, max_corrupt_fraction=max_corrupt_fraction)
+    return tiny_stream(
+        sources, max_length=1024, rank=rank, world_size=world_size, max_corrupt_fraction=max_corrupt_fraction
+    )
+
+
+def test_lines_that_are_not_records_are_counted_once_across_ranks(tmp_path: Path) -> None:
+    """Every rank opens the whole annotation file; each counted its bad line, and a 2-rank run's
+    summary (the sum over ranks) showed it twice. Rank 0 alone counts it now."""
+    counts = [video_stream(tmp_path, 0.95, rank=r, world_size=2).skipped for r in (0, 1)]
+    assert counts == [{"bad_json": 1}, {}]
 
 
 def test_unusable_video_records_are_skipped_counted_and_limited(tmp_path: Path) -> None:

@@ -52,8 +52,9 @@ CPU-resident state dicts with ``torch.distributed.checkpoint.state_dict.get_mode
 ``get_optimizer_state_dict`` and ``StateDictOptions(full_state_dict=True, cpu_offload=True)`` -- a
 collective, hence every rank takes part -- and rank 0 writes them in the same format. ``load_checkpoint``
 runs on every rank (shared filesystem) and, for sharded models, re-shards with ``set_model_state_dict`` /
-``set_optimizer_state_dict``. Limitation: the RNG states saved are rank 0's, and loading restores them on
-every rank; runs that need distinct per-rank streams should derive them from a per-rank seed after loading.
+``set_optimizer_state_dict``. Every rank's RNG states are saved (gathered to rank 0; rank 0's are also the
+file's top level), and a load on as many ranks restores each rank's own, so a model that draws random
+numbers (MoE router jitter) resumes exactly; on another world size every rank gets rank 0's.
 """
 
 from __future__ import annotations
@@ -292,20 +293,48 @@ def _capture_rng() -> dict[str, Any]:
     return state
 
 
+def _gather_rng(state: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's RNG ``state``, in rank order (a collective); None in a single process."""
+    if not _dist_initialised() or torch.distributed.get_world_size() == 1:
+        return None
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def _own_rng_state(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """This rank's part of a saved RNG ``state``: its own when the checkpoint has one per rank of this
+    world size (rank 0's at the top level, the others' in ``other_ranks``), else rank 0's."""
+    others = state.get("other_ranks")
+    if others is None or not _dist_initialised() or len(others) + 1 != torch.distributed.get_world_size():
+        return state
+    rank = torch.distributed.get_rank()
+    return others[rank - 1] if rank else state
+
+
 def _check_rng_state(state: Any, folder: Path) -> None:
-    """``CorruptCheckpointError`` unless ``state`` can be restored, checked before the model is touched
-    (a damaged rng file failed only after the weights were loaded, and with no fall-back)."""
+    """``CorruptCheckpointError`` unless ``state`` (and each rank's part) can be restored, checked before
+    the model is touched (a damaged rng file failed only after the weights were loaded, and with no
+    fall-back)."""
     try:
-        version, internal, _ = state["python"]
-        random.Random().setstate((version, tuple(internal), None))
-        keys = state["numpy"]["keys"]
-        if len(keys) != 624:  # MT19937's state words
-            raise ValueError(f"numpy's state has {len(keys)} words, not 624")
-        torch_state = state["torch_cpu"]
-        if not isinstance(torch_state, torch.Tensor) or torch_state.shape != torch.get_rng_state().shape:
-            raise ValueError("torch's CPU generator state has the wrong size")
-    except (KeyError, TypeError, ValueError) as err:
+        others = state.get("other_ranks", [])
+        if not isinstance(others, list):
+            raise TypeError("other_ranks is not a list")
+        for part in [state, *others]:
+            _check_one_rng_state(part)
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
         raise CorruptCheckpointError(f"{folder}: the RNG state cannot be restored ({err})") from None
+
+
+def _check_one_rng_state(state: Any) -> None:
+    version, internal, _ = state["python"]
+    random.Random().setstate((version, tuple(internal), None))
+    keys = state["numpy"]["keys"]
+    if len(keys) != 624:  # MT19937's state words
+        raise ValueError(f"numpy's state has {len(keys)} words, not 624")
+    torch_state = state["torch_cpu"]
+    if not isinstance(torch_state, torch.Tensor) or torch_state.shape != torch.get_rng_state().shape:
+        raise ValueError("torch's CPU generator state has the wrong size")
 
 
 def _restore_rng(state: Mapping[str, Any]) -> None:
@@ -449,6 +478,9 @@ def save_checkpoint(
     final = directory / step_dir_name(step)
     rank = _resolve_rank(rank)
     sharded = _is_sharded(model)
+    # Every rank's RNG, captured before anything below could draw from it (a collective).
+    rng_state = _capture_rng()
+    rank_rng_states = _gather_rng(rng_state)
 
     model_state: Mapping[str, torch.Tensor] | None = None
     optim_state: Any = None
@@ -465,8 +497,8 @@ def save_checkpoint(
         _barrier()
         return final
 
-    # Capture the RNG before anything below could draw from it.
-    rng_state = _capture_rng()
+    if rank_rng_states is not None:  # rank 0's at the top level, as a single process saves them
+        rng_state = {**rng_state, "other_ranks": rank_rng_states[1:]}
     scheduler_state = scheduler.state_dict() if scheduler is not None else None
     # Fail on non-JSON values before creating any directory.
     _encode(scheduler_state, "", None, "scheduler")
@@ -692,7 +724,7 @@ def load_checkpoint(
             optimizer.load_state_dict(optim_state)
     if scheduler is not None:
         scheduler.load_state_dict(scheduler_state)
-    _restore_rng(rng_state)
+    _restore_rng(_own_rng_state(rng_state))
     return int(meta["step"]), extra_state
 
 

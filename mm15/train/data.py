@@ -275,7 +275,9 @@ class TrainStream:
         # skips never reach training either.
         self._listing_skips: Counter[str] = Counter()  # per reason
         self._listing_skips_sources: Counter[str] = Counter()
-        for name in self.source_names:
+        # Every rank opens the whole file: rank 0 alone counts its lines, or a run's sum over ranks
+        # would count each one once per rank.
+        for name in self.source_names if sampler.rank == 0 else []:
             if (unlisted := self.sources[name].listing_skips()) is not None:
                 for reason, count in unlisted.counts.items():
                     self.skipped[reason] += count
@@ -365,7 +367,11 @@ class TrainStream:
 
     def realised_mixture(self) -> dict[str, float]:
         """Share of the samples that went into micro-batches per source (all 0 before the first)."""
-        return _shares(self.used, self.sampler.probs)
+        return self.mixture_of(self.used)
+
+    def mixture_of(self, used: Mapping[str, int]) -> dict[str, float]:
+        """The shares of ``used`` (samples per source; the sum over ranks, say) over the mixture's sources."""
+        return _shares(used, self.sampler.probs)
 
     def next_micro(self) -> MicroBatch:
         drawn = [self._next_encoded() for _ in range(self.samples_per_micro)]
@@ -561,9 +567,18 @@ class Prefetcher:
         """Skipped samples per source, as of the last micro-batch handed out (as ``skipped``)."""
         return Counter(self._state.get("skipped_sources", {}))
 
+    @property
+    def used(self) -> Counter[str]:
+        """Samples per source that went into micro-batches, as of the last one handed out."""
+        return Counter(self._state.get("used", {}))
+
     def realised_mixture(self) -> dict[str, float]:
         """``TrainStream.realised_mixture`` as of the last micro-batch handed out."""
-        return _shares(self._state.get("used", {}), self._sampler.probs)
+        return self.mixture_of(self.used)
+
+    def mixture_of(self, used: Mapping[str, int]) -> dict[str, float]:
+        """``TrainStream.mixture_of``."""
+        return _shares(used, self._sampler.probs)
 
     def close(self) -> None:
         if self.mode == "inline":

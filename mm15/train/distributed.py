@@ -104,15 +104,19 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
-def cleanup() -> None:
-    """Wait for every rank, then destroy the process group.
+def cleanup(wait: bool = True) -> None:
+    """Wait for every rank (``wait``), then destroy the process group.
 
     Without the barrier a fast rank can tear down its gloo connections while a peer is still in its
     last collective, and the peer's transport thread aborts the process ("terminate called without an
-    active exception"); without the destroy some backends abort at interpreter exit.
+    active exception"); without the destroy some backends abort at interpreter exit. A rank leaving on
+    an error of its own (its data, say) must not wait: its peers are in a training collective that it
+    will never join, and both would sit there until gloo's 30-minute timeout. Leaving at once ends it,
+    and torchrun stops the other ranks.
     """
     if is_distributed():
-        dist.barrier()
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

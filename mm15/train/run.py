@@ -713,6 +713,9 @@ def run_stage(
     for counts in D.gather_objects(dict(data.skipped_sources)):
         skipped_sources.update(counts)
     skip_examples = [e for rank_examples in D.gather_objects(data.skip_examples) for e in rank_examples]
+    used: Counter[str] = Counter()
+    for counts in D.gather_objects(dict(data.used)):
+        used.update(counts)
     # Counted in the history, which a resume restores from the checkpoint: the steps skipped before an
     # interruption count too, and a step repeated after it counts once.
     skipped_steps = sum(1 for h in history if h.get("skipped"))
@@ -731,8 +734,9 @@ def run_stage(
         "data_wait": sum(h["data_wait"] for h in history) / len(history),
         "skipped": dict(skipped),
         "skip_examples": skip_examples[:MAX_SKIP_EXAMPLES],
-        # The samples of the handed-out micro-batches (not the producer's, nor the skipped draws).
-        "mixture": data.realised_mixture(),
+        # The samples of the handed-out micro-batches of every rank (not the producer's, nor the skipped
+        # draws).
+        "mixture": data.mixture_of(used),
         "skipped_sources": dict(skipped_sources),
         "world_size": world,
         "strategy": strategy,

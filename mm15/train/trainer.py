@@ -242,10 +242,19 @@ def train_step(
         # A skipped step still counts in the schedule; torch warns when the first one has no update.
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         scheduler.step()
-    counts = torch.tensor([loss_total, tokens, images, patches, image_tokens], dtype=torch.float64)
-    totals = D.sum_across_ranks(torch.cat([counts, source_stats.flatten()]))
+    # One reduction for every global figure: the sums, each rank's mean aux losses (every rank's model
+    # reports the same keys), the samples per source so far (the realised mixture) and the per-source
+    # loss sums.
+    aux_keys = sorted(aux_total)
+    used = stream.used
+    local = [loss_total, tokens, images, patches, image_tokens, *(aux_total[k] for k in aux_keys)]
+    local += [used.get(name, 0) for name in names]
+    totals = D.sum_across_ranks(torch.cat([torch.tensor(local, dtype=torch.float64), source_stats.flatten()]))
     loss_total, tokens, images, patches, image_tokens = float(totals[0]), *(int(t) for t in totals[1:5])
-    source_stats = totals[5:].reshape(len(names), 2)
+    aux_total = {key: float(totals[5 + i]) / world for i, key in enumerate(aux_keys)}
+    offset = 5 + len(aux_keys)
+    used_total = {name: int(totals[offset + i]) for i, name in enumerate(names)}
+    source_stats = totals[offset + len(names) :].reshape(len(names), 2)
     seconds = time.perf_counter() - start
     work = StepWork(tokens=tokens, supervised=total_supervised, patches=patches, image_tokens=image_tokens)
     step_flops = mm15_flop_weights(unwrapped).step_flops(work)
@@ -268,5 +277,5 @@ def train_step(
         peak_rss_gib=_peak_rss_gib(),
         supervised_tokens=total_supervised,
         skipped=not all_finite,
-        mixture=stream.realised_mixture(),
+        mixture=stream.mixture_of(used_total),
     )
