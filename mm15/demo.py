@@ -125,12 +125,27 @@ def _draw_boxes(image: Image.Image, truth: str, answer: str) -> Image.Image:
     draw = ImageDraw.Draw(drawn)
     width = max(2, min(drawn.size) // 150)
     for text, colour in ((truth, (0, 190, 0)), (answer, (230, 0, 0))):
-        for box in parse_boxes(text, drawn.height, drawn.width):
-            draw.rectangle(box, outline=colour, width=width)
+        for x1, y1, x2, y2 in parse_boxes(text, drawn.height, drawn.width):
+            # PIL draws an outline inward from the rectangle it is given: around the box, not over a
+            # small target (a 7-pixel-high word vanished under a 4-pixel outline).
+            draw.rectangle(
+                (x1 - width, y1 - width, x2 + width - 1, y2 + width - 1), outline=colour, width=width
+            )
         for x, y in parse_points(text, drawn.height, drawn.width):
             r = 3 * width
             draw.ellipse((x - r, y - r, x + r, y + r), outline=colour, width=width)
     return drawn
+
+
+def _strip(pictures: list[Image.Image], height: int) -> Image.Image:
+    """``pictures`` side by side, each scaled to ``height`` pixels high, 4 white pixels apart."""
+    scaled = [p.convert("RGB").resize((max(1, round(p.width * height / p.height)), height)) for p in pictures]
+    strip = Image.new("RGB", (sum(p.width for p in scaled) + 4 * (len(scaled) - 1), height), "white")
+    x = 0
+    for picture in scaled:
+        strip.paste(picture, (x, 0))
+        x += picture.width + 4
+    return strip
 
 
 def answer_live(model: Any, name: str, index: int) -> tuple[str, str, str, list[Image.Image]]:
@@ -166,13 +181,13 @@ def live_answers(model: Any, out: Path, console: Console) -> list[dict[str, str]
         row = {"shows": shows, "question": compact(question), "answer": compact(answer) or "(nothing)"}
         row["truth"] = compact(truth)
         if pictures:
-            picture = _draw_boxes(pictures[0], truth, answer) if "box" in shows else pictures[0]
             if name == "video":  # a contact strip of the first frames
-                strip = Image.new("RGB", (6 * 96, 96), "white")
-                for k, frame in enumerate(pictures[:6]):
-                    strip.paste(frame.convert("RGB").resize((96, 96)), (96 * k, 0))
-                picture = strip
-            picture.thumbnail((480, 480))
+                picture = _strip(pictures[:6], 96)
+            elif len(pictures) > 1:  # every image, in order (an in-context question's is the last)
+                picture = _strip(pictures, 160)
+            else:
+                picture = _draw_boxes(pictures[0], truth, answer) if "box" in shows else pictures[0]
+            picture.thumbnail((480, 480) if len(pictures) == 1 else (960, 480))
             row["image"] = f"live_{name}.png"
             picture.save(out / row["image"])
         # The model's answer is arbitrary text, and questions hold "[image]": never markup.

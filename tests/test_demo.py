@@ -115,3 +115,41 @@ def test_an_image_cut_after_its_header_stops_the_demo_before_anything_runs(tmp_p
     assert result.exit_code == 2, result.output
     assert "cut [draft].png: corrupt or truncated image data" in " ".join(result.output.split())
     assert "image plan" not in result.output and not out.exists()  # nothing ran, nothing was made
+
+
+def test_a_drawn_box_goes_around_its_target_not_over_it() -> None:
+    """PIL draws an outline inward: the report's 7-pixel-high word was 88% painted over."""
+    import numpy as np
+    from PIL import Image
+
+    from mm15.boxes import format_box
+    from mm15.demo import _draw_boxes
+
+    image = Image.new("RGB", (200, 100), "white")
+    box = (60.0, 40.0, 103.0, 47.0)  # pixels 60..102 x 40..46
+    drawn = np.asarray(_draw_boxes(image, format_box(box, 100, 200), ""))
+    inside = drawn[40:47, 60:103]
+    assert (inside == 255).all(), "the outline covers the target"
+    assert (drawn[38, 60:103] == [0, 190, 0]).all() and (drawn[40:47, 104] == [0, 190, 0]).all()
+
+
+def test_a_live_example_with_several_images_shows_them_all(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report showed the first image only: for an in-context question that is a demonstration, not
+    the image asked about."""
+    from PIL import Image
+
+    import mm15.demo as demo
+
+    images = [
+        Image.new("RGB", (80, 40), "red"),
+        Image.new("RGB", (40, 40), "green"),
+        Image.new("RGB", (40, 40), "blue"),
+    ]
+    monkeypatch.setattr(demo, "LIVE_EXAMPLES", (("icl", 1, "in-context"),))
+    monkeypatch.setattr(demo, "answer_live", lambda model, name, index: ("q", "a", "t", images))
+    (row,) = demo.live_answers(None, tmp_path, Console(quiet=True))
+    with Image.open(tmp_path / row["image"]) as saved:
+        assert saved.size == (320 + 160 + 160 + 2 * 4, 160)  # each scaled to 160 high, 4 pixels apart
+        assert saved.getpixel((320 + 160 + 160 + 2 * 4 - 1, 80)) == (0, 0, 255)  # the last: the question's

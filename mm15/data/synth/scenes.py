@@ -1345,5 +1345,5 @@ def make_video_sample(rng: random.Random, num_frames: int, size: int = VIDEO_SIZ
 
 @register("video", "video")
 def video(rng: random.Random, index: int) -> Sample:
-    """A clip of 8-24 224 px frames with 1-3 objects (1-2 moving linearly) and a motion question."""
+    """A clip of 8-24 224 px frames with 1-3 objects (0-2 moving linearly, by question) and a question."""
     return make_video_sample(rng, rng.randint(*VIDEO_FRAMES), VIDEO_SIZE)
