@@ -134,7 +134,7 @@ def test_spec_parsing() -> None:
         parse_task_specs(" , ")
 
 
-def test_groups_options_and_errors(tmp_path: Path) -> None:
+def test_groups_options_and_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     general = resolve_task_specs("general:limit=3,max_new_tokens=2")
     assert [name for name, _, _ in general] == [n for n in task_names("general") if n.startswith("synth-")]
     assert all(options["limit"] == 3 and options["max_new_tokens"] == 2 for _, _, options in general)
@@ -145,6 +145,14 @@ def test_groups_options_and_errors(tmp_path: Path) -> None:
     ((_, task, options),) = resolve_task_specs(f"textvqa:path={val}")
     assert options["path"] == val and options["images"] is None
     assert task.generation_for(options).max_new_tokens == task.generation.max_new_tokens
+    # "~" is the home folder, for the check and for the loaders (which were given the literal "~/...").
+    home = tmp_path / "home"
+    (home / "tv").mkdir(parents=True)
+    (home / "tv" / "val.json").write_text("[]")
+    monkeypatch.setenv("HOME", str(home))
+    for given in ("~/tv/val.json", Path("~/tv/val.json")):
+        ((_, _, options),) = resolve_task_specs([TaskSpec("textvqa", {"path": given, "images": "~/tv"})])
+        assert (options["path"], options["images"]) == (home / "tv" / "val.json", home / "tv"), given
     # Path options must exist: found when the specs resolve, before any task runs.
     with pytest.raises(TaskError, match=r"task textvqa: option images=/d/img: no such file or folder"):
         resolve_task_specs(f"textvqa:path={val},images=/d/img")

@@ -867,6 +867,9 @@ def hostile_cases() -> list[tuple[str, str, str, bytes | None, dict[str, str], i
         400,
     )
     post("a megabyte of text", base_request(messages=[{"role": "user", "content": "a" * MiB}]), 400)
+    many = [{"role": "user", "content": ""}] * 5000  # was rendered and tokenised under the tokenizer lock
+    post("5000 empty messages", base_request(messages=many), 400)
+    post("5000 empty parts", with_content([{"type": "text", "text": ""}] * 5000), 400)
     post("seed over int64", base_request(seed=2**64), 400)  # was a 500 for every request batched with it
     post("seed under int64", base_request(seed=-(2**63) - 1), 400)
     post("stream_options without stream", base_request(stream_options={"include_usage": True}), 400)
@@ -950,6 +953,16 @@ def test_hostile_requests_get_clear_4xx_and_the_server_keeps_serving(served: Ser
         model=MODEL, messages=[{"role": "user", "content": "still there?"}], max_tokens=3
     )
     assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_request_of_many_empty_messages_is_refused_before_any_token_work(served: Served) -> None:
+    """Empty messages pass the text bound, yet each costs template tokens: 1.4 million of them (44 MiB)
+    were rendered and tokenised under the tokenizer lock, freezing every other stream for 43 s before
+    their 400. They are counted first now."""
+    body = base_request(messages=[{"role": "user", "content": ""}] * 1025)  # the fixture's limit is 1024
+    status, document = raw(served.url, "POST", "/v1/chat/completions", json.dumps(body).encode(), JSON)
+    assert status == 400 and document["error"]["code"] == "context_length_exceeded"
+    assert "1025 messages" in document["error"]["message"], document
 
 
 def test_a_body_streamed_without_length_is_cut_at_the_limit(served: Served) -> None:

@@ -179,8 +179,9 @@ class TaskOption:
             # Options given from Python (TaskSpec) rather than a command line: check the type only.
             accepted: tuple[type, ...] = (int, float) if self.kind is float else (self.kind,)
             if isinstance(value, accepted) and (self.kind is bool or not isinstance(value, bool)):
-                if self.kind is Path and check_files:
-                    return self._existing(task, value)
+                if self.kind is Path:  # "~/data" as a shell would read it, for the check and the loaders
+                    value = value.expanduser()
+                    return self._existing(task, value) if check_files else value
                 return float(value) if self.kind is float else value
             raise TaskError(f"task {task}: option {self.name} must be {self.kind.__name__}, got {value!r}")
         if self.kind is bool:
@@ -196,12 +197,15 @@ class TaskOption:
             raise TaskError(
                 f"task {task}: option {self.name} must be {self.kind.__name__}, got {value!r}"
             ) from None
-        return self._existing(task, converted) if self.kind is Path and check_files else converted
+        if self.kind is Path:
+            converted = converted.expanduser()
+            return self._existing(task, converted) if check_files else converted
+        return converted
 
     def _existing(self, task: str, path: Path) -> Path:
         # Every path option names input (an annotation file, an image folder): a missing one is found
         # when the specs are resolved, before any task runs, not after the tasks listed before it.
-        if not path.expanduser().exists():
+        if not path.exists():
             raise TaskError(f"task {task}: option {self.name}={path}: no such file or folder")
         return path
 

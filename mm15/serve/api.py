@@ -293,6 +293,19 @@ def _check_limits(request: ChatCompletionRequest, settings: ServeSettings) -> No
                 param=f"{where}.video_url.num_frames",
                 code="too_many_frames",
             )
+    # Every message costs prompt tokens whatever it holds (the template's role markers), and every
+    # content part at least its separator: a body of a million empty messages is refused here, not
+    # after rendering and tokenising them (a minute under the tokenizer lock, which every other
+    # client's decoding step needs too).
+    parts = sum(1 if isinstance(m.content, str) else max(1, len(m.content)) for m in request.messages)
+    if max(len(request.messages), parts) > settings.max_prompt_tokens:
+        raise APIError(
+            400,
+            f"the request has {len(request.messages)} messages with {parts} content parts, each of which "
+            f"costs prompt tokens: over the prompt limit of {settings.max_prompt_tokens} tokens",
+            param="messages",
+            code="context_length_exceeded",
+        )
     characters = _text_length(request)
     if characters > CHARACTERS_PER_TOKEN_BOUND * settings.max_prompt_tokens:
         raise APIError(
