@@ -179,9 +179,8 @@ class TaskOption:
             # Options given from Python (TaskSpec) rather than a command line: check the type only.
             accepted: tuple[type, ...] = (int, float) if self.kind is float else (self.kind,)
             if isinstance(value, accepted) and (self.kind is bool or not isinstance(value, bool)):
-                if self.kind is Path:  # "~/data" as a shell would read it, for the check and the loaders
-                    value = value.expanduser()
-                    return self._existing(task, value) if check_files else value
+                if self.kind is Path:
+                    return self._path(task, value, check_files)
                 return float(value) if self.kind is float else value
             raise TaskError(f"task {task}: option {self.name} must be {self.kind.__name__}, got {value!r}")
         if self.kind is bool:
@@ -197,15 +196,16 @@ class TaskOption:
             raise TaskError(
                 f"task {task}: option {self.name} must be {self.kind.__name__}, got {value!r}"
             ) from None
-        if self.kind is Path:
-            converted = converted.expanduser()
-            return self._existing(task, converted) if check_files else converted
-        return converted
+        return self._path(task, converted, check_files) if self.kind is Path else converted
 
-    def _existing(self, task: str, path: Path) -> Path:
-        # Every path option names input (an annotation file, an image folder): a missing one is found
-        # when the specs are resolved, before any task runs, not after the tasks listed before it.
-        if not path.exists():
+    def _path(self, task: str, path: Path, check_files: bool) -> Path:
+        """``path`` with ``~`` expanded (for the check and for the loaders alike), checked to exist.
+
+        Every path option names input (an annotation file, an image folder): a missing one is found
+        when the specs are resolved, before any task runs, not after the tasks listed before it.
+        """
+        path = path.expanduser()
+        if check_files and not path.exists():
             raise TaskError(f"task {task}: option {self.name}={path}: no such file or folder")
         return path
 
