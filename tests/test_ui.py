@@ -17,7 +17,7 @@ from PIL import Image
 
 from mm15.chat import ChatEncoder
 from mm15.data.synth import generate
-from mm15.eval.tasks import TaskError, TaskItem, get_task, resolve_task_specs
+from mm15.eval.tasks import TaskError, TaskItem, get_task, resolve_task_specs, skipped_counts
 from mm15.eval.variant_tasks import UI_CLASSES, line_class, load_ui_elements, ui_list_f1
 from mm15.geometry import ImagePlanConfig, plan_image
 from mm15.model.presets import preset
@@ -311,6 +311,28 @@ def test_line_class_reads_the_first_class_named() -> None:
     assert line_class("search icon [1, 2, 3, 4]") == "icon"
     assert line_class('toggle for "Wi-Fi" (on) [1, 2, 3, 4]') == "toggle"
     assert line_class("[1, 2, 3, 4]") is None
+    # Ranked where the class is a whole word: "button" inside "Buttons:" comes first but is no mention.
+    assert line_class("Buttons: icon button [10, 10, 50, 50]") == "icon"
+
+
+@pytest.mark.parametrize("task", ["ui-ground", "ui-click"])
+def test_targets_named_twice_on_a_screen_are_counted_as_skipped(task: str, tmp_path: Path) -> None:
+    # Two "Save" buttons and two "bell" icons: no question about them has one right answer.
+    data = json.loads(SEECLICK_BOXES.read_text())
+    data["elements"] += [
+        {"class": "button", "text": "Save", "box": [100, 300, 200, 340]},
+        {"class": "button", "text": "Save", "box": [300, 300, 400, 340]},
+        {"class": "icon", "name": "bell", "box": [500, 85, 540, 120]},
+        {"class": "icon", "name": "bell", "box": [600, 85, 640, 120]},
+    ]
+    path = tmp_path / "boxes.json"
+    path.write_text(json.dumps(data))
+    spec = get_task(task)
+    items = spec.items(spec.resolve_options({"path": str(path), "images": str(FIXTURES)}))
+    assert len(items) == 29  # the fixture's own targets, as without the duplicates
+    # Each button twice as text and twice as a widget, each icon twice by name.
+    assert skipped_counts(items) == {"not_unique": 6}
+    assert skipped_counts(spec.items(spec.resolve_options({"path": str(SEECLICK_BOXES)}))) == {}
     assert set(UI_CLASSES) == {"button", "text field", "toggle", "checkbox", "icon", "label"}
 
 

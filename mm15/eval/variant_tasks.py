@@ -90,6 +90,7 @@ from mm15.eval.tasks import (
     SHORT_ANSWER,
     SYNTH_PREFIX,
     SYNTH_SIZE,
+    ItemList,
     LazyItems,
     Task,
     TaskError,
@@ -471,7 +472,12 @@ _BOX_LINE = re.compile(r"[\[\(][^\[\]\(\)]*[\]\)]")
 def line_class(line: str) -> str | None:
     """The first UI class named in a listing line (``search icon`` -> icon), or None."""
     lowered = line.lower()
-    found = [(lowered.find(c), c) for c in UI_CLASSES if re.search(rf"\b{re.escape(c)}\b", lowered)]
+    found = []
+    for c in UI_CLASSES:
+        # Ranked by the whole-word match's position: "button" inside "Buttons:" is not a mention.
+        match = re.search(rf"\b{re.escape(c)}\b", lowered)
+        if match:
+            found.append((match.start(), c))
     return min(found)[1] if found else None
 
 
@@ -669,10 +675,13 @@ def _describe(element: Mapping[str, Any]) -> str:
 
 def _unique(
     elements: Sequence[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], str | None]
-) -> list[int]:
-    """Indices of elements whose key is set and unique on the screen (so a question has one answer)."""
+) -> tuple[list[int], int]:
+    """Indices of elements whose key is set and unique on the screen (so a question has one answer),
+    and how many elements had a key shared with another (left out: no single right answer)."""
     keys = [key(e) for e in elements]
-    return [k for k, value in enumerate(keys) if value is not None and keys.count(value) == 1]
+    unique = [k for k, value in enumerate(keys) if value is not None and keys.count(value) == 1]
+    shared = sum(1 for value in keys if value is not None and keys.count(value) > 1)
+    return unique, shared
 
 
 def _screen_items(kind: str) -> Callable[[Mapping[str, Any]], Sequence[TaskItem]]:
@@ -714,18 +723,22 @@ def _screen_items(kind: str) -> Callable[[Mapping[str, Any]], Sequence[TaskItem]
             for k, e in enumerate(elements):
                 items.append(item(k, "", WIDGET_QUESTION.format(region=region(e["box"])), e["class"]))
         else:  # ground / click: find text, icon and widget, each target unique on the screen
-            for k in _unique(elements, lambda e: e.get("text")):
+            texts, shared_texts = _unique(elements, lambda e: e.get("text"))
+            for k in texts:
                 box = elements[k].get("text_box", elements[k]["box"])
                 question = f'Where is the text "{elements[k]["text"]}"?' + GROUND_SUFFIX
                 items.append(item(k, "-text", question, region(box), box=box))
-            for k in _unique(elements, lambda e: e.get("name")):
+            names, shared_names = _unique(elements, lambda e: e.get("name"))
+            for k in names:
                 question = f"Where is the {elements[k]['name']} icon?" + GROUND_SUFFIX
                 items.append(item(k, "-icon", question, region(elements[k]["box"]), box=elements[k]["box"]))
-            for k in _unique(elements, _describe):
-                if elements[k]["class"] == "icon":
-                    continue  # asked above
+            # Icons are asked by name above, so neither a unique nor a shared icon description counts here.
+            widgets = [e if e["class"] != "icon" else {} for e in elements]
+            described, shared_widgets = _unique(widgets, lambda e: _describe(e) if e else None)
+            for k in described:
                 question = f"Where is the {_describe(elements[k])}?" + GROUND_SUFFIX
                 items.append(item(k, "-widget", question, region(elements[k]["box"]), box=elements[k]["box"]))
+            return ItemList(items, {"not_unique": shared_texts + shared_names + shared_widgets})
         return items
 
     return source
