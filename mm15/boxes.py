@@ -3,7 +3,8 @@
 Boxes and points are written relative to the full original image (never a tile), as integers (ASCII
 digits) on a 1000 x 1000 virtual canvas, the Ferret / Ferret-UI convention MM1.5 follows:
 ``[x1, y1, x2, y2]`` for a box and ``[x, y]`` for a point, comma and space between numbers. A pixel
-coordinate ``x`` in an image ``W`` pixels wide becomes ``min(999, floor(x * 1000 / W))``; a text unit
+coordinate ``x`` in an image ``W`` pixels wide becomes ``min(999, max(0, floor(x * 1000 / W)))`` (outside
+the image: clamped to its edge); a text unit
 ``v`` decodes to the centre of its bin, ``(v + 0.5) * W / 1000``, so image -> text -> image moves a
 coordinate by at most half a text unit. Pixel boxes are (x1, y1, x2, y2) floats with x2/y2 as the far
 edges.

@@ -60,6 +60,13 @@ class ImagePlanConfig:
     max_images_to_split: int = 2
 
     def __post_init__(self) -> None:
+        # Types first: a float tile size would plan float pixel sizes, and split="false" is truthy.
+        for name in ("tile_size", "n_min", "n_max", "tokens_per_tile", "max_images_to_split"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"ImagePlanConfig.{name} must be an integer, got {value!r}")
+        if not isinstance(self.split, bool):
+            raise ValueError(f"ImagePlanConfig.split must be true or false, got {self.split!r}")
         if self.tile_size < 1:
             raise ValueError(f"ImagePlanConfig.tile_size must be >= 1, got {self.tile_size}")
         if self.n_min < 1:
@@ -186,8 +193,12 @@ class TilePlan:
 
     @property
     def scale(self) -> float:
-        """Resize factor from the original image to the canvas (exact along the binding side)."""
-        return min(self.resized[0] / self.height, self.resized[1] / self.width)
+        """Resize factor from the original image to the canvas (exact along the binding side).
+
+        Taken from the canvas, not from ``resized``: the free side of ``resized`` is rounded to whole
+        pixels, and rounded down it would undercut the binding side's exact factor.
+        """
+        return min(self.canvas[0] / self.height, self.canvas[1] / self.width)
 
     @property
     def num_tiles(self) -> int:
@@ -308,8 +319,17 @@ def plan_image(
     when ``cfg.split`` is off. An unsplit image is resized like the overview and marked (k, 0, 0).
     """
     cfg = cfg or ImagePlanConfig()
-    if not (isinstance(height, int) and isinstance(width, int)) or height < 1 or width < 1:
+
+    def whole(value: object) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not (whole(height) and whole(width)) or height < 1 or width < 1:
         raise ValueError(f"image size must be positive integers, got height={height!r}, width={width!r}")
+    if not (whole(image_index) and whole(images_in_sample)):
+        raise ValueError(
+            f"image_index and images_in_sample must be integers, got image_index={image_index!r}, "
+            f"images_in_sample={images_in_sample!r}"
+        )
     if image_index < 0 or images_in_sample < 1 or image_index >= images_in_sample:
         raise ValueError(
             f"image_index must be in [0, images_in_sample), got image_index={image_index}, "

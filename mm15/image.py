@@ -185,12 +185,14 @@ def _open_past_pillow_limit(fp: str | io.BytesIO) -> ImageFile.ImageFile:
     Image.init()
     for fmt in Image.ID:
         factory, accept = Image.OPEN[fmt]
-        verdict = accept(prefix) if accept is not None else True
-        if isinstance(verdict, str) or not verdict:  # a string says why the format does not apply
-            continue
-        if not isinstance(fp, str):
-            fp.seek(0)
+        # As in Pillow's own loop, a check that fails on a short prefix (BMP's unpacks 4 bytes) means
+        # "not this format", like an opener that fails.
         try:
+            verdict = accept(prefix) if accept is not None else True
+            if isinstance(verdict, str) or not verdict:  # a string says why the format does not apply
+                continue
+            if not isinstance(fp, str):
+                fp.seek(0)
             return factory(fp, fp if isinstance(fp, str) else None)
         except (SyntaxError, IndexError, TypeError, struct.error):  # not this format: try the next
             continue
@@ -221,9 +223,14 @@ def _open(src: str | os.PathLike | bytes, source: str, max_pixels: int) -> Image
             image = Image.open(fp)
     except UnidentifiedImageError:
         raise ImageDecodeError(source, "not a recognised image format") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        # The warning arrives as an exception where warnings are errors.
-        raise ImageTooLargeError(source, str(err)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own limit tripped (the warning arrives as an exception where warnings are errors):
+        # its message names Pillow's limit, so read the header again past it and report ours.
+        if not isinstance(fp, str):
+            fp.seek(0)
+        with _open_past_pillow_limit(fp) as image:
+            _check_size(image, source, max_pixels)
+        raise  # unreachable unless max_pixels exceeds Pillow's limit, which the branch above handles
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(source, f"cannot read image header ({err})") from None
     return image

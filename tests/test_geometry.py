@@ -229,6 +229,11 @@ def test_fit_size_rounds_half_up_exactly() -> None:
         ({"indicator": "roman"}, "indicator"),
         ({"overview_fit": "crop"}, "overview_fit"),
         ({"max_images_to_split": -1}, "max_images_to_split"),
+        # Types, as config.json's image section is read as it stands.
+        ({"tile_size": 672.0}, "tile_size must be an integer"),
+        ({"tile_size": "672"}, "tile_size must be an integer"),
+        ({"n_max": True}, "n_max must be an integer"),
+        ({"split": "false"}, "split must be true or false"),
     ],
 )
 def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
@@ -238,11 +243,28 @@ def test_bad_config_names_the_field(kwargs: dict, field: str) -> None:
 
 @pytest.mark.parametrize(
     ("args", "kwargs"),
-    [((0, 10), {}), ((10, -1), {}), ((10.5, 10), {}), ((10, 10), {"image_index": 2, "images_in_sample": 2})],
+    [
+        ((0, 10), {}),
+        ((10, -1), {}),
+        ((10.5, 10), {}),
+        ((True, True), {}),
+        ((10, 10), {"image_index": 2, "images_in_sample": 2}),
+        ((10, 10), {"image_index": 0.5, "images_in_sample": 2}),
+        ((10, 10), {"images_in_sample": 2.0}),
+    ],
 )
 def test_bad_plan_arguments(args: tuple, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         plan_image(*args, **kwargs)
+
+
+def test_scale_is_exact_along_the_binding_side() -> None:
+    # 1000 x 3 on a 4 x 1 grid: the height binds (2688 / 1000); the width rounds 8.064 down to 8,
+    # so the ratio of the resized width (8 / 3) would understate it.
+    plan = plan_image(1000, 3)
+    assert plan.grid == (4, 1) and plan.resized == (2688, 8)
+    assert plan.scale == 2688 / 1000
+    assert plan_image(1640, 2360).scale == 2016 / 2360  # the width binds
 
 
 def test_to_dict_is_json_ready() -> None:

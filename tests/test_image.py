@@ -472,6 +472,18 @@ def test_max_pixels_above_pillows_own_limit_is_honoured() -> None:
     assert pillow_limit == Image.MAX_IMAGE_PIXELS
     with pytest.raises(ImageTooLargeError):  # within Pillow's limit, the default path, as before
         image_size(crafted_png(20_000, 10_000, b"garbage"))
+    # Past twice Pillow's limit Pillow refuses at open; the message names our limit, not Pillow's.
+    with pytest.raises(
+        ImageTooLargeError, match=r"20000x20000 = 400000000 pixels exceeds the limit of 25000000$"
+    ):
+        load_image(crafted_png(20_000, 20_000, b"garbage"), max_pixels=25_000_000)
+    # Files shorter than a format's signature check: Pillow's BMP check unpacks 4 bytes.
+    for short in (b"a", b"ab", b"abc"):
+        for limit in (25_000_000, 400_000_000):
+            with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+                load_image(short, max_pixels=limit)
+            with pytest.raises(ImageDecodeError, match="not a recognised image format"):
+                image_size(short, max_pixels=limit)
 
 
 def test_images_past_pillows_limit_decode_when_max_pixels_allows(
