@@ -129,10 +129,15 @@ def test_pope_real_splits(category: str) -> None:
 def test_pope_bad_label_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "coco_pope_random.json"
     path.write_text(
-        '{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "yes"}\n'
+        '{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "yes"}\n\n\n'
         '{"question_id": 2, "image": "a.jpg", "text": "Is there a dog?", "label": "maybe"}\n'
     )
-    with pytest.raises(LoaderError, match=r"coco_pope_random\.json: record 1 \(question_id=2\).*maybe"):
+    # The second record, on the file's fourth line (blank lines are skipped, not counted away).
+    with pytest.raises(LoaderError, match=r"coco_pope_random\.json: line 4 \(question_id=2\).*maybe"):
+        load_pope(path)
+    # A JSON array has no lines to name: its records are named by index.
+    path.write_text('[{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?", "label": "maybe"}]')
+    with pytest.raises(LoaderError, match=r"coco_pope_random\.json: record 0 \(question_id=1\)"):
         load_pope(path)
     path.write_text('{"question_id": 1, "image": "a.jpg", "text": "Is there a cat?"}\n')
     with pytest.raises(LoaderError, match="missing field 'label'"):
@@ -239,6 +244,25 @@ def test_refcocog_boxes_and_splits() -> None:
     )
     with pytest.raises(LoaderError, match=r"no ref in split\(s\) \['testA'\]"):
         load_refcoco(REFS, INSTANCES, split="testA")
+
+
+def test_refcoco_boxes_must_lie_in_their_image(tmp_path: Path) -> None:
+    refs = json.loads(REFS.read_text())[:1]
+    instances = json.loads(INSTANCES.read_text())
+    image = next(i for i in instances["images"] if i["id"] == refs[0]["image_id"])
+    ann = next(a for a in instances["annotations"] if a["id"] == refs[0]["ann_id"])
+    width, height = image["width"], image["height"]
+    refs_path = _write(tmp_path / "refs.json", refs)
+    # COCO's float boxes may pass the edge by rounding: up to one pixel is inside.
+    ann["bbox"] = [width - 10.5, 0.0, 11.4, float(height) + 0.9]
+    assert len(load_refcoco(refs_path, _write(tmp_path / "instances.json", instances))) == len(
+        refs[0]["sentences"]
+    )
+    ann["bbox"] = [width + 5.0, 0.0, 10.0, 10.0]  # e.g. width and height swapped in the image record
+    with pytest.raises(
+        LoaderError, match=rf"ann_id {ann['id']} in .*: box .* lies outside the {width}x{height} image"
+    ):
+        load_refcoco(refs_path, _write(tmp_path / "instances.json", instances))
 
 
 def test_refcocog_acc_at_05_with_gt_and_shifted_boxes() -> None:
@@ -447,6 +471,16 @@ def test_multiple_choice_mmmu_ai2d_scienceqa(tmp_path: Path) -> None:
     scienceqa["6"]["choices"] = "frog, cat"
     with pytest.raises(LoaderError, match=r"record 6: field 'choices' is a string but not a list literal"):
         load_multiple_choice(_write(tmp_path / "problems.json", scienceqa))
+
+
+def test_multiple_choice_jsonl_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "mc.jsonl"
+    path.write_text(
+        '{"id": "a", "question": "Q?", "options": ["x", "y"], "answer": "A"}\n\n'
+        '{"id": "b", "question": "Q?", "options": ["x", "y"], "answer": "C"}\n'
+    )
+    with pytest.raises(LoaderError, match=r"mc\.jsonl: line 3 \(id='b'\): answer 'C' is not an option"):
+        load_multiple_choice(path)
 
 
 def test_scienceqa_images_are_read_from_their_split_folder(tmp_path: Path) -> None:

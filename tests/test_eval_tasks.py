@@ -532,6 +532,14 @@ def test_screenspot_and_refcoco_items(tmp_path: Path) -> None:
     (item,) = task.items(options)
     assert (item.meta["width"], item.meta["height"]) == (60, 100)
     assert task.score("[166, 700, 500, 900]", item) == 1.0
+    # A box past the screenshot's edge (here in the stored sideways frame) could never be clicked.
+    path.write_text(json.dumps([_screenspot("rotated.jpg", [70, 10, 20, 20], "tap")]))
+    ((_, task, options),) = resolve_task_specs(f"screenspot:path={path},images={tmp_path}")
+    with pytest.raises(
+        TaskError,
+        match=r"record screenspot_mobile:0: box \[70\.0, 10\.0, 90\.0, 30\.0\] .* outside the 60x100 image",
+    ):
+        task.items(options)[0]
 
     refs = REAL / "vqav2_refcocog_tiny" / "refcocog_refs_umd.json"
     instances = REAL / "vqav2_refcocog_tiny" / "refcocog_instances.json"

@@ -146,16 +146,17 @@ def _read_json(path: PathLike) -> tuple[Path, Any]:
         raise LoaderError(f"{p}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
 
 
-def _read_json_lines(path: PathLike) -> tuple[Path, list[Any]]:
-    """JSON Lines (blank lines ignored); a file holding one JSON array is accepted too."""
+def _read_json_lines(path: PathLike) -> tuple[Path, Any, list[int] | None]:
+    """JSON Lines (blank lines ignored): the records and the file line of each, so that errors name
+    the line to fix. A file holding one JSON array is accepted too (its records have no line: None)."""
     p, text = _read_text(path)
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise LoaderError(f"{p}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
-        return p, data
-    records = []
+        return p, data, None
+    records, lines = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -163,11 +164,18 @@ def _read_json_lines(path: PathLike) -> tuple[Path, list[Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError as exc:
             raise LoaderError(f"{p}: line {number} is not valid JSON: {exc.msg}") from exc
-    return p, records
+        lines.append(number)
+    return p, records, lines
 
 
-def _where(path: Path, index: int | str, record: object = None, id_keys: tuple[str, ...] = ()) -> str:
-    label = f"{path}: record {index}"
+def _where(
+    path: Path,
+    index: int | str,
+    record: object = None,
+    id_keys: tuple[str, ...] = (),
+    line: int | None = None,
+) -> str:
+    label = f"{path}: line {line}" if line is not None else f"{path}: record {index}"
     if isinstance(record, Mapping):
         for key in id_keys:
             if key in record:
@@ -178,8 +186,15 @@ def _where(path: Path, index: int | str, record: object = None, id_keys: tuple[s
 class _Record:
     """Typed field access on one JSON object, with errors that name file and record."""
 
-    def __init__(self, record: object, path: Path, index: int | str, id_keys: tuple[str, ...] = ()) -> None:
-        self.where = _where(path, index, record, id_keys)
+    def __init__(
+        self,
+        record: object,
+        path: Path,
+        index: int | str,
+        id_keys: tuple[str, ...] = (),
+        line: int | None = None,
+    ) -> None:
+        self.where = _where(path, index, record, id_keys, line)
         if not isinstance(record, Mapping):
             raise LoaderError(f"{self.where}: expected a JSON object, got {type(record).__name__}")
         self.data: Mapping[str, Any] = record
@@ -236,6 +251,24 @@ class _Record:
         if w < 0 or h < 0:
             raise self.error(f"field {key!r} has a negative width or height: {value!r}")
         return x, y, x + w, y + h
+
+
+# Annotation tools round pixel boxes (COCO's are floats of a few decimals): a box may pass the image's
+# edge by this many pixels and still count as inside.
+BOX_EDGE_TOLERANCE = 1.0
+
+
+def box_outside_image(box: PixelBox, width: int, height: int) -> str | None:
+    """Why a pixel (x1, y1, x2, y2) box does not lie in a ``width`` x ``height`` image, or None.
+
+    A box past the edge cannot be drawn in the model's [0, 1000) text units (it would be clamped), so
+    no answer could match it: such a box means the annotation or the image is not the one expected.
+    """
+    x1, y1, x2, y2 = box
+    tol = BOX_EDGE_TOLERANCE
+    if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
+        return f"box {[round(v, 2) for v in box]} (x1, y1, x2, y2) lies outside the {width}x{height} image"
+    return None
 
 
 def _list_of_records(path: Path, data: Any, what: str) -> list[Any]:
@@ -407,12 +440,12 @@ def load_pope(path: PathLike, *, category: str | None = None) -> EvalSet:
     case. meta: ``category`` = the argument, else ``random`` / ``popular`` / ``adversarial`` read
     from the file name, else absent.
     """
-    p, records = _read_json_lines(path)
+    p, records, lines = _read_json_lines(path)
     if category is None:
         category = next((c for c in ("random", "popular", "adversarial") if c in p.stem.lower()), None)
     items = []
     for index, raw in enumerate(_list_of_records(p, records, "POPE records")):
-        rec = _Record(raw, p, index, ("question_id",))
+        rec = _Record(raw, p, index, ("question_id",), lines[index] if lines else None)
         label = rec.text("label").strip().lower()
         if label not in ("yes", "no"):
             raise rec.error(f"label must be 'yes' or 'no', got {rec.get('label')!r}")
@@ -569,6 +602,8 @@ def load_refcoco(
         if image_id not in images:
             raise rec.error(f"image_id {image_id} is not in {ip}")
         width, height, file_name = images[image_id]
+        if (outside := box_outside_image(box, width, height)) is not None:
+            raise rec.error(f"ann_id {ann_id} in {ip}: {outside}")
         sentences = rec.get("sentences")
         if not isinstance(sentences, list) or not sentences:
             raise rec.error(f"field 'sentences' must be a non-empty list, got {sentences!r}")
@@ -678,22 +713,24 @@ def _answer_letter(rec: _Record, n_options: int, zero_based: bool) -> str:
     return _LETTERS[index]
 
 
-def _choice_entries(path: PathLike) -> tuple[Path, list[tuple[str | None, Any]]]:
-    """The ``(mapping key or None, record)`` pairs of a multiple-choice file, in file order."""
+def _choice_entries(path: PathLike) -> tuple[Path, list[tuple[str | None, Any, int | None]]]:
+    """The ``(mapping key or None, record, JSON Lines line or None)`` of a multiple-choice file, in
+    file order."""
     p = Path(path)
     if p.suffix.lower() == ".jsonl":
-        p, records = _read_json_lines(p)
-        return p, [(None, r) for r in _list_of_records(p, records, "records")]
+        p, records, lines = _read_json_lines(p)
+        records = _list_of_records(p, records, "records")
+        return p, [(None, r, lines[i] if lines else None) for i, r in enumerate(records)]
     p, data = _read_json(p)
     if isinstance(data, list):
-        return p, [(None, r) for r in data]
+        return p, [(None, r, None) for r in data]
     if isinstance(data, Mapping) and isinstance(data.get("data"), list):
-        return p, [(None, r) for r in data["data"]]
+        return p, [(None, r, None) for r in data["data"]]
     if isinstance(data, Mapping) and isinstance(data.get("questions"), list):
         # SEED-Bench.json: {"question_type": {name: id}, "questions": [...]}.
-        return p, [(None, r) for r in data["questions"]]
+        return p, [(None, r, None) for r in data["questions"]]
     if isinstance(data, Mapping) and data and all(isinstance(v, Mapping) for v in data.values()):
-        return p, [(str(k), v) for k, v in data.items()]
+        return p, [(str(k), v, None) for k, v in data.items()]
     raise LoaderError(
         f"{p}: expected a list of records, a 'data' or 'questions' list, or an id -> record object"
     )
@@ -705,7 +742,7 @@ def record_splits(path: PathLike) -> list[str]:
     ignored. For error messages that tell the user which ``split=`` to choose."""
     _, entries = _choice_entries(path)
     return sorted(
-        {r["split"] for _, r in entries if isinstance(r, Mapping) and isinstance(r.get("split"), str)}
+        {r["split"] for _, r, _ in entries if isinstance(r, Mapping) and isinstance(r.get("split"), str)}
     )
 
 
@@ -745,8 +782,8 @@ def load_multiple_choice(
     items = []
     skipped: Counter[str] = Counter()
     present: set[str] = set()
-    for index, (key, raw) in enumerate(entries):
-        rec = _Record(raw, p, key if key is not None else index, _ID_KEYS)
+    for index, (key, raw, line) in enumerate(entries):
+        rec = _Record(raw, p, key if key is not None else index, _ID_KEYS, line)
         if keep is not None:
             record_split = rec.text("split")
             present.add(record_split)

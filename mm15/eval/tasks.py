@@ -1054,6 +1054,9 @@ def _screenspot_source(options: Mapping[str, Any]) -> Sequence[TaskItem]:
 
     def with_size(item: TaskItem) -> TaskItem:
         width, height = _image_size(item.images[0])  # type: ignore[arg-type]
+        # The size comes from the screenshot, so the box is checked here, not by the loader.
+        if (outside := loaders.box_outside_image(item.meta["box"], width, height)) is not None:
+            raise TaskError(f"{options['path']}: record {item.id}: {outside} {item.images[0]}")
         return dataclasses.replace(item, meta={**item.meta, "width": width, "height": height})
 
     return LazyItems(len(items), lambda index: with_size(items[index]))
