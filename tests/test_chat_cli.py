@@ -223,6 +223,35 @@ def test_clear_errors(model_dir: Path, picture: Path, tmp_path: Path) -> None:
     assert too_many.exit_code == 2 and "too many images" in too_many.stderr
 
 
+def test_an_undecodable_byte_in_piped_input_is_an_error_line_and_the_chat_goes_on(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Strict UTF-8 input (a UTF-8 locale, or PYTHONIOENCODING=utf-8): 0xE9 alone is no character.
+    model = MM15Model.from_pretrained(model_dir)
+    monkeypatch.setattr(terminal.MM15Model, "from_pretrained", lambda path: model)
+    with scripted_answer(model, "fine"):
+        result = runner.invoke(
+            app,
+            ["chat", "--model", str(model_dir), "--out", str(tmp_path), "--max-tokens", "5"],
+            input=b"caf\xe9?\nhello\n/quit\n",
+        )
+    assert result.exit_code == 0, result.output
+    assert "not valid Unicode" in result.stdout
+    assert result.stdout.count("fine") == 1  # the next question was answered
+
+
+def test_a_one_shot_prompt_past_the_context_is_one_error_line(model_dir: Path, tmp_path: Path) -> None:
+    model = MM15Model.from_pretrained(model_dir)
+    context = model.llm.config.max_position_embeddings
+    result = runner.invoke(
+        app,
+        ["chat", "--model", str(model_dir), "--out", str(tmp_path), "--max-tokens", "3", "a" * 2 * context],
+    )
+    assert result.exit_code == 2
+    (line,) = result.stderr.splitlines()  # no tokenizer warning before it
+    assert line.startswith("error: the prompt needs") and "/reset" not in line
+
+
 def test_an_out_folder_under_a_file_is_refused_before_the_model_loads(tmp_path: Path) -> None:
     taken = tmp_path / "a.png"
     taken.write_text("notes")

@@ -497,7 +497,9 @@ class ReservedTokenError(ValueError):
 def text_token_ids(text: str, tokenizer: Any, image_token_id: int) -> list[int]:
     """Token ids of a piece of text with no image in it; ``ReservedTokenError`` if it holds the image
     token (every text that reaches the model is tokenized here)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    # verbose=False: no transformers warning for a text past the tokenizer's model_max_length; every
+    # caller checks the length against its own budget and says so in its own words.
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if image_token_id in ids:
         raise ReservedTokenError(f"the text contains the reserved image token {IMAGE_TOKEN!r}")
     return ids

@@ -17,6 +17,7 @@ else, and a prompt with a video is planned unsplit as a whole.
 
 from __future__ import annotations
 
+import io
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ HELP = "commands: /image PATH or /video PATH (attach to the next question), /res
 
 class ChatError(ValueError):
     """A problem the user can fix (bad image or video, too many images, conversation too long)."""
+
+
+class ContextFullError(ChatError):
+    """The conversation and the question do not fit the model's context (interactively, /reset helps)."""
 
 
 def draw_grounding(image: Image.Image, answer: str) -> tuple[Image.Image, int, int]:
@@ -160,7 +165,7 @@ class ChatSession:
                 video=has_video(turns),
             )
         except PromptTooLong as err:
-            raise ChatError(f"{err} (/reset starts a new conversation)") from None
+            raise ContextFullError(str(err)) from None
         except ValueError as err:
             raise ChatError(str(err)) from None
         batch = {
@@ -252,6 +257,8 @@ def interact(
                 session.write(f"[unknown command {command}; {HELP}]\n")
             else:
                 session.ask(line)
+        except ContextFullError as err:
+            session.write(f"error: {err} (/reset starts a new conversation)\n")
         except ChatError as err:
             session.write(f"error: {err}\n")
         except KeyboardInterrupt:
@@ -316,5 +323,9 @@ def run_chat(
         except ChatError as err:
             return fail(str(err))
         return 0
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # A byte that is not valid in the terminal's encoding (a strict UTF-8 locale) would raise out of
+        # readline and end the chat; escaped, it reaches the question check, which reports it.
+        sys.stdin.reconfigure(errors="surrogateescape")
     interact(session, images, sys.stdin.readline, video, num_frames)
     return 0
