@@ -171,7 +171,7 @@ def test_a_pack_that_fails_part_way_writes_no_shard(tmp_path: Path) -> None:
     assert [s.id for s in ShardReader(out)] == ["r0", "r1", "r2"]
 
 
-def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
+def test_pack_counts_skips_in_lenient_mode(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     Image.new("RGB", (40, 30), (10, 200, 10)).save(tmp_path / "a.png")
     records = [
         {
@@ -232,6 +232,22 @@ def test_pack_counts_skips_in_lenient_mode(tmp_path: Path) -> None:
     assert "{'missing_image': 1, 'bad_image': 1, 'bad_region': 1}" in flat
     strict_dry = runner.invoke(app, [*check, "--dry-run"])
     assert strict_dry.exit_code == 2 and "missing_image" in strict_dry.output
+    # A dry run with --out checks it as the real run would: earlier shards (without --overwrite) and a
+    # file in the folder's place are refused, and nothing is created.
+    scratch = tmp_path_factory.mktemp("dry")
+    (scratch / "file").write_text("not a folder")
+    for out, message in (
+        (tmp_path / "o", "already holds 1 shard(s)"),
+        (scratch / "file", "exists and is not a directory"),
+    ):
+        refused = runner.invoke(app, [*check, "--dry-run", "--lenient", "--out", str(out)])
+        flat = " ".join(refused.output.split())
+        assert refused.exit_code == 2 and message in flat, flat
+    overwrite = [*check, "--dry-run", "--lenient", "--out", str(tmp_path / "o"), "--overwrite"]
+    assert runner.invoke(app, overwrite).exit_code == 0
+    fresh = scratch / "fresh"
+    assert runner.invoke(app, [*check, "--dry-run", "--lenient", "--out", str(fresh)]).exit_code == 0
+    assert not fresh.exists()
     # Every record skipped: an error (exit 2) with the skips listed, not an empty folder and exit 0.
     gone = tmp_path / "gone.json"
     gone.write_text(json.dumps([records[1]]))

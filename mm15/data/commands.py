@@ -132,7 +132,14 @@ def pack(
     ] = False,
 ) -> None:
     """Pack LLaVA, interleaved or text JSON/JSONL records (and their images) into WebDataset shards."""
-    from mm15.data.sources import InterleavedReader, LlavaReader, SourceError, TextReader, write_shards
+    from mm15.data.sources import (
+        InterleavedReader,
+        LlavaReader,
+        SourceError,
+        TextReader,
+        check_shard_folder,
+        write_shards,
+    )
 
     if out is None and not dry_run:
         raise typer.BadParameter("--out is needed (or --dry-run, to check the records without writing)")
@@ -149,10 +156,12 @@ def pack(
         raise typer.BadParameter(f"--images is needed for {kind} records: image paths are relative to it")
     if kind == "interleaved" and category not in (None, "interleaved"):
         raise typer.BadParameter(f"interleaved documents are category interleaved, not {category!r}")
-    if out is not None and not dry_run:
+    if out is not None:
+        # Before every record and image header is read; a dry run with --out checks it too (and, like
+        # the real run, refuses earlier shards without --overwrite), creating nothing.
         try:
-            check_output_dir(out, "--out")  # before every record and image header is read
-        except ValueError as err:
+            check_shard_folder(out, "packed", overwrite, "--out")
+        except (ValueError, FileExistsError) as err:
             _fail(err)
     reader: LlavaReader | InterleavedReader | TextReader | None = None
     try:

@@ -981,6 +981,22 @@ class _ShardWriter:
         self.out.abort()
 
 
+def check_shard_folder(
+    out: Path, prefix: str, overwrite: bool, what: str = "the shard folder"
+) -> list[Path]:
+    """Refuse a shard folder ``write_shards`` could not write: not a folder (``ValueError``, naming it
+    as ``what``), or holding shards of an earlier run without ``overwrite`` (``FileExistsError``).
+    Returns the earlier run's shards (there to be replaced). Nothing is created: a dry run checks its
+    output folder with this."""
+    check_output_dir(out, what)
+    earlier = sorted(out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
+    if earlier and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds {len(earlier)} shard(s) named {prefix}-NNNNNN.tar from an earlier run"
+        )
+    return earlier
+
+
 def write_shards(
     samples: Iterable[Sample],
     out_dir: PathLike,
@@ -1010,12 +1026,7 @@ def write_shards(
     if not prefix or "/" in prefix or os.sep in prefix:
         raise ValueError(f"prefix must be a non-empty file name part, got {prefix!r}")
     out = Path(out_dir)
-    check_output_dir(out, "the shard folder")
-    earlier = sorted(out.glob(f"{glob.escape(prefix)}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"))
-    if earlier and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds {len(earlier)} shard(s) named {prefix}-NNNNNN.tar from an earlier run"
-        )
+    earlier = check_shard_folder(out, prefix, overwrite)
     written: list[Path] = []  # the shards' real names
     staged: list[Path] = []  # their hidden names until every one is written
     writer: _ShardWriter | None = None
