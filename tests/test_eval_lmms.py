@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -100,6 +102,10 @@ def test_generation_settings_and_placeholders(adapter: MM15LMM) -> None:
     assert (sampled.temperature, sampled.top_p, sampled.max_new_tokens) == (0.7, 0.9, 9)
     with pytest.raises(ValueError, match="no beam search"):
         adapter.generation_config({"num_beams": 3})
+    # top_p 0 keeps only the likeliest token (transformers' rule): greedy, not the whole distribution.
+    assert adapter.generation_config(
+        {"do_sample": True, "temperature": 1.0, "top_p": 0.0}
+    ) == GenerationConfig(max_new_tokens=4)
     # A context that places its own <image> keeps it; a wrong count is an error.
     assert adapter.generate_until([request(0, {}, "Look: <image> what color?")])
     with pytest.raises(ValueError, match="2 <image> placeholders but 1 visuals"):
@@ -212,6 +218,40 @@ def test_loads_a_model_directory(adapter: MM15LMM, tmp_path: Path) -> None:
     loaded = MM15LMM(pretrained=str(tmp_path / "m"), batch_size="3", max_new_tokens="2")
     assert loaded.batch_size == 3 and loaded.max_new_tokens == 2 and not loaded.model.training
     assert loaded.rank == 0 and loaded.world_size == 1
+
+
+def test_model_arguments_are_checked(adapter: MM15LMM) -> None:
+    model = adapter.model
+    with pytest.raises(TypeError, match="max_new_token"):  # a typo is not ignored
+        MM15LMM(model=model, max_new_token=16)
+    with pytest.raises(ValueError, match=r"batch_size must be a positive integer, got 'auto'"):
+        MM15LMM(model=model, batch_size="auto")
+    with pytest.raises(ValueError, match=r"max_new_tokens must be a positive integer, got '0'"):
+        MM15LMM(model=model, max_new_tokens="0")
+    # What lmms-eval's command line adds: a device other than the CPU is said to be unused.
+    with pytest.warns(UserWarning, match=r"device='cuda:0' is not used"):
+        MM15LMM(model=model, device="cuda:0", max_batch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MM15LMM(model=model, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "visual",
+    [
+        {"array": np.zeros(10), "sampling_rate": 16000},  # lmms-eval's audio visual
+        b"\x89PNG",
+        3,
+        np.zeros((4, 4, 3), np.uint8),
+        torch.zeros(3, 4, 4),
+    ],
+    ids=["audio", "bytes", "int", "array", "tensor"],
+)
+def test_unsupported_visuals_are_named(adapter: MM15LMM, visual: Any) -> None:
+    adapter.task_dict["odd"] = {"test": [{"visual": visual}]}
+    odd = FakeInstance("generate_until", ("What?", {}, lambda doc: [doc["visual"]], 0, "odd", "test"))
+    with pytest.raises(ValueError, match="visuals must be PIL images or video paths, got"):
+        adapter.generate_until([odd])
 
 
 def test_pil_visuals_are_decoded_as_mm15_decodes_images() -> None:

@@ -27,8 +27,11 @@ convention); a context that already has them must have one per visual, where a v
 placeholder becomes one ``<image>`` per sampled frame, as ``VideoQAReader`` expands a ``<video>``
 slot. ``gen_kwargs`` map to
 ``GenerationConfig``: ``max_new_tokens``, ``until`` (stop strings), ``temperature`` and ``do_sample``
-(greedy unless ``do_sample`` and ``temperature > 0``), ``top_p``, ``top_k``; ``num_beams`` > 1 is
-refused (generation is greedy or sampled, never beam search).
+(greedy unless ``do_sample``, ``temperature > 0`` and ``top_p > 0``), ``top_p``, ``top_k``;
+``num_beams`` > 1 is refused (generation is greedy or sampled, never beam search). Model arguments
+other than ``pretrained``, ``batch_size``, ``max_new_tokens`` and the ``device`` and ``max_batch_size``
+lmms-eval adds are refused (a ``TypeError`` naming them); a ``device`` other than the CPU is warned
+about and not used.
 
 Use with lmms-eval installed (a separate environment; see docs/evaluation.md)::
 
@@ -39,6 +42,7 @@ Use with lmms-eval installed (a separate environment; see docs/evaluation.md)::
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,6 +72,17 @@ def lmms_base() -> type:
 _BASE = lmms_base()
 
 
+def _positive_int(name: str, value: int | str) -> int:
+    """``value`` (an int, or the text lmms-eval's --model_args gives) as an integer >= 1."""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
 class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
     """``MM15Model`` behind lmms-eval's model interface (module docstring).
 
@@ -84,8 +99,13 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
         model: MM15Model | None = None,
         batch_size: int | str = 8,
         max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS,
-        **unused: Any,
+        device: str | None = None,
+        max_batch_size: int | str | None = None,
     ) -> None:
+        # device and max_batch_size are what lmms-eval's command line adds to every model's arguments
+        # (when set); any other name is a typo in --model_args and fails here rather than be ignored.
+        # max_batch_size only bounds lmms-eval's "auto" batch size search, which this adapter has not.
+        del max_batch_size
         if _BASE is not object:
             super().__init__()
         else:  # the attributes lmms.__init__ sets, for the duck-typed class
@@ -96,10 +116,13 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
         self.model = model if model is not None else MM15Model.from_pretrained(pretrained)  # type: ignore[arg-type]
         self.model.eval()
         self.processor = MM15Processor.for_model(self.model)
-        self.batch_size = int(batch_size)
-        self.max_new_tokens = int(max_new_tokens)
-        if self.batch_size < 1 or self.max_new_tokens < 1:
-            raise ValueError("batch_size and max_new_tokens must be >= 1")
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
+        if device is not None and torch.device(device).type != "cpu":
+            warnings.warn(
+                f"mm15's lmms-eval adapter runs the model on the CPU; device={device!r} is not used",
+                stacklevel=2,
+            )
 
     @property
     def rank(self) -> int:
@@ -118,8 +141,8 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
     def _flatten(visuals: Any) -> list[Any]:
         if visuals is None:
             return []
-        if isinstance(visuals, Image.Image | str | Path):
-            return [visuals]
+        if not isinstance(visuals, list | tuple):
+            return [visuals]  # an image, a video path, or something _images names in its error
         flat: list[Any] = []
         for visual in visuals:
             flat.extend(MM15LMM._flatten(visual))
@@ -168,12 +191,16 @@ class MM15LMM(_BASE):  # type: ignore[misc,valid-type]
             raise ValueError("mm15 generation has no beam search: num_beams must be 1")
         until = kwargs.get("until") or ()
         stops = (until,) if isinstance(until, str) else tuple(s for s in until if s)
-        sample = bool(kwargs.get("do_sample", False)) and float(kwargs.get("temperature") or 0) > 0
+        top_p = 1.0 if kwargs.get("top_p") is None else float(kwargs["top_p"])
+        # top_p <= 0 keeps only the most likely token (as transformers' top-p filter does): greedy.
+        sample = (
+            bool(kwargs.get("do_sample", False)) and float(kwargs.get("temperature") or 0) > 0 and top_p > 0
+        )
         return GenerationConfig(
             max_new_tokens=int(kwargs.get("max_new_tokens") or self.max_new_tokens),
             temperature=float(kwargs["temperature"]) if sample else 0.0,
             top_k=int(kwargs.get("top_k") or 0) if sample else 0,
-            top_p=float(kwargs.get("top_p") or 1.0) if sample else 1.0,
+            top_p=top_p if sample else 1.0,
             stop=stops,
         )
 
