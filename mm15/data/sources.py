@@ -981,9 +981,7 @@ class _ShardWriter:
         self.out.abort()
 
 
-def check_shard_folder(
-    out: Path, prefix: str, overwrite: bool, what: str = "the shard folder"
-) -> list[Path]:
+def check_shard_folder(out: Path, prefix: str, overwrite: bool, what: str = "the shard folder") -> list[Path]:
     """Refuse a shard folder ``write_shards`` could not write: not a folder (``ValueError``, naming it
     as ``what``), or holding shards of an earlier run without ``overwrite`` (``FileExistsError``).
     Returns the earlier run's shards (there to be replaced). Nothing is created: a dry run checks its
