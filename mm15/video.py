@@ -41,6 +41,11 @@ white, not shown black where it is transparent.
 Rotation metadata (a phone video shot in portrait carries a display matrix) is not applied: frames
 come as stored.
 
+**Time windows.** ``window=(start, end)`` in seconds samples only frames ``round(start * fps) ..
+round(end * fps)`` (MVBench's ``start`` / ``end`` bounds): the same rule over that stretch of frames.
+**Frame folders.** A folder of frame images (one file per frame, natural name order) is read as a video
+of ``FRAME_FOLDER_FPS`` frames per second (MVBench's frame folders), decoding only the sampled files.
+
 **Errors** are ``VideoError`` (a ``ValueError``) naming the file and the reason: a missing file, an
 empty (zero-byte) file, a file FFmpeg cannot open or decode (corrupt or not a video), a still image or
 a text file (which FFmpeg would read as a one-frame or rendered-text "video"), a file with no video
@@ -50,7 +55,9 @@ stream (audio only, or audio with cover art), a stream with no decodable frame, 
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,7 +65,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
-from mm15.image import DEFAULT_MAX_PIXELS, to_rgb
+from mm15.image import DEFAULT_MAX_PIXELS, ImageError, load_image, to_rgb
 from mm15.paths import not_a_file_reason
 
 if TYPE_CHECKING:  # PyAV is imported when a video is read, so importing mm15.video stays cheap
@@ -68,6 +75,11 @@ if TYPE_CHECKING:  # PyAV is imported when a video is read, so importing mm15.vi
 
 # MM1.5-Video's frame count: 24 uniformly sampled frames per clip.
 DEFAULT_NUM_FRAMES = 24
+
+# The frame rate of a folder of frame images, which no file states: MVBench's frame folders (TVQA's
+# episodes) are extracted at 3 frames per second.
+FRAME_FOLDER_FPS = 3.0
+FRAME_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp"})
 
 VideoSource = str | os.PathLike
 
@@ -238,20 +250,122 @@ def _stream_info(path: Path) -> tuple[int, float | None, int, int]:
         return int(stream.frames or 0), fps, int(stream.width or 0), int(stream.height or 0)
 
 
+def _check_window(window: tuple[float, float] | None) -> None:
+    if window is None:
+        return
+    start, end = window
+    if not all(isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) for t in window):
+        raise ValueError(f"window must be two finite numbers of seconds, got {window!r}")
+    if start < 0 or end <= start:
+        raise ValueError(f"window must satisfy 0 <= start < end (seconds), got {window!r}")
+
+
+def window_frame_indices(
+    num_total: int, num_frames: int, window: tuple[float, float] | None, fps: float | None, source: str
+) -> list[int]:
+    """``sample_frame_indices`` over the frames of ``window`` (start, end seconds; None: all frames).
+
+    The window's frames are ``round(start * fps) .. round(end * fps)``, both included and cut to the
+    video's ``0 .. num_total - 1``, as MVBench bounds its clips; the same centre-of-segment rule then
+    samples within them. A window with no frame, or a window on a video without a frame rate, is a
+    ``VideoError`` naming ``source``.
+    """
+    if window is None:
+        return sample_frame_indices(num_total, num_frames)
+    if not fps:
+        raise VideoError(
+            source, f"a time window {list(window)} needs the video's frame rate, which it does not give"
+        )
+    first = max(0, round(window[0] * fps))
+    last = min(num_total - 1, round(window[1] * fps))
+    if first > last:
+        duration = num_total / fps
+        raise VideoError(
+            source,
+            f"the time window {list(window)} s holds no frame of the {duration:.2f} s video ({fps:g} fps)",
+        )
+    return [first + i for i in sample_frame_indices(last - first + 1, num_frames)]
+
+
+def _natural_key(name: str) -> list[Any]:
+    # "frame10.jpg" after "frame9.jpg": runs of digits compare as numbers.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def read_frame_folder(
+    path: VideoSource,
+    num_frames: int = DEFAULT_NUM_FRAMES,
+    *,
+    fps: float = FRAME_FOLDER_FPS,
+    window: tuple[float, float] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> VideoClip:
+    """Sample frames from a folder of frame images (one image file per frame, in natural name order,
+    ``00001.jpg``, ``00002.jpg``, ...), as a video of ``fps`` frames per second.
+
+    The same sampling as ``read_video`` (and ``window`` as there). Only the sampled frames are decoded;
+    files whose names do not end in an image suffix are ignored. A folder with no image file, or a
+    sampled frame that does not decode, is a ``VideoError`` naming the folder (and the file).
+    """
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    if not (isinstance(fps, int | float) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number, got {fps!r}")
+    _check_window(window)
+    folder = Path(path)
+    try:
+        names = sorted(
+            (
+                e.name
+                for e in os.scandir(folder)
+                if e.is_file() and Path(e.name).suffix.lower() in FRAME_SUFFIXES
+            ),
+            key=_natural_key,
+        )
+    except OSError as err:
+        raise VideoError(str(folder), f"cannot list the frame folder ({err.strerror or err})") from None
+    if not names:
+        suffixes = ", ".join(sorted(FRAME_SUFFIXES))
+        raise VideoError(str(folder), f"a frame folder with no image file ({suffixes})")
+    indices = window_frame_indices(len(names), num_frames, window, fps, str(folder))
+    frames = []
+    for index in indices:
+        try:
+            frames.append(load_image(folder / names[index], max_pixels=max_pixels))
+        except ImageError as err:
+            raise VideoError(str(folder), f"frame {names[index]}: {err.reason}") from None
+    return VideoClip(
+        path=str(folder),
+        frames=frames,
+        indices=indices,
+        total_frames=len(names),
+        fps=float(fps),
+        width=frames[0].width,
+        height=frames[0].height,
+        counted=False,  # the folder's file count, as a container's declared count
+    )
+
+
 def read_video(
     path: VideoSource,
     num_frames: int = DEFAULT_NUM_FRAMES,
     *,
+    window: tuple[float, float] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> VideoClip:
     """Sample ``num_frames`` frames uniformly from the video at ``path`` (module docstring).
 
     Returns a ``VideoClip`` whose ``frames`` are RGB ``PIL`` images in time order; fewer than
-    ``num_frames`` when the video is shorter. Raises ``VideoError`` for anything unusable.
+    ``num_frames`` when the video is shorter. ``window`` = (start, end) in seconds samples only that
+    part of the video (``window_frame_indices``). A folder is read as a folder of frame images
+    (``read_frame_folder``, at ``FRAME_FOLDER_FPS``). Raises ``VideoError`` for anything unusable.
     """
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
+    _check_window(window)
     file = Path(path)
+    if file.is_dir():
+        return read_frame_folder(file, num_frames, window=window, max_pixels=max_pixels)
     if (problem := not_a_file_reason(file)) is not None:
         raise VideoError(str(file), problem)
     if file.stat().st_size == 0:
@@ -264,7 +378,7 @@ def read_video(
         total = _decode(file, (), max_pixels).count
         if total == 0:
             raise VideoError(str(file), "the video stream has no decodable frames")
-    indices = sample_frame_indices(total, num_frames)
+    indices = window_frame_indices(total, num_frames, window, fps, str(file))
     decoded = _decode(file, set(indices), max_pixels)
     kept, times = decoded.frames, decoded.times
     if decoded.ended and decoded.count < total:
@@ -272,7 +386,7 @@ def read_video(
         if decoded.count == 0:
             raise VideoError(str(file), "the video stream has no decodable frames")
         total, counted = decoded.count, True
-        indices = sample_frame_indices(total, num_frames)
+        indices = window_frame_indices(total, num_frames, window, fps, str(file))
         missing = [i for i in indices if i not in kept]
         if missing:
             again = _decode(file, set(missing), max_pixels)

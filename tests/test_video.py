@@ -21,7 +21,15 @@ from mm15.data.sources import SourceError
 from mm15.data.video_qa import MC_INSTRUCTION, VideoQAReader
 from mm15.geometry import ImagePlanConfig
 from mm15.model.mm15 import IMAGE_TOKEN
-from mm15.video import VideoError, read_video, sample_frame_indices, write_video
+from mm15.video import (
+    FRAME_FOLDER_FPS,
+    VideoError,
+    read_frame_folder,
+    read_video,
+    sample_frame_indices,
+    window_frame_indices,
+    write_video,
+)
 
 # Ten colours far apart in RGB, so lossy coding cannot turn one into another.
 COLORS: tuple[tuple[int, int, int], ...] = (
@@ -304,11 +312,64 @@ def test_transparent_frames_are_composited_over_white_as_images_are(tmp_path: Pa
     assert first.getpixel((50, 40)) == expected.getpixel((50, 40)) != (0, 0, 128)
 
 
-def test_a_directory_is_not_a_video(tmp_path: Path) -> None:
+def test_a_folder_without_frame_images_is_not_a_video(tmp_path: Path) -> None:
     folder = tmp_path / "clip.mp4"
     folder.mkdir()
-    with pytest.raises(VideoError, match=re.escape("clip.mp4: is a directory, not a file")):
+    (folder / "notes.txt").write_text("not a frame")
+    with pytest.raises(VideoError, match=re.escape("clip.mp4: a frame folder with no image file")):
         read_video(folder)
+
+
+# ------------------------------------------------------------------ time windows and frame folders
+
+
+def test_window_indices_follow_mvbench_bounds() -> None:
+    # 10 fps, 100 frames, 2.0-4.0 s: frames round(20) .. round(40), both included, 21 frames.
+    assert window_frame_indices(100, 4, (2.0, 4.0), 10.0, "v") == [
+        20 + i for i in sample_frame_indices(21, 4)
+    ]
+    assert window_frame_indices(100, 4, None, 10.0, "v") == sample_frame_indices(100, 4)
+    # Past the end: cut to the last frame; a window after the video holds none.
+    assert window_frame_indices(30, 24, (2.0, 99.0), 10.0, "v") == list(range(20, 30))
+    with pytest.raises(
+        VideoError, match=r"v: the time window \[5\.0, 6\.0\] s holds no frame of the 3\.00 s"
+    ):
+        window_frame_indices(30, 4, (5.0, 6.0), 10.0, "v")
+    with pytest.raises(VideoError, match="needs the video's frame rate"):
+        window_frame_indices(30, 4, (0.0, 1.0), None, "v")
+
+
+@pytest.mark.parametrize("bad", [(1.0, 1.0), (-1.0, 2.0), (2.0, 1.0), (0.0, float("nan")), (True, 2.0)])
+def test_bad_windows_are_refused(videos: Path, bad: tuple) -> None:
+    with pytest.raises(ValueError, match="window must"):
+        read_video(videos / "ten.mp4", 4, window=bad)
+
+
+def test_read_video_samples_within_the_window(videos: Path) -> None:
+    # ten.mp4: 10 frames at 10 fps, frame k coloured COLORS[k]. 0.3-0.6 s is frames 3 .. 6.
+    for name in ("ten.mp4", "ten.mkv"):  # declared count and decode-and-count
+        clip = read_video(videos / name, 2, window=(0.3, 0.6))
+        assert clip.indices == [4, 6]  # centres of two segments of frames 3..6: 3 + floor(1), 3 + floor(3)
+        assert [which_frame(f) for f in clip.frames] == [4, 6]
+    assert read_video(videos / "ten.mp4", 24, window=(0.3, 0.6)).indices == [3, 4, 5, 6]
+
+
+def test_a_folder_of_frame_images_is_a_video(tmp_path: Path) -> None:
+    folder = tmp_path / "episode"
+    folder.mkdir()
+    for k in range(12):  # natural order: 2 before 10, as TVQA's numbered frames
+        Image.new("RGB", (32, 24), COLORS[k % len(COLORS)]).save(folder / f"{k + 1}.png")
+    (folder / "info.txt").write_text("ignored")
+    clip = read_video(folder, 3)
+    assert clip.total_frames == 12 and clip.fps == FRAME_FOLDER_FPS
+    assert clip.indices == sample_frame_indices(12, 3)
+    assert [which_frame(f) for f in clip.frames] == [k % len(COLORS) for k in clip.indices]
+    # At 3 frames per second, 1.0-2.0 s is frames 3 .. 6.
+    assert read_frame_folder(folder, 24, window=(1.0, 2.0)).indices == [3, 4, 5, 6]
+    assert read_frame_folder(folder, 24, fps=6.0, window=(1.0, 2.0)).indices == list(range(6, 12))
+    (folder / "5.png").write_bytes(b"broken")
+    with pytest.raises(VideoError, match=r"episode: frame 5\.png: "):
+        read_video(folder, 12)
 
 
 # ----------------------------------------------------------------------- frames as unsplit images
@@ -428,6 +489,28 @@ def test_reader_counts_or_raises_bad_records(videos: Path, tmp_path: Path) -> No
     with pytest.raises(SourceError, match="missing_video") as info:
         list(VideoQAReader(annotations, video_root=videos, num_frames=2))
     assert info.value.location == "line 2"
+
+
+def test_reader_takes_mvbench_bounds_and_frame_folders(videos: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for k in range(6):
+        Image.new("RGB", (32, 24), COLORS[k]).save(folder / f"{k + 1:05d}.jpg", quality=95)
+    mc = {"question": "Which colour?", "candidates": ["red", "green"], "answer": "green"}
+    records = [
+        {"video": str(videos / "ten.mp4"), **mc, "start": 0.3, "end": 0.6},
+        {"video": "frames", **mc},
+        {"video": str(videos / "ten.mp4"), **mc, "start": 0.3},  # bad_record: end missing
+        {"video": str(videos / "ten.mp4"), **mc, "start": 0.6, "end": 0.3},  # bad_record
+        {"video": str(videos / "ten.mp4"), **mc, "start": 5.0, "end": 6.0},  # bad_video: after the end
+    ]
+    reader = VideoQAReader(write_records(tmp_path / "mv.jsonl", records), num_frames=2, strict=False)
+    bounded, folder_clip = list(reader)
+    assert bounded.truth["frame_indices"] == [4, 6] and bounded.truth["window"] == [0.3, 0.6]
+    assert [which_frame(f) for f in bounded.images] == [4, 6]
+    assert folder_clip.truth["frame_indices"] == [1, 4] and "window" not in folder_clip.truth
+    assert [which_frame(f) for f in folder_clip.images] == [1, 4]
+    assert reader.skipped.as_dict() == {"bad_record": 2, "bad_video": 1}
 
 
 def test_a_lone_surrogate_is_a_bad_record_on_every_path(videos: Path, tmp_path: Path) -> None:

@@ -28,7 +28,10 @@
       {"video": "a.mp4", "question": "What color is the car?", "answer": "red"}
 
 Optional fields in every shape: ``"id"``, ``"category"`` (default ``"video"``), ``"source"`` (default the
-reader's ``source``, else the file's stem) and ``"truth"`` (an object, merged into the sample's truth).
+reader's ``source``, else the file's stem), ``"truth"`` (an object, merged into the sample's truth) and
+``"start"`` / ``"end"`` (seconds, both or neither: MVBench's bounds; frames are sampled from that stretch
+only, ``mm15.video.window_frame_indices``, and ``truth["window"]`` records it). ``"video"`` may name a
+folder of frame images (MVBench's frame folders; ``mm15.video.read_frame_folder``).
 A field whose value is ``null`` counts as absent (``"candidates": null`` is an open-ended record), and
 ``records()`` returns records without such fields.
 Every sample has ``is_video=True``, one ``<image>`` per sampled frame, and ``truth`` with ``task``
@@ -59,6 +62,7 @@ it is read.
 
 from __future__ import annotations
 
+import math
 import os
 import string
 from collections import Counter
@@ -106,6 +110,24 @@ def _text(record: dict[str, Any], key: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise _Malformed("bad_record", f"{key!r} must be a non-empty string, got {value!r}")
     return value
+
+
+def _window(record: dict[str, Any]) -> tuple[float, float] | None:
+    """The record's ``start`` / ``end`` seconds (MVBench's bounds), or None when it has neither."""
+    start, end = record.get("start"), record.get("end")
+    if start is None and end is None:
+        return None
+    if not all(
+        isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) for t in (start, end)
+    ):
+        raise _Malformed(
+            "bad_record", f"'start' and 'end' must both be numbers of seconds, got {start!r}, {end!r}"
+        )
+    if not 0 <= start < end:
+        raise _Malformed(
+            "bad_record", f"'start' and 'end' must satisfy 0 <= start < end, got {start!r}, {end!r}"
+        )
+    return float(start), float(end)
 
 
 def _answer_index(answer: Any, options: list[str]) -> int:
@@ -347,12 +369,14 @@ class VideoQAReader(_JsonReader):
         # Check the text before decoding anything: a bad slot (or a <regionK>: a video record has no
         # regions, so the chat renderer would fail on it) is the cheaper, clearer error.
         _check_text(_place_frames(turns, 1), 1, 0)
+        window = _window(record)
         root = self.video_root if self.video_root is not None else path.parent
         file = root / video
-        if (problem := not_a_file_reason(file)) is not None:
+        # A folder is a video of frame images (MVBench's episodic_reasoning clips); else it must be a file.
+        if not file.is_dir() and (problem := not_a_file_reason(file)) is not None:
             raise _Malformed("missing_video", f"video {video!r} under {root}: {problem}")
         try:
-            clip = read_video(file, self.num_frames)
+            clip = read_video(file, self.num_frames, window=window)
         except VideoError as err:
             raise _Malformed("bad_video", str(err)) from None
         frames: list[ImageRef] = list(clip.frames)
@@ -370,6 +394,7 @@ class VideoQAReader(_JsonReader):
                 "frame_indices": clip.indices,
                 "total_frames": clip.total_frames,
                 "fps": clip.fps,
+                **({"window": list(window)} if window is not None else {}),
             },
         )
 
