@@ -14,9 +14,11 @@ Loads run with sockets blocked, so a Hub call fails the test instead of going un
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
+import re
 import socket
 import sys
 import time
@@ -283,6 +285,23 @@ def test_hf_dir_round_trip(tiny, tmp_path: Path) -> None:
     )
     bf16, _ = load_llm(LLMConfig(source="hf", path=tmp_path, dtype="bfloat16"))
     assert bf16.dtype == torch.bfloat16
+    # An mm15 model around it, saved and loaded: the same logits (from_pretrained cast the rebuilt
+    # decoder with .to(), which put RoPE's frequencies in bf16 where transformers keeps float32).
+    from mm15.model.mm15 import MM15Model
+    from mm15.model.presets import preset
+
+    torch.manual_seed(0)
+    base = preset("tiny")
+    decoder, decoder_tokenizer = load_llm(base.llm)
+    decoder.save_pretrained(tmp_path / "decoder")
+    decoder_tokenizer.save_pretrained(tmp_path / "decoder")
+    cfg = dataclasses.replace(base, llm=LLMConfig(source="hf", path=tmp_path / "decoder", dtype="bfloat16"))
+    built = MM15Model.build(cfg).eval()
+    built.save_pretrained(tmp_path / "mm15")
+    reloaded = MM15Model.from_pretrained(tmp_path / "mm15")
+    ids = torch.randint(3, 250, (1, 300))
+    with torch.no_grad():
+        assert torch.equal(built(ids).logits, reloaded(ids).logits)
 
 
 def test_hf_dir_without_a_pad_token_pads_with_its_eos(tiny, tmp_path: Path) -> None:
@@ -343,6 +362,35 @@ def test_hf_dir_errors(tiny, tmp_path: Path) -> None:
     del weights["model.layers.1.mlp.down_proj.weight"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"lacks 1 weights.*down_proj"):
+        load_llm(LLMConfig(source="hf", path=tmp_path))
+    # Weights the config has no place for (fewer layers in config.json) would be dropped silently.
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    (tmp_path / "config.json").write_text(json.dumps(config | {"num_hidden_layers": layers - 1}))
+    with pytest.raises(
+        ValueError, match=rf"has \d+ weights its config\.json has no place for.*layers\.{layers - 1}\."
+    ):
+        load_llm(LLMConfig(source="hf", path=tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    # Damaged files name the directory.
+    weights_file = tmp_path / "model.safetensors"
+    intact = weights_file.read_bytes()
+    weights_file.write_bytes(intact[: len(intact) // 2])
+    with pytest.raises(ValueError, match=rf"cannot load the LLM in {re.escape(str(tmp_path))}"):
+        load_llm(LLMConfig(source="hf", path=tmp_path))
+    weights_file.write_bytes(intact)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=rf"cannot load the tokenizer in {re.escape(str(tmp_path))}"):
+        load_llm(LLMConfig(source="hf", path=tmp_path))
+    # A tokenizer of another model, with more tokens than the embedding table has rows.
+    rows = model.get_input_embeddings().num_embeddings
+    bigger = copy.deepcopy(tokenizer)
+    bigger.add_tokens([f"<extra{k}>" for k in range(rows)])
+    bigger.save_pretrained(tmp_path)
+    with pytest.raises(
+        ValueError, match=rf"has {len(bigger)} tokens but the model's embedding table has {rows} rows"
+    ):
         load_llm(LLMConfig(source="hf", path=tmp_path))
 
 

@@ -445,6 +445,9 @@ def test_an_llm_cast_after_build_loads_in_the_dtype_it_was_saved_in(
     loaded back in float32 and computed other logits; one in float16 cannot be kept and says so."""
     cast = copy.deepcopy(model)
     cast.llm.to(torch.bfloat16)
+    # .to() casts RoPE's frequencies too; a model built or loaded in bf16 keeps them in float32.
+    assert cast.llm.model.rotary_emb.inv_freq.dtype == torch.bfloat16
+    cast.llm.model.rotary_emb.inv_freq = model.llm.model.rotary_emb.inv_freq.clone()
     cast.save_pretrained(tmp_path / "bf16")
     loaded = MM15Model.from_pretrained(tmp_path / "bf16")
     assert {p.dtype for p in loaded.llm.parameters()} == {
@@ -486,6 +489,10 @@ def test_a_bf16_model_and_an_encoders_own_normalisation_survive_save_and_load(tm
     loaded = MM15Model.from_pretrained(tmp_path / "model")
     assert (loaded.vision.image_mean, loaded.vision.image_std) == ((0.5,) * 3, (0.25,) * 3)
     assert {p.dtype for p in loaded.llm.parameters()} == {torch.bfloat16}
+    # RoPE's frequencies stay float32 in a bf16 LLM, built or loaded (a cast put them in bf16: angles
+    # 0.25 rad off at position 1500, and a model from an HF directory reloaded with other logits).
+    for m in (model, loaded):
+        assert m.llm.model.rotary_emb.inv_freq.dtype == torch.float32
     images = [picture(120, 90, 10)]
     batch = MM15Processor.for_model(model)(["x <image> y"], [images])
     again = MM15Processor.for_model(loaded)(["x <image> y"], [images])
@@ -764,6 +771,11 @@ def test_config_mismatches_are_named() -> None:
         MM15Config.from_dict({**cfg.to_dict(), "colour": "red"})
     with pytest.raises(ValueError, match="unknown preset"):
         preset("mm15-2b")
+    # An empty path (an unset $DFN_DIR expanded) is an error, not "no path" and random weights.
+    with pytest.raises(ValueError, match="VisionConfig.pretrained must be a non-empty path"):
+        preset("mm15-1b", vision_path="")
+    with pytest.raises(ValueError, match="LLMConfig.path is required"):
+        preset("mm15-1b", llm_path="")
 
 
 @pytest.mark.parametrize("name", ["mm15-1b", "mm15-3b", "mm15-7b", "mm15-3b-moe"])

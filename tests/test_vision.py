@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import pickle
 from pathlib import Path
 
 import pytest
@@ -417,7 +416,7 @@ def test_an_open_clip_training_checkpoint_with_ddp_keys_converts(tmp_path: Path)
 def test_bin_loading_never_unpickles_objects(tmp_path: Path) -> None:
     path = tmp_path / "evil.bin"
     torch.save({"visual.conv1.weight": torch.zeros(1), "payload": _NotATensor()}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"evil\.bin: not a readable checkpoint \(Weights only load failed"):
         load_state_dict_file(path)
     with pytest.raises(ValueError, match=r"expected a \.safetensors"):
         load_state_dict_file(tmp_path / "model.ckpt")
@@ -549,6 +548,30 @@ def test_pretrained_errors_and_preprocessor_stats(tmp_path: Path) -> None:
     (short / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
     with pytest.raises(ValueError, match="lacks"):
         VisionEncoder(VisionConfig(pretrained=str(short)))
+    # And one promising fewer blocks must not drop the others (a full CLIP checkpoint's text tower is
+    # left out without a word: test_pretrained_full_clip_checkpoint).
+    build(dataclasses.replace(TINY_CLIP, num_layers=2)).save_pretrained(tmp_path / "long")
+    long_config = json.loads((tmp_path / "long" / "config.json").read_text())
+    (tmp_path / "long" / "config.json").write_text(json.dumps(long_config | {"num_hidden_layers": 1}))
+    with pytest.raises(
+        ValueError, match=r"has \d+ encoder weights its config\.json has no place for.*layers\.1\."
+    ):
+        VisionEncoder(VisionConfig(pretrained=str(tmp_path / "long")))
+    # Damaged files name the directory or the file.
+    (tmp_path / "long" / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"long/config\.json is not valid JSON"):
+        VisionEncoder(VisionConfig(pretrained=str(tmp_path / "long")))
+    (tmp_path / "long" / "config.json").write_text(json.dumps(long_config))
+    weights = tmp_path / "long" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"cannot load the encoder in .*long \("):
+        VisionEncoder(VisionConfig(pretrained=str(tmp_path / "long")))
+    with pytest.raises(ValueError, match=r"model\.safetensors: not a readable safetensors file"):
+        load_state_dict_file(weights)
+    torch.save({"visual.conv1.weight": torch.zeros(4)}, tmp_path / "cut.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "cut.pt").read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"cut\.pt: not a readable checkpoint"):
+        load_state_dict_file(tmp_path / "cut.pt")
     # The checkpoint's preprocessor_config.json mean/std win over the kind's defaults.
     (short / "config.json").write_text(json.dumps(config))
     (short / "preprocessor_config.json").write_text(

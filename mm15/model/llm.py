@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
+from mm15.model import LOAD_ERRORS
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -366,7 +368,9 @@ def build_tiny_llm(cfg: LLMConfig, smol_dir: Path | None = None) -> PreTrainedMo
         # gradient, and padding is the tokenizer's <|im_end|>, which must learn (the attention mask and
         # the labels keep padding out anyway).
     )
-    model = LlamaForCausalLM(hf_config).to(cfg.torch_dtype)
+    # Built in cfg's dtype rather than cast after: a cast would put RoPE's inv_freq in bf16 too, where
+    # transformers keeps it in float32 (angles at position 1500 were 0.25 rad off).
+    model = LlamaForCausalLM._from_config(hf_config, dtype=cfg.torch_dtype)
     if smol_dir is not None:
         table = smollm2_embeddings(smol_dir, cfg.hidden_size)
         with torch.no_grad():
@@ -408,21 +412,41 @@ def _load_local_dir(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_hf_dir(path, what)
-    model, info = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=dtype,
-        use_safetensors=True,  # refuse pytorch_model.bin even if it sits next to the safetensors
-        local_files_only=True,
-        trust_remote_code=False,
-        output_loading_info=True,
-    )
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            use_safetensors=True,  # refuse pytorch_model.bin even if it sits next to the safetensors
+            local_files_only=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+        )
+    except LOAD_ERRORS as err:
+        raise ValueError(f"{what}: cannot load the LLM in {path} ({err})") from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise ValueError(
             f"{what}: {path} lacks {len(missing)} weights (e.g. {missing[:3]}); "
             "they would be left randomly initialised"
         )
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    if info["unexpected_keys"]:  # e.g. a config.json with fewer layers than the weights: dropped silently
+        extra = sorted(info["unexpected_keys"])
+        raise ValueError(
+            f"{what}: {path} has {len(extra)} weights its config.json has no place for (e.g. {extra[:3]}); "
+            "check num_hidden_layers and the other sizes there"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except LOAD_ERRORS as err:
+        raise ValueError(f"{what}: cannot load the tokenizer in {path} ({err})") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        # Ids past the embedding table fail at the first lookup (an IndexError naming nothing), and
+        # MM15Model.build would grow the table with random rows for them.
+        raise ValueError(
+            f"{what}: the tokenizer in {path} has {len(tokenizer)} tokens but the model's embedding table "
+            f"has {rows} rows: they belong to different models"
+        )
     if tokenizer.pad_token is None:
         # Many base decoders (Llama 2, Llama 3.2) ship no pad token; batches need one. Padding is
         # masked out of attention and labels, so the end-of-sequence token serves, as usual.

@@ -418,7 +418,9 @@ class MM15Model(nn.Module):
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: cannot load the tokenizer saved with the model ({err})") from None
         try:  # an edited config.json whose parts no longer fit together (MM15Model._check_sizes, say)
-            llm = AutoModelForCausalLM.from_config(hf_config).to(cfg.llm.torch_dtype)  # from_config: float32
+            # Built in the saved dtype, not cast after: .to() would also cast RoPE's inv_freq buffer, which
+            # transformers keeps in float32 when it loads a model in bf16 (outputs would differ on reload).
+            llm = AutoModelForCausalLM.from_config(hf_config, dtype=cfg.llm.torch_dtype)
             if generation is not None:
                 llm.generation_config = generation
             if cfg.moe is not None:

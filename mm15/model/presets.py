@@ -109,13 +109,15 @@ def smol() -> MM15Config:
 def _full(size: str, vision_path: str | None, llm_path: str | None, moe: MoEConfig | None) -> MM15Config:
     vision = (
         VisionConfig(kind="clip", pretrained=vision_path, input_size=672)
-        if vision_path
+        # "is not None": an empty path (an unset $DFN_DIR expanded) is refused by VisionConfig, not
+        # taken for "no path" and answered with a random encoder.
+        if vision_path is not None
         else VisionConfig.dfn5b_vit_h14_378(input_size=672)
     )
     shape = _LLM_SHAPES[size]
     llm = (
         LLMConfig(source="hf", path=llm_path, dtype="bfloat16")  # the stand-in's dtype: one preset, one
-        if llm_path
+        if llm_path is not None
         else LLMConfig(
             source="tiny",
             max_position_embeddings=8192,

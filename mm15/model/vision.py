@@ -69,6 +69,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -77,9 +78,11 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from mm15.image import CLIP_MEAN, CLIP_STD, normalize_pixels
+from mm15.model import LOAD_ERRORS
 from mm15.model.attention import ENCODER_ATTENTION, register_attention
 
 if TYPE_CHECKING:
@@ -322,8 +325,15 @@ def resize_position_embedding(weight: torch.Tensor, grid_size: int, num_prefix_t
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    with path.open(encoding="utf-8") as fh:
-        return json.load(fh)
+    try:
+        with path.open(encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from None
+
+
+# The vision tower's own modules (CLIP and SigLIP name them alike; CLIP spells pre_layrnorm so).
+_VISION_TOWER_PARTS = frozenset({"embeddings", "encoder", "pre_layrnorm", "post_layernorm"})
 
 
 class VisionEncoder(nn.Module):
@@ -381,22 +391,38 @@ class VisionEncoder(nn.Module):
             )
         config_cls, model_cls = _hf_classes(cfg.kind)
         # A full CLIP/SigLIP config.json holds the vision tower's config under vision_config.
-        hf_config = config_cls.from_pretrained(path, local_files_only=True)
-        if cfg.kind == "siglip":
-            hf_config.vision_use_head = False
-        model, info = model_cls.from_pretrained(
-            path,
-            config=hf_config,
-            local_files_only=True,
-            weights_only=True,  # never unpickle arbitrary objects from a .bin
-            dtype=torch.float32,
-            output_loading_info=True,
-        )
+        try:
+            hf_config = config_cls.from_pretrained(path, local_files_only=True)
+            if cfg.kind == "siglip":
+                hf_config.vision_use_head = False
+            model, info = model_cls.from_pretrained(
+                path,
+                config=hf_config,
+                local_files_only=True,
+                weights_only=True,  # never unpickle arbitrary objects from a .bin
+                dtype=torch.float32,
+                output_loading_info=True,
+            )
+        except LOAD_ERRORS as err:
+            raise ValueError(f"VisionConfig.pretrained: cannot load the encoder in {path} ({err})") from None
         if info["missing_keys"]:
             missing = sorted(info["missing_keys"])
             raise ValueError(
                 f"VisionConfig.pretrained: {path} lacks {len(missing)} encoder weights (e.g. {missing[:3]}); "
                 "they would be left randomly initialised"
+            )
+        # A full CLIP/SigLIP checkpoint also holds the text tower, the projections and SigLIP's pooling
+        # head, which the encoder does not use; weights of the tower's own parts that do not fit (a
+        # config.json with fewer layers than the weights) would be dropped silently.
+        extra = sorted(
+            key
+            for key in info["unexpected_keys"]
+            if key.removeprefix("vision_model.").split(".")[0] in _VISION_TOWER_PARTS
+        )
+        if extra:
+            raise ValueError(
+                f"VisionConfig.pretrained: {path} has {len(extra)} encoder weights its config.json has no "
+                f"place for (e.g. {extra[:3]}); check num_hidden_layers and the other sizes there"
             )
         return model
 
@@ -721,10 +747,16 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path, device="cpu")
+        try:
+            return load_file(path, device="cpu")
+        except SafetensorError as err:
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
     if path.suffix not in (".bin", ".pt", ".pth"):
         raise ValueError(f"{path}: expected a .safetensors, .bin, .pt or .pth checkpoint")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # cut or damaged archive
+        raise ValueError(f"{path}: not a readable checkpoint ({err})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
