@@ -772,9 +772,9 @@ def test_config_mismatches_are_named() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         preset("mm15-2b")
     # An empty path (an unset $DFN_DIR expanded) is an error, not "no path" and random weights.
-    with pytest.raises(ValueError, match="VisionConfig.pretrained must be a non-empty path"):
+    with pytest.raises(ValueError, match=r"VisionConfig\.pretrained must be a non-empty path"):
         preset("mm15-1b", vision_path="")
-    with pytest.raises(ValueError, match="LLMConfig.path is required"):
+    with pytest.raises(ValueError, match=r"LLMConfig\.path is required"):
         preset("mm15-1b", llm_path="")
 
 
