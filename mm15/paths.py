@@ -18,6 +18,8 @@ from rich.markup import escape
 
 # The reason for a path that is not there at all: callers that word that case their own way test for it.
 NO_SUCH_FILE = "no such file"
+# The reason for a directory: readers that take a folder too (a video of frame images) test for it.
+IS_A_DIRECTORY = "is a directory, not a file"
 
 
 def not_a_file_reason(path: Path) -> str | None:
@@ -40,7 +42,7 @@ def not_a_file_reason(path: Path) -> str | None:
     if stat.S_ISREG(mode):
         return None
     if stat.S_ISDIR(mode):
-        return "is a directory, not a file"
+        return IS_A_DIRECTORY
     return "not a regular file"
 
 

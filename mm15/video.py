@@ -55,6 +55,7 @@ stream (audio only, or audio with cover art), a stream with no decodable frame, 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -66,7 +67,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image
 
 from mm15.image import DEFAULT_MAX_PIXELS, ImageError, load_image, to_rgb
-from mm15.paths import not_a_file_reason
+from mm15.paths import IS_A_DIRECTORY, not_a_file_reason
 
 if TYPE_CHECKING:  # PyAV is imported when a video is read, so importing mm15.video stays cheap
     from av.container import InputContainer
@@ -157,11 +158,32 @@ def sample_frame_indices(num_total: int, num_frames: int = DEFAULT_NUM_FRAMES) -
     return [((2 * i + 1) * num_total) // (2 * num_frames) for i in range(num_frames)]
 
 
+@functools.cache
+def _demuxer_whitelist() -> str:
+    """FFmpeg's ``format_whitelist`` for opening a video: the container formats videos come in, the
+    audio formats (so that an audio file is "no video stream") and the still-image and text demuxers
+    (so that those are named as such, ``_video_stream``).
+
+    Without it FFmpeg guesses the format from the content, and some demuxers open other files: a
+    43-byte upload beginning "ffconcat version 1.0" made the concat demuxer read any file the server
+    could, past ``--allow-local-files`` (HLS and DASH playlists and ffmetadata can do as much).
+    """
+    import av
+
+    videos = (
+        "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,mxf,gif,apng,"
+        "h264,hevc,m4v,yuv4mpegpipe"
+    )
+    audio = "mp3,wav,aac,flac"
+    stills = sorted(n for n in av.formats_available if n.endswith("_pipe")) + sorted(_NOT_VIDEO_DEMUXERS)
+    return ",".join([videos, audio, *stills])
+
+
 def _open(path: Path) -> InputContainer:
     import av
 
     try:
-        return av.open(str(path), mode="r")
+        return av.open(str(path), mode="r", options={"format_whitelist": _demuxer_whitelist()})
     except (av.FFmpegError, UnicodeDecodeError) as err:
         raise VideoError(str(path), f"not a readable video file ({err})") from None
 
@@ -364,9 +386,10 @@ def read_video(
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     _check_window(window)
     file = Path(path)
-    if file.is_dir():
+    problem = not_a_file_reason(file)  # never raises (Path.is_dir does on 3.11 for a too-long name)
+    if problem == IS_A_DIRECTORY:
         return read_frame_folder(file, num_frames, window=window, max_pixels=max_pixels)
-    if (problem := not_a_file_reason(file)) is not None:
+    if problem is not None:
         raise VideoError(str(file), problem)
     if file.stat().st_size == 0:
         raise VideoError(str(file), "empty file (0 bytes)")

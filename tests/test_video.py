@@ -312,6 +312,24 @@ def test_transparent_frames_are_composited_over_white_as_images_are(tmp_path: Pa
     assert first.getpixel((50, 40)) == expected.getpixel((50, 40)) != (0, 0, 128)
 
 
+def test_demuxers_that_open_other_files_are_refused(videos: Path, tmp_path: Path) -> None:
+    """FFmpeg's concat demuxer (and HLS playlists) read the files a text names: an upload of 43 bytes
+    would make the server decode any video it can read."""
+    (tmp_path / "private.mp4").write_bytes((videos / "ten.mp4").read_bytes())
+    playlist = tmp_path / "upload"
+    playlist.write_text("ffconcat version 1.0\nfile private.mp4\n")  # relative: concat's "safe" names
+    with pytest.raises(VideoError, match="upload: not a readable video file"):
+        read_video(playlist)
+    playlist.write_text("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\nprivate.mp4\n#EXT-X-ENDLIST\n")
+    with pytest.raises(VideoError, match="upload: not a"):
+        read_video(playlist)
+
+
+def test_a_name_over_the_length_limit_is_a_video_error(tmp_path: Path) -> None:
+    with pytest.raises(VideoError, match="File name too long"):
+        read_video(tmp_path / ("a" * 300 + ".mp4"))
+
+
 def test_a_folder_without_frame_images_is_not_a_video(tmp_path: Path) -> None:
     folder = tmp_path / "clip.mp4"
     folder.mkdir()

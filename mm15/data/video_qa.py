@@ -87,7 +87,7 @@ from mm15.data.sources import (
     _validated,
     _without_nulls,
 )
-from mm15.paths import not_a_file_reason
+from mm15.paths import IS_A_DIRECTORY, not_a_file_reason
 from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
 
 VIDEO_PLACEHOLDER = "<video>"
@@ -373,7 +373,7 @@ class VideoQAReader(_JsonReader):
         root = self.video_root if self.video_root is not None else path.parent
         file = root / video
         # A folder is a video of frame images (MVBench's episodic_reasoning clips); else it must be a file.
-        if not file.is_dir() and (problem := not_a_file_reason(file)) is not None:
+        if (problem := not_a_file_reason(file)) not in (None, IS_A_DIRECTORY):
             raise _Malformed("missing_video", f"video {video!r} under {root}: {problem}")
         try:
             clip = read_video(file, self.num_frames, window=window)
