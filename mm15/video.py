@@ -22,7 +22,9 @@ kept (seeking is not used: it lands on key frames and is inexact for many codecs
 while sequential decoding always gives frame ``k`` as the ``k``-th decoded frame). Decoding stops
 after the last sampled frame. The frame count ``T``:
 
-* is the container's count when it declares one (``stream.frames > 0``);
+* is the container's count when it declares one (``stream.frames > 0``) that fits the stream's
+  duration times its frame rate (a fragmented MP4 declares its first fragment's frames only: such a
+  count, under 90% of that product, counts as none);
 * is found by decoding and counting every frame first when the container does not (some WebM / MKV
   streams), and the selected frames are then decoded in a second pass;
 * is corrected when the declared count is too large (a truncated file): the frames actually decoded
@@ -263,13 +265,30 @@ def _decode(path: Path, wanted: Collection[int], max_pixels: int) -> _Decoded:
     return out
 
 
+# A declared frame count under this share of duration x frame rate is not the video's (see _stream_info).
+_DECLARED_COUNT_FLOOR = 0.9
+
+
 def _stream_info(path: Path) -> tuple[int, float | None, int, int]:
-    """(declared frame count or 0, average fps or None, width, height) of the first video stream."""
+    """(declared frame count or 0, average fps or None, width, height) of the first video stream.
+
+    A fragmented MP4 (``movflags=frag_keyframe``, as streaming encoders and screen recorders write)
+    declares the frames of its first fragment only: 1 of 100. A count well under the stream's (else the
+    container's) duration times its frame rate is therefore taken as no count, and the frames are
+    counted by decoding.
+    """
     with _open(path) as container:
         stream = _video_stream(container, path)
         rate = stream.average_rate or stream.guessed_rate
         fps = float(rate) if rate else None
-        return int(stream.frames or 0), fps, int(stream.width or 0), int(stream.height or 0)
+        declared = int(stream.frames or 0)
+        if stream.duration and stream.time_base:
+            seconds: float | None = float(stream.duration * stream.time_base)
+        else:
+            seconds = container.duration / 1_000_000 if container.duration else None
+        if declared and fps and seconds and declared < _DECLARED_COUNT_FLOOR * seconds * fps:
+            declared = 0
+        return declared, fps, int(stream.width or 0), int(stream.height or 0)
 
 
 def _check_window(window: tuple[float, float] | None) -> None:

@@ -325,6 +325,31 @@ def test_demuxers_that_open_other_files_are_refused(videos: Path, tmp_path: Path
         read_video(playlist)
 
 
+def test_a_fragmented_mp4_is_sampled_over_all_its_fragments(tmp_path: Path) -> None:
+    """A fragmented MP4 declares the frames of its first fragment only (here 5 of 30)."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "fragmented.mp4"
+    with av.open(str(path), "w", options={"movflags": "frag_keyframe"}) as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"g": "5"}
+        for k in range(30):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), COLORS[k % 10], np.uint8), format="rgb24")
+            frame.pts = k
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert 0 < container.streams.video[0].frames < 30
+    clip = read_video(path, 4)
+    assert clip.total_frames == 30 and clip.counted
+    assert clip.indices == sample_frame_indices(30, 4)
+    assert [which_frame(f) for f in clip.frames] == [k % 10 for k in clip.indices]
+
+
 def test_a_name_over_the_length_limit_is_a_video_error(tmp_path: Path) -> None:
     with pytest.raises(VideoError, match="File name too long"):
         read_video(tmp_path / ("a" * 300 + ".mp4"))
