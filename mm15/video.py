@@ -40,8 +40,9 @@ Frames are converted to RGB as ``mm15.image`` converts images (``to_rgb``): a fr
 channel (PNG or QuickTime Animation in MOV, VP9 with alpha, a GIF's transparency) is composited over
 white, not shown black where it is transparent.
 
-Rotation metadata (a phone video shot in portrait carries a display matrix) is not applied: frames
-come as stored.
+Rotation metadata (a phone video shot in portrait carries a display matrix) is applied in steps of
+90 degrees, so frames come upright, as players show them and as ``mm15.image`` turns photos by their
+EXIF orientation; ``VideoClip.width`` and ``height`` are the upright size.
 
 **Time windows.** ``window=(start, end)`` in seconds samples only frames ``round(start * fps) ..
 round(end * fps)`` (MVBench's ``start`` / ``end`` bounds): the same rule over that stretch of frames.
@@ -208,12 +209,28 @@ def _video_stream(container: InputContainer, path: Path) -> VideoStream:
     return streams[0]
 
 
+# A display matrix's rotation (counterclockwise degrees, as PyAV reports it) -> the transpose showing the
+# frame upright, as players do and as mm15.image turns a photo by its EXIF orientation.
+_UPRIGHT = {
+    90: Image.Transpose.ROTATE_90,
+    180: Image.Transpose.ROTATE_180,
+    -180: Image.Transpose.ROTATE_180,
+    -90: Image.Transpose.ROTATE_270,
+}
+
+
 def _frame_image(frame: VideoFrame) -> Image.Image:
-    """The frame as an RGB image, alpha composited over white as ``mm15.image.to_rgb`` does."""
+    """The frame as an upright RGB image: turned by the stream's display matrix (a phone video shot in
+    portrait is stored sideways), alpha composited over white as ``mm15.image.to_rgb`` does."""
     if frame.format.has_palette or any(c.is_alpha for c in frame.format.components):
         # rgb24 (to_image's format) drops alpha, leaving transparent pixels' colour (often black).
-        return to_rgb(Image.fromarray(frame.to_ndarray(format="rgba"), mode="RGBA"))
-    return frame.to_image()
+        image = to_rgb(Image.fromarray(frame.to_ndarray(format="rgba"), mode="RGBA"))
+    else:
+        image = frame.to_image()
+    # Rotations that are not a multiple of 90 degrees (rare, and not shown so by every player) and
+    # mirroring stay as stored.
+    turn = _UPRIGHT.get(round(frame.rotation))
+    return image.transpose(turn) if turn is not None else image
 
 
 @dataclass
@@ -435,7 +452,7 @@ def read_video(
             kept.update(again.frames)
             times.update(again.times)
     frames = [kept[i] for i in indices]
-    if frames and not (width and height):
+    if frames:  # the upright size (a rotated stream's stored width and height are swapped)
         width, height = frames[0].size
     # A frame without a timestamp (some raw streams) leaves the times unknown: timestamps() falls
     # back to index / fps for all of them rather than mixing the two.

@@ -350,6 +350,27 @@ def test_a_fragmented_mp4_is_sampled_over_all_its_fragments(tmp_path: Path) -> N
     assert [which_frame(f) for f in clip.frames] == [k % 10 for k in clip.indices]
 
 
+def test_a_portrait_phone_video_comes_upright(tmp_path: Path) -> None:
+    """A phone stores a portrait clip sideways with a display matrix saying "turn 90 degrees clockwise"
+    (a = 0, b = 1, c = -1, d = 0 in the track header); its frames are read as it is shown."""
+    import struct
+
+    stored = Image.new("RGB", (64, 48), COLORS[2])
+    stored.paste(COLORS[0], (0, 0, 16, 16))  # a red square in the stored frame's top-left corner
+    write_video(tmp_path / "stored.mp4", [stored] * 3, fps=10)
+    data = bytearray((tmp_path / "stored.mp4").read_bytes())
+    matrix = data.index(b"tkhd") + 4 + 40  # version-0 header: the matrix follows 40 bytes of fields
+    values = (0, 0x10000, 0, 0xFFFF0000, 0, 0, 48 << 16, 0, 0x40000000)  # fixed-point; tx = height
+    data[matrix : matrix + 36] = struct.pack(">9I", *values)
+    (tmp_path / "portrait.mp4").write_bytes(bytes(data))
+    clip = read_video(tmp_path / "portrait.mp4", 2)
+    assert (clip.width, clip.height) == (48, 64) and clip.frames[0].size == (48, 64)
+    # Turned clockwise, the stored top-left corner is the top-right one.
+    assert which_frame(clip.frames[0].crop((40, 0, 48, 8)).resize((8, 8))) == 0
+    assert which_frame(clip.frames[0].crop((0, 0, 8, 8)).resize((8, 8))) == 2
+    assert read_video(tmp_path / "stored.mp4", 2).frames[0].size == (64, 48)
+
+
 def test_a_name_over_the_length_limit_is_a_video_error(tmp_path: Path) -> None:
     with pytest.raises(VideoError, match="File name too long"):
         read_video(tmp_path / ("a" * 300 + ".mp4"))
