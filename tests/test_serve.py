@@ -669,6 +669,40 @@ def test_local_files_and_remote_urls_only_when_allowed(tmp_path: Path) -> None:
         files.server_close()
 
 
+def test_a_slow_remote_host_is_given_the_fetch_timeout_in_all() -> None:
+    """The socket timeout bounds each read: a host sending a byte every 0.3 s kept a fetch with a
+    1-second timeout going for as long as it sent."""
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", "100")
+            self.end_headers()
+            try:
+                for _ in range(100):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.3)
+            except OSError:  # the client gave up
+                pass
+
+    host = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=host.serve_forever, daemon=True).start()
+    settings = ServeSettings(allow_remote_images=True, remote_fetch_timeout_s=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(APIError, match="took longer than the fetch timeout") as refused:
+            image_from_url(f"http://127.0.0.1:{host.server_address[1]}/slow.png", settings, "p")
+        assert refused.value.status == 400
+        assert time.monotonic() - started < 3  # 30 s of dripping otherwise
+    finally:
+        host.shutdown()
+        host.server_close()
+
+
 def test_a_local_file_is_read_no_further_than_the_limit() -> None:
     """A file that states size 0 (``/proc`` files do) was read whole, whatever the byte limit."""
     assert Path("/proc/self/maps").stat().st_size == 0

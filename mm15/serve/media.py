@@ -20,6 +20,7 @@ import binascii
 import logging
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -112,12 +113,33 @@ class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}), _HTTPOnlyRedirects())
 
 
+def _read_until(response: Any, limit: int, deadline: float) -> bytes:
+    """Up to ``limit`` bytes of ``response``, or ``TimeoutError`` once ``deadline`` (monotonic) passes.
+
+    The socket's timeout bounds each read only: a host sending a byte every few seconds would hold a
+    request (and a worker of the pool every request is prepared in) for as long as it liked.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the remote host took longer than the fetch timeout to send it")
+        chunk = response.read1(min(1 << 16, limit - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def _remote_bytes(url: str, settings: ServeSettings, param: str, kind: Kind = "image") -> bytes:
     limit = _limit(settings, kind)
+    timeout = settings.remote_fetch_timeout_s
     try:
         request = urllib.request.Request(url, headers={"User-Agent": "mm15-serve"})
-        with _OPENER.open(request, timeout=settings.remote_fetch_timeout_s) as response:
-            data = response.read(limit + 1)
+        deadline = time.monotonic() + timeout
+        with _OPENER.open(request, timeout=timeout) as response:
+            data = _read_until(response, limit + 1, deadline)
     except (urllib.error.URLError, OSError, ValueError) as err:
         raise APIError(
             400, f"{param}: could not fetch the {kind} ({err})", param=param, code=f"{kind}_fetch_failed"
