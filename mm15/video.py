@@ -107,6 +107,37 @@ class VideoError(ValueError):
         return type(self), (self.source, self.reason), self.__dict__
 
 
+class VideoTooLargeError(VideoError):
+    """A video over a size limit: frames over ``max_pixels``, or more decoding than
+    ``max_decoded_pixels`` allows (a server answers it with 413 rather than 400)."""
+
+
+class _DecodeBudget:
+    """Pixels left to decode in one ``read_video`` call (every pass counts), or None for no limit."""
+
+    def __init__(self, limit: int | None, source: str) -> None:
+        self.limit, self.left, self.source = limit, limit, source
+
+    def check(self, frames: int, width: int, height: int) -> None:
+        """Refuse before decoding ``frames`` frames of ``width`` x ``height`` that would not fit."""
+        if self.left is not None and frames * width * height > self.left:
+            raise VideoTooLargeError(
+                self.source,
+                f"sampling it needs {frames} frames of {width}x{height} decoded, more than "
+                f"max_decoded_pixels={self.limit} allows",
+            )
+
+    def spend(self, width: int, height: int) -> None:
+        if self.left is not None:
+            self.left -= width * height
+            if self.left < 0:
+                raise VideoTooLargeError(
+                    self.source,
+                    f"decoding it takes more than max_decoded_pixels={self.limit} "
+                    f"(frames of {width}x{height})",
+                )
+
+
 @dataclass(frozen=True)
 class VideoClip:
     """Frames sampled from a video and where they came from.
@@ -244,11 +275,12 @@ class _Decoded:
     ended: bool
 
 
-def _decode(path: Path, wanted: Collection[int], max_pixels: int) -> _Decoded:
+def _decode(path: Path, wanted: Collection[int], max_pixels: int, budget: _DecodeBudget) -> _Decoded:
     """Decode the first video stream in order, keeping frames whose index is in ``wanted``.
 
     With ``wanted`` empty the whole stream is decoded and counted; otherwise decoding stops after the
     last wanted frame. A decoding error after at least one frame ends the stream (module docstring).
+    Every decoded frame is spent from ``budget``.
     """
     import av
 
@@ -260,10 +292,11 @@ def _decode(path: Path, wanted: Collection[int], max_pixels: int) -> _Decoded:
         try:
             for frame in container.decode(stream):
                 if frame.width * frame.height > max_pixels:
-                    raise VideoError(
+                    raise VideoTooLargeError(
                         str(path),
                         f"frames of {frame.width}x{frame.height} pixels exceed max_pixels={max_pixels}",
                     )
+                budget.spend(frame.width, frame.height)
                 time = frame.time
                 if out.count == 0:
                     start = time
@@ -410,6 +443,7 @@ def read_video(
     *,
     window: tuple[float, float] | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_pixels: int | None = None,
 ) -> VideoClip:
     """Sample ``num_frames`` frames uniformly from the video at ``path`` (module docstring).
 
@@ -417,6 +451,11 @@ def read_video(
     ``num_frames`` when the video is shorter. ``window`` = (start, end) in seconds samples only that
     part of the video (``window_frame_indices``). A folder is read as a folder of frame images
     (``read_frame_folder``, at ``FRAME_FOLDER_FPS``). Raises ``VideoError`` for anything unusable.
+
+    ``max_decoded_pixels`` bounds the decoding (frames decoded x their pixels, over every pass): a small
+    file can hold thousands of large, still frames that take minutes to decode. Checked before
+    decoding when the container declares its frame count, else while decoding; past it,
+    ``VideoTooLargeError``.
     """
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
@@ -429,16 +468,20 @@ def read_video(
         raise VideoError(str(file), problem)
     if file.stat().st_size == 0:
         raise VideoError(str(file), "empty file (0 bytes)")
+    if max_decoded_pixels is not None and (isinstance(max_decoded_pixels, bool) or max_decoded_pixels < 1):
+        raise ValueError(f"max_decoded_pixels must be a positive int or None, got {max_decoded_pixels!r}")
+    budget = _DecodeBudget(max_decoded_pixels, str(file))
     declared, fps, width, height = _stream_info(file)
 
     counted = declared == 0
     total = declared
     if counted:  # no count in the container: decode and count, then decode the chosen frames
-        total = _decode(file, (), max_pixels).count
+        total = _decode(file, (), max_pixels, budget).count
         if total == 0:
             raise VideoError(str(file), "the video stream has no decodable frames")
     indices = window_frame_indices(total, num_frames, window, fps, str(file))
-    decoded = _decode(file, set(indices), max_pixels)
+    budget.check(max(indices) + 1, width, height)  # decoding runs from the first frame to the last kept
+    decoded = _decode(file, set(indices), max_pixels, budget)
     kept, times = decoded.frames, decoded.times
     if decoded.ended and decoded.count < total:
         # The container promised more frames than decode (a truncated file): sample what is there.
@@ -448,7 +491,7 @@ def read_video(
         indices = window_frame_indices(total, num_frames, window, fps, str(file))
         missing = [i for i in indices if i not in kept]
         if missing:
-            again = _decode(file, set(missing), max_pixels)
+            again = _decode(file, set(missing), max_pixels, budget)
             kept.update(again.frames)
             times.update(again.times)
     frames = [kept[i] for i in indices]

@@ -181,3 +181,21 @@ def test_frames_over_the_pixel_limit_are_413(served: Served) -> None:
     assert caught.value.status == 413 and caught.value.code == "video_too_large"
     assert "64x48" in caught.value.message
     assert len(decode_video(served.clip.read_bytes(), SETTINGS, "video", 2)) == 2
+
+
+def test_more_decoding_than_the_budget_is_413(served: Served, tmp_path: Path) -> None:
+    """Bytes do not bound decoding: a small file of many still frames costs as much as a large one."""
+    frames = [Image.new("RGB", (64, 48), (k, 0, 0)) for k in range(40)]
+    write_video(tmp_path / "many.mp4", frames, fps=10)
+    write_video(tmp_path / "many.mkv", frames, fps=10)  # no declared count: counted while decoding
+    pixels = 64 * 48
+    for name in ("many.mp4", "many.mkv"):
+        data = (tmp_path / name).read_bytes()
+        # 2 frames sampled from 40 (indices 10 and 30): an MP4 decodes 31 frames, an MKV 40 + 31.
+        needed = 31 * pixels if name.endswith(".mp4") else 71 * pixels
+        fits = ServeSettings(max_video_decode_pixels=needed)
+        assert len(decode_video(data, fits, "video", 2)) == 2
+        with pytest.raises(APIError, match="max_decoded_pixels") as caught:
+            decode_video(data, ServeSettings(max_video_decode_pixels=needed - 1), "video", 2)
+        assert caught.value.status == 413 and caught.value.code == "video_too_large"
+        assert "mm15-video-" not in caught.value.message

@@ -86,6 +86,9 @@ def serve(
     max_video_frames: Annotated[
         int | None, typer.Option(help="Frames sampled from a video (default and most a request may ask).")
     ] = None,
+    max_video_decode_pixels: Annotated[
+        int | None, typer.Option(help="Most pixels decoded for one video (frames decoded x frame pixels).")
+    ] = None,
     max_prompt_tokens: Annotated[
         int | None, typer.Option(help="Most prompt tokens (images included).")
     ] = None,
@@ -105,6 +108,7 @@ def serve(
         "max_images_per_request": max_images,
         "max_video_bytes": max_video_bytes,
         "max_video_frames": max_video_frames,
+        "max_video_decode_pixels": max_video_decode_pixels,
         "max_prompt_tokens": max_prompt_tokens,
         "max_tokens_limit": max_tokens_limit,
     }

@@ -33,7 +33,7 @@ from mm15.image import ImageDecodeError, ImageTooLargeError, load_image
 from mm15.paths import not_a_file_reason
 from mm15.serve.errors import APIError
 from mm15.serve.settings import ServeSettings
-from mm15.video import VideoError, read_video
+from mm15.video import VideoError, VideoTooLargeError, read_video
 
 log = logging.getLogger("mm15.serve")
 
@@ -244,11 +244,15 @@ def decode_video(data: bytes, settings: ServeSettings, param: str, num_frames: i
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
-        return read_video(name, num_frames, max_pixels=settings.max_image_pixels).frames
+        return read_video(
+            name,
+            num_frames,
+            max_pixels=settings.max_image_pixels,
+            max_decoded_pixels=settings.max_video_decode_pixels,
+        ).frames
+    except VideoTooLargeError as err:  # frames over the pixel limit, or too much to decode: 413
+        raise APIError(413, f"{param}: {err.reason}", param=param, code="video_too_large") from None
     except VideoError as err:
-        # The pixel guard is the one reason that is a size limit (413, as for an image's pixels).
-        if "max_pixels" in err.reason:
-            raise APIError(413, f"{param}: {err.reason}", param=param, code="video_too_large") from None
         raise APIError(
             400, f"{param}: {err.reason}".replace(name, "the video"), param=param, code="invalid_video"
         ) from None

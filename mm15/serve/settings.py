@@ -28,6 +28,10 @@ class ServeSettings:
     # each frame is one unsplit tile, so 24 frames cost 24 x tokens_per_tile prompt tokens.
     max_video_bytes: int = 32 * MiB
     max_video_frames: int = 24
+    # Bytes do not bound decoding: 45 kB of MKV held 600 still 4K frames (7 s to decode). Frames decoded
+    # x their pixels, every pass; 8e9 is a minute of 1080p at 30 fps decoded twice (a container that
+    # declares no frame count is counted first), about 6 s on the project's CPUs.
+    max_video_decode_pixels: int = 8_000_000_000
     max_prompt_tokens: int = 4096
     max_tokens_limit: int = 1024
     default_max_tokens: int = 256
@@ -41,6 +45,7 @@ class ServeSettings:
             "max_image_pixels": self.max_image_pixels,
             "max_video_bytes": self.max_video_bytes,
             "max_video_frames": self.max_video_frames,
+            "max_video_decode_pixels": self.max_video_decode_pixels,
             "max_prompt_tokens": self.max_prompt_tokens,
             "max_tokens_limit": self.max_tokens_limit,
             "default_max_tokens": self.default_max_tokens,
