@@ -157,6 +157,35 @@ def test_a_video_file_is_sent_as_video_url(page_url: str, browser: Any, tmp_path
     page.close()
 
 
+@pytest.mark.parametrize(
+    ("name", "browser_type"),
+    [("clip", ""), ("clip.ts", "text/vnd.trolltech.linguist")],  # chromium's type for .ts
+)
+def test_a_video_the_browser_does_not_type_as_one_is_sent_as_video_url(
+    page_url: str, browser: Any, tmp_path: Path, name: str, browser_type: str
+) -> None:
+    """The page chose by the browser's media type alone: a file without an extension (type "") or a
+    .ts file was "not an image this browser can show", though the server decodes both."""
+    # 20 frames: FFmpeg cannot probe a transport stream of two (too few packets).
+    frames = [Image.new("RGB", (64, 48), (200, 40, 40) if k % 2 else (40, 200, 40)) for k in range(20)]
+    clip = write_video(tmp_path / ("clip.ts" if name.endswith(".ts") else "clip.mp4"), frames, fps=10)
+    page, errors, sent = open_page(browser, page_url)
+    page.set_input_files(
+        "#files", files=[{"name": name, "mimeType": browser_type, "buffer": clip.read_bytes()}]
+    )
+    page.wait_for_selector("#thumbs .video")
+    page.fill("#question", "what moves?")
+    page.fill("#maxTokens", "64")
+    page.click("#send")
+    answer = page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    assert answer.text_content() == ANSWER
+    part = sent[-1]["messages"][-1]["content"][0]
+    expected = "data:video/mp2t;base64," if name.endswith(".ts") else "data:video/mp4;base64,"
+    assert part["type"] == "video_url" and part["video_url"]["url"].startswith(expected)
+    assert not errors, errors
+    page.close()
+
+
 def test_an_answer_without_text_says_so(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> None:
     """An untrained model often ends its turn at once; the page says so instead of an empty bubble."""
     model = MM15Model.from_pretrained(build_test_model(tmp_path_factory.mktemp("web-empty") / "model"))
