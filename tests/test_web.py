@@ -293,24 +293,38 @@ def test_an_image_chosen_while_an_answer_streams_goes_with_the_next_question(
 QUADRANTS = ((220, 30, 30), (30, 200, 30), (30, 30, 220), (230, 200, 40))
 
 
-def oriented(path: Path, orientation: int, *, xmp: bool = False) -> Path:
-    """A 48 x 24 picture of four coloured quadrants, stored with that EXIF (or XMP) orientation."""
+def oriented(path: Path, orientation: int, *, how: str = "exif") -> Path:
+    """A 48 x 24 picture of four coloured quadrants, stored with that orientation, written ``how``:
+    ``exif``, ``xmp``, or in a PNG's text chunks as ImageMagick writes them (``raw-profile``: EXIF as
+    hex in a compressed zTXt "Raw profile type exif"; ``xmp-compressed``: XMP in a compressed iTXt)."""
+    from PIL import PngImagePlugin
+
     picture = Image.new("RGB", (48, 24))
     for k, colour in enumerate(QUADRANTS):
         picture.paste(colour, ((k % 2) * 24, (k // 2) * 12, (k % 2) * 24 + 24, (k // 2) * 12 + 12))
     options: dict[str, Any] = {"lossless": True} if path.suffix == ".webp" else {}
     if path.suffix == ".jpg":
         options["quality"] = 95
-    if xmp:
-        options["xmp"] = (
-            '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
-            'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
-            f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>'
-        ).encode()
-    else:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
+    xmp = (
+        '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-'
+        'syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+        f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>'
+    )
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    if how == "xmp":
+        options["xmp"] = xmp.encode()
+    elif how == "exif":
         options["exif"] = exif.tobytes()
+    else:
+        info = PngImagePlugin.PngInfo()
+        if how == "raw-profile":
+            hexed = exif.tobytes().hex()  # "Exif\0\0" and the TIFF block
+            lines = "\n".join(hexed[k : k + 72] for k in range(0, len(hexed), 72))
+            info.add_text("Raw profile type exif", f"\nexif\n{len(hexed) // 2:8d}\n{lines}\n", zip=True)
+        else:
+            info.add_itxt("XML:com.adobe.xmp", xmp, zip=True)
+        options["pnginfo"] = info
     picture.save(path, **options)
     return path
 
@@ -321,23 +335,27 @@ CANVAS_PIXEL = (
 
 
 @pytest.mark.parametrize(
-    ("name", "orientation", "xmp"),
+    ("name", "orientation", "how"),
     [
-        *((f"o{o}.webp", o, False) for o in range(1, 9)),
-        ("o6.jpg", 6, False),
-        ("o3.jpg", 3, False),
-        ("o6.png", 6, False),
-        ("o7.png", 7, False),
-        ("xmp8.webp", 8, True),
-        ("xmp6.jpg", 6, True),
+        *((f"o{o}.webp", o, "exif") for o in range(1, 9)),
+        ("o6.jpg", 6, "exif"),
+        ("o3.jpg", 3, "exif"),
+        ("o6.png", 6, "exif"),
+        ("o7.png", 7, "exif"),
+        ("xmp8.webp", 8, "xmp"),
+        ("xmp6.jpg", 6, "xmp"),
+        ("raw6.png", 6, "raw-profile"),
+        ("zxmp8.png", 8, "xmp-compressed"),
     ],
 )
 def test_boxes_are_drawn_on_the_upright_frame_the_model_sees(
-    page_url: str, browser: Any, tmp_path: Path, name: str, orientation: int, xmp: bool
+    page_url: str, browser: Any, tmp_path: Path, name: str, orientation: int, how: str
 ) -> None:
-    """The server turns an image upright by its orientation (Pillow: EXIF, else XMP); chromium does not
-    for WebP (nor any browser for XMP), so the page drew the boxes on a sideways frame."""
-    path = oriented(tmp_path / name, orientation, xmp=xmp)
+    """The server turns an image upright by its orientation (Pillow: EXIF, else ImageMagick's raw EXIF
+    profile, else XMP, in PNG text chunks compressed or not); chromium does not for WebP (nor any
+    browser for XMP or a PNG's text chunks), so the page drew the boxes on a sideways frame."""
+    path = oriented(tmp_path / name, orientation, how=how)
+    assert load_image(path).size == ((24, 48) if orientation >= 5 else (48, 24))  # Pillow does turn it
     upright = load_image(path)  # what the server makes of the file
     page, errors, _ = open_page(browser, page_url)
     page.set_input_files("#files", str(path))
