@@ -11,7 +11,8 @@ to a WebDataset shard first.
   ``data.prefetch``),
   then ``train_step`` (forward, the LM head on supervised positions only, cross-entropy, backward,
   gradient clipping, AdamW). The connector keeps one token per patch
-  (``num_queries = patches per tile``) so each image costs the LLM as many tokens as in the reference.
+  (``num_queries = patches per tile``), and the reference's samples get unsupervised filler tokens up to
+  mm15's length (its unpadding leaves it fewer image tokens), so both run the same tokens per sample.
   "mm15 (step only)" replays the same micro-batches prepared before timing, as the reference is timed:
   the step without the data path competing for the cores. "mm15 (preset)" is the preset as shipped (its
   C-Abstractor pools tiles to fewer tokens). ``--recipe RECIPE`` takes the model as a recipe configures
@@ -179,8 +180,14 @@ def reference_batches(
             text = [
                 (t, y) for t, y in zip(encoded.input_ids, encoded.labels, strict=True) if t != image_token
             ]
-            rows.append([image_token] * features[0].shape[0] + [t for t, _ in text])
-            labels.append([-100] * features[0].shape[0] + [y for _, y in text])
+            # LLaVA-NeXT unpads each image's features and adds a newline token per row, so it places
+            # fewer image tokens than mm15's one per patch (2,212 against 2,560 on the default four
+            # samples). Unsupervised filler tokens bring its sample to mm15's length, so both models
+            # run the same number of tokens per sample (issue 5's "same tokens per sample"); a longer
+            # reference sample (a square image: only the newlines) is left as it is.
+            filler = max(0, len(encoded.input_ids) - features[0].shape[0] - len(text))
+            rows.append([image_token] * features[0].shape[0] + [text[0][0]] * filler + [t for t, _ in text])
+            labels.append([-100] * (features[0].shape[0] + filler) + [y for _, y in text])
             pictures.append(image)
             tiles += pixels["pixel_values"].shape[1]  # one image alone: no padding tiles
         longest = max(len(r) for r in rows)

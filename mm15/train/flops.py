@@ -16,6 +16,13 @@ trained on every position; here each group of weights is multiplied by the posit
 * connector: a C-Abstractor's first RegNet stage x the patch tokens (it runs before the pooling), its
   second stage and readout x the image tokens it emits; an MLP connector's weights x the image tokens.
 
+The 4n of the backward pass is 2n for the gradient of the input and 2n for the gradient of the weights.
+A group whose weights are frozen (a stage's ``trainable`` leaves it out) skips the weight gradient, and
+needs the input gradient only when a trainable group comes before it in the graph (encoder -> connector
+-> decoder -> head): a frozen encoder at the start of the graph runs forward only (2n), a frozen decoder
+after a trainable connector 4n. (A trainable group's first layer needs no input gradient either when
+nothing before it trains; that one layer's 2n is not subtracted.)
+
 Elementwise work (norms, biases, activations, the optimizer) is not counted, so only weight matrices
 are (parameters of two or more dimensions): MFU measures how much of the machine's matmul rate goes
 into the model's products. Squeeze-excite gates, which run once per tile on pooled channels, are left
@@ -44,6 +51,29 @@ class StepWork:
 
 
 @dataclass(frozen=True)
+class Backward:
+    """Backward FLOPs per weight entry and position of each group, in graph order: 4 (input and weight
+    gradients), 2 (input gradient only: frozen weights after a trainable group) or 0 (frozen, nothing
+    trainable before it). Everything trains by default."""
+
+    encoder: int = 4
+    connector: int = 4
+    decoder: int = 4
+    head: int = 4
+
+    @classmethod
+    def of(cls, encoder: bool, connector: bool, decoder: bool, head: bool) -> Backward:
+        """From which groups have trainable weights (module docstring). A trainable group of several
+        layers also passes input gradients between its own layers (4); the head is one matrix, whose
+        input gradient is needed only for a trainable group before it."""
+        factors, upstream = [], False
+        for trains in (encoder, connector, decoder):
+            factors.append(4 if trains else 2 * upstream)
+            upstream = upstream or trains
+        return cls(*factors, head=2 * head + 2 * upstream)
+
+
+@dataclass(frozen=True)
 class FlopWeights:
     """Weights per position group (see the module docstring); ``step_flops`` multiplies them out."""
 
@@ -52,14 +82,17 @@ class FlopWeights:
     encoder: int
     connector_per_patch: int = 0
     connector_per_image_token: int = 0
+    backward: Backward = Backward()
 
     def step_flops(self, work: StepWork) -> float:
-        """Forward + backward FLOPs of the model's products for ``work``."""
-        return 6.0 * (
-            self.decoder * work.tokens
-            + self.head * work.supervised
-            + (self.encoder + self.connector_per_patch) * work.patches
-            + self.connector_per_image_token * work.image_tokens
+        """Forward (2n) + backward (``backward``) FLOPs of the model's products for ``work``."""
+        b = self.backward
+        return (
+            (2.0 + b.decoder) * self.decoder * work.tokens
+            + (2.0 + b.head) * self.head * work.supervised
+            + (2.0 + b.encoder) * self.encoder * work.patches
+            + (2.0 + b.connector)
+            * (self.connector_per_patch * work.patches + self.connector_per_image_token * work.image_tokens)
         )
 
 
@@ -106,12 +139,22 @@ def mm15_flop_weights(model: nn.Module) -> FlopWeights:
     per_patch, per_token = connector_weights(model.connector)
     # The encoder runs only the blocks up to its feature layer, and never its post-layernorm.
     unused = sum(p.numel() for _, p in never_used_parameters(model) if p.dim() >= 2)
+
+    def trains(module: nn.Module) -> bool:
+        return any(p.requires_grad for p in module.parameters())
+
     return FlopWeights(
         decoder=decoder,
         head=head,
         encoder=matmul_weights(model.vision) - unused,
         connector_per_patch=per_patch,
         connector_per_image_token=per_token,
+        backward=Backward.of(
+            trains(model.vision),
+            trains(model.connector),
+            trains(model.llm.get_decoder()),
+            model.llm.get_output_embeddings().weight.requires_grad,
+        ),
     )
 
 
@@ -128,12 +171,13 @@ def image_work(model: nn.Module, pixel_values: Tensor | None) -> tuple[int, int]
 def llava_next_flop_weights(model: nn.Module) -> FlopWeights:
     """transformers' ``LlavaNextForConditionalGeneration`` counted as mm15 is: the benchmarks' reference.
 
-    Its projector (a two-layer MLP) runs on every image feature, which it places as image tokens.
+    Its projector (a two-layer MLP) runs on every patch feature of the tiles it encodes, before the
+    features are unpadded and newline tokens added: per patch, not per image token it places.
     """
     inner = model.model
     return FlopWeights(
         decoder=matmul_weights(inner.language_model),
         head=model.lm_head.weight.numel(),
         encoder=matmul_weights(inner.vision_tower),
-        connector_per_image_token=matmul_weights(inner.multi_modal_projector),
+        connector_per_patch=matmul_weights(inner.multi_modal_projector),
     )
