@@ -79,9 +79,11 @@ class ImagePlanConfig:
             raise ValueError(f"ImagePlanConfig.n_max must be <= {MAX_GRID_TILES}, got {self.n_max}")
         if self.tokens_per_tile < 1:
             raise ValueError(f"ImagePlanConfig.tokens_per_tile must be >= 1, got {self.tokens_per_tile}")
-        if self.max_images_to_split < 0:
+        if not 0 <= self.max_images_to_split <= MAX_GRID_TILES:
+            # Bounded as n_max is: the token costs are found by trying every image count up to it.
             raise ValueError(
-                f"ImagePlanConfig.max_images_to_split must be >= 0, got {self.max_images_to_split}"
+                f"ImagePlanConfig.max_images_to_split must be in [0, {MAX_GRID_TILES}], "
+                f"got {self.max_images_to_split}"
             )
         for name, value, allowed in (
             ("overview", self.overview, ("after", "before", "none")),

@@ -189,6 +189,27 @@ BAD = [
         ["routers"],
         "stages[2].trainable: only 'routers', but",
     ),
+    # A stage named ".." wrote its checkpoints and final model beside the run directory.
+    ("dot-dot stage", "stages.0.name", "..", "stages[0].name: must be a non-empty name without '/', and not"),
+    ("dot stage", "stages.0.name", ".", "stages[0].name: must be a non-empty name"),
+    (
+        "nothing learns",
+        "stages.0.optimizer.lr_scale",
+        {"encoder": 0.0, "connector": 0.0, "llm": 0.0},
+        "stages[0].optimizer.lr_scale: gives every trainable module",
+    ),
+    (
+        "longer than the context",
+        "model.overrides",
+        {"llm": {"max_position_embeddings": 64}},
+        "stages[0].data.seq_length: 1024 is longer than the decoder's context (64 positions",
+    ),
+    (
+        "huge unsplit count",  # the token costs are found by trying every count: 10^12 never finished
+        "stages.2.image.max_images_to_split",
+        10**12,
+        "stages[2].image: ImagePlanConfig.max_images_to_split must be in [0, 1024]",
+    ),
 ]
 
 
@@ -376,6 +397,25 @@ def test_a_key_repeated_in_a_mapping_is_an_error_naming_both_lines(tmp_path: Pat
     column = twice.split("\n")[line - 1].rindex("caption: 5") + 1
     message = f"line {line}, column {column}: while reading a mapping (first 'caption' on line {line}), "
     with pytest.raises(ValueError, match=re.escape(message + "key 'caption' appears twice")):
+        load_recipe(path)
+
+
+def test_yaml_merge_keys_are_read_and_may_be_overridden(tmp_path: Path) -> None:
+    """The duplicate-key check built the "<<" key before PyYAML applied the merge: a valid recipe was
+    "not valid YAML"."""
+    text = (RECIPES / "tiny.yaml").read_text()
+    first = "optimizer: {name: adamw, lr: 1.0e-3, weight_decay: 0.1, betas: [0.9, 0.95]}"
+    third = "optimizer: {name: adamw, lr: 3.0e-3, weight_decay: 0.0, betas: [0.9, 0.95]}"
+    assert first in text and third in text
+    merged = text.replace(first, "optimizer: &adamw " + first[len("optimizer: ") :]).replace(
+        third, "optimizer: {<<: *adamw, lr: 3.0e-3, weight_decay: 0.0}"
+    )
+    path = tmp_path / "merge.yaml"
+    path.write_text(merged)
+    assert load_recipe(path).stages[2].optimizer == load_recipe(RECIPES / "tiny.yaml").stages[2].optimizer
+    # A key written twice by hand is still an error, merge or not.
+    path.write_text(merged.replace("{<<: *adamw, lr: 3.0e-3,", "{<<: *adamw, lr: 3.0e-3, lr: 1.0,"))
+    with pytest.raises(ValueError, match="key 'lr' appears twice"):
         load_recipe(path)
 
 

@@ -605,11 +605,20 @@ class StageConfig:
     image: ImageConfig = field(default_factory=ImageConfig)
 
     def __post_init__(self) -> None:
-        ok_name = bool(self.name) and "/" not in self.name
-        _check(ok_name, "name", f"must be a non-empty name without '/', got {self.name!r}")
+        # The name is a folder of the run directory: "." or ".." would put the stage's files elsewhere.
+        ok_name = bool(self.name) and "/" not in self.name and self.name not in (".", "..")
+        _check(
+            ok_name, "name", f"must be a non-empty name without '/', and not '.' or '..', got {self.name!r}"
+        )
         _check(bool(self.parent), "parent", "must be non-empty")
         _check(bool(self.trainable), "trainable", "must name at least one module")
         _check_modules("trainable", self.trainable)
+        zero = [m for m in self.trainable if self.optimizer.lr_for(m) == 0]
+        _check(
+            len(zero) < len(self.trainable),
+            "optimizer.lr_scale",
+            f"gives every trainable module ({zero}) a learning rate of 0: the stage would train nothing",
+        )
         dupes = sorted({m for m in self.trainable if self.trainable.count(m) > 1})
         _check(not dupes, "trainable", f"lists {dupes} twice")
         for key in ("global_batch", "micro_batch", "max_steps", "save_every", "keep_last"):
@@ -857,6 +866,14 @@ class RecipeConfig:
         # others are skipped as too long, and that is a typo, not a plan. An image span is its image
         # tokens and the tile markers before them ("(k, i, j)" is 9 byte tokens): without the markers
         # three unsplit 16-token images "fit" 64 tokens, and every such sample was then dropped.
+        if base.llm.source == "tiny":  # a random decoder's context is the recipe's own setting
+            context = base.llm.max_position_embeddings
+            _check(
+                stage.data.seq_length <= context,
+                f"stages[{index}].data.seq_length",
+                f"{stage.data.seq_length} is longer than the decoder's context ({context} positions, "
+                "model.llm.max_position_embeddings)",
+            )
         least = plan.min_image_span_tokens(_marker_token_count(base))
         _check(
             stage.data.seq_length >= least or _text_only(stage.data.resolve_sources().values()),
@@ -954,6 +971,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Node] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *anchor": merged keys may be overridden by the mapping's own ones
             key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
             if isinstance(key, Hashable) and key in seen:
                 first = seen[key].start_mark.line + 1
