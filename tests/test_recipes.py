@@ -189,6 +189,12 @@ BAD = [
         ["routers"],
         "stages[2].trainable: only 'routers', but",
     ),
+    (
+        "routers among others on a dense model",
+        "stages.2.trainable",
+        ["llm", "routers"],
+        "stages[2].trainable: names 'routers', but the model has no mixture-of-experts layers",
+    ),
     # A stage named ".." wrote its checkpoints and final model beside the run directory.
     ("dot-dot stage", "stages.0.name", "..", "stages[0].name: must be a non-empty name without '/', and not"),
     ("dot stage", "stages.0.name", ".", "stages[0].name: must be a non-empty name"),

@@ -838,14 +838,13 @@ class RecipeConfig:
             self._check_image(i, stage)
             # A stage that starts from a model directory trains whatever that model is (it may have MoE).
             from_spec[stage.name] = parent == "init" or from_spec.get(parent, False)
-            if (
-                from_spec[stage.name]
-                and set(stage.trainable) == {"routers"}
-                and self.model.build().moe is None
-            ):
+            if from_spec[stage.name] and "routers" in stage.trainable and self.model.build().moe is None:
+                alone = set(stage.trainable) == {"routers"}
                 raise _FieldError(
                     f"{where}.trainable",
-                    "only 'routers', but the model has no mixture-of-experts layers (so nothing would train)",
+                    ("only 'routers', but" if alone else "names 'routers', but")
+                    + " the model has no mixture-of-experts layers"
+                    + (" (so nothing would train)" if alone else ""),
                 )
 
     def _check_image(self, index: int, stage: StageConfig) -> None:
