@@ -643,6 +643,30 @@ def test_a_full_disk_reported_by_safetensors_stops_the_stage_cleanly(
         run._save_or_stop(tmp_path, 2, stage, None, None, None, {})  # type: ignore[arg-type]
 
 
+def test_check_refuses_a_source_without_a_sample(tmp_path: Path) -> None:
+    """An empty shard folder or video annotation file passed --check and stopped its stage at step 0."""
+    import tarfile
+
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with tarfile.open(empty / "shard-000000.tar", "w"):
+        pass
+    (tmp_path / "none.json").write_text("[]")
+    for spec, message in (
+        (f"shards:{empty}", "no samples"),
+        (f"video:{tmp_path / 'none.json'}", "no video-QA records"),
+    ):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(ONE_STAGE.replace('"synth:text-only"', f'"{spec}"'))
+        result = CliRunner().invoke(app, ["train", str(recipe), "--out", str(tmp_path / "run"), "--check"])
+        text = " ".join(result.output.split())
+        assert result.exit_code == 2 and "data source 'text'" in text and message in text, text
+
+
 def test_check_refuses_a_stage_whose_parent_stage_is_not_trained(tmp_path: Path) -> None:
     # --check passed and the real run stopped at the stage with exit 3.
     from typer.testing import CliRunner

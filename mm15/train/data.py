@@ -183,6 +183,14 @@ class SampleSource:
                 raise ValueError(f"source spec {self.spec!r}: no samples")
             self.pass_length = count
 
+    def check_not_empty(self) -> None:
+        """``ValueError`` for a shard folder or annotation file with no sample: what the stage would find
+        at its first step. Reads the first sample of a shard folder, lists a video source's records."""
+        if self.kind == "shards" and next(iter(self.reader), None) is None:
+            raise ValueError(f"source spec {self.spec!r}: no samples")
+        if self.kind == "video" and not self.reader.listed():
+            raise ValueError(f"source spec {self.spec!r}: no video-QA records")
+
     def listing_skips(self) -> SkipCounter | None:
         """A video source's annotation lines that are not records (read now if not yet); None for the
         other kinds, whose bad records are found as they are read."""

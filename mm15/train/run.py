@@ -747,12 +747,13 @@ def run_stage(
 
 
 def _check_sources(stage: StageConfig) -> None:
-    """Open each of the stage's data sources (a listing, no reading): a missing folder or file, or a
-    folder without shards, is an error naming the stage and source."""
+    """Open each of the stage's data sources: a missing folder or file, a folder without shards, or a
+    source without a single sample (the first shard sample is read, a video file's records listed) is
+    an error naming the stage and source."""
     for name, spec in stage.data.resolve_sources().items():
         try:
-            SampleSource(spec)
-        except (ValueError, OSError) as err:
+            SampleSource(spec).check_not_empty()
+        except (ValueError, OSError) as err:  # SourceError is a ValueError
             raise ValueError(f"stage {stage.name!r}, data source {name!r} ({spec}): {err}") from None
 
 
