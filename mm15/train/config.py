@@ -49,6 +49,8 @@ from mm15.paths import not_a_file_reason
 ROOT = "recipe"
 
 MODULES: tuple[str, ...] = ("encoder", "connector", "llm", "routers")
+# A stage's trainable modules when the recipe does not say: all of them (routers only where there is MoE).
+DEFAULT_TRAINABLE: tuple[str, ...] = MODULES
 OptimizerName = Literal["adamw", "adafactor"]
 Autocast = Literal["auto", "bf16", "fp32"]
 NanPolicy = Literal["skip", "error"]
@@ -584,7 +586,7 @@ class StageConfig:
     name: str
     data: DataConfig
     parent: str = "init"
-    trainable: tuple[str, ...] = ("encoder", "connector", "llm", "routers")
+    trainable: tuple[str, ...] = DEFAULT_TRAINABLE
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     global_batch: int = 256
@@ -838,7 +840,9 @@ class RecipeConfig:
             self._check_image(i, stage)
             # A stage that starts from a model directory trains whatever that model is (it may have MoE).
             from_spec[stage.name] = parent == "init" or from_spec.get(parent, False)
-            if from_spec[stage.name] and "routers" in stage.trainable and self.model.build().moe is None:
+            # The default (every module there is) names routers for MoE models; a dense model has none.
+            named = "routers" in stage.trainable and stage.trainable != DEFAULT_TRAINABLE
+            if from_spec[stage.name] and named and self.model.build().moe is None:
                 alone = set(stage.trainable) == {"routers"}
                 raise _FieldError(
                     f"{where}.trainable",
