@@ -341,7 +341,8 @@ def _stream_info(path: Path) -> tuple[int, float | None, int, int]:
         return declared, fps, int(stream.width or 0), int(stream.height or 0)
 
 
-def _check_window(window: tuple[float, float] | None) -> None:
+def check_window(window: tuple[float, float] | None) -> None:
+    """``ValueError`` unless ``window`` is None or (start, end) seconds with 0 <= start < end, finite."""
     if window is None:
         return
     start, end = window
@@ -402,7 +403,7 @@ def read_frame_folder(
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
     if not (isinstance(fps, int | float) and not isinstance(fps, bool) and math.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be a positive number, got {fps!r}")
-    _check_window(window)
+    check_window(window)
     folder = Path(path)
     try:
         names = sorted(
@@ -459,7 +460,7 @@ def read_video(
     """
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
         raise ValueError(f"num_frames must be a positive int, got {num_frames!r}")
-    _check_window(window)
+    check_window(window)
     file = Path(path)
     problem = not_a_file_reason(file)  # never raises (Path.is_dir does on 3.11 for a too-long name)
     if problem == IS_A_DIRECTORY:

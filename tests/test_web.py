@@ -98,16 +98,21 @@ def open_page(browser: Any, url: str, **options: Any) -> tuple[Any, list[str], l
     return page, errors, sent
 
 
+def ask(page: Any, question: str) -> Any:
+    """Ask ``question`` (64 tokens at most) and wait for the whole streamed answer; returns its element."""
+    page.fill("#question", question)
+    page.fill("#maxTokens", "64")
+    page.click("#send")
+    return page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+
+
 def test_upload_ask_stream_and_draw(page_url: str, browser: Any, tmp_path: Path) -> None:
     image = tmp_path / "square.png"
     image.write_bytes(png_bytes(200, 100, (40, 160, 60)))
     page, errors, _ = open_page(browser, page_url, viewport={"width": 1200, "height": 800})
     page.set_input_files("#files", str(image))
     page.wait_for_selector("#thumbs img")
-    page.fill("#question", "where is the square?")
-    page.fill("#maxTokens", "64")
-    page.click("#send")
-    answer = page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    answer = ask(page, "where is the square?")
     assert answer.text_content() == ANSWER
     canvas = page.locator("#canvas")
     assert canvas.get_attribute("data-boxes") == "1"
@@ -144,10 +149,7 @@ def test_a_video_file_is_sent_as_video_url(page_url: str, browser: Any, tmp_path
     page, errors, sent = open_page(browser, page_url)
     page.set_input_files("#files", str(clip))
     page.wait_for_selector("#thumbs .video")
-    page.fill("#question", "what moves?")
-    page.fill("#maxTokens", "64")
-    page.click("#send")
-    answer = page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    answer = ask(page, "what moves?")
     assert answer.text_content() == ANSWER
     assert "[1 video(s)] what moves?" in (page.text_content(".turn.user") or "")
     part = sent[-1]["messages"][-1]["content"][0]
@@ -174,10 +176,7 @@ def test_a_video_the_browser_does_not_type_as_one_is_sent_as_video_url(
         "#files", files=[{"name": name, "mimeType": browser_type, "buffer": clip.read_bytes()}]
     )
     page.wait_for_selector("#thumbs .video")
-    page.fill("#question", "what moves?")
-    page.fill("#maxTokens", "64")
-    page.click("#send")
-    answer = page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    answer = ask(page, "what moves?")
     assert answer.text_content() == ANSWER
     part = sent[-1]["messages"][-1]["content"][0]
     expected = "data:video/mp2t;base64," if name.endswith(".ts") else "data:video/mp4;base64,"
@@ -393,10 +392,7 @@ def test_an_image_file_without_a_media_type_is_sent_as_an_image(page_url: str, b
     page, _, sent = open_page(browser, page_url)
     page.set_input_files("#files", files=[{"name": "photo", "mimeType": "", "buffer": png_bytes(200, 100)}])
     page.wait_for_selector("#thumbs img")
-    page.fill("#question", "where is the square?")
-    page.fill("#maxTokens", "64")
-    page.click("#send")
-    answer = page.wait_for_selector(".turn.assistant[data-done='true']", timeout=30_000)
+    answer = ask(page, "where is the square?")
     assert answer.text_content() == ANSWER
     url = sent[-1]["messages"][-1]["content"][0]["image_url"]["url"]
     assert url.startswith("data:image/png;base64,"), url[:40]

@@ -62,7 +62,6 @@ it is read.
 
 from __future__ import annotations
 
-import math
 import os
 import string
 from collections import Counter
@@ -88,7 +87,7 @@ from mm15.data.sources import (
     _without_nulls,
 )
 from mm15.paths import IS_A_DIRECTORY, not_a_file_reason
-from mm15.video import DEFAULT_NUM_FRAMES, VideoError, read_video
+from mm15.video import DEFAULT_NUM_FRAMES, VideoError, check_window, read_video
 
 VIDEO_PLACEHOLDER = "<video>"
 VIDEO_REASONS: tuple[str, ...] = ("missing_video", "bad_video")
@@ -117,16 +116,12 @@ def _window(record: dict[str, Any]) -> tuple[float, float] | None:
     start, end = record.get("start"), record.get("end")
     if start is None and end is None:
         return None
-    if not all(
-        isinstance(t, int | float) and not isinstance(t, bool) and math.isfinite(t) for t in (start, end)
-    ):
+    try:
+        check_window((start, end))
+    except ValueError:  # the same rule read_video applies, in the record's field names
         raise _Malformed(
-            "bad_record", f"'start' and 'end' must both be numbers of seconds, got {start!r}, {end!r}"
-        )
-    if not 0 <= start < end:
-        raise _Malformed(
-            "bad_record", f"'start' and 'end' must satisfy 0 <= start < end, got {start!r}, {end!r}"
-        )
+            "bad_record", f"'start' and 'end' must be seconds with 0 <= start < end, got {start!r}, {end!r}"
+        ) from None
     return float(start), float(end)
 
 
