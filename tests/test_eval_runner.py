@@ -290,6 +290,17 @@ def test_category_scores_average_benchmarks_not_splits(tmp_path: Path) -> None:
     flat = report.scores()
     assert flat["benchmark/pope"] == 80.0 and flat["task/pope-adv"] == 70.0
     assert "benchmark/vqav2" not in flat  # a benchmark of one result is its task score
+    # One benchmark name in two categories is two benchmarks: both logged (one key lost one score).
+    twice = EvalReport(
+        model={"name": "m"},
+        tasks=[
+            _result("a1", "synth-general-color", "general", 10.0, benchmark="mine"),
+            _result("a2", "synth-general-count", "general", 30.0, benchmark="mine"),
+            _result("b1", "synth-icl", "in-context", 70.0, benchmark="mine"),
+            _result("b2", "synth-icl", "in-context", 90.0, benchmark="mine"),
+        ],
+    ).scores()
+    assert twice["benchmark/general/mine"] == 20.0 and twice["benchmark/in-context/mine"] == 80.0
 
     paths = report.save(tmp_path)
     data = json.loads(paths["json"].read_text())

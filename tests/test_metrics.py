@@ -341,6 +341,9 @@ def test_chartqa_edge_cases() -> None:
     assert relaxed_correctness("12.9", "12", max_relative_change=0.1) is True
     assert relaxed_accuracy("7", ["3", "7"]) == 1.0
     assert relaxed_accuracy("7", "7") == 1.0
+    # One trailing "%" is a percentage, as the reference's t[:-1]; "50%%" is not a number.
+    assert relaxed_correctness("0.5", "50%") is True
+    assert relaxed_correctness("0.5", "50%%") is False and relaxed_correctness("12%", "12%%%") is False
 
 
 @pytest.mark.parametrize(
@@ -517,6 +520,25 @@ def test_mc_shared_rng_mimics_one_global_generator() -> None:
 def test_mc_canonical_ours(response: str, expected: str) -> None:
     assert extract_choice(response, ANIMALS) == expected
     assert extract_choice(response, {"A": "cat", "B": "dog", "C": "cow", "D": "horse"}) == expected
+
+
+@pytest.mark.parametrize(
+    ("response", "options", "expected"),
+    [
+        # The whole answer is one option although another option's text is inside it (it gave "").
+        ("red and blue", ["red", "red and blue", "green", "blue"], "B"),
+        ("Red and blue.", ["red", "red and blue", "green", "blue"], "B"),
+        ("red", ["red", "red and blue", "green", "blue"], "A"),
+        ("sugar water", ["sugar", "sugar water", "salt", "sand"], "B"),
+        # A label then another bracketed letter: ambiguous, never the other letter (it gave "A").
+        ("B. Because (A) is a cat", ANIMALS, ""),
+        ("B) not (A)", ANIMALS, ""),
+    ],
+)
+def test_mc_canonical_whole_option_text_and_label_with_another_letter(
+    response: str, options: list[str], expected: str
+) -> None:
+    assert extract_choice(response, options) == expected
 
 
 @pytest.mark.parametrize(
@@ -793,6 +815,27 @@ def test_ferret_multi_box_quirk() -> None:
     decoded = decode_ferret_boxes("a man [120, 50, 400, 900] and a dog [500, 500, 700, 700].", 1000, 1000)
     assert [entity for entity, _ in decoded] == ["a man", ""]
     assert [box for _, box in decoded] == [(120, 50, 400, 900), (500, 500, 700, 700)]
+
+
+def test_vlmevalkit_box_search_ends_on_long_runs_of_digits() -> None:
+    """VLMEvalKit's number pattern split a run of digits in so many ways that a failed search on an answer
+    cut inside a long decimal took seconds at 40 digits and ran for ever at 60; the same matches now."""
+    assert parse_box("[0." + "1" * 5000, W, H, mode="vlmevalkit") is None
+    assert parse_box("[" + "1" * 60 + ".]", W, H, mode="vlmevalkit") is None
+    # Optional separators, as in VLMEvalKit: "[1234]" is the box 1, 2, 3, 4 in the grid of 1000.
+    assert parse_box("[1234]", 1000, 1000, mode="vlmevalkit") == (1.0, 2.0, 3.0, 4.0)
+    assert parse_box("see [[0.1, 0.2 0.6,0.8]", W, H, mode="vlmevalkit") == (64.0, 96.0, 384.0, 384.0)
+
+
+def test_a_number_too_long_for_a_float_is_a_miss_not_a_crash() -> None:
+    """A 400-digit coordinate raised OverflowError (Ferret) or a ValueError for a non-finite box
+    (lmms-eval): one degenerate answer stopped the scoring of the whole data set."""
+    big = "1" * 400
+    assert decode_ferret_boxes(f"a man [120, 50, 400, {big}].", W, H) == []
+    assert parse_box(f"a man [120, 50, 400, {big}].", W, H, mode="ferret") is None
+    assert grounding_iou(f"[0.1, 0.1, 0.6, {big}]", GT_PX, W, H, mode="lmms-eval") == 0.0
+    assert screenspot_hit(f"[0.1, 0.1, 0.6, {big}]", GT_PX, W, H, mode="lmms-eval") is False
+    assert parse_box(f"[0.1 0.1 0.6 {big}]", W, H, mode="vlmevalkit") is None
 
 
 def test_ferret_truncates_pixels_ours() -> None:

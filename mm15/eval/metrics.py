@@ -419,7 +419,7 @@ def _chartqa_float(text: str) -> float | None:
     "inf" and non-ASCII decimal digits all parse; "1,000" does not. A trailing "%" divides by 100."""
     try:
         if text.endswith("%"):
-            return float(text.rstrip("%")) / 100.0
+            return float(text[:-1]) / 100.0  # one "%" only, as the reference's t[:-1]
         return float(text)
     except ValueError:
         return None
@@ -697,14 +697,22 @@ def _canonical_choice(response: str, index2ans: dict[str, str]) -> str:
     text = re.sub(r"[*_`]+", "", response).strip()
     if len(text) == 1 and text.upper() in index2ans:
         return text.upper()
+    # The whole answer is one option's text: that option, although a shorter option's text is inside it
+    # ("red and blue" with options "red" and "red and blue") or it starts with a capital "A".
+    whole = text.rstrip(".").strip().casefold()
+    exact = [c for c, option in index2ans.items() if option.strip() and option.strip().casefold() == whole]
+    if len(exact) == 1:
+        return exact[0]
     explicit = [m.group(1) for m in _CANON_ANSWER.finditer(text) if m.group(1) in index2ans]
     if explicit:
         return explicit[-1]
     leading = _CANON_LEADING.match(text)
     label = leading.group(1).upper() if leading else None
     bracketed = {m.group(1).upper() for m in _CANON_PAREN.finditer(text)} & set(index2ans)
-    if label in index2ans and bracketed <= {label}:
-        return label
+    if label in index2ans:
+        # Another bracketed letter besides the label ("B. Because (A) is a cat", "(A) or (B)") leaves the
+        # answer ambiguous: no letter, never the one after the label.
+        return label if bracketed <= {label} else ""
     for pattern in (_CANON_PAREN, _CANON_LETTER):
         letters = {m.group(1).upper() for m in pattern.finditer(text)} & set(index2ans)
         if len(letters) == 1:
@@ -1065,8 +1073,15 @@ _LMMS_BOX = re.compile(rf"\[\s*{_LMMS_NUM},\s*{_LMMS_NUM},\s*{_LMMS_NUM},\s*{_LM
 _LMMS_SCREENSPOT_BOX = re.compile(
     rf"[\[\(]\s*{_LMMS_NUM},\s*{_LMMS_NUM},\s*{_LMMS_NUM},\s*{_LMMS_NUM}\s*[\]\)]"
 )
-_VLM_NUM = r"([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)"
+# VLMEvalKit's number, ``[-+]?\d*\.?\d+``, written so that a run of digits is one number in one way only:
+# its own form splits a run in quadratically many ways per number, and a failed box search on "[0.111..."
+# (an answer cut inside a long decimal) took seconds at 40 digits. The separators are optional as in
+# VLMEvalKit ("[1234]" is the box 1, 2, 3, 4 there too), so the box is only tried inside brackets of at
+# most _VLM_MAX_WINDOW characters.
+_VLM_NUM = r"([-+]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d+)?)"
 _VLM_BOX = re.compile(rf"\[\s*{_VLM_NUM}\s*,?\s*{_VLM_NUM}\s*,?\s*{_VLM_NUM}\s*,?\s*{_VLM_NUM}\s*\]")
+_VLM_MAX_WINDOW = 64
+_VLM_WINDOW = re.compile(rf"\[[-+\d.eE,\s]{{0,{_VLM_MAX_WINDOW}}}\]")  # what a box can hold
 _VLM_ANY_NUM = re.compile(r"[-+]?\d*\.?\d+(?:[eE][-+]?\d+)?")
 
 
@@ -1143,9 +1158,11 @@ def decode_ferret_boxes(text: str, width: int, height: int) -> list[tuple[str, B
             if len(values) < 4:
                 return []
             x1, y1, x2, y2 = values[:4]
-            found.append(
-                (entity, (int(x1 * ratio_w), int(y1 * ratio_h), int(x2 * ratio_w), int(y2 * ratio_h)))
-            )
+            try:
+                box = (int(x1 * ratio_w), int(y1 * ratio_h), int(x2 * ratio_w), int(y2 * ratio_h))
+            except OverflowError:  # an integer too long for a float: no box, as an unparsable one
+                return []
+            found.append((entity, box))
             while start < len(text) and text[start] not in ".,;!?":
                 start += 1
             start += 1
@@ -1195,11 +1212,15 @@ def parse_box(
         if not match:
             return None
         values = [float(g) for g in match.groups()]
+        if not all(map(math.isfinite, values)):  # a number too long for a float: the model's miss
+            return None
         if mode == "lmms-eval-screenspot" and max(values) > 1:
             values = [v / TEXT_UNITS for v in values]
         return values[0] * width, values[1] * height, values[2] * width, values[3] * height
     if mode == "vlmevalkit":
-        match = _VLM_BOX.search(text)
+        # The leftmost bracket pair that holds a box: _VLM_BOX.search's match, one window at a time.
+        windows = (_VLM_BOX.fullmatch(window.group()) for window in _VLM_WINDOW.finditer(text))
+        match = next((m for m in windows if m), None)
         if match:
             values = [float(g) for g in match.groups()]
         else:
@@ -1207,6 +1228,8 @@ def parse_box(
             if len(numbers) < 4:
                 return None
             values = [float(v) for v in numbers[:4]]
+        if not all(map(math.isfinite, values)):  # a number too long for a float: the model's miss
+            return None
         largest = max(abs(v) for v in values)
         if largest <= 1.5:
             values = _scale(values, width, height, "norm")

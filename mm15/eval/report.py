@@ -27,6 +27,7 @@ text-rich and knowledge category scores, ``None`` unless all three categories we
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,18 @@ class EvalReport:
     def scores(self) -> dict[str, float]:
         """A flat dict for logging (TensorBoard, metrics.jsonl): ``task/<name>``, ``benchmark/<name>``
         for each benchmark of several results (its combined score), ``category/<name>``, and
-        ``mmbase`` when defined."""
+        ``mmbase`` when defined. A benchmark name given to results of several categories (the
+        ``benchmark=`` option) is one benchmark per category, each logged as
+        ``benchmark/<category>/<name>`` (one key for both wrote one score over the other)."""
         flat = {f"task/{t.name}": t.score for t in self.tasks}
         scores = self.benchmark_scores
-        for category, benchmarks in self.benchmark_results().items():
+        by_category = self.benchmark_results()
+        names = Counter(name for benchmarks in by_category.values() for name in benchmarks)
+        for category, benchmarks in by_category.items():
             for name, results in benchmarks.items():
                 if len(results) > 1:
-                    flat[f"benchmark/{name}"] = scores[category][name]
+                    key = f"benchmark/{category}/{name}" if names[name] > 1 else f"benchmark/{name}"
+                    flat[key] = scores[category][name]
         flat.update({f"category/{c}": s for c, s in self.category_scores.items()})
         if self.mmbase is not None:
             flat["mmbase"] = self.mmbase
