@@ -32,7 +32,7 @@ from typing import Any
 from mm15.boxes import format_box, format_point
 from mm15.data.sample import IMAGE_PLACEHOLDER, REGION_PATTERN, Sample
 from mm15.geometry import ImagePlanConfig, TilePlan, plan_image
-from mm15.model.mm15 import IMAGE_TOKEN, image_span_ids, text_token_ids
+from mm15.model.mm15 import IMAGE_TOKEN, escape_special_tokens, image_span_ids, text_token_ids
 
 IGNORE = -100
 # Stands for a turn's content when its rendering is searched for where the content begins (Unicode
@@ -180,7 +180,11 @@ class ChatEncoder:
 
     def _segments(self, sample: Sample, image_sizes: Sequence[tuple[int, int]]) -> list[tuple[str, bool]]:
         """The sample as (text, supervised) pieces, before image expansion and tokenisation."""
-        turns = [(t.role, render_regions(t.content, sample, image_sizes)) for t in sample.turns]
+        # Contents are escaped: a special-token string a text mentions stays text (escape_special_tokens).
+        turns = [
+            (t.role, escape_special_tokens(render_regions(t.content, sample, image_sizes), self.tokenizer))
+            for t in sample.turns
+        ]
         if sample.category in PLAIN_CATEGORIES:
             pieces: list[tuple[str, bool]] = []
             for i, (role, content) in enumerate(turns):

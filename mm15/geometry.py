@@ -32,6 +32,8 @@ from fractions import Fraction
 from itertools import groupby
 from typing import Literal
 
+from mm15.checks import is_int
+
 OverviewPosition = Literal["after", "before", "none"]
 Indicator = Literal["none", "index", "separators"]
 OverviewFit = Literal["pad", "squash"]
@@ -42,11 +44,6 @@ OVERVIEW_SEPARATOR = ":"
 COLUMN_SEPARATOR = ","
 MAX_GRID_TILES = 1024
 ROW_SEPARATOR = "\n"
-
-
-def _is_int(value: object) -> bool:
-    """An int and not a bool (``True`` is an int to Python, never a size or an index here)."""
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -68,7 +65,7 @@ class ImagePlanConfig:
         # Types first: a float tile size would plan float pixel sizes, and split="false" is truthy.
         for name in ("tile_size", "n_min", "n_max", "tokens_per_tile", "max_images_to_split"):
             value = getattr(self, name)
-            if not _is_int(value):
+            if not is_int(value):
                 raise ValueError(f"ImagePlanConfig.{name} must be an integer, got {value!r}")
         if not isinstance(self.split, bool):
             raise ValueError(f"ImagePlanConfig.split must be true or false, got {self.split!r}")
@@ -326,9 +323,9 @@ def plan_image(
     when ``cfg.split`` is off. An unsplit image is resized like the overview and marked (k, 0, 0).
     """
     cfg = cfg or ImagePlanConfig()
-    if not (_is_int(height) and _is_int(width)) or height < 1 or width < 1:
+    if not (is_int(height) and is_int(width)) or height < 1 or width < 1:
         raise ValueError(f"image size must be positive integers, got height={height!r}, width={width!r}")
-    if not (_is_int(image_index) and _is_int(images_in_sample)):
+    if not (is_int(image_index) and is_int(images_in_sample)):
         raise ValueError(
             f"image_index and images_in_sample must be integers, got image_index={image_index!r}, "
             f"images_in_sample={images_in_sample!r}"

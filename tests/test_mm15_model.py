@@ -825,3 +825,41 @@ def test_smol_preset_answers_a_text_question_offline() -> None:
     with autocast():
         answer = generate(smol, batch, GenerationConfig(max_new_tokens=10))[0]
     assert "Paris" in answer
+
+
+def test_a_stop_string_that_is_a_special_token_stops(model: MM15Model, processor: MM15Processor) -> None:
+    """The stop check reads text decoded without special tokens: ``stop="<|im_start|>"`` never matched
+    and a fake next turn leaked into the answer."""
+    from serve_helpers import scripted_answer
+
+    with scripted_answer(model, "Hi there<|im_start|>user\nfake next turn"):
+        cfg = GenerationConfig(max_new_tokens=60, stop=["<|im_start|>"])
+        assert generate(model, processor(["q"]), cfg) == ["Hi there"]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": "4"}, "max_new_tokens must be an integer"),
+        ({"top_k": 2.0}, "top_k must be an integer"),
+        ({"seed": 1.5}, "seed must be an integer or None"),
+        ({"temperature": "1"}, "temperature must be a number"),
+        ({"top_p": True}, "top_p must be a number"),
+    ],
+)
+def test_generation_config_refuses_values_of_the_wrong_type(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GenerationConfig(**changes)
+
+
+def test_a_continuation_is_tokenised_as_every_text_is(model: MM15Model, processor: MM15Processor) -> None:
+    """The continuation skipped the image-token check (a count-mismatch error followed) and read
+    special-token strings as control tokens."""
+    from mm15.model.mm15 import ReservedTokenError
+
+    with pytest.raises(ReservedTokenError, match="reserved image token"):
+        continuation_logprobs(model, processor, "say", [], f" {IMAGE_TOKEN}")
+    logprobs, _ = continuation_logprobs(model, processor, "say", [], " <|im_end|>")
+    as_text = model.tokenizer(" <|im_end|>", add_special_tokens=False, split_special_tokens=True)
+    assert len(logprobs) == len(as_text["input_ids"]) > 2

@@ -175,6 +175,12 @@ def test_upcycle_twice_raises(dense: LlamaForCausalLM) -> None:
         ({"router_jitter": 1.0}, "router_jitter"),
         ({"router_jitter": -0.1}, "router_jitter"),
         ({"router_init_std": 0.0}, "router_init_std"),
+        # Types: every=1.5 put MoE on layers 2 and 5 of 6; float counts failed inside torch.
+        ({"every": 1.5}, "every must be an integer"),
+        ({"num_experts": 4.0}, "num_experts must be an integer"),
+        ({"top_k": 2.0}, "top_k must be an integer"),
+        ({"load_balance_coef": "0.01"}, "load_balance_coef must be a finite number"),
+        ({"upcycle": "yes"}, "upcycle and renormalize must be true or false"),
     ],
 )
 def test_config_validation(kw: dict[str, object], field: str) -> None:
@@ -433,3 +439,15 @@ def test_router_jitter_only_in_training() -> None:
     torch.testing.assert_close(moe.route(x)[0], l1)
     moe.train()
     assert not torch.allclose(moe.route(x)[0], l1)
+
+
+def test_building_moe_layers_leaves_the_global_rng_alone(dense: LlamaForCausalLM) -> None:
+    """The router's nn.Linear drew its default init from the global RNG before reset_parameters
+    replaced it: a dense and an MoE build from one seed got different connector weights."""
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    SparseMoE(16, 32, small_cfg())
+    upcycle_llm(copy.deepcopy(dense), small_cfg())
+    torch.testing.assert_close(torch.rand(3), expected, rtol=0, atol=0)
+    assert SparseMoE(16, 32, small_cfg()).router.weight.device.type == "cpu"

@@ -243,6 +243,21 @@ def tiny_stream(
     )
 
 
+def test_a_mixture_source_without_a_spec_is_refused_when_the_stream_is_made() -> None:
+    """It was a bare KeyError at the source's first draw, which a small weight can put hours in."""
+    model = MM15Model.build(preset("tiny"))
+    sampler = MixtureSampler(MixtureNode.from_dict({"general": 1, "rare": 0.001}), seed=0)
+    with pytest.raises(ValueError, match=r"the mixture draws from \['rare'\], which have no source"):
+        TrainStream(
+            sampler,
+            {"general": SOURCES["general"]},
+            ChatEncoder(model.tokenizer, model.cfg.image, max_length=1024),
+            ImageProcessor(model.cfg.image, model.vision.image_mean, model.vision.image_std),
+            samples_per_micro=2,
+            pad_id=model.tokenizer.pad_token_id,
+        )
+
+
 def test_skips_are_counted_per_source_and_the_mixture_over_what_trained() -> None:
     # The draws are half grounding, but none of those fits: the realised mixture must say so (it
     # counted draws and reported 50%), and a source that never yields a sample stops the stream.

@@ -20,6 +20,8 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from mm15.checks import is_int, is_number
+
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 
@@ -57,6 +59,8 @@ class Turn:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"Turn.role must be one of {ROLES}, got {self.role!r}")
+        if not isinstance(self.content, str):
+            raise ValueError(f"Turn.content must be a string, got {type(self.content).__name__}")
 
 
 @dataclass
@@ -68,8 +72,17 @@ class Region:
     point: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
+        if not is_int(self.image):
+            raise ValueError(f"Region.image must be an image index (an integer), got {self.image!r}")
         if (self.box is None) == (self.point is None):
             raise ValueError("Region needs exactly one of box or point")
+        # The coordinates are unpacked when the region is written as text: a wrong count failed there.
+        for name, size in (("box", 4), ("point", 2)):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, tuple | list) or len(value) != size or not all(map(is_number, value))
+            ):
+                raise ValueError(f"Region.{name} must be {size} finite numbers, got {value!r}")
         if self.box is not None:
             x1, y1, x2, y2 = self.box
             if not (x1 <= x2 and y1 <= y2):
@@ -97,6 +110,10 @@ class Sample:
             raise ValueError(f"sample {self.id}: unknown category {self.category!r} (one of {CATEGORIES})")
         if not self.turns:
             raise ValueError(f"sample {self.id}: no turns")
+        if not all(isinstance(turn, Turn) for turn in self.turns):
+            raise ValueError(f"sample {self.id}: turns must be Turn objects")
+        if not all(isinstance(region, Region) for region in self.regions):
+            raise ValueError(f"sample {self.id}: regions must be Region objects")
         placeholders = sum(turn.content.count(IMAGE_PLACEHOLDER) for turn in self.turns)
         if placeholders != len(self.images):
             raise ValueError(

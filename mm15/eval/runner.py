@@ -107,9 +107,10 @@ def model_identity(
 def chat_prompt(tokenizer: Any, user_text: str) -> str:
     """``user_text`` as one user turn in the tokenizer's chat template, ready for the reply."""
     from mm15.chat import chat_template
+    from mm15.model.mm15 import escape_special_tokens
 
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": user_text}],
+        [{"role": "user", "content": escape_special_tokens(user_text, tokenizer)}],
         tokenize=False,
         add_generation_prompt=True,
         chat_template=chat_template(tokenizer),

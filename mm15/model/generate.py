@@ -21,7 +21,14 @@ import torch
 
 from mm15.boxes import Box, Point, parse_boxes, parse_points
 from mm15.chat import stop_token_ids
-from mm15.model.mm15 import MM15Model
+from mm15.checks import is_int
+from mm15.model.mm15 import (
+    IMAGE_TOKEN,
+    MM15Model,
+    escape_special_tokens,
+    special_token_strings,
+    text_token_ids,
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,16 @@ class GenerationConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # Types first: a float count or a string from a request failed deep in torch or in a comparison.
+        for name in ("max_new_tokens", "top_k"):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"GenerationConfig.{name} must be an integer, got {getattr(self, name)!r}")
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"GenerationConfig.seed must be an integer or None, got {self.seed!r}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"GenerationConfig.{name} must be a number, got {value!r}")
         if self.max_new_tokens < 1:
             raise ValueError(f"GenerationConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):  # NaN fails both
@@ -120,7 +137,11 @@ def stream(
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation needs left-padded prompts (MM15Processor(..., padding_side='left'))")
     tokenizer = model.tokenizer
-    stops = stop_token_ids(tokenizer, model.llm)
+    # A stop string that is a special token (ChatML's "<|im_start|>") never appears in the decoded text,
+    # which skips special tokens: generating that token is the stop.
+    special = special_token_strings(tokenizer)
+    stop_specials = {int(tokenizer.convert_tokens_to_ids(s)) for s in cfg.stop if s in special}
+    stops = stop_token_ids(tokenizer, model.llm) | stop_specials
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = input_ids.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
@@ -198,7 +219,10 @@ def continuation_logprobs(
     """
     from mm15.hardware import autocast
 
-    cont = model.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    # As every text is: a special-token string in it stays text, the image token is refused.
+    image_token_id = model.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    escaped = escape_special_tokens(continuation, model.tokenizer)
+    cont = text_token_ids(escaped, model.tokenizer, image_token_id)
     if not cont:
         return torch.zeros(0), True
     device = next(model.parameters()).device

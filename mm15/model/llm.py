@@ -57,6 +57,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
 
+from mm15.checks import is_int
 from mm15.model import LOAD_ERRORS
 
 if TYPE_CHECKING:
@@ -136,10 +137,6 @@ _ARCH_FIELDS = (*_SIZE_FIELDS, "rope_theta", "tie_word_embeddings", "tokenizer",
 SMOLLM2_VOCAB = 49_152
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True, kw_only=True)
 class LLMConfig:
     """Which decoder to load: ``source`` "tiny" (random init from the size fields), "smollm2" or "hf".
@@ -179,7 +176,7 @@ class LLMConfig:
             object.__setattr__(self, "path", os.fspath(self.path))
         for name in _SIZE_FIELDS:
             value = getattr(self, name)
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"LLMConfig.{name} must be an integer >= 1, got {value!r}")
         theta = self.rope_theta
         if isinstance(theta, bool) or not isinstance(theta, int | float) or not theta > 0:

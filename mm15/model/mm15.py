@@ -19,6 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -496,12 +498,68 @@ class ReservedTokenError(ValueError):
     image fills, and the batch's counts would no longer match."""
 
 
-def text_token_ids(text: str, tokenizer: Any, image_token_id: int) -> list[int]:
-    """Token ids of a piece of text with no image in it; ``ReservedTokenError`` if it holds the image
-    token (every text that reaches the model is tokenized here)."""
+# Around a span of text that must be tokenised as plain text although it spells a special token
+# (Unicode private-use characters, which no tokenizer's template carries): see escape_special_tokens.
+LITERAL_START, LITERAL_END = "\ue001", "\ue002"
+_LITERAL_SPAN = re.compile(f"{LITERAL_START}(.*?){LITERAL_END}", re.DOTALL)
+# Per tokenizer: its length when the pattern was built (tokens added later change both) and the pattern.
+_SPECIAL_PATTERNS: weakref.WeakKeyDictionary[Any, tuple[int, re.Pattern[str]]] = weakref.WeakKeyDictionary()
+
+
+def special_token_strings(tokenizer: Any) -> set[str]:
+    """The strings ``tokenizer`` reads as special tokens: its named ones and the added tokens marked
+    special (Llama 3 lists ``<|eot_id|>`` only there)."""
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return set(tokenizer.all_special_tokens) | {tok.content for tok in added.values() if tok.special}
+
+
+def _special_pattern(tokenizer: Any) -> re.Pattern[str]:
+    """Every special-token string of ``tokenizer`` but the image token (reserved: text holding it is
+    refused), and the two literal marks themselves, longest first."""
+    cached = _SPECIAL_PATTERNS.get(tokenizer)
+    if cached is not None and cached[0] == len(tokenizer):
+        return cached[1]
+    strings = (special_token_strings(tokenizer) - {IMAGE_TOKEN, ""}) | {LITERAL_START, LITERAL_END}
+    pattern = re.compile("|".join(re.escape(s) for s in sorted(strings, key=len, reverse=True)))
+    _SPECIAL_PATTERNS[tokenizer] = (len(tokenizer), pattern)
+    return pattern
+
+
+def escape_special_tokens(text: str, tokenizer: Any) -> str:
+    """``text`` (a message, an answer, a document) with every special-token string in it marked as text.
+
+    A tokenizer reads ``<|im_end|>`` or ``<|endoftext|>`` written in a text as the control token itself,
+    so a sample that *mentions* ChatML ended its answer halfway (a supervised end-of-turn mid-answer)
+    and a user could write a turn boundary into a prompt. Contents are escaped before the chat template
+    renders them; ``text_token_ids`` then tokenises each marked span as plain characters, while the
+    template's own markers stay control tokens. The marks themselves are escaped too, so no character
+    of the text is lost.
+    """
+    return _special_pattern(tokenizer).sub(lambda m: LITERAL_START + m.group(0) + LITERAL_END, text)
+
+
+def _token_ids(text: str, tokenizer: Any, as_plain_text: bool) -> list[int]:
     # verbose=False: no transformers warning for a text past the tokenizer's model_max_length; every
     # caller checks the length against its own budget and says so in its own words.
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    kwargs = {"split_special_tokens": True} if as_plain_text else {}
+    return tokenizer(text, add_special_tokens=False, verbose=False, **kwargs)["input_ids"]
+
+
+def text_token_ids(text: str, tokenizer: Any, image_token_id: int) -> list[int]:
+    """Token ids of a piece of text with no image in it; ``ReservedTokenError`` if it holds the image
+    token (every text that reaches the model is tokenized here). Spans marked by
+    ``escape_special_tokens`` are tokenised as plain text."""
+    if LITERAL_START not in text:
+        ids = _token_ids(text, tokenizer, as_plain_text=False)
+    else:
+        ids, start = [], 0
+        for span in _LITERAL_SPAN.finditer(text):
+            if span.start() > start:
+                ids += _token_ids(text[start : span.start()], tokenizer, as_plain_text=False)
+            ids += _token_ids(span.group(1), tokenizer, as_plain_text=True)
+            start = span.end()
+        if start < len(text):
+            ids += _token_ids(text[start:], tokenizer, as_plain_text=False)
     if image_token_id in ids:
         raise ReservedTokenError(f"the text contains the reserved image token {IMAGE_TOKEN!r}")
     return ids

@@ -45,6 +45,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import skip_init
+
+from mm15.checks import is_int, is_number
 
 __all__ = [
     "PADDING_MASK_KWARG",
@@ -87,6 +90,18 @@ class MoEConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # From a config.json or a recipe any type can arrive; a float count failed deep inside torch.
+        for name in ("num_experts", "top_k", "every", "seed"):
+            if not is_int(getattr(self, name)):
+                raise ValueError(f"MoEConfig.{name} must be an integer, got {getattr(self, name)!r}")
+        for name in ("load_balance_coef", "router_z_coef", "router_jitter", "router_init_std"):
+            if not is_number(getattr(self, name)):
+                raise ValueError(f"MoEConfig.{name} must be a finite number, got {getattr(self, name)!r}")
+        if not isinstance(self.upcycle, bool) or not isinstance(self.renormalize, bool):
+            raise ValueError(
+                f"MoEConfig.upcycle and renormalize must be true or false, got {self.upcycle!r}, "
+                f"{self.renormalize!r}"
+            )
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
         if self.top_k < 1:
@@ -140,7 +155,10 @@ class SparseMoE(nn.Module):
         self.top_k = self.cfg.top_k
         e, d, i = self.num_experts, hidden_size, intermediate_size
         fk = {"device": device, "dtype": dtype}
-        self.router = nn.Linear(d, e, bias=False, **fk)
+        # skip_init: nn.Linear's own init would draw from the global RNG (reset_parameters draws instead).
+        # (skip_init needs the device itself: given None, it leaves the weight on the meta device.)
+        router_device = device if device is not None else torch.get_default_device()
+        self.router = skip_init(nn.Linear, d, e, bias=False, device=router_device, dtype=dtype)
         # (E, out, in), the nn.Linear layout, so upcycling is a broadcast copy of the dense weights.
         self.gate_proj = nn.Parameter(torch.empty(e, i, d, **fk))
         self.up_proj = nn.Parameter(torch.empty(e, i, d, **fk))

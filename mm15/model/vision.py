@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
+from mm15.checks import is_int
 from mm15.image import CLIP_MEAN, CLIP_STD, normalize_pixels
 from mm15.model import LOAD_ERRORS
 from mm15.model.attention import ENCODER_ATTENTION, register_attention
@@ -107,10 +108,6 @@ _KIND_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 _MODEL_TYPES = {"clip": ("clip", "clip_vision_model"), "siglip": ("siglip", "siglip_vision_model")}
 _ARCH_FIELDS = ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_layers", "num_heads")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check_feature_layer(feature_layer: int, num_layers: int) -> None:
@@ -168,9 +165,9 @@ class VisionConfig:
         if self.kind not in get_args(VisionKind):
             raise ValueError(f"VisionConfig.kind must be one of {get_args(VisionKind)}, got {self.kind!r}")
         self._check_normalisation()
-        if not _is_int(self.feature_layer):
+        if not is_int(self.feature_layer):
             raise ValueError(f"VisionConfig.feature_layer must be an integer, got {self.feature_layer!r}")
-        if self.input_size is not None and (not _is_int(self.input_size) or self.input_size < 1):
+        if self.input_size is not None and (not is_int(self.input_size) or self.input_size < 1):
             raise ValueError(
                 f"VisionConfig.input_size must be an integer >= 1 or None, got {self.input_size!r}"
             )
@@ -204,7 +201,7 @@ class VisionConfig:
             value = getattr(self, name)
             if value is None:
                 raise ValueError(f"VisionConfig.{name} is required when pretrained is not given")
-            if not _is_int(value) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"VisionConfig.{name} must be an integer >= 1, got {value!r}")
         if self.image_size % self.patch_size:
             raise ValueError(

@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from mm15.chat import chat_template
-from mm15.model.mm15 import IMAGE_PLACEHOLDER, IMAGE_TOKEN
+from mm15.model.mm15 import IMAGE_PLACEHOLDER, IMAGE_TOKEN, escape_special_tokens
 
 ROLES = ("system", "user", "assistant")
 
@@ -109,7 +109,8 @@ def render_prompt(tokenizer: Any, turns: Sequence[Turn]) -> tuple[str, list[Imag
     """The prompt text, ending with the assistant's generation header, and its images in order."""
     if not turns:
         raise ValueError("a conversation needs at least one message")
-    messages = [{"role": turn.role, "content": turn.text} for turn in turns]
+    # A special-token string a message writes stays text: it cannot open or close a turn.
+    messages = [{"role": turn.role, "content": escape_special_tokens(turn.text, tokenizer)} for turn in turns]
     prompt = tokenizer.apply_chat_template(
         messages, chat_template=chat_template(tokenizer), tokenize=False, add_generation_prompt=True
     )

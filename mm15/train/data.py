@@ -249,6 +249,12 @@ class TrainStream:
     ) -> None:
         if over_budget not in ("drop", "error"):
             raise ValueError(f"over_budget must be 'drop' or 'error', got {over_budget!r}")
+        # A leaf of the mixture without a source failed with a KeyError at its first draw, perhaps hours in.
+        missing = sorted(name for name, p in sampler.probs.items() if p > 0 and name not in sources)
+        if missing:
+            raise ValueError(
+                f"the mixture draws from {missing}, which have no source (given: {sorted(sources)})"
+            )
         self.sampler = sampler
         self.source_names = sorted(sources)
         # Each rank reads its own slice of every source; the sampler's rank gives the slice.
