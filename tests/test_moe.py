@@ -297,7 +297,7 @@ def hand_aux(weight: list[list[float]], xs: list[list[float]], k: int) -> tuple[
             psum[j] += probs[j]
         zsum += lse**2
     n = len(xs)
-    f = [c / (n * k) for c in counts]
+    f = [c / n for c in counts]  # the fraction of tokens that chose expert j: these sum to k (ST-MoE)
     p = [s / n for s in psum]
     return e * sum(fi * pi for fi, pi in zip(f, p, strict=True)), zsum / n
 
@@ -326,12 +326,25 @@ def test_aux_losses_match_hand_computation() -> None:
     assert all(v.dtype == torch.float32 and v.dim() == 0 for v in aux.values())
 
 
-def test_load_balance_is_one_when_uniform() -> None:
+def test_load_balance_equals_mixtrals_reference() -> None:
+    """The same number as transformers' Mixtral load_balancing_loss_func on the same router logits."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    torch.manual_seed(0)
+    moe = SparseMoE(8, 16, MoEConfig(num_experts=6, top_k=2, router_init_std=1.0)).eval()
+    x = torch.randn(1, 40, 8)
+    moe(x)
+    reference = load_balancing_loss_func((moe.router(x.reshape(-1, 8)),), 6, 2)
+    assert moe.last_aux["load_balance"].item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_load_balance_is_k_when_uniform() -> None:
+    """ST-MoE's and Mixtral's form (MM1's 0.01 was set for it); it was divided by k, halving the loss."""
     moe = toy_moe()
     with torch.no_grad():
-        moe.router.weight.zero_()  # all probabilities 1/E; f sums to 1, so E * sum f_e / E = 1
+        moe.router.weight.zero_()  # all probabilities 1/E; f sums to k = 2, so E * sum f_e / E = 2
     moe(torch.randn(6, 2))
-    assert moe.last_aux["load_balance"].item() == pytest.approx(1.0, rel=1e-6)
+    assert moe.last_aux["load_balance"].item() == pytest.approx(2.0, rel=1e-6)
     assert moe.last_aux["router_z"].item() == pytest.approx(math.log(3) ** 2, rel=1e-6)
 
 

@@ -217,20 +217,22 @@ class SparseMoE(nn.Module):
         return logits, probs, gates, top_i
 
     def _aux_losses(self, logits: Tensor, probs: Tensor, top_i: Tensor, valid: Tensor | None) -> None:
-        """Switch/GShard load balancing and ST-MoE z-loss over the valid tokens; writes last_aux.
+        """ST-MoE load balancing and z-loss over the valid tokens; writes last_aux.
 
-        load_balance = E * sum_e f_e * P_e. Here f_e is the fraction of the N*k assignments sent to
-        expert e (no gradient, as in Switch), and P_e is the mean router probability of e. Under uniform
-        routing it equals 1.
+        load_balance = E * sum_e f_e * P_e. Here f_e is the fraction of tokens routed to expert e (among
+        their top k; no gradient, as in Switch), so the f_e sum to k, and P_e is the mean router
+        probability of e. Under uniform routing it equals k. This is ST-MoE's (flaxformer's) and
+        Mixtral's form, the one MM1's coefficient 0.01 was set for (MM1 follows ST-MoE); dividing f by k
+        (Megablocks) would halve the loss's weight at top-2.
         router_z = mean over tokens of logsumexp(logits)^2.
         """
-        e, k = self.num_experts, self.top_k
+        e = self.num_experts
         w = torch.ones(logits.shape[0], device=logits.device) if valid is None else valid.float()
         # clamp: an all-padding batch gives zero losses instead of NaN.
         n = w.sum().clamp_min(1.0)
         one_hot = F.one_hot(top_i, e).float().sum(dim=1)  # (N, E) assignments per token, 0..k each
         counts = (one_hot * w[:, None]).sum(dim=0)  # (E,)
-        f = counts / (n * k)
+        f = counts / n
         p = (probs * w[:, None]).sum(dim=0) / n
         load_balance = e * (f * p).sum()
         router_z = (torch.logsumexp(logits, dim=-1).square() * w).sum() / n
