@@ -142,7 +142,8 @@ def test_bottleneck_matches_functional_reference() -> None:
     def ln(t: torch.Tensor, norm: torch.nn.LayerNorm) -> torch.Tensor:
         mean = t.mean(1, keepdim=True)
         var = t.var(1, unbiased=False, keepdim=True)
-        return (t - mean) / torch.sqrt(var + 1e-6) * norm.weight[:, None, None] + norm.bias[:, None, None]
+        # timm's LayerNormAct2d inside ConvNormAct, as Honeybee's stages use it: eps 1e-5.
+        return (t - mean) / torch.sqrt(var + 1e-5) * norm.weight[:, None, None] + norm.bias[:, None, None]
 
     def pointwise(t: torch.Tensor, layer: torch.nn.Module) -> torch.Tensor:
         return ln(F.conv2d(t, layer.linear.weight[:, :, None, None]), layer.norm)

@@ -579,6 +579,19 @@ def test_pretrained_errors_and_preprocessor_stats(tmp_path: Path) -> None:
     )
     enc = VisionEncoder(VisionConfig(pretrained=str(short)))
     assert (enc.image_mean, enc.image_std) == ((0.5,) * 3, (0.25,) * 3)
+    # A scalar or strings there, or a config.json that is not an object, failed with a TypeError or an
+    # AttributeError naming nothing.
+    for bad in (0.5, "abc", [0.5, "a", 0.5]):
+        (short / "preprocessor_config.json").write_text(
+            json.dumps({"image_mean": bad, "image_std": [0.25] * 3})
+        )
+        with pytest.raises(
+            ValueError, match=r"short/preprocessor_config\.json: image_mean must be a list of numbers"
+        ):
+            VisionEncoder(VisionConfig(pretrained=str(short)))
+    (short / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"short/config\.json must hold a JSON object, not list"):
+        VisionEncoder(VisionConfig(pretrained=str(short)))
 
 
 # --- full size and precision -----------------------------------------------------------------------------

@@ -121,6 +121,11 @@ class ConnectorConfig:
         return self.num_queries
 
 
+# Honeybee builds its stages with timm's ConvNormAct(norm_layer=LayerNorm2d), which swaps in
+# LayerNormAct2d: eps 1e-5 there, not LayerNorm2d's own 1e-6.
+LAYER_NORM_EPS = 1e-5
+
+
 class PointwiseNorm(nn.Module):
     """A 1x1 convolution + LayerNorm over channels + optional SiLU, on channels-last (B, H, W, C) maps.
 
@@ -132,7 +137,7 @@ class PointwiseNorm(nn.Module):
     def __init__(self, in_chs: int, out_chs: int, act: bool = True) -> None:
         super().__init__()
         self.linear = nn.Linear(in_chs, out_chs, bias=False)
-        self.norm = nn.LayerNorm(out_chs, eps=1e-6)  # timm LayerNorm2d's eps
+        self.norm = nn.LayerNorm(out_chs, eps=LAYER_NORM_EPS)
         self.act = nn.SiLU() if act else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +153,7 @@ class DepthwiseNorm(nn.Module):
         # The weight's gradient arrives channels-last; storing the weight that way too lets DDP's
         # gradient buckets alias it instead of copying (and silences its stride-mismatch warning).
         self.conv.to(memory_format=torch.channels_last)
-        self.norm = nn.LayerNorm(channels, eps=1e-6)
+        self.norm = nn.LayerNorm(channels, eps=LAYER_NORM_EPS)
         self.act = nn.SiLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

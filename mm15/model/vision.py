@@ -81,7 +81,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 
-from mm15.checks import is_int
+from mm15.checks import is_int, is_number
 from mm15.image import CLIP_MEAN, CLIP_STD, normalize_pixels
 from mm15.model import LOAD_ERRORS
 from mm15.model.attention import ENCODER_ATTENTION, register_attention
@@ -322,11 +322,24 @@ def resize_position_embedding(weight: torch.Tensor, grid_size: int, num_prefix_t
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; a ValueError naming the file for anything else."""
     try:
         with path.open(encoding="utf-8") as fh:
-            return json.load(fh)
+            data = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path} is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not {type(data).__name__}")
+    return data
+
+
+def _channel_stats(pre: dict[str, Any], key: str, path: Path) -> tuple[float, ...]:
+    """``pre[key]`` as per-channel floats: a list of numbers (its length and values are checked where
+    tiles are normalised); a ValueError naming the file and key otherwise."""
+    value = pre[key]
+    if not isinstance(value, list) or not all(is_number(v) for v in value):
+        raise ValueError(f"{path}: {key} must be a list of numbers (one per channel), got {value!r}")
+    return tuple(float(v) for v in value)
 
 
 # The vision tower's own modules (CLIP and SigLIP name them alike; CLIP spells pre_layrnorm so).
@@ -506,7 +519,7 @@ class VisionEncoder(nn.Module):
             if path.is_file():
                 pre = _read_json(path)
                 if "image_mean" in pre and "image_std" in pre:
-                    return tuple(map(float, pre["image_mean"])), tuple(map(float, pre["image_std"]))
+                    return _channel_stats(pre, "image_mean", path), _channel_stats(pre, "image_std", path)
         return tuple(defaults["mean"]), tuple(defaults["std"])
 
     def save_pretrained(self, path: str | Path) -> None:
