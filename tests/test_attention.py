@@ -27,6 +27,33 @@ def test_packed_segments_split_at_position_zero_and_merge_padding() -> None:
     assert packed_segments(torch.tensor([[0, 0, 0]])) == [[(0, 3)]]
 
 
+def test_with_the_token_mask_every_sample_is_its_own_span_and_padding_one() -> None:
+    """Without the mask the row's last run of one-token spans is taken for padding: two one-token
+    samples ending a full row were merged, the second attending to the first."""
+    row = torch.tensor([[0, 1, 0, 0]])
+    assert packed_segments(row, torch.ones(1, 4)) == [[(0, 2), (2, 3), (3, 4)]]
+    padded = torch.tensor([[0, 1, 0, 0, 0, 0]])  # samples of 2, 1, 1 tokens, then 2 of padding
+    assert packed_segments(padded, torch.tensor([[1, 1, 1, 1, 0, 0]])) == [[(0, 2), (2, 3), (3, 4), (4, 6)]]
+    with pytest.raises(ValueError, match=r"must start a sample \(position 0\) at their first token"):
+        packed_segments(torch.tensor([[1, 2, 0, 1]]))
+
+
+def test_a_packed_row_gives_one_token_samples_their_logits_alone() -> None:
+    torch.manual_seed(0)
+    model = MM15Model.build(preset("tiny")).eval()
+    samples = [[5, 9, 12, 7, 3], [40, 41, 42], [77], [78]]  # ends with two one-token samples
+    ids = torch.tensor([[t for s in samples for t in s] + [0, 0]])
+    positions = torch.tensor([[p for s in samples for p in range(len(s))] + [0, 0]])
+    mask = torch.tensor([[1] * 10 + [0, 0]])
+    with torch.no_grad():
+        packed = model(ids, mask, position_ids=positions, packed=True).logits[0]
+        start = 0
+        for sample in samples:
+            alone = model(torch.tensor([sample])).logits[0]
+            torch.testing.assert_close(packed[start : start + len(sample)], alone, atol=2e-5, rtol=1e-5)
+            start += len(sample)
+
+
 def test_adjacent_one_token_samples_attend_to_themselves_alone() -> None:
     from mm15.model.attention import block_causal_mask, packed_attention
 

@@ -149,3 +149,15 @@ def test_a_tied_embedding_gradient_is_added_in_place(direct: bool, bf16: bool) -
     hidden = hidden_layer(F.embedding(tokens, table))
     reference(hidden, head_table, None, targets).mean().backward()
     torch.testing.assert_close(summed, table.grad + head_table.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_int32_targets_give_the_same_losses_on_both_paths() -> None:
+    """The blocked path cast targets to int64 and the direct one did not: int32 labels crashed there."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(6, 8), torch.randn(20, 8)
+    targets = torch.randint(0, 20, (6,), dtype=torch.int32)
+    direct = head_token_losses(hidden, weight, targets)
+    blocked = head_token_losses(hidden, weight, targets, direct_elements=0, block_elements=40)
+    expected = F.cross_entropy(hidden @ weight.T, targets.long(), reduction="none")
+    torch.testing.assert_close(direct, expected)
+    torch.testing.assert_close(blocked, expected)

@@ -14,7 +14,9 @@ other call -- padded batches, generation with a KV cache -- goes to transformers
 No dense mask is built for packed rows then; ``block_causal_mask`` builds one for the dense path
 (``MM15Model.packed_attention = False``), the reference the per-sample path is tested against.
 The samples' spans come from the position ids, which restart at 0 for each packed sample
-(``mm15.data.packing``). They travel as that tensor, not as a Python list, and the per-sample loop runs
+(``mm15.data.packing``), and the batch's attention mask, which says where a row's padding begins (so
+one-token samples at a row's end are not taken for padding). They travel as those tensors, not as a
+Python list, and the per-sample loop runs
 outside ``torch.compile``'s graphs: a compiled decoder layer then sees only tensors of dynamic length and
 does not recompile for every packing layout.
 
@@ -53,23 +55,33 @@ SHORT_ATTENTION_MAX_SCORES = 1 << 26
 Segments = list[list[tuple[int, int]]]
 
 
-def packed_segments(position_ids: torch.Tensor) -> Segments:
+def packed_segments(position_ids: torch.Tensor, real: torch.Tensor | None = None) -> Segments:
     """Per row, the ``(start, end)`` spans of its samples: a new sample starts where the position is 0.
 
-    Padding at the end of a row (position 0 everywhere) gives a run of one-token spans, merged into one
-    span: padding outputs are never used, and causal attention keeps the run's first token (perhaps a
-    real one-token sample) to itself. Only the row's final run is merged: one-token samples elsewhere
-    in the row stay apart, each attending to itself alone.
+    ``real`` (rows, L), 1 on a sample's tokens and 0 on padding (the batch's attention mask), says where
+    a row's padding begins: the padding is one span (its outputs are never used), and every sample
+    before it, one-token samples included, is a span of its own. Without ``real`` the padding is
+    guessed: the row's final run of one-token spans is merged into one (a real one-token sample at
+    the start of that run keeps to itself, those after it would see it), so callers that have the
+    mask pass it. Each row must start a sample at its first token.
     """
+    if position_ids.shape[1] and bool((position_ids[:, 0] != 0).any()):
+        raise ValueError("packed rows must start a sample (position 0) at their first token")
     rows: Segments = []
     length = position_ids.shape[1]
-    for starts in (row.nonzero().flatten().tolist() for row in position_ids == 0):
-        spans = list(zip(starts, [*starts[1:], length], strict=True))
-        first_pad = len(spans)
-        while first_pad > 0 and spans[first_pad - 1][1] - spans[first_pad - 1][0] == 1:
-            first_pad -= 1
-        if first_pad < len(spans) - 1:
-            spans[first_pad:] = [(spans[first_pad][0], length)]
+    ends = [length] * position_ids.shape[0] if real is None else real.sum(dim=1).tolist()
+    for row, starts in enumerate(row.nonzero().flatten().tolist() for row in position_ids == 0):
+        end = int(ends[row])
+        starts = [s for s in starts if s < end]
+        spans = list(zip(starts, [*starts[1:], end], strict=True))
+        if real is None:
+            first_pad = len(spans)
+            while first_pad > 0 and spans[first_pad - 1][1] - spans[first_pad - 1][0] == 1:
+                first_pad -= 1
+            if first_pad < len(spans) - 1:
+                spans[first_pad:] = [(spans[first_pad][0], length)]
+        elif end < length:
+            spans.append((end, length))
         rows.append(spans)
     return rows
 
@@ -96,6 +108,7 @@ def packed_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     packed_position_ids: torch.Tensor | None = None,
+    packed_token_mask: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """transformers' attention-function signature: ``query`` (B, H, L, D), ``key``/``value`` (B, Hkv, L, D).
@@ -115,7 +128,10 @@ def packed_attention(
             f"{query.shape[0]} and length {query.shape[2]}"
         )
     dropout_p = dropout if module.training else 0.0
-    return _per_sample_attention(query, key, value, packed_position_ids, scaling, dropout_p), None
+    return (
+        _per_sample_attention(query, key, value, packed_position_ids, packed_token_mask, scaling, dropout_p),
+        None,
+    )
 
 
 @torch.compiler.disable  # a graph break: the span list is data-dependent Python
@@ -124,11 +140,12 @@ def _per_sample_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     position_ids: torch.Tensor,
+    token_mask: torch.Tensor | None,
     scaling: float | None,
     dropout_p: float,
 ) -> torch.Tensor:
     rows = []
-    for row, spans in enumerate(packed_segments(position_ids)):
+    for row, spans in enumerate(packed_segments(position_ids, token_mask)):
         pieces = [
             F.scaled_dot_product_attention(
                 query[row : row + 1, :, start:end],

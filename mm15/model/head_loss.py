@@ -215,5 +215,5 @@ def head_token_losses(
             logits = _LinearHead.apply(
                 hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
             )
-            return F.cross_entropy(logits.to(_softmax_dtype(dtype)), targets, reduction="none")
+            return F.cross_entropy(logits.to(_softmax_dtype(dtype)), targets.long(), reduction="none")
         return _HeadCrossEntropy.apply(hidden, weight, bias, targets.long(), dtype, block)

@@ -289,6 +289,8 @@ class MM15Model(nn.Module):
                 extra[PADDING_MASK_KWARG] = attention_mask
             if self.packed_attention:
                 extra["packed_position_ids"] = position_ids
+                if attention_mask is not None and attention_mask.dim() == 2:
+                    extra["packed_token_mask"] = attention_mask  # where each row's padding begins
                 # A broadcast view of one element: a 4-D mask stops transformers from building an
                 # (L x L) one, and per-sample attention never reads it.
                 rows, length = position_ids.shape
