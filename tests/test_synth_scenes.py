@@ -746,3 +746,16 @@ def test_checks_catch_wrong_truth(corpus: dict[str, dict[str, list[Sample]]]) ->
     finally:  # the corpus is shared by the other tests
         count.truth["answer"] = str(int(count.truth["answer"]) - 1)
         count.turns[-1].content = count.truth["answer"]
+
+
+def test_interior_pixels_are_two_pixels_inside_the_shape() -> None:
+    """PIL's MinFilter repeats a mask's border outward: a circle's outer columns and a triangle's base
+    row counted as interior, and 1 in 40 point prompts sat on the object's edge pixel."""
+    from mm15.data.synth.scenes import SHAPES, shape_mask
+
+    for shape in SHAPES:
+        for side in (12, 16, 23, 40, 44, 77, 119):
+            mask = shape_mask(shape, side)
+            inside = np.pad(np.asarray(mask.mask) > 0, 2)
+            outside_the_rule = [(x, y) for x, y in mask.interior if not inside[y : y + 5, x : x + 5].all()]
+            assert not outside_the_rule, f"{shape} of side {side}: {outside_the_rule[:3]}"

@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter, ImageOps
 
 from mm15.data.sample import IMAGE_PLACEHOLDER, Region, Sample, Turn
 from mm15.data.synth import register
@@ -236,7 +236,10 @@ def shape_mask(shape: str, side: int) -> ShapeMask:
     ys, xs = np.nonzero(arr)
     bbox = mask.getbbox()
     assert bbox is not None
-    eroded = np.asarray(mask.filter(ImageFilter.MinFilter(5))) > 0
+    # Eroded on a mask padded with 2 empty pixels: PIL's filter repeats the border pixels outward, so a
+    # circle's outer columns or a triangle's base row counted as 2 px inside the shape.
+    padded = ImageOps.expand(mask, border=2, fill=0)
+    eroded = np.asarray(padded.filter(ImageFilter.MinFilter(5)))[2:-2, 2:-2] > 0
     iy, ix = np.nonzero(eroded)
     if len(ix) == 0:  # a thin small star: fall back to any mask pixel
         iy, ix = ys, xs
