@@ -687,16 +687,23 @@ def test_stop_signals_ask_once_then_interrupt_and_restore_the_handlers() -> None
     from mm15.train.run import StopSignals
 
     before = signal.getsignal(signal.SIGTERM)
-    console = Console(record=True, width=200)
-    with StopSignals(console) as stop:
-        assert stop.agreed() is None
-        os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
-        assert stop.agreed() == signal.SIGTERM
-        assert "SIGTERM: stopping after this step, with a checkpoint" in console.export_text()
-        with pytest.raises(KeyboardInterrupt):  # a second signal does not wait for the step
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # not reached: the handler raises first
-    assert signal.getsignal(signal.SIGTERM) is before
+    # Python's own SIGINT handler, whatever the suite was started under: a shell's background job
+    # starts with SIGINT ignored, and StopSignals rightly leaves an ignored signal alone.
+    outer_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        console = Console(record=True, width=200)
+        with StopSignals(console) as stop:
+            assert stop.agreed() is None
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler runs before the next line
+            assert stop.agreed() == signal.SIGTERM
+            assert "SIGTERM: stopping after this step, with a checkpoint" in console.export_text()
+            with pytest.raises(KeyboardInterrupt):  # a second signal does not wait for the step
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)  # not reached: the handler raises first
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer_int)
 
 
 def test_stop_signals_leave_an_ignored_signal_ignored() -> None:
