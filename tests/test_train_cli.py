@@ -1010,3 +1010,78 @@ def test_a_parent_directory_keeps_its_own_tile_size(tmp_path: Path) -> None:
     run_recipe(RecipeConfig.from_dict(data), Console(quiet=True), out=tmp_path / "run")
     trained = MM15Model.from_pretrained(tmp_path / "run" / "pretrain" / "final")
     assert (trained.cfg.image.tile_size, trained.cfg.image.split, trained.cfg.image.n_max) == (32, True, 4)
+
+
+def test_export_and_log_failures_finished_stages_and_changed_trainables_say_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at the export was a raw SafetensorError traceback and one writing metrics.jsonl an
+    error naming nothing; a finished stage was skipped silently under a changed recipe; a changed
+    trainable list was reported as mismatched parameter-group counts; a killed export's staging folder
+    (31 MB) stayed for ever."""
+    from safetensors import SafetensorError
+    from typer.testing import CliRunner
+
+    from mm15.cli import app
+    from mm15.train import run as run_module
+
+    recipe, run = tmp_path / "recipe.yaml", tmp_path / "run"
+    recipe.write_text(ONE_STAGE)
+
+    def train(*extra: str) -> tuple[int, str]:
+        result = CliRunner().invoke(app, ["train", str(recipe), "--out", str(run), *extra])
+        return result.exit_code, " ".join(result.output.split())
+
+    def full_disk(*args: object, **kwargs: object) -> None:
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module, "export_final", full_disk)
+        code, text = train("--max-steps", "2")
+    assert code == 3, text
+    assert (
+        "cannot export the final model to" in text
+        and "step-00000002; fix that and continue with --resume" in text
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(run_module.StageLog, "step", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+        code, text = train("--max-steps", "4", "--resume")
+    assert code == 3 and "cannot write the logs of step 3 ([Errno 28] No space)" in text, text
+
+    recipe.write_text(ONE_STAGE.replace("trainable: [encoder, connector, llm]", "trainable: [llm]"))
+    code, text = train("--max-steps", "2", "--resume")
+    assert code == 2, text
+    assert "was trained with trainable: ['encoder', 'connector', 'llm'], the recipe now says ['llm']" in text
+
+    recipe.write_text(ONE_STAGE)
+    (run / "pretrain" / ".final.tmp-killed").mkdir()
+    code, text = train("--max-steps", "2", "--resume")
+    assert code == 0, text
+    assert not list((run / "pretrain").glob(".final.tmp-*"))
+    assert json.loads((run / "pretrain" / "final" / "mm15_stage.json").read_text())["max_steps"] == 2
+    code, text = train()  # the whole recipe into the directory of a quick --max-steps run
+    assert code == 0 and "pretrain: done already" in text, text
+    assert "finished with other settings than the recipe's now: max_steps: 2 -> 8" in text, text
+
+
+def test_the_summary_is_written_after_each_stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It was written when the run ended: a SIGKILL in a later stage lost the finished stages' rows."""
+    from rich.console import Console
+
+    from mm15.train import run as run_module
+    from mm15.train.config import load_recipe
+
+    recipe = load_recipe(ROOT / "recipes" / "tiny.yaml")
+    seen: list[list[str]] = []
+
+    def fake_stage(recipe, stage, run_dir, *args):  # type: ignore[no-untyped-def]
+        record = run_dir / "summary.json"
+        seen.append([r["stage"] for r in json.loads(record.read_text())] if record.exists() else [])
+        row = {"stage": stage.name, "steps": 1, "first_loss": 1.0, "last_loss": 1.0}
+        return row | {"tokens_per_s": 1.0, "data_wait": 0.0, "skipped": {}}
+
+    monkeypatch.setattr(run_module, "run_stage", fake_stage)
+    monkeypatch.setattr(run_module, "_model_for", lambda *args: None)
+    monkeypatch.setattr(run_module, "_check_before_training", lambda *args: None)
+    run_module.run_recipe(recipe, Console(quiet=True), out=tmp_path / "run")
+    assert seen == [[], ["pretrain"], ["pretrain", "ocr"]]

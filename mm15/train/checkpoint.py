@@ -220,6 +220,16 @@ def _read_component(folder: Path, name: str) -> Any:
     return _decode(document, tensors, name)
 
 
+def read_checkpoint_extra(path: str | Path) -> dict[str, Any]:
+    """A complete checkpoint's ``extra_state`` alone, unverified (for messages before loading); an empty
+    dict if it cannot be read, which ``load_checkpoint`` then reports properly."""
+    try:
+        extra = _read_component(Path(path), "extra_state")
+    except Exception:  # any damage: load_checkpoint names it
+        return {}
+    return extra if isinstance(extra, dict) else {}
+
+
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -878,8 +888,11 @@ def _validate_optimizer_state(
 # ----------------------------------------------------------------------------------------------- export
 
 
-def export_final(model: nn.Module, out_dir: str | Path, rank: int | None = None) -> Path:
-    """Write the trained model for inference: ``model.save_pretrained(out_dir)`` (config + safetensors).
+def export_final(
+    model: nn.Module, out_dir: str | Path, rank: int | None = None, files: Mapping[str, str] | None = None
+) -> Path:
+    """Write the trained model for inference: ``model.save_pretrained(out_dir)`` (config + safetensors),
+    and ``files`` (name -> text) beside it, in the same atomic rename.
 
     A module without ``save_pretrained`` gets its weights alone as ``out_dir/model.safetensors``. Call it on
     every rank: a sharded (FSDP2) model is gathered first (a collective), then rank 0 loads the full
@@ -904,6 +917,9 @@ def export_final(model: nn.Module, out_dir: str | Path, rank: int | None = None)
     # Written beside ``out`` and renamed into place when complete: a kill mid-export left a final/
     # with config.json and half the weights, which later runs took for a finished stage.
     out.parent.mkdir(parents=True, exist_ok=True)
+    # A staging folder of an export that was killed (one writer per run directory: the run's lock).
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         save_pretrained = getattr(model, "save_pretrained", None)
@@ -911,6 +927,8 @@ def export_final(model: nn.Module, out_dir: str | Path, rank: int | None = None)
             save_pretrained(staging)
         else:
             save_model(model, str(staging / MODEL_NAME))
+        for name, text in (files or {}).items():
+            (staging / name).write_text(text, encoding="utf-8")
         for path in staging.rglob("*"):
             if path.is_file():
                 _fsync(path)

@@ -3,15 +3,18 @@
 Layout of a run directory (``--out``, default the recipe's ``output_dir``)::
 
     <run>/<stage>/checkpoints/step-XXXXXXXX/   complete checkpoints (mm15.train.checkpoint), last N kept
-    <run>/<stage>/final/                       the stage's model (save_pretrained): the next stage's parent
+    <run>/<stage>/final/                       the stage's model (save_pretrained): the next stage's parent,
+                                               and mm15_stage.json, the settings it was trained with
     <run>/<stage>/metrics.jsonl                one line of metrics per step
     <run>/<stage>/tensorboard/                 the same as TensorBoard scalars
     <run>/<stage>/loss.png                     the loss curves (total and per source)
     <run>/summary.md                           one row per stage: steps, first and last loss, speed, skips
     <run>/.lock                                held (flock) by the training process writing the run
 
-A stage whose ``final/`` exists is done and is skipped; with ``--resume`` an interrupted stage continues
-from its latest checkpoint and reproduces the uninterrupted loss curve exactly.
+A stage whose ``final/`` exists is done and is skipped (with a warning naming the settings that differ
+when the recipe has changed since); with ``--resume`` an interrupted stage continues from its latest
+checkpoint and reproduces the uninterrupted loss curve exactly. ``summary.md`` is rewritten after every
+stage.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import threading
 import warnings
 import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from types import FrameType
@@ -62,6 +65,7 @@ from mm15.train.checkpoint import (
     export_final,
     latest_checkpoint,
     load_checkpoint,
+    read_checkpoint_extra,
     save_checkpoint,
     step_dir_name,
 )
@@ -101,6 +105,8 @@ LOGGED_SCALARS = ("loss", "lr", "tokens_per_s", "images_per_s", "mfu", "data_wai
 
 # The file whose lock marks a run directory as being written (``run_dir_lock``).
 LOCK_NAME = ".lock"
+# Beside a stage's exported model: the settings it was trained with (a later run compares the recipe).
+STAGE_RECORD = "mm15_stage.json"
 
 
 class StageFailed(RuntimeError):
@@ -462,6 +468,18 @@ def resume_setting_changes(saved: dict[str, Any] | None, stage: StageConfig) -> 
     return [change for change in changes if not change.startswith(ignored)]
 
 
+def _check_same_trainable(checkpoint: Path, stage: StageConfig, ckpt_dir: Path) -> None:
+    """The optimizer state of other trainable modules cannot be continued: say which list changed (the
+    loader could only report mismatched parameter-group counts)."""
+    saved = (read_checkpoint_extra(checkpoint).get("stage") or {}).get("trainable")
+    if saved is not None and list(saved) != list(stage.trainable):
+        raise ValueError(
+            f"{checkpoint}: stage {stage.name!r} was trained with trainable: {list(saved)}, the recipe now "
+            f"says {list(stage.trainable)}; resume with the list it was written with, or move {ckpt_dir} "
+            "away to start the stage over"
+        )
+
+
 def _check_same_optimizer(saved: dict[str, Any] | None, stage: StageConfig, checkpoint: Path) -> None:
     """An optimizer's state (AdamW's moments, Adafactor's factored ones) cannot continue another's."""
     then = ((saved or {}).get("optimizer") or {}).get("name")
@@ -577,6 +595,8 @@ def run_stage(
     )
     recipe_groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
     start, history, evals = 0, [], []
+    if resume and (newest := latest_checkpoint(ckpt_dir)) is not None:
+        _check_same_trainable(newest, stage, ckpt_dir)
     resumed = _load_newest_readable(ckpt_dir, model, optimizer, scheduler, console) if resume else None
     if resumed is not None:
         latest, start, extra = resumed
@@ -676,7 +696,14 @@ def run_stage(
             # As metrics.jsonl and the checkpoint hold it: strict JSON, a non-finite value as None.
             record = json_safe(metrics.as_dict())
             history.append(record)
-            log.step(record, step)
+            try:
+                log.step(record, step)
+            except OSError as err:  # a full disk or a lost mount: name the file and where to resume
+                raise StageFailed(
+                    f"stage {stage.name!r}: cannot write the logs of step {step + 1} ({err}); the last "
+                    f"complete checkpoint is {latest_checkpoint(ckpt_dir)}; fix that and continue with "
+                    "--resume"
+                ) from None
             skip_note = " (skipped)" if metrics.skipped else ""
             info = (
                 f"loss {metrics.loss:.3f}{skip_note}  {metrics.tokens_per_s:.0f} tok/s  "
@@ -707,7 +734,13 @@ def run_stage(
         progress.stop()
         data.close()
         log.close()
-    export_final(model, stage_dir / "final")
+    try:
+        export_final(model, stage_dir / "final", files={STAGE_RECORD: json.dumps(stage_settings(stage))})
+    except (OSError, SafetensorError) as err:  # a full disk: the last checkpoint holds the trained model
+        raise StageFailed(
+            f"stage {stage.name!r}: cannot export the final model to {stage_dir / 'final'} ({err}); the last "
+            f"complete checkpoint is {latest_checkpoint(ckpt_dir)}; fix that and continue with --resume"
+        ) from None
     skipped: Counter[str] = Counter()
     for counts in D.gather_objects(dict(data.skipped)):
         skipped.update(counts)
@@ -755,6 +788,17 @@ def _check_sources(stage: StageConfig) -> None:
             SampleSource(spec).check_not_empty()
         except (ValueError, OSError) as err:  # SourceError is a ValueError
             raise ValueError(f"stage {stage.name!r}, data source {name!r} ({spec}): {err}") from None
+
+
+def _finished_setting_changes(run_dir: Path, stage: StageConfig) -> list[str]:
+    """The settings a finished stage's export was trained with that differ from the recipe's now (none
+    for an export from before they were recorded, or a record that cannot be read)."""
+    record = run_dir / stage.name / "final" / STAGE_RECORD
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return []
+    return resume_setting_changes(saved if isinstance(saved, dict) else None, stage)
 
 
 def _stage_done(run_dir: Path, stage: StageConfig) -> bool:
@@ -895,8 +939,13 @@ def run_recipe(
     with run_dir_lock(run_dir) if info.is_main else contextlib.nullcontext(), StopSignals(console) as stop:
         if not resume:
             _refuse_to_restart_over_checkpoints(run_dir, stages)
+
+        def stage_finished() -> None:  # written at once: a SIGKILL later must not lose the row
+            if info.is_main:
+                _write_summary(run_dir, recipe, summaries)
+
         try:
-            _train_stages(recipe, stages, run_dir, console, resume, chosen, stop, summaries)
+            _train_stages(recipe, stages, run_dir, console, resume, chosen, stop, summaries, stage_finished)
         finally:  # a stopped run keeps the summary of the stages it finished
             if summaries and info.is_main:
                 _write_summary(run_dir, recipe, summaries)
@@ -913,14 +962,24 @@ def _train_stages(
     strategy: str,
     stop: StopSignals,
     summaries: list[dict[str, Any]],
+    stage_finished: Callable[[], None],
 ) -> None:
-    """``run_recipe``'s loop: each stage not done yet, in order; each stage's summary into ``summaries``."""
+    """``run_recipe``'s loop: each stage not done yet, in order; each stage's summary into ``summaries``
+    (and ``stage_finished`` called after each)."""
     model: MM15Model | None = None  # the model the last stage trained in this process, and its stage
     model_stage: str | None = None
     for index, stage in enumerate(stages):
         if _stage_done(run_dir, stage):
             final = shown(run_dir / stage.name / "final")
             console.print(f"[bold]{shown(stage.name)}[/bold]: done already ({final})")
+            changed = _finished_setting_changes(run_dir, stage)
+            if changed:  # e.g. a quick --max-steps run, then the full recipe into the same directory
+                console.print(
+                    f"[yellow]warning:[/yellow] stage {shown(repr(stage.name))} finished with other settings "
+                    f"than the recipe's now: {shown('; '.join(changed))}. Its model is used as it is; move "
+                    f"{shown(run_dir / stage.name)} away to train it again.",
+                    soft_wrap=True,
+                )
             model = None
             continue
         if index and (signum := stop.agreed()) is not None:  # caught in the previous stage's last step
@@ -932,6 +991,7 @@ def _train_stages(
         model = _model_for(recipe, stage, run_dir, model, model_stage)
         model_stage = stage.name
         summaries.append(run_stage(recipe, stage, run_dir, model, console, resume, strategy, stop))
+        stage_finished()
         if strategy != "none":
             # A wrapped or sharded model is not reused: the next stage loads this stage's export.
             model = None
