@@ -163,6 +163,13 @@ BAD = [
         "stages[0].data.sources.text: 'llava' files are trained on as shards: pack them first",
     ),
     (
+        "raw text",  # the command names the format: pack's default (llava) refused a text file
+        "stages.0.data.sources.text",
+        "text:/data/chat.jsonl",
+        "stages[0].data.sources.text: 'text' files are trained on as shards: pack them first (mm15 data pack "
+        "FILE --format text --images DIR",
+    ),
+    (
         "unused source",
         "stages.0.data.sources.extra",
         "synth:caption",

@@ -396,8 +396,8 @@ def _check_source_spec(field_path: str, spec: str) -> None:
     _check(
         kind not in PACK_FIRST_FORMATS,
         field_path,
-        f"{kind!r} files are trained on as shards: pack them first (mm15 data pack FILE --images DIR "
-        f"--out SHARDS, see docs/data.md) and give 'shards:SHARDS'; got {spec!r}",
+        f"{kind!r} files are trained on as shards: pack them first (mm15 data pack FILE --format {kind} "
+        f"--images DIR --out SHARDS, see docs/data.md) and give 'shards:SHARDS'; got {spec!r}",
     )
     formats = [SYNTH, *PATH_FORMATS]
     _check(
