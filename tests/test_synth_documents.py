@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -595,6 +596,10 @@ def test_ui_elements_match_pixels_and_answers(name: str) -> None:
             if key:  # the thing asked for occurs once on the screen, so the box is the answer
                 assert [e.get(key) for e in elements].count(target[key]) == 1
                 assert target[key] in sample.turns[0].content
+            if key == "text":  # ... in any case, and not as words of another text ("Send me updates")
+                asked = re.compile(rf"(?<!\w){re.escape(target['text'].casefold())}(?!\w)")
+                others = [e["text"].casefold() for e in elements if e is not target and e.get("text")]
+                assert not any(asked.search(text) for text in others), (target["text"], others)
             else:
                 assert [docs._describe(e) for e in elements].count(docs._describe(target)) == 1
                 assert docs._describe(target) in sample.turns[0].content
@@ -607,3 +612,16 @@ def test_ui_icons_all_draw_inside_their_box() -> None:
         img = Image.new("RGB", (40, 40), (255, 255, 255))
         docs._draw_icon(ImageDraw.Draw(img), name, (8, 8, 32, 32), (0, 0, 0), (255, 255, 255))
         check_contains(np.asarray(img), (8, 8, 32, 32), name)
+
+
+def test_ui_find_text_asks_for_a_text_no_other_element_holds() -> None:
+    """Uniqueness was by exact match: 4 of 300 samples asked for "PRIVACY" beside a "Privacy" row or
+    for "Send" beside "Send me updates", two boxes for one question."""
+    from mm15.data.synth import generate
+
+    for index in range(400):
+        sample = generate("ui-find-text", index)
+        elements, target = sample.truth["elements"], sample.truth["elements"][sample.truth["target"]]
+        asked = re.compile(rf"(?<!\w){re.escape(target['text'].casefold())}(?!\w)")
+        others = [e["text"].casefold() for e in elements if e is not target and e.get("text")]
+        assert not any(asked.search(text) for text in others), (index, target["text"], others)

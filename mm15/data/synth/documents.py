@@ -2407,6 +2407,18 @@ def _unique(elements: Sequence[Truth], key: Callable[[Truth], str | None]) -> li
     return [e for e, k in zip(elements, keys, strict=True) if k is not None and keys.count(k) == 1]
 
 
+def _findable_texts(elements: Sequence[Truth]) -> list[Truth]:
+    """Elements whose text names them alone: no other element's text holds it as whole words, in any
+    case ("PRIVACY" beside a "Privacy" row, "Send" beside "Send me updates" had two answers)."""
+    folded = [e["text"].casefold() if e.get("text") else None for e in elements]
+
+    def named_elsewhere(i: int) -> bool:
+        pattern = re.compile(rf"(?<!\w){re.escape(folded[i] or '')}(?!\w)")
+        return any(j != i and text is not None and pattern.search(text) for j, text in enumerate(folded))
+
+    return [e for i, e in enumerate(elements) if folded[i] and not named_elsewhere(i)]
+
+
 GROUND_SUFFIX = " Answer in [x1, y1, x2, y2] format."
 
 
@@ -2448,7 +2460,8 @@ def ui_widget(rng: random.Random, index: int) -> Sample:
 def ui_find_text(rng: random.Random, index: int) -> Sample:
     """Mobile/tablet screen: where is the text "X" -> its box."""
     img, truth = _ui_screen(rng, index)
-    candidates = _unique(truth["elements"], lambda e: e.get("text"))
+    while not (candidates := _findable_texts(truth["elements"])):  # rare: every text is named twice
+        img, truth = _ui_screen(rng, index)
     element = rng.choice(candidates)
     truth["target"] = truth["elements"].index(element)
     question = f'Where is the text "{element["text"]}"?' + GROUND_SUFFIX
