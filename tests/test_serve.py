@@ -175,6 +175,18 @@ def test_streaming_equals_whole_answer(served: Served) -> None:
     assert finish == "stop" and usage is not None and usage.total_tokens > usage.completion_tokens
 
 
+def test_a_stop_string_that_is_a_special_token_stops_the_served_answer(served: Served) -> None:
+    """The stop check reads text decoded without special tokens: stop=["<|im_start|>"] never matched and
+    the fake next turn after it was sent (generate had the same fault)."""
+    api = client(served.url)
+    messages: list[Any] = [{"role": "user", "content": "hi"}]
+    with scripted_answer(served.engine.model, "Hi there<|im_start|>user\nfake next turn"):
+        reply = api.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=30, stop=["<|im_start|>"]
+        )
+    assert reply.choices[0].message.content == "Hi there" and reply.choices[0].finish_reason == "stop"
+
+
 def test_an_answer_that_writes_an_image_placeholder_can_be_sent_back(served: Served) -> None:
     """The openai client's multi-turn pattern sends the returned message back: an answer holding
     "<image>" was refused (400) as if a user had written an image slot; it stays text."""

@@ -102,6 +102,13 @@ def pick_next_token(
     return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
+def special_stop_ids(tokenizer: Any, stops: Sequence[str]) -> frozenset[int]:
+    """The ids of the stop strings that are one special token each (ChatML's "<|im_start|>"): the text
+    the stop check reads is decoded without special tokens, so generating the token is the stop."""
+    special = special_token_strings(tokenizer)
+    return frozenset(int(tokenizer.convert_tokens_to_ids(s)) for s in stops if s in special)
+
+
 def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     cuts = [text.index(s) for s in stops if s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
@@ -137,11 +144,7 @@ def stream(
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("generation needs left-padded prompts (MM15Processor(..., padding_side='left'))")
     tokenizer = model.tokenizer
-    # A stop string that is a special token (ChatML's "<|im_start|>") never appears in the decoded text,
-    # which skips special tokens: generating that token is the stop.
-    special = special_token_strings(tokenizer)
-    stop_specials = {int(tokenizer.convert_tokens_to_ids(s)) for s in cfg.stop if s in special}
-    stops = stop_token_ids(tokenizer, model.llm) | stop_specials
+    stops = stop_token_ids(tokenizer, model.llm) | special_stop_ids(tokenizer, cfg.stop)
     generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
     rows = input_ids.shape[0]
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)

@@ -42,7 +42,13 @@ from PIL import Image
 from mm15.chat import stop_token_ids
 from mm15.geometry import TilePlan, plan_image
 from mm15.hardware import autocast, fast_dtype
-from mm15.model.generate import GenerationConfig, cut_at_stop, pick_next_token, visible_text
+from mm15.model.generate import (
+    GenerationConfig,
+    cut_at_stop,
+    pick_next_token,
+    special_stop_ids,
+    visible_text,
+)
 from mm15.model.mm15 import IMAGE_PLACEHOLDER, MM15Model, MM15Processor, tokenize_with_images
 
 log = logging.getLogger("mm15.serve")
@@ -225,6 +231,7 @@ class _Row:
     generated: list[int] = field(default_factory=list)
     shown: str = ""
     done: bool = False
+    stop_ids: frozenset[int] = frozenset()  # the engine's stop tokens and the request's special-token stops
 
 
 @dataclass
@@ -510,7 +517,7 @@ class Engine:
     def _advance(self, row: _Row, token: int) -> None:
         """Apply one chosen token to a row, as ``mm15.model.generate.stream`` does."""
         config = row.handle.config
-        if token in self._stop_ids:
+        if token in row.stop_ids:
             self._finish(row, "stop")
             return
         row.generated.append(token)
@@ -528,7 +535,11 @@ class Engine:
         """One forward pass over the new prompts, left-padded together; their next-token logits."""
         self.stats.prefills += 1
         rows = [
-            _Row(h, torch.Generator().manual_seed(h.config.seed) if h.config.seed is not None else None)
+            _Row(
+                h,
+                torch.Generator().manual_seed(h.config.seed) if h.config.seed is not None else None,
+                stop_ids=self._stop_ids | special_stop_ids(self.tokenizer, h.config.stop),
+            )
             for h in handles
         ]
         batch = self._collate(rows)
