@@ -225,7 +225,7 @@ def read_checkpoint_extra(path: str | Path) -> dict[str, Any]:
     dict if it cannot be read, which ``load_checkpoint`` then reports properly."""
     try:
         extra = _read_component(Path(path), "extra_state")
-    except Exception:  # any damage: load_checkpoint names it
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError):  # damage: load_checkpoint names it
         return {}
     return extra if isinstance(extra, dict) else {}
 
